@@ -1,0 +1,1 @@
+"""Authentication: credentials with connection context, provider selection, the realm."""

@@ -1,0 +1,1 @@
+"""Upstream side: the SMTP client toward the smarthost, and the local Maildir fallback."""
