@@ -68,18 +68,19 @@ class OutboundMessage:
     envelope: Envelope
     spool: MessageSpool
     prefix: bytes = b""  # header lines esmtpfa adds (Received:), already CRLF-terminated
+    content_offset: int = 0  # where in the spool the content starts (after a header rewrite)
     id: str = field(default_factory=new_id)
     connection_id: str = ""
     identity: str = ""  # "<provider>/<user>" or "anonymous", for logs only
 
     @property
     def size(self) -> int:
-        return len(self.prefix) + self.spool.size
+        return len(self.prefix) + self.spool.size - self.content_offset
 
     def chunks(self, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         if self.prefix:
             yield self.prefix
-        yield from self.spool.read_from(0, chunk_size)
+        yield from self.spool.read_from(self.content_offset, chunk_size)
 
     def close(self) -> None:
         self.spool.close()
