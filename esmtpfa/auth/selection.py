@@ -21,10 +21,10 @@ from typing import Iterable, Protocol
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.logger import Logger
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from zope.interface import implementer
 
+from esmtpfa.logs import logger
 from esmtpfa.auth.credentials import (
     BearerToken,
     IBearerTokenCredentials,
@@ -35,7 +35,7 @@ from esmtpfa.auth.credentials import (
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.providers.base import ConfigError, Provider
 
-log = Logger()
+log = logger("esmtpfa.auth")
 
 VIA_UNIQUE_DOMAIN = "unique_domain"
 VIA_USERNAME = "username"
@@ -90,7 +90,7 @@ class ProviderDirectory:
     """The swap point for hot reload: sessions read ``current`` once per login."""
 
     def __init__(self, providers: ProviderSet | None = None):
-        self.current = providers or ProviderSet()
+        self.current = providers if providers is not None else ProviderSet()
 
     def replace(self, providers: ProviderSet) -> ProviderSet:
         previous, self.current = self.current, providers
@@ -199,6 +199,8 @@ class ProviderSelector:
         except ProviderUnavailable:
             self._observer.checked(name, via, "unavailable", self._clock() - started)
             raise
+        except CancelledError:
+            raise  # the client went away: the login is abandoned, no fallback is asked
         except Exception as error:  # a provider bug must not look like a wrong password
             log.failure("provider {provider} failed unexpectedly", provider=name)
             self._observer.checked(name, via, "unavailable", self._clock() - started)

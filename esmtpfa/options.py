@@ -1,0 +1,204 @@
+"""Command-line flags and environment variables (the original README's, plus ours).
+
+One table drives ``--help``, parsing and the environment: each row names the flag, its
+type, default, environment variable and help text.  A set environment variable overrides
+the flag (original README); a value that does not parse is a startup error that names
+the variable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from typing import Any, Callable, Mapping
+
+from twisted.python import usage
+
+TRUE = {"1", "true", "yes", "on", "t", "y"}
+FALSE = {"0", "false", "no", "off", "f", "n", ""}
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    return port
+
+
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive number, got {value}")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return value
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    flag: str
+    parse: Callable[[str], Any] | None  # None: a boolean flag
+    default: Any
+    env: str | None
+    help: str
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+SETTINGS: tuple[Setting, ...] = (
+    # Listeners (original)
+    Setting("plain", None, False, "SMTP_PLAIN_ENABLE", "Enable plain-text server (STARTTLS when a certificate is set)"),
+    Setting("tls", None, False, "SMTP_TLS_ENABLE", "Enable implicit-TLS server (RFC 8314)"),
+    Setting("http", None, False, "HTTP_ENABLE", "Enable HTTP server"),
+    Setting("addr", str, "", "SMTP_ADDR", "SMTP server address (empty: all interfaces)"),
+    Setting("port", parse_port, 25, "SMTP_PORT", "SMTP server port"),
+    Setting("tls-port", parse_port, 465, "SMTP_TLS_PORT", "TLS port"),
+    Setting("tls-cert", str, None, "SMTP_TLS_CERT", "TLS certificate (PEM, may include the chain)"),
+    Setting("tls-key", str, None, "SMTP_TLS_KEY", "TLS key (PEM)"),
+    Setting("tls-ca-cert", str, None, "SMTP_TLS_CA_CERT", "TLS CA certificate: verify optional client certificates"),
+    # SMTP behaviour (original)
+    Setting("allow-anonymous-auth", None, False, "SMTP_ALLOW_ANONYMOUS_AUTH", "Allow anonymous authentication (DANGEROUS: relays mail from anyone who can connect)"),
+    Setting("allow-insecure-auth", None, False, "SMTP_ALLOW_INSECURE_AUTH", "Allow insecure authentication (AUTH without TLS)"),
+    Setting("enable-binary-mime", None, False, "SMTP_ENABLE_BINARY_MIME", "Enable BINARYMIME"),
+    Setting("enable-require-tls", None, False, "SMTP_ENABLE_REQUIRE_TLS", "Enable REQUIRETLS"),
+    Setting("enable-smtp-utf8", None, False, "SMTP_ENABLE_SMTP_UTF8", "Enable SMTPUTF8"),
+    # HTTP (original)
+    Setting("http-port", parse_port, 8080, "HTTP_PORT", "HTTP server port"),
+    Setting("http-tls-cert", str, None, "HTTP_TLS_CERT", "TLS certificate for HTTP server"),
+    Setting("http-tls-key", str, None, "HTTP_TLS_KEY", "TLS key for HTTP server"),
+    Setting("http-allow-anonymous", None, False, "HTTP_ALLOW_ANONYMOUS", "Allow anonymous access to HTTP server"),
+    # Providers, logs, metrics (original)
+    Setting("config", str, "config.yaml", "PROVIDER_CONFIG", "Configuration file (YAML or JSON)"),
+    Setting("config-svc", str, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL"),
+    Setting("log-level", choice(*LOG_LEVELS), "info", "LOG_LEVEL", "Log level"),
+    Setting("metrics-namespace", str, "esmtpfa", "METRICS_NAMESPACE", "Metrics namespace"),
+    Setting("metrics-port", parse_port, 9090, "METRICS_PORT", "Metrics port"),
+    # Relay (original)
+    Setting("relay-addr", str, None, "RELAY_ADDR", "Relay server address (none: deliver to the local Maildir)"),
+    Setting("relay-port", parse_port, 25, "RELAY_PORT", "Relay server port"),
+    Setting("relay-user", str, None, "RELAY_USER", "Relay server user"),
+    Setting("relay-pass", str, None, "RELAY_PASS", "Relay server password"),
+    Setting("relay-from", str, None, "RELAY_FROM", "Relay server from. If set, the client-provided value will be set to reply-to header"),
+    Setting("relay-tls", None, False, "RELAY_TLS_ENABLE", "Enable TLS for Relay (implicit TLS)"),
+    Setting("relay-tls-ca-cert", str, None, "RELAY_TLS_CA_CERT", "TLS CA certificate for Relay"),
+    Setting("relay-tls-cert", str, None, "RELAY_TLS_CERT", "TLS certificate for Relay"),
+    Setting("relay-tls-key", str, None, "RELAY_TLS_KEY", "TLS key for Relay"),
+    Setting("relay-tls-skip-verify", None, False, "RELAY_TLS_SKIP_VERIFY", "Skip TLS verification for Relay"),
+    # esmtpfa additions
+    Setting("demo", None, False, "ESMTPFA_DEMO", "Try-out mode: plain listener on 127.0.0.1:12525 with insecure auth, demo user 'demo'/'demo-password', Maildir upstream"),
+    Setting("hostname", str, None, "SMTP_HOSTNAME", "Name in the greeting and Received header (default: this host's FQDN)"),
+    Setting("maildir", str, "maildir", "MAILDIR", "Maildir used when no relay address is set"),
+    Setting("max-message-size", parse_positive_int, 25 * 1024 * 1024, "SMTP_MAX_MESSAGE_SIZE", "Largest message accepted, in octets (advertised as SIZE)"),
+    Setting("max-recipients", parse_positive_int, 100, "SMTP_MAX_RECIPIENTS", "Recipients per message"),
+    Setting("max-line-length", parse_positive_int, 998, "SMTP_MAX_LINE_LENGTH", "Longest message line, octets without CRLF (RFC 5322: 998)"),
+    Setting("bare-line-ends", choice("normalize", "reject"), "normalize", "SMTP_BARE_LINE_ENDS", "Bare CR/LF in DATA: rewrite to CRLF or refuse the message (never passed on)"),
+    Setting("max-connections", parse_positive_int, 1000, "SMTP_MAX_CONNECTIONS", "Concurrent SMTP connections"),
+    Setting("max-connections-per-ip", parse_positive_int, 50, "SMTP_MAX_CONNECTIONS_PER_IP", "Concurrent SMTP connections per client address"),
+    Setting("max-auth-failures", parse_positive_int, 3, "SMTP_MAX_AUTH_FAILURES", "Failed AUTH attempts before the connection is closed"),
+    Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
+    Setting("received-hide-client", None, False, "SMTP_RECEIVED_HIDE_CLIENT", "Leave the client's IP address out of the Received header"),
+    Setting("relay-starttls", choice("opportunistic", "required", "none"), "opportunistic", "RELAY_STARTTLS", "STARTTLS toward the relay"),
+    Setting("relay-tls-server-name", str, None, "RELAY_TLS_SERVER_NAME", "Name expected in the relay's certificate (default: --relay-addr)"),
+    Setting("relay-allow-insecure-auth", None, False, "RELAY_ALLOW_INSECURE_AUTH", "Allow AUTH toward the relay without TLS"),
+    Setting("relay-timeout", parse_seconds, 300.0, "RELAY_TIMEOUT", "Seconds to wait for each relay reply"),
+    Setting("relay-connect-timeout", parse_seconds, 30.0, "RELAY_CONNECT_TIMEOUT", "Seconds to wait for the relay's TCP/TLS connection"),
+)
+
+DEMO_PORT = 12525
+
+
+def _flag_help(setting: Setting) -> str:
+    env = f" [env {setting.env}]" if setting.env else ""
+    return setting.help + env
+
+
+class Options(usage.Options):
+    """``twistd esmtpfa`` options.  After parsing, ``self[name]`` holds typed values."""
+
+    synopsis = "[options]"
+    longdesc = ("esmtpfa: an authenticating SMTP submission relay. Environment variables "
+                "override flags. Nothing listens unless --plain, --tls or --http is given "
+                "(or --demo).")
+    optFlags = [[s.flag, None, _flag_help(s)] for s in SETTINGS if s.parse is None]
+    optParameters = [[s.flag, None, None, _flag_help(s) + (
+        f" (default {s.default!r})" if s.default not in (None, "") else "")]
+        for s in SETTINGS if s.parse is not None]
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        for setting in SETTINGS:
+            self[setting.flag] = self._resolve(setting)
+        if self["demo"]:
+            self._apply_demo()
+        self._validate()
+
+    def _resolve(self, setting: Setting) -> Any:
+        raw_env = self.environ.get(setting.env) if setting.env else None
+        if raw_env:  # an empty variable counts as unset, as in the original
+            source, raw = f"environment variable {setting.env}", raw_env
+        else:
+            given = self.get(setting.flag)
+            if setting.parse is None:
+                return bool(given)
+            if given is None:
+                return setting.default
+            source, raw = f"--{setting.flag}", given
+        try:
+            return parse_bool(raw) if setting.parse is None else setting.parse(raw)
+        except ValueError as error:
+            raise usage.UsageError(f"{source}: {error}") from None
+
+    def _apply_demo(self) -> None:
+        self["plain"] = True
+        self["allow-insecure-auth"] = True
+        if self.get("addr") in (None, ""):
+            self["addr"] = "127.0.0.1"
+        if self.defaulted("port"):
+            self["port"] = DEMO_PORT
+
+    def defaulted(self, flag: str) -> bool:
+        setting = next(s for s in SETTINGS if s.flag == flag)
+        return self[flag] == setting.default
+
+    def _validate(self) -> None:
+        for prefix, what in (("tls", "SMTP TLS"), ("http-tls", "HTTP TLS"),
+                             ("relay-tls", "relay client TLS")):
+            cert, key = self[prefix + "-cert"], self[prefix + "-key"]
+            if bool(cert) != bool(key):
+                raise usage.UsageError(
+                    f"{what}: --{prefix}-cert and --{prefix}-key go together")
+        if self["tls"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls needs --tls-cert and --tls-key")
+        if bool(self["relay-user"]) != bool(self["relay-pass"]):
+            raise usage.UsageError("--relay-user and --relay-pass go together")
+        for flag in ("tls-cert", "tls-key", "tls-ca-cert", "http-tls-cert", "http-tls-key",
+                     "relay-tls-ca-cert", "relay-tls-cert", "relay-tls-key"):
+            path = self[flag]
+            if path and not os.path.isfile(path):
+                raise usage.UsageError(f"--{flag}: no such file: {path}")

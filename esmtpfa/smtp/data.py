@@ -1,0 +1,130 @@
+"""Reading DATA content in chunks (RFC 5321 §4.1.1.4, §4.5.2).
+
+Twisted's server handles DATA a line at a time: that costs ~75% of its CPU on large
+messages and, worse, an overlong line drops it back into command mode so the rest of the
+body runs as commands (TWISTED-NOTES server #3, #11).  This reader works on whole chunks
+with C-speed bytes operations and stays in DATA until the one true end, CRLF.CRLF,
+whatever the content holds.
+
+Smuggling (bare LF / bare CR, e.g. ``\\n.\\n``) is never passed on as it came: per policy
+the message is refused (``reject``) or the bare line ends are rewritten to CRLF
+(``normalize``, as Postfix 3.9's default), so the content we hand on is always clean CRLF
+text whose dots the upstream client stuffs again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from esmtpfa.replies import Reply
+
+REJECT = "reject"
+NORMALIZE = "normalize"
+
+BARE_LINE_END = Reply(
+    550, "5.6.11", "Message contains bare CR or LF; use CRLF line endings (RFC 5321 §2.3.8)")
+
+
+def message_too_big(limit: int) -> Reply:
+    return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit})")
+
+
+def line_too_long(limit: int) -> Reply:
+    return Reply(550, "5.6.0",
+                 f"Message has a line longer than {limit} octets (RFC 5322 §2.1.1)")
+
+
+def normalize_line_ends(block: bytes) -> bytes:
+    """Every bare CR, bare LF and CRLF becomes CRLF."""
+    return block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def has_bare_line_ends(block: bytes) -> bool:
+    crlf = block.count(b"\r\n")
+    return block.count(b"\n") != crlf or block.count(b"\r") != crlf
+
+
+class DataReader:
+    """Consumes the bytes after ``354`` until CRLF.CRLF, feeding clean content to ``sink``.
+
+    ``feed`` returns ``None`` while the message goes on, and the bytes that followed the
+    terminator (pipelined commands) once it ended; ``error`` then says why the message
+    must be refused, if it must.  After an error nothing more reaches the sink, but the
+    reader keeps consuming until the terminator so no content is ever read as commands.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], max_size: int,
+                 max_line_length: int = 998, bare_line_ends: str = REJECT):
+        self._sink = sink
+        self._max_size = max_size
+        # +1 for a transparency dot, +1 for the CR: lines are split on LF.
+        self._max_raw_line = max_line_length + 2
+        self._max_line_length = max_line_length
+        self._normalize = bare_line_ends == NORMALIZE
+        self._tail = b""
+        self._tail_at_line_start = True
+        self._previous_ended_crlf = True
+        self.size = 0
+        self.error: Reply | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        buffer = self._tail + data if self._tail else data
+        last_newline = buffer.rfind(b"\n")
+        if last_newline < 0:
+            self._keep_tail(buffer)
+            return None
+        block, rest = buffer[:last_newline + 1], buffer[last_newline + 1:]
+        at_line_start = self._tail_at_line_start
+        end = self._find_terminator(block, at_line_start)
+        if end is None:
+            self._consume(block, at_line_start)
+            self._previous_ended_crlf = block.endswith(b"\r\n")
+            self._tail_at_line_start = True
+            self._keep_tail(rest)
+            return None
+        content_end, after = end
+        self._consume(block[:content_end], at_line_start)
+        return block[after:] + rest
+
+    def _find_terminator(self, block: bytes, at_line_start: bool) -> tuple[int, int] | None:
+        if at_line_start and self._previous_ended_crlf and block.startswith(b".\r\n"):
+            return 0, 3
+        index = block.find(b"\r\n.\r\n")
+        if index < 0:
+            return None
+        return index + 2, index + 5
+
+    def _keep_tail(self, tail: bytes) -> None:
+        if len(tail) > self._max_raw_line:
+            # An overlong partial line: the message is refused, the bytes are dropped,
+            # and the CR is kept so a CRLF split across reads is still seen.
+            self._refuse(line_too_long(self._max_line_length))
+            self._tail = tail[-1:] if tail.endswith(b"\r") else b""
+            self._tail_at_line_start = False
+        else:
+            self._tail = tail
+
+    def _refuse(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+
+    def _consume(self, block: bytes, at_line_start: bool) -> None:
+        if self.error is not None or not block:
+            return
+        self.size += len(block)
+        if self.size > self._max_size:
+            self._refuse(message_too_big(self._max_size))
+            return
+        if len(block) > self._max_raw_line and \
+                max(map(len, block.split(b"\n"))) > self._max_raw_line:
+            self._refuse(line_too_long(self._max_line_length))
+            return
+        if has_bare_line_ends(block):
+            if not self._normalize:
+                self._refuse(BARE_LINE_END)
+                return
+            block = normalize_line_ends(block)
+        # Undo transparency (RFC 5321 §4.5.2): a leading dot is removed from every line.
+        if at_line_start and block.startswith(b"."):
+            block = block[1:]
+        self._sink(block.replace(b"\r\n.", b"\r\n"))

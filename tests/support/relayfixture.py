@@ -1,0 +1,98 @@
+"""esmtpfa's whole ``RelayService`` in-process on loopback, in front of a real upstream.
+
+Built from the same ``tap.Options`` a ``twistd esmtpfa`` command line goes through, with
+generated certificates and a recording SMTP upstream, so tests exercise the wiring
+users run, not a hand-assembled subset.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from twisted.internet import defer, threads
+
+from esmtpfa.service import RelayService
+from esmtpfa.tap import Options
+from tests.support.certs import CertificateAuthority
+from tests.support.rawsmtp import RawSMTP
+from tests.support.upstream import RecordingUpstream
+
+USER, PASSWORD = "alice", "correct horse"
+
+PROVIDERS = """\
+providers:
+- meta: {name: office, type: userpass, fallback: true}
+  params: {username: alice, password: "correct horse"}
+- meta: {name: printers, type: userpass}
+  params: {username: printer1, password: "p:with:colons"}
+"""
+
+
+class RelayFixture:
+    def __init__(self, directory: str, *extra_args: str, env: dict | None = None,
+                 providers: str = PROVIDERS, upstream: RecordingUpstream | None = None,
+                 relay: bool = True):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.extra_args = list(extra_args)
+        self.env = env or {}
+        self.providers = providers
+        self.ca = CertificateAuthority(os.path.join(directory, "ca"))
+        self.leaf = self.ca.issue("relay.test", "localhost", "127.0.0.1")
+        self.upstream = upstream if upstream is not None else (
+            RecordingUpstream() if relay else None)
+        self.service: RelayService | None = None
+
+    @defer.inlineCallbacks
+    def start(self):
+        if self.upstream is not None and not self.upstream.port:
+            yield defer.maybeDeferred(self.upstream.start)
+        config = os.path.join(self.directory, "providers.yaml")
+        with open(config, "w") as f:
+            f.write(self.providers)
+        args = ["--plain", "--tls", "--addr", "127.0.0.1", "--port", "0", "--tls-port", "0",
+                "--tls-cert", self.leaf.cert_path, "--tls-key", self.leaf.key_path,
+                "--config", config, "--hostname", "relay.test",
+                "--maildir", os.path.join(self.directory, "maildir")]
+        if self.upstream is not None:
+            args += ["--relay-addr", "127.0.0.1", "--relay-port", str(self.upstream.port)]
+        options = Options(environ=self.env)
+        options.parseOptions(args + self.extra_args)
+        self.options = options
+        self.service = RelayService(options)
+        self.service.startService()
+        ports = yield self.service.listening_ports()
+        self.plain_port = ports["plain"].getHost().port
+        self.tls_port = ports["tls"].getHost().port
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.service is not None and self.service.running:
+            yield self.service.stopService()
+        if self.upstream is not None:
+            yield defer.maybeDeferred(self.upstream.stop)
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca.cert_path)
+
+    def connect(self, implicit_tls: bool = False, server_hostname: str = "relay.test",
+                **kwargs) -> RawSMTP:
+        if implicit_tls:
+            return RawSMTP("127.0.0.1", self.tls_port, tls=self.client_context(),
+                           server_hostname=server_hostname, **kwargs)
+        return RawSMTP("127.0.0.1", self.plain_port, **kwargs)
+
+    def secure_session(self, helo: str = "client.example",
+                       server_hostname: str = "relay.test") -> RawSMTP:
+        """Connected, STARTTLS done, EHLO sent: ready for AUTH."""
+        client = self.connect()
+        client.command(f"EHLO {helo}")
+        code, _ = client.starttls(self.client_context(), server_hostname=server_hostname)
+        assert code == 220, code
+        client.command(f"EHLO {helo}")
+        return client
+
+    def run(self, script, *args):
+        """Run a blocking client script in a thread; its exceptions fail the test."""
+        return threads.deferToThread(script, *args)

@@ -1,0 +1,610 @@
+"""The SMTP server at the byte level: SPEC §1–2 and every server defect of TWISTED-NOTES.
+
+Each test talks to the real ``RelayService`` over loopback with a raw socket, and where a
+message is involved, checks what the real recording upstream received.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet import defer, task
+from twisted.cred.error import UnauthorizedLogin
+from twisted.trial import unittest
+
+from esmtpfa.auth.selection import ProviderSet
+from esmtpfa.providers.base import Provider, ProviderMeta
+from tests.support.rawsmtp import b64
+from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+
+MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
+           b"Subject: hello\r\n\r\nHi Bob,\r\n..a line that starts with a dot\r\n")
+MESSAGE_CONTENT = MESSAGE.replace(b"\r\n..", b"\r\n.")
+
+
+class FixtureMixin:
+    timeout = 30
+    fixture_args: tuple = ()
+    fixture_env: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fixture = RelayFixture(self.mktemp(), *self.fixture_args, env=self.fixture_env)
+        self.addCleanup(self.fixture.stop)
+        yield self.fixture.start()
+
+    def run_client(self, script):
+        return self.fixture.run(script, self.fixture)
+
+    @property
+    def upstream(self):
+        return self.fixture.upstream
+
+
+def authenticate(client):
+    code, text = client.auth_plain(USER, PASSWORD)
+    assert code == 235, (code, text)
+
+
+def send_message(client, content=MESSAGE, sender="alice@example.com",
+                 recipients=("bob@example.net",)):
+    assert client.command(f"MAIL FROM:<{sender}>")[0] == 250
+    for rcpt in recipients:
+        assert client.command(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(content + b".\r\n")
+    return client.reply()
+
+
+class GreetingAndEHLOTests(FixtureMixin, unittest.TestCase):
+    def test_greeting_and_extensions_before_tls(self):
+        def script(fixture):
+            client = fixture.connect()
+            assert client.greeting[0] == 220 and "relay.test ESMTP" in client.greeting[1]
+            code, text = client.command("EHLO client.example")
+            return code, text.split("\n")[1:]
+        d = self.run_client(script)
+
+        def check(result):
+            code, extensions = result
+            self.assertEqual(code, 250)
+            for keyword in ("PIPELINING", "SIZE 26214400", "8BITMIME",
+                            "ENHANCEDSTATUSCODES", "STARTTLS"):
+                self.assertIn(keyword, extensions)
+            # No AUTH in cleartext unless --allow-insecure-auth.
+            self.assertFalse([e for e in extensions if e.startswith("AUTH")])
+        return d.addCallback(check)
+
+    def test_auth_offered_after_starttls_and_starttls_not_again(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.command("EHLO client.example")[1].split("\n")[1:]
+        d = self.run_client(script)
+
+        def check(extensions):
+            self.assertIn("AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER", extensions)
+            self.assertNotIn("STARTTLS", extensions)
+        return d.addCallback(check)
+
+    def test_implicit_tls_never_offers_starttls(self):
+        def script(fixture):
+            client = fixture.connect(implicit_tls=True)
+            extensions = client.command("EHLO client.example")[1].split("\n")[1:]
+            return extensions, client.command("STARTTLS")
+        d = self.run_client(script)
+
+        def check(result):
+            extensions, starttls = result
+            self.assertNotIn("STARTTLS", extensions)
+            self.assertIn("AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER", extensions)
+            self.assertEqual(starttls[0], 502)
+        return d.addCallback(check)
+
+    def test_simple_commands(self):
+        def script(fixture):
+            client = fixture.connect()
+            out = [client.command(c) for c in ("NOOP", "HELO client.example", "RSET",
+                                               "VRFY bob", "EXPN list", "HELP", "BOGUS")]
+            out.append(client.command("QUIT"))
+            out.append(client.is_closed())
+            return out
+        d = self.run_client(script)
+
+        def check(out):
+            codes = [reply[0] for reply in out[:-1]]
+            self.assertEqual(codes, [250, 250, 250, 252, 502, 214, 500, 221])
+            self.assertTrue(out[1][1] == "relay.test")
+            for reply in out[:-1]:
+                if reply is not out[1]:  # HELO's reply is the bare hostname
+                    self.assertRegex(reply[1], r"^[245]\.\d+\.\d+ ")
+            self.assertTrue(out[-1])
+        return d.addCallback(check)
+
+    def test_non_ascii_and_invalid_utf8_commands_get_500(self):
+        def script(fixture):
+            client = fixture.connect()
+            replies = [client.command(b"NO\xffOP"), client.command("NÖOP"),
+                       client.command(b"NOOP\x00x")]
+            return replies, client.command("NOOP")
+        d = self.run_client(script)
+
+        def check(result):
+            replies, after = result
+            self.assertEqual([r[0] for r in replies], [500, 500, 500])
+            self.assertTrue(all(r[1].startswith("5.5.2") for r in replies))
+            self.assertEqual(after[0], 250)
+        return d.addCallback(check)
+
+    def test_overlong_command_line(self):
+        def script(fixture):
+            client = fixture.connect()
+            return client.command("NOOP " + "x" * 2000), client.command("NOOP")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0][0], r[0][1][:5], r[1][0]),
+                                                 (500, "5.5.6", 250)))
+        return d
+
+
+class STARTTLSTests(FixtureMixin, unittest.TestCase):
+    def test_commands_pipelined_after_starttls_are_discarded(self):
+        """TWISTED-NOTES server #2: plaintext injection after STARTTLS."""
+        creds = b64(f"\0{USER}\0{PASSWORD}")
+
+        def script(fixture):
+            client = fixture.connect()
+            client.command("EHLO client.example")
+            client.send(f"STARTTLS\r\nEHLO evil\r\nAUTH PLAIN {creds}\r\n"
+                        "MAIL FROM:<evil@example.com>\r\n".encode())
+            code, _ = client.reply()
+            assert code == 220
+            leftover = client.pending()
+            client.sock = fixture.client_context().wrap_socket(
+                client.sock, server_hostname="relay.test")
+            # Were the injected EHLO/AUTH acted upon, MAIL would be accepted here.
+            return leftover, client.command("MAIL FROM:<a@example.com>")
+        d = self.run_client(script)
+
+        def check(result):
+            leftover, mail = result
+            self.assertEqual(leftover, b"")
+            self.assertEqual(mail[0], 503)
+        return d.addCallback(check)
+
+    def test_session_state_is_reset_by_starttls(self):
+        def script(fixture):
+            client = fixture.connect()
+            client.command("EHLO client.example")
+            client.starttls(fixture.client_context(), server_hostname="relay.test")
+            return client.command("MAIL FROM:<a@example.com>"), client.auth_plain(USER, PASSWORD)
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual([x[0] for x in r], [503, 503]))
+        return d
+
+
+class AUTHTests(FixtureMixin, unittest.TestCase):
+    def test_auth_in_cleartext_is_refused(self):
+        def script(fixture):
+            client = fixture.connect()
+            client.command("EHLO client.example")
+            return client.auth_plain(USER, PASSWORD)
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:6]), (538, "5.7.11")))
+        return d
+
+    def test_auth_before_ehlo(self):
+        def script(fixture):
+            client = fixture.connect(implicit_tls=True)
+            return client.auth_plain(USER, PASSWORD)
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (503, "5.5.1")))
+        return d
+
+    def test_plain_success_then_second_auth_refused(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.auth_plain(USER, PASSWORD), client.auth_plain(USER, PASSWORD)
+        d = self.run_client(script)
+
+        def check(result):
+            self.assertEqual((result[0][0], result[0][1][:5]), (235, "2.7.0"))
+            self.assertEqual((result[1][0], result[1][1][:5]), (503, "5.5.1"))
+        return d.addCallback(check)
+
+    def test_wrong_password_is_535(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.auth_plain(USER, "wrong"), client.command("NOOP")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual(
+            (r[0][0], r[0][1][:5], r[1][0]), (535, "5.7.8", 250)))
+        return d
+
+    def test_plain_without_initial_response_and_login_both_ways(self):
+        def script(fixture):
+            replies = []
+            client = fixture.secure_session()
+            replies.append(client.command("AUTH PLAIN"))
+            replies.append(client.command(b64(f"\0{USER}\0{PASSWORD}")))
+            client = fixture.secure_session()
+            replies.append(client.command("AUTH LOGIN"))
+            replies.append(client.command(b64(USER)))
+            replies.append(client.command(b64(PASSWORD)))
+            client = fixture.secure_session()
+            replies.append(client.command(f"AUTH LOGIN {b64(USER)}"))
+            replies.append(client.command(b64(PASSWORD)))
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([r[0] for r in replies], [334, 235, 334, 334, 235, 334, 235])
+            self.assertEqual(base64.b64decode(replies[2][1]), b"Username:")
+            self.assertEqual(base64.b64decode(replies[3][1]), b"Password:")
+            self.assertEqual(base64.b64decode(replies[5][1]), b"Password:")
+        return d.addCallback(check)
+
+    def test_malformed_exchanges_get_replies_not_dropped_connections(self):
+        """TWISTED-NOTES server #6."""
+        def script(fixture):
+            client = fixture.secure_session()
+            replies = [
+                client.command("AUTH"),
+                client.command("AUTH CRAM-MD5"),
+                client.command("AUTH PLAIN ="),
+                client.command("AUTH PLAIN !!!notbase64"),
+                client.command(f"AUTH PLAIN {b64('only-one-part')}"),
+                client.command("AUTH PLAIN " + b64(b"x\0\xff\xfe\0y")),
+            ]
+            client.command("AUTH PLAIN")
+            replies.append(client.command("*"))
+            client.command("AUTH LOGIN")
+            replies.append(client.command("*"))
+            replies.append(client.command("NOOP"))
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([r[0] for r in replies],
+                             [501, 504, 501, 501, 501, 501, 501, 501, 250])
+            self.assertEqual([r[1][:5] for r in replies[:8]],
+                             ["5.5.4", "5.5.4", "5.5.2", "5.5.2", "5.5.2", "5.5.2",
+                              "5.7.0", "5.7.0"])
+        return d.addCallback(check)
+
+    def test_foreign_authzid_is_refused(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.command("AUTH PLAIN " + b64(f"bob\0{USER}\0{PASSWORD}"))
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (535, "5.7.8")))
+        return d
+
+    def test_too_many_failures_close_the_connection(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            replies = [client.auth_plain(USER, "bad") for _ in range(2)]
+            client.send(("AUTH PLAIN " + b64(f"\0{USER}\0bad") + "\r\n").encode())
+            replies.append(client.reply())
+            replies.append(client.reply())
+            return replies, client.is_closed()
+        d = self.run_client(script)
+
+        def check(result):
+            replies, closed = result
+            self.assertEqual([r[0] for r in replies], [535, 535, 535, 421])
+            self.assertEqual(replies[3][1][:5], "4.7.0")
+            self.assertTrue(closed)
+        return d.addCallback(check)
+
+    def test_long_sasl_response_within_12288_octets(self):
+        """RFC 4954 §4: AUTH lines may exceed the 1000-octet command limit (JWTs)."""
+        def script(fixture):
+            client = fixture.secure_session()
+            long_password = "x" * 8000
+            return client.auth_plain(USER, long_password), client.command("NOOP")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0][0], r[1][0]), (535, 250)))
+        return d
+
+    def test_auth_during_transaction(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<alice@example.com>")
+            return client.command("AUTH PLAIN " + b64(f"\0{USER}\0{PASSWORD}"))
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual(r[0], 503))
+        return d
+
+    def test_mail_before_auth(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.command("MAIL FROM:<alice@example.com>")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (530, "5.7.0")))
+        return d
+
+    def test_username_selects_provider_with_first_colon_split(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            return client.auth_plain("printers", "printer1:p:with:colons")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual(r[0], 235))
+        return d
+
+
+class SlowProvider(Provider):
+    """A provider answering after a delay: makes AUTH asynchronous on the wire."""
+
+    def __init__(self, meta, clock_delay=0.05):
+        super().__init__(meta)
+        self.delay = clock_delay
+
+    def requestAvatarId(self, credentials):
+        from twisted.internet import reactor
+        ok = credentials.username == USER and credentials.password == PASSWORD
+        return task.deferLater(
+            reactor, self.delay,
+            lambda: credentials.username if ok else (_ for _ in ()).throw(UnauthorizedLogin()))
+
+
+class PipeliningTests(FixtureMixin, unittest.TestCase):
+    def test_pipelined_transaction_behind_async_auth_keeps_order(self):
+        """TWISTED-NOTES server #5: async validation + pipelining."""
+        self.fixture.service.directory.replace(ProviderSet(
+            [SlowProvider(ProviderMeta("slow", "userpass", fallback=True))]))
+
+        def script(fixture):
+            client = fixture.secure_session()
+            client.send(("AUTH PLAIN " + b64(f"\0{USER}\0{PASSWORD}") + "\r\n"
+                         "MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\n"
+                         "RCPT TO:<carol@example.net>\r\nDATA\r\n").encode())
+            replies = [client.reply() for _ in range(5)]
+            client.send(MESSAGE + b".\r\nNOOP\r\n")
+            replies += [client.reply(), client.reply()]
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([r[0] for r in replies], [235, 250, 250, 250, 354, 250, 250])
+            self.assertEqual(len(self.upstream.messages), 1)
+            self.assertEqual(self.upstream.messages[0].rcpts,
+                             ["bob@example.net", "carol@example.net"])
+        return d.addCallback(check)
+
+    def test_next_transaction_pipelined_after_data(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            send_message(client)
+            client.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<dave@example.net>\r\n"
+                        b"DATA\r\n")
+            replies = [client.reply() for _ in range(3)]
+            client.send(MESSAGE + b".\r\nQUIT\r\n")
+            replies += [client.reply(), client.reply()]
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([r[0] for r in replies], [250, 250, 354, 250, 221])
+            self.assertEqual(len(self.upstream.messages), 2)
+        return d.addCallback(check)
+
+
+SMUGGLED = (b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.org>\r\n"
+            b"DATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n")
+
+
+class DataTests(FixtureMixin, unittest.TestCase):
+    def test_relayed_bytes_are_the_clients_plus_received_header(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return send_message(client)
+        d = self.run_client(script)
+
+        def check(reply):
+            self.assertEqual(reply[0], 250)
+            message_id = reply[1].split()[-1]
+            self.assertTrue(message_id.startswith("urn:uuid:"))
+            received = self.upstream.messages[0]
+            self.assertEqual(received.mail_from, "alice@example.com")
+            self.assertEqual(received.rcpts, ["bob@example.net"])
+            header, _, rest = received.data.partition(b";\r\n\t")
+            self.assertTrue(header.startswith(b"Received: from client.example ([127.0.0.1])"))
+            self.assertIn(b"by relay.test (esmtpfa) with ESMTPSA id " + message_id.encode(),
+                          header)
+            self.assertEqual(rest.split(b"\r\n", 1)[1], MESSAGE_CONTENT)
+        return d.addCallback(check)
+
+    def test_long_line_in_data_never_runs_the_rest_as_commands(self):
+        """TWISTED-NOTES server #3: a 20 KB line, then lines that look like commands."""
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<alice@example.com>")
+            client.command("RCPT TO:<bob@example.net>")
+            client.command("DATA")
+            client.send(b"Subject: x\r\n\r\n" + b"A" * 20000 + b"\r\nRSET\r\n" + SMUGGLED
+                        + b".\r\n")
+            return client.reply(), client.command("NOOP")
+        d = self.run_client(script)
+
+        def check(result):
+            refused, noop = result
+            self.assertEqual((refused[0], refused[1][:5]), (550, "5.6.0"))
+            self.assertEqual(noop[0], 250)
+            self.assertEqual(self.upstream.messages, [])
+            self.assertNotIn(b"evil@example.com", self.upstream.raw)
+        return d.addCallback(check)
+
+    def _smuggle(self, terminator: bytes):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<alice@example.com>")
+            client.command("RCPT TO:<bob@example.net>")
+            client.command("DATA")
+            client.send(b"Subject: x\r\n\r\nhello" + terminator + SMUGGLED + b".\r\n")
+            return client.reply(), client.command("NOOP")
+        return self.run_client(script)
+
+    def _assert_normalized(self, result):
+        reply, noop = result
+        self.assertEqual((reply[0], noop[0]), (250, 250))
+        self.assertEqual(len(self.upstream.messages), 1)
+        data = self.upstream.messages[0].data
+        # The would-be commands arrived as content, with clean CRLFs only.
+        self.assertIn(b"MAIL FROM:<evil@example.com>\r\n", data)
+        self.assertEqual(data.count(b"\n"), data.count(b"\r\n"))
+        self.assertEqual(data.count(b"\r"), data.count(b"\r\n"))
+        # ... and the upstream saw exactly one MAIL command: no smuggled transaction.
+        verbs = [verb for session in self.upstream.sessions for verb in session.verbs()]
+        self.assertEqual(verbs.count("MAIL"), 1)
+
+    def test_bare_lf_dot_lf(self):
+        return self._smuggle(b"\n.\n").addCallback(self._assert_normalized)
+
+    def test_bare_lf_dot_crlf(self):
+        return self._smuggle(b"\n.\r\n").addCallback(self._assert_normalized)
+
+    def test_crlf_dot_lf(self):
+        return self._smuggle(b"\r\n.\n").addCallback(self._assert_normalized)
+
+    def test_bare_cr_dot_cr(self):
+        return self._smuggle(b"\r.\r").addCallback(self._assert_normalized)
+
+    def test_cr_dot_crlf(self):
+        return self._smuggle(b"\r.\r\n").addCallback(self._assert_normalized)
+
+    def test_size_parameter_and_unknown_parameters(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return [client.command("MAIL FROM:<a@example.com> SIZE=999999999"),
+                    client.command("MAIL FROM:<a@example.com> FOO=BAR"),
+                    client.command("MAIL FROM:<a@example.com> BODY=BINARYMIME"),
+                    client.command("MAIL FROM:<a@example.com> SMTPUTF8"),
+                    client.command("MAIL FROM:<a@example.com> SIZE=100 BODY=8BITMIME"),
+                    client.command("RCPT TO:<b@example.com> NOTIFY=NEVER"),
+                    client.command("RCPT TO:<>"),
+                    client.command("RCPT TO:<not an address>"),
+                    client.command("MAIL FROM:<a@example.com>")]
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([(r[0], r[1][:5]) for r in replies],
+                             [(552, "5.3.4"), (555, "5.5.4"), (555, "5.5.4"),
+                              (555, "5.5.4"), (250, "2.1.0"), (555, "5.5.4"),
+                              (501, "5.1.3"), (501, "5.1.3"), (503, "5.5.1")])
+        return d.addCallback(check)
+
+    def test_non_ascii_address_needs_smtputf8(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return client.command("MAIL FROM:<jösé@example.com>")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (553, "5.6.7")))
+        return d
+
+    def test_data_without_recipients_and_sequence_errors(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return [client.command("RCPT TO:<b@example.com>"), client.command("DATA"),
+                    client.command("MAIL FROM:<a@example.com>"), client.command("DATA")]
+        d = self.run_client(script)
+        d.addCallback(lambda replies: self.assertEqual(
+            [r[0] for r in replies], [503, 503, 250, 554]))
+        return d
+
+    def test_rset_aborts_the_transaction(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<a@example.com>")
+            client.command("RCPT TO:<b@example.com>")
+            return client.command("RSET"), client.command("DATA")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0][0], r[1][0]), (250, 503)))
+        return d
+
+
+class LimitTests(FixtureMixin, unittest.TestCase):
+    fixture_args = ("--max-recipients", "2", "--max-message-size", "1000",
+                    "--max-connections-per-ip", "3")
+
+    def test_too_many_recipients(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<a@example.com>")
+            return [client.command(f"RCPT TO:<r{i}@example.com>") for i in range(3)]
+        d = self.run_client(script)
+        d.addCallback(lambda replies: self.assertEqual(
+            [(r[0], r[1][:5]) for r in replies],
+            [(250, "2.1.5"), (250, "2.1.5"), (452, "4.5.3")]))
+        return d
+
+    def test_message_over_size_is_refused_after_data(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            reply = send_message(client, MESSAGE + b"x" * 2000 + b"\r\n")
+            return reply, client.command("NOOP")
+        d = self.run_client(script)
+
+        def check(result):
+            self.assertEqual((result[0][0], result[0][1][:5], result[1][0]),
+                             (552, "5.3.4", 250))
+            self.assertEqual(self.upstream.messages, [])
+        return d.addCallback(check)
+
+    def test_connections_per_ip(self):
+        def script(fixture):
+            clients = [fixture.connect() for _ in range(3)]
+            try:
+                extra = fixture.connect()
+            except Exception as error:  # closed before a greeting could be parsed
+                return repr(error)
+            return extra.greeting
+        d = self.run_client(script)
+        d.addCallback(lambda greeting: self.assertEqual(greeting[:2], (421, "4.7.0 Too many connections, try again later")[:2]) if isinstance(greeting, tuple) else self.fail(greeting))
+        return d
+
+
+class SMTPUTF8Tests(FixtureMixin, unittest.TestCase):
+    fixture_args = ("--enable-smtp-utf8",)
+
+    def test_utf8_addresses_with_smtputf8(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            extensions = client.command("EHLO client.example")[1]
+            return extensions, [client.command("MAIL FROM:<jösé@example.com> SMTPUTF8"),
+                                client.command("RCPT TO:<søren@eksempel.dk>")]
+        d = self.run_client(script)
+
+        def check(result):
+            extensions, replies = result
+            self.assertIn("SMTPUTF8", extensions)
+            self.assertEqual([r[0] for r in replies], [250, 250])
+        return d.addCallback(check)
+
+
+class RejectBareLineEndsTests(FixtureMixin, unittest.TestCase):
+    fixture_args = ("--bare-line-ends", "reject")
+
+    def test_bare_lf_message_is_refused_with_5_6_11(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            reply = send_message(client, b"Subject: x\r\n\r\nhello\n.\n" + SMUGGLED)
+            return reply, client.command("NOOP")
+        d = self.run_client(script)
+
+        def check(result):
+            self.assertEqual((result[0][0], result[0][1][:6], result[1][0]),
+                             (550, "5.6.11", 250))
+            self.assertEqual(self.upstream.messages, [])
+        return d.addCallback(check)

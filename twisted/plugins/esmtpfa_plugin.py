@@ -1,0 +1,10 @@
+"""Makes ``twistd esmtpfa`` (and ``twist esmtpfa``) available."""
+
+from twisted.application.service import ServiceMaker
+
+esmtpfa = ServiceMaker(
+    "esmtpfa",
+    "esmtpfa.tap",
+    "Authenticating SMTP submission relay with federated identity providers",
+    "esmtpfa",
+)
