@@ -608,3 +608,40 @@ class RejectBareLineEndsTests(FixtureMixin, unittest.TestCase):
                              (550, "5.6.11", 250))
             self.assertEqual(self.upstream.messages, [])
         return d.addCallback(check)
+
+
+class IdleTimeoutTests(unittest.TestCase):
+    """TWISTED-NOTES server #8: the factory's timeout is honoured (with a Clock)."""
+
+    def build(self, timeout=30.0):
+        from twisted.cred.portal import Portal
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        from esmtpfa.auth.realm import SubmissionRealm
+        from esmtpfa.smtp.factory import SMTPServerFactory
+        from esmtpfa.smtp.settings import ServerSettings
+
+        self.clock = task.Clock()
+        factory = SMTPServerFactory(
+            ServerSettings(hostname="relay.test", idle_timeout=timeout),
+            Portal(SubmissionRealm(lambda identity: None), []), reactor=self.clock)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1025))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1025))
+        protocol.makeConnection(self.transport)
+        return protocol
+
+    def test_silent_client_gets_421_and_is_closed(self):
+        self.build(timeout=30.0)
+        self.clock.advance(29)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertIn(b"421 4.4.2 Idle timeout", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_activity_resets_the_timer(self):
+        protocol = self.build(timeout=30.0)
+        for _ in range(5):
+            self.clock.advance(20)
+            protocol.dataReceived(b"NOOP\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.transport.value().count(b"250 2.0.0 OK"), 5)

@@ -46,6 +46,7 @@ class SMTPServerFactory(ServerFactory):
     """
 
     protocol = ESMTPServer
+    noisy = False  # our own connect/disconnect lines carry the connection id
 
     def __init__(self, settings: ServerSettings, portal: Portal, *, name: str = "smtp",
                  tls_options=None, implicit_tls: bool = False,

@@ -1,0 +1,103 @@
+"""Real processes for end-to-end tests: ``twistd esmtpfa`` and command-line clients.
+
+Started with ``reactor.spawnProcess`` so the test's own servers (the recording upstream)
+keep running in the same reactor while the child talks to them.  Every process is
+stopped by the test that started it, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+
+from twisted.internet import defer, protocol, reactor, task, utils
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def require(tool: str) -> str:
+    """The path of a command-line tool; a missing tool fails the test loudly."""
+    path = shutil.which(tool)
+    if path is None:
+        raise AssertionError(
+            f"{tool} is not installed: run .ci/run (apt-get install {tool}) first")
+    return path
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("SMTP_", "RELAY_", "HTTP_", "PROVIDER_", "METRICS_"))}
+    env["PYTHONPATH"] = PROJECT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+class _Collector(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = bytearray()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+class Twistd:
+    """``twistd -n esmtpfa ARGS`` as a child process."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.args = args
+        self.env = child_environment(env)
+        self._collector = _Collector()
+        self._process = None
+
+    @property
+    def output(self) -> str:
+        return self._collector.output.decode("utf-8", "replace")
+
+    def start(self) -> None:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "esmtpfa", *self.args]
+        self._process = reactor.spawnProcess(
+            self._collector, sys.executable, argv, env=self.env, path=PROJECT)
+
+    @defer.inlineCallbacks
+    def wait_for_port(self, port: int, timeout: float = 20.0):
+        """Poll until something accepts on 127.0.0.1:port, or fail with the log."""
+        deadline = reactor.seconds() + timeout
+        while reactor.seconds() < deadline:
+            if self._collector.ended.called:
+                raise AssertionError(f"twistd exited early:\n{self.output}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError(f"twistd did not listen on {port} in {timeout}s:\n{self.output}")
+
+    def exited(self) -> defer.Deferred:
+        """Fires with the exit code when the process ends by itself (bounded)."""
+        return self._collector.ended.addTimeout(30, reactor)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self._process is None or self._collector.ended.called:
+            return
+        self._process.signalProcess("TERM")
+        timeout = reactor.callLater(15, self._process.signalProcess, "KILL")
+        yield self._collector.ended
+        if timeout.active():
+            timeout.cancel()
+
+
+def run_tool(tool: str, *args: str, env: dict[str, str] | None = None):
+    """Run a command-line tool; fires with ``(stdout+stderr text, exit code)``."""
+    d = utils.getProcessOutputAndValue(require(tool), args, env=child_environment(env),
+                                       path=PROJECT)
+    return d.addCallback(lambda r: ((r[0] + r[1]).decode("utf-8", "replace"), r[2]))
