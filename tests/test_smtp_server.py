@@ -645,3 +645,68 @@ class IdleTimeoutTests(unittest.TestCase):
             protocol.dataReceived(b"NOOP\r\n")
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.transport.value().count(b"250 2.0.0 OK"), 5)
+
+
+class TokenProvider(Provider):
+    """A bearer-token provider (like jwt / http_header) accepting one token."""
+
+    from esmtpfa.auth.credentials import IBearerTokenCredentials
+    credentialInterfaces = (IBearerTokenCredentials,)
+
+    def requestAvatarId(self, credentials):
+        if credentials.token == "good-token":
+            return defer.succeed(credentials.username or "token-user")
+        return defer.fail(UnauthorizedLogin())
+
+
+class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
+    """SPEC §3 inputs as the server sees them: SNI, EHLO, the SASL mechanism."""
+
+    def use(self, *providers):
+        self.fixture.service.directory.replace(ProviderSet(providers))
+
+    def test_sni_selects_the_unique_domain_provider(self):
+        from esmtpfa.providers.userpass import UserPassProvider
+        self.use(UserPassProvider.from_params(
+            ProviderMeta("corp", "userpass", domain="relay.test", unique_domain_auth=True),
+            {"username": "bob", "password": "bobpw"}))
+
+        def script(fixture):
+            # SNI says relay.test, EHLO says something else: SNI wins.
+            by_sni = fixture.secure_session(helo="elsewhere.example",
+                                            server_hostname="relay.test")
+            without_sni = fixture.secure_session(helo="elsewhere.example",
+                                                 server_hostname="localhost")
+            return by_sni.auth_plain("bob", "bobpw"), without_sni.auth_plain("bob", "bobpw")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0][0], r[1][0]), (235, 535)))
+        return d
+
+    def test_xoauth2_and_oauthbearer(self):
+        self.use(TokenProvider(ProviderMeta("tokens", "jwt", fallback=True)))
+
+        def script(fixture):
+            replies = []
+            client = fixture.secure_session()
+            replies.append(client.command(
+                "AUTH XOAUTH2 " + b64("user=ann@example.com\x01auth=Bearer good-token\x01\x01")))
+            client = fixture.secure_session()
+            replies.append(client.command(
+                "AUTH OAUTHBEARER " + b64("n,a=ann@example.com,\x01host=relay.test\x01"
+                                          "port=587\x01auth=Bearer good-token\x01\x01")))
+            client = fixture.secure_session()
+            # RFC 7628 §3.2.2: a failure is a 334 JSON error challenge, the client
+            # answers ^A, then 535.
+            replies.append(client.command(
+                "AUTH OAUTHBEARER " + b64("n,,\x01auth=Bearer bad-token\x01\x01")))
+            replies.append(client.command(b64("\x01")))
+            # A bearer token is never offered to a user+password provider as a password.
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([r[0] for r in replies], [235, 235, 334, 535])
+            import json
+            self.assertEqual(json.loads(base64.b64decode(replies[2][1]))["status"],
+                             "invalid_token")
+        return d.addCallback(check)
