@@ -1,0 +1,369 @@
+"""What the HTTP providers share: one bounded HTTP request whose status is the verdict.
+
+``http_basic`` and ``http_header`` (SPEC §4) both ask a remote endpoint "is this
+credential good?" and read only the status code.  Getting that right is mostly about
+what must *not* happen:
+
+* **no redirects** — a 3xx is just a status (not a success unless configured), so a
+  credential is never replayed to a second host (treq follows redirects by default);
+* **no cookies** — treq keeps a cookie jar per client; a session cookie set for user A
+  would ride along with user B's request.  Our jar refuses every cookie;
+* **one deadline for everything** — treq's ``timeout=`` stops at the response headers,
+  so a server that sends headers and then stalls the body would hang a login.  The
+  deadline here covers connect, TLS, request, headers *and* the body;
+* **the body is read and discarded** (bounded), so the persistent connection goes back
+  to the pool (``HTTPConnectionPool(persistent=True)`` with more than the default two
+  connections per host) instead of a new TCP/TLS handshake per login;
+* **temporary is not wrong** — 5xx, 408, 429, timeouts, refused connections, DNS and
+  TLS failures raise ``ProviderUnavailable`` (SMTP 454: the client retries), never
+  ``UnauthorizedLogin`` (535: "your password is wrong").
+
+HTTPS certificate verification is Twisted's default (``BrowserLikePolicyForHTTPS``).
+Neither the URL nor any header value appears in logs or exception text: URLs may carry
+API keys in their query, headers carry the credential.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+import math
+import re
+from typing import Any, Iterable, Mapping
+
+from hyperlink import URL
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
+from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta, require_string
+
+log = Logger()
+
+DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 300.0
+DEFAULT_SUCCESS_CODES = (200,)
+#: A verdict needs no body; read this much at most, then drop the connection.
+DISCARD_LIMIT = 64 * 1024
+#: Persistent connections kept per host: the benchmark's 50 concurrent logins should
+#: not each pay a TCP (and TLS) handshake.
+MAX_PERSISTENT_PER_HOST = 32
+#: Idle pooled connections are closed after this long (many servers drop idle
+#: keep-alive connections after 5–75 s; a stale one costs a retry or a 454).
+CACHED_CONNECTION_TIMEOUT = 30.0
+#: Statuses that say "not now" rather than "no" (RFC 9110 §15.5.9, RFC 6585 §4).
+TEMPORARY_4XX = frozenset({408, 429})
+
+# RFC 9110 §5.6.2: token = 1*tchar
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def is_http_token(value: str) -> bool:
+    return bool(_TOKEN.match(value))
+
+
+def _error(meta: ProviderMeta, text: str) -> ConfigError:
+    return ConfigError(f"provider {meta.name!r} ({meta.type}): {text}")
+
+
+# --- parameter parsing (shared with the jwt provider) ---------------------------------
+
+def parse_url(meta: ProviderMeta, params: Mapping[str, Any], key: str = "url") -> str:
+    """An absolute http(s) URL with a host and no userinfo (credentials in a URL would
+    be logged by proxies and are never sent as Basic auth by Twisted anyway)."""
+    text = require_string(meta, params, key)
+    try:
+        url = URL.from_text(text)
+    except Exception:
+        raise _error(meta, f"param {key!r} is not a valid URL") from None
+    if url.scheme.lower() not in ("http", "https"):
+        raise _error(meta, f"param {key!r} must be an http:// or https:// URL")
+    if not url.host:
+        raise _error(meta, f"param {key!r} has no host")
+    if url.userinfo:
+        raise _error(meta, f"param {key!r} must not carry credentials (user:password@)")
+    if url.fragment:
+        raise _error(meta, f"param {key!r} must not have a fragment")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise _error(meta, f"param {key!r} has an invalid port")
+    return text
+
+
+def parse_method(meta: ProviderMeta, params: Mapping[str, Any]) -> str:
+    """An HTTP method token (RFC 9110 §9), upper-cased (treq upper-cases it anyway)."""
+    value = params.get("method")
+    if value is None or value == "":
+        return "GET"
+    if not isinstance(value, str) or not is_http_token(value):
+        raise _error(meta, "param 'method' must be an HTTP method name such as GET or POST")
+    method = value.upper()
+    if method in ("CONNECT", "TRACE"):
+        raise _error(meta, f"param 'method' cannot be {method}")
+    return method
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def parse_success_codes(meta: ProviderMeta, params: Mapping[str, Any]) -> frozenset[int]:
+    """A non-empty list of status codes; numeric strings accepted (params come from
+    ``${VAR}`` expansion), as is one code or a comma-separated string."""
+    value = params.get("success_codes")
+    if value is None:
+        return frozenset(DEFAULT_SUCCESS_CODES)
+    items: Iterable[Any]
+    if isinstance(value, str):
+        items = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = [value]
+    codes = []
+    for item in items:
+        code = _as_int(item)
+        if code is None or not 100 <= code <= 599:
+            raise _error(meta, "param 'success_codes' must be a list of HTTP status "
+                               "codes (100-599)")
+        codes.append(code)
+    if not codes:
+        raise _error(meta, "param 'success_codes' is empty")
+    return frozenset(codes)
+
+
+def parse_seconds(meta: ProviderMeta, params: Mapping[str, Any], key: str, default: float,
+                  *, minimum: float = 0.0, maximum: float = MAX_TIMEOUT,
+                  allow_zero: bool = False) -> float:
+    """A duration in seconds: a number or a numeric string, finite and within bounds."""
+    value = params.get(key)
+    if value is None or value == "":
+        return float(default)
+    if isinstance(value, bool):
+        raise _error(meta, f"param {key!r} must be a number of seconds")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise _error(meta, f"param {key!r} must be a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < minimum or seconds > maximum or (
+            seconds == 0 and not allow_zero):
+        raise _error(meta, f"param {key!r} must be between {minimum:g} and {maximum:g} s"
+                           + ("" if allow_zero else " and not zero"))
+    return seconds
+
+
+# --- HTTP plumbing --------------------------------------------------------------------
+
+class BodyTooLarge(Exception):
+    """The response body exceeded the limit; the connection was dropped."""
+
+
+class _BoundedBody(Protocol):
+    """Collects (or discards) a response body up to ``limit`` bytes.
+
+    Fires ``finished`` with the bytes (``b""`` when discarding) on a complete body, with
+    ``BodyTooLarge`` past the limit, and with the transport's reason when the body is cut
+    short.  Cancelling ``finished`` (the deadline) closes the connection so a stalled
+    server does not keep a pooled slot.
+    """
+
+    def __init__(self, limit: int, keep: bool):
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self._limit = limit
+        self._keep = keep
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            self.finished.errback(BodyTooLarge(f"response body over {self._limit} bytes"))
+            return
+        if self._keep:
+            self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
+        if self.finished.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: a body delimited by connection close (HTTP/1.0 style).
+            self.finished.callback(b"".join(self._chunks))
+        else:
+            self.finished.errback(reason)
+
+
+def read_body(response: IResponse, limit: int, keep: bool = True) -> Deferred[bytes]:
+    """The response body, bounded (treq's ``content()`` reads without limit)."""
+    protocol = _BoundedBody(limit, keep)
+    response.deliverBody(protocol)
+    return protocol.finished
+
+
+def new_http_client(reactor, connect_timeout: float) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client that follows nothing and remembers nothing between requests,
+    over a persistent pool; the caller owns the pool and closes it."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+    pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+    pool.retryAutomatically = True  # idempotent requests on a connection closed under us
+    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(agent, cookiejar=no_cookies), pool
+
+
+def timed_out(result: object, timeout: float) -> None:
+    """``addTimeout``'s ``onTimeoutCancel``: whatever the cancellation turned into
+    (Agent wraps it in ``ResponseNeverReceived``), the deadline passed."""
+    raise DeferredTimeout(f"timed out after {timeout:g} s")
+
+
+def describe_failure(failure: Failure) -> str:
+    """A short, credential-free reason for logs and ``ProviderUnavailable`` text."""
+    if failure.check(DeferredTimeout, CancelledError):
+        return "timed out"
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived, ResponseFailed…
+    if reasons:
+        return f"{type(value).__name__}: {_exception_name(reasons[0].value)}"
+    return _exception_name(value)
+
+
+def _exception_name(error: BaseException) -> str:
+    if type(error).__module__.startswith("OpenSSL"):
+        # pyOpenSSL's Error carries [(library, function, reason)]: the reason (e.g.
+        # "certificate verify failed") is what an operator needs, and holds no secret.
+        details = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        reason = next((entry[-1] for entry in details
+                       if isinstance(entry, tuple) and entry and entry[-1]), "")
+        return f"TLS failure ({reason})" if reason else "TLS failure"
+    return type(error).__name__
+
+
+class HTTPAuthChecker:
+    """One configured endpoint: sends a request with the caller's headers and turns the
+    status into a verdict.  Owns its connection pool (``close()`` on provider stop)."""
+
+    def __init__(self, reactor, url: str, *, method: str = "GET",
+                 success_codes: Iterable[int] = DEFAULT_SUCCESS_CODES,
+                 timeout: float = DEFAULT_TIMEOUT, label: str = "http"):
+        self._reactor = reactor
+        self.url = url
+        self.method = method
+        self.success_codes = frozenset(success_codes)
+        self.timeout = timeout
+        self._label = label
+        self._client, self._pool = new_http_client(reactor, timeout)
+        self._pending: set[Deferred] = set()
+        self._closed = False
+
+    def check(self, headers: Mapping[str, str]) -> Deferred[int]:
+        """Fires with the status when it is a success code; fails with
+        ``UnauthorizedLogin`` or ``ProviderUnavailable`` otherwise."""
+        d = self._client.request(
+            self.method, self.url, headers=dict(headers),
+            allow_redirects=False, unbuffered=True, reactor=self._reactor)
+        d.addCallback(self._read)
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
+        d.addCallbacks(self._verdict, self._unavailable)
+        self._pending.add(d)
+        d.addBoth(self._forget, d)
+        return d
+
+    def _forget(self, result: object, d: Deferred) -> object:
+        self._pending.discard(d)
+        return result
+
+    def _read(self, response: IResponse) -> Deferred[int]:
+        # Wait for the whole body: a verdict on a half-sent response is no verdict, and
+        # a fully read response is what lets the pool reuse the connection.
+        code = response.code
+        return read_body(response, DISCARD_LIMIT, keep=False).addCallback(lambda _: code)
+
+    def _verdict(self, code: int) -> int:
+        if code in self.success_codes:
+            return code
+        if code >= 500 or code in TEMPORARY_4XX:
+            log.info("{label}: endpoint answered HTTP {code}: unavailable",
+                     label=self._label, code=code)
+            raise ProviderUnavailable(f"{self._label}: endpoint answered HTTP {code}")
+        log.debug("{label}: endpoint answered HTTP {code}: rejected",
+                  label=self._label, code=code)
+        raise UnauthorizedLogin(f"{self._label}: endpoint answered HTTP {code}")
+
+    def _unavailable(self, failure: Failure) -> None:
+        if self._closed:
+            reason = "provider stopped"
+        elif failure.check(DeferredTimeout):
+            reason = f"timed out after {self.timeout:g} s"
+        else:
+            reason = describe_failure(failure)
+        log.info("{label}: endpoint unavailable: {reason}", label=self._label, reason=reason)
+        raise ProviderUnavailable(f"{self._label}: {reason}")
+
+    def close(self) -> Deferred[None]:
+        """Fail the checks in flight (``ProviderUnavailable``) and close the pool, so a
+        removed provider leaves no connection or timer behind."""
+        self._closed = True
+        for d in list(self._pending):
+            d.cancel()
+        return self._pool.closeCachedConnections()
+
+
+class HTTPCheckProvider(Provider):
+    """Base of the providers whose verdict is an HTTP status (http_basic, http_header)."""
+
+    def __init__(self, meta: ProviderMeta, checker: HTTPAuthChecker):
+        super().__init__(meta)
+        self.checker = checker
+
+    @staticmethod
+    def checker_from_params(meta: ProviderMeta, params: Mapping[str, Any],
+                            reactor=None) -> HTTPAuthChecker:
+        url = parse_url(meta, params)
+        method = parse_method(meta, params)
+        codes = parse_success_codes(meta, params)
+        timeout = parse_seconds(meta, params, "timeout", DEFAULT_TIMEOUT)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        return HTTPAuthChecker(reactor, url, method=method, success_codes=codes,
+                               timeout=timeout, label=f"{meta.type} provider {meta.name!r}")
+
+    def stopProvider(self) -> Deferred[None]:
+        return self.checker.close()
+
+
+def has_control_chars(value: str, *, allow_tab: bool = False) -> bool:
+    """CTLs (RFC 5234 §B.1: %x00-1F / %x7F): never valid in a header value except HTAB."""
+    for char in value:
+        code = ord(char)
+        if code < 0x20 or code == 0x7F:
+            if allow_tab and char == "\t":
+                continue
+            return True
+    return False
+
+
+__all__ = [
+    "BodyTooLarge", "DEFAULT_TIMEOUT", "HTTPAuthChecker", "HTTPCheckProvider",
+    "describe_failure", "has_control_chars", "is_http_token", "new_http_client",
+    "parse_method", "parse_seconds", "parse_success_codes", "parse_url", "read_body",
+    "timed_out",
+]
