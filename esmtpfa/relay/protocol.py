@@ -1,0 +1,723 @@
+"""The wire side of the upstream SMTP client: replies in, commands and message data out.
+
+We own this code instead of using ``twisted.mail.smtp.ESMTPSender`` because the defects
+that matter for a relay live exactly here (TWISTED-NOTES, client list): its dot-stuffing
+misses the first line and lines crossing read boundaries (SMTP smuggling toward the
+upstream), it doubles CRs, and its Deferred never fires when the connection is lost.
+
+The protocol knows SMTP syntax, not delivery policy: it sends commands, matches replies to
+them in order (so several can be in flight, RFC 2920), upgrades to TLS (RFC 3207), runs a
+SASL exchange (RFC 4954) and streams one message with correct transparency (RFC 5321
+§4.5.2).  What to send and what a reply means for the message is ``upstream.py``'s job, so
+connection reuse (RSET between messages) and a pool can be built on top of this class later.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import dataclass, field
+import re
+from typing import Any, Callable, Iterator
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import (
+    IDelayedCall, IHandshakeListener, IPullProducer, IReactorTime)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from esmtpfa.replies import Reply
+
+#: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
+#: We accept more (long EHLO AUTH lines, verbose texts) but never an unbounded line.
+MAX_REPLY_LINE = 8192
+#: A multi-line reply longer than this is garbage, not an EHLO list.
+MAX_REPLY_LINES = 512
+
+#: RFC 5321 §4.5.3.2 minimum timeouts: 5 min for the greeting and most commands, 10 min
+#: for the end-of-data reply.
+DEFAULT_COMMAND_TIMEOUT = 300.0
+DEFAULT_DATA_TIMEOUT = 600.0
+
+_FORBIDDEN_IN_COMMAND = re.compile(rb"[\r\n\x00]")
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+
+
+# --- errors ------------------------------------------------------------------------------
+
+class UpstreamError(Exception):
+    """The session with the upstream cannot go on; ``command`` is where it broke."""
+
+    def __init__(self, detail: str, command: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.command = command
+
+
+class ConnectionLost(UpstreamError):
+    """The connection closed before the reply came.
+
+    ``after_data`` is true when the final dot had been sent: the upstream may have
+    accepted the message, so a retry can duplicate it (it never loses it).
+    """
+
+    def __init__(self, detail: str, command: str | None = None, after_data: bool = False):
+        super().__init__(detail, command)
+        self.after_data = after_data
+
+
+class ReplyTimeout(ConnectionLost):
+    """No reply (or no progress writing DATA) within the timeout; we dropped the link."""
+
+
+class TLSFailure(UpstreamError):
+    """Handshake or certificate verification failed."""
+
+
+class ProtocolViolation(UpstreamError):
+    """The upstream sent something that is not SMTP (or not at this point)."""
+
+
+class UnexpectedReply(UpstreamError):
+    """A well-formed reply that is not the one the step needed (e.g. EHLO and HELO refused)."""
+
+    def __init__(self, command: str, reply: Reply):
+        super().__init__(f"{command}: {reply}", command)
+        self.reply = reply
+
+
+class AuthenticationFailed(UnexpectedReply):
+    """The upstream refused our credentials (RFC 4954 §6: 535, 534, 454 …)."""
+
+
+# --- EHLO keywords -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Extensions:
+    """What the upstream advertised in its EHLO reply (RFC 5321 §4.1.1.1).
+
+    ``keywords`` maps the upper-cased keyword to its parameter string.  After STARTTLS the
+    client must discard this and ask again (RFC 3207 §4.2).
+    """
+
+    keywords: dict[str, str] = field(default_factory=dict)
+    esmtp: bool = True  # False after a HELO fallback: no extensions at all
+
+    @classmethod
+    def parse(cls, reply: Reply) -> "Extensions":
+        keywords: dict[str, str] = {}
+        for line in reply.lines()[1:]:  # the first line is the server's greeting
+            line = line.strip()
+            if not line:
+                continue
+            name, _, params = line.partition(" ")
+            if name.upper().startswith("AUTH="):  # pre-RFC 4954 servers: "AUTH=LOGIN PLAIN"
+                name, params = "AUTH", (name[5:] + " " + params).strip()
+            keywords.setdefault(name.upper(), params.strip())
+        return cls(keywords)
+
+    @classmethod
+    def none(cls) -> "Extensions":
+        return cls({}, esmtp=False)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword.upper() in self.keywords
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords  # RFC 2920
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.keywords  # RFC 3207
+
+    @property
+    def eightbitmime(self) -> bool:
+        return "8BITMIME" in self.keywords  # RFC 6152
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.keywords  # RFC 6531 (parameters must be ignored)
+
+    @property
+    def requiretls(self) -> bool:
+        return "REQUIRETLS" in self.keywords  # RFC 8689
+
+    @property
+    def size(self) -> int | None:
+        """RFC 1870: None when SIZE is not offered, 0 when offered without a limit."""
+        if "SIZE" not in self.keywords:
+            return None
+        value = self.keywords["SIZE"].split(" ", 1)[0]
+        return int(value) if value.isdigit() else 0
+
+    @property
+    def auth_mechanisms(self) -> frozenset[str]:
+        return frozenset(m.upper() for m in self.keywords.get("AUTH", "").split())
+
+
+# --- transparency --------------------------------------------------------------------------
+
+class DotStuffer:
+    """RFC 5321 §4.5.2 transparency, applied chunk by chunk.
+
+    Every line that starts with "." gets one more, including the first line of the message
+    and a line that starts right after a chunk boundary; the stream ends with CRLF "." CRLF
+    (RFC 5321 §4.1.1.4).  The content handed to us is already CRLF-normalized; as a second
+    line of defence against smuggling, a bare CR or LF that got through anyway is turned into
+    CRLF here, so the upstream can never see "<LF>.<LF>" or "<CR>.<CR>" from us.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True  # the start of the message is the start of a line
+        self._held_cr = False       # a CR at a chunk's end: CRLF or bare, the next chunk says
+        self.normalized = 0         # chunks in which a bare CR/LF had to be repaired
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            chunk = _LINE_BREAKS.sub(b"\r\n", chunk)
+            self.normalized += 1
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        return out
+
+    def finish(self) -> bytes:
+        """The end of the stream: close an unterminated last line, then the final dot."""
+        tail = b""
+        if self._held_cr:
+            tail = b"\r\n"  # a bare CR at the very end
+            self.normalized += 1
+        elif not self._at_line_start:
+            tail = b"\r\n"  # RFC 5321 §4.1.1.4: the content must end with CRLF
+        self._held_cr = False
+        self._at_line_start = True
+        return tail + b".\r\n"
+
+
+# --- the protocol ---------------------------------------------------------------------------
+
+class _Waiter:
+    """One reply we are waiting for."""
+
+    __slots__ = ("command", "deferred", "timeout", "after_data")
+
+    def __init__(self, command: str, timeout: float):
+        self.command = command
+        self.deferred: Deferred[Reply] = Deferred()
+        self.timeout = timeout
+        self.after_data = False
+
+
+@implementer(IPullProducer)
+class _DataStreamer:
+    """Pulls message chunks only when the transport has room for them.
+
+    Registered as a pull producer: the transport calls ``resumeProducing`` each time its
+    buffer has drained, so at most one stuffed chunk sits in our user-space buffer however
+    large the message is.
+    """
+
+    def __init__(self, protocol: "SMTPClientProtocol", chunks: Iterator[bytes]):
+        self._protocol = protocol
+        self._chunks = chunks
+        self._stuffer = DotStuffer()
+        self._done = False
+
+    def resumeProducing(self) -> None:
+        while not self._done:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as error:  # a spool read error: nothing sane left to send
+                self._done = True
+                self._protocol._streamFailed(error)
+                return
+            if chunk is None:
+                self._done = True
+                self._protocol._streamFinished(self._stuffer.finish(), self._stuffer.normalized)
+                return
+            data = self._stuffer.feed(chunk)
+            if data:
+                # Only return after a write: a pull producer that writes nothing is never
+                # asked again, and the transfer would hang.
+                self._protocol._streamWrite(data)
+                return
+
+    def stopProducing(self) -> None:
+        self._done = True
+
+
+@implementer(IHandshakeListener)
+class SMTPClientProtocol(Protocol):
+    """An SMTP client connection with a Deferred-returning command API.
+
+    Replies are matched to commands in FIFO order, so ``pipeline`` can put several commands
+    in one write (RFC 2920).  Every pending Deferred fails with an ``UpstreamError`` when
+    the connection is lost, times out or turns to garbage: nothing ever waits forever.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+                 data_timeout: float = DEFAULT_DATA_TIMEOUT):
+        self._reactor = reactor
+        self.command_timeout = float(command_timeout)
+        self.data_timeout = float(data_timeout)
+        self._buffer = b""
+        self._lines: list[bytes] = []
+        self._code: int | None = None
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: IDelayedCall | None = None
+        self._error: UpstreamError | None = None  # once set, the connection is unusable
+        self._streamer: _DataStreamer | None = None
+        self._handshake: Deferred[None] | None = None
+        self._disconnected: list[Deferred[None]] = []
+        self._connected = False
+        self.secure = False  # TLS handshake completed (implicit TLS or STARTTLS)
+        self.peer = ""
+        # The greeting is the reply to "connecting" (RFC 5321 §3.1).  Its outcome is kept
+        # here, so a failed greeting nobody asked for is never an unhandled Deferred error.
+        self._greeting_result: Reply | Failure | None = None
+        self._greeting_waiters: list[Deferred[Reply]] = []
+        self._enqueue(_Waiter("greeting", self.command_timeout)).addBoth(self._greeted)
+
+    # -- connection events --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        # TWISTED-NOTES client #5: with Nagle on, each command waits for the previous ACK.
+        # A TLS wrapper forwards unknown attributes to the TCP transport underneath.
+        set_no_delay: Callable[[bool], Any] | None = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:  # not a TCP socket (tests over pipes)
+                pass
+        self._armTimer()
+
+    def handshakeCompleted(self) -> None:
+        self.secure = True
+        if self._handshake is not None:
+            handshake, self._handshake = self._handshake, None
+            self._cancelTimer()
+            handshake.callback(None)
+            self._armTimer()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._connected = False
+        self._cancelTimer()
+        if self._error is None:
+            self._error = self._lostError(reason)
+        self._failAll(self._error)
+        waiters, self._disconnected = self._disconnected, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _lostError(self, reason: Failure) -> UpstreamError:
+        head = self._waiters[0] if self._waiters else None
+        command = "STARTTLS handshake" if self._handshake is not None else (
+            head.command if head else None)
+        if reason.check(SSL.Error, VerificationError):
+            return TLSFailure(f"TLS failure: {_describe(reason)}", command)
+        after_data = bool(head and head.after_data)
+        detail = f"connection lost: {_describe(reason)}"
+        if after_data:
+            detail += " (after the message was sent: the upstream may have accepted it)"
+        return ConnectionLost(detail, command, after_data)
+
+    # -- replies ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer += data
+        while self._error is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    self._violation(f"reply line longer than {MAX_REPLY_LINE} octets")
+                return
+            if end > MAX_REPLY_LINE:
+                self._violation(f"reply line longer than {MAX_REPLY_LINE} octets")
+                return
+            line = self._buffer[:end]
+            self._buffer = self._buffer[end + 1:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._lineReceived(line)
+
+    def _lineReceived(self, line: bytes) -> None:
+        # RFC 5321 §4.2: "NNN-text" continues, "NNN text" or a bare "NNN" ends the reply.
+        if len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345" or (
+                len(line) > 3 and line[3:4] not in b" -"):
+            self._violation(f"not an SMTP reply line: {line[:80]!r}")
+            return
+        code = int(line[:3])
+        if self._code is not None and code != self._code:
+            self._violation(f"multi-line reply changed code from {self._code} to {code}")
+            return
+        self._code = code
+        self._lines.append(line[4:])
+        if len(self._lines) > MAX_REPLY_LINES:
+            self._violation(f"reply longer than {MAX_REPLY_LINES} lines")
+            return
+        if line[3:4] == b"-":
+            return
+        reply = Reply.parse(code, self._lines)
+        self._code, self._lines = None, []
+        self._replyReceived(reply)
+
+    def _replyReceived(self, reply: Reply) -> None:
+        if not self._waiters:
+            # A reply nobody asked for; typically "421 shutting down" (RFC 5321 §3.8).
+            self._violation(f"unsolicited reply: {reply}")
+            return
+        waiter = self._waiters[0]
+        if self._streamer is not None and not waiter.after_data:
+            # The upstream answered before our final dot: it gave up on the message.
+            # Whatever it said, the DATA state is now unknowable: stop and drop the link.
+            self._stopStreaming()
+            if reply.is_positive:
+                self._violation(f"positive reply before the end of data: {reply}")
+                return
+            self._waiters.popleft()
+            self._cancelTimer()
+            self._error = ProtocolViolation(
+                f"upstream replied during DATA: {reply}", waiter.command)
+            waiter.deferred.callback(reply)
+            self._abort()
+            return
+        self._waiters.popleft()
+        self._cancelTimer()
+        self._armTimer()
+        waiter.deferred.callback(reply)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def greeting(self) -> Deferred[Reply]:
+        """The server's opening reply (220 expected, RFC 5321 §4.3.1)."""
+        d: Deferred[Reply] = Deferred()
+        if self._greeting_result is None:
+            self._greeting_waiters.append(d)
+        else:
+            _fire(d, self._greeting_result)
+        return d
+
+    def _greeted(self, result: Reply | Failure) -> None:
+        self._greeting_result = result
+        waiters, self._greeting_waiters = self._greeting_waiters, []
+        for d in waiters:
+            _fire(d, result)
+
+    def command(self, line: bytes, name: str | None = None,
+                timeout: float | None = None) -> Deferred[Reply]:
+        """Send one command line (without CRLF); fires with its reply, whatever the code."""
+        return self.pipeline([line], [name] if name else None, timeout)[0]
+
+    def pipeline(self, lines: list[bytes], names: list[str] | None = None,
+                 timeout: float | None = None) -> list[Deferred[Reply]]:
+        """Send several commands in one write (RFC 2920) and get one Deferred per reply.
+
+        Callers must consume every Deferred: after a connection loss all of them fail.
+        """
+        for line in lines:
+            if _FORBIDDEN_IN_COMMAND.search(line):
+                # Never let data become a second command line (command injection).
+                raise ValueError("CR, LF or NUL in an SMTP command")
+        if self._streamer is not None:
+            raise RuntimeError("command sent while message data is being streamed")
+        names = names or [line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+                          for line in lines]
+        waiters = [_Waiter(name, timeout or self.command_timeout) for name in names]
+        if self._error is not None:
+            return [_failed(self._error) for _ in waiters]
+        deferreds = [self._enqueue(waiter) for waiter in waiters]
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        return deferreds
+
+    def ehlo(self, name: str) -> Deferred[Extensions]:
+        """EHLO, falling back to HELO on a 5xx (RFC 5321 §4.1.4): then no extensions."""
+        return Deferred.fromCoroutine(self._ehlo(name))
+
+    async def _ehlo(self, name: str) -> Extensions:
+        reply = await self.command(b"EHLO " + name.encode("idna" if not name.isascii() else "ascii"))
+        if reply.code == 250:
+            return Extensions.parse(reply)
+        if not reply.is_permanent:
+            raise UnexpectedReply("EHLO", reply)
+        reply = await self.command(b"HELO " + name.encode("ascii", "replace"))
+        if reply.code != 250:
+            raise UnexpectedReply("HELO", reply)
+        return Extensions.none()
+
+    def starttls(self, creator: Any) -> Deferred[Reply]:
+        """RFC 3207: STARTTLS, then the handshake; fires once TLS is up.
+
+        ``creator`` is an ``IOpenSSLClientConnectionCreator`` (see ``tls.py``).  Fails with
+        ``UnexpectedReply`` when refused, ``TLSFailure`` when the handshake fails.  The
+        caller must send EHLO again and forget the earlier extensions (RFC 3207 §4.2).
+        """
+        return Deferred.fromCoroutine(self._starttls(creator))
+
+    async def _starttls(self, creator: Any) -> Reply:
+        if self._waiters:
+            raise RuntimeError("STARTTLS must be the only command in flight")
+        reply = await self.command(b"STARTTLS")
+        if reply.code != 220:
+            raise UnexpectedReply("STARTTLS", reply)
+        if self._buffer:
+            # Bytes after the 220 arrived in cleartext; treating them as replies received
+            # over TLS would let a man in the middle inject them (the client side of the
+            # STARTTLS injection bug, TWISTED-NOTES server #2).
+            self._violation("data after the STARTTLS reply, before the TLS handshake")
+            raise self._error  # type: ignore[misc]
+        handshake: Deferred[None] = Deferred()
+        self._handshake = handshake
+        self._timer = self._reactor.callLater(
+            self.command_timeout, self._timedOut, "STARTTLS handshake", self.command_timeout)
+        self.transport.startTLS(creator)
+        await handshake
+        return reply
+
+    def authenticate(self, mechanism: str, username: str, password: str) -> Deferred[Reply]:
+        """RFC 4954 AUTH with PLAIN (RFC 4616) or LOGIN; fires with the 235 reply.
+
+        The exchange is never logged: it carries the password.
+        """
+        return Deferred.fromCoroutine(self._authenticate(mechanism.upper(), username, password))
+
+    async def _authenticate(self, mechanism: str, username: str, password: str) -> Reply:
+        user, secret = username.encode("utf-8"), password.encode("utf-8")
+        if mechanism == "PLAIN":
+            # Initial response (RFC 4954 §4) saves a round trip: authzid empty, authcid, passwd.
+            response = base64.b64encode(b"\0" + user + b"\0" + secret)
+            reply = await self.command(b"AUTH PLAIN " + response, "AUTH")
+            if reply.code == 334:  # a server that ignored the initial response asks again
+                reply = await self.command(response, "AUTH")
+        elif mechanism == "LOGIN":
+            reply = await self.command(b"AUTH LOGIN", "AUTH")
+            for answer in (user, secret):
+                if reply.code != 334:
+                    break
+                reply = await self.command(base64.b64encode(answer), "AUTH")
+        else:
+            raise ValueError(f"unsupported SASL mechanism {mechanism}")
+        if reply.code == 334:
+            # More challenges than the mechanism has: cancel (RFC 4954 §4) and give up.
+            await self.command(b"*", "AUTH")
+            raise AuthenticationFailed("AUTH", reply)
+        if reply.code != 235:
+            raise AuthenticationFailed("AUTH", reply)
+        return reply
+
+    def sendData(self, chunks: Iterator[bytes]) -> Deferred[Reply]:
+        """Stream message content after a 354 and fire with the end-of-data reply.
+
+        ``chunks`` is the unstuffed, CRLF-normalized content (``OutboundMessage.chunks()``);
+        it is pulled one chunk at a time as the transport drains.  The inactivity timeout is
+        ``data_timeout`` while writing and for the final reply (RFC 5321 §4.5.3.2.5-6).
+        """
+        if self._waiters or self._streamer is not None:
+            raise RuntimeError("DATA content sent with replies still pending")
+        waiter = _Waiter("end of data", self.data_timeout)
+        if self._error is not None:
+            return _failed(self._error)
+        deferred = self._enqueue(waiter)
+        self._streamer = _DataStreamer(self, iter(chunks))
+        self.transport.registerProducer(self._streamer, False)
+        return deferred
+
+    def _streamWrite(self, data: bytes) -> None:
+        self.transport.write(data)
+        self._restartTimer()  # progress: the upstream is reading
+
+    def _streamFinished(self, tail: bytes, normalized: int) -> None:
+        if normalized:
+            self.log.warn("repaired bare CR/LF in {count} chunk(s) of message content",
+                          count=normalized)
+        self._waiters[0].after_data = True
+        self.transport.write(tail)
+        self._stopStreaming()
+        self._restartTimer()
+
+    def _streamFailed(self, error: Exception) -> None:
+        self._stopStreaming()
+        self._error = UpstreamError(f"reading the message failed: {error}", "DATA")
+        self._failAll(self._error)
+        self._abort()
+
+    def _stopStreaming(self) -> None:
+        if self._streamer is not None:
+            self._streamer.stopProducing()
+            self._streamer = None
+            if self._connected:
+                self.transport.unregisterProducer()
+
+    # -- closing ------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """Connected, in sync, nothing in flight: another command may be sent."""
+        return self._connected and self._error is None and self._streamer is None
+
+    def whenDisconnected(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if not self._connected and self.transport is not None:
+            d.callback(None)
+        else:
+            self._disconnected.append(d)
+        return d
+
+    def quit(self, timeout: float = 10.0) -> Deferred[None]:
+        """QUIT politely when possible, then close; always fires (never fails).
+
+        After a message was accepted nothing here can change the outcome (SPEC §5).
+        """
+        done = self.whenDisconnected()
+        if not self._connected:
+            return done
+        if self.usable and not self._waiters:
+            reply = self.command(b"QUIT", timeout=timeout)
+            reply.addBoth(lambda _: self._close())
+        else:
+            self._abort()
+        return done
+
+    def _close(self) -> None:
+        if self._connected:
+            self.transport.loseConnection()
+            # A TLS close_notify exchange can wait on a silent peer: bound it.
+            timer = self._reactor.callLater(5.0, self._abort)
+            self._disconnected.append(Deferred().addBoth(lambda _: timer.active() and timer.cancel()))
+
+    def abort(self) -> None:
+        """Drop the connection now, e.g. when message content must not be sent."""
+        if self._error is None:
+            self._error = UpstreamError("connection aborted by us")
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._connected:
+            self.transport.abortConnection()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _enqueue(self, waiter: _Waiter) -> Deferred[Reply]:
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1 and self._connected and self._handshake is None:
+            self._armTimer()
+        return waiter.deferred
+
+    def _armTimer(self) -> None:
+        if self._timer is None and self._waiters and self._connected:
+            head = self._waiters[0]
+            self._timer = self._reactor.callLater(
+                head.timeout, self._timedOut, head.command, head.timeout)
+
+    def _restartTimer(self) -> None:
+        self._cancelTimer()
+        self._armTimer()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timedOut(self, command: str, timeout: float) -> None:
+        self._timer = None
+        after_data = bool(self._waiters and self._waiters[0].after_data)
+        detail = f"no reply to {command} within {timeout:g} s"
+        if self._streamer is not None:
+            detail = f"upstream stopped reading message data for {timeout:g} s"
+        if after_data:
+            detail += " (after the message was sent: the upstream may have accepted it)"
+        self._error = ReplyTimeout(detail, command, after_data)
+        self._stopStreaming()
+        self._failAll(self._error)
+        self._abort()
+
+    def _violation(self, detail: str) -> None:
+        command = self._waiters[0].command if self._waiters else None
+        self._error = ProtocolViolation(detail, command)
+        self._stopStreaming()
+        self._failAll(self._error)
+        self._abort()
+
+    def _failAll(self, error: UpstreamError) -> None:
+        self._cancelTimer()
+        waiters, self._waiters = self._waiters, deque()
+        handshake, self._handshake = self._handshake, None
+        self._streamer = None
+        if handshake is not None:
+            handshake.errback(Failure(error if isinstance(error, TLSFailure)
+                                      else TLSFailure(error.detail, "STARTTLS handshake")))
+        for waiter in waiters:
+            waiter.deferred.errback(Failure(error))
+
+
+class SMTPClientFactory(Factory):
+    """Builds ``SMTPClientProtocol`` with the relay's timeouts and reactor."""
+
+    noisy = False  # one connection per message: "Starting factory" lines would flood the log
+
+    def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+                 data_timeout: float = DEFAULT_DATA_TIMEOUT):
+        self.reactor = reactor
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        protocol = SMTPClientProtocol(self.reactor, self.command_timeout, self.data_timeout)
+        protocol.factory = self
+        return protocol
+
+
+def gatherReplies(deferreds: list[Deferred[Reply]]) -> Deferred[list[Reply]]:
+    """All replies of a pipelined group, or the first error; every Deferred is consumed."""
+    def collect(results: list[tuple[bool, Any]]) -> list[Reply] | Failure:
+        for ok, value in results:
+            if not ok:
+                return value
+        return [value for _, value in results]
+    return DeferredList(deferreds, consumeErrors=True).addCallback(collect)
+
+
+def _fire(d: Deferred[Any], result: Any) -> None:
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(Failure(error))
+    return d
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    if isinstance(value, SSL.Error):
+        parts = []
+        for entry in value.args[0] if value.args and isinstance(value.args[0], list) else []:
+            if isinstance(entry, tuple) and entry:
+                parts.append(str(entry[-1]))
+        return ", ".join(parts) or str(value) or "handshake failed"
+    return str(value) or type(value).__name__
