@@ -236,5 +236,12 @@ class RelayService(MultiService):
     def stopService(self):
         d = super().stopService()
         d.addBoth(lambda _: self.relay.close())
+        d.addBoth(lambda _: self._stop_providers())
         return d
+
+    def _stop_providers(self):
+        """Close provider pools and threads (HTTP connections, LDAP connections)."""
+        from twisted.internet.defer import DeferredList, maybeDeferred
+        return DeferredList([maybeDeferred(p.stopProvider)
+                             for p in self.directory.current.providers], consumeErrors=True)
 
