@@ -36,6 +36,27 @@ class FixtureMixin:
     def run_client(self, script):
         return self.fixture.run(script, self.fixture)
 
+    def expect_reply(self, script, code: int, enhanced: str):
+        """Run ``script``; the one reply it returns must carry ``code`` and ``enhanced``."""
+        def check(reply):
+            self.assertEqual((reply[0], reply[1].split(" ", 1)[0]), (code, enhanced))
+        return self.run_client(script).addCallback(check)
+
+    def expect_message_refused(self, content: bytes, code: int, enhanced: str):
+        """The message is refused with ``code``/``enhanced``, the session stays usable,
+        and nothing reaches the upstream."""
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return send_message(client, content), client.command("NOOP")
+
+        def check(result):
+            refused, noop = result
+            self.assertEqual((refused[0], refused[1].split(" ", 1)[0], noop[0]),
+                             (code, enhanced, 250))
+            self.assertEqual(self.upstream.messages, [])
+        return self.run_client(script).addCallback(check)
+
     @property
     def upstream(self):
         return self.fixture.upstream
@@ -187,17 +208,13 @@ class AUTHTests(FixtureMixin, unittest.TestCase):
             client = fixture.connect()
             client.command("EHLO client.example")
             return client.auth_plain(USER, PASSWORD)
-        d = self.run_client(script)
-        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:6]), (538, "5.7.11")))
-        return d
+        return self.expect_reply(script, 538, "5.7.11")
 
     def test_auth_before_ehlo(self):
         def script(fixture):
             client = fixture.connect(implicit_tls=True)
             return client.auth_plain(USER, PASSWORD)
-        d = self.run_client(script)
-        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (503, "5.5.1")))
-        return d
+        return self.expect_reply(script, 503, "5.5.1")
 
     def test_plain_success_then_second_auth_refused(self):
         def script(fixture):
@@ -274,9 +291,7 @@ class AUTHTests(FixtureMixin, unittest.TestCase):
         def script(fixture):
             client = fixture.secure_session()
             return client.command("AUTH PLAIN " + b64(f"bob\0{USER}\0{PASSWORD}"))
-        d = self.run_client(script)
-        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (535, "5.7.8")))
-        return d
+        return self.expect_reply(script, 535, "5.7.8")
 
     def test_too_many_failures_close_the_connection(self):
         def script(fixture):
@@ -319,9 +334,7 @@ class AUTHTests(FixtureMixin, unittest.TestCase):
         def script(fixture):
             client = fixture.secure_session()
             return client.command("MAIL FROM:<alice@example.com>")
-        d = self.run_client(script)
-        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (530, "5.7.0")))
-        return d
+        return self.expect_reply(script, 530, "5.7.0")
 
     def test_username_selects_provider_with_first_colon_split(self):
         def script(fixture):
@@ -503,9 +516,7 @@ class DataTests(FixtureMixin, unittest.TestCase):
             client = fixture.secure_session()
             authenticate(client)
             return client.command("MAIL FROM:<jösé@example.com>")
-        d = self.run_client(script)
-        d.addCallback(lambda r: self.assertEqual((r[0], r[1][:5]), (553, "5.6.7")))
-        return d
+        return self.expect_reply(script, 553, "5.6.7")
 
     def test_data_without_recipients_and_sequence_errors(self):
         def script(fixture):
@@ -547,18 +558,7 @@ class LimitTests(FixtureMixin, unittest.TestCase):
         return d
 
     def test_message_over_size_is_refused_after_data(self):
-        def script(fixture):
-            client = fixture.secure_session()
-            authenticate(client)
-            reply = send_message(client, MESSAGE + b"x" * 2000 + b"\r\n")
-            return reply, client.command("NOOP")
-        d = self.run_client(script)
-
-        def check(result):
-            self.assertEqual((result[0][0], result[0][1][:5], result[1][0]),
-                             (552, "5.3.4", 250))
-            self.assertEqual(self.upstream.messages, [])
-        return d.addCallback(check)
+        return self.expect_message_refused(MESSAGE + b"x" * 2000 + b"\r\n", 552, "5.3.4")
 
     def test_connections_per_ip(self):
         def script(fixture):
@@ -596,18 +596,8 @@ class RejectBareLineEndsTests(FixtureMixin, unittest.TestCase):
     fixture_args = ("--bare-line-ends", "reject")
 
     def test_bare_lf_message_is_refused_with_5_6_11(self):
-        def script(fixture):
-            client = fixture.secure_session()
-            authenticate(client)
-            reply = send_message(client, b"Subject: x\r\n\r\nhello\n.\n" + SMUGGLED)
-            return reply, client.command("NOOP")
-        d = self.run_client(script)
-
-        def check(result):
-            self.assertEqual((result[0][0], result[0][1][:6], result[1][0]),
-                             (550, "5.6.11", 250))
-            self.assertEqual(self.upstream.messages, [])
-        return d.addCallback(check)
+        return self.expect_message_refused(
+            b"Subject: x\r\n\r\nhello\n.\n" + SMUGGLED, 550, "5.6.11")
 
 
 class IdleTimeoutTests(unittest.TestCase):
