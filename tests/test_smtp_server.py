@@ -700,3 +700,76 @@ class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
             self.assertEqual(json.loads(base64.b64decode(replies[2][1]))["status"],
                              "invalid_token")
         return d.addCallback(check)
+
+    def test_oauthbearer_host_selects_unique_domain_without_sni(self):
+        """RFC 7628 §3.1: ``host=`` names the server; SPEC §3 uses it when SNI is absent."""
+        self.use(TokenProvider(ProviderMeta(
+            "corp-tokens", "jwt", domain="tokens.example", unique_domain_auth=True)))
+
+        def script(fixture):
+            def login(host, server_hostname):
+                client = fixture.secure_session(server_hostname=server_hostname)
+                return client.command("AUTH OAUTHBEARER " + b64(
+                    f"n,,\x01host={host}\x01auth=Bearer good-token\x01\x01"))[0]
+            # An IP address sends no SNI: host= decides.  With SNI, SNI decides.
+            return (login("tokens.example", "127.0.0.1"), login("other.example", "127.0.0.1"),
+                    login("tokens.example", "relay.test"))
+        d = self.run_client(script)
+        d.addCallback(lambda codes: self.assertEqual(codes, (235, 334, 334)))
+        return d
+
+
+class UpstreamVerdictTests(unittest.TestCase):
+    """TWISTED-NOTES server #4 and #7: the client hears the truth, and always hears."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def start(self, *args, **upstream):
+        from tests.support.upstream import RecordingUpstream
+        self.fixture = RelayFixture(self.mktemp(), *args,
+                                    upstream=RecordingUpstream(**upstream))
+        self.addCleanup(self.fixture.stop)
+        yield self.fixture.start()
+
+    def send(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            return send_message(client), client.command("NOOP")
+        return self.fixture.run(script, self.fixture)
+
+    @defer.inlineCallbacks
+    def test_transient_upstream_failure_stays_transient(self):
+        yield self.start(eom_reply="451 4.3.0 Queue file write error, try later")
+        reply, noop = yield self.send()
+        self.assertEqual((reply[0], reply[1].split()[0], noop[0]), (451, "4.3.0", 250))
+
+    @defer.inlineCallbacks
+    def test_permanent_upstream_rejection_stays_permanent(self):
+        yield self.start(eom_reply="554 5.7.1 Message rejected: spam")
+        reply, _ = yield self.send()
+        self.assertEqual((reply[0], reply[1].split()[0]), (554, "5.7.1"))
+
+    @defer.inlineCallbacks
+    def test_unexpected_delivery_error_still_gets_a_reply(self):
+        yield self.start()
+
+        def broken(message):
+            raise RuntimeError("disk on fire")
+        self.fixture.service.relay.deliver = broken
+        reply, noop = yield self.send()
+        self.assertEqual((reply[0], reply[1].split()[0], noop[0]), (451, "4.3.0", 250))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
+    def test_relay_from_rewrites_envelope_and_headers_only(self):
+        yield self.start("--relay-from", "relay@corp.example")
+        reply, _ = yield self.send()
+        self.assertEqual(reply[0], 250)
+        received = self.fixture.upstream.messages[0]
+        self.assertEqual(received.mail_from, "relay@corp.example")
+        headers, _, body = received.data.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nFrom: Alice <relay@corp.example>\r\n", headers + b"\r\n")
+        self.assertIn(b"\r\nReply-To: Alice <alice@example.com>", headers)
+        self.assertEqual(body, MESSAGE_CONTENT.partition(b"\r\n\r\n")[2])
