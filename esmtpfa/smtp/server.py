@@ -15,6 +15,7 @@ Written for the failure modes of TWISTED-NOTES.md (server list):
 from __future__ import annotations
 
 import base64
+import re
 import time
 
 from twisted.cred.credentials import Anonymous
@@ -38,6 +39,8 @@ from esmtpfa.smtp.data import DataReader
 from esmtpfa.smtp.interfaces import IMessageDelivery
 
 log = logger("esmtpfa.smtp")
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: RFC 5321 §4.5.3.1.4: 512 octets is the minimum; we allow 1000 like most MTAs.
 MAX_COMMAND_LINE = 1000
@@ -204,7 +207,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
         except UnicodeDecodeError:
             self._reply(BAD_CHARACTERS)
             return
-        if any(ord(c) < 32 and c != "\t" for c in text):
+        if _CONTROL_CHARACTERS.search(text):
             self._reply(BAD_CHARACTERS)
             return
         verb, _, argument = text.partition(" ")
