@@ -167,9 +167,6 @@ class RelayService(MultiService):
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received)
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
         checkers = [ProviderSelector(self.directory)]
-        if self.settings.binarymime:
-            log.warn("--enable-binary-mime: BINARYMIME needs CHUNKING (BDAT), which is not "
-                     "implemented yet; neither is advertised")
         if self.settings.allow_anonymous:
             checkers.append(AllowAnonymousAccess())
         return Portal(realm, checkers)
@@ -210,9 +207,6 @@ class RelayService(MultiService):
         if options["demo"]:
             log.warn("DEMO MODE: plain listener with AUTH over cleartext; log in as "
                      "{user!r} with the demo password from the README", user=DEMO_USER)
-        if self.settings.binarymime:
-            log.warn("--enable-binary-mime: BINARYMIME needs CHUNKING (BDAT), which is not "
-                     "implemented yet; neither is advertised")
         if self.settings.allow_anonymous:
             log.warn("--allow-anonymous-auth: mail is relayed WITHOUT authentication")
         log.info("relay: {relay}", relay=self.relay.description)

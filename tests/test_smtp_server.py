@@ -773,3 +773,113 @@ class UpstreamVerdictTests(unittest.TestCase):
         self.assertIn(b"\r\nFrom: Alice <relay@corp.example>\r\n", headers + b"\r\n")
         self.assertIn(b"\r\nReply-To: Alice <alice@example.com>", headers)
         self.assertEqual(body, MESSAGE_CONTENT.partition(b"\r\n\r\n")[2])
+
+
+class ChunkingTests(FixtureMixin, unittest.TestCase):
+    """RFC 3030 BDAT with --enable-binary-mime: counted octets are never commands."""
+
+    fixture_args = ("--enable-binary-mime",)
+
+    def transaction(self, client, body=""):
+        authenticate(client)
+        assert client.command(f"MAIL FROM:<alice@example.com>{body}")[0] == 250
+        assert client.command("RCPT TO:<bob@example.net>")[0] == 250
+
+    def test_advertised_and_text_chunks_arrive_whole(self):
+        content = b"Subject: chunks\r\n\r\nfirst line\r\nsecond line\n.\r\nthird\r\n"
+        pieces = [content[:5], content[5:24], content[24:25], content[25:]]
+
+        def script(fixture):
+            client = fixture.secure_session()
+            extensions = client.command("EHLO client.example")[1].split("\n")
+            self.transaction(client)
+            replies = []
+            for index, piece in enumerate(pieces):
+                last = " LAST" if index == len(pieces) - 1 else ""
+                client.send(f"BDAT {len(piece)}{last}\r\n".encode() + piece)
+                replies.append(client.reply())
+            return extensions, replies
+        d = self.run_client(script)
+
+        def check(result):
+            extensions, replies = result
+            self.assertIn("CHUNKING", extensions)
+            self.assertIn("BINARYMIME", extensions)
+            self.assertEqual([r[0] for r in replies], [250, 250, 250, 250])
+            self.assertIn("Message accepted", replies[-1][1])
+            data = self.upstream.messages[0].data
+            # The bare LF was normalized; the body is otherwise what the client sent.
+            self.assertTrue(data.endswith(
+                b"Subject: chunks\r\n\r\nfirst line\r\nsecond line\r\n.\r\nthird\r\n"))
+        return d.addCallback(check)
+
+    def test_refused_chunk_octets_are_never_commands(self):
+        smuggled = b"RSET\r\nMAIL FROM:<evil@example.com>\r\n"
+
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.send(f"BDAT {len(smuggled)} LAST\r\n".encode() + smuggled)
+            return client.reply(), client.command("NOOP"), client.command("RCPT TO:<x@y.z>")
+        d = self.run_client(script)
+
+        def check(replies):
+            # BDAT without MAIL is refused; its octets did not open a transaction.
+            self.assertEqual([r[0] for r in replies], [503, 250, 503])
+        return d.addCallback(check)
+
+    def test_binarymime_needs_bdat_and_malformed_bdat_closes(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            self.transaction(client, " BODY=BINARYMIME")
+            data = client.command("DATA")
+            bad = client.command("BDAT lots")
+            return data, bad, client.is_closed()
+        d = self.run_client(script)
+
+        def check(result):
+            data, bad, closed = result
+            self.assertEqual((data[0], bad[0], bad[1].split()[0]), (503, 501, "5.5.4"))
+            self.assertTrue(closed)
+        return d.addCallback(check)
+
+    def test_text_chunk_with_overlong_line_fails_the_transaction(self):
+        def script(fixture):
+            client = fixture.secure_session()
+            self.transaction(client)
+            body = b"x" * 3000 + b"\r\n"
+            client.send(f"BDAT {len(body)} LAST\r\n".encode() + body)
+            return client.reply(), client.command("NOOP")
+        d = self.run_client(script)
+        d.addCallback(lambda r: self.assertEqual((r[0][0], r[0][1][:5], r[1][0]),
+                                                 (550, "5.6.0", 250)))
+        return d
+
+
+class BinaryToMaildirTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_binary_octets_reach_the_maildir_untouched(self):
+        import glob
+        import os
+        fixture = RelayFixture(self.mktemp(), "--enable-binary-mime", relay=False)
+        self.addCleanup(fixture.stop)
+        yield fixture.start()
+        payload = bytes(range(256)) * 4 + b"\r\n.\r\n\n.\n\r.\r"
+
+        def script(fixture):
+            client = fixture.secure_session()
+            authenticate(client)
+            client.command("MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+            client.command("RCPT TO:<bob@example.net>")
+            client.send(b"BDAT 10\r\n" + payload[:10])
+            first = client.reply()
+            rest = payload[10:]
+            client.send(f"BDAT {len(rest)} LAST\r\n".encode() + rest)
+            return first, client.reply()
+        first, last = yield fixture.run(script, fixture)
+        self.assertEqual((first[0], last[0]), (250, 250))
+        [path] = glob.glob(os.path.join(fixture.directory, "maildir", "new", "*"))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read().split(b";\r\n\t", 1)[1].split(b"\r\n", 1)[1], payload)

@@ -44,7 +44,67 @@ def has_bare_line_ends(block: bytes) -> bool:
     return block.count(b"\n") != crlf or block.count(b"\r") != crlf
 
 
-class DataReader:
+class ContentChecker:
+    """The rules every message's content obeys, whether it came by DATA or BDAT.
+
+    Size, line length and bare line ends are checked on whole blocks of complete lines;
+    the first violation becomes ``error`` and from then on nothing reaches the sink.
+    """
+
+    #: Octets a line may carry beyond the limit before unstuffing (a transparency dot).
+    line_allowance = 0
+
+    def __init__(self, sink: Callable[[bytes], None], max_size: int,
+                 max_line_length: int = 998, bare_line_ends: str = REJECT):
+        self._sink = sink
+        self._max_size = max_size
+        self._max_line_length = max_line_length
+        # Lines are split on LF, so a raw line also carries its CR.
+        self._max_raw_line = max_line_length + 1 + self.line_allowance
+        self._normalize = bare_line_ends == NORMALIZE
+        self.size = 0
+        self.error: Reply | None = None
+
+    def _refuse(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+
+    def _has_long_line(self, block: bytes) -> bool:
+        """Any line longer than the limit once its CR (and allowed dot) are removed?
+
+        Splitting is C speed; only the rare candidates are measured exactly.
+        """
+        limit = self._max_line_length
+        lines = block.split(b"\n")
+        if max(map(len, lines)) <= limit:
+            return False
+        allowance = self.line_allowance
+        for line in lines:
+            if len(line) > limit and len(line) - line.endswith(b"\r") - (
+                    allowance and line.startswith(b".")) > limit:
+                return True
+        return False
+
+    def _checked(self, block: bytes) -> bytes | None:
+        """``block`` (complete lines) as it may be passed on, or None once refused."""
+        if self.error is not None or not block:
+            return None
+        self.size += len(block)
+        if self.size > self._max_size:
+            self._refuse(message_too_big(self._max_size))
+            return None
+        if len(block) > self._max_line_length and self._has_long_line(block):
+            self._refuse(line_too_long(self._max_line_length))
+            return None
+        if has_bare_line_ends(block):
+            if not self._normalize:
+                self._refuse(BARE_LINE_END)
+                return None
+            block = normalize_line_ends(block)
+        return block
+
+
+class DataReader(ContentChecker):
     """Consumes the bytes after ``354`` until CRLF.CRLF, feeding clean content to ``sink``.
 
     ``feed`` returns ``None`` while the message goes on, and the bytes that followed the
@@ -53,19 +113,13 @@ class DataReader:
     reader keeps consuming until the terminator so no content is ever read as commands.
     """
 
-    def __init__(self, sink: Callable[[bytes], None], max_size: int,
-                 max_line_length: int = 998, bare_line_ends: str = REJECT):
-        self._sink = sink
-        self._max_size = max_size
-        # +1 for a transparency dot, +1 for the CR: lines are split on LF.
-        self._max_raw_line = max_line_length + 2
-        self._max_line_length = max_line_length
-        self._normalize = bare_line_ends == NORMALIZE
+    line_allowance = 1  # a line may carry a transparency dot
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._tail = b""
         self._tail_at_line_start = True
         self._previous_ended_crlf = True
-        self.size = 0
-        self.error: Reply | None = None
 
     def feed(self, data: bytes) -> bytes | None:
         buffer = self._tail + data if self._tail else data
@@ -104,41 +158,54 @@ class DataReader:
         else:
             self._tail = tail
 
-    def _refuse(self, reply: Reply) -> None:
-        if self.error is None:
-            self.error = reply
-
-    def _has_long_line(self, block: bytes) -> bool:
-        """Any line longer than the limit once its CR and transparency dot are removed?
-
-        Splitting is C speed; only the rare candidates are measured exactly.
-        """
-        limit = self._max_line_length
-        lines = block.split(b"\n")
-        if max(map(len, lines)) <= limit:
-            return False
-        for line in lines:
-            if len(line) > limit and \
-                    len(line) - line.endswith(b"\r") - line.startswith(b".") > limit:
-                return True
-        return False
-
     def _consume(self, block: bytes, at_line_start: bool) -> None:
-        if self.error is not None or not block:
+        block = self._checked(block)
+        if block is None:
             return
-        self.size += len(block)
-        if self.size > self._max_size:
-            self._refuse(message_too_big(self._max_size))
-            return
-        if len(block) > self._max_line_length and self._has_long_line(block):
-            self._refuse(line_too_long(self._max_line_length))
-            return
-        if has_bare_line_ends(block):
-            if not self._normalize:
-                self._refuse(BARE_LINE_END)
-                return
-            block = normalize_line_ends(block)
         # Undo transparency (RFC 5321 §4.5.2): a leading dot is removed from every line.
         if at_line_start and block.startswith(b"."):
             block = block[1:]
         self._sink(block.replace(b"\r\n.", b"\r\n"))
+
+
+class ChunkReader(ContentChecker):
+    """Content arriving in BDAT chunks (RFC 3030): counted octets, no transparency.
+
+    Text bodies (7BIT, 8BITMIME) obey the same line rules as DATA, checked across chunk
+    boundaries; a BINARYMIME body is opaque octets, limited only in size.
+    """
+
+    def __init__(self, *args, binary: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._binary = binary
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        if self._binary:
+            self.size += len(data)
+            if self.size > self._max_size:
+                self._refuse(message_too_big(self._max_size))
+            elif self.error is None:
+                self._sink(data)
+            return
+        buffer = self._tail + data if self._tail else data
+        last_newline = buffer.rfind(b"\n")
+        if last_newline < 0:
+            self._tail = buffer
+        else:
+            self._tail = buffer[last_newline + 1:]
+            self._pass(buffer[:last_newline + 1])
+        if len(self._tail) > self._max_raw_line:
+            self._refuse(line_too_long(self._max_line_length))
+            self._tail = self._tail[-1:]
+
+    def finish(self) -> None:
+        """The LAST chunk ended: a text body's final line gets its CRLF."""
+        if self._tail:
+            tail, self._tail = self._tail, b""
+            self._pass(tail.rstrip(b"\r") + b"\r\n")
+
+    def _pass(self, block: bytes) -> None:
+        block = self._checked(block)
+        if block is not None:
+            self._sink(block)

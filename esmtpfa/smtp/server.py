@@ -35,7 +35,7 @@ from esmtpfa.ids import new_id
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp import sasl
 from esmtpfa.smtp.address import PathArgument, parse_path_argument
-from esmtpfa.smtp.data import DataReader
+from esmtpfa.smtp.data import ChunkReader, DataReader
 from esmtpfa.smtp.interfaces import IMessageDelivery
 
 log = logger("esmtpfa.smtp")
@@ -68,6 +68,13 @@ def _mail_params_error(key: str) -> SMTPReplyError:
     return SMTPReplyError(Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}"))
 
 
+class _Chunk:
+    """One BDAT chunk being read: its octets are data whatever they look like."""
+
+    def __init__(self, size: int, last: bool, error: Reply | None):
+        self.remaining, self.last, self.error = size, last, error
+
+
 class ESMTPServer(Protocol, TimeoutMixin):
     """One SMTP session.  The factory holds settings, the Portal and TLS options."""
 
@@ -94,6 +101,8 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self._mail: PathArgument | None = None
         self._recipients: list[str] = []
         self._reader: DataReader | None = None
+        self._chunks: ChunkReader | None = None  # BDAT content of this transaction
+        self._chunk: _Chunk | None = None        # the BDAT chunk being read
         self._context = ConnectionContext(connection_id=self.id, protocol="smtp")
 
     # -- connection ------------------------------------------------------------------
@@ -155,7 +164,9 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self._in_process = True
         try:
             while self._buffer and not self._waiting and not self._closing:
-                if self._reader is not None:
+                if self._chunk is not None:
+                    self._feed_chunk()
+                elif self._reader is not None:
                     self._feed_data()
                 else:
                     line = self._next_line()
@@ -284,6 +295,8 @@ class ESMTPServer(Protocol, TimeoutMixin):
             extensions.append("SMTPUTF8")
         if settings.requiretls and self._tls:
             extensions.append("REQUIRETLS")
+        if settings.binarymime:
+            extensions += ["CHUNKING", "BINARYMIME"]  # RFC 3030
         return extensions
 
     def _sni(self) -> str | None:
@@ -461,7 +474,8 @@ class ESMTPServer(Protocol, TimeoutMixin):
                     raise SMTPReplyError(Reply(
                         552, "5.3.4", "Message size exceeds fixed maximum message size"))
             elif key == "BODY":
-                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                bodies = ("7BIT", "8BITMIME") + (("BINARYMIME",) if settings.binarymime else ())
+                if (value or "").upper() not in bodies:
                     raise SMTPReplyError(Reply(555, "5.5.4", f"Unsupported BODY={value}"))
             elif key == "SMTPUTF8" and settings.smtputf8 and value is None:
                 pass
@@ -523,6 +537,9 @@ class ESMTPServer(Protocol, TimeoutMixin):
             return NEED_RCPT
         if argument:
             return Reply(501, "5.5.4", "DATA takes no parameters")
+        if self._chunks is not None or self._body() == "BINARYMIME":
+            # RFC 3030 §3: BINARYMIME content and a transaction begun with BDAT use BDAT.
+            return Reply(503, "5.5.1", "Use BDAT for this message (RFC 3030)")
         self._reader = DataReader(
             self._transaction.write, self.settings.max_message_size,
             self.settings.max_line_length, self.settings.bare_line_ends)
@@ -544,13 +561,71 @@ class ESMTPServer(Protocol, TimeoutMixin):
             return
         self._run(self._finish, transaction)
 
+    def _body(self) -> str:
+        return (self._mail.params.get("BODY") or "").upper() if self._mail else ""
+
+    def smtp_BDAT(self, argument: str) -> None:
+        size, _, last = argument.partition(" ")
+        if not size.isdigit() or last.upper() not in ("", "LAST"):
+            # Without a chunk size the stream cannot be resynchronized: the octets that
+            # follow would be read as commands.  Close instead (RFC 3030 §2).
+            self._reply(Reply(501, "5.5.4", "Malformed BDAT command, closing connection"))
+            self._close()
+            return None
+        error = None
+        if not self.settings.binarymime:
+            error = Reply(502, "5.5.1", "CHUNKING not available")
+        elif self._mail is None:
+            error = NEED_MAIL
+        elif not self._recipients:
+            error = NEED_RCPT
+        elif self._chunks is None:
+            self._chunks = ChunkReader(
+                self._transaction.write, self.settings.max_message_size,
+                self.settings.max_line_length, self.settings.bare_line_ends,
+                binary=self._body() == "BINARYMIME")
+        # Even a refused chunk's octets are consumed: they are never commands.
+        self._chunk = _Chunk(int(size), bool(last), error)
+        if self._chunk.remaining == 0:
+            self._end_chunk()
+        return None
+
+    def _feed_chunk(self) -> None:
+        chunk = self._chunk
+        data = self._buffer[:chunk.remaining]
+        self._buffer = self._buffer[len(data):]
+        chunk.remaining -= len(data)
+        if chunk.error is None:
+            self._chunks.feed(data)
+        if chunk.remaining == 0:
+            self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        if chunk.error is not None:
+            self._reply(chunk.error)
+            return
+        reader = self._chunks
+        if chunk.last:
+            reader.finish()
+        if reader.error is not None:
+            # RFC 3030 §2: a failed chunk fails the transaction.
+            self._reset_transaction()
+            self._reply(reader.error)
+            return
+        if not chunk.last:
+            self._reply(Reply(250, "2.0.0", f"{reader.size} octets received"))
+            return
+        self._chunks = None
+        self._run(self._finish, self._transaction)
+
     def _finish(self, transaction) -> defer.Deferred:
         self._transaction = None  # finish() owns it now; reset must not abort it
         self._mail, self._recipients = None, []
         return defer.maybeDeferred(transaction.finish)
 
     def _reset_transaction(self) -> None:
-        self._reader = None
+        self._reader = self._chunks = None
         if self._transaction is not None:
             transaction, self._transaction = self._transaction, None
             transaction.abort()
