@@ -446,3 +446,38 @@ class ProviderSetTests(unittest.TestCase):
                      for name in ("c", "x", "a", "b")]
         self.assertEqual([p.meta.name for p in ProviderSet(providers).fallbacks],
                          ["c", "a", "b"])
+
+
+class ObserverTests(unittest.TestCase):
+    """Metrics see exactly one verdict per login, including 'nobody could answer'."""
+
+    class Events:
+        def __init__(self):
+            self.events = []
+
+        def checked(self, provider, via, outcome, seconds):
+            self.events.append(("checked", provider, via, outcome))
+
+        def unmatched(self, outcome="rejected"):
+            self.events.append(("unmatched", outcome))
+
+    def run_selection(self, providers, creds):
+        observer = self.Events()
+        selector = ProviderSelector(ProviderDirectory(ProviderSet(providers)), observer)
+        result = selector.requestAvatarId(creds)
+        result.addErrback(lambda _: None)
+        return observer.events
+
+    def test_every_fallback_refused(self):
+        events = self.run_selection(
+            [UserPass(meta("a", fallback=True), "x", "y")], credentials("alice", "pw"))
+        self.assertEqual(events, [("checked", "a", "fallback", "rejected"),
+                                  ("unmatched", "rejected")])
+
+    def test_a_fallback_could_not_answer(self):
+        events = self.run_selection(
+            [Down(meta("down", fallback=True)), UserPass(meta("b", fallback=True), "x", "y")],
+            credentials("alice", "pw"))
+        self.assertEqual(events, [("checked", "down", "fallback", "unavailable"),
+                                  ("checked", "b", "fallback", "rejected"),
+                                  ("unmatched", "unavailable")])

@@ -102,14 +102,15 @@ class AuthObserver(Protocol):
 
     def checked(self, provider: str, via: str, outcome: str, seconds: float) -> None: ...
 
-    def unmatched(self) -> None: ...
+    def unmatched(self, outcome: str = "rejected") -> None:
+        """No provider accepted: all refused (``rejected``) or some could not answer."""
 
 
 class _NoObserver:
     def checked(self, provider: str, via: str, outcome: str, seconds: float) -> None:
         pass
 
-    def unmatched(self) -> None:
+    def unmatched(self, outcome: str = "rejected") -> None:
         pass
 
 
@@ -181,6 +182,7 @@ class ProviderSelector:
             except ProviderUnavailable as error:
                 unavailable = error
         if unavailable is not None:
+            self._observer.unmatched("unavailable")
             raise unavailable  # some fallback could not answer: let the client retry
         self._observer.unmatched()
         raise UnauthorizedLogin("no provider accepted the credentials")
