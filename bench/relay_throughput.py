@@ -10,6 +10,12 @@ noisy machine even when the absolute numbers are not.  Postfix's ``smtp-sink`` (
 
 Also measures the RSS growth of the esmtpfa process while it relays one large message
 (default 50 MB): the message is spooled to disk, never held whole in memory.
+
+Each round also reports the CPU seconds spent by esmtpfa, smtp-sink and the load generator
+(from /proc and getrusage), so a result can be read as "CPU-bound or not" on the shared
+2-core machine.  ``--processes N`` runs N independent esmtpfa processes and spreads the
+client connections over them (what N processes behind one SO_REUSEPORT port would do):
+an experiment for deciding about multi-process, not a supported deployment.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import base64
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -100,9 +107,10 @@ class Client:
         self.writer.close()
 
 
-async def load(port: int, connections: int, messages: int, size: int) -> dict:
+async def load(ports: int | list[int], connections: int, messages: int, size: int) -> dict:
     message = message_of(size)
-    clients = [Client(port, message) for _ in range(connections)]
+    ports = [ports] if isinstance(ports, int) else ports
+    clients = [Client(ports[i % len(ports)], message) for i in range(connections)]
     per_client = messages // connections
     started = time.perf_counter()
     await asyncio.gather(*(c.run(per_client) for c in clients))
@@ -114,6 +122,31 @@ async def load(port: int, connections: int, messages: int, size: int) -> dict:
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(ports: list[int], pids: list[int], sink_pid: int, args) -> dict:
+    """One load run, with the CPU each party spent on it."""
+    before = ([cpu_seconds(p) for p in pids], cpu_seconds(sink_pid), own_cpu())
+    result = asyncio.run(load(ports, args.connections, args.messages, args.size))
+    relay_cpu = sum(cpu_seconds(p) for p in pids) - sum(before[0])
+    result["cpu_s"] = {"esmtpfa": round(relay_cpu, 2),
+                       "sink": round(cpu_seconds(sink_pid) - before[1], 2),
+                       "loadgen": round(own_cpu() - before[2], 2)}
+    if relay_cpu:
+        result["esmtpfa_cpu_us_per_msg"] = round(relay_cpu / result["messages"] * 1e6)
+    return result
 
 
 def rss_kib(pid: int) -> int:
@@ -150,18 +183,20 @@ def start_sink(port: int, pipelining: bool = True) -> subprocess.Popen:
     return process
 
 
-def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str) -> subprocess.Popen:
+def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
+                  name: str = "esmtpfa") -> subprocess.Popen:
     config = os.path.join(workdir, "providers.yaml")
     with open(config, "w") as f:
         f.write(f"providers:\n- meta: {{name: bench-users, type: userpass, fallback: true}}\n"
                 f"  params: {{username: {USER}, password: {PASSWORD}}}\n")
     env = dict(os.environ, PYTHONPATH=PROJECT)
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-            "--pidfile=", "--logfile", os.path.join(workdir, "esmtpfa.log"), "esmtpfa",
+            "--pidfile=", "--logfile", os.path.join(workdir, f"{name}.log"), "esmtpfa",
             "--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",
             "--config", config, "--relay-addr", "127.0.0.1", "--relay-port", str(sink_port),
             "--relay-starttls", "none", "--log-level", log_level,
-            "--max-message-size", str(200 * 1024 * 1024), "--hostname", "bench.test"]
+            "--max-message-size", str(200 * 1024 * 1024), "--hostname", "bench.test",
+            "--metrics-port", "0"]
     process = subprocess.Popen(args, env=env, cwd=workdir)
     wait_for_port(port, process)
     return process
@@ -175,37 +210,46 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=50 * 1024 * 1024)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="independent esmtpfa processes sharing the load (experiment)")
     args = parser.parse_args()
     print("command:", " ".join([os.path.relpath(sys.argv[0], PROJECT)] + sys.argv[1:])
           or sys.argv[0])
     workdir = tempfile.mkdtemp(prefix="esmtpfa-bench-")
-    sink_port, relay_port = free_port(), free_port()
-    sink = start_sink(sink_port)
-    relay = start_esmtpfa(relay_port, sink_port, workdir, args.log_level)
+    sink_port = free_port()
+    relay_ports = [free_port() for _ in range(args.processes)]
     results: dict = {"config": vars(args), "rounds": []}
+    relays: list[subprocess.Popen] = []
+    sink = start_sink(sink_port)
     try:
-        asyncio.run(load(relay_port, args.connections, 200, args.size))  # warm-up
+        for i, port in enumerate(relay_ports):
+            relays.append(start_esmtpfa(port, sink_port, workdir, args.log_level,
+                                        f"esmtpfa{i}"))
+        pids = [r.pid for r in relays]
+        asyncio.run(load(relay_ports, args.connections, 200 * args.processes, args.size))
         for round_ in range(args.rounds):
-            direct = asyncio.run(load(sink_port, args.connections, args.messages, args.size))
-            relayed = asyncio.run(load(relay_port, args.connections, args.messages, args.size))
+            direct = measured([sink_port], [], sink.pid, args)
+            relayed = measured(relay_ports, pids, sink.pid, args)
             ratio = round(relayed["msg_per_s"] / direct["msg_per_s"], 3)
             results["rounds"].append({"direct": direct, "esmtpfa": relayed, "ratio": ratio})
             print(f"round {round_ + 1}: direct {direct}\n         esmtpfa {relayed}\n"
                   f"         ratio esmtpfa/direct = {ratio}")
         if args.large:
-            large = asyncio.run(large_message_rss(relay_port, relay.pid, args.large))
+            large = asyncio.run(large_message_rss(relay_ports[0], pids[0], args.large))
             results["large_message"] = large
             print(f"large message: {large}")
     finally:
-        relay.send_signal(signal.SIGTERM)
-        sink.send_signal(signal.SIGTERM)
-        relay.wait(timeout=30)
-        sink.wait(timeout=30)
+        for process in (*relays, sink):
+            process.send_signal(signal.SIGTERM)
+        for process in (*relays, sink):
+            process.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
     ratios = [r["ratio"] for r in results["rounds"]]
     print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios)}")
     os.makedirs(os.path.join(PROJECT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(PROJECT, "bench", "results", "relay_throughput.json"), "w") as f:
+    name = "relay_throughput.json" if args.processes == 1 else \
+        f"relay_throughput_{args.processes}proc.json"
+    with open(os.path.join(PROJECT, "bench", "results", name), "w") as f:
         json.dump(results, f, indent=2)
 
 

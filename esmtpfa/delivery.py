@@ -1,13 +1,19 @@
 """The avatar of a logged-in client: turns an SMTP transaction into a relayed message.
 
-The transaction spools the content (bounded memory), adds the Received header and hands
-the message to the relay; the client's final reply is the relay's verdict, so a ``250``
-always means the upstream accepted the message (SPEC §5).
+The transaction opens the relay's own transaction at MAIL (``IRelay.begin``) and asks it
+about every RCPT as the client names it, so each recipient is answered with the upstream's
+verdict and refused ones are simply not part of the message.  The content is spooled
+(bounded memory) until the client's final dot, then handed over with the Received header;
+the client's final reply is the relay's verdict, so a ``250`` always means the upstream
+accepted the message (SPEC §5).  Content the client got wrong (too big, bare line ends,
+overlong lines) never reaches the upstream, not even in part.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+import time
+from typing import Callable, Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -18,7 +24,7 @@ from esmtpfa.auth.selection import Identity
 from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMORY_LIMIT
-from esmtpfa.relay.interfaces import IRelay, RelayError
+from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.interfaces import IMessageDelivery, ITransaction
 from esmtpfa.trace import received_header
@@ -27,12 +33,30 @@ log = logger("esmtpfa.delivery")
 
 RELAY_ERROR = Reply(451, "4.3.0", "Local error while relaying, try again later")
 
+#: Outcomes reported to the observer besides ``RelayError.reason`` (rejected, unavailable).
+ACCEPTED = "accepted"
+ERROR = "error"  # a local failure that is not a RelayError (a bug): 451 to the client
+
+
+class DeliveryObserver(Protocol):
+    """Told the outcome of every message handed to the relay (metrics plug in here)."""
+
+    def relayed(self, identity: Identity, envelope: Envelope, size: int, outcome: str,
+                seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def relayed(self, identity: Identity, envelope: Envelope, size: int, outcome: str,
+                seconds: float) -> None:
+        pass
+
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
     hostname: str
     hide_client: bool = False
     spool_memory_limit: int = SPOOL_MEMORY_LIMIT
+    observer: DeliveryObserver = field(default_factory=_NoObserver, compare=False)
 
 
 def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
@@ -45,11 +69,25 @@ def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
         declared_size=int(size) if size and size.isdigit() else None)
 
 
-def relay_message(relay: IRelay, message: OutboundMessage) -> defer.Deferred:
-    """Deliver through ``relay``; fires with the reply for the client, or fails with
-    ``SMTPReplyError``.  Logs the outcome and always releases the spool."""
+def relay_message(relay: IRelay, message: OutboundMessage,
+                  report: Callable[[str], None] | None = None,
+                  send: Callable[[OutboundMessage], defer.Deferred] | None = None
+                  ) -> defer.Deferred:
+    """Deliver through ``relay`` (or ``send``, an open relay transaction's); fires with the
+    reply for the client, or fails with ``SMTPReplyError``.  Logs the outcome, tells
+    ``report`` (accepted, rejected, unavailable or error) and always releases the spool."""
+
+    def outcome(name: str) -> None:
+        if report is None:
+            return
+        try:
+            report(name)
+        except Exception:  # an observer bug must not change what the client is told
+            log.failure("{message_id}: reporting the relay outcome failed",
+                        message_id=message.id)
 
     def accepted(upstream: Reply) -> Reply:
+        outcome(ACCEPTED)
         log.info("{connection_id} message {message_id} from <{sender}> to {count} "
                  "recipient(s), {size} bytes, relayed for {identity}: {upstream}",
                  connection_id=message.connection_id, message_id=message.id,
@@ -60,10 +98,12 @@ def relay_message(relay: IRelay, message: OutboundMessage) -> defer.Deferred:
     def failed(failure: Failure):
         if failure.check(RelayError):
             error = failure.value
+            outcome(error.reason)
             log.info("{connection_id} message {message_id} not relayed ({reason}): {detail}",
                      connection_id=message.connection_id, message_id=message.id,
                      reason=error.reason, detail=str(error))
             raise SMTPReplyError(error.reply)
+        outcome(ERROR)
         log.failure("{connection_id} message {message_id}: relay failed", failure,
                     connection_id=message.connection_id, message_id=message.id)
         raise SMTPReplyError(RELAY_ERROR)
@@ -72,7 +112,7 @@ def relay_message(relay: IRelay, message: OutboundMessage) -> defer.Deferred:
         message.close()
         return result
 
-    d = defer.maybeDeferred(relay.deliver, message)
+    d = defer.maybeDeferred(send or relay.deliver, message)
     return d.addCallbacks(accepted, failed).addBoth(release)
 
 
@@ -87,27 +127,107 @@ class RelayTransaction:
         self._params = params
         self._recipients: list[str] = []
         self._spool = MessageSpool(delivery.policy.spool_memory_limit)
+        self._upstream: IRelayTransaction | None = None
+        self._too_big: int | None = None
+        # The trace header is known at MAIL: its size is part of what the upstream gets.
+        envelope = envelope_from_params(mail_from, (), params)
+        self._prefix = received_header(
+            context, delivery.policy.hostname, self.id,
+            authenticated=delivery.identity.via != "anonymous",
+            smtputf8=envelope.smtputf8, hide_client=delivery.policy.hide_client)
 
-    def addRecipient(self, recipient: str, params: dict) -> None:
-        self._recipients.append(recipient)
+    def open(self) -> defer.Deferred:
+        """MAIL: open the relay's transaction; fires with self or fails with the reply."""
+        envelope = envelope_from_params(self._mail_from, (), self._params)
+        if envelope.declared_size is not None:
+            envelope = replace(envelope,
+                               declared_size=envelope.declared_size + len(self._prefix))
+
+        def opened(upstream: IRelayTransaction) -> "RelayTransaction":
+            self._upstream = upstream
+            return self
+
+        def refused(failure: Failure):
+            self._spool.close()
+            return self._refused(failure, "MAIL", f"<{self._mail_from}>", (), started)
+        started = time.monotonic()
+        d = defer.maybeDeferred(self._delivery.relay.begin, envelope, self.id,
+                                self._context.connection_id)
+        return d.addCallbacks(opened, refused)
+
+    def addRecipient(self, recipient: str, params: dict) -> defer.Deferred:
+        def accepted(_: Reply) -> None:
+            self._recipients.append(recipient)
+
+        def refused(failure: Failure):
+            return self._refused(failure, "RCPT", f"<{recipient}>", (recipient,), started)
+        started = time.monotonic()
+        return defer.maybeDeferred(self._upstream.addRecipient, recipient).addCallbacks(
+            accepted, refused)
+
+    def _refused(self, failure: Failure, command: str, what: str, recipients: tuple,
+                 started: float):
+        """A relay verdict at MAIL or RCPT: logged, reported (the observer sees every
+        refusal the client hears, with the recipient it was about), and answered."""
+        delivery = self._delivery
+        outcome = failure.value.reason if failure.check(RelayError) else ERROR
+        try:
+            delivery.policy.observer.relayed(
+                delivery.identity, envelope_from_params(self._mail_from, recipients,
+                                                        self._params),
+                0, outcome, time.monotonic() - started)
+        except Exception:  # an observer bug must not change what the client is told
+            log.failure("{message_id}: reporting the relay outcome failed",
+                        message_id=self.id)
+        if failure.check(RelayError):
+            error = failure.value
+            log.info("{connection_id} message {message_id}: {command} {what} refused "
+                     "({reason}): {reply}", connection_id=self._context.connection_id,
+                     message_id=self.id, command=command, what=what, reason=error.reason,
+                     reply=str(error.reply))
+            raise SMTPReplyError(error.reply)
+        log.failure("{connection_id} message {message_id}: {command} failed", failure,
+                    connection_id=self._context.connection_id, message_id=self.id,
+                    command=command)
+        raise SMTPReplyError(RELAY_ERROR)
 
     def write(self, data: bytes) -> None:
+        if self._too_big is not None:
+            return
         self._spool.write(data)
+        limit = self._upstream.max_size if self._upstream is not None else None
+        if limit is not None and self._spool.size + len(self._prefix) > limit:
+            # Found while the client streams (it declared no SIZE, or a wrong one): stop
+            # spooling; the client hears 552 at its final dot, the upstream nothing.
+            self._too_big = limit
 
     def finish(self) -> defer.Deferred:
         delivery = self._delivery
+        if self._too_big is not None:
+            self.abort()
+            log.info("{connection_id} message {message_id} refused: larger than the "
+                     "upstream's limit of {limit} octets",
+                     connection_id=self._context.connection_id, message_id=self.id,
+                     limit=self._too_big)
+            return defer.fail(SMTPReplyError(Reply(
+                552, "5.3.4", f"Message too big for the upstream server (limit "
+                              f"{self._too_big} octets)")))
         envelope = envelope_from_params(self._mail_from, self._recipients, self._params)
-        prefix = received_header(
-            self._context, delivery.policy.hostname, self.id,
-            authenticated=delivery.identity.via != "anonymous",
-            smtputf8=envelope.smtputf8, hide_client=delivery.policy.hide_client)
         message = OutboundMessage(
-            envelope, self._spool, prefix=prefix, id=self.id,
+            envelope, self._spool, prefix=self._prefix, id=self.id,
             connection_id=self._context.connection_id, identity=str(delivery.identity))
-        return relay_message(delivery.relay, message)
+        size, started = message.size, time.monotonic()
+
+        def report(outcome: str) -> None:
+            delivery.policy.observer.relayed(
+                delivery.identity, envelope, size, outcome, time.monotonic() - started)
+        return relay_message(delivery.relay, message, report, send=self._upstream.send)
 
     def abort(self) -> None:
         self._spool.close()
+        if self._upstream is not None:
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
 
 
 @implementer(IMessageDelivery)
@@ -118,5 +238,6 @@ class RelayDelivery:
         self.policy = policy
 
     def startTransaction(self, context: ConnectionContext, mail_from: str,
-                         params: dict) -> RelayTransaction:
-        return RelayTransaction(self, context, mail_from, params)
+                         params: dict) -> defer.Deferred:
+        """Fires with the ``RelayTransaction`` once the upstream accepted MAIL."""
+        return RelayTransaction(self, context, mail_from, params).open()

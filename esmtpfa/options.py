@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import os
+import re
 from typing import Any, Callable, Mapping
 
 from twisted.python import usage
@@ -39,6 +40,29 @@ def parse_positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError(f"expected a positive number, got {value}")
     return value
+
+
+def parse_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"expected zero or a positive number, got {value}")
+    return value
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+
+
+def parse_namespace(text: str) -> str:
+    """A Prometheus metric name prefix (empty for none)."""
+    if text and not _METRIC_NAME.match(text):
+        raise ValueError(f"not a valid Prometheus metric name prefix: {text!r}")
+    return text
+
+
+def parse_http_url(text: str) -> str:
+    if not re.match(r"https?://[^/?#\s]+", text, re.IGNORECASE) or any(c.isspace() for c in text):
+        raise ValueError("expected an http:// or https:// URL")
+    return text
 
 
 def parse_seconds(text: str) -> float:
@@ -90,14 +114,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http-tls-cert", str, None, "HTTP_TLS_CERT", "TLS certificate for HTTP server"),
     Setting("http-tls-key", str, None, "HTTP_TLS_KEY", "TLS key for HTTP server"),
     Setting("http-allow-anonymous", None, False, "HTTP_ALLOW_ANONYMOUS", "Allow anonymous access to HTTP server"),
+    Setting("http-addr", str, "", "HTTP_ADDR", "HTTP server address (empty: all interfaces)"),
     # Providers, logs, metrics (original)
     Setting("config", str, "config.yaml", "PROVIDER_CONFIG", "Configuration file (YAML or JSON)"),
-    Setting("config-svc", str, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL"),
+    Setting("config-svc", parse_http_url, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL (JSON or YAML; replaces --config)"),
     Setting("log-level", choice(*LOG_LEVELS), "info", "LOG_LEVEL", "Log level"),
-    Setting("metrics-namespace", str, "esmtpfa", "METRICS_NAMESPACE", "Metrics namespace"),
+    Setting("metrics-namespace", parse_namespace, "esmtpfa", "METRICS_NAMESPACE", "Metrics namespace"),
     Setting("metrics-port", parse_port, 9090, "METRICS_PORT", "Metrics port"),
     # Relay (original)
-    Setting("relay-addr", str, None, "RELAY_ADDR", "Relay server address (none: deliver to the local Maildir)"),
+    Setting("relay-addr", str, None, "RELAY_ADDR", "Relay server address(es): host, host:port or [v6]:port, comma-separated, tried in order (none: deliver to the local Maildir)"),
     Setting("relay-port", parse_port, 25, "RELAY_PORT", "Relay server port"),
     Setting("relay-user", str, None, "RELAY_USER", "Relay server user"),
     Setting("relay-pass", str, None, "RELAY_PASS", "Relay server password"),
@@ -125,6 +150,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("relay-allow-insecure-auth", None, False, "RELAY_ALLOW_INSECURE_AUTH", "Allow AUTH toward the relay without TLS"),
     Setting("relay-timeout", parse_seconds, 300.0, "RELAY_TIMEOUT", "Seconds to wait for each relay reply"),
     Setting("relay-connect-timeout", parse_seconds, 30.0, "RELAY_CONNECT_TIMEOUT", "Seconds to wait for the relay's TCP/TLS connection"),
+    Setting("relay-data-timeout", parse_seconds, 600.0, "RELAY_DATA_TIMEOUT", "Seconds to wait for the relay's reply to the end of a message (RFC 5321: 10 minutes)"),
+    Setting("relay-auth-mech", choice("scram-sha-256", "scram-sha-1", "cram-md5", "plain", "login"), None, "RELAY_AUTH_MECH", "SASL mechanism toward the relay (default: the strongest it offers, SCRAM-SHA-256 > SCRAM-SHA-1 > CRAM-MD5 > PLAIN > LOGIN)"),
+    Setting("relay-pool-size", parse_positive_int, 20, "RELAY_POOL_SIZE", "Connections kept per relay server (busy and idle)"),
+    Setting("relay-pool-idle-timeout", parse_seconds, 30.0, "RELAY_POOL_IDLE_TIMEOUT", "Seconds an unused relay connection stays open"),
+    Setting("relay-breaker-failures", parse_positive_int, 3, "RELAY_BREAKER_FAILURES", "Consecutive connection failures after which a relay server is skipped"),
+    Setting("relay-breaker-cooldown", parse_seconds, 30.0, "RELAY_BREAKER_COOLDOWN", "Seconds a failing relay server is skipped before it is tried again"),
+    Setting("metrics-addr", str, "", "METRICS_ADDR", "Metrics and health address (empty: all interfaces)"),
+    Setting("metrics-address-labels", parse_count, 100, "METRICS_ADDRESS_LABELS", "Distinct sender (and recipient) addresses used as metric labels; later ones count as 'other' (0: none)"),
+    Setting("config-poll-interval", parse_seconds, 2.0, "PROVIDER_CONFIG_POLL_INTERVAL", "Seconds between checks of --config for changes (SIGHUP reloads at once)"),
+    Setting("config-svc-interval", parse_seconds, 30.0, "PROVIDER_CONFIG_SERVICE_INTERVAL", "Seconds between polls of --config-svc"),
+    Setting("config-svc-timeout", parse_seconds, 10.0, "PROVIDER_CONFIG_SERVICE_TIMEOUT", "Seconds a --config-svc poll may take, body included"),
+    Setting("config-svc-token", str, None, "PROVIDER_CONFIG_SERVICE_TOKEN", "Bearer token sent to --config-svc (prefer the environment variable: flags show in ps)"),
 )
 
 DEMO_PORT = 12525
@@ -181,6 +218,9 @@ class Options(usage.Options):
             self["addr"] = "127.0.0.1"
         if self.defaulted("port"):
             self["port"] = DEMO_PORT
+        for flag in ("http-addr", "metrics-addr"):  # loopback only, like the SMTP listener
+            if self[flag] == "":
+                self[flag] = "127.0.0.1"
 
     def defaulted(self, flag: str) -> bool:
         setting = next(s for s in SETTINGS if s.flag == flag)
@@ -197,6 +237,12 @@ class Options(usage.Options):
             raise usage.UsageError("--tls needs --tls-cert and --tls-key")
         if bool(self["relay-user"]) != bool(self["relay-pass"]):
             raise usage.UsageError("--relay-user and --relay-pass go together")
+        if self["relay-addr"]:
+            from esmtpfa.relay.settings import parse_upstream_addresses
+            try:
+                parse_upstream_addresses(self["relay-addr"], self["relay-port"])
+            except ValueError as error:
+                raise usage.UsageError(f"--relay-addr: {error}") from None
         for flag in ("tls-cert", "tls-key", "tls-ca-cert", "http-tls-cert", "http-tls-key",
                      "relay-tls-ca-cert", "relay-tls-cert", "relay-tls-key"):
             path = self[flag]

@@ -1,7 +1,9 @@
-"""Assembles the relay: providers → Portal → SMTP listeners → relay, in one MultiService.
+"""Assembles the relay: providers → Portal → SMTP and HTTP listeners → relay, with
+metrics, health and hot reload, in one MultiService.
 
 This is the only module that knows every part; each part knows only its seam
-(``ICredentialsChecker``, ``IMessageDelivery``, ``IRelay``).
+(``ICredentialsChecker``, ``IMessageDelivery``, ``IRelay``, the observers of
+``esmtpfa.metrics``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from esmtpfa.logs import logger, set_level
 from esmtpfa import __version__
 from esmtpfa.auth.realm import SubmissionRealm
 from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
+from esmtpfa.config import ProviderConfig, build_providers, parse_provider_document
 from esmtpfa.delivery import DeliveryPolicy, RelayDelivery
 from esmtpfa.ids import new_id
+from esmtpfa.metrics import RelayMetrics
 from esmtpfa.providers.base import ConfigError, ProviderMeta
 from esmtpfa.relay.interfaces import IRelay
+from esmtpfa.reload import (
+    ConfigServicePoller, FileWatcher, ProviderReloader, ReloadService, redact_url,
+    stop_providers)
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.tls import TLSConfigError, server_tls_options
+from esmtpfa.web.health import Check, MaildirProbe, UpstreamProbe
+from esmtpfa.web.site import metrics_site, submission_site
 
 log = logger("esmtpfa")
 
@@ -78,11 +87,12 @@ def server_settings(options) -> ServerSettings:
 
 def build_relay(options, reactor, hostname: str) -> IRelay:
     from esmtpfa.relay.maildir import MaildirRelay
-    from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+    from esmtpfa.relay.upstream import (
+        PoolSettings, SMTPRelay, UpstreamSettings, parse_upstream_addresses)
 
     if options["relay-addr"]:
-        relay = SMTPRelay(UpstreamSettings(
-            host=options["relay-addr"], port=options["relay-port"],
+        upstreams = [UpstreamSettings(
+            host=host, port=port,
             implicit_tls=options["relay-tls"],
             starttls="none" if options["relay-tls"] else options["relay-starttls"],
             ca_cert=options["relay-tls-ca-cert"],
@@ -90,11 +100,19 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
             skip_verify=options["relay-tls-skip-verify"],
             server_name=options["relay-tls-server-name"],
             username=options["relay-user"], password=options["relay-pass"],
+            auth_mechanism=options["relay-auth-mech"],
             allow_insecure_auth=options["relay-allow-insecure-auth"],
             helo_name=hostname,
             connect_timeout=options["relay-connect-timeout"],
             command_timeout=options["relay-timeout"],
-        ), reactor=reactor)
+            data_timeout=options["relay-data-timeout"],
+        ) for host, port in parse_upstream_addresses(options["relay-addr"],
+                                                     options["relay-port"])]
+        relay = SMTPRelay(upstreams, reactor=reactor, pool=PoolSettings(
+            size=options["relay-pool-size"],
+            idle_timeout=options["relay-pool-idle-timeout"],
+            breaker_failures=options["relay-breaker-failures"],
+            breaker_cooldown=options["relay-breaker-cooldown"]))
     else:
         relay = MaildirRelay(os.path.abspath(options["maildir"]))
     if options["relay-from"]:
@@ -103,44 +121,67 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
     return relay
 
 
-def demo_provider(reactor):
-    from esmtpfa.providers.userpass import UserPassProvider
+def unwrap(relay: IRelay):
+    """The relay and those it wraps (``RelayFromRewriter`` keeps its inner as ``inner``)."""
+    while relay is not None:
+        yield relay
+        relay = getattr(relay, "inner", None)
+
+
+def demo_config() -> ProviderConfig:
+    """The ``--demo`` provider, as config: every reload keeps the same instance."""
     meta = ProviderMeta(name="demo-userpass", type="userpass", fallback=True)
-    return UserPassProvider.from_params(
-        meta, {"username": DEMO_USER, "password": DEMO_PASSWORD}, reactor=reactor)
+    return ProviderConfig.create(meta, {"username": DEMO_USER, "password": DEMO_PASSWORD},
+                                 source="--demo")
+
+
+def extra_configs(options) -> list[ProviderConfig]:
+    return [demo_config()] if options["demo"] else []
 
 
 def load_providers(options, reactor) -> ProviderSet:
-    """The startup provider set; any problem is a UsageError naming file and provider."""
-    from esmtpfa.config import load_provider_file
+    """The startup provider set; any problem is a UsageError naming file and provider.
 
+    With ``--config-svc`` the service is the source of providers and the file is not
+    read: the first document arrives once the relay runs (``/readyz`` waits for it).
+    """
     path = options["config"]
-    explicit = not options.defaulted("config")
-    providers = []
-    if os.path.exists(path):
-        try:
-            providers = list(load_provider_file(path, reactor=reactor).providers.providers)
-        except ConfigError as error:
-            raise usage.UsageError(f"provider configuration: {error}") from None
-    elif explicit:
-        raise usage.UsageError(f"provider configuration: no such file: {path}")
-    if options["demo"]:
-        providers.append(demo_provider(reactor))
+    configs: list[ProviderConfig] = []
     try:
-        return ProviderSet(providers)
+        if not options["config-svc"] and os.path.exists(path):
+            try:
+                with open(path, "rb") as file:
+                    data = file.read()
+            except OSError as error:
+                raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+            configs = parse_provider_document(data, path)
+        elif not options["config-svc"] and not options.defaulted("config"):
+            raise ConfigError(f"no such file: {path}")
+        return build_providers([*configs, *extra_configs(options)], reactor=reactor).providers
     except ConfigError as error:
         raise usage.UsageError(f"provider configuration: {error}") from None
 
 
-def load_tls_options(options):
-    """The listeners' TLS options, or None without a certificate."""
-    if not options["tls-cert"]:
+def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"):
+    """A listener's TLS options, or None without a certificate."""
+    if not options[prefix + "-cert"]:
         return None
     try:
         return server_tls_options(
-            options["tls-cert"], options["tls-key"], options["tls-ca-cert"])
+            options[prefix + "-cert"], options[prefix + "-key"],
+            options["tls-ca-cert"] if prefix == "tls" else None)
     except TLSConfigError as error:
-        raise usage.UsageError(f"SMTP TLS: {error}") from None
+        raise usage.UsageError(f"{what}: {error}") from None
+
+
+def upstream_label(options) -> str:
+    """The ``server`` label of the upstream duration metric: where messages go."""
+    if not options["relay-addr"]:
+        return "maildir"
+    from esmtpfa.relay.settings import parse_upstream_addresses
+    return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    for host, port in parse_upstream_addresses(options["relay-addr"],
+                                                               options["relay-port"]))
 
 
 class RelayService(MultiService):
@@ -154,22 +195,56 @@ class RelayService(MultiService):
         self.reactor = reactor
         self.options = options
         self.settings = server_settings(options)
+        self.smtp_factories: list[SMTPServerFactory] = []
         providers = options.get("provider-set") or load_providers(options, reactor)
         self.directory = ProviderDirectory(providers)
+        self.metrics = RelayMetrics(
+            options["metrics-namespace"], providers=lambda: self.directory.current,
+            connections=self._open_connections, upstream=upstream_label(options),
+            address_labels=options["metrics-address-labels"])
         self.relay = build_relay(options, reactor, self.settings.hostname)
+        for relay in unwrap(self.relay):
+            if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
+                relay.observers.append(self.metrics.attempt_failed)
         self.portal = self._portal()
         self.limits = ConnectionLimits(
             self.settings.max_connections, self.settings.max_connections_per_ip)
-        self.smtp_factories: list[SMTPServerFactory] = []
+        self.reloader = self._reloader()
         self._add_listeners()
 
+    @property
+    def anonymous_allowed(self) -> bool:
+        return self.settings.allow_anonymous or self.options["http-allow-anonymous"]
+
     def _portal(self) -> Portal:
-        policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received)
+        policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
+                                observer=self.metrics)
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
-        checkers = [ProviderSelector(self.directory)]
-        if self.settings.allow_anonymous:
+        checkers = [ProviderSelector(self.directory, observer=self.metrics)]
+        if self.anonymous_allowed:
+            # Each front end still enforces its own flag before an anonymous login.
             checkers.append(AllowAnonymousAccess())
         return Portal(realm, checkers)
+
+    def _reloader(self) -> ProviderReloader:
+        """Hot reload (SPEC §7): the config service when set, else the file."""
+        options, reactor = self.options, self.reactor
+        service_url = options["config-svc"]
+        reloader = ProviderReloader(
+            self.directory, reactor=reactor, extra=extra_configs(options),
+            observer=self.metrics, loaded=not service_url)
+        if service_url:
+            poller = ConfigServicePoller(
+                service_url, reloader, interval=options["config-svc-interval"],
+                timeout=options["config-svc-timeout"], token=options["config-svc-token"],
+                reactor=reactor)
+            ReloadService(reloader, reactor=reactor, poller=poller).setServiceParent(self)
+        else:
+            self.metrics.config_loaded()  # the startup load
+            watcher = FileWatcher(os.path.abspath(options["config"]), reloader,
+                                  interval=options["config-poll-interval"], reactor=reactor)
+            ReloadService(reloader, reactor=reactor, watcher=watcher).setServiceParent(self)
+        return reloader
 
     def _factory(self, name: str, **kwargs) -> SMTPServerFactory:
         factory = SMTPServerFactory(self.settings, self.portal, name=name,
@@ -177,19 +252,54 @@ class RelayService(MultiService):
         self.smtp_factories.append(factory)
         return factory
 
+    def _open_connections(self) -> dict[str, int]:
+        return {factory.name: len(factory.sessions) for factory in self.smtp_factories}
+
     def _add_listeners(self) -> None:
         options = self.options
         tls_options = options.get("tls-options") or load_tls_options(options)
         if options["plain"]:
             factory = self._factory("plain", tls_options=tls_options)
-            self._listen("plain", options["port"], factory)
+            self._listen("plain", options["addr"], options["port"], factory)
         if options["tls"]:
             factory = self._factory("tls", tls_options=tls_options, implicit_tls=True)
-            self._listen("tls", options["tls-port"],
+            self._listen("tls", options["addr"], options["tls-port"],
                          TLSMemoryBIOFactory(tls_options, False, factory))
+        if options["http"]:
+            site = submission_site(self.portal, self.settings, reactor=self.reactor,
+                                   allow_anonymous=options["http-allow-anonymous"])
+            http_tls = options.get("http-tls-options") or load_tls_options(
+                options, "http-tls", "HTTP TLS")
+            if http_tls is not None:
+                site = TLSMemoryBIOFactory(http_tls, False, site)
+            self._listen("http", options["http-addr"], options["http-port"], site)
+        self.upstream_probe = self._upstream_probe()
+        self._listen("metrics", options["metrics-addr"], options["metrics-port"],
+                     metrics_site(self.metrics, self._providers_ready, self.upstream_probe,
+                                  reactor=self.reactor))
 
-    def _listen(self, name: str, port: int, factory) -> None:
-        endpoint = server_endpoint(self.reactor, self.options["addr"], port)
+    def _upstream_probe(self):
+        options = self.options
+        if options["relay-addr"]:
+            from esmtpfa.relay.settings import parse_upstream_addresses
+            # The preferred upstream (the first of --relay-addr).
+            host, port = parse_upstream_addresses(options["relay-addr"],
+                                                  options["relay-port"])[0]
+            return UpstreamProbe(self.reactor, host, port)
+        return MaildirProbe(os.path.abspath(options["maildir"]))
+
+    def _providers_ready(self) -> Check:
+        if not self.reloader.loaded:
+            return Check(False, "waiting for the first document from the config service")
+        count = len(self.directory.current)
+        if count:
+            return Check(True, f"{count} provider(s) loaded")
+        if self.anonymous_allowed:
+            return Check(True, "no providers; anonymous submission is allowed")
+        return Check(False, "no providers configured: every login is refused")
+
+    def _listen(self, name: str, addr: str, port: int, factory) -> None:
+        endpoint = server_endpoint(self.reactor, addr, port)
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # a port in use must stop startup, loudly
         service.setName(name)
@@ -202,8 +312,18 @@ class RelayService(MultiService):
         providers = self.directory.current.providers
         log.info("{count} provider(s): {names}", count=len(providers),
                  names=", ".join(f"{p.meta.name} ({p.meta.type})" for p in providers) or "none")
-        if not providers:
-            log.warn("no providers configured: every AUTH will be refused")
+        if options["config-svc"]:
+            log.info("providers come from the config service {url}, polled every {interval:g} s "
+                     "(--config is not read)", url=redact_url(options["config-svc"]),
+                     interval=options["config-svc-interval"])
+            if options["config-svc-token"] and options["config-svc"].lower().startswith("http:"):
+                log.warn("--config-svc-token is sent over cleartext HTTP")
+        else:
+            log.info("providers come from {path}, checked for changes every {interval:g} s "
+                     "and on SIGHUP", path=os.path.abspath(options["config"]),
+                     interval=options["config-poll-interval"])
+            if not providers:
+                log.warn("no providers configured: every AUTH will be refused")
         if options["demo"]:
             log.warn("DEMO MODE: plain listener with AUTH over cleartext; log in as "
                      "{user!r} with the demo password from the README", user=DEMO_USER)
@@ -217,6 +337,20 @@ class RelayService(MultiService):
                 port = options["port"] if name == "plain" else options["tls-port"]
                 log.info("SMTP {name} listener on [{addr}]:{port}", name=name,
                          addr=listen_address(options["addr"]), port=port)
+        if options["http"]:
+            secure = bool(options["http-tls-cert"])
+            log.info("HTTP submission listener on {scheme}://[{addr}]:{port}/",
+                     scheme="https" if secure else "http",
+                     addr=listen_address(options["http-addr"]), port=options["http-port"])
+            if options["http-allow-anonymous"]:
+                log.warn("--http-allow-anonymous: HTTP submissions without credentials are "
+                         "relayed WITHOUT authentication")
+            if not secure:
+                log.warn("HTTP submission without --http-tls-cert: Basic credentials travel "
+                         "in cleartext")
+        log.info("metrics and health on http://[{addr}]:{port}/metrics (/status /healthz "
+                 "/readyz)", addr=listen_address(options["metrics-addr"]),
+                 port=options["metrics-port"])
         super().startService()
 
     def listening_ports(self):
@@ -230,12 +364,5 @@ class RelayService(MultiService):
     def stopService(self):
         d = super().stopService()
         d.addBoth(lambda _: self.relay.close())
-        d.addBoth(lambda _: self._stop_providers())
+        d.addBoth(lambda _: stop_providers(self.directory.current.providers))
         return d
-
-    def _stop_providers(self):
-        """Close provider pools and threads (HTTP connections, LDAP connections)."""
-        from twisted.internet.defer import DeferredList, maybeDeferred
-        return DeferredList([maybeDeferred(p.stopProvider)
-                             for p in self.directory.current.providers], consumeErrors=True)
-

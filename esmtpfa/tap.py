@@ -15,6 +15,7 @@ class Options(_options.Options):
         from twisted.internet import reactor
         self["provider-set"] = load_providers(self, reactor)
         self["tls-options"] = load_tls_options(self)
+        self["http-tls-options"] = load_tls_options(self, "http-tls", "HTTP TLS")
 
 
 def makeService(options) -> RelayService:

@@ -74,7 +74,7 @@ class DemoModeTests(unittest.TestCase):
         import base64
         payload = base64.b64encode(f"\0{DEMO_USER}\0{SECRET}".encode()).decode()
         yield run_tool("swaks", *swaks_args(self.port, password=SECRET))
-        yield run_tool("swaks", *swaks_args(self.port, user=f"demo-userpass",
+        yield run_tool("swaks", *swaks_args(self.port, user="demo-userpass",
                                             password=f"{DEMO_USER}:{SECRET}"))
         yield run_tool("swaks", *swaks_args(self.port))  # a successful one too
         yield self.relay.stop()

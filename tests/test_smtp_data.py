@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet.task import Clock
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 
 from esmtpfa.smtp.data import NORMALIZE, REJECT, DataReader

@@ -23,18 +23,19 @@ import threading
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from esmtpfa.logs import logger
 from esmtpfa.message import OutboundMessage
-from esmtpfa.relay.interfaces import UNAVAILABLE, IRelay, RelayError
+from esmtpfa.relay.interfaces import (
+    UNAVAILABLE, IRelay, RelayError, WholeMessageTransaction)
 from esmtpfa.replies import Reply
 
-log = Logger(namespace="esmtpfa.relay.maildir")
+log = logger("esmtpfa.relay.maildir")
 
 SUBDIRECTORIES = ("tmp", "new", "cur")
 
@@ -82,6 +83,14 @@ class MaildirRelay:
     @property
     def description(self) -> str:
         return f"local Maildir {self.path} (no upstream relay configured)"
+
+    def begin(self, envelope: Any, message_id: str = "", connection_id: str = ""
+              ) -> Deferred[WholeMessageTransaction]:
+        """A Maildir takes every recipient: the whole message is written at the end."""
+        if self._closed:
+            return fail(_error(Reply(451, "4.3.2", "Relay shutting down, try again later"),
+                               "relay closed"))
+        return succeed(WholeMessageTransaction(self))
 
     def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
         if self._closed:

@@ -8,8 +8,9 @@ upstream), it doubles CRs, and its Deferred never fires when the connection is l
 The protocol knows SMTP syntax, not delivery policy: it sends commands, matches replies to
 them in order (so several can be in flight, RFC 2920), upgrades to TLS (RFC 3207), runs a
 SASL exchange (RFC 4954) and streams one message with correct transparency (RFC 5321
-§4.5.2).  What to send and what a reply means for the message is ``upstream.py``'s job, so
-connection reuse (RSET between messages) and a pool can be built on top of this class later.
+§4.5.2).  What to send and what a reply means for the message is decided above it
+(``session.py``: one negotiated session; ``pool.py``: reuse; ``upstream.py``: transactions
+and failover).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IDelayedCall, IHandshakeListener, IPullProducer, IReactorTime)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from esmtpfa.logs import logger
+from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
 from esmtpfa.replies import Reply
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
@@ -42,6 +44,10 @@ MAX_REPLY_LINES = 512
 #: for the end-of-data reply.
 DEFAULT_COMMAND_TIMEOUT = 300.0
 DEFAULT_DATA_TIMEOUT = 600.0
+
+#: Message content is written in pieces of about this size (the spool's read size): the
+#: user-space buffer stays bounded, and a small message is one write.
+BATCH = 64 * 1024
 
 _FORBIDDEN_IN_COMMAND = re.compile(rb"[\r\n\x00]")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -92,6 +98,11 @@ class UnexpectedReply(UpstreamError):
 
 class AuthenticationFailed(UnexpectedReply):
     """The upstream refused our credentials (RFC 4954 §6: 535, 534, 454 …)."""
+
+
+class AuthenticationAborted(UpstreamError):
+    """We cancelled the SASL exchange (``*``): the server's side of it was not acceptable,
+    e.g. a SCRAM server that could not prove it knows the password."""
 
 
 # --- EHLO keywords -----------------------------------------------------------------------
@@ -156,8 +167,53 @@ class Extensions:
         return int(value) if value.isdigit() else 0
 
     @property
+    def enhancedstatuscodes(self) -> bool:
+        return "ENHANCEDSTATUSCODES" in self.keywords  # RFC 2034
+
+    @property
     def auth_mechanisms(self) -> frozenset[str]:
         return frozenset(m.upper() for m in self.keywords.get("AUTH", "").split())
+
+    @property
+    def limits(self) -> dict[str, str]:
+        """RFC 9422 LIMITS as ``{NAME: value}``; empty when absent or malformed."""
+        return parse_limits(self.keywords.get("LIMITS", "")) if "LIMITS" in self.keywords else {}
+
+    @property
+    def mailmax(self) -> int | None:
+        """LIMITS MAILMAX: transactions per connection (None: no limit announced)."""
+        return _limit(self.limits.get("MAILMAX"))
+
+    @property
+    def rcptmax(self) -> int | None:
+        """LIMITS RCPTMAX: recipients per transaction (None: no limit announced)."""
+        return _limit(self.limits.get("RCPTMAX"))
+
+
+_LIMIT_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+_LIMIT_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]+\Z")  # printable, no ";"
+
+
+def parse_limits(text: str) -> dict[str, str]:
+    """RFC 9422 §3: ``LIMITS name=value ...``.  A syntax error voids the whole keyword
+    (§3.1: the client then behaves as if it were absent), like mox's parseLimits."""
+    limits: dict[str, str] = {}
+    for item in text.split():
+        name, equals, value = item.partition("=")
+        if not equals or not _LIMIT_NAME.match(name) or not _LIMIT_VALUE.match(value):
+            return {}
+        name = name.upper()
+        if name in limits:
+            return {}
+        limits[name] = value
+    return limits
+
+
+def _limit(value: str | None) -> int | None:
+    # RFC 9422 §4: 1 to 6 digits; a bad value is ignored (the limit stays unknown).
+    if value is None or not value.isdigit() or len(value) > 6 or int(value) == 0:
+        return None
+    return int(value)
 
 
 # --- transparency --------------------------------------------------------------------------
@@ -211,16 +267,51 @@ class DotStuffer:
 
 # --- the protocol ---------------------------------------------------------------------------
 
+class _Group:
+    """The replies of a pipelined group, delivered together through one Deferred."""
+
+    __slots__ = ("deferred", "replies", "expected", "failed")
+
+    def __init__(self, expected: int):
+        self.deferred: Deferred[list[Reply]] = Deferred()
+        self.replies: list[Reply] = []
+        self.expected = expected
+        self.failed = False
+
+    def add(self, reply: Reply) -> None:
+        self.replies.append(reply)
+        if len(self.replies) == self.expected:
+            self.deferred.callback(self.replies)
+
+    def fail(self, failure: Failure) -> None:
+        if not self.failed:
+            self.failed = True
+            self.deferred.errback(failure)
+
+
 class _Waiter:
-    """One reply we are waiting for."""
+    """One reply we are waiting for (alone, or as a member of a ``_Group``)."""
 
-    __slots__ = ("command", "deferred", "timeout", "after_data")
+    __slots__ = ("command", "deferred", "timeout", "after_data", "group")
 
-    def __init__(self, command: str, timeout: float):
+    def __init__(self, command: str, timeout: float, group: _Group | None = None):
         self.command = command
-        self.deferred: Deferred[Reply] = Deferred()
+        self.group = group
+        self.deferred: Deferred[Reply] | None = Deferred() if group is None else None
         self.timeout = timeout
         self.after_data = False
+
+    def complete(self, reply: Reply) -> None:
+        if self.group is None:
+            self.deferred.callback(reply)
+        else:
+            self.group.add(reply)
+
+    def fail(self, failure: Failure) -> None:
+        if self.group is None:
+            self.deferred.errback(failure)
+        else:
+            self.group.fail(failure)
 
 
 @implementer(IPullProducer)
@@ -228,8 +319,8 @@ class _DataStreamer:
     """Pulls message chunks only when the transport has room for them.
 
     Registered as a pull producer: the transport calls ``resumeProducing`` each time its
-    buffer has drained, so at most one stuffed chunk sits in our user-space buffer however
-    large the message is.
+    buffer has drained, so at most about one batch (``BATCH``) sits in our user-space
+    buffer however large the message is.
     """
 
     def __init__(self, protocol: "SMTPClientProtocol", chunks: Iterator[bytes]):
@@ -239,6 +330,10 @@ class _DataStreamer:
         self._done = False
 
     def resumeProducing(self) -> None:
+        # Chunks are gathered up to ``BATCH`` octets per write, so a small message (trace
+        # header, content, final dot) leaves in one send instead of one per chunk.
+        pending: list[bytes] = []
+        size = 0
         while not self._done:
             try:
                 chunk = next(self._chunks, None)
@@ -248,14 +343,18 @@ class _DataStreamer:
                 return
             if chunk is None:
                 self._done = True
-                self._protocol._streamFinished(self._stuffer.finish(), self._stuffer.normalized)
+                pending.append(self._stuffer.finish())
+                self._protocol._streamFinished(b"".join(pending), self._stuffer.normalized)
                 return
             data = self._stuffer.feed(chunk)
             if data:
-                # Only return after a write: a pull producer that writes nothing is never
-                # asked again, and the transfer would hang.
-                self._protocol._streamWrite(data)
-                return
+                pending.append(data)
+                size += len(data)
+                if size >= BATCH:
+                    # Only return after a write: a pull producer that writes nothing is
+                    # never asked again, and the transfer would hang.
+                    self._protocol._streamWrite(b"".join(pending))
+                    return
 
     def stopProducing(self) -> None:
         self._done = True
@@ -270,7 +369,7 @@ class SMTPClientProtocol(Protocol):
     the connection is lost, times out or turns to garbage: nothing ever waits forever.
     """
 
-    log = Logger()
+    log = logger("esmtpfa.relay.protocol")
 
     def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
                  data_timeout: float = DEFAULT_DATA_TIMEOUT):
@@ -400,13 +499,13 @@ class SMTPClientProtocol(Protocol):
             self._cancelTimer()
             self._error = ProtocolViolation(
                 f"upstream replied during DATA: {reply}", waiter.command)
-            waiter.deferred.callback(reply)
+            waiter.complete(reply)
             self._abort()
             return
         self._waiters.popleft()
         self._cancelTimer()
         self._armTimer()
-        waiter.deferred.callback(reply)
+        waiter.complete(reply)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -428,7 +527,18 @@ class SMTPClientProtocol(Protocol):
     def command(self, line: bytes, name: str | None = None,
                 timeout: float | None = None) -> Deferred[Reply]:
         """Send one command line (without CRLF); fires with its reply, whatever the code."""
-        return self.pipeline([line], [name] if name else None, timeout)[0]
+        if _FORBIDDEN_IN_COMMAND.search(line):
+            raise ValueError("CR, LF or NUL in an SMTP command")  # never a second command
+        if self._streamer is not None:
+            raise RuntimeError("command sent while message data is being streamed")
+        if name is None:
+            name = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        waiter = _Waiter(name, timeout or self.command_timeout)
+        if self._error is not None:
+            return _failed(self._error)
+        deferred = self._enqueue(waiter)
+        self.transport.write(line + b"\r\n")
+        return deferred
 
     def pipeline(self, lines: list[bytes], names: list[str] | None = None,
                  timeout: float | None = None) -> list[Deferred[Reply]]:
@@ -450,6 +560,24 @@ class SMTPClientProtocol(Protocol):
         deferreds = [self._enqueue(waiter) for waiter in waiters]
         self.transport.write(b"".join(line + b"\r\n" for line in lines))
         return deferreds
+
+    def pipelineAll(self, lines: list[bytes], names: list[str],
+                    timeout: float | None = None) -> Deferred[list[Reply]]:
+        """Like ``pipeline`` but one Deferred for the whole group: it fires with every
+        reply once the last one arrived, or fails once with the connection's error."""
+        for line in lines:
+            if _FORBIDDEN_IN_COMMAND.search(line):
+                raise ValueError("CR, LF or NUL in an SMTP command")
+        if self._streamer is not None:
+            raise RuntimeError("command sent while message data is being streamed")
+        if self._error is not None:
+            return _failed(self._error)
+        group = _Group(len(lines))
+        timeout = timeout or self.command_timeout
+        for name in names:
+            self._enqueue(_Waiter(name, timeout, group))
+        self.transport.write(b"\r\n".join(lines) + b"\r\n")
+        return group.deferred
 
     def ehlo(self, name: str) -> Deferred[Extensions]:
         """EHLO, falling back to HELO on a 5xx (RFC 5321 §4.1.4): then no extensions."""
@@ -495,35 +623,52 @@ class SMTPClientProtocol(Protocol):
         await handshake
         return reply
 
-    def authenticate(self, mechanism: str, username: str, password: str) -> Deferred[Reply]:
-        """RFC 4954 AUTH with PLAIN (RFC 4616) or LOGIN; fires with the 235 reply.
+    def authenticate(self, mechanism: Mechanism | str, username: str | None = None,
+                     password: str | None = None) -> Deferred[Reply]:
+        """RFC 4954 AUTH with a ``sasl.Mechanism`` (or a mechanism name, user and
+        password); fires with the 235 reply.
 
-        The exchange is never logged: it carries the password.
+        Fails with ``AuthenticationFailed`` when the server refuses, and with
+        ``AuthenticationAborted`` when we cancel (``*``) because the server's side of the
+        exchange was malformed or did not prove itself (SCRAM).  The exchange is never
+        logged: it carries the password or what can lead to it.
         """
-        return Deferred.fromCoroutine(self._authenticate(mechanism.upper(), username, password))
+        if isinstance(mechanism, str):
+            mechanism = client_for(mechanism, username or "", password or "")
+        return Deferred.fromCoroutine(self._authenticate(mechanism))
 
-    async def _authenticate(self, mechanism: str, username: str, password: str) -> Reply:
-        user, secret = username.encode("utf-8"), password.encode("utf-8")
-        if mechanism == "PLAIN":
-            # Initial response (RFC 4954 §4) saves a round trip: authzid empty, authcid, passwd.
-            response = base64.b64encode(b"\0" + user + b"\0" + secret)
-            reply = await self.command(b"AUTH PLAIN " + response, "AUTH")
-            if reply.code == 334:  # a server that ignored the initial response asks again
-                reply = await self.command(response, "AUTH")
-        elif mechanism == "LOGIN":
-            reply = await self.command(b"AUTH LOGIN", "AUTH")
-            for answer in (user, secret):
-                if reply.code != 334:
-                    break
-                reply = await self.command(base64.b64encode(answer), "AUTH")
-        else:
-            raise ValueError(f"unsupported SASL mechanism {mechanism}")
-        if reply.code == 334:
-            # More challenges than the mechanism has: cancel (RFC 4954 §4) and give up.
-            await self.command(b"*", "AUTH")
-            raise AuthenticationFailed("AUTH", reply)
+    async def _authenticate(self, mechanism: Mechanism) -> Reply:
+        name = mechanism.name.encode("ascii")
+        initial = mechanism.initial()
+        if initial is None:
+            line = b"AUTH " + name
+        else:  # RFC 4954 §4: "=" is an empty initial response
+            line = b"AUTH " + name + b" " + (base64.b64encode(initial) or b"=")
+        reply = await self.command(line, "AUTH")
+        while reply.code == 334:
+            try:
+                if len(reply.lines()) > 1:
+                    raise SASLError("multi-line AUTH challenge")
+                try:
+                    challenge = base64.b64decode(reply.text.strip(), validate=True)
+                except ValueError:
+                    raise SASLError("malformed base64 in an AUTH challenge") from None
+                response = mechanism.respond(challenge)
+            except SASLError as error:
+                # RFC 4954 §4: "*" cancels; the server answers 501.  We give up either way.
+                await self.command(b"*", "AUTH")
+                raise AuthenticationAborted(f"AUTH {mechanism.name} cancelled: {error}",
+                                            "AUTH") from None
+            reply = await self.command(base64.b64encode(response), "AUTH")
         if reply.code != 235:
             raise AuthenticationFailed("AUTH", reply)
+        if not mechanism.complete:
+            # A 235 before the mechanism finished: for SCRAM the server skipped proving it
+            # knows the password (RFC 5802 §5.1 "v="); a success we cannot trust.
+            self.abort()
+            raise AuthenticationAborted(
+                f"AUTH {mechanism.name}: the server reported success before the exchange "
+                "was complete", "AUTH")
         return reply
 
     def sendData(self, chunks: Iterator[bytes]) -> Deferred[Reply]:
@@ -668,8 +813,9 @@ class SMTPClientProtocol(Protocol):
         if handshake is not None:
             handshake.errback(Failure(error if isinstance(error, TLSFailure)
                                       else TLSFailure(error.detail, "STARTTLS handshake")))
+        failure = Failure(error)
         for waiter in waiters:
-            waiter.deferred.errback(Failure(error))
+            waiter.fail(failure)
 
 
 class SMTPClientFactory(Factory):

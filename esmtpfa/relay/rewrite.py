@@ -22,8 +22,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
-from esmtpfa.message import OutboundMessage
-from esmtpfa.relay.interfaces import REJECTED, IRelay, RelayError
+from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.relay.interfaces import REJECTED, IRelay, IRelayTransaction, RelayError
 from esmtpfa.replies import Reply
 
 #: The most header we read from the spool for one message.
@@ -162,12 +162,23 @@ class RelayFromRewriter:
     def description(self) -> str:
         return f"{self.inner.description}, sender rewritten to {self.relay_from}"
 
+    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = ""
+              ) -> Deferred["_RewritingTransaction"]:
+        """The upstream transaction opens with R as the sender; the header is rewritten
+        when the content is handed over."""
+        d = self.inner.begin(self.rewrite_envelope(envelope), message_id, connection_id)
+        return d.addCallback(lambda inner: _RewritingTransaction(self, inner))
+
     def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
         try:
             rewritten = self.rewrite(message)
         except RelayError as error:
             return fail(error)
         return self.inner.deliver(rewritten)
+
+    def rewrite_envelope(self, envelope: Envelope) -> Envelope:
+        return replace(envelope, mail_from=self.relay_from,
+                       smtputf8=envelope.smtputf8 or not self.relay_from.isascii())
 
     def close(self) -> Deferred[None]:
         return self.inner.close()
@@ -197,10 +208,36 @@ class RelayFromRewriter:
         fields.extend(new_from)  # the message had no From: it gets one
         separator = b"" if header.separator or header.end >= _content_size(message) else CRLF
         prefix = message.prefix + b"".join(fields) + separator
-        envelope = replace(message.envelope, mail_from=self.relay_from,
-                           smtputf8=message.envelope.smtputf8 or not self.relay_from.isascii())
+        envelope = self.rewrite_envelope(message.envelope)
         return replace(message, envelope=envelope, prefix=prefix,
                        content_offset=message.content_offset + header.end)
+
+
+@implementer(IRelayTransaction)
+class _RewritingTransaction:
+    """The inner relay's transaction, with the header rewrite applied at ``send``."""
+
+    def __init__(self, rewriter: RelayFromRewriter, inner: Any):
+        self._rewriter = rewriter
+        self._inner = inner
+
+    @property
+    def max_size(self) -> int | None:
+        return self._inner.max_size
+
+    def addRecipient(self, address: str) -> Deferred[Reply]:
+        return self._inner.addRecipient(address)
+
+    def send(self, message: OutboundMessage) -> Deferred[Reply]:
+        try:
+            rewritten = self._rewriter.rewrite(message)
+        except RelayError as error:
+            self._inner.abort()
+            return fail(error)
+        return self._inner.send(rewritten)
+
+    def abort(self) -> None:
+        self._inner.abort()
 
 
 def _from_field(phrase: bytes | None, address: bytes) -> bytes:

@@ -15,10 +15,11 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.logger import Logger
 from zope.interface import implementer
 
-log = Logger()
+from esmtpfa.logs import logger
+
+log = logger("esmtpfa.relay.tls")
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 _PEM = Encoding.PEM

@@ -1,459 +1,345 @@
-"""Delivery to the upstream smarthost: settings, one SMTP session, and the IRelay on top.
+"""Delivery to the upstream smarthosts: per-recipient transactions, pooling and failover.
 
-``UpstreamSession`` is one authenticated, negotiated SMTP session (greeting, EHLO,
-STARTTLS, AUTH) able to run mail transactions; ``SMTPRelay`` opens one session per message
-and turns every outcome into the reply our own client must hear (SPEC §5):
+``SMTPRelay`` is the ``IRelay`` toward one or more upstreams (``--relay-addr a,b:587``,
+tried in order).  Each upstream has a pool of negotiated sessions and a circuit breaker
+(``pool.py``).  Two ways in:
 
-* the upstream's own code and enhanced code when it rejects the message (reason REJECTED),
-* ``451 4.4.1`` when it cannot be reached, ``451 4.4.2`` when the connection breaks, times
-  out, fails TLS or speaks garbage, ``451 4.3.0`` when our AUTH toward it fails
-  (reason UNAVAILABLE: the client retries, nothing is lost),
-* a positive reply only once the upstream said 250 to the end of data.
+* ``begin`` (the SMTP server, at the client's MAIL): an ``UpstreamTransaction`` that sends
+  MAIL at once and each RCPT as the client names it, so every client RCPT is answered
+  with the upstream's verdict for that recipient; ``send`` (at the client's final dot)
+  sends DATA and the spooled content.  The client's reply to DATA is the upstream's.
+* ``deliver`` (the HTTP API): a whole message, MAIL + RCPTs + DATA in one flight when
+  the upstream pipelines (RFC 2920), all recipients or nothing.
 
-A session can run several transactions (``reset`` sends RSET, RFC 5321 §4.1.1.5), so a
-pool of sessions and several upstreams can be added without touching the wire code.
+Failover.  Whenever an upstream fails *before it accepted anything* (cannot connect, TLS,
+greeting, AUTH, a timeout, a lost connection, ``421``, or a ``4xx`` to MAIL, DATA or the
+end of data) the next upstream is tried before our client is answered.  A ``5xx`` is
+final, and so is a ``4xx`` to a RCPT: it is that recipient's verdict and goes to the
+client as it is.  The answer is permanent only when every upstream's answer was.
+
+Replay.  A pooled connection can die between the client's MAIL and its final dot (the
+upstream restarted, timed out an idle client, or closed during DATA).  The transaction
+then opens a new one (on the other upstreams first, then the same one) and replays MAIL
+and every accepted RCPT in one flight.  If any recipient the client was told ``250`` for is not accepted again,
+the message cannot be delivered as acknowledged: the rest of the transaction is answered
+``451`` (the client retries and learns each recipient's new verdict then); a ``250`` for a
+message some acknowledged recipient would not receive is never given.  After the final
+dot nothing is replayed: a lost reply then means "maybe delivered", and the client is told
+so (``451``, duplicate possible) rather than risking the duplicate ourselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-import socket
-from typing import Any
+from dataclasses import replace
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.threads import deferToThread
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.message import OutboundMessage
-from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, IRelay, RelayError
+from esmtpfa.logs import logger
+from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.relay.interfaces import (
+    REJECTED, UNAVAILABLE, IRelay, IRelayTransaction, RelayError)
+from esmtpfa.relay.pool import Upstream
 from esmtpfa.relay.protocol import (
-    AuthenticationFailed, ConnectionLost, Extensions, ProtocolViolation, SMTPClientFactory,
-    SMTPClientProtocol, TLSFailure, UnexpectedReply, UpstreamError, gatherReplies)
+    ConnectionLost, ProtocolViolation, SMTPClientProtocol, UpstreamError)
+from esmtpfa.relay.session import (
+    QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported, endpoint_for, permanent, rejected,
+    relay_error_from, unavailable)
+from esmtpfa.relay.settings import (
+    STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)
 from esmtpfa.relay.tls import client_tls_options
+from esmtpfa.smtp.data import has_bare_line_ends
 from esmtpfa.replies import Reply
 
-log = Logger(namespace="esmtpfa.relay.upstream")
+__all__ = ["SMTPRelay", "UpstreamTransaction", "UpstreamSettings", "PoolSettings",
+           "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses", "relay_error_from",
+           "with_settings", "UpstreamSession"]
 
-STARTTLS_MODES = ("opportunistic", "required", "none")
-#: How long a QUIT may take once the outcome is known; it never changes the outcome.
-QUIT_TIMEOUT = 10.0
+log = logger("esmtpfa.relay.upstream")
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class UpstreamSettings:
-    """One upstream smarthost and how to talk to it (flags ``-relay-*``, SPEC §5)."""
-
-    host: str
-    port: int = 25
-    implicit_tls: bool = False          # RFC 8314: TLS from the first byte (port 465)
-    starttls: str = "opportunistic"     # RFC 3207: "opportunistic", "required" or "none"
-    ca_cert: str | None = None          # PEM bundle to trust instead of the platform store
-    client_cert: str | None = None      # PEM, leaf first, then intermediates
-    client_key: str | None = None
-    skip_verify: bool = False           # encrypt without authenticating the upstream
-    server_name: str | None = None      # SNI and certificate name; defaults to ``host``
-    username: str | None = None
-    password: str | None = None
-    allow_insecure_auth: bool = False   # permit AUTH over cleartext
-    helo_name: str = socket.gethostname()
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0      # RFC 5321 §4.5.3.2: 5 minutes
-    data_timeout: float = 600.0         # RFC 5321 §4.5.3.2.6: 10 minutes for the final reply
-
-    def __post_init__(self) -> None:
-        if self.starttls not in STARTTLS_MODES:
-            raise ValueError(f"starttls must be one of {STARTTLS_MODES}, not {self.starttls!r}")
-        if not self.host:
-            raise ValueError("the relay host is empty")
-        if not 0 < int(self.port) < 65536:
-            raise ValueError(f"bad relay port {self.port}")
-        if bool(self.client_cert) != bool(self.client_key):
-            raise ValueError("a relay client certificate needs both -relay-tls-cert and -key")
-        for name in ("connect_timeout", "command_timeout", "data_timeout"):
-            value = float(getattr(self, name))
-            if value <= 0:
-                raise ValueError(f"{name} must be positive")
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "port", int(self.port))
-
-    def __repr__(self) -> str:
-        # The password never reaches a log line, even through a repr (SPEC §9).
-        fields = ", ".join(
-            f"{name}={'<redacted>' if name == 'password' and value else value!r}"
-            for name, value in self.__dict__.items())
-        return f"UpstreamSettings({fields})"
-
-    @property
-    def tls_server_name(self) -> str:
-        return self.server_name or self.host
-
-    @property
-    def authenticates(self) -> bool:
-        return bool(self.username) and self.password is not None and self.password != ""
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.implicit_tls or self.starttls != "none"
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+SHUTTING_DOWN = Reply(451, "4.3.2", "Relay shutting down, try again later")
 
 
-# --- replies we give our client ---------------------------------------------------------------
+class _Final(Exception):
+    """Raised by an attempt: this verdict ends the search (no other upstream is tried)."""
 
-def _unavailable(enhanced: str, text: str, detail: str, command: str | None = None,
-                 upstream_reply: Reply | None = None) -> RelayError:
-    return RelayError(Reply(451, enhanced, text), UNAVAILABLE, command, upstream_reply, detail)
+    def __init__(self, error: RelayError):
+        super().__init__(str(error))
+        self.error = error
 
-
-def _rejected(command: str, reply: Reply, text: str | None = None) -> RelayError:
-    """Pass the upstream's verdict through: its code and enhanced code, our prefix."""
-    code = reply.code
-    if code == 421:
-        # 421 means "closing the channel" (RFC 5321 §3.8); from us it would tell our
-        # client that *we* are closing.  The meaning for the message is a 451.
-        code = 451
-    enhanced = reply.enhanced
-    if not enhanced or enhanced[0] != str(code)[0]:
-        enhanced = f"{code // 100}.0.0"  # an inconsistent class digit (RFC 3463 §2)
-    body = text if text is not None else f"upstream: {reply.text}"
-    return RelayError(Reply(code, enhanced, body), REJECTED, command, reply,
-                      f"upstream answered {command} with {reply}")
-
-
-def _permanent(code: int, enhanced: str, text: str, command: str) -> RelayError:
-    """A refusal we decide before sending: the upstream could never accept this message."""
-    return RelayError(Reply(code, enhanced, text), REJECTED, command, None, text)
-
-
-def relay_error_from(error: BaseException, stage: str) -> RelayError:
-    """Map whatever stopped a delivery to the reply our client gets."""
-    if isinstance(error, RelayError):
-        return error
-    if stage == "connect":  # refused, unreachable, DNS, connect timeout
-        return _unavailable("4.4.1", "Upstream server unreachable, try again later",
-                            f"cannot connect: {error}", "connect")
-    if isinstance(error, AuthenticationFailed):
-        return _unavailable("4.3.0", "Upstream authentication failed, try again later",
-                            f"upstream refused our AUTH: {error.reply}", "AUTH", error.reply)
-    if isinstance(error, TLSFailure):
-        return _unavailable("4.4.2", "TLS with the upstream server failed, try again later",
-                            error.detail, error.command)
-    if isinstance(error, ConnectionLost):  # includes ReplyTimeout
-        text = "Upstream connection failed, try again later"
-        if error.after_data:
-            text = ("Upstream connection failed after the message was sent; "
-                    "try again later (a duplicate is possible)")
-        return _unavailable("4.4.2", text, error.detail, error.command)
-    if isinstance(error, UnexpectedReply):
-        # The session could not be set up (EHLO/HELO refused): not about the message.
-        return _unavailable("4.4.0", "Upstream server refused the session, try again later",
-                            error.detail, error.command, error.reply)
-    if isinstance(error, (ProtocolViolation, UpstreamError)):
-        return _unavailable("4.4.2", "Upstream protocol error, try again later",
-                            error.detail, error.command)
-    return _unavailable("4.3.0", "Local error talking to the upstream, try again later",
-                        f"{type(error).__name__}: {error}", stage)
-
-
-# --- one session ---------------------------------------------------------------------------
-
-class UpstreamSession:
-    """One SMTP session, set up according to ``UpstreamSettings``.
-
-    ``open()`` runs greeting → EHLO → STARTTLS per policy → EHLO → AUTH; ``send()`` runs
-    one mail transaction.  Failures raise ``RelayError`` (policy decisions, rejections) or
-    the protocol's ``UpstreamError`` (mapped by ``relay_error_from``).
-    """
-
-    def __init__(self, protocol: SMTPClientProtocol, settings: UpstreamSettings,
-                 tls_options: Any):
-        self.protocol = protocol
-        self.settings = settings
-        self._tls_options = tls_options
-        self.extensions = Extensions.none()
-        self.authenticated = False
-        self.transactions = 0
-        self.needs_reset = False
-        self.mechanism: str | None = None
-
-    @property
-    def secure(self) -> bool:
-        return self.protocol.secure
-
-    async def open(self) -> None:
-        greeting = await self.protocol.greeting()
-        if greeting.code != 220:
-            # RFC 5321 §3.1: 554 (or anything but 220) means "no service here".
-            raise _unavailable("4.4.0", "Upstream server refused the session, try again later",
-                               f"upstream greeting: {greeting}", "greeting", greeting)
-        name = self.settings.helo_name
-        self.extensions = await self.protocol.ehlo(name)
-        if not self.settings.implicit_tls:
-            await self._starttls(name)
-        if self.settings.authenticates:
-            await self._authenticate()
-
-    async def _starttls(self, name: str) -> None:
-        mode = self.settings.starttls
-        if mode == "none":
-            return
-        if not self.extensions.starttls:
-            if mode == "required":
-                raise _unavailable("4.7.0", "Upstream server does not offer STARTTLS, "
-                                   "which is required, try again later",
-                                   "STARTTLS required but not offered", "STARTTLS")
-            return  # opportunistic and not offered: cleartext, as configured
-        try:
-            await self.protocol.starttls(self._tls_options)
-        except UnexpectedReply as error:
-            # Offered but refused.  We do not fall back to cleartext: whoever could make
-            # STARTTLS fail could then read the session.
-            raise _unavailable("4.4.2", "TLS with the upstream server failed, try again later",
-                               f"STARTTLS refused: {error.reply}", "STARTTLS", error.reply)
-        # RFC 3207 §4.2: forget everything learned before TLS and ask again.
-        self.extensions = await self.protocol.ehlo(name)
-
-    async def _authenticate(self) -> None:
-        if not self.secure and not self.settings.allow_insecure_auth:
-            raise _unavailable(
-                "4.3.0", "Upstream authentication impossible, try again later",
-                "refusing to send credentials over a cleartext connection "
-                "(enable TLS toward the relay, or allow insecure auth)", "AUTH")
-        offered = self.extensions.auth_mechanisms
-        # Strongest of what we implement; SPEC §5 lists SCRAM/CRAM for later.
-        mechanism = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
-        if mechanism is None:
-            raise _unavailable(
-                "4.3.0", "Upstream authentication impossible, try again later",
-                f"upstream offers no usable AUTH mechanism (offered: "
-                f"{' '.join(sorted(offered)) or 'none'})", "AUTH")
-        assert self.settings.username is not None and self.settings.password is not None
-        await self.protocol.authenticate(mechanism, self.settings.username,
-                                         self.settings.password)
-        self.authenticated = True
-        self.mechanism = mechanism
-
-    async def reset(self) -> None:
-        """RSET before another transaction on this session (RFC 5321 §4.1.1.5)."""
-        reply = await self.protocol.command(b"RSET")
-        if reply.code != 250:
-            raise UnexpectedReply("RSET", reply)
-        self.needs_reset = False
-
-    async def send(self, message: OutboundMessage) -> Reply:
-        """One mail transaction; returns the upstream's 250 to the end of data."""
-        if self.needs_reset:
-            await self.reset()
-        eight_bit = None
-        if (message.envelope.body or "").upper() in ("8BITMIME", "BINARYMIME") \
-                and not self.extensions.eightbitmime:
-            # Rare (every current MTA offers 8BITMIME) and clients often declare it for
-            # plain ASCII: look at the content (in a thread: it may be large) before deciding.
-            eight_bit = await deferToThread(_has_8bit, message)
-        mail, rcpts = self._commands(message, eight_bit)
-        self.needs_reset = True
-        self.transactions += 1
-        if self.extensions.pipelining:
-            replies = await gatherReplies(self.protocol.pipeline(
-                [mail, *rcpts, b"DATA"], ["MAIL", *["RCPT"] * len(rcpts), "DATA"]))
-            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
-            data_started = data_reply.code == 354
-            try:
-                self._check_mail(mail_reply)
-                self._check_recipients(message, rcpt_replies)
-            except RelayError:
-                if data_started:
-                    # The upstream waits for content we must not send: an empty message
-                    # or a "." would deliver to the accepted recipients.  Drop the link.
-                    self.protocol.abort()
-                raise
-        else:
-            self._check_mail(await self.protocol.command(mail, "MAIL"))
-            rcpt_replies = []
-            for rcpt in rcpts:
-                # Keep going after a rejection: the transient/permanent choice needs all.
-                rcpt_replies.append(await self.protocol.command(rcpt, "RCPT"))
-            self._check_recipients(message, rcpt_replies)
-            data_reply = await self.protocol.command(b"DATA")
-        if data_reply.code != 354:
-            if data_reply.is_positive:
-                raise ProtocolViolation(f"DATA answered {data_reply}, not 354", "DATA")
-            raise _rejected("DATA", data_reply)
-        final = await self.protocol.sendData(message.chunks())
-        if final.is_positive:
-            if final.code != 250:
-                raise ProtocolViolation(f"end of data answered {final}", "end of data")
-            self.needs_reset = False  # RFC 5321 §4.1.1.4: a completed transaction resets
-            return final
-        raise _rejected("end of data", final)
-
-    def _commands(self, message: OutboundMessage, eight_bit: bool | None = None
-                  ) -> tuple[bytes, list[bytes]]:
-        envelope, ext = message.envelope, self.extensions
-        addresses = [envelope.mail_from, *envelope.recipients]
-        for address in addresses:
-            if "<" in address or ">" in address or not address.isprintable():
-                raise _permanent(553, "5.1.3", f"Invalid address {address!r}", "MAIL")
-        if not envelope.recipients:
-            raise _permanent(554, "5.5.1", "No recipients", "RCPT")
-        size = message.size
-        # RFC 1870 §6: do not send what the upstream already said it would refuse.
-        if ext.size and size > ext.size:
-            raise _permanent(552, "5.3.4", f"Message too big for the upstream server "
-                             f"({size} > {ext.size} octets)", "MAIL")
-        needs_utf8 = envelope.smtputf8 or not all(a.isascii() for a in addresses)
-        if needs_utf8 and not ext.smtputf8:
-            # RFC 6531 §3.2 (mox: ErrSMTPUTF8Unsupported): no downgrade, a permanent error.
-            raise _permanent(550, "5.6.7", "Upstream server does not support SMTPUTF8, "
-                             "required by this message", "MAIL")
-        params: list[str] = []
-        if ext.size is not None:
-            params.append(f"SIZE={size}")
-        body = (envelope.body or "").upper()
-        if body in ("8BITMIME", "BINARYMIME"):
-            # The spool holds CRLF-normalized content sent with DATA, which is what
-            # 8BITMIME means on the wire (RFC 6152); BINARYMIME would need BDAT (RFC 3030).
-            if ext.eightbitmime:
-                params.append("BODY=8BITMIME")
-            elif eight_bit:
-                # RFC 6152 §3: 8-bit data must not go to a server without 8BITMIME, and we
-                # do not downgrade (mox: Err8bitmimeUnsupported).
-                raise _permanent(554, "5.6.3", "Upstream server does not support 8BITMIME, "
-                                 "required by this message", "MAIL")
-            # else: declared 8BITMIME, but the content is 7-bit: send it as such.
-        if needs_utf8:
-            params.append("SMTPUTF8")
-        if envelope.requiretls:
-            # RFC 8689 §4.2.1: only over TLS, only to a server that carries the promise on.
-            if not (self.secure and ext.requiretls):
-                raise _permanent(550, "5.7.30", "REQUIRETLS support required but the "
-                                 "upstream server does not offer it", "MAIL")
-            params.append("REQUIRETLS")
-        mail = f"MAIL FROM:<{envelope.mail_from}>" + "".join(" " + p for p in params)
-        rcpts = [f"RCPT TO:<{r}>".encode("utf-8") for r in envelope.recipients]
-        return mail.encode("utf-8"), rcpts
-
-    @staticmethod
-    def _check_mail(reply: Reply) -> None:
-        if reply.code != 250:
-            if reply.is_positive:
-                raise ProtocolViolation(f"MAIL answered {reply}", "MAIL")
-            raise _rejected("MAIL", reply)
-
-    @staticmethod
-    def _check_recipients(message: OutboundMessage, replies: list[Reply]) -> None:
-        """All recipients or nothing: our 250 must mean every recipient got the message."""
-        rejected = [(rcpt, reply) for rcpt, reply in zip(message.envelope.recipients, replies)
-                    if reply.code not in (250, 251)]
-        if not rejected:
-            return
-        for rcpt, reply in rejected:
-            if reply.is_positive:
-                raise ProtocolViolation(f"RCPT answered {reply}", "RCPT")
-        # A transient refusal makes the whole message transient: the client retries and
-        # the permanently refused recipient is reported then.
-        rcpt, reply = next(((r, p) for r, p in rejected if p.is_transient), rejected[0])
-        raise _rejected("RCPT", reply, f"upstream rejected <{rcpt}>: {reply.text}")
-
-    def close(self) -> Deferred[None]:
-        """QUIT (bounded by the command timeout, at most ``QUIT_TIMEOUT``) and disconnect."""
-        return self.protocol.quit(min(QUIT_TIMEOUT, self.settings.command_timeout))
-
-
-# --- the relay ----------------------------------------------------------------------------------
 
 @implementer(IRelay)
 class SMTPRelay:
-    """IRelay to one upstream smarthost, one connection per message.
+    """IRelay to one or more upstream smarthosts, tried in order, with pooled sessions."""
 
-    ``deliver`` fires with the upstream's 250 to the end of data, or fails with a
-    ``RelayError`` whose ``reply`` is what our client must be told.
-    """
-
-    def __init__(self, settings: UpstreamSettings, reactor: Any = None):
+    def __init__(self, settings: UpstreamSettings | Sequence[UpstreamSettings],
+                 reactor: Any = None, pool: PoolSettings | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
-        self.settings = settings
+        all_settings = [settings] if isinstance(settings, UpstreamSettings) else list(settings)
+        if not all_settings:
+            raise ValueError("no upstream configured")
         self._reactor = reactor
-        self._tls_options = client_tls_options(
-            settings.tls_server_name, settings.ca_cert, settings.client_cert,
-            settings.client_key, settings.skip_verify) if settings.uses_tls else None
-        self._factory = SMTPClientFactory(reactor, settings.command_timeout,
-                                          settings.data_timeout)
+        self.pool_settings = pool or PoolSettings()
+        sasl_cache: dict = {}
+        self.upstreams = [
+            Upstream(s, self.pool_settings, reactor, client_tls_options(
+                s.tls_server_name, s.ca_cert, s.client_cert, s.client_key, s.skip_verify)
+                if s.uses_tls else None, sasl_cache)
+            for s in all_settings]
+        #: Called with every ``RelayError`` of every attempt (metrics: failures by reason).
+        self.observers: list[Callable[[RelayError], None]] = []
         self._in_flight: set[object] = set()
         self._idle: list[Deferred[None]] = []
         self._closed = False
-        if settings.authenticates and not settings.uses_tls and not settings.allow_insecure_auth:
-            log.warn("relay {upstream}: credentials are set but TLS is off and insecure AUTH "
-                     "is not allowed: every delivery will fail with 451 4.3.0",
-                     upstream=settings.address)
+        for s in all_settings:
+            if s.authenticates and not s.uses_tls and not s.allow_insecure_auth:
+                log.warn("relay {upstream}: credentials are set but TLS is off and insecure "
+                         "AUTH is not allowed: every delivery will fail with 451 4.3.0",
+                         upstream=s.address)
+
+    @property
+    def settings(self) -> UpstreamSettings:
+        """The first (preferred) upstream's settings."""
+        return self.upstreams[0].settings
 
     @property
     def description(self) -> str:
-        s = self.settings
-        tls = "implicit TLS" if s.implicit_tls else f"STARTTLS {s.starttls}"
-        auth = f", AUTH as {s.username}" if s.authenticates else ""
-        verify = ", certificate NOT verified" if s.uses_tls and s.skip_verify else ""
-        return f"SMTP relay {s.address} ({tls}{verify}{auth})"
+        parts = []
+        for upstream in self.upstreams:
+            s = upstream.settings
+            tls = "implicit TLS" if s.implicit_tls else f"STARTTLS {s.starttls}"
+            auth = ""
+            if s.authenticates:
+                auth = f", AUTH {s.auth_mechanism or 'strongest offered'} as {s.username}"
+            verify = ", certificate NOT verified" if s.uses_tls and s.skip_verify else ""
+            parts.append(f"{s.address} ({tls}{verify}{auth})")
+        p = self.pool_settings
+        failover = "; failover in this order" if len(parts) > 1 else ""
+        return (f"SMTP relay {', '.join(parts)}{failover}; up to {p.size} pooled "
+                f"connection(s) per upstream, idle {p.idle_timeout:g} s")
 
     def connect(self) -> Deferred[SMTPClientProtocol]:
-        """A TCP (or implicit TLS) connection to the upstream, before the greeting."""
-        s = self.settings
-        endpoint: Any = HostnameEndpoint(self._reactor, s.host, s.port,
-                                         timeout=s.connect_timeout)
-        if s.implicit_tls:
-            endpoint = wrapClientTLS(self._tls_options, endpoint)
-        return endpoint.connect(self._factory)
+        """A bare connection to the first upstream, before the greeting (diagnostics)."""
+        upstream = self.upstreams[0]
+        endpoint = endpoint_for(self._reactor, upstream.settings, upstream.tls_options)
+        return endpoint.connect(upstream.factory)
+
+    # -- IRelay ----------------------------------------------------------------------------
+
+    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = ""
+              ) -> Deferred["UpstreamTransaction"]:
+        """The upstream transaction; MAIL goes out with the first RCPT (one flight).
+
+        Refused at once only when the answer is already known: every upstream is behind
+        an open circuit breaker, or the declared size exceeds every upstream's limit.
+        """
+        if self._closed:
+            return fail(RelayError(SHUTTING_DOWN, UNAVAILABLE, None, None, "relay closed"))
+        if all(u.breaker.open_now() for u in self.upstreams):
+            names = ", ".join(u.address for u in self.upstreams)
+            return fail(unavailable("4.4.1", "No upstream server available, try again later",
+                                    f"circuit breaker open for {names}", "MAIL",
+                                    upstream=self.upstreams[0].address))
+        size = envelope.declared_size
+        limits = [u.known_max_size for u in self.upstreams]
+        if size is not None and all(limits) and size > max(limits):  # None: not known yet
+            return fail(permanent(552, "5.3.4", f"Message too big for the upstream server "
+                                  f"({size} > {max(limits)} octets)", "MAIL",
+                                  self.upstreams[0].address))
+        return succeed(UpstreamTransaction(self, envelope, message_id, connection_id))
 
     def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
         if self._closed:
-            error = RelayError(Reply(451, "4.3.2", "Relay shutting down, try again later"),
-                               UNAVAILABLE, None, None, "relay closed")
-            return fail(error)
-        d = Deferred.fromCoroutine(self._deliver(message))
-        return self._track(d)
+            return fail(RelayError(SHUTTING_DOWN, UNAVAILABLE, None, None, "relay closed"))
+        return self._track(Deferred.fromCoroutine(self._deliver(message)))
+
+    def close(self) -> Deferred[None]:
+        """Refuse new work; fire once every delivery in progress and every QUIT ended."""
+        self._closed = True
+        for upstream in self.upstreams:
+            upstream.pool.close()  # idle sessions QUIT now, busy ones when released
+        waiter: Deferred[None] = Deferred()
+        if self._in_flight:
+            self._idle.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter.addCallback(lambda _: DeferredList(
+            [u.pool.close() for u in self.upstreams])).addCallback(lambda _: None)
+
+    # -- the search over upstreams --------------------------------------------------------
+
+    async def _on_some_upstream(self, attempt: Callable[[Upstream, UpstreamSession],
+                                                        Awaitable[T]],
+                                message_id: str, exclude: Sequence[Upstream] = (),
+                                fresh: bool = False, last: Upstream | None = None) -> T:
+        """Run ``attempt`` on a session of the first upstream that can take it.
+
+        ``attempt`` raises ``_Final`` for a verdict that ends the search, ``RelayError`` to
+        move on to the next upstream (after releasing the session), and lets the protocol's
+        ``UpstreamError`` through when the connection failed: a pooled session that was
+        already dead is replaced by a fresh one on the same upstream, any other failure
+        counts against the upstream's breaker and moves on.
+        """
+        errors: list[RelayError] = []
+        skipped: list[Upstream] = []
+        order = self.upstreams
+        if last is not None:  # the one that just failed us: the others first
+            order = [u for u in order if u is not last] + [last]
+        for upstream in order:
+            if upstream in exclude:
+                continue
+            if not upstream.breaker.allow():
+                skipped.append(upstream)
+                continue
+            use_fresh = fresh
+            while True:
+                try:
+                    session = await upstream.pool.acquire(fresh=use_fresh)
+                except RelayError as error:
+                    if error.command == "connect" and error.reply.enhanced == "4.4.5" \
+                            or error.reply.enhanced == "4.3.2":
+                        upstream.breaker.release()  # busy or closing: says nothing about it
+                    else:
+                        upstream.breaker.failure()
+                    self._report(error, message_id)
+                    errors.append(error)
+                    break
+                reused = session.transactions > 0
+                try:
+                    result = await attempt(upstream, session)
+                except _Final as final:
+                    upstream.breaker.success()  # it answered: it is alive
+                    raise final.error from None
+                except RelayError as error:
+                    upstream.breaker.success()
+                    self._report(error, message_id)
+                    errors.append(error)
+                    break
+                except UpstreamError as error:
+                    upstream.pool.release(session, reusable=False)
+                    if reused and not use_fresh:
+                        # The pooled connection died while idle (upstream restart, idle
+                        # timeout racing our MAIL): not the upstream's failure, not the
+                        # message's.  Same upstream, new connection.
+                        log.info("upstream {upstream}: pooled connection was dead ({detail}); "
+                                 "retrying on a new one", upstream=upstream.address,
+                                 detail=error.detail, message_id=message_id)
+                        use_fresh = True
+                        continue
+                    upstream.breaker.failure()
+                    relay_error = relay_error_from(error, "session", upstream.address)
+                    self._report(relay_error, message_id)
+                    errors.append(relay_error)
+                    break
+                except BaseException:
+                    upstream.pool.release(session, reusable=False)
+                    upstream.breaker.release()
+                    raise
+                upstream.breaker.success()
+                return result
+        raise self._verdict(errors, skipped)
+
+    def _verdict(self, errors: list[RelayError], skipped: list[Upstream]) -> RelayError:
+        """Permanent only when every upstream said so; else the most telling 4xx."""
+        transient = [e for e in errors if e.transient]
+        if errors and not transient and not skipped:
+            return errors[0]
+        told = [e for e in transient if e.reason == REJECTED]
+        if told:
+            return told[0]  # an upstream's own 4xx: its words are the best explanation
+        if transient:
+            if len(self.upstreams) == 1:
+                return transient[0]
+            details = "; ".join(e.describe() for e in transient)
+            return unavailable("4.4.1", "No upstream server available, try again later",
+                               details, transient[0].command, transient[0].upstream_reply)
+        names = ", ".join(u.address for u in skipped)
+        return unavailable("4.4.1", "No upstream server available, try again later",
+                           f"skipped while their circuit breaker is open: {names}",
+                           "connect", upstream=skipped[0].address if skipped else None)
+
+    def _report(self, error: RelayError, message_id: str) -> None:
+        log.info("relay attempt failed: message={message_id} {description}",
+                 message_id=message_id, description=error.describe(),
+                 upstream=error.upstream, command=error.command, reason=error.reason,
+                 permanent=error.permanent,
+                 upstream_reply=str(error.upstream_reply) if error.upstream_reply else None)
+        for observer in list(self.observers):
+            try:
+                observer(error)
+            except Exception:
+                log.failure("relay failure observer failed")
+
+    # -- whole messages ----------------------------------------------------------------------
 
     async def _deliver(self, message: OutboundMessage) -> Reply:
-        stage = "connect"
-        session: UpstreamSession | None = None
+        envelope = message.envelope
+        eight_bit: list[bool] = []
+
+        async def attempt(upstream: Upstream, session: UpstreamSession
+                          ) -> tuple[Reply, str, bool]:
+            if not envelope.recipients:
+                _release(upstream, session)
+                raise _Final(permanent(554, "5.5.1", "No recipients", "RCPT"))
+            try:
+                if _declares_8bit(envelope) and not session.extensions.eightbitmime \
+                        and not eight_bit:
+                    eight_bit.append(await deferToThread(_has_8bit, message))
+                mail = session.mail_line(envelope, message.size,
+                                         eight_bit[0] if eight_bit else None)
+                smtputf8 = b" SMTPUTF8" in mail
+                rcpts = [session.rcpt_line(r, smtputf8) for r in envelope.recipients]
+            except RelayError:
+                _release(upstream, session)
+                raise
+            mail_reply, rcpt_replies, data_reply = await session.start(mail, rcpts, data=True)
+            data_started = data_reply is not None and data_reply.code == 354
+            try:
+                _check_mail(mail_reply, upstream)
+                _check_recipients(envelope.recipients, rcpt_replies, upstream)
+            except (RelayError, _Final):
+                if data_started:
+                    session.abandon()
+                _release(upstream, session)
+                raise
+            assert data_reply is not None
+            if data_reply.code != 354:
+                _release(upstream, session)
+                if data_reply.is_positive:
+                    raise ProtocolViolation(f"DATA answered {data_reply}, not 354", "DATA")
+                error = rejected("DATA", data_reply, upstream=upstream.address)
+                raise error if error.transient else _Final(error)
+            final = await _content(session, message, upstream)
+            _release(upstream, session)
+            return _final_verdict(final, upstream), upstream.address, session.secure
+
         try:
-            protocol = await self.connect()
-            stage = "session"
-            session = UpstreamSession(protocol, self.settings, self._tls_options)
-            await session.open()
-            stage = "transaction"
-            reply = await session.send(message)
-        except Exception as error:  # everything becomes a RelayError
-            failure = relay_error_from(error, stage)
-            if stage != "connect" and not isinstance(error, (RelayError, UpstreamError)):
-                log.failure("unexpected error relaying {message_id}", Failure(error),
-                            message_id=message.id)
-            self._log(message, session, "failed", failure.reply, failure)
-            if session is not None:
-                self._track(session.close())
-            raise failure
-        self._log(message, session, "accepted", reply, None)
-        # The outcome is final: QUIT in the background, its failure changes nothing.
-        self._track(session.close())
+            if _declares_binary(envelope) and await deferToThread(_needs_bdat, message):
+                raise _binary_refusal()
+            reply, address, tls = await self._on_some_upstream(attempt, message.id)
+        except RelayError as error:
+            self._log(message.id, message.connection_id, "failed", error.reply, error)
+            raise
+        self._log(message.id, message.connection_id, "accepted", reply, None, address, tls)
         return reply
 
-    def _log(self, message: OutboundMessage, session: UpstreamSession | None, outcome: str,
-             reply: Reply, error: RelayError | None) -> None:
-        log.info(
+    def _log(self, message_id: str, connection_id: str, outcome: str, reply: Reply,
+             error: RelayError | None, upstream: str | None = None,
+             tls: bool | None = None, debug: bool = False) -> None:
+        (log.debug if debug else log.info)(
             "relay {outcome}: message={message_id} connection={connection_id} "
             "upstream={upstream} tls={tls} reply={reply}{detail}",
-            outcome=outcome, message_id=message.id, connection_id=message.connection_id,
-            upstream=self.settings.address, tls=bool(session and session.secure),
+            outcome=outcome, message_id=message_id, connection_id=connection_id,
+            upstream=upstream or (error.upstream if error else None), tls=tls,
             reply=str(reply), upstream_reply=str(error.upstream_reply) if error and
             error.upstream_reply else None,
-            detail=f" ({error.detail})" if error and error.detail else "",
+            detail=f" ({error.describe()})" if error else "",
             reason=error.reason if error else None)
 
     def _track(self, d: Deferred[Any]) -> Deferred[Any]:
@@ -470,15 +356,399 @@ class SMTPRelay:
         d.addBoth(done)
         return d
 
-    def close(self) -> Deferred[None]:
-        """Refuse new work; fire once every delivery and every QUIT has finished."""
-        self._closed = True
-        waiter: Deferred[None] = Deferred()
-        if self._in_flight:
-            self._idle.append(waiter)
+
+@implementer(IRelayTransaction)
+class UpstreamTransaction:
+    """One client transaction mirrored on one upstream session (see the module doc)."""
+
+    def __init__(self, relay: SMTPRelay, envelope: Envelope, message_id: str,
+                 connection_id: str):
+        self._relay = relay
+        self.envelope = replace(envelope, recipients=())
+        self.message_id = message_id
+        self.connection_id = connection_id
+        self._upstream: Upstream | None = None
+        self._session: UpstreamSession | None = None
+        self._smtputf8 = False
+        self._accepted: list[tuple[str, bytes]] = []
+        self._poisoned: RelayError | None = None
+        self._replays = 0
+        self._busy: Deferred[Any] | None = None
+        self._finished = False   # send() started, or abort(): no more commands from us
+        self._aborted = False
+
+    @property
+    def upstream(self) -> str | None:
+        return self._upstream.address if self._upstream else None
+
+    @property
+    def max_size(self) -> int | None:
+        return self._session.max_size if self._session is not None else None
+
+    @property
+    def recipients(self) -> list[str]:
+        return [address for address, _ in self._accepted]
+
+    # -- IRelayTransaction --------------------------------------------------------------
+
+    def addRecipient(self, address: str) -> Deferred[Reply]:
+        return self._relay._track(self._serialize(self._add, address))
+
+    def send(self, message: OutboundMessage) -> Deferred[Reply]:
+        return self._relay._track(self._serialize(self._send, message))
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        self._finished = True
+        if self._busy is None:
+            self._let_go(reusable=True)
+        # else: the operation in flight lets go of the session when it ends
+
+    # -- MAIL with the first RCPT ----------------------------------------------------------
+
+    async def _first(self, address: str) -> tuple[bytes, Reply]:
+        """Open the transaction: [RSET,] MAIL and the first RCPT in one flight, on the first
+        upstream that takes the MAIL.  A refused MAIL is every recipient's answer."""
+        envelope, size = self.envelope, self.envelope.declared_size
+
+        async def attempt(upstream: Upstream, session: UpstreamSession
+                          ) -> tuple[Upstream, UpstreamSession, bytes, bytes, Reply]:
+            try:
+                mail = session.mail_line(envelope, size)
+                line = session.rcpt_line(address, b" SMTPUTF8" in mail)
+            except RelayError:
+                _release(upstream, session)
+                raise
+            mail_reply, replies, _ = await session.start(mail, [line])
+            _check_mail(mail_reply, upstream, release=session)
+            return upstream, session, mail, line, replies[0]
+
+        try:
+            upstream, session, mail, line, reply = await self._relay._on_some_upstream(
+                attempt, self.message_id)
+        except RelayError as error:
+            self._poisoned = error  # the sender's verdict holds for every recipient
+            raise
+        if self._aborted:
+            _release(upstream, session)
+            raise _aborted()
+        self._upstream, self._session = upstream, session
+        self._smtputf8 = b" SMTPUTF8" in mail
+        return line, reply
+
+    # -- RCPT ------------------------------------------------------------------------------
+
+    async def _add(self, address: str) -> Reply:
+        if self._poisoned is not None:
+            raise self._poisoned
+        if self._finished:
+            raise RuntimeError("RCPT after the transaction ended")
+        if self._session is None:
+            line, reply = await self._first(address)
         else:
-            waiter.callback(None)
-        return waiter
+            session, upstream = self._session, self._upstream
+            assert upstream is not None
+            rcptmax = session.extensions.rcptmax
+            if rcptmax is not None and len(self._accepted) >= rcptmax:
+                # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.
+                return self._refuse(RelayError(
+                    Reply(452, "4.5.3", f"Too many recipients for the upstream server (at "
+                                        f"most {rcptmax} per message), send the rest later"),
+                    REJECTED, "RCPT", None, f"LIMITS RCPTMAX={rcptmax}", upstream.address))
+            line = session.rcpt_line(address, self._smtputf8)
+            try:
+                reply = await session.rcpt(line)
+            except UpstreamError as error:
+                self._relay._report(relay_error_from(error, "session", upstream.address),
+                                    self.message_id)
+                upstream.breaker.failure()
+                reply = await self._replay(error, extra=line)
+        if self._aborted:
+            raise _aborted()
+        if reply.code in (250, 251):
+            self._accepted.append((address, line))
+            return reply
+        if reply.is_positive:
+            return self._refuse(unavailable(
+                "4.4.2", "Upstream protocol error, try again later",
+                f"RCPT answered {reply}", "RCPT", reply, self.upstream))
+        return self._refuse(rejected("RCPT", reply, f"upstream rejected <{address}>: "
+                                     f"{reply.text}", self.upstream))
+
+    def _refuse(self, error: RelayError) -> Reply:
+        self._relay._report(error, self.message_id)
+        raise error
+
+    # -- DATA -------------------------------------------------------------------------------
+
+    async def _send(self, message: OutboundMessage) -> Reply:
+        if self._poisoned is not None:
+            self._finished = True
+            self._let_go(reusable=True)
+            return self._fail(self._poisoned)
+        if self._finished or self._session is None:
+            raise RuntimeError("send() after the transaction ended")
+        self._finished = True
+        if not self._accepted:
+            self._let_go(reusable=True)
+            return self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
+        if list(message.envelope.recipients) != self.recipients:
+            raise RuntimeError("the message's recipients are not the accepted ones")
+        if _declares_binary(self.envelope) and await deferToThread(_needs_bdat, message):
+            self._let_go(reusable=True)
+            return self._fail(_binary_refusal())
+        tried: list[Upstream] = []
+        eight_bit: list[bool] = []
+        while True:
+            session, upstream = self._session, self._upstream
+            assert session is not None and upstream is not None
+            try:
+                limit = session.max_size
+                if limit is not None and message.size > limit:
+                    raise permanent(552, "5.3.4", f"Message too big for the upstream server "
+                                    f"({message.size} > {limit} octets)", "DATA",
+                                    upstream.address)
+                if _declares_8bit(self.envelope) and not session.extensions.eightbitmime:
+                    if not eight_bit:
+                        eight_bit.append(await deferToThread(_has_8bit, message))
+                    if eight_bit[0]:
+                        raise eight_bit_unsupported(upstream.address)
+                data = await session.data()
+                if data.code == 354:
+                    final = await _content(session, message, upstream)
+                    self._let_go(reusable=True)
+                    return self._done(_final_verdict(final, upstream), upstream, session)
+                if data.is_positive:
+                    raise ProtocolViolation(f"DATA answered {data}, not 354", "DATA")
+                raise rejected("DATA", data, upstream=upstream.address)
+            except _Final as final:
+                self._let_go(reusable=True)
+                return self._fail(final.error)
+            except RelayError as error:
+                # A 4xx to DATA or to the end of data, or a capability this upstream
+                # lacks: nothing was accepted, so the next upstream may take it (with the
+                # same recipients); a 5xx is the upstream's final word.
+                tried.append(upstream)
+                others = [u for u in self._relay.upstreams if u not in tried]
+                if not others or (error.permanent and error.upstream_reply is not None):
+                    self._let_go(reusable=True)
+                    return self._fail(error)
+                self._relay._report(error, self.message_id)
+                try:
+                    await self._replay(error, exclude=tried)
+                except RelayError:
+                    # No other upstream took it: the first answer is the one that counts.
+                    return self._fail(error)
+            except UpstreamError as error:
+                self._relay._report(relay_error_from(error, "session", upstream.address),
+                                    self.message_id)
+                upstream.breaker.failure()
+                try:
+                    await self._replay(error)
+                except RelayError as replay_error:
+                    return self._fail(replay_error)
+
+    def _done(self, reply: Reply, upstream: Upstream, session: UpstreamSession) -> Reply:
+        # The delivery logs every outcome; this line matters when the way was unusual.
+        unusual = bool(self._replays) or upstream is not self._relay.upstreams[0]
+        self._relay._log(self.message_id, self.connection_id, "accepted", reply, None,
+                         upstream.address, session.secure, debug=not unusual)
+        return reply
+
+    def _fail(self, error: RelayError) -> Reply:
+        self._relay._log(self.message_id, self.connection_id, "failed", error.reply, error,
+                         self.upstream)
+        raise error
+
+    # -- replay on a new connection -----------------------------------------------------------
+
+    async def _replay(self, cause: BaseException, extra: bytes | None = None,
+                      exclude: Sequence[Upstream] = ()) -> Reply | None:
+        """Re-open the transaction elsewhere: MAIL and every accepted RCPT (plus ``extra``)
+        in one flight.  Returns the reply to ``extra``; raises ``RelayError`` (and answers
+        the rest of the transaction with it) when that is impossible or the recipients'
+        verdicts changed."""
+        lost = isinstance(cause, UpstreamError)
+        failed = self._upstream
+        self._let_go(reusable=not lost)
+        if self._aborted:
+            raise _aborted()
+        if self._replays >= self._relay.pool_settings.max_replays:
+            return self._poison(relay_error_from(cause, "session", self.upstream),
+                                f"gave up after {self._replays} replays")
+        self._replays += 1
+        accepted = list(self._accepted)
+        lines = [line for _, line in accepted] + ([extra] if extra else [])
+        log.info("message={message_id}: re-opening the upstream transaction ({cause}): "
+                 "MAIL and {count} RCPT on another connection", message_id=self.message_id,
+                 cause=getattr(cause, "detail", None) or str(cause), count=len(lines))
+        envelope, size = self.envelope, self.envelope.declared_size
+
+        async def attempt(upstream: Upstream, session: UpstreamSession
+                          ) -> tuple[Upstream, UpstreamSession, Reply | None]:
+            try:
+                mail = session.mail_line(envelope, size)
+                if (b" SMTPUTF8" in mail) != self._smtputf8:
+                    raise permanent(550, "5.6.7", "Upstream SMTPUTF8 support differs",
+                                    "MAIL", upstream.address)
+            except RelayError:
+                _release(upstream, session)
+                raise
+            mail_reply, replies, _ = await session.start(mail, lines)
+            _check_mail(mail_reply, upstream, release=session, final=False)
+            for (address, _), reply in zip(accepted, replies):
+                if reply.code not in (250, 251):
+                    _release(upstream, session)
+                    raise rejected("RCPT", reply, f"upstream now rejects <{address}>, "
+                                   f"accepted before: {reply.text}", upstream.address)
+            return upstream, session, (replies[-1] if extra else None)
+
+        try:
+            upstream, session, extra_reply = await self._relay._on_some_upstream(
+                attempt, self.message_id, exclude=exclude, fresh=lost,
+                last=failed if lost else None)
+        except RelayError as error:
+            return self._poison(error, "the replay failed")
+        if self._aborted:
+            _release(upstream, session)
+            raise _aborted()
+        self._upstream, self._session = upstream, session
+        return extra_reply
+
+    def _poison(self, error: RelayError, why: str) -> Reply:
+        """Answer the rest of this transaction with a 451: the client retries it all."""
+        self._poisoned = RelayError(
+            Reply(451, "4.4.2", "Upstream connection lost during the transaction and it "
+                                "could not be resumed, try again later"),
+            UNAVAILABLE, error.command, error.upstream_reply,
+            f"{why}: {error.describe()}", error.upstream)
+        self._relay._report(self._poisoned, self.message_id)
+        raise self._poisoned
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _serialize(self, operation: Callable[[Any], Awaitable[Reply]], argument: Any
+                   ) -> Deferred[Reply]:
+        if self._busy is not None:
+            return fail(RuntimeError("one operation at a time on a relay transaction"))
+        d = Deferred.fromCoroutine(operation(argument))
+        if d.called:
+            return d
+        self._busy = d
+
+        def done(result: Any) -> Any:
+            self._busy = None
+            if self._aborted:
+                self._let_go(reusable=True)
+            return result
+        return d.addBoth(done)
+
+    def _let_go(self, reusable: bool) -> None:
+        """Give the session back to its pool (``_upstream`` stays, for the logs)."""
+        session, upstream = self._session, self._upstream
+        self._session = None
+        if session is not None and upstream is not None:
+            upstream.pool.release(session, reusable=reusable)
+
+
+# --- shared steps ------------------------------------------------------------------------------
+
+def _aborted() -> RelayError:
+    return RelayError(Reply(451, "4.3.0", "Transaction aborted"), UNAVAILABLE, "RCPT")
+
+
+def _release(upstream: Upstream, session: UpstreamSession) -> None:
+    upstream.pool.release(session, reusable=True)
+
+
+def _check_mail(reply: Reply, upstream: Upstream, release: UpstreamSession | None = None,
+                final: bool = True) -> None:
+    if reply.code == 250:
+        return
+    if release is not None:
+        _release(upstream, release)
+    if reply.is_positive:
+        raise ProtocolViolation(f"MAIL answered {reply}", "MAIL")
+    error = rejected("MAIL", reply, upstream=upstream.address)
+    if error.permanent and final:
+        raise _Final(error)
+    raise error
+
+
+def _check_recipients(recipients: Sequence[str], replies: list[Reply],
+                      upstream: Upstream) -> None:
+    """All recipients or nothing (``deliver``): a 250 must mean every recipient got it."""
+    refused = [(rcpt, reply) for rcpt, reply in zip(recipients, replies)
+               if reply.code not in (250, 251)]
+    if not refused:
+        return
+    for rcpt, reply in refused:
+        if reply.is_positive:
+            raise ProtocolViolation(f"RCPT answered {reply}", "RCPT")
+    # A transient refusal makes the whole message transient: the client retries and the
+    # permanently refused recipient is reported then.
+    rcpt, reply = next(((r, p) for r, p in refused if p.is_transient), refused[0])
+    error = rejected("RCPT", reply, f"upstream rejected <{rcpt}>: {reply.text}",
+                     upstream.address)
+    raise error if error.transient else _Final(error)
+
+
+async def _content(session: UpstreamSession, message: OutboundMessage,
+                   upstream: Upstream) -> Reply:
+    """Stream the content; a connection lost after the final dot ends everything."""
+    try:
+        return await session.content(message.chunks())
+    except ConnectionLost as error:
+        if not error.after_data:
+            raise  # nothing was delivered: another connection or upstream may take it
+        # The final dot went out: the upstream may have accepted the message.  Sending it
+        # again could deliver it twice; the client is told (451, duplicate possible).
+        upstream.pool.release(session, reusable=False)
+        upstream.breaker.failure()
+        raise _Final(relay_error_from(error, "session", upstream.address)) from None
+
+
+def _final_verdict(final: Reply, upstream: Upstream) -> Reply:
+    if final.code == 250:
+        return final
+    if final.is_positive:
+        raise _Final(unavailable("4.4.2", "Upstream protocol error, try again later",
+                                 f"end of data answered {final}", "end of data", final,
+                                 upstream.address))
+    error = rejected("end of data", final, upstream=upstream.address)
+    raise error if error.transient else _Final(error)
+
+
+def _binary_refusal(upstream: str | None = None) -> RelayError:
+    # RFC 3030 §3: BINARYMIME content is sent only with BDAT, which we do not send
+    # upstream yet; DATA would have to rewrite it, and we never alter content
+    # (mox: no downgrade).  Line-shaped content goes as 8BITMIME instead.
+    return permanent(554, "5.6.3", "Binary content cannot be relayed: the upstream "
+                     "transfer needs BDAT (RFC 3030), which is not supported", "DATA", upstream)
+
+
+def _needs_bdat(message: OutboundMessage) -> bool:
+    """Whether BINARYMIME content could not travel in DATA unchanged: bare CR or LF,
+    NUL, or a line over 998 octets (runs in a thread: reads the whole spool)."""
+    tail = b""
+    for chunk in message.chunks():
+        block = tail + chunk
+        cut = block.rfind(b"\n") + 1
+        lines, tail = block[:cut], block[cut:]
+        if b"\0" in block or has_bare_line_ends(lines) or any(
+                len(line) > 999 for line in lines.split(b"\n")) or len(tail) > 999:
+            return True
+    return bool(tail)  # content must end with CRLF to travel in DATA unchanged
+
+
+def _declares_binary(envelope: Envelope) -> bool:
+    return (envelope.body or "").upper() == "BINARYMIME"
+
+
+def _declares_8bit(envelope: Envelope) -> bool:
+    return (envelope.body or "").upper() in ("8BITMIME", "BINARYMIME")
 
 
 def _has_8bit(message: OutboundMessage) -> bool:

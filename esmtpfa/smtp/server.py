@@ -83,6 +83,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self.settings = factory.settings
         self.id = new_id()
         self._buffer = b""
+        self._out: list[bytes] = []  # replies not yet written (RFC 2920 batching)
         self._in_process = False
         self._waiting = False
         self._paused = False
@@ -114,6 +115,13 @@ class ESMTPServer(Protocol, TimeoutMixin):
             local_host=getattr(host, "host", ""), local_port=getattr(host, "port", 0),
             tls=self._tls)
         self.callLater = self.factory.reactor.callLater
+        # Replies to pipelined commands can leave in several writes when one waits for the
+        # upstream (RCPT); with Nagle on, the later ones would wait for the client's
+        # delayed ACK (~40 ms per message).  A TLS wrapper forwards this to the TCP socket.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):  # not TCP (tests over pipes, UNIX sockets)
+            pass
         log.info("{connection_id} connect from [{peer}]:{port} on {listener}",
                  connection_id=self.id, peer=self._context.peer_host,
                  port=self._context.peer_port, listener=self.factory.name)
@@ -140,11 +148,21 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self._close()
 
     def _close(self) -> None:
+        self._flush()
         self._closing = True
         self.transport.loseConnection()
 
     def _write(self, data: bytes) -> None:
         if not self._closing or data.startswith(b"421"):
+            self._out.append(data)
+            if not self._in_process and not self._waiting:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the replies held so far, in one piece."""
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out = []
             self.transport.write(data)
 
     def _reply(self, reply: Reply) -> None:
@@ -175,6 +193,11 @@ class ESMTPServer(Protocol, TimeoutMixin):
                     self._dispatch(line)
         finally:
             self._in_process = False
+        # RFC 2920 §3.2: while the client's pipelined commands are still queued behind one
+        # that waits (a RCPT the upstream is judging), hold the replies so far: they leave
+        # together with the later ones, in one packet, when the queue runs dry.
+        if not (self._waiting and self._buffer):
+            self._flush()
         self._flow_control()
 
     def _flow_control(self) -> None:
@@ -340,6 +363,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
                      connection_id=self.id, n=len(self._buffer))
             self._buffer = b""
         self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        self._flush()  # the 220 goes out in cleartext, before the handshake
         self.transport.startTLS(self.factory.tls_options)
         self._tls = True
         # RFC 3207 §4.2: forget everything learned from the client before TLS.

@@ -14,6 +14,8 @@ import sys
 
 from twisted.internet import defer, protocol, reactor, task, utils
 
+from tests.support.ports import free_port
+
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -49,9 +51,18 @@ class _Collector(protocol.ProcessProtocol):
 
 
 class Twistd:
-    """``twistd -n esmtpfa ARGS`` as a child process."""
+    """``twistd -n esmtpfa ARGS`` as a child process.
+
+    The metrics listener always runs (default port 9090): unless the test chooses
+    ``--metrics-port``, a free one is used so tests never collide with each other or
+    with a Prometheus exporter on the machine (``metrics_port``).
+    """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        if not any(arg.startswith("--metrics-port") for arg in args):
+            args = [*args, "--metrics-port", str(free_port())]
+        self.metrics_port = int(args[args.index("--metrics-port") + 1]) if (
+            "--metrics-port" in args) else None
         self.args = args
         self.env = child_environment(env)
         self._collector = _Collector()

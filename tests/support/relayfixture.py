@@ -3,6 +3,11 @@
 Built from the same ``tap.Options`` a ``twistd esmtpfa`` command line goes through, with
 generated certificates and a recording SMTP upstream, so tests exercise the wiring
 users run, not a hand-assembled subset.
+
+Every listener is on loopback with a free port: SMTP (``plain_port``, ``tls_port``),
+metrics and health (``metrics_port``) and, when the extra arguments include ``--http``,
+the submission API (``http_port``).  ``config_path`` is the provider file the relay
+watches; ``write_providers`` replaces it.
 """
 
 from __future__ import annotations
@@ -48,13 +53,14 @@ class RelayFixture:
     def start(self):
         if self.upstream is not None and not self.upstream.port:
             yield defer.maybeDeferred(self.upstream.start)
-        config = os.path.join(self.directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(self.providers)
+        config = self.config_path
+        self.write_providers(self.providers)
         args = ["--plain", "--tls", "--addr", "127.0.0.1", "--port", "0", "--tls-port", "0",
                 "--tls-cert", self.leaf.cert_path, "--tls-key", self.leaf.key_path,
                 "--config", config, "--hostname", "relay.test",
-                "--maildir", os.path.join(self.directory, "maildir")]
+                "--maildir", os.path.join(self.directory, "maildir"),
+                "--metrics-addr", "127.0.0.1", "--metrics-port", "0",
+                "--http-addr", "127.0.0.1", "--http-port", "0"]
         if self.upstream is not None:
             args += ["--relay-addr", "127.0.0.1", "--relay-port", str(self.upstream.port)]
         options = Options(environ=self.env)
@@ -65,6 +71,19 @@ class RelayFixture:
         ports = yield self.service.listening_ports()
         self.plain_port = ports["plain"].getHost().port
         self.tls_port = ports["tls"].getHost().port
+        self.metrics_port = ports["metrics"].getHost().port
+        self.http_port = ports["http"].getHost().port if "http" in ports else None
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.directory, "providers.yaml")
+
+    def write_providers(self, text: str) -> None:
+        """Replace the provider file atomically, as a careful operator (or editor) does."""
+        temporary = self.config_path + ".new"
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, self.config_path)
 
     @defer.inlineCallbacks
     def stop(self):

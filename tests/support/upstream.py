@@ -27,13 +27,20 @@ test certificate; require a client certificate signed by a CA; require AUTH cred
 answer any command, any recipient or the end of data with a scripted reply (``"CLOSE"``
 drops the connection instead of answering); drop the connection after N octets of DATA;
 stall (never answer) at a given point; treat a bare-LF dot line as the end of data, like a
-server vulnerable to SMTP smuggling, to prove the client never produces one.
+server vulnerable to SMTP smuggling, to prove the client never produces one.  Faults can be
+limited to the first N sessions (``fault_sessions``: "the first connection breaks, the next
+one works"), and ``script(session_index, verb, line)`` can answer any command of any session
+(``"CLOSE"`` drops, ``"STALL"`` never answers).  AUTH PLAIN, LOGIN and CRAM-MD5 (RFC 2195)
+are checked against ``credentials``.
 """
 
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+import hashlib
+import hmac
+import os
 import re
 from typing import Any, Callable
 
@@ -52,6 +59,7 @@ DEFAULT_EXTENSIONS = ("PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8",
 GREETING = "GREETING"
 END_OF_DATA = "EOM"
 CLOSE = "CLOSE"
+STALL = "STALL"
 
 _MAIL = re.compile(rb"^MAIL FROM:<(.*?)>(.*)$", re.IGNORECASE)
 _RCPT = re.compile(rb"^RCPT TO:<(.*?)>(.*)$", re.IGNORECASE)
@@ -76,6 +84,11 @@ class Received:
     mail_params: list[str]
     tls: bool
     session: "SessionRecord" = field(repr=False)
+    reply: str = ""   # what the upstream answered to the final dot
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.startswith("2")
 
 
 @dataclass
@@ -92,6 +105,7 @@ class SessionRecord:
     plaintext_after_starttls: bytes = b""
     data_bytes: int = 0
     closed: bool = False
+    index: int = 0  # position among the upstream's sessions
 
     def lines(self) -> list[bytes]:
         return [c.line for c in self.commands]
@@ -118,6 +132,8 @@ class RecordingUpstream:
                  stall_at: str | None = None,
                  lax_end_of_data: bool = False,
                  on_data: Callable[["UpstreamProtocol"], None] | None = None,
+                 fault_sessions: int | None = None,
+                 script: Callable[[int, str, bytes], str | None] | None = None,
                  reactor: Any = None):
         """
         ``tls`` is a ``tests.support.certs.Leaf`` (cert and key); with it STARTTLS is offered
@@ -127,6 +143,10 @@ class RecordingUpstream:
         ``RSET``, ``STARTTLS``, ``AUTH``) to a reply line such as ``"451 4.3.0 Later"``;
         ``rcpt_replies`` maps a recipient address to its reply; ``eom_reply`` answers the
         end of data.  ``stall_at`` is a verb, ``GREETING`` or ``EOM``.
+        ``fault_sessions`` limits ``greeting``, ``replies``, ``rcpt_replies``, a non-2xx
+        ``eom_reply``, ``close_after_data_bytes`` and ``stall_at`` to the first N sessions.
+        ``script(session_index, verb, line)`` is asked first for every command (verb
+        ``EOM`` for the end of data): a reply line, ``"CLOSE"``, ``"STALL"``, or None.
         """
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -149,6 +169,8 @@ class RecordingUpstream:
         self.stall_at = stall_at.upper() if stall_at else None
         self.lax_end_of_data = lax_end_of_data
         self.on_data = on_data
+        self.fault_sessions = fault_sessions
+        self.script = script
         self.sessions: list[SessionRecord] = []
         self.messages: list[Received] = []
         self._protocols: set[UpstreamProtocol] = set()
@@ -158,14 +180,15 @@ class RecordingUpstream:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> "RecordingUpstream":
+    def start(self, port: int = 0) -> "RecordingUpstream":
+        """Listen on ``port`` (0: any free one; a given port: e.g. a restarted upstream)."""
         factory = Factory.forProtocol(lambda: UpstreamProtocol(self))
         factory.noisy = False
         if self.implicit_tls:
-            self._port = self.reactor.listenSSL(0, factory, self.server_tls_options(),
+            self._port = self.reactor.listenSSL(port, factory, self.server_tls_options(),
                                                 interface=self.host)
         else:
-            self._port = self.reactor.listenTCP(0, factory, interface=self.host)
+            self._port = self.reactor.listenTCP(port, factory, interface=self.host)
         self.port = self._port.getHost().port
         return self
 
@@ -213,6 +236,14 @@ class RecordingUpstream:
         """Fires once every connection accepted so far has closed."""
         return DeferredList([p.disconnected for p in list(self._protocols)])
 
+    @property
+    def accepted(self) -> list[Received]:
+        """The messages this upstream acknowledged with a 2xx to the final dot."""
+        return [m for m in self.messages if m.accepted]
+
+    def faulty(self, record: SessionRecord) -> bool:
+        return self.fault_sessions is None or record.index < self.fault_sessions
+
     def ehlo_lines(self, tls: bool) -> list[str]:
         lines = list(self.extensions)
         if self.offer_starttls and not tls:
@@ -243,6 +274,8 @@ class UpstreamProtocol(Protocol):
         self._scan = 0
         self._stalled = False
         self._login_user = ""
+        self._challenge = b""
+        self._hooked: str | None = None
         self._packet = 0
         self._reset()
 
@@ -254,14 +287,25 @@ class UpstreamProtocol(Protocol):
     # -- connection -----------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.record.index = len(self.upstream.sessions)
         self.upstream.sessions.append(self.record)
         self.upstream._protocols.add(self)
         if self.upstream.implicit_tls:
             self.record.tls = False  # becomes True at handshakeCompleted
-        if self.upstream.stall_at == GREETING:
+        faulty = self.upstream.faulty(self.record)
+        scripted = self._script(GREETING, b"")
+        if scripted == STALL or (scripted is None and faulty
+                                 and self.upstream.stall_at == GREETING):
             self._stalled = True
             return
-        self._send(self.upstream.greeting)
+        if scripted is None and not faulty:
+            scripted = f"220 {self.upstream.hostname} ESMTP recording upstream"
+        self._send(scripted or self.upstream.greeting)
+
+    def _script(self, verb: str, line: bytes) -> str | None:
+        if self.upstream.script is None:
+            return None
+        return self.upstream.script(self.record.index, verb, line)
 
     def handshakeCompleted(self) -> None:
         self.record.tls = True
@@ -308,10 +352,13 @@ class UpstreamProtocol(Protocol):
 
     def _command(self, line: bytes) -> None:
         verb = line.split(b" ", 1)[0].split(b":", 1)[0].decode("ascii", "replace").upper()
-        if verb == self.upstream.stall_at:
+        hooked = self._script(verb, line)
+        faulty = self.upstream.faulty(self.record)
+        if hooked == STALL or (hooked is None and faulty and verb == self.upstream.stall_at):
             self._stalled = True
             return
-        scripted = self.upstream.replies.get(verb)
+        self._hooked = hooked
+        scripted = hooked or (self.upstream.replies.get(verb) if faulty else None)
         handler = getattr(self, f"smtp_{verb}", None)
         if handler is None:
             self._send(scripted or "502 5.5.1 Command not implemented")
@@ -368,7 +415,12 @@ class UpstreamProtocol(Protocol):
         self.record.auth_mechanism = mechanism
         self.record.auth_tls = self.record.tls
         initial = parts[2] if len(parts) > 2 else None
-        if mechanism == "PLAIN":
+        if mechanism == "CRAM-MD5":
+            # RFC 2195: a unique challenge; the answer is "user hex(HMAC-MD5(pass, it))".
+            self._challenge = f"<{os.urandom(8).hex()}@{self.upstream.hostname}>".encode()
+            self._mode = "auth-cram"
+            self._send("334 " + base64.b64encode(self._challenge).decode("ascii"))
+        elif mechanism == "PLAIN":
             if initial is None:
                 self._mode = "auth-plain"
                 self._send("334 ")
@@ -389,6 +441,14 @@ class UpstreamProtocol(Protocol):
             return
         if mode == "auth-plain":
             self._checkPlain(line)
+        elif mode == "auth-cram":
+            user, _, digest = _b64(line).decode("utf-8", "replace").rpartition(" ")
+            secret = (self.upstream.credentials or ("", ""))[1].encode("utf-8")
+            expected = hmac.new(secret, self._challenge, hashlib.md5).hexdigest()
+            if hmac.compare_digest(digest, expected):
+                self._checkCredentials(user, self.upstream.credentials[1])
+            else:
+                self._checkCredentials(user, None)
         elif mode == "auth-login-user":
             self._login_user = _b64(line).decode("utf-8", "replace")
             self._mode = "auth-login-pass"
@@ -404,7 +464,7 @@ class UpstreamProtocol(Protocol):
         self._checkCredentials(parts[1].decode("utf-8", "replace"),
                                parts[2].decode("utf-8", "replace"))
 
-    def _checkCredentials(self, user: str, password: str) -> None:
+    def _checkCredentials(self, user: str, password: str | None) -> None:
         scripted = self.upstream.replies.get("AUTH")
         if scripted:
             self._send(scripted)
@@ -444,7 +504,9 @@ class UpstreamProtocol(Protocol):
             self._send("503 5.5.1 Need MAIL first")
             return
         rcpt = match.group(1).decode("utf-8", "surrogateescape")
-        reply = self.upstream.rcpt_replies.get(rcpt) or scripted or "250 2.1.5 Ok"
+        by_address = (self.upstream.rcpt_replies.get(rcpt)
+                      if self.upstream.faulty(self.record) else None)
+        reply = self._hooked or by_address or scripted or "250 2.1.5 Ok"
         if reply.startswith("2"):
             self._rcpts.append(rcpt)
         self._send(reply)
@@ -470,7 +532,8 @@ class UpstreamProtocol(Protocol):
         self._data += chunk
         self.record.data_bytes += len(chunk)
         limit = self.upstream.close_after_data_bytes
-        if limit is not None and self.record.data_bytes >= limit:
+        if limit is not None and self.record.data_bytes >= limit \
+                and self.upstream.faulty(self.record):
             self.transport.abortConnection()
             self.record.closed = True
             return
@@ -487,14 +550,19 @@ class UpstreamProtocol(Protocol):
         # RFC 5321 §4.5.2: remove the first "." of every line that starts with one.
         data = (b"\r\n" + stuffed).replace(b"\r\n.", b"\r\n")[2:]
         self.record.transactions += 1
+        faulty = self.upstream.faulty(self.record)
+        hooked = self._script(END_OF_DATA, b"")
+        reply = hooked or (self.upstream.eom_reply if faulty else "250 2.0.0 Ok: queued")
+        stall = hooked == STALL or (hooked is None and faulty
+                                    and self.upstream.stall_at == END_OF_DATA)
         self.upstream.messages.append(Received(
             self._mail_from or "", list(self._rcpts), data_raw, data, self._mail_params,
-            self.record.tls, self.record))
+            self.record.tls, self.record, "" if stall or reply == CLOSE else reply))
         self._reset()
-        if self.upstream.stall_at == END_OF_DATA:
+        if stall:
             self._stalled = True
             return
-        self._send(self.upstream.eom_reply)
+        self._send(reply)
 
     # -- output ---------------------------------------------------------------------------------
 

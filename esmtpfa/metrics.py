@@ -1,0 +1,302 @@
+"""The relay's Prometheus metrics (SPEC §8), one ``CollectorRegistry`` per ``RelayService``.
+
+The original esmtpfa's metric names, types and label names are kept, so its dashboards
+keep working; what they count is defined in ``docs/metrics.md``.  Two things differ on
+purpose:
+
+* **bounded labels** — a label value never comes straight from client input.  Provider
+  labels are configured provider names (or ``none`` / ``anonymous``), never the AUTH
+  username; ``from``/``to`` labels are addresses of *authenticated* senders, the first
+  ``address_labels`` distinct values of each, and ``other`` after that;
+* **no stale series** — ``configured_providers`` and the active-connection gauge are read
+  from the live objects at scrape time, so a removed provider's series disappears.
+
+The registry is rendered by ``render()`` rather than ``generate_latest``: the original's
+``mail_from_to`` is a counter *without* the ``_total`` suffix, which prometheus_client
+can only write under a mismatched ``# TYPE`` line, and ``_created`` samples are noise.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from esmtpfa.auth.selection import VIA_FALLBACK, ProviderSet
+from esmtpfa.logs import logger
+from esmtpfa.message import Envelope
+
+log = logger("esmtpfa.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Label value for anything past the address bound, and for anonymous submissions.
+OTHER = "other"
+#: ``provider`` label when no provider gave a verdict (unknown username, no fallback).
+NONE = "none"
+
+#: The original's buckets for the upstream duration (up to 10 minutes: slow smarthosts).
+UPSTREAM_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 15, 20, 25, 30, 35,
+                    40, 45, 50, 55, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600)
+AUTH_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+#: Selector outcomes → the original's label values.
+_AUTH_STATUS = {"accepted": "valid", "rejected": "invalid", "unavailable": "unavailable"}
+_FALLBACK_STATUS = {"accepted": "1", "rejected": "0", "unavailable": "unavailable"}
+
+#: Counters the original exposed without the ``_total`` suffix (Go client style).
+_UNSUFFIXED_COUNTERS = ("mail_from_to",)
+
+
+class BoundedLabels:
+    """First come, first kept: at most ``limit`` distinct values are admitted as labels.
+
+    Addresses are chosen by clients (even authenticated ones), so an unbounded label
+    would let one sender create a series per random recipient.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._kept: set = set()
+
+    def admit(self, value) -> bool:
+        if value in self._kept:
+            return True
+        if len(self._kept) < self.limit:
+            self._kept.add(value)
+            return True
+        return False
+
+
+def address_label(address: str) -> str:
+    return address.lower() if address else "<>"
+
+
+class RelayMetrics:
+    """Every metric of one relay, and the observer methods the relay's parts call.
+
+    ``checked``/``unmatched`` implement ``auth.selection.AuthObserver``; ``relayed``
+    implements ``delivery.DeliveryObserver``; ``config_reloaded``/``config_loaded`` are
+    called by ``reload``.
+    """
+
+    def __init__(self, namespace: str = "esmtpfa", *,
+                 providers: Callable[[], ProviderSet] = ProviderSet,
+                 connections: Callable[[], Mapping[str, int]] = dict,
+                 upstream: str = "", address_labels: int = 100):
+        self.namespace = namespace
+        self.upstream = upstream
+        self.registry = CollectorRegistry()
+        self._from = BoundedLabels(address_labels)
+        self._to = BoundedLabels(address_labels)
+        self._pairs = BoundedLabels(address_labels)
+
+        def counter(name, doc, labels):
+            return Counter(name, doc, labels, namespace=namespace, registry=self.registry)
+
+        # -- the original's metrics ------------------------------------------------------
+        self.connections = counter(
+            "connections_total", "Authentication verdicts by provider and status",
+            ["provider", "status"])
+        self.fallback_connections = counter(
+            "fallback_connections_total", "Fallback provider checks by provider and status",
+            ["provider", "status"])
+        self.auth_successes = counter(
+            "auth_successes_total", "Successful authentications by provider", ["provider"])
+        self.auth_failures = counter(
+            "auth_failures_total", "Refused credentials by provider", ["provider"])
+        self.bytes_sent = counter(
+            "bytes_sent_total", "Octets of messages the upstream accepted, by provider",
+            ["provider"])
+        self.bytes_from = counter(
+            "bytes_sent_from_address_total",
+            "Octets of messages the upstream accepted, by provider and sender",
+            ["provider", "from"])
+        self.bytes_to = counter(
+            "bytes_sent_to_address_total",
+            "Octets of messages the upstream accepted, by provider and recipient",
+            ["provider", "to"])
+        self.messages_sent = counter(
+            "messages_sent_total", "Messages the upstream accepted, by provider", ["provider"])
+        self.mail_from_to = counter(
+            "mail_from_to", "Sender/recipient pairs of relayed messages (status 1: accepted)",
+            ["from", "to", "status"])
+        self.upstream_duration = Histogram(
+            "smtp_server_request_duration_seconds",
+            "Time the upstream took to accept or refuse a message (status 1: accepted)",
+            ["server", "status"], namespace=namespace, registry=self.registry,
+            buckets=UPSTREAM_BUCKETS)
+        # -- additions ------------------------------------------------------------------
+        self.auth_duration = Histogram(
+            "auth_duration_seconds", "Time a provider took to answer a check",
+            ["provider", "outcome"], namespace=namespace, registry=self.registry,
+            buckets=AUTH_BUCKETS)
+        self.relay_outcomes = counter(
+            "relay_outcomes_total",
+            "Messages handed to the relay by outcome (accepted, rejected, unavailable, error)",
+            ["reason"])
+        self.relay_attempt_failures = counter(
+            "relay_attempt_failures_total",
+            "Failed attempts toward an upstream (failover may still deliver the message)",
+            ["upstream", "command", "kind"])
+        self.config_reloads = counter(
+            "config_reloads_total", "Provider configuration reloads by source and result",
+            ["source", "result"])
+        self.config_last_success = Gauge(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last good provider configuration load (startup included)",
+            namespace=namespace, registry=self.registry)
+        self.config_last_ok = Gauge(
+            "config_last_reload_successful",
+            "1 if the last provider configuration load succeeded, else 0",
+            namespace=namespace, registry=self.registry)
+        self.registry.register(_LiveCollector(self._name, providers, connections))
+
+    def _name(self, name: str) -> str:
+        return f"{self.namespace}_{name}" if self.namespace else name
+
+    # -- auth.selection.AuthObserver -------------------------------------------------------
+
+    def checked(self, provider: str, via: str, outcome: str, seconds: float) -> None:
+        self.auth_duration.labels(provider, outcome).observe(seconds)
+        if via == VIA_FALLBACK:
+            self.fallback_connections.labels(provider, _FALLBACK_STATUS[outcome]).inc()
+            if outcome != "accepted":
+                return  # not a verdict: the next fallback is asked
+        self.connections.labels(provider, _AUTH_STATUS[outcome]).inc()
+        if outcome == "accepted":
+            self.auth_successes.labels(provider).inc()
+        elif outcome == "rejected":
+            self.auth_failures.labels(provider).inc()
+
+    def unmatched(self, outcome: str = "rejected") -> None:
+        self.connections.labels(NONE, _AUTH_STATUS[outcome]).inc()
+        if outcome == "rejected":
+            self.auth_failures.labels(NONE).inc()
+
+    # -- delivery.DeliveryObserver ---------------------------------------------------------
+
+    def attempt_failed(self, error) -> None:
+        """``relay.upstream.SMTPRelay.observers``: one failed upstream attempt.
+
+        Labels are bounded: configured upstream addresses, SMTP verbs and the
+        connection phases of ``RelayError.command``, permanent or transient."""
+        command = (error.command or "connection").replace(" ", "_")[:16]
+        self.relay_attempt_failures.labels(
+            error.upstream or "none", command,
+            "permanent" if error.permanent else "transient").inc()
+
+    def relayed(self, identity, envelope: Envelope, size: int, outcome: str,
+                seconds: float) -> None:
+        accepted = outcome == "accepted"
+        status = "1" if accepted else "0"
+        self.relay_outcomes.labels(outcome).inc()
+        self.upstream_duration.labels(self.upstream, status).observe(seconds)
+        authenticated = identity.via != "anonymous"
+        sender = self._address(self._from, envelope.mail_from, authenticated)
+        recipients = [self._address(self._to, rcpt, authenticated)
+                      for rcpt in envelope.recipients]
+        for recipient in recipients:
+            pair = (sender, recipient) if self._pairs.admit((sender, recipient)) else (OTHER, OTHER)
+            self.mail_from_to.labels(pair[0], pair[1], status).inc()
+        if not accepted:
+            return
+        provider = identity.provider
+        self.messages_sent.labels(provider).inc()
+        self.bytes_sent.labels(provider).inc(size)
+        self.bytes_from.labels(provider, sender).inc(size)
+        for recipient in recipients:
+            self.bytes_to.labels(provider, recipient).inc(size)
+
+    @staticmethod
+    def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:
+        label = address_label(address)
+        return label if authenticated and bound.admit(label) else OTHER
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def config_loaded(self) -> None:
+        self.config_last_success.set(time.time())
+        self.config_last_ok.set(1)
+
+    def config_reloaded(self, source: str, ok: bool) -> None:
+        self.config_reloads.labels(source, "success" if ok else "failure").inc()
+        if ok:
+            self.config_loaded()
+        else:
+            self.config_last_ok.set(0)
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return render(self.registry.collect(), {self._name(n) for n in _UNSUFFIXED_COUNTERS})
+
+
+class _LiveCollector:
+    """Series read from live objects at scrape time: nothing stale survives a reload."""
+
+    def __init__(self, name: Callable[[str], str], providers: Callable[[], ProviderSet],
+                 connections: Callable[[], Mapping[str, int]]):
+        self._name = name
+        self._providers = providers
+        self._connections = connections
+
+    def collect(self):
+        configured = GaugeMetricFamily(
+            self._name("configured_providers"), "A gauge of configured providers",
+            labels=["name", "domain", "domain_selection", "fallback", "type"])
+        for provider in self._providers().providers:
+            meta = provider.meta
+            configured.add_metric(
+                [meta.name, meta.domain or "*", _bool(meta.unique_domain_auth),
+                 _bool(meta.fallback), meta.type], 1)
+        yield configured
+        active = GaugeMetricFamily(
+            self._name("smtp_active_connections"), "Open SMTP connections by listener",
+            labels=["listener"])
+        for listener, count in sorted(self._connections().items()):
+            active.add_metric([listener], count)
+        yield active
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"  # Go's strconv.FormatBool, as the original
+
+
+# -- text exposition format 0.0.4 -------------------------------------------------------------
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_value(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def render(families: Iterable, unsuffixed: set[str] = frozenset()) -> bytes:
+    """Prometheus text format, Go client style: counters named as they were declared."""
+    out: list[str] = []
+    for family in families:
+        name, kind = family.name, family.type
+        samples = [s for s in family.samples if not s.name.endswith("_created")]
+        if kind == "counter":
+            if name in unsuffixed:
+                samples = [s._replace(name=name) for s in samples]
+            else:
+                name += "_total"
+        elif kind == "unknown":
+            kind = "untyped"
+        out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
+        out.append(f"# TYPE {name} {kind}\n")
+        for sample in samples:
+            labels = ",".join(f'{key}="{_escape_value(value)}"'
+                              for key, value in sorted(sample.labels.items()))
+            labels = "{" + labels + "}" if labels else ""
+            out.append(f"{sample.name}{labels} {floatToGoString(sample.value)}\n")
+    return "".join(out).encode("utf-8")
+
+
+__all__ = ["CONTENT_TYPE", "NONE", "OTHER", "RelayMetrics", "render"]

@@ -1,0 +1,328 @@
+"""Connection reuse and failure tracking per upstream: a session pool and a circuit breaker.
+
+``SessionPool`` keeps negotiated sessions (TLS and AUTH done) of one upstream: a message
+takes one (``acquire``), gives it back (``release``), and the next message runs on it after
+an RSET.  Idle sessions are closed after ``idle_timeout``; a session the upstream closed
+while idle leaves the pool at once (the protocol sees the FIN or the ``421``), and one
+that dies in the short window between being taken and used is replaced by the caller
+(``acquire(fresh=True)``) without failing the message.  LIMITS MAILMAX (RFC 9422) retires
+a session once it ran that many transactions.
+
+``CircuitBreaker`` counts consecutive connection-level failures (connect, TLS, greeting,
+AUTH, timeouts, lost connections).  After ``failures`` of them the upstream is skipped for
+``cooldown`` seconds; then one trial (half-open) decides whether it is back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
+
+from esmtpfa.logs import logger
+from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
+from esmtpfa.relay.session import (
+    UpstreamSession, endpoint_for, relay_error_from, unavailable)
+from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
+
+log = logger("esmtpfa.relay.pool")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int, cooldown: float, clock: Any,
+                 on_change: Callable[[str, str], None] | None = None):
+        self.threshold = failures
+        self.cooldown = cooldown
+        self._clock = clock
+        self._on_change = on_change
+        self.state = CLOSED
+        self.consecutive = 0
+        self.open_until = 0.0
+        self._probing = False
+
+    def open_now(self) -> bool:
+        """Open and still cooling down (no side effect, unlike ``allow``)."""
+        return self.state == OPEN and self._clock.seconds() < self.open_until
+
+    def allow(self) -> bool:
+        """May a connection be tried now?  In half-open state only one trial at a time."""
+        if self.state == OPEN:
+            if self._clock.seconds() < self.open_until:
+                return False
+            self._set(HALF_OPEN)
+        if self.state == HALF_OPEN:
+            if self._probing:
+                return False
+            self._probing = True
+        return True
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self._probing = False
+        if self.state != CLOSED:
+            self._set(CLOSED)
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        self._probing = False
+        if self.state == HALF_OPEN or self.consecutive >= self.threshold:
+            self.open_until = self._clock.seconds() + self.cooldown
+            self._set(OPEN)
+
+    def release(self) -> None:
+        """A trial that ended without telling anything (e.g. the client went away)."""
+        self._probing = False
+
+    def _set(self, state: str) -> None:
+        previous, self.state = self.state, state
+        if previous != state and self._on_change is not None:
+            self._on_change(previous, state)
+
+
+class SessionPool:
+    """Negotiated sessions of one upstream: at most ``settings.size`` at a time."""
+
+    def __init__(self, upstream: UpstreamSettings, settings: PoolSettings, reactor: Any,
+                 tls_options: Any, factory: SMTPClientFactory, sasl_cache: dict):
+        self.upstream = upstream
+        self.settings = settings
+        self._reactor = reactor
+        self._tls_options = tls_options
+        self._factory = factory
+        self._sasl_cache = sasl_cache
+        self._idle: list[UpstreamSession] = []   # most recently used last
+        self._busy: set[UpstreamSession] = set()
+        self._opening = 0
+        self._waiters: deque[Deferred[UpstreamSession]] = deque()
+        self._quitting: set[Deferred[None]] = set()
+        self._closed = False
+        self.known_max_size: int | None = None  # SIZE of the last EHLO (0: no limit)
+        self.opened = 0     # sessions ever opened (for logs and tests)
+        self.reused = 0     # acquisitions served by an idle session
+
+    @property
+    def address(self) -> str:
+        return self.upstream.address
+
+    @property
+    def total(self) -> int:
+        return len(self._idle) + len(self._busy) + self._opening
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def acquire(self, fresh: bool = False) -> Deferred[UpstreamSession]:
+        """A session ready for a transaction; fails with ``RelayError`` (451).
+
+        ``fresh`` skips idle sessions (the caller just found one dead: its siblings are
+        suspect) and makes room by closing idle ones when the pool is full.
+        """
+        if self._closed:
+            return fail(unavailable("4.3.2", "Relay shutting down, try again later",
+                                    "pool closed", upstream=self.address))
+        if not fresh:
+            session = self._take_idle()
+            if session is not None:
+                self.reused += 1
+                return succeed(session)
+        elif self._idle and self.total >= self.settings.size:
+            self._retire(self._idle.pop(0))
+        if self.total < self.settings.size:
+            return self._open()
+        waiter: Deferred[UpstreamSession] = Deferred(lambda d: self._waiters.remove(d)
+                                                     if d in self._waiters else None)
+        self._waiters.append(waiter)
+        timeout = self.upstream.connect_timeout
+
+        def timed_out(failure: Any) -> Any:
+            if failure.check(CancelledError, TimeoutError):
+                raise unavailable(
+                    "4.4.5", "Upstream connections all busy, try again later",
+                    f"no free connection among {self.settings.size} within {timeout:g} s",
+                    "connect", upstream=self.address)
+            return failure
+        return waiter.addTimeout(timeout, self._reactor).addErrback(timed_out)
+
+    def release(self, session: UpstreamSession, reusable: bool = True) -> None:
+        """Give a session back; it is kept for the next message when it can be."""
+        if session not in self._busy:
+            return
+        self._busy.discard(session)
+        if not reusable:
+            # Its state is unknown (a failed command, content we must not finish): no
+            # QUIT, which could land inside DATA; just drop the connection.
+            _cancel(session)
+            session.protocol.abort()
+        elif self._closed or not session.usable or session.exhausted:
+            self._retire(session)
+        elif self._waiters:
+            self._busy.add(session)
+            self.reused += 1
+            self._waiters.popleft().callback(session)
+            return
+        else:
+            session.idle_since = self._reactor.seconds()
+            session.idle_timer = self._reactor.callLater(
+                self.settings.idle_timeout, self._expire, session)
+            self._idle.append(session)
+        self._dispatch()
+
+    def close(self) -> Deferred[Any]:
+        """No new sessions; idle ones QUIT; busy ones QUIT when released."""
+        self._closed = True
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.errback(unavailable("4.3.2", "Relay shutting down, try again later",
+                                       "pool closed", upstream=self.address))
+        while self._idle:
+            self._retire(self._idle.pop())
+        return DeferredList(list(self._quitting))
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _take_idle(self) -> UpstreamSession | None:
+        while self._idle:
+            session = self._idle.pop()
+            _cancel(session)
+            if session.usable and not session.exhausted:
+                self._busy.add(session)
+                return session
+            self._retire(session)
+        return None
+
+    def _open(self) -> Deferred[UpstreamSession]:
+        self._opening += 1
+        return Deferred.fromCoroutine(self._connect())
+
+    async def _connect(self) -> UpstreamSession:
+        stage = "connect"
+        protocol: SMTPClientProtocol | None = None
+        try:
+            endpoint = endpoint_for(self._reactor, self.upstream, self._tls_options)
+            protocol = await endpoint.connect(self._factory)
+            stage = "session"
+            session = UpstreamSession(protocol, self.upstream, self._tls_options,
+                                      self._sasl_cache, clock=_Monotonic(self._reactor))
+            await session.open()
+        except Exception as error:
+            self._opening -= 1
+            if protocol is not None:
+                self._track_quit(protocol.quit(1.0))
+            self._dispatch()
+            raise relay_error_from(error, stage, self.address) from None
+        self._opening -= 1
+        self.opened += 1
+        self.known_max_size = session.max_size or 0
+        protocol.whenDisconnected().addCallback(lambda _: self._lost(session))
+        if self._closed:
+            self._track_quit(session.close())
+            raise unavailable("4.3.2", "Relay shutting down, try again later",
+                              "pool closed", upstream=self.address)
+        self._busy.add(session)
+        log.debug("upstream {upstream}: new session (tls={tls}, auth={mechanism}), "
+                  "{total} in the pool", upstream=self.address, tls=session.secure,
+                  mechanism=session.mechanism, total=self.total)
+        return session
+
+    def _dispatch(self) -> None:
+        """Serve waiters with idle sessions or free slots."""
+        while self._waiters:
+            session = self._take_idle()
+            if session is not None:
+                self.reused += 1
+                self._waiters.popleft().callback(session)
+                continue
+            if self.total >= self.settings.size or self._closed:
+                return
+            waiter = self._waiters.popleft()
+            self._open().addCallbacks(lambda s, w=waiter: self._hand(w, s),
+                                      lambda f, w=waiter: None if w.called else w.errback(f))
+
+    def _hand(self, waiter: Deferred[UpstreamSession], session: UpstreamSession) -> None:
+        if waiter.called:  # it timed out meanwhile: keep the session for someone else
+            self.release(session)
+        else:
+            waiter.callback(session)
+
+    def _expire(self, session: UpstreamSession) -> None:
+        session.idle_timer = None
+        if session in self._idle:
+            self._idle.remove(session)
+            log.debug("upstream {upstream}: idle session closed after {seconds:g} s",
+                      upstream=self.address, seconds=self.settings.idle_timeout)
+            self._retire(session)
+
+    def _lost(self, session: UpstreamSession) -> None:
+        _cancel(session)
+        if session in self._idle:
+            self._idle.remove(session)
+            log.debug("upstream {upstream}: idle session closed by the upstream",
+                      upstream=self.address)
+            self._dispatch()
+
+    def _retire(self, session: UpstreamSession) -> None:
+        _cancel(session)
+        self._track_quit(session.close())
+
+    def _track_quit(self, d: Deferred[None]) -> None:
+        self._quitting.add(d)
+        d.addBoth(lambda _: self._quitting.discard(d))
+
+
+def _cancel(session: UpstreamSession) -> None:
+    if session.idle_timer is not None:
+        if session.idle_timer.active():
+            session.idle_timer.cancel()
+        session.idle_timer = None
+
+
+class _Monotonic:
+    """The reactor's clock with the ``time.monotonic`` name the session expects."""
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+
+    def monotonic(self) -> float:
+        return self._reactor.seconds()
+
+
+class Upstream:
+    """One configured upstream: its settings, its pool and its breaker."""
+
+    def __init__(self, settings: UpstreamSettings, pool_settings: PoolSettings, reactor: Any,
+                 tls_options: Any, sasl_cache: dict):
+        self.settings = settings
+        self.factory = SMTPClientFactory(reactor, settings.command_timeout,
+                                         settings.data_timeout)
+        self.pool = SessionPool(settings, pool_settings, reactor, tls_options, self.factory,
+                                sasl_cache)
+        self.breaker = CircuitBreaker(pool_settings.breaker_failures,
+                                      pool_settings.breaker_cooldown, reactor,
+                                      on_change=self._breaker_changed)
+        self.tls_options = tls_options
+
+    @property
+    def address(self) -> str:
+        return self.settings.address
+
+    @property
+    def known_max_size(self) -> int | None:
+        """SIZE from the last session's EHLO: None unknown, 0 no limit."""
+        return self.pool.known_max_size
+
+    def _breaker_changed(self, previous: str, state: str) -> None:
+        if state == OPEN:
+            log.warn("upstream {upstream}: {count} consecutive failures, skipped for "
+                     "{seconds:g} s (circuit open)", upstream=self.address,
+                     count=self.breaker.consecutive, seconds=self.breaker.cooldown)
+        elif state == CLOSED:
+            log.info("upstream {upstream}: back in service (circuit closed)",
+                     upstream=self.address)
+        else:
+            log.info("upstream {upstream}: trying again (circuit half-open)",
+                     upstream=self.address)

@@ -1,0 +1,403 @@
+"""One negotiated SMTP session with an upstream, and what its failures mean for our client.
+
+``UpstreamSession.open()`` runs greeting → EHLO → STARTTLS per policy → EHLO → AUTH;
+after that the session runs mail transactions, one command group at a time, and can be
+reused for the next message (RSET first).  What to do when something fails (another
+upstream, a fresh connection, a replay) is decided in ``upstream.py``; this module only
+says what happened, with one error vocabulary:
+
+* ``RelayError`` (from ``interfaces``): a verdict for the client, either the upstream's
+  own reply passed through (reason REJECTED) or one we decided (policy, or the mapping of a
+  connection failure by ``relay_error_from``: reason UNAVAILABLE, always ``451``);
+* the protocol's ``UpstreamError`` family: the connection is finished (lost, timed out,
+  TLS, garbage), plus ``ServiceClosing`` for a ``421`` (RFC 5321 §3.8: the server is
+  closing the channel, whatever the command was).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
+
+from esmtpfa.logs import logger
+from esmtpfa.message import Envelope
+from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
+from esmtpfa.relay.protocol import (
+    AuthenticationAborted, AuthenticationFailed, ConnectionLost, Extensions,
+    ProtocolViolation, SMTPClientProtocol, TLSFailure, UnexpectedReply,
+    UpstreamError)
+from esmtpfa.relay.sasl import choose_mechanism, client_for
+from esmtpfa.relay.settings import UpstreamSettings
+from esmtpfa.replies import Reply
+
+log = logger("esmtpfa.relay.session")
+
+#: How long a QUIT may take once the outcome is known; it never changes the outcome.
+QUIT_TIMEOUT = 10.0
+
+
+class ServiceClosing(UpstreamError):
+    """The upstream answered 421: it is closing this connection (RFC 5321 §3.8)."""
+
+    def __init__(self, command: str, reply: Reply):
+        super().__init__(f"{command}: {reply}", command)
+        self.reply = reply
+
+
+# --- replies we give our client ---------------------------------------------------------
+
+def unavailable(enhanced: str, text: str, detail: str, command: str | None = None,
+                upstream_reply: Reply | None = None, upstream: str | None = None
+                ) -> RelayError:
+    return RelayError(Reply(451, enhanced, text), UNAVAILABLE, command, upstream_reply,
+                      detail, upstream)
+
+
+def rejected(command: str, reply: Reply, text: str | None = None,
+             upstream: str | None = None) -> RelayError:
+    """Pass the upstream's verdict through: its code and enhanced code, our prefix."""
+    code = reply.code
+    if code == 421:
+        # 421 means "closing the channel" (RFC 5321 §3.8); from us it would tell our
+        # client that *we* are closing.  The meaning for the message is a 451.
+        code = 451
+    enhanced = reply.enhanced
+    if not enhanced or enhanced[0] != str(code)[0]:
+        enhanced = f"{code // 100}.0.0"  # an inconsistent class digit (RFC 3463 §2)
+    body = text if text is not None else f"upstream: {reply.text}"
+    return RelayError(Reply(code, enhanced, body), REJECTED, command, reply,
+                      text or f"upstream answered {command} with {reply}", upstream)
+
+
+def permanent(code: int, enhanced: str, text: str, command: str,
+              upstream: str | None = None) -> RelayError:
+    """A refusal we decide before sending: the upstream could never accept this."""
+    return RelayError(Reply(code, enhanced, text), REJECTED, command, None, text, upstream)
+
+
+def relay_error_from(error: BaseException, stage: str, upstream: str | None = None
+                     ) -> RelayError:
+    """Map whatever stopped a delivery to the reply our client gets."""
+    if isinstance(error, RelayError):
+        if error.upstream is None:
+            error.upstream = upstream
+        return error
+    if stage == "connect":  # refused, unreachable, DNS, connect timeout
+        return unavailable("4.4.1", "Upstream server unreachable, try again later",
+                           f"cannot connect: {error}", "connect", upstream=upstream)
+    if isinstance(error, AuthenticationFailed):
+        return unavailable("4.3.0", "Upstream authentication failed, try again later",
+                           f"upstream refused our AUTH: {error.reply}", "AUTH", error.reply,
+                           upstream)
+    if isinstance(error, AuthenticationAborted):
+        return unavailable("4.3.0", "Upstream authentication failed, try again later",
+                           error.detail, "AUTH", upstream=upstream)
+    if isinstance(error, TLSFailure):
+        return unavailable("4.4.2", "TLS with the upstream server failed, try again later",
+                           error.detail, error.command, upstream=upstream)
+    if isinstance(error, ServiceClosing):
+        reply = rejected(error.command or "connection", error.reply).reply
+        return RelayError(Reply(451, reply.enhanced if reply.enhanced.startswith("4.")
+                                else "4.4.2", f"upstream: {error.reply.text}"),
+                          UNAVAILABLE, error.command, error.reply,
+                          f"upstream is closing the connection: {error.reply}", upstream)
+    if isinstance(error, ConnectionLost):  # includes ReplyTimeout
+        text = "Upstream connection failed, try again later"
+        if error.after_data:
+            text = ("Upstream connection failed after the message was sent; "
+                    "try again later (a duplicate is possible)")
+        return unavailable("4.4.2", text, error.detail, error.command, upstream=upstream)
+    if isinstance(error, UnexpectedReply):
+        # The session could not be set up (EHLO/HELO refused): not about the message.
+        return unavailable("4.4.0", "Upstream server refused the session, try again later",
+                           error.detail, error.command, error.reply, upstream)
+    if isinstance(error, (ProtocolViolation, UpstreamError)):
+        return unavailable("4.4.2", "Upstream protocol error, try again later",
+                           error.detail, error.command, upstream=upstream)
+    return unavailable("4.3.0", "Local error talking to the upstream, try again later",
+                       f"{type(error).__name__}: {error}", stage, upstream=upstream)
+
+
+# --- connecting -----------------------------------------------------------------------------
+
+def endpoint_for(reactor: Any, settings: UpstreamSettings, tls_options: Any) -> Any:
+    """IP literals connect directly (``HostnameEndpoint`` would send even those through
+    getaddrinfo in the thread pool); names go through ``HostnameEndpoint`` (happy eyeballs).
+    """
+    version = settings.ip_version
+    if version == 4:
+        endpoint: Any = TCP4ClientEndpoint(reactor, settings.host, settings.port,
+                                           timeout=settings.connect_timeout)
+    elif version == 6:
+        endpoint = TCP6ClientEndpoint(reactor, settings.host, settings.port,
+                                      timeout=settings.connect_timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, settings.host, settings.port,
+                                    timeout=settings.connect_timeout)
+    if settings.implicit_tls:
+        endpoint = wrapClientTLS(tls_options, endpoint)
+    return endpoint
+
+
+# --- one session ---------------------------------------------------------------------------
+
+class UpstreamSession:
+    """One SMTP session, set up according to ``UpstreamSettings``."""
+
+    def __init__(self, protocol: SMTPClientProtocol, settings: UpstreamSettings,
+                 tls_options: Any, sasl_cache: dict | None = None, clock: Any = time):
+        self.protocol = protocol
+        self.settings = settings
+        self._tls_options = tls_options
+        self._sasl_cache = sasl_cache if sasl_cache is not None else {}
+        self._clock = clock
+        self.extensions = Extensions.none()
+        self.authenticated = False
+        self.mechanism: str | None = None
+        self.transactions = 0       # MAIL commands sent on this connection (LIMITS MAILMAX)
+        self.needs_reset = False    # a transaction was started and not completed
+        self.created = clock.monotonic()
+        self.idle_since = self.created
+        self.idle_timer: Any = None  # set by the pool while the session is idle
+
+    @property
+    def address(self) -> str:
+        return self.settings.address
+
+    @property
+    def secure(self) -> bool:
+        return self.protocol.secure
+
+    @property
+    def usable(self) -> bool:
+        return self.protocol.usable
+
+    @property
+    def exhausted(self) -> bool:
+        """LIMITS MAILMAX reached: no further transaction on this connection."""
+        mailmax = self.extensions.mailmax
+        return mailmax is not None and self.transactions >= mailmax
+
+    @property
+    def max_size(self) -> int | None:
+        size = self.extensions.size
+        return size or None
+
+    @property
+    def pipelining(self) -> bool:
+        return self.extensions.pipelining
+
+    # -- setting up ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        greeting = await self.protocol.greeting()
+        if greeting.code != 220:
+            # RFC 5321 §3.1: 554 (or anything but 220) means "no service here"; 421 is
+            # "busy, come back later".  Either way, not this connection.
+            raise unavailable("4.4.0", "Upstream server refused the session, try again later",
+                              f"upstream greeting: {greeting}", "greeting", greeting,
+                              self.address)
+        name = self.settings.helo_name
+        self.extensions = await self.protocol.ehlo(name)
+        if not self.settings.implicit_tls:
+            await self._starttls(name)
+        if self.settings.authenticates:
+            await self._authenticate()
+
+    async def _starttls(self, name: str) -> None:
+        mode = self.settings.starttls
+        if mode == "none":
+            return
+        if not self.extensions.starttls:
+            if mode == "required":
+                raise unavailable("4.7.0", "Upstream server does not offer STARTTLS, "
+                                  "which is required, try again later",
+                                  "STARTTLS required but not offered", "STARTTLS",
+                                  upstream=self.address)
+            return  # opportunistic and not offered: cleartext, as configured
+        try:
+            await self.protocol.starttls(self._tls_options)
+        except UnexpectedReply as error:
+            # Offered but refused.  We do not fall back to cleartext: whoever could make
+            # STARTTLS fail could then read the session.
+            raise unavailable("4.4.2", "TLS with the upstream server failed, try again later",
+                              f"STARTTLS refused: {error.reply}", "STARTTLS", error.reply,
+                              self.address)
+        # RFC 3207 §4.2: forget everything learned before TLS and ask again.
+        self.extensions = await self.protocol.ehlo(name)
+
+    async def _authenticate(self) -> None:
+        if not self.secure and not self.settings.allow_insecure_auth:
+            raise unavailable(
+                "4.3.0", "Upstream authentication impossible, try again later",
+                "refusing to send credentials over a cleartext connection "
+                "(enable TLS toward the relay, or allow insecure auth)", "AUTH",
+                upstream=self.address)
+        offered = self.extensions.auth_mechanisms
+        mechanism = choose_mechanism(offered, self.settings.auth_mechanism)
+        if mechanism is None:
+            wanted = (f"--relay-auth-mech {self.settings.auth_mechanism}"
+                      if self.settings.auth_mechanism else "a supported AUTH mechanism")
+            raise unavailable(
+                "4.3.0", "Upstream authentication impossible, try again later",
+                f"upstream does not offer {wanted} (offered: "
+                f"{' '.join(sorted(offered)) or 'none'})", "AUTH", upstream=self.address)
+        assert self.settings.username is not None and self.settings.password is not None
+        client = client_for(mechanism, self.settings.username, self.settings.password,
+                            self._sasl_cache)
+        await self.protocol.authenticate(client)
+        self.authenticated = True
+        self.mechanism = mechanism
+
+    # -- commands for a transaction ---------------------------------------------------------
+
+    def mail_line(self, envelope: Envelope, size: int | None,
+                  eight_bit: bool | None = None) -> bytes:
+        """MAIL FROM with the parameters this upstream understands, or a permanent
+        ``RelayError`` when the message needs an extension the upstream lacks (mox:
+        ErrSize, ErrSMTPUTF8Unsupported, Err8bitmimeUnsupported, ErrRequireTLSUnsupported).
+        """
+        ext = self.extensions
+        if not _plain_path(envelope.mail_from):
+            raise permanent(553, "5.1.7", f"Invalid sender address {envelope.mail_from!r}",
+                            "MAIL", self.address)
+        limit = self.max_size
+        if size is not None and limit is not None and size > limit:
+            # RFC 1870 §6: do not send what the upstream already said it would refuse.
+            raise permanent(552, "5.3.4", f"Message too big for the upstream server "
+                            f"({size} > {limit} octets)", "MAIL", self.address)
+        needs_utf8 = envelope.smtputf8 or not envelope.mail_from.isascii() or not all(
+            r.isascii() for r in envelope.recipients)
+        if needs_utf8 and not ext.smtputf8:
+            # RFC 6531 §3.2 (mox: ErrSMTPUTF8Unsupported): no downgrade, a permanent error.
+            raise permanent(550, "5.6.7", "Upstream server does not support SMTPUTF8, "
+                            "required by this message", "MAIL", self.address)
+        params: list[str] = []
+        if ext.size is not None and size is not None:
+            params.append(f"SIZE={size}")
+        body = (envelope.body or "").upper()
+        if body in ("8BITMIME", "BINARYMIME"):
+            # The spool holds CRLF-normalized content sent with DATA, which is what
+            # 8BITMIME means on the wire (RFC 6152); BINARYMIME would need BDAT (RFC 3030).
+            if ext.eightbitmime:
+                params.append("BODY=8BITMIME")
+            elif eight_bit:
+                raise eight_bit_unsupported(self.address)
+            # else: declared 8BITMIME, but the content is (or may be) 7-bit; ``send``
+            # checks the content before any of it is relayed.
+        if needs_utf8:
+            params.append("SMTPUTF8")
+        if envelope.requiretls:
+            # RFC 8689 §4.2.1: only over TLS, only to a server that carries the promise on.
+            if not (self.secure and ext.requiretls):
+                raise permanent(550, "5.7.30", "REQUIRETLS support required but the "
+                                "upstream server does not offer it", "MAIL", self.address)
+            params.append("REQUIRETLS")
+        mail = f"MAIL FROM:<{envelope.mail_from}>" + "".join(" " + p for p in params)
+        return mail.encode("utf-8")
+
+    def rcpt_line(self, address: str, smtputf8: bool) -> bytes:
+        if not address or not _plain_path(address):
+            raise permanent(553, "5.1.3", f"Invalid recipient address {address!r}", "RCPT",
+                            self.address)
+        if not address.isascii() and not smtputf8:
+            raise permanent(553, "5.6.7", "Non-ASCII recipient without SMTPUTF8", "RCPT",
+                            self.address)
+        return f"RCPT TO:<{address}>".encode("utf-8")
+
+    async def start(self, mail: bytes, rcpts: Sequence[bytes] = (), data: bool = False
+                    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """RSET when the connection was used before (RFC 5321 §4.1.1.5), MAIL, the RCPTs
+        and optionally DATA: in one flight when the upstream pipelines (RFC 2920), else one
+        at a time, stopping after a refused MAIL and sending DATA only when every
+        recipient was accepted.
+
+        Returns (MAIL reply, RCPT replies, DATA reply or None).  Raises ``ServiceClosing``
+        for a 421 to RSET or MAIL and the protocol's ``UpstreamError`` when the connection
+        fails.  A 354 to a pipelined DATA after refused recipients is the caller's to
+        handle (``abandon``); callers look at the MAIL reply first.
+        """
+        reset = self.transactions > 0 or self.needs_reset
+        self.transactions += 1
+        self.needs_reset = True
+        if self.pipelining:
+            lines = ([b"RSET"] if reset else []) + [mail, *rcpts] + ([b"DATA"] if data else [])
+            names = (["RSET"] if reset else []) + ["MAIL"] + ["RCPT"] * len(rcpts) + (
+                ["DATA"] if data else [])
+            replies = await self.protocol.pipelineAll(lines, names)
+            if reset:
+                self._check_reset(replies.pop(0))
+            mail_reply = replies[0]
+            self._check_closing("MAIL", mail_reply)
+            rcpt_replies = replies[1:-1] if data else replies[1:]
+            for reply in rcpt_replies:
+                self._check_closing("RCPT", reply)
+            return mail_reply, rcpt_replies, replies[-1] if data else None
+        if reset:
+            self._check_reset(await self.protocol.command(b"RSET"))
+        mail_reply = await self.protocol.command(mail, "MAIL")
+        self._check_closing("MAIL", mail_reply)
+        if mail_reply.code != 250:
+            return mail_reply, [], None
+        rcpt_replies = [await self.rcpt(line) for line in rcpts]
+        data_reply = None
+        if data and all(r.code in (250, 251) for r in rcpt_replies):
+            data_reply = await self.data()
+        return mail_reply, rcpt_replies, data_reply
+
+    def _check_reset(self, reply: Reply) -> None:
+        if reply.code != 250:
+            self.protocol.abort()
+            if reply.code == 421:
+                raise ServiceClosing("RSET", reply)
+            raise UnexpectedReply("RSET", reply)
+
+    def _check_closing(self, command: str, reply: Reply) -> None:
+        if reply.code == 421:
+            self.protocol.abort()
+            raise ServiceClosing(command, reply)
+
+    async def rcpt(self, line: bytes) -> Reply:
+        reply = await self.protocol.command(line, "RCPT")
+        self._check_closing("RCPT", reply)
+        return reply
+
+    async def data(self) -> Reply:
+        reply = await self.protocol.command(b"DATA")
+        self._check_closing("DATA", reply)
+        return reply
+
+    async def content(self, chunks: Any) -> Reply:
+        """Stream the content after a 354; the end-of-data reply (any code)."""
+        final = await self.protocol.sendData(chunks)
+        # RFC 5321 §4.1.1.4: the end of data ends the transaction, whatever the verdict.
+        self.needs_reset = False
+        return final
+
+    def abandon(self) -> None:
+        """The upstream waits for content we must not send (a 354 after refused
+        recipients): an empty message or a "." would deliver it.  Drop the link."""
+        self.protocol.abort()
+
+    def close(self) -> Deferred[None]:
+        """QUIT (bounded by the command timeout, at most ``QUIT_TIMEOUT``) and disconnect."""
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        return self.protocol.quit(min(QUIT_TIMEOUT, self.settings.command_timeout))
+
+
+def eight_bit_unsupported(upstream: str | None = None) -> RelayError:
+    # RFC 6152 §3: 8-bit data must not go to a server without 8BITMIME, and we do not
+    # downgrade (mox: Err8bitmimeUnsupported).
+    return permanent(554, "5.6.3", "Upstream server does not support 8BITMIME, required "
+                     "by this message", "DATA", upstream)
+
+
+def _plain_path(address: str) -> bool:
+    """Nothing that could close the angle brackets or start another command."""
+    return "<" not in address and ">" not in address and address.isprintable()

@@ -1,0 +1,146 @@
+"""Liveness and readiness (SPEC §1): ``/status``, ``/healthz`` and ``/readyz``.
+
+``/status`` and ``/healthz`` answer ``200 ok`` whenever the reactor answers at all: a
+process that can serve them is alive.  ``/readyz`` says whether sending mail can work
+right now: providers are loaded (or anonymous submission is allowed) and the upstream
+accepts TCP connections (the Maildir is writable when there is no upstream).  The
+upstream probe is cached briefly so a probing load balancer does not hammer the
+smarthost, and concurrent probes share one connection attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+import os
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from esmtpfa.logs import logger
+
+log = logger("esmtpfa.web")
+
+PROBE_TIMEOUT = 3.0
+PROBE_CACHE = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+
+
+class UpstreamProbe:
+    """Can a TCP connection to the upstream be opened?  (Cached for ``ttl`` seconds.)"""
+
+    def __init__(self, reactor: Any, host: str, port: int, *,
+                 timeout: float = PROBE_TIMEOUT, ttl: float = PROBE_CACHE):
+        self._reactor = reactor
+        self._host, self._port = host, port
+        self._timeout = timeout
+        self.ttl = ttl
+        self._cached: tuple[float, Check] | None = None
+        self._waiting: list[defer.Deferred] | None = None
+
+    def check(self) -> defer.Deferred:
+        now = self._reactor.seconds()
+        if self._cached is not None and now - self._cached[0] < self.ttl:
+            return defer.succeed(self._cached[1])
+        waiter: defer.Deferred = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+            return waiter
+        self._waiting = [waiter]
+        endpoint = HostnameEndpoint(self._reactor, self._host, self._port,
+                                    timeout=self._timeout)
+        d = connectProtocol(endpoint, Protocol())
+        d.addTimeout(self._timeout, self._reactor)
+        d.addCallbacks(self._connected, self._failed)
+        return waiter
+
+    def _connected(self, protocol: Protocol) -> None:
+        protocol.transport.loseConnection()
+        self._done(Check(True, f"{self._host}:{self._port} accepts connections"))
+
+    def _failed(self, failure) -> None:
+        reason = getattr(failure.value, "osError", None) or failure.value
+        detail = str(reason) or type(failure.value).__name__
+        self._done(Check(False, f"{self._host}:{self._port} unreachable: {detail}"))
+
+    def _done(self, check: Check) -> None:
+        self._cached = (self._reactor.seconds(), check)
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            waiter.callback(check)
+
+
+class MaildirProbe:
+    """Without an upstream, mail goes to the Maildir: can we write there?"""
+
+    def __init__(self, path: str):
+        self._path = path
+
+    def check(self) -> defer.Deferred:
+        path = self._path
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)  # created on first delivery: its parent counts
+        if os.access(path, os.W_OK | os.X_OK):
+            return defer.succeed(Check(True, f"Maildir {self._path} is writable"))
+        return defer.succeed(Check(False, f"Maildir {self._path} is not writable"))
+
+
+def _text(request, code: int, body: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return body.encode("utf-8")
+
+
+class OkResource(Resource):
+    """``/status`` (the original's) and ``/healthz``: the process is alive."""
+
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        return _text(request, 200, "ok")
+
+    render_HEAD = render_GET
+
+
+class ReadyResource(Resource):
+    """``/readyz``: 200 when mail can flow, 503 with the failing check otherwise."""
+
+    isLeaf = True
+
+    def __init__(self, providers: Callable[[], Check], upstream):
+        super().__init__()
+        self._providers = providers
+        self._upstream = upstream
+
+    def render_GET(self, request):
+        providers = self._providers()
+        d = self._upstream.check()
+
+        def answer(upstream: Check) -> None:
+            ready = providers.ok and upstream.ok
+            body = {"ready": ready, "checks": {
+                "providers": {"ok": providers.ok, "detail": providers.detail},
+                "upstream": {"ok": upstream.ok, "detail": upstream.detail}}}
+            if not request._disconnected:
+                request.setResponseCode(200 if ready else 503)
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"cache-control", b"no-store")
+                request.write(json.dumps(body).encode() + b"\n")
+                request.finish()
+
+        d.addCallback(answer)
+        d.addErrback(lambda failure: log.failure("/readyz failed", failure))
+        return NOT_DONE_YET
+
+
+__all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "UpstreamProbe"]

@@ -1,0 +1,387 @@
+"""Metrics (SPEC §8) and health, scraped over HTTP like Prometheus does.
+
+Real SMTP and HTTP sessions run against the whole relay; ``/metrics`` is fetched over
+loopback and parsed with prometheus_client's text parser; each test asserts the exact
+increments and the exact label sets, so a label that leaks client input, or a series
+that survives its provider, fails a test.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support.httpservers import until
+from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.webclient import metrics, post_json, request
+
+NS = "esmtpfa"
+MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
+           b"Subject: metrics\r\n\r\nHello\r\n")
+
+#: SPEC §8: the original's metrics (family name as parsed, type, label names).
+ORIGINAL = {
+    "connections": ("counter", {"provider", "status"}),
+    "bytes_sent": ("counter", {"provider"}),
+    "bytes_sent_from_address": ("counter", {"provider", "from"}),
+    "bytes_sent_to_address": ("counter", {"provider", "to"}),
+    "messages_sent": ("counter", {"provider"}),
+    "auth_successes": ("counter", {"provider"}),
+    "auth_failures": ("counter", {"provider"}),
+    "fallback_connections": ("counter", {"provider", "status"}),
+    "configured_providers": ("gauge", {"name", "domain", "domain_selection", "fallback",
+                                       "type"}),
+    "mail_from_to": ("counter", {"from", "to", "status"}),
+    "smtp_server_request_duration_seconds": ("histogram", {"server", "status"}),
+}
+
+
+def labels(**pairs: str) -> frozenset:
+    return frozenset(pairs.items())
+
+
+def smtp_send(client, sender="alice@example.com", recipients=("bob@example.net",),
+              content=MESSAGE):
+    assert client.command(f"MAIL FROM:<{sender}>")[0] == 250
+    for rcpt in recipients:
+        assert client.command(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(content + b".\r\n")
+    return client.reply()
+
+
+class MetricsMixin:
+    timeout = 30
+    fixture_args: tuple = ()
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fixture = RelayFixture(self.mktemp(), "--http", *self.fixture_args)
+        self.addCleanup(self.fixture.stop)
+        yield self.fixture.start()
+
+    def scrape(self):
+        return metrics(self.fixture.metrics_port)
+
+    def smtp(self, script):
+        return self.fixture.run(script, self.fixture)
+
+    def login_and_send(self, user=USER, password=PASSWORD, **kwargs):
+        def script(fixture):
+            client = fixture.secure_session()
+            code, text = client.auth_plain(user, password)
+            assert code == 235, (code, text)
+            reply = smtp_send(client, **kwargs)
+            client.close()
+            return reply
+        return self.smtp(script)
+
+    def failed_login(self, user, password):
+        def script(fixture):
+            client = fixture.secure_session()
+            reply = client.auth_plain(user, password)
+            client.close()
+            return reply
+        return self.smtp(script)
+
+    def http_post(self, auth=(USER, PASSWORD), sender="alice@example.com",
+                  to=("bob@example.net",)):
+        body = {"from": sender, "to": list(to), "data": base64.b64encode(MESSAGE).decode()}
+        return post_json(f"http://127.0.0.1:{self.fixture.http_port}/", body, auth=auth)
+
+    @property
+    def upstream_label(self) -> str:
+        return f"127.0.0.1:{self.fixture.upstream.port}"
+
+
+class OriginalMetricsTests(MetricsMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_every_original_metric_with_its_name_type_and_labels(self):
+        yield self.login_and_send()
+        yield self.failed_login("printers", "printer1:wrong")
+        scrape = yield self.scrape()
+        for name, (kind, label_names) in ORIGINAL.items():
+            family = scrape.families.get(f"{NS}_{name}")
+            self.assertIsNotNone(family, name)
+            self.assertEqual(family.type, kind, name)
+            self.assertTrue(family.samples, name)
+            for sample in family.samples:
+                self.assertEqual(set(sample.labels) - {"le"}, label_names, sample)
+        # Go client style names on the wire, mail_from_to without a _total suffix
+        self.assertIn(f"# TYPE {NS}_mail_from_to counter\n", scrape.text)
+        self.assertIn(f"# TYPE {NS}_connections_total counter\n", scrape.text)
+        self.assertNotIn("_created", scrape.text)
+
+    @defer.inlineCallbacks
+    def test_smtp_session_exact_increments(self):
+        yield self.login_and_send()  # alice: no provider of that name, fallback office
+        [message] = self.fixture.upstream.messages
+        size = len(message.data)
+        scrape = yield self.scrape()
+        office = {"provider": "office"}
+        self.assertEqual(scrape.labelsets(f"{NS}_connections_total"),
+                         {labels(provider="office", status="valid")})
+        self.assertEqual(scrape.value(f"{NS}_connections_total", status="valid", **office), 1)
+        self.assertEqual(scrape.labelsets(f"{NS}_fallback_connections_total"),
+                         {labels(provider="office", status="1")})
+        self.assertEqual(scrape.value(f"{NS}_auth_successes_total", **office), 1)
+        self.assertEqual(scrape.labelsets(f"{NS}_auth_failures_total"), set())
+        self.assertEqual(scrape.value(f"{NS}_messages_sent_total", **office), 1)
+        self.assertEqual(scrape.value(f"{NS}_bytes_sent_total", **office), size)
+        self.assertEqual(scrape.labelsets(f"{NS}_bytes_sent_from_address_total"),
+                         {labels(provider="office", **{"from": "alice@example.com"})})
+        self.assertEqual(scrape.value(f"{NS}_bytes_sent_from_address_total",
+                                      provider="office", **{"from": "alice@example.com"}),
+                         size)
+        self.assertEqual(scrape.value(f"{NS}_bytes_sent_to_address_total",
+                                      provider="office", to="bob@example.net"), size)
+        self.assertEqual(scrape.labelsets(f"{NS}_mail_from_to_total"),
+                         {labels(to="bob@example.net", status="1",
+                                 **{"from": "alice@example.com"})})
+        duration = f"{NS}_smtp_server_request_duration_seconds_count"
+        self.assertEqual(scrape.labelsets(duration),
+                         {labels(server=self.upstream_label, status="1")})
+        self.assertEqual(scrape.value(f"{NS}_relay_outcomes_total", reason="accepted"), 1)
+        self.assertEqual(scrape.value(f"{NS}_auth_duration_seconds_count",
+                                      provider="office", outcome="accepted"), 1)
+
+    @defer.inlineCallbacks
+    def test_http_submission_counts_like_smtp(self):
+        response = yield self.http_post(auth=("printers", "printer1:p:with:colons"))
+        self.assertEqual(response.code, 202)
+        size = len(self.fixture.upstream.messages[0].data)
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.labelsets(f"{NS}_connections_total"),
+                         {labels(provider="printers", status="valid")})
+        self.assertEqual(scrape.labelsets(f"{NS}_fallback_connections_total"), set())
+        self.assertEqual(scrape.value(f"{NS}_messages_sent_total", provider="printers"), 1)
+        self.assertEqual(scrape.value(f"{NS}_bytes_sent_total", provider="printers"), size)
+        self.assertEqual(scrape.value(f"{NS}_mail_from_to_total", to="bob@example.net",
+                                      status="1", **{"from": "alice@example.com"}), 1)
+
+    @defer.inlineCallbacks
+    def test_unknown_username_is_never_a_label(self):
+        stranger = "mallory-7f3a9c"
+        yield self.failed_login(stranger, "guess")
+        response = yield self.http_post(auth=(f"{stranger}-http", "guess"))
+        self.assertEqual(response.code, 401)
+        scrape = yield self.scrape()
+        self.assertNotIn(stranger, scrape.text)
+        self.assertEqual(scrape.labelsets(f"{NS}_connections_total"),
+                         {labels(provider="none", status="invalid")})
+        self.assertEqual(scrape.value(f"{NS}_connections_total", provider="none",
+                                      status="invalid"), 2)
+        self.assertEqual(scrape.value(f"{NS}_auth_failures_total", provider="none"), 2)
+        self.assertEqual(scrape.labelsets(f"{NS}_fallback_connections_total"),
+                         {labels(provider="office", status="0")})
+        self.assertEqual(scrape.value(f"{NS}_fallback_connections_total", provider="office",
+                                      status="0"), 2)
+
+    @defer.inlineCallbacks
+    def test_named_provider_rejection_tries_no_fallback(self):
+        yield self.failed_login("printers", "printer1:wrong")
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.labelsets(f"{NS}_connections_total"),
+                         {labels(provider="printers", status="invalid")})
+        self.assertEqual(scrape.value(f"{NS}_auth_failures_total", provider="printers"), 1)
+        self.assertEqual(scrape.labelsets(f"{NS}_fallback_connections_total"), set())
+        self.assertEqual(scrape.value(f"{NS}_auth_duration_seconds_count",
+                                      provider="printers", outcome="rejected"), 1)
+
+    @defer.inlineCallbacks
+    def test_upstream_rejection_and_unavailability(self):
+        upstream = self.fixture.upstream
+        upstream.eom_reply = "554 5.7.1 Refused"
+        response = yield self.http_post()
+        self.assertEqual(response.code, 502)
+        yield upstream.stop()
+        response = yield self.http_post(to=("carol@example.org",))
+        self.assertEqual(response.code, 503)
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.labelsets(f"{NS}_relay_outcomes_total"),
+                         {labels(reason="rejected"), labels(reason="unavailable")})
+        self.assertEqual(scrape.value(f"{NS}_relay_outcomes_total", reason="rejected"), 1)
+        self.assertEqual(scrape.value(f"{NS}_relay_outcomes_total", reason="unavailable"), 1)
+        # (whether the dead upstream is noticed at MAIL or later is the relay's business:
+        # a pair is only known, and counted, once a recipient was named)
+        self.assertIn(labels(to="bob@example.net", status="0",
+                             **{"from": "alice@example.com"}),
+                      scrape.labelsets(f"{NS}_mail_from_to_total"))
+        self.assertEqual({dict(pair)["status"] for pair in
+                          scrape.labelsets(f"{NS}_mail_from_to_total")}, {"0"})
+        self.assertEqual(scrape.labelsets(f"{NS}_messages_sent_total"), set())
+        self.assertEqual(scrape.labelsets(f"{NS}_bytes_sent_total"), set())
+        self.assertEqual(scrape.value(f"{NS}_smtp_server_request_duration_seconds_count",
+                                      server=self.upstream_label, status="0"), 2)
+
+    @defer.inlineCallbacks
+    def test_refused_recipient(self):
+        self.fixture.upstream.rcpt_replies["nobody@example.net"] = "550 5.1.1 No such user"
+        response = yield self.http_post(to=("bob@example.net", "nobody@example.net"))
+        self.assertEqual(response.code, 502)  # HTTP is all or nothing
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.value(f"{NS}_relay_outcomes_total", reason="rejected"), 1)
+        self.assertEqual(scrape.value(f"{NS}_mail_from_to_total", to="nobody@example.net",
+                                      status="0", **{"from": "alice@example.com"}), 1)
+        self.assertEqual(scrape.labelsets(f"{NS}_messages_sent_total"), set())
+
+    @defer.inlineCallbacks
+    def test_configured_providers(self):
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.labelsets(f"{NS}_configured_providers"), {
+            labels(name="office", domain="*", domain_selection="false", fallback="true",
+                   type="userpass"),
+            labels(name="printers", domain="*", domain_selection="false", fallback="false",
+                   type="userpass")})
+
+    @defer.inlineCallbacks
+    def test_active_smtp_connections(self):
+        clients = []
+
+        def connect(fixture):
+            clients.append(fixture.connect())
+            clients.append(fixture.connect())
+            clients[0].command("EHLO a.example")
+            clients[1].command("EHLO b.example")
+        yield self.smtp(connect)
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.value(f"{NS}_smtp_active_connections", listener="plain"), 2)
+        self.assertEqual(scrape.value(f"{NS}_smtp_active_connections", listener="tls"), 0)
+        for client in clients:
+            client.close()
+        yield until(lambda: not self.fixture.service.smtp_factories[0].sessions)
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.value(f"{NS}_smtp_active_connections", listener="plain"), 0)
+
+
+class AddressBoundTests(MetricsMixin, unittest.TestCase):
+    """Address labels: the first N distinct values each, then ``other``."""
+
+    fixture_args = ("--metrics-address-labels", "2")
+
+    @defer.inlineCallbacks
+    def test_addresses_past_the_bound_count_as_other(self):
+        yield self.login_and_send(recipients=("r1@example.net", "R2@Example.NET",
+                                              "r3@example.net", "r4@example.net"))
+        size = len(self.fixture.upstream.messages[0].data)
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.labelsets(f"{NS}_bytes_sent_to_address_total"), {
+            labels(provider="office", to="r1@example.net"),
+            labels(provider="office", to="r2@example.net"),
+            labels(provider="office", to="other")})
+        self.assertEqual(scrape.value(f"{NS}_bytes_sent_to_address_total",
+                                      provider="office", to="other"), 2 * size)
+        pairs = scrape.labelsets(f"{NS}_mail_from_to_total")
+        self.assertEqual(len(pairs), 3)  # two pairs kept, the rest in other/other
+        self.assertIn(labels(to="other", status="1", **{"from": "other"}), pairs)
+        self.assertEqual(sum(scrape.value(f"{NS}_mail_from_to_total", **dict(pair))
+                             for pair in pairs), 4)
+
+
+class AnonymousAddressTests(MetricsMixin, unittest.TestCase):
+    fixture_args = ("--http-allow-anonymous",)
+
+    @defer.inlineCallbacks
+    def test_anonymous_submissions_never_label_addresses(self):
+        response = yield self.http_post(auth=None, sender="anyone@spam.example")
+        self.assertEqual(response.code, 202)
+        scrape = yield self.scrape()
+        self.assertNotIn("spam.example", scrape.text)
+        self.assertEqual(scrape.labelsets(f"{NS}_bytes_sent_from_address_total"),
+                         {labels(provider="anonymous", **{"from": "other"})})
+        self.assertEqual(scrape.labelsets(f"{NS}_connections_total"), set())
+
+
+class NamespaceTests(MetricsMixin, unittest.TestCase):
+    fixture_args = ("--metrics-namespace", "relay_eu")
+
+    @defer.inlineCallbacks
+    def test_namespace_prefixes_every_metric(self):
+        yield self.login_and_send()
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.value("relay_eu_messages_sent_total", provider="office"), 1)
+        self.assertTrue(all(name.startswith("relay_eu_") for name in scrape.families))
+
+
+class HealthTests(MetricsMixin, unittest.TestCase):
+    def get(self, path):
+        return request("GET", f"http://127.0.0.1:{self.fixture.metrics_port}{path}")
+
+    @defer.inlineCallbacks
+    def test_status_and_healthz(self):
+        for path in ("/status", "/healthz"):
+            response = yield self.get(path)
+            self.assertEqual((response.code, response.body), (200, b"ok"), path)
+
+    @defer.inlineCallbacks
+    def test_metrics_content_type(self):
+        response = yield self.get("/metrics")
+        self.assertEqual(response.header("content-type"),
+                         "text/plain; version=0.0.4; charset=utf-8")
+
+    @defer.inlineCallbacks
+    def test_readyz_follows_the_upstream(self):
+        response = yield self.get("/readyz")
+        self.assertEqual(response.code, 200, response.body)
+        body = response.json()
+        self.assertTrue(body["ready"])
+        self.assertEqual(body["checks"]["providers"]["detail"], "2 provider(s) loaded")
+        yield self.fixture.upstream.stop()
+        self.fixture.service.upstream_probe.ttl = 0  # it caches for a few seconds
+        response = yield self.get("/readyz")
+        self.assertEqual(response.code, 503, response.body)
+        body = response.json()
+        self.assertFalse(body["ready"])
+        self.assertTrue(body["checks"]["providers"]["ok"])
+        self.assertIn("unreachable", body["checks"]["upstream"]["detail"])
+
+    @defer.inlineCallbacks
+    def test_readyz_without_providers_or_upstream(self):
+        self.fixture.write_providers("providers: []\n")
+        yield self.fixture.upstream.stop()
+        reload_now(self.fixture)
+        response = yield self.get("/readyz")
+        self.assertEqual(response.code, 503)
+        checks = response.json()["checks"]
+        self.assertFalse(checks["providers"]["ok"])
+        self.assertFalse(checks["upstream"]["ok"])
+        self.assertIn("unreachable", checks["upstream"]["detail"])
+
+
+def reload_now(fixture) -> None:
+    fixture.service.getServiceNamed("reload").reload_now()
+
+
+class RelayAttemptFailureTests(unittest.TestCase):
+    """Issue 5: each failed upstream attempt is counted, even when failover delivers."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_dead_first_upstream_is_counted_and_the_second_delivers(self):
+        from tests.support.ports import free_port
+        from tests.support.upstream import RecordingUpstream
+        upstream = RecordingUpstream().start()
+        dead = free_port()
+        fixture = RelayFixture(
+            self.mktemp(), "--relay-addr", f"127.0.0.1:{dead},127.0.0.1:{upstream.port}",
+            upstream=upstream)
+        self.addCleanup(fixture.stop)
+        yield fixture.start()
+
+        def script(fixture):
+            client = fixture.secure_session()
+            assert client.auth_plain(USER, PASSWORD)[0] == 235
+            return smtp_send(client)
+        reply = yield fixture.run(script, fixture)
+        self.assertEqual(reply[0], 250)
+        self.assertEqual(len(upstream.messages), 1)
+        scrape = yield metrics(fixture.metrics_port)
+        self.assertEqual(scrape.labelsets(f"{NS}_relay_attempt_failures_total"),
+                         {labels(upstream=f"127.0.0.1:{dead}", command="connect",
+                                 kind="transient")})
+        self.assertEqual(scrape.value(f"{NS}_relay_attempt_failures_total",
+                                      upstream=f"127.0.0.1:{dead}", command="connect",
+                                      kind="transient"), 1)

@@ -1,0 +1,294 @@
+"""SASL toward the upstream: the mechanisms against their RFC test vectors, the AUTH
+exchange on the wire (RFC 4954), the choice of mechanism, and CRAM-MD5 against the
+recording upstream.  SCRAM against a real server (Postfix + Cyrus SASL) is in
+``test_relay_postfix``.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from esmtpfa.relay.interfaces import UNAVAILABLE, RelayError
+from esmtpfa.relay.protocol import (
+    AuthenticationAborted, AuthenticationFailed, SMTPClientProtocol)
+from esmtpfa.relay.sasl import (
+    MAX_SCRAM_ITERATIONS, CramMD5, Login, Plain, SASLError, Scram, choose_mechanism,
+    client_for, saslprep)
+from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+from tests.support.certs import CertificateAuthority
+from tests.support.upstream import RecordingUpstream
+from tests.test_relay_upstream import outbound
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class ScramVectorTests(unittest.TestCase):
+    """The exchanges printed in RFC 5802 §5 and RFC 7677 §3, byte for byte."""
+
+    def test_scram_sha_1_rfc5802(self):
+        scram = Scram("sha1", "user", "pencil", nonce="fyko+d2lbbFgONRv9qkxdawL")
+        self.assertEqual(scram.initial(), b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL")
+        final = scram.respond(b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,"
+                              b"s=QSXCR+Q6sek8bf92,i=4096")
+        self.assertEqual(final, b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,"
+                                b"p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=")
+        self.assertFalse(scram.complete)
+        self.assertEqual(scram.respond(b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ="), b"")
+        self.assertTrue(scram.complete)
+
+    def test_scram_sha_256_rfc7677(self):
+        scram = Scram("sha256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
+        self.assertEqual(scram.name, "SCRAM-SHA-256")
+        self.assertEqual(scram.initial(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")
+        final = scram.respond(b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                              b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+        self.assertEqual(final, b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF"
+                                b"$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+        scram.respond(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+        self.assertTrue(scram.complete)
+
+    def server_first(self, scram: Scram, extra: bytes = b"", iterations: int = 4096) -> bytes:
+        nonce = scram.initial().split(b"r=")[1]
+        return b"r=" + nonce + b"srv,s=" + b64(b"salt") + b",i=" + str(iterations).encode() + extra
+
+    def test_wrong_server_signature_is_refused(self):
+        # A server that does not know the password (a man in the middle) cannot fake "v=".
+        scram = Scram("sha256", "user", "pencil")
+        scram.respond(self.server_first(scram))
+        with self.assertRaises(SASLError):
+            scram.respond(b"v=" + b64(b"\0" * 32))
+        self.assertFalse(scram.complete)
+
+    def test_server_error_attribute(self):
+        scram = Scram("sha256", "user", "pencil")
+        scram.respond(self.server_first(scram))
+        self.assertRaises(SASLError, scram.respond, b"e=invalid-proof")
+
+    def test_nonce_must_extend_ours(self):
+        scram = Scram("sha1", "user", "pencil")
+        scram.initial()
+        self.assertRaises(SASLError, scram.respond, b"r=other,s=c2FsdA==,i=4096")
+
+    def test_mandatory_extension_and_malformed_messages(self):
+        for bad in (b"m=ext,", b",garbage"):
+            scram = Scram("sha1", "user", "pencil")
+            first = self.server_first(scram)
+            self.assertRaises(SASLError, scram.respond,
+                              bad + first if bad.startswith(b"m") else first + bad)
+
+    def test_iteration_count_is_bounded(self):
+        # PBKDF2 runs in the reactor thread: a hostile server must not stall the relay.
+        scram = Scram("sha256", "user", "pencil")
+        self.assertRaises(SASLError, scram.respond,
+                          self.server_first(scram, iterations=MAX_SCRAM_ITERATIONS + 1))
+        scram = Scram("sha256", "user", "pencil")
+        self.assertRaises(SASLError, scram.respond, self.server_first(scram, iterations=0))
+
+    def test_salted_password_is_cached_per_salt_and_count(self):
+        cache: dict = {}
+        first = Scram("sha256", "user", "pencil", cache=cache)
+        first.respond(self.server_first(first))
+        self.assertEqual(len(cache), 1)
+        second = Scram("sha256", "user", "pencil", cache=cache)
+        second.respond(self.server_first(second))
+        self.assertEqual(len(cache), 1)
+
+    def test_username_escaping(self):
+        scram = Scram("sha1", "a=b,c", "pencil", nonce="n")
+        self.assertEqual(scram.initial(), b"n,,n=a=3Db=2Cc,r=n")
+
+
+class SASLprepTests(unittest.TestCase):
+    """RFC 4013 §3 examples."""
+
+    def test_examples(self):
+        self.assertEqual(saslprep("I\u00adX"), "IX")        # soft hyphen mapped to nothing
+        self.assertEqual(saslprep("user"), "user")
+        self.assertEqual(saslprep("USER"), "USER")          # case preserved
+        self.assertEqual(saslprep("\u00aa"), "a")           # NFKC
+        self.assertEqual(saslprep("\u2168"), "IX")          # NFKC
+        self.assertEqual(saslprep("a\u00a0b"), "a b")       # non-ASCII space → space
+        self.assertRaises(ValueError, saslprep, "\u0007")   # prohibited control character
+        self.assertRaises(ValueError, saslprep, "\u0627\u0031")  # bidi rule
+
+
+class SimpleMechanismTests(unittest.TestCase):
+
+    def test_cram_md5_rfc2195(self):
+        cram = CramMD5("tim", "tanstaaftanstaaf")
+        self.assertIsNone(cram.initial())
+        self.assertEqual(cram.respond(b"<1896.697170952@postoffice.reston.mci.net>"),
+                         b"tim b913a602c7eda7a495b4e6e7334d3890")
+        self.assertTrue(cram.complete)
+        self.assertRaises(SASLError, cram.respond, b"again")
+
+    def test_plain_and_login(self):
+        plain = Plain("u", "p:q")
+        self.assertEqual(plain.initial(), b"\0u\0p:q")
+        self.assertEqual(plain.respond(b""), b"\0u\0p:q")  # server ignored the initial one
+        self.assertRaises(SASLError, plain.respond, b"")
+        login = Login("u", "p")
+        self.assertEqual((login.respond(b"Username:"), login.respond(b"Password:")), (b"u", b"p"))
+        self.assertTrue(login.complete)
+        self.assertRaises(SASLError, login.respond, b"more?")
+
+    def test_choice(self):
+        everything = {"LOGIN", "PLAIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"}
+        self.assertEqual(choose_mechanism(everything), "SCRAM-SHA-256")
+        self.assertEqual(choose_mechanism({"LOGIN", "PLAIN", "SCRAM-SHA-1"}), "SCRAM-SHA-1")
+        self.assertEqual(choose_mechanism({"LOGIN", "CRAM-MD5", "PLAIN"}), "CRAM-MD5")
+        self.assertEqual(choose_mechanism({"LOGIN", "PLAIN", "GSSAPI"}), "PLAIN")
+        self.assertEqual(choose_mechanism({"login"}), "LOGIN")
+        self.assertIsNone(choose_mechanism({"GSSAPI", "XOAUTH2"}))
+        self.assertEqual(choose_mechanism(everything, forced="plain"), "PLAIN")
+        self.assertIsNone(choose_mechanism({"PLAIN"}, forced="SCRAM-SHA-256"))
+        self.assertRaises(ValueError, client_for, "GSSAPI", "u", "p")
+
+    def test_settings_validate_the_forced_mechanism(self):
+        self.assertEqual(UpstreamSettings("h", auth_mechanism="cram-md5").auth_mechanism,
+                         "CRAM-MD5")
+        self.assertRaises(ValueError, UpstreamSettings, "h", auth_mechanism="GSSAPI")
+
+
+class ExchangeTests(unittest.TestCase):
+    """The RFC 4954 exchange on the wire, against a StringTransport."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.protocol = SMTPClientProtocol(Clock(), command_timeout=10, data_timeout=60)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"220 ok\r\n")
+
+    def sent(self) -> list[bytes]:
+        value = self.transport.value()
+        self.transport.clear()
+        return value.split(b"\r\n")[:-1]
+
+    def test_scram_exchange(self):
+        scram = Scram("sha256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
+        d = self.protocol.authenticate(scram)
+        self.assertEqual(self.sent(), [b"AUTH SCRAM-SHA-256 " + b64(
+            b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")])
+        self.protocol.dataReceived(b"334 " + b64(
+            b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+            b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096") + b"\r\n")
+        [final] = self.sent()
+        self.assertTrue(base64.b64decode(final).endswith(
+            b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="))
+        self.protocol.dataReceived(b"334 " + b64(
+            b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=") + b"\r\n")
+        self.assertEqual(self.sent(), [b""])  # the empty response to the server's final
+        self.protocol.dataReceived(b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.successResultOf(d).code, 235)
+
+    def test_forged_server_signature_cancels(self):
+        scram = Scram("sha256", "user", "pencil")
+        d = self.protocol.authenticate(scram)
+        nonce = base64.b64decode(self.sent()[0].split()[-1]).split(b"r=")[1]
+        self.protocol.dataReceived(b"334 " + b64(b"r=" + nonce + b"x,s=c2FsdA==,i=4096") + b"\r\n")
+        self.sent()
+        self.protocol.dataReceived(b"334 " + b64(b"v=" + b64(b"forged" * 5)) + b"\r\n")
+        self.assertEqual(self.sent(), [b"*"])  # RFC 4954 §4: cancel
+        self.protocol.dataReceived(b"501 5.7.0 Authentication cancelled\r\n")
+        failure = self.failureResultOf(d, AuthenticationAborted)
+        self.assertIn("signature", failure.value.detail)
+
+    def test_success_before_the_server_proved_itself_is_not_trusted(self):
+        scram = Scram("sha1", "user", "pencil")
+        d = self.protocol.authenticate(scram)
+        nonce = base64.b64decode(self.sent()[0].split()[-1]).split(b"r=")[1]
+        self.protocol.dataReceived(b"334 " + b64(b"r=" + nonce + b"x,s=c2FsdA==,i=4096") + b"\r\n")
+        self.protocol.dataReceived(b"235 2.7.0 ok\r\n")  # no "v=": skipped mutual auth
+        self.failureResultOf(d, AuthenticationAborted)
+        self.assertTrue(self.transport.disconnecting or not self.protocol.usable)
+
+    def test_malformed_challenge_cancels(self):
+        d = self.protocol.authenticate(CramMD5("u", "p"))
+        self.sent()
+        self.protocol.dataReceived(b"334 !!not base64!!\r\n")
+        self.assertEqual(self.sent(), [b"*"])
+        self.protocol.dataReceived(b"501 5.7.0 cancelled\r\n")
+        self.failureResultOf(d, AuthenticationAborted)
+
+    def test_refusal(self):
+        d = self.protocol.authenticate(CramMD5("u", "p"))
+        self.protocol.dataReceived(b"334 " + b64(b"<1.2@x>") + b"\r\n")
+        self.protocol.dataReceived(b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(self.failureResultOf(d, AuthenticationFailed).value.reply.code, 535)
+
+    def test_empty_initial_response_is_an_equals_sign(self):
+        class Empty(Plain):
+            def initial(self):
+                self.complete = True
+                return b""
+        d = self.protocol.authenticate(Empty("u", "p"))
+        self.assertEqual(self.sent(), [b"AUTH PLAIN ="])
+        self.protocol.dataReceived(b"235 2.7.0 ok\r\n")
+        self.successResultOf(d)
+
+    def tearDown(self):
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class RecordingUpstreamAuthTests(unittest.TestCase):
+    """Mechanism choice and login against the recording upstream (CRAM-MD5 checked with
+    the password it knows)."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.ca = CertificateAuthority(self.mktemp())
+        self.leaf = self.ca.issue("upstream.test", filename="upstream")
+
+    def relay(self, mechanisms, password="s3cret:pass", **settings):
+        upstream = RecordingUpstream(tls=self.leaf, auth=mechanisms,
+                                     credentials=("relayuser", "s3cret:pass")).start()
+        self.addCleanup(upstream.stop)
+        relay = SMTPRelay(UpstreamSettings(
+            "127.0.0.1", upstream.port, server_name="upstream.test", ca_cert=self.ca.cert_path,
+            username="relayuser", password=password, helo_name="relay.test",
+            command_timeout=5, **settings))
+        self.addCleanup(relay.close)
+        return upstream, relay
+
+    async def test_cram_md5_preferred_over_plain_and_login(self):
+        upstream, relay = self.relay(("LOGIN", "PLAIN", "CRAM-MD5"))
+        self.assertEqual((await relay.deliver(outbound())).code, 250)
+        session = upstream.sessions[0]
+        self.assertEqual((session.auth_mechanism, session.auth_user), ("CRAM-MD5", "relayuser"))
+        self.assertNotIn(b"s3cret", upstream.raw)  # the password never crossed the wire
+
+    async def test_forced_mechanism(self):
+        upstream, relay = self.relay(("LOGIN", "PLAIN", "CRAM-MD5"), auth_mechanism="login")
+        await relay.deliver(outbound())
+        self.assertEqual(upstream.sessions[0].auth_mechanism, "LOGIN")
+        self.assertEqual(upstream.sessions[0].auth_user, "relayuser")
+
+    async def test_forced_mechanism_not_offered(self):
+        upstream, relay = self.relay(("PLAIN",), auth_mechanism="CRAM-MD5")
+        with self.assertRaises(RelayError) as caught:
+            await relay.deliver(outbound())
+        error = caught.exception
+        self.assertEqual((error.reply.code, error.reply.enhanced, error.reason),
+                         (451, "4.3.0", UNAVAILABLE))
+        self.assertIn("CRAM-MD5", error.detail)
+        self.assertIn("PLAIN", error.detail)
+        self.assertNotIn(b"AUTH", upstream.raw)
+
+    async def test_cram_md5_wrong_password(self):
+        upstream, relay = self.relay(("CRAM-MD5",), password="wrong")
+        with self.assertRaises(RelayError) as caught:
+            await relay.deliver(outbound())
+        self.assertEqual(caught.exception.reply.code, 451)
+        self.assertEqual(caught.exception.upstream_reply.code, 535)
+        self.assertEqual(upstream.messages, [])
