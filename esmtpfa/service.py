@@ -22,6 +22,7 @@ from twisted.python import usage
 from esmtpfa.logs import logger, set_level
 from esmtpfa import __version__
 from esmtpfa.auth.realm import SubmissionRealm
+from esmtpfa.auth.throttle import AuthThrottle, ThrottlingChecker
 from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
 from esmtpfa.config import ProviderConfig, build_providers, parse_provider_document
 from esmtpfa.delivery import DeliveryPolicy, RelayDelivery
@@ -220,7 +221,12 @@ class RelayService(MultiService):
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
                                 observer=self.metrics)
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
-        checkers = [ProviderSelector(self.directory, observer=self.metrics)]
+        self.throttle = AuthThrottle(
+            per_address=self.options["max-auth-failures-per-ip"],
+            per_username=self.options["max-auth-failures-per-user"],
+            window=self.options["auth-failure-window"], clock=self.reactor)
+        checkers = [ThrottlingChecker(
+            ProviderSelector(self.directory, observer=self.metrics), self.throttle)]
         if self.anonymous_allowed:
             # Each front end still enforces its own flag before an anonymous login.
             checkers.append(AllowAnonymousAccess())

@@ -213,6 +213,24 @@ class BadRequestTests(HTTPFixtureMixin, unittest.TestCase):
         self.assertNothingRelayed()
 
 
+class ThrottleTests(HTTPFixtureMixin, unittest.TestCase):
+    """The throttle sits in front of the providers for HTTP too (SPEC §7)."""
+
+    fixture_args = ("--max-auth-failures-per-ip", "2")
+
+    @defer.inlineCallbacks
+    def test_address_over_the_limit_gets_429_even_with_good_credentials(self):
+        codes = []
+        for auth in ((USER, "wrong"), ("nobody", "wrong"), (USER, PASSWORD)):
+            response = yield self.post(auth=auth)
+            codes.append(response.code)
+        self.assertEqual(codes, [401, 401, 429])
+        self.assertEqual(response.header("retry-after"), "60")
+        self.assertEqual(response.json()["error"],
+                         "too many failed authentications, try again later")
+        self.assertNothingRelayed()
+
+
 class SMTPUTF8Tests(HTTPFixtureMixin, unittest.TestCase):
     fixture_args = ("--enable-smtp-utf8",)
 

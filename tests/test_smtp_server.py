@@ -920,3 +920,27 @@ class BinaryToMaildirTests(unittest.TestCase):
         [path] = glob.glob(os.path.join(fixture.directory, "maildir", "new", "*"))
         with open(path, "rb") as f:
             self.assertEqual(f.read().split(b";\r\n\t", 1)[1].split(b"\r\n", 1)[1], payload)
+
+
+class ThrottleTests(FixtureMixin, unittest.TestCase):
+    """SPEC §7: failures per username across connections, then no provider is asked."""
+
+    fixture_args = ("--max-auth-failures-per-user", "2", "--max-auth-failures", "5")
+
+    def test_username_locked_across_connections_then_released(self):
+        def script(fixture):
+            replies = []
+            for _ in range(2):  # two connections, one wrong password each
+                replies.append(fixture.secure_session().auth_plain(USER, "wrong"))
+            client = fixture.secure_session()
+            replies.append(client.auth_plain(USER, PASSWORD))  # even the right one waits
+            other = fixture.secure_session()
+            replies.append(other.auth_plain("printers", "printer1:p:with:colons"))
+            return replies
+        d = self.run_client(script)
+
+        def check(replies):
+            self.assertEqual([(r[0], r[1].split()[0]) for r in replies],
+                             [(535, "5.7.8"), (535, "5.7.8"), (454, "4.7.0"), (235, "2.7.0")])
+            self.assertIn("Too many failed authentications", replies[2][1])
+        return d.addCallback(check)

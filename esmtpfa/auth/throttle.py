@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail
+from zope.interface import implementer
+
+from esmtpfa.auth.credentials import ISubmissionCredentials
+from esmtpfa.auth.errors import ProviderUnavailable
+
 
 class FailureWindow:
     def __init__(self, limit: int, window: float, clock, max_keys: int = 100_000):
@@ -76,3 +84,37 @@ class AuthThrottle:
 
     def succeeded(self, address: str, username: str) -> None:
         self.usernames.clear(self._user_key(username))
+
+
+class LoginThrottled(ProviderUnavailable):
+    """Refused without asking a provider: too many recent failures (temporary)."""
+
+
+@implementer(ICredentialsChecker)
+class ThrottlingChecker:
+    """Decorates the provider selector: refuse early when throttled, count the outcome.
+
+    Only wrong credentials count as failures; an unavailable provider is nobody's fault.
+    """
+
+    credentialInterfaces = (ISubmissionCredentials,)
+
+    def __init__(self, checker: ICredentialsChecker, throttle: AuthThrottle):
+        self.checker = checker
+        self.throttle = throttle
+
+    def requestAvatarId(self, credentials) -> Deferred:
+        address, username = credentials.context.peer_host, credentials.username
+        if not self.throttle.allows(address, username):
+            return fail(LoginThrottled("too many failed logins"))
+
+        def accepted(avatar_id):
+            self.throttle.succeeded(address, username)
+            return avatar_id
+
+        def refused(failure):
+            if failure.check(UnauthorizedLogin):
+                self.throttle.failed(address, username)
+            return failure
+
+        return self.checker.requestAvatarId(credentials).addCallbacks(accepted, refused)

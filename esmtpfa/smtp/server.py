@@ -29,6 +29,7 @@ from esmtpfa.logs import logger
 from esmtpfa import replies
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.throttle import LoginThrottled
 from esmtpfa.auth.selection import ANONYMOUS
 from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
@@ -61,6 +62,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 NO_STARTTLS = Reply(502, "5.5.1", "STARTTLS not available")
 BAD_CHARACTERS = Reply(500, "5.5.2", "Invalid characters in command")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 
 
@@ -455,6 +457,8 @@ class ESMTPServer(Protocol, TimeoutMixin):
                 self._sasl = None
                 return self._auth_failed()
             self._sasl = None
+            if failure.check(LoginThrottled):
+                return AUTH_THROTTLED
             if not failure.check(ProviderUnavailable):
                 log.failure("{connection_id} AUTH error", failure, connection_id=self.id)
             return replies.AUTH_TEMPFAIL

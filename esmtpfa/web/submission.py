@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.throttle import LoginThrottled
 from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
 from esmtpfa.logs import logger
@@ -277,6 +278,9 @@ class SubmissionResource(Resource):
         except (UnauthorizedLogin, LoginFailed):
             raise HTTPError(401, "authentication failed",
                             headers={b"www-authenticate": CHALLENGE}) from None
+        except LoginThrottled:
+            raise HTTPError(429, "too many failed authentications, try again later",
+                            headers={b"retry-after": RETRY_AFTER}) from None
         except ProviderUnavailable:
             raise HTTPError(503, "authentication temporarily unavailable, try again later",
                             headers={b"retry-after": RETRY_AFTER}) from None
