@@ -36,7 +36,9 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class _Collector(protocol.ProcessProtocol):
+class Collector(protocol.ProcessProtocol):
+    """Collects a child's output; ``ended`` fires with its exit code."""
+
     def __init__(self):
         self.output = bytearray()
         self.ended = defer.Deferred()
@@ -65,7 +67,7 @@ class Twistd:
             "--metrics-port" in args) else None
         self.args = args
         self.env = child_environment(env)
-        self._collector = _Collector()
+        self._collector = Collector()
         self._process = None
 
     @property

@@ -17,10 +17,10 @@ import shutil
 import socket
 import tempfile
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 
 from tests.support.ports import free_port
-from tests.support.processes import require
+from tests.support.processes import Collector, require
 
 
 @dataclass
@@ -31,20 +31,6 @@ class SinkMessage:
 
     def contains(self, text: bytes) -> bool:
         return text in self.content
-
-
-class _Process(protocol.ProcessProtocol):
-    def __init__(self):
-        self.output = bytearray()
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
 
 
 class SmtpSink:
@@ -62,7 +48,7 @@ class SmtpSink:
         self.port = port or free_port()
         self.hostname = hostname
         self._process = None
-        self._protocol: _Process | None = None
+        self._protocol: Collector | None = None
 
     @property
     def running(self) -> bool:
@@ -76,7 +62,7 @@ class SmtpSink:
         if os.geteuid() == 0:
             args[1:1] = ["-u", "nobody"]
         args += [f"127.0.0.1:{self.port}", "64"]
-        self._protocol = _Process()
+        self._protocol = Collector()
         self._process = reactor.spawnProcess(self._protocol, binary, args, env=os.environ)
         deadline = reactor.seconds() + 10
         while reactor.seconds() < deadline:
