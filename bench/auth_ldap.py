@@ -160,15 +160,26 @@ def naive_login(template: LDAPProvider, username: str, password: str) -> str:
         conn.unbind()
 
 
-async def bench_mode(reactor, slapd, mode, users, pool_size, rounds, out) -> dict:
-    results = {}
-    provider = make_provider(reactor, slapd, mode, pool_size)
+def median(rounds: list[Round]) -> Round:
+    return sorted(rounds, key=lambda r: r.wall)[len(rounds) // 2]
+
+
+async def cold_and_warm(provider: LDAPProvider, users, rounds: int
+                        ) -> tuple[Round, list[Round]]:
+    """The first (cold, warm-up) round and ``rounds`` warm ones; stops the provider."""
     try:
-        cold = await one_round(provider_check(provider), users)   # the warm-up round
+        cold = await one_round(provider_check(provider), users)
         warm = [await one_round(provider_check(provider), users) for _ in range(rounds)]
     finally:
         await provider.stopProvider()
-    warm_median = sorted(warm, key=lambda r: r.wall)[len(warm) // 2]
+    return cold, warm
+
+
+async def bench_mode(reactor, slapd, mode, users, pool_size, rounds, out) -> dict:
+    results = {}
+    cold, warm = await cold_and_warm(
+        make_provider(reactor, slapd, mode, pool_size), users, rounds)
+    warm_median = median(warm)
     out(f"{mode:9} {'provider, cold':26} {pool_size:4} {cold.cells()}")
     out(f"{mode:9} {f'provider, warm (median/{rounds})':26} {pool_size:4} {warm_median.cells()}"
         f"   walls {min(r.wall for r in warm):.3f}..{max(r.wall for r in warm):.3f}")
@@ -184,7 +195,7 @@ async def bench_mode(reactor, slapd, mode, users, pool_size, rounds, out) -> dic
     finally:
         pool.stop()
         await template.stopProvider()
-    naive = sorted(naive_rounds, key=lambda r: r.wall)[len(naive_rounds) // 2]
+    naive = median(naive_rounds)
     out(f"{mode:9} {'naive, conn per login':26} {pool_size:4} {naive.cells()}"
         f"   = {naive.wall / warm_median.wall:.1f}x the warm provider")
     results["naive"] = naive
@@ -221,14 +232,8 @@ async def main(reactor, args) -> None:
             for mode in ("plain", "starttls"):
                 for size in (int(s) for s in args.sweep.split(",")):
                     provider = make_provider(reactor, slapd, mode, size)
-                    try:
-                        await one_round(provider_check(provider), users)
-                        warm = [await one_round(provider_check(provider), users)
-                                for _ in range(args.rounds)]
-                    finally:
-                        await provider.stopProvider()
-                    median = sorted(warm, key=lambda r: r.wall)[len(warm) // 2]
-                    out(f"{mode:9} {'provider, warm':26} {size:4} {median.cells()}")
+                    _, warm = await cold_and_warm(provider, users, args.rounds)
+                    out(f"{mode:9} {'provider, warm':26} {size:4} {median(warm).cells()}")
         if args.variants:
             out("")
             out("# what to do with the user-bind connection after a login "
@@ -238,14 +243,8 @@ async def main(reactor, args) -> None:
             for mode in ("plain", "starttls"):
                 for name, cls in VARIANTS.items():
                     provider = make_provider(reactor, slapd, mode, args.pool_size, cls)
-                    try:
-                        await one_round(provider_check(provider), users)
-                        warm = [await one_round(provider_check(provider), users)
-                                for _ in range(args.rounds)]
-                    finally:
-                        await provider.stopProvider()
-                    median = sorted(warm, key=lambda r: r.wall)[len(warm) // 2]
-                    out(f"{mode:9} {name:26} {args.pool_size:4} {median.cells()}")
+                    _, warm = await cold_and_warm(provider, users, args.rounds)
+                    out(f"{mode:9} {name:26} {args.pool_size:4} {median(warm).cells()}")
         out("")
         verdicts = []
         for mode, r in summary.items():

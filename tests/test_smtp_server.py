@@ -69,12 +69,7 @@ def authenticate(client):
 
 def send_message(client, content=MESSAGE, sender="alice@example.com",
                  recipients=("bob@example.net",)):
-    assert client.command(f"MAIL FROM:<{sender}>")[0] == 250
-    for rcpt in recipients:
-        assert client.command(f"RCPT TO:<{rcpt}>")[0] == 250
-    assert client.command("DATA")[0] == 354
-    client.send(content + b".\r\n")
-    return client.reply()
+    return client.send_message(content, sender, recipients)
 
 
 class GreetingAndEHLOTests(FixtureMixin, unittest.TestCase):

@@ -63,6 +63,17 @@ class RawSMTP:
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         return self.command(f"AUTH PLAIN {token}")
 
+    def send_message(self, content: bytes, sender: str, recipients) -> tuple[int, str]:
+        """One whole transaction (MAIL, RCPTs, DATA, content, final dot): the final reply.
+
+        ``content`` is sent as given, so the caller dot-stuffs it."""
+        assert self.command(f"MAIL FROM:<{sender}>")[0] == 250
+        for rcpt in recipients:
+            assert self.command(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert self.command("DATA")[0] == 354
+        self.send(content + b".\r\n")
+        return self.reply()
+
     def is_closed(self, wait: float = 5.0) -> bool:
         """True when the server closed the connection (EOF) within ``wait`` seconds."""
         self.sock.settimeout(wait)
