@@ -155,15 +155,16 @@ class RelayTransaction:
                                 self._context.connection_id)
         return d.addCallbacks(opened, refused)
 
-    def addRecipient(self, recipient: str, params: dict) -> defer.Deferred:
+    def addRecipient(self, recipient: str, params: dict, data_follows: bool = False
+                     ) -> defer.Deferred:
         def accepted(_: Reply) -> None:
             self._recipients.append(recipient)
 
         def refused(failure: Failure):
             return self._refused(failure, "RCPT", f"<{recipient}>", (recipient,), started)
         started = time.monotonic()
-        return defer.maybeDeferred(self._upstream.addRecipient, recipient).addCallbacks(
-            accepted, refused)
+        return defer.maybeDeferred(self._upstream.addRecipient, recipient,
+                                   data_follows).addCallbacks(accepted, refused)
 
     def _refused(self, failure: Failure, command: str, what: str, recipients: tuple,
                  started: float):

@@ -72,14 +72,17 @@ class PoolTestCase(unittest.TestCase):
         return relay
 
     async def transact(self, relay: SMTPRelay, rcpts=("bob@example.com",),
-                       content: bytes = CONTENT, **envelope) -> Outcome:
-        """The SMTP server's use of the relay: MAIL, each RCPT, then the content."""
+                       content: bytes = CONTENT, pipelined: bool = False,
+                       **envelope) -> Outcome:
+        """The SMTP server's use of the relay: MAIL, each RCPT, then the content.
+        ``pipelined``: the client sent DATA right behind its last RCPT."""
         transaction = await relay.begin(Envelope("alice@example.com", (), **envelope),
                                         "urn:uuid:msg", "urn:uuid:conn")
         verdicts, accepted = [], []
-        for rcpt in rcpts:
+        for i, rcpt in enumerate(rcpts):
+            data_follows = pipelined and i == len(rcpts) - 1
             try:
-                verdicts.append(await transaction.addRecipient(rcpt))
+                verdicts.append(await transaction.addRecipient(rcpt, data_follows))
                 accepted.append(rcpt)
             except RelayError as error:
                 verdicts.append(error.reply)
@@ -284,6 +287,126 @@ class PerRecipientTests(PoolTestCase):
         outcome = await self.transact(relay, content=CONTENT + b"x" * 300 + b"\r\n")
         self.assertEqual((outcome.data.code, outcome.data.enhanced), (552, "5.3.4"))
         self.assertNotIn("DATA", upstream.sessions[0].verbs())
+
+
+class EarlyDataTests(PoolTestCase):
+    """The client pipelined DATA behind its last RCPT (``data_follows``): DATA goes upstream
+    in the same flight, and every way out of the upstream's data phase is safe."""
+
+    def packets(self, session) -> list[list[str]]:
+        """The session's transaction commands, grouped by the packet they arrived in."""
+        groups: dict[int, list[str]] = {}
+        for command in session.commands:
+            verb = command.line.split(b" ", 1)[0].split(b":", 1)[0].decode().upper()
+            if verb in ("RSET", "MAIL", "RCPT", "DATA"):
+                groups.setdefault(command.packet, []).append(verb)
+        return list(groups.values())
+
+    async def test_mail_rcpt_and_data_in_one_flight_then_rset_and_reuse(self):
+        upstream = self.upstream()
+        relay = self.relay(upstream)
+        for _ in range(2):
+            outcome = await self.transact(relay, pipelined=True)
+            self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(self.packets(upstream.sessions[0]),
+                         [["MAIL", "RCPT", "DATA"], ["RSET", "MAIL", "RCPT", "DATA"]])
+        self.assertEqual(len(upstream.accepted), 2)
+        self.assertEqual(upstream.connection_count, 1)
+
+    async def test_several_recipients_data_goes_with_the_last(self):
+        upstream = self.upstream(rcpt_replies={"b@example.com": "550 5.1.1 No such user"})
+        relay = self.relay(upstream)
+        outcome = await self.transact(relay, rcpts=("a@example.com", "b@example.com"),
+                                      pipelined=True)
+        self.assertEqual(outcome.codes, [250, 550, 250])
+        self.assertEqual(self.packets(upstream.sessions[0]),
+                         [["MAIL", "RCPT"], ["RCPT", "DATA"]])
+        [received] = upstream.accepted
+        self.assertEqual(received.rcpts, ["a@example.com"])
+
+    async def test_only_recipient_refused_keeps_the_connection(self):
+        # The upstream refuses the early DATA itself (no valid recipients): nothing to
+        # undo, and the connection serves the next message after RSET.
+        upstream = self.upstream(rcpt_replies={"nobody@example.com": "550 5.1.1 No such user"})
+        relay = self.relay(upstream)
+        outcome = await self.transact(relay, rcpts=("nobody@example.com",), pipelined=True)
+        self.assertEqual(outcome.codes, [550])
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(upstream.connection_count, 1)
+        self.assertEqual(len(upstream.accepted), 1)
+
+    async def test_354_without_any_recipient_drops_the_connection(self):
+        # A broken upstream enters DATA though it refused every recipient: only a dropped
+        # connection ends that safely ("." would be an empty message).
+        upstream = self.upstream(rcpt_replies={"nobody@example.com": "550 5.1.1 No such user"},
+                                 replies={"DATA": "354 go ahead"}, fault_sessions=1)
+        relay = self.relay(upstream)
+        outcome = await self.transact(relay, rcpts=("nobody@example.com",), pipelined=True)
+        self.assertEqual(outcome.codes, [550])
+        await upstream.whenIdle()
+        self.assertTrue(upstream.sessions[0].closed)
+        self.assertTrue(upstream.sessions[0].raw.endswith(b"DATA\r\n"))
+        self.assertEqual(upstream.messages, [])
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(upstream.connection_count, 2)
+
+    async def test_client_gives_up_after_the_early_354(self):
+        # RSET, refused content or a lost client after DATA went upstream: the upstream
+        # connection is dropped, never sent a command (it would be content) nor a dot.
+        upstream = self.upstream()
+        relay = self.relay(upstream)
+        transaction = await relay.begin(Envelope("alice@example.com", ()), "m", "c")
+        await transaction.addRecipient("bob@example.com", data_follows=True)
+        transaction.abort()
+        await upstream.whenIdle()
+        self.assertTrue(upstream.sessions[0].closed)
+        self.assertTrue(upstream.sessions[0].raw.endswith(b"DATA\r\n"))
+        self.assertEqual(upstream.messages, [])
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(upstream.connection_count, 2)
+
+    async def test_too_big_after_the_early_354(self):
+        upstream = self.upstream(extensions=("PIPELINING", "SIZE 200"))
+        relay = self.relay(upstream)
+        outcome = await self.transact(relay, content=CONTENT + b"x" * 300 + b"\r\n",
+                                      pipelined=True)
+        self.assertEqual((outcome.data.code, outcome.data.enhanced), (552, "5.3.4"))
+        await upstream.whenIdle()
+        self.assertEqual(upstream.messages, [])
+        self.assertNotIn(b"xxxx", upstream.raw)
+
+    async def test_early_data_refused_transiently_fails_over(self):
+        first = self.upstream(replies={"DATA": "451 4.3.0 Try later"})
+        second = self.upstream()
+        relay = self.relay(first, second)
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(first.messages, [])
+        self.assertEqual(len(second.accepted), 1)
+
+    async def test_early_data_refused_permanently_is_the_answer(self):
+        upstream = self.upstream(replies={"DATA": "554 5.7.1 No thanks"})
+        relay = self.relay(upstream)
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual((outcome.data.code, outcome.data.enhanced), (554, "5.7.1"))
+        self.assertEqual(upstream.accepted, [])
+
+    async def test_pooled_connection_dead_at_the_early_flight(self):
+        # The upstream restarted while the connection was idle: the first flight fails,
+        # a fresh connection takes MAIL, RCPT and DATA, the message is delivered once.
+        upstream = self.upstream()
+        relay = self.relay(upstream)
+        self.assertEqual((await self.transact(relay, pipelined=True)).codes, [250, 250])
+        port = upstream.port
+        await upstream.stop()
+        restarted = RecordingUpstream().start(port)
+        self.addCleanup(restarted.stop)
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(len(restarted.accepted), 1)
 
 
 class ReplayTests(PoolTestCase):

@@ -72,9 +72,13 @@ class IRelayTransaction(Interface):
         "int | None: the largest message (octets, our trace header included) the "
         "destination takes; the caller refuses larger content before sending any of it")
 
-    def addRecipient(address) -> Deferred:
+    def addRecipient(address, data_follows=False) -> Deferred:
         """Ask the destination about one recipient: fires with its positive ``Reply``, or
-        fails with ``RelayError`` whose ``reply`` answers the client's RCPT."""
+        fails with ``RelayError`` whose ``reply`` answers the client's RCPT.
+
+        ``data_follows`` is a hint: the client pipelined DATA right behind this RCPT
+        (RFC 2920), so the destination may start its data phase in the same round trip.
+        """
 
     def send(message) -> Deferred:
         """The content (``OutboundMessage`` whose recipients are the accepted ones): fires
@@ -111,7 +115,7 @@ class WholeMessageTransaction:
         self._relay = relay
         self._done = False
 
-    def addRecipient(self, address: str) -> Deferred[Reply]:
+    def addRecipient(self, address: str, data_follows: bool = False) -> Deferred[Reply]:
         if self._done:
             return fail(RuntimeError("transaction already finished"))
         return succeed(Reply(250, "2.1.5", "OK"))

@@ -383,6 +383,9 @@ class SMTPClientProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._error: UpstreamError | None = None  # once set, the connection is unusable
         self._streamer: _DataStreamer | None = None
+        # The upstream answered 354: it reads everything we send as message content until
+        # CRLF.CRLF, so no command (RSET, QUIT) may go out; only ``sendData`` or a drop.
+        self._awaitingContent = False
         self._handshake: Deferred[None] | None = None
         self._disconnected: list[Deferred[None]] = []
         self._connected = False
@@ -505,6 +508,8 @@ class SMTPClientProtocol(Protocol):
         self._waiters.popleft()
         self._cancelTimer()
         self._armTimer()
+        if reply.code == 354 and waiter.command == "DATA":
+            self._awaitingContent = True
         waiter.complete(reply)
 
     # -- commands -----------------------------------------------------------------------
@@ -529,8 +534,7 @@ class SMTPClientProtocol(Protocol):
         """Send one command line (without CRLF); fires with its reply, whatever the code."""
         if _FORBIDDEN_IN_COMMAND.search(line):
             raise ValueError("CR, LF or NUL in an SMTP command")  # never a second command
-        if self._streamer is not None:
-            raise RuntimeError("command sent while message data is being streamed")
+        self._checkCommandState()
         if name is None:
             name = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
         waiter = _Waiter(name, timeout or self.command_timeout)
@@ -550,8 +554,7 @@ class SMTPClientProtocol(Protocol):
             if _FORBIDDEN_IN_COMMAND.search(line):
                 # Never let data become a second command line (command injection).
                 raise ValueError("CR, LF or NUL in an SMTP command")
-        if self._streamer is not None:
-            raise RuntimeError("command sent while message data is being streamed")
+        self._checkCommandState()
         names = names or [line.split(b" ", 1)[0].decode("ascii", "replace").upper()
                           for line in lines]
         waiters = [_Waiter(name, timeout or self.command_timeout) for name in names]
@@ -568,8 +571,7 @@ class SMTPClientProtocol(Protocol):
         for line in lines:
             if _FORBIDDEN_IN_COMMAND.search(line):
                 raise ValueError("CR, LF or NUL in an SMTP command")
-        if self._streamer is not None:
-            raise RuntimeError("command sent while message data is being streamed")
+        self._checkCommandState()
         if self._error is not None:
             return _failed(self._error)
         group = _Group(len(lines))
@@ -578,6 +580,14 @@ class SMTPClientProtocol(Protocol):
             self._enqueue(_Waiter(name, timeout, group))
         self.transport.write(b"\r\n".join(lines) + b"\r\n")
         return group.deferred
+
+    def _checkCommandState(self) -> None:
+        if self._streamer is not None:
+            raise RuntimeError("command sent while message data is being streamed")
+        if self._awaitingContent:
+            # After a 354 a command line would become message content (and a later
+            # CRLF.CRLF would end it): a message we never meant to send.
+            raise RuntimeError("command sent while the upstream awaits message content")
 
     def ehlo(self, name: str) -> Deferred[Extensions]:
         """EHLO, falling back to HELO on a 5xx (RFC 5321 §4.1.4): then no extensions."""
@@ -684,6 +694,7 @@ class SMTPClientProtocol(Protocol):
         if self._error is not None:
             return _failed(self._error)
         deferred = self._enqueue(waiter)
+        self._awaitingContent = False
         self._streamer = _DataStreamer(self, iter(chunks))
         self.transport.registerProducer(self._streamer, False)
         return deferred
@@ -719,7 +730,13 @@ class SMTPClientProtocol(Protocol):
     @property
     def usable(self) -> bool:
         """Connected, in sync, nothing in flight: another command may be sent."""
-        return self._connected and self._error is None and self._streamer is None
+        return (self._connected and self._error is None and self._streamer is None
+                and not self._awaitingContent)
+
+    @property
+    def awaitingContent(self) -> bool:
+        """The upstream answered DATA with 354 and no content was sent yet."""
+        return self._awaitingContent
 
     def whenDisconnected(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

@@ -225,8 +225,8 @@ class _RewritingTransaction:
     def max_size(self) -> int | None:
         return self._inner.max_size
 
-    def addRecipient(self, address: str) -> Deferred[Reply]:
-        return self._inner.addRecipient(address)
+    def addRecipient(self, address: str, data_follows: bool = False) -> Deferred[Reply]:
+        return self._inner.addRecipient(address, data_follows)
 
     def send(self, message: OutboundMessage) -> Deferred[Reply]:
         try:

@@ -374,6 +374,8 @@ class UpstreamTransaction:
         self._poisoned: RelayError | None = None
         self._replays = 0
         self._busy: Deferred[Any] | None = None
+        #: The upstream's reply to a DATA sent with the last RCPT (``data_follows``).
+        self._early_data: Reply | None = None
         self._finished = False   # send() started, or abort(): no more commands from us
         self._aborted = False
 
@@ -391,8 +393,10 @@ class UpstreamTransaction:
 
     # -- IRelayTransaction --------------------------------------------------------------
 
-    def addRecipient(self, address: str) -> Deferred[Reply]:
-        return self._relay._track(self._serialize(self._add, address))
+    def addRecipient(self, address: str, data_follows: bool = False) -> Deferred[Reply]:
+        """``data_follows``: the client pipelined DATA right behind this RCPT (RFC 2920),
+        so DATA goes upstream in the same flight and ``send`` will not wait for a 354."""
+        return self._relay._track(self._serialize(self._add, address, data_follows))
 
     def send(self, message: OutboundMessage) -> Deferred[Reply]:
         return self._relay._track(self._serialize(self._send, message))
@@ -408,26 +412,30 @@ class UpstreamTransaction:
 
     # -- MAIL with the first RCPT ----------------------------------------------------------
 
-    async def _first(self, address: str) -> tuple[bytes, Reply]:
-        """Open the transaction: [RSET,] MAIL and the first RCPT in one flight, on the first
-        upstream that takes the MAIL.  A refused MAIL is every recipient's answer."""
+    async def _first(self, address: str, data_follows: bool
+                     ) -> tuple[bytes, Reply, Reply | None]:
+        """Open the transaction: [RSET,] MAIL and the first RCPT (and DATA when the client
+        pipelined it) in one flight, on the first upstream that takes the MAIL.  A refused
+        MAIL is every recipient's answer."""
         envelope, size = self.envelope, self.envelope.declared_size
 
         async def attempt(upstream: Upstream, session: UpstreamSession
-                          ) -> tuple[Upstream, UpstreamSession, bytes, bytes, Reply]:
+                          ) -> tuple[Upstream, UpstreamSession, bytes, bytes, Reply,
+                                     Reply | None]:
             try:
                 mail = session.mail_line(envelope, size)
                 line = session.rcpt_line(address, b" SMTPUTF8" in mail)
             except RelayError:
                 _release(upstream, session)
                 raise
-            mail_reply, replies, _ = await session.start(mail, [line])
+            mail_reply, replies, data_reply = await session.start(
+                mail, [line], data=data_follows and session.pipelining)
             _check_mail(mail_reply, upstream, release=session)
-            return upstream, session, mail, line, replies[0]
+            return upstream, session, mail, line, replies[0], data_reply
 
         try:
-            upstream, session, mail, line, reply = await self._relay._on_some_upstream(
-                attempt, self.message_id)
+            upstream, session, mail, line, reply, data_reply = \
+                await self._relay._on_some_upstream(attempt, self.message_id)
         except RelayError as error:
             self._poisoned = error  # the sender's verdict holds for every recipient
             raise
@@ -436,17 +444,21 @@ class UpstreamTransaction:
             raise _aborted()
         self._upstream, self._session = upstream, session
         self._smtputf8 = b" SMTPUTF8" in mail
-        return line, reply
+        return line, reply, data_reply
 
     # -- RCPT ------------------------------------------------------------------------------
 
-    async def _add(self, address: str) -> Reply:
+    async def _add(self, address: str, data_follows: bool) -> Reply:
         if self._poisoned is not None:
             raise self._poisoned
         if self._finished:
             raise RuntimeError("RCPT after the transaction ended")
+        # A refused early DATA does not end the upstream transaction (RFC 5321 §4.1.1.4
+        # leaves MAIL in effect): the client may add recipients and try DATA again.
+        self._early_data = None
+        data_reply: Reply | None = None
         if self._session is None:
-            line, reply = await self._first(address)
+            line, reply, data_reply = await self._first(address, data_follows)
         else:
             session, upstream = self._session, self._upstream
             assert upstream is not None
@@ -459,7 +471,10 @@ class UpstreamTransaction:
                     REJECTED, "RCPT", None, f"LIMITS RCPTMAX={rcptmax}", upstream.address))
             line = session.rcpt_line(address, self._smtputf8)
             try:
-                reply = await session.rcpt(line)
+                if data_follows and session.pipelining:
+                    reply, data_reply = await session.rcpt_then_data(line)
+                else:
+                    reply = await session.rcpt(line)
             except UpstreamError as error:
                 self._relay._report(relay_error_from(error, "session", upstream.address),
                                     self.message_id)
@@ -467,8 +482,11 @@ class UpstreamTransaction:
                 reply = await self._replay(error, extra=line)
         if self._aborted:
             raise _aborted()
-        if reply.code in (250, 251):
+        accepted = reply.code in (250, 251)
+        if accepted:
             self._accepted.append((address, line))
+        self._keep_early_data(data_reply)
+        if accepted:
             return reply
         if reply.is_positive:
             return self._refuse(unavailable(
@@ -476,6 +494,20 @@ class UpstreamTransaction:
                 f"RCPT answered {reply}", "RCPT", reply, self.upstream))
         return self._refuse(rejected("RCPT", reply, f"upstream rejected <{address}>: "
                                      f"{reply.text}", self.upstream))
+
+    def _keep_early_data(self, reply: Reply | None) -> None:
+        """Keep the reply to an early DATA for ``send``.  An upstream that says 354 with
+        no recipient accepted waits for content of a message that goes nowhere: only a
+        dropped connection ends that DATA safely (a "." could deliver an empty message)."""
+        if reply is None:
+            return
+        if reply.code == 354 and not self._accepted:
+            log.info("message={message_id}: upstream {upstream} answered DATA with 354 "
+                     "although it accepted no recipient; dropping that connection",
+                     message_id=self.message_id, upstream=self.upstream)
+            self._let_go(reusable=False)  # the next RCPT opens a new transaction
+            return
+        self._early_data = reply
 
     def _refuse(self, error: RelayError) -> Reply:
         self._relay._report(error, self.message_id)
@@ -501,9 +533,12 @@ class UpstreamTransaction:
             return self._fail(_binary_refusal())
         tried: list[Upstream] = []
         eight_bit: list[bool] = []
+        early, self._early_data = self._early_data, None
         while True:
             session, upstream = self._session, self._upstream
             assert session is not None and upstream is not None
+            # The early DATA reply belongs to the first session only (not to a replay).
+            data_reply, early = early, None
             try:
                 limit = session.max_size
                 if limit is not None and message.size > limit:
@@ -515,7 +550,9 @@ class UpstreamTransaction:
                         eight_bit.append(await deferToThread(_has_8bit, message))
                     if eight_bit[0]:
                         raise eight_bit_unsupported(upstream.address)
-                data = await session.data()
+                # A session still waiting for content after a refusal here is dropped by
+                # ``_let_go`` (the protocol is not ``usable``), never sent a command.
+                data = data_reply if data_reply is not None else await session.data()
                 if data.code == 354:
                     final = await _content(session, message, upstream)
                     self._let_go(reusable=True)
@@ -629,11 +666,11 @@ class UpstreamTransaction:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _serialize(self, operation: Callable[[Any], Awaitable[Reply]], argument: Any
+    def _serialize(self, operation: Callable[..., Awaitable[Reply]], *arguments: Any
                    ) -> Deferred[Reply]:
         if self._busy is not None:
             return fail(RuntimeError("one operation at a time on a relay transaction"))
-        d = Deferred.fromCoroutine(operation(argument))
+        d = Deferred.fromCoroutine(operation(*arguments))
         if d.called:
             return d
         self._busy = d

@@ -28,8 +28,13 @@ class IMessageDelivery(Interface):
 class ITransaction(Interface):
     id = Attribute("str: the message id (urn:uuid:…), used in replies and logs")
 
-    def addRecipient(recipient, params):
-        """Accept (return None / a Deferred firing None) or refuse one RCPT."""
+    def addRecipient(recipient, params, data_follows=False):
+        """Accept (return None / a Deferred firing None) or refuse one RCPT.
+
+        ``data_follows`` is a hint: the client pipelined a DATA the protocol will accept
+        right behind this RCPT (RFC 2920 §3.1), so a relay may open its own data phase in
+        the same round trip.  Implementations are free to ignore it.
+        """
 
     def write(data):
         """A chunk of content: CRLF lines, transparency dots already removed."""

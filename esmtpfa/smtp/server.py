@@ -556,7 +556,15 @@ class ESMTPServer(Protocol, TimeoutMixin):
             return Reply(250, "2.1.5", "Recipient OK")
 
         return defer.maybeDeferred(
-            transaction.addRecipient, rcpt.address, rcpt.params).addCallback(accepted)
+            transaction.addRecipient, rcpt.address, rcpt.params,
+            data_follows=self._data_queued()).addCallback(accepted)
+
+    def _data_queued(self) -> bool:
+        """Whether the next pipelined command is a DATA that ``smtp_DATA`` will accept
+        once a recipient is (RFC 2920 §3.1: DATA may end a group)."""
+        command = self._buffer[:6].upper()
+        return (command == b"DATA\r\n" or command[:5] == b"DATA\n") and \
+            self._chunks is None and self._body() != "BINARYMIME"
 
     def smtp_DATA(self, argument: str) -> Reply:
         if self._mail is None:

@@ -515,7 +515,8 @@ class UpstreamProtocol(Protocol):
         if scripted and not scripted.startswith("354"):
             self._send(scripted)
             return
-        if self._mail_from is None or not self._rcpts:
+        if not scripted and (self._mail_from is None or not self._rcpts):
+            # A scripted 354 is said even then: a broken server, on purpose.
             self._send("554 5.5.1 No valid recipients")
             return
         self._send(scripted or "354 End data with <CR><LF>.<CR><LF>")
