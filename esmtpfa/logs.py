@@ -1,22 +1,37 @@
 """esmtpfa's loggers, filtered by ``--log-level`` before they reach twistd's log.
 
-Every module takes its ``Logger`` from ``logger(namespace)``: events pass a level filter
-that the service sets at startup, then go to the global publisher (twistd's text log,
-or JSON with ``twist --log-format json``).  Credentials are never passed to a logger:
-log statements name users, providers and ids, never secrets.
+Every module takes its ``Logger`` from ``logger(namespace)``: events below the level the
+service sets at startup are dropped before an event is even built (the relay logs a
+debug line per command on its hot path), the rest go to the global publisher (twistd's
+text log, or JSON with ``twist --log-format json``).  Credentials are never passed to a
+logger: log statements name users, providers and ids, never secrets.
 """
 
-from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, LogPublisher, Logger,
-    globalLogPublisher)
+from typing import Any
 
-_levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_publisher = LogPublisher(FilteringLogObserver(globalLogPublisher, [_levels]))
+from twisted.logger import LogLevel, Logger, globalLogPublisher
+
+_ORDER = {level: i for i, level in enumerate(LogLevel.iterconstants())}
+_threshold = _ORDER[LogLevel.info]
+
+
+class _LevelLogger(Logger):
+    """A ``Logger`` that compares the level first: a filtered event costs one lookup."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if _ORDER.get(level, _threshold) >= _threshold:
+            super().emit(level, format, **kwargs)
 
 
 def logger(namespace: str) -> Logger:
-    return Logger(namespace=namespace, observer=_publisher)
+    return _LevelLogger(namespace=namespace, observer=globalLogPublisher)
 
 
 def set_level(name: str) -> None:
-    _levels.setLogLevelForNamespace("", LogLevel.levelWithName(name))
+    global _threshold
+    _threshold = _ORDER[LogLevel.levelWithName(name)]
+
+
+def enabled(level: LogLevel) -> bool:
+    """Whether ``level`` is logged: for callers that would build costly arguments."""
+    return _ORDER[level] >= _threshold

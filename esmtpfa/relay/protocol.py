@@ -25,7 +25,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
-    IDelayedCall, IHandshakeListener, IPullProducer, IReactorTime)
+    IHandshakeListener, IPullProducer, IReactorTime)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +33,7 @@ from zope.interface import implementer
 from esmtpfa.logs import logger
 from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
 from esmtpfa.replies import Reply
+from esmtpfa.timeouts import Deadline
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
 #: We accept more (long EHLO AUTH lines, verbose texts) but never an unbounded line.
@@ -380,7 +381,7 @@ class SMTPClientProtocol(Protocol):
         self._lines: list[bytes] = []
         self._code: int | None = None
         self._waiters: deque[_Waiter] = deque()
-        self._timer: IDelayedCall | None = None
+        self._timer = Deadline(reactor, self._timedOut)  # for the head waiter's reply
         self._error: UpstreamError | None = None  # once set, the connection is unusable
         self._streamer: _DataStreamer | None = None
         # The upstream answered 354: it reads everything we send as message content until
@@ -423,7 +424,7 @@ class SMTPClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
-        self._cancelTimer()
+        self._timer.stop()
         if self._error is None:
             self._error = self._lostError(reason)
         self._failAll(self._error)
@@ -627,8 +628,7 @@ class SMTPClientProtocol(Protocol):
             raise self._error  # type: ignore[misc]
         handshake: Deferred[None] = Deferred()
         self._handshake = handshake
-        self._timer = self._reactor.callLater(
-            self.command_timeout, self._timedOut, "STARTTLS handshake", self.command_timeout)
+        self._timer.set(self.command_timeout)
         self.transport.startTLS(creator)
         await handshake
         return reply
@@ -787,23 +787,21 @@ class SMTPClientProtocol(Protocol):
         return waiter.deferred
 
     def _armTimer(self) -> None:
-        if self._timer is None and self._waiters and self._connected:
-            head = self._waiters[0]
-            self._timer = self._reactor.callLater(
-                head.timeout, self._timedOut, head.command, head.timeout)
+        if not self._timer.armed and self._waiters and self._connected:
+            self._timer.set(self._waiters[0].timeout)
 
     def _restartTimer(self) -> None:
         self._cancelTimer()
         self._armTimer()
 
     def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._timer.clear()
 
-    def _timedOut(self, command: str, timeout: float) -> None:
-        self._timer = None
+    def _timedOut(self) -> None:
+        if self._handshake is not None or not self._waiters:
+            command, timeout = "STARTTLS handshake", self.command_timeout
+        else:
+            command, timeout = self._waiters[0].command, self._waiters[0].timeout
         after_data = bool(self._waiters and self._waiters[0].after_data)
         detail = f"no reply to {command} within {timeout:g} s"
         if self._streamer is not None:

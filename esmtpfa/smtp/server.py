@@ -22,7 +22,6 @@ from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from esmtpfa.logs import logger
@@ -38,6 +37,7 @@ from esmtpfa.smtp import sasl
 from esmtpfa.smtp.address import PathArgument, parse_path_argument
 from esmtpfa.smtp.data import ChunkReader, DataReader
 from esmtpfa.smtp.interfaces import IMessageDelivery
+from esmtpfa.timeouts import Deadline
 
 log = logger("esmtpfa.smtp")
 
@@ -77,7 +77,7 @@ class _Chunk:
         self.remaining, self.last, self.error = size, last, error
 
 
-class ESMTPServer(Protocol, TimeoutMixin):
+class ESMTPServer(Protocol):
     """One SMTP session.  The factory holds settings, the Portal and TLS options."""
 
     def __init__(self, factory):
@@ -107,6 +107,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self._chunks: ChunkReader | None = None  # BDAT content of this transaction
         self._chunk: _Chunk | None = None        # the BDAT chunk being read
         self._context = ConnectionContext(connection_id=self.id, protocol="smtp")
+        self._idle: Deadline | None = None  # the idle timeout, from connectionMade
 
     # -- connection ------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
             peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
             local_host=getattr(host, "host", ""), local_port=getattr(host, "port", 0),
             tls=self._tls)
-        self.callLater = self.factory.reactor.callLater
+        self._idle = Deadline(self.factory.reactor, self.timeoutConnection)
         # Replies to pipelined commands can leave in several writes when one waits for the
         # upstream (RCPT); with Nagle on, the later ones would wait for the client's
         # delayed ACK (~40 ms per message).  A TLS wrapper forwards this to the TCP socket.
@@ -131,11 +132,12 @@ class ESMTPServer(Protocol, TimeoutMixin):
             self._reply(TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self.setTimeout(self.settings.idle_timeout)
+        self._idle.set(self.settings.idle_timeout)
         self._write(f"220 {self.settings.hostname} ESMTP esmtpfa ready\r\n".encode())
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self.setTimeout(None)
+        if self._idle is not None:
+            self._idle.stop()
         self._closing = True
         self._reset_transaction()
         if self._logout is not None:
@@ -173,7 +175,8 @@ class ESMTPServer(Protocol, TimeoutMixin):
     # -- input ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        if self._idle.armed:
+            self._idle.set(self.settings.idle_timeout)
         self._buffer += data
         self._process()
 
@@ -262,7 +265,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
             return
         if isinstance(result, defer.Deferred):
             self._waiting = True
-            self.setTimeout(None)  # the client is waiting for us, not idle
+            self._idle.clear()  # the client is waiting for us, not idle
             result.addBoth(self._answer)
             result.addBoth(self._resume)
         else:
@@ -283,7 +286,7 @@ class ESMTPServer(Protocol, TimeoutMixin):
         self._waiting = False
         if self._closing:
             return
-        self.setTimeout(self.settings.idle_timeout)
+        self._idle.set(self.settings.idle_timeout)
         self._process()
 
     # -- session commands ---------------------------------------------------------------
