@@ -189,7 +189,7 @@ def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
     with open(config, "w") as f:
         f.write(f"providers:\n- meta: {{name: bench-users, type: userpass, fallback: true}}\n"
                 f"  params: {{username: {USER}, password: {PASSWORD}}}\n")
-    env = dict(os.environ, PYTHONPATH=PROJECT)
+    env = dict(os.environ, PYTHONPATH=os.environ.get("EXTRA_PATH", "") + PROJECT)
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile", os.path.join(workdir, f"{name}.log"), "esmtpfa",
             "--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",

@@ -93,6 +93,7 @@ class RelayMetrics:
         self._from = BoundedLabels(address_labels)
         self._to = BoundedLabels(address_labels)
         self._pairs = BoundedLabels(address_labels)
+        self._children: dict = {}  # (id(metric), labels) -> labelled child
 
         def counter(name, doc, labels):
             return Counter(name, doc, labels, namespace=namespace, registry=self.registry)
@@ -155,6 +156,15 @@ class RelayMetrics:
             namespace=namespace, registry=self.registry)
         self.registry.register(_LiveCollector(self._name, providers, connections))
 
+    def _child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, remembered: the relay updates seven labelled series
+        per message, and every label set is bounded (``BoundedLabels``), so is this."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _name(self, name: str) -> str:
         return f"{self.namespace}_{name}" if self.namespace else name
 
@@ -193,23 +203,24 @@ class RelayMetrics:
                 seconds: float) -> None:
         accepted = outcome == "accepted"
         status = "1" if accepted else "0"
-        self.relay_outcomes.labels(outcome).inc()
-        self.upstream_duration.labels(self.upstream, status).observe(seconds)
+        child = self._child
+        child(self.relay_outcomes, outcome).inc()
+        child(self.upstream_duration, self.upstream, status).observe(seconds)
         authenticated = identity.via != "anonymous"
         sender = self._address(self._from, envelope.mail_from, authenticated)
         recipients = [self._address(self._to, rcpt, authenticated)
                       for rcpt in envelope.recipients]
         for recipient in recipients:
             pair = (sender, recipient) if self._pairs.admit((sender, recipient)) else (OTHER, OTHER)
-            self.mail_from_to.labels(pair[0], pair[1], status).inc()
+            child(self.mail_from_to, pair[0], pair[1], status).inc()
         if not accepted:
             return
         provider = identity.provider
-        self.messages_sent.labels(provider).inc()
-        self.bytes_sent.labels(provider).inc(size)
-        self.bytes_from.labels(provider, sender).inc(size)
+        child(self.messages_sent, provider).inc()
+        child(self.bytes_sent, provider).inc(size)
+        child(self.bytes_from, provider, sender).inc(size)
         for recipient in recipients:
-            self.bytes_to.labels(provider, recipient).inc(size)
+            child(self.bytes_to, provider, recipient).inc(size)
 
     @staticmethod
     def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:

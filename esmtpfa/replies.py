@@ -8,6 +8,7 @@ travel from the upstream to the client without being re-invented on the way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 import re
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -36,6 +37,10 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Wire form: each line carries the code and, when known, the enhanced code."""
+        return self._wire
+
+    @cached_property
+    def _wire(self) -> bytes:  # replies are constants more often than not: encode once
         lines = self.lines()
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []
@@ -55,6 +60,14 @@ class Reply:
         The enhanced code is taken from the first line when the server sent one; otherwise
         the class default (RFC 3463 X.0.0) is used so our own client always sees one.
         """
+        if len(lines) == 1:  # the common case, without the loop
+            raw = lines[0]
+            match = _ENHANCED.match(raw)
+            if match:
+                return cls(code, match.group(0).strip().decode("ascii"),
+                           raw[match.end():].decode("utf-8", "replace"))
+            return cls(code, f"{code // 100}.0.0" if code >= 200 else "",
+                       raw.decode("utf-8", "replace"))
         enhanced = ""
         texts = []
         for index, raw in enumerate(lines):

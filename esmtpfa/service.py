@@ -36,6 +36,7 @@ from esmtpfa.reload import (
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.tls import TLSConfigError, server_tls_options
+from esmtpfa.transport import write_through
 from esmtpfa.web.health import Check, MaildirProbe, UpstreamProbe
 from esmtpfa.web.site import metrics_site, submission_site
 
@@ -61,6 +62,7 @@ def listen_address(addr: str) -> str:
 
 def server_endpoint(reactor, addr: str, port: int):
     interface = listen_address(addr)
+    reactor = write_through(reactor)
     if ":" in interface:
         return endpoints.TCP6ServerEndpoint(reactor, port, interface=interface)
     return endpoints.TCP4ServerEndpoint(reactor, port, interface=interface)

@@ -33,6 +33,7 @@ from esmtpfa.relay.protocol import (
 from esmtpfa.relay.sasl import choose_mechanism, client_for
 from esmtpfa.relay.settings import UpstreamSettings
 from esmtpfa.replies import Reply
+from esmtpfa.transport import write_through
 
 log = logger("esmtpfa.relay.session")
 
@@ -129,6 +130,7 @@ def endpoint_for(reactor: Any, settings: UpstreamSettings, tls_options: Any) -> 
     getaddrinfo in the thread pool); names go through ``HostnameEndpoint`` (happy eyeballs).
     """
     version = settings.ip_version
+    reactor = write_through(reactor)
     if version == 4:
         endpoint: Any = TCP4ClientEndpoint(reactor, settings.host, settings.port,
                                            timeout=settings.connect_timeout)
