@@ -64,6 +64,10 @@ BAD_CHARACTERS = Reply(500, "5.5.2", "Invalid characters in command")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+RESET_OK = Reply(250, "2.0.0", "Reset OK")
 
 
 def _mail_params_error(key: str) -> SMTPReplyError:
@@ -341,7 +345,7 @@ class ESMTPServer(Protocol):
 
     def smtp_RSET(self, argument: str) -> Reply:
         self._reset_transaction()
-        return Reply(250, "2.0.0", "Reset OK")
+        return RESET_OK
 
     def smtp_VRFY(self, argument: str) -> Reply:
         return Reply(252, "2.5.0", "Cannot VRFY user, but will accept message for delivery")
@@ -535,7 +539,7 @@ class ESMTPServer(Protocol):
 
         def started(transaction):
             self._transaction, self._mail, self._recipients = transaction, mail, []
-            return Reply(250, "2.1.0", "Sender OK")
+            return SENDER_OK
 
         return self._session_avatar().addCallback(start).addCallback(started)
 
@@ -556,7 +560,7 @@ class ESMTPServer(Protocol):
         def accepted(_):
             if transaction is self._transaction:
                 self._recipients.append(rcpt.address)
-            return Reply(250, "2.1.5", "Recipient OK")
+            return RECIPIENT_OK
 
         return defer.maybeDeferred(
             transaction.addRecipient, rcpt.address, rcpt.params,
@@ -582,7 +586,7 @@ class ESMTPServer(Protocol):
         self._reader = DataReader(
             self._transaction.write, self.settings.max_message_size,
             self.settings.max_line_length, self.settings.bare_line_ends)
-        return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        return START_DATA
 
     def _feed_data(self) -> None:
         data, self._buffer = self._buffer, b""
