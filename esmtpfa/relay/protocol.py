@@ -329,6 +329,7 @@ class _DataStreamer:
         self._chunks = chunks
         self._stuffer = DotStuffer()
         self._done = False
+        self.registered = False  # with the transport (only messages over one batch)
 
     def resumeProducing(self) -> None:
         # Chunks are gathered up to ``BATCH`` octets per write, so a small message (trace
@@ -695,8 +696,13 @@ class SMTPClientProtocol(Protocol):
             return _failed(self._error)
         deferred = self._enqueue(waiter)
         self._awaitingContent = False
-        self._streamer = _DataStreamer(self, iter(chunks))
-        self.transport.registerProducer(self._streamer, False)
+        streamer = self._streamer = _DataStreamer(self, iter(chunks))
+        # The first batch goes now: a message that fits in it (most do) is then written
+        # whole, final dot included, without the producer's trip through the reactor.
+        streamer.resumeProducing()
+        if self._streamer is streamer:
+            self.transport.registerProducer(streamer, False)
+            streamer.registered = True
         return deferred
 
     def _streamWrite(self, data: bytes) -> None:
@@ -720,9 +726,9 @@ class SMTPClientProtocol(Protocol):
 
     def _stopStreaming(self) -> None:
         if self._streamer is not None:
-            self._streamer.stopProducing()
-            self._streamer = None
-            if self._connected:
+            streamer, self._streamer = self._streamer, None
+            streamer.stopProducing()
+            if self._connected and streamer.registered:
                 self.transport.unregisterProducer()
 
     # -- closing ------------------------------------------------------------------------
