@@ -202,14 +202,20 @@ def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
     return process
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_arguments(description: str) -> argparse.ArgumentParser:
+    """The load's options, shared by the benchmarks that use this load generator."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def main() -> None:
+    parser = load_arguments(__doc__.split("\n")[0])
     parser.add_argument("--large", type=int, default=50 * 1024 * 1024)
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1,
                         help="independent esmtpfa processes sharing the load (experiment)")
     args = parser.parse_args()

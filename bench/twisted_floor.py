@@ -119,11 +119,7 @@ def start_floor(port: int, sink_port: int, write_through: bool) -> subprocess.Po
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=4000)
-    parser.add_argument("--connections", type=int, default=20)
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = bench.load_arguments(__doc__.split("\n")[0])
     parser.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--write-through", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -302,6 +302,17 @@ class EarlyDataTests(PoolTestCase):
                 groups.setdefault(command.packet, []).append(verb)
         return list(groups.values())
 
+    async def assertDroppedInData(self, upstream: RecordingUpstream, relay: SMTPRelay):
+        """The first connection was dropped right after DATA, with nothing delivered, and
+        the next message goes through on a new one."""
+        await upstream.whenIdle()
+        self.assertTrue(upstream.sessions[0].closed)
+        self.assertTrue(upstream.sessions[0].raw.endswith(b"DATA\r\n"))
+        self.assertEqual(upstream.messages, [])
+        outcome = await self.transact(relay, pipelined=True)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(upstream.connection_count, 2)
+
     async def test_mail_rcpt_and_data_in_one_flight_then_rset_and_reuse(self):
         upstream = self.upstream()
         relay = self.relay(upstream)
@@ -344,13 +355,7 @@ class EarlyDataTests(PoolTestCase):
         relay = self.relay(upstream)
         outcome = await self.transact(relay, rcpts=("nobody@example.com",), pipelined=True)
         self.assertEqual(outcome.codes, [550])
-        await upstream.whenIdle()
-        self.assertTrue(upstream.sessions[0].closed)
-        self.assertTrue(upstream.sessions[0].raw.endswith(b"DATA\r\n"))
-        self.assertEqual(upstream.messages, [])
-        outcome = await self.transact(relay, pipelined=True)
-        self.assertEqual(outcome.codes, [250, 250])
-        self.assertEqual(upstream.connection_count, 2)
+        await self.assertDroppedInData(upstream, relay)
 
     async def test_client_gives_up_after_the_early_354(self):
         # RSET, refused content or a lost client after DATA went upstream: the upstream
@@ -360,13 +365,7 @@ class EarlyDataTests(PoolTestCase):
         transaction = await relay.begin(Envelope("alice@example.com", ()), "m", "c")
         await transaction.addRecipient("bob@example.com", data_follows=True)
         transaction.abort()
-        await upstream.whenIdle()
-        self.assertTrue(upstream.sessions[0].closed)
-        self.assertTrue(upstream.sessions[0].raw.endswith(b"DATA\r\n"))
-        self.assertEqual(upstream.messages, [])
-        outcome = await self.transact(relay, pipelined=True)
-        self.assertEqual(outcome.codes, [250, 250])
-        self.assertEqual(upstream.connection_count, 2)
+        await self.assertDroppedInData(upstream, relay)
 
     async def test_too_big_after_the_early_354(self):
         upstream = self.upstream(extensions=("PIPELINING", "SIZE 200"))
