@@ -239,6 +239,22 @@ class ReplyParsingTests(unittest.TestCase):
         self.transport.clear()
         return self.protocol.sendData(outbound(content).chunks())
 
+    def test_no_command_while_the_upstream_awaits_content(self):
+        # After a 354 any line is message content: RSET or QUIT would become part of a
+        # message, and a later CRLF.CRLF would deliver it.  Nothing but content or a drop.
+        self.protocol.dataReceived(b"220 ok\r\n")
+        data = self.protocol.command(b"DATA")
+        self.protocol.dataReceived(b"354 go\r\n")
+        self.successResultOf(data)
+        self.transport.clear()
+        self.assertFalse(self.protocol.usable)
+        for send in (lambda: self.protocol.command(b"RSET"),
+                     lambda: self.protocol.pipelineAll([b"RSET"], ["RSET"])):
+            self.assertRaises(RuntimeError, send)
+        self.protocol.quit()
+        self.assertEqual(self.transport.value(), b"")  # no QUIT, no dot: dropped
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
     def pump(self):
         while self.transport.producer is not None:
             self.transport.producer.resumeProducing()
