@@ -47,7 +47,3 @@ def set_level(name: str) -> None:
     global _threshold
     _threshold = _ORDER[LogLevel.levelWithName(name)]
 
-
-def enabled(level: LogLevel) -> bool:
-    """Whether ``level`` is logged: for callers that would build costly arguments."""
-    return _ORDER[level] >= _threshold

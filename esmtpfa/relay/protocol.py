@@ -508,8 +508,7 @@ class SMTPClientProtocol(Protocol):
             self._abort()
             return
         self._waiters.popleft()
-        self._cancelTimer()
-        self._armTimer()
+        self._restartTimer()
         if reply.code == 354 and waiter.command == "DATA":
             self._awaitingContent = True
         waiter.complete(reply)
@@ -738,11 +737,6 @@ class SMTPClientProtocol(Protocol):
         """Connected, in sync, nothing in flight: another command may be sent."""
         return (self._connected and self._error is None and self._streamer is None
                 and not self._awaitingContent)
-
-    @property
-    def awaitingContent(self) -> bool:
-        """The upstream answered DATA with 354 and no content was sent yet."""
-        return self._awaitingContent
 
     def whenDisconnected(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

@@ -370,16 +370,12 @@ class UpstreamSession:
 
     async def rcpt_then_data(self, line: bytes) -> tuple[Reply, Reply]:
         """RCPT and DATA in one flight (RFC 2920 §3.1: DATA may end a group), for a client
-        that pipelined its DATA behind this RCPT: one round trip less per message.  A 354
-        leaves the upstream waiting for content (``awaiting_content``)."""
+        that pipelined its DATA behind this RCPT: one round trip less per message.  After a
+        354 the protocol refuses every command until the content is sent."""
         rcpt, data = await self.protocol.pipelineAll([line, b"DATA"], ["RCPT", "DATA"])
         self._check_closing("RCPT", rcpt)
         self._check_closing("DATA", data)
         return rcpt, data
-
-    @property
-    def awaiting_content(self) -> bool:
-        return self.protocol.awaitingContent
 
     async def data(self) -> Reply:
         reply = await self.protocol.command(b"DATA")

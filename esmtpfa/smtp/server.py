@@ -111,7 +111,7 @@ class ESMTPServer(Protocol):
         self._chunks: ChunkReader | None = None  # BDAT content of this transaction
         self._chunk: _Chunk | None = None        # the BDAT chunk being read
         self._context = ConnectionContext(connection_id=self.id, protocol="smtp")
-        self._idle: Deadline | None = None  # the idle timeout, from connectionMade
+        self._idle = Deadline(factory.reactor, self.timeoutConnection)
 
     # -- connection ------------------------------------------------------------------
 
@@ -121,7 +121,6 @@ class ESMTPServer(Protocol):
             peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
             local_host=getattr(host, "host", ""), local_port=getattr(host, "port", 0),
             tls=self._tls)
-        self._idle = Deadline(self.factory.reactor, self.timeoutConnection)
         # Replies to pipelined commands can leave in several writes when one waits for the
         # upstream (RCPT); with Nagle on, the later ones would wait for the client's
         # delayed ACK (~40 ms per message).  A TLS wrapper forwards this to the TCP socket.
@@ -140,8 +139,7 @@ class ESMTPServer(Protocol):
         self._write(f"220 {self.settings.hostname} ESMTP esmtpfa ready\r\n".encode())
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if self._idle is not None:
-            self._idle.stop()
+        self._idle.stop()
         self._closing = True
         self._reset_transaction()
         if self._logout is not None:
@@ -571,7 +569,11 @@ class ESMTPServer(Protocol):
         once a recipient is (RFC 2920 §3.1: DATA may end a group)."""
         command = self._buffer[:6].upper()
         return (command == b"DATA\r\n" or command[:5] == b"DATA\n") and \
-            self._chunks is None and self._body() != "BINARYMIME"
+            not self._needs_bdat()
+
+    def _needs_bdat(self) -> bool:
+        # RFC 3030 §3: BINARYMIME content and a transaction begun with BDAT use BDAT.
+        return self._chunks is not None or self._body() == "BINARYMIME"
 
     def smtp_DATA(self, argument: str) -> Reply:
         if self._mail is None:
@@ -580,8 +582,7 @@ class ESMTPServer(Protocol):
             return NEED_RCPT
         if argument:
             return Reply(501, "5.5.4", "DATA takes no parameters")
-        if self._chunks is not None or self._body() == "BINARYMIME":
-            # RFC 3030 §3: BINARYMIME content and a transaction begun with BDAT use BDAT.
+        if self._needs_bdat():
             return Reply(503, "5.5.1", "Use BDAT for this message (RFC 3030)")
         self._reader = DataReader(
             self._transaction.write, self.settings.max_message_size,
