@@ -7,6 +7,8 @@ text log, or JSON with ``twist --log-format json``).  Credentials are never pass
 logger: log statements name users, providers and ids, never secrets.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 from twisted.logger import LogLevel, Logger, globalLogPublisher
