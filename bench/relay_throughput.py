@@ -183,12 +183,18 @@ def start_sink(port: int, pipelining: bool = True) -> subprocess.Popen:
     return process
 
 
-def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
-                  name: str = "esmtpfa") -> subprocess.Popen:
+def write_providers(workdir: str) -> str:
+    """The benchmark's provider file: one userpass account, tried as a fallback."""
     config = os.path.join(workdir, "providers.yaml")
     with open(config, "w") as f:
         f.write(f"providers:\n- meta: {{name: bench-users, type: userpass, fallback: true}}\n"
                 f"  params: {{username: {USER}, password: {PASSWORD}}}\n")
+    return config
+
+
+def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
+                  name: str = "esmtpfa") -> subprocess.Popen:
+    config = write_providers(workdir)
     env = dict(os.environ, PYTHONPATH=os.environ.get("EXTRA_PATH", "") + PROJECT)
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile", os.path.join(workdir, f"{name}.log"), "esmtpfa",

@@ -10,6 +10,10 @@ replies passed back.  No parsing beyond line ends, no authentication check, no i
 Received header, no spool, no logging, no metrics, no timeouts.  Whatever ratio this
 reaches against the direct path is the most any Twisted relay can reach on the machine,
 so it tells how much of esmtpfa's gap is the platform and how much is esmtpfa.
+
+``--logic-us 30,60,90`` adds floors that spend that many microseconds of CPU per message
+(a busy loop where a relay would do its work): the curve says how much logic per message
+a Python relay can afford for a given ratio on this machine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(PROJECT, "bench"))
@@ -29,7 +34,14 @@ sys.path.insert(0, PROJECT)
 import relay_throughput as bench  # noqa: E402  (the shared load generator and sink)
 
 
-def serve(port: int, upstream_port: int, write_through: bool) -> None:
+def spend(seconds: float) -> None:
+    """Stand-in for a relay's per-message work: CPU time, nothing else."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def serve(port: int, upstream_port: int, write_through: bool, logic_us: float) -> None:
     from twisted.internet import endpoints, reactor
     from twisted.internet.protocol import Factory, Protocol
 
@@ -84,6 +96,8 @@ def serve(port: int, upstream_port: int, write_through: bool) -> None:
                 if self.buffer.endswith(b"\r\n.\r\n"):
                     content, self.buffer, self.in_data = self.buffer, b"", False
                     self.upstream.expect(1, self.relay)
+                    if logic_us:
+                        spend(logic_us / 1e6)
                     self.upstream.transport.write(content)
                 return
             *lines, self.buffer = self.buffer.split(b"\r\n")
@@ -111,8 +125,10 @@ def serve(port: int, upstream_port: int, write_through: bool) -> None:
     reactor.run()
 
 
-def start_floor(port: int, sink_port: int, write_through: bool) -> subprocess.Popen:
-    args = [sys.executable, os.path.abspath(__file__), "--serve", str(port), str(sink_port)]
+def start_floor(port: int, sink_port: int, write_through: bool, logic_us: float
+                ) -> subprocess.Popen:
+    args = [sys.executable, os.path.abspath(__file__), "--serve", str(port), str(sink_port),
+            "--logic-us", str(logic_us)]
     process = subprocess.Popen(args + (["--write-through"] if write_through else []))
     bench.wait_for_port(port, process)
     return process
@@ -122,18 +138,24 @@ def main() -> None:
     parser = bench.load_arguments(__doc__.split("\n")[0])
     parser.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--write-through", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--logic-us", default="",
+                        help="comma-separated CPU microseconds per message to add "
+                             "(extra write-through floors)")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve[0], args.serve[1], args.write_through)
+        serve(args.serve[0], args.serve[1], args.write_through, float(args.logic_us or 0))
         return
+    variants = [("floor", False, 0.0), ("floor+write-through", True, 0.0)] + [
+        (f"floor+write-through+{n}us", True, float(n))
+        for n in args.logic_us.split(",") if n]
     print("command:", " ".join([os.path.relpath(sys.argv[0], PROJECT)] + sys.argv[1:]))
     sink_port = bench.free_port()
     sink = bench.start_sink(sink_port)
     floors = {}
     try:
-        for name, write_through in (("floor", False), ("floor+write-through", True)):
+        for name, write_through, logic_us in variants:
             port = bench.free_port()
-            floors[name] = (port, start_floor(port, sink_port, write_through))
+            floors[name] = (port, start_floor(port, sink_port, write_through, logic_us))
             asyncio.run(bench.load(port, args.connections, 200, args.size))
         ratios: dict[str, list[float]] = {name: [] for name in floors}
         for round_ in range(args.rounds):
