@@ -203,6 +203,18 @@ def _load_document(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {_yaml_error(error)}") from None
 
 
+def load_document(text: str | bytes, source: str) -> Any:
+    """A config document (UTF-8, BOM allowed; JSON or YAML), parsed and size-checked."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
+    document = _load_document(text.removeprefix("\ufeff"), source)
+    _check_size(document, source)
+    return document
+
+
 def _check_size(document: Any, source: str) -> None:
     nodes, stack = 0, [document]
     while stack:
@@ -244,7 +256,7 @@ def _names(keys: Iterable[Any]) -> str:
     return ", ".join(repr(key) for key in keys)
 
 
-def _unknown_keys(found: Iterable[Any], allowed: Sequence[str], what: str) -> str | None:
+def unknown_keys(found: Iterable[Any], allowed: Sequence[str], what: str) -> str | None:
     unknown = [key for key in found if key not in allowed]
     if not unknown:
         return None
@@ -288,7 +300,7 @@ def _parse_item(item: Any, index: int, source: str, env: Mapping[str, str]) -> P
     if not isinstance(item, dict):
         raise error(f"expected a mapping with 'meta' and 'params', got {type(item).__name__}")
     meta = item.get("meta")
-    problem = _unknown_keys(item, ITEM_KEYS, "provider")
+    problem = unknown_keys(item, ITEM_KEYS, "provider")
     if problem:
         raise error(problem, meta.get("name") if isinstance(meta, dict) else None)
     if not isinstance(meta, dict):
@@ -298,7 +310,7 @@ def _parse_item(item: Any, index: int, source: str, env: Mapping[str, str]) -> P
         raise error("meta.name is required and must be a non-empty string")
     if name != name.strip():
         raise error("meta.name has leading or trailing whitespace", name.strip())
-    problem = _unknown_keys(meta, META_KEYS, "meta")
+    problem = unknown_keys(meta, META_KEYS, "meta")
     if problem:
         raise error(problem, name)
     type_name = meta.get("type")
@@ -349,14 +361,7 @@ def parse_provider_document(text: str | bytes, source: str,
                             env: Mapping[str, str] | None = None) -> list[ProviderConfig]:
     """Parse and check a provider document (YAML or JSON) without creating any provider."""
     env = os.environ if env is None else env
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
-    text = text.removeprefix("\ufeff")
-    document = _load_document(text, source)
-    _check_size(document, source)
+    document = load_document(text, source)
     configs = [_parse_item(item, index, source, env)
                for index, item in enumerate(_items(document, source))]
     _check_cross_rules(configs, source)

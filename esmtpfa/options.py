@@ -148,6 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth-failure-window", parse_seconds, 600.0, "AUTH_FAILURE_WINDOW", "Seconds a failed login counts against an address and a username"),
     Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
     Setting("received-hide-client", None, False, "SMTP_RECEIVED_HIDE_CLIENT", "Leave the client's IP address out of the Received header"),
+    Setting("relay-config", str, None, "RELAY_CONFIG", "YAML/JSON file listing the relay servers in order, each with its own address, TLS and credentials (read at startup; the --relay-* flags are the defaults; replaces --relay-addr)"),
     Setting("relay-starttls", choice("opportunistic", "required", "none"), "opportunistic", "RELAY_STARTTLS", "STARTTLS toward the relay"),
     Setting("relay-tls-server-name", str, None, "RELAY_TLS_SERVER_NAME", "Name expected in the relay's certificate (default: --relay-addr)"),
     Setting("relay-allow-insecure-auth", None, False, "RELAY_ALLOW_INSECURE_AUTH", "Allow AUTH toward the relay without TLS"),
@@ -229,6 +230,28 @@ class Options(usage.Options):
         setting = next(s for s in SETTINGS if s.flag == flag)
         return self[flag] == setting.default
 
+    def _upstreams(self) -> list:
+        """Where messages go (``UpstreamEntry`` list; empty: the local Maildir)."""
+        from esmtpfa.providers.base import ConfigError
+        from esmtpfa.relay.config import UpstreamEntry, load_relay_file
+        from esmtpfa.relay.settings import parse_upstream_addresses
+        if self["relay-config"]:
+            if self["relay-addr"]:
+                raise usage.UsageError("--relay-addr and --relay-config both list relay "
+                                       "servers: use one of them")
+            try:
+                return load_relay_file(self["relay-config"], self.environ,
+                                       self["relay-port"])
+            except ConfigError as error:
+                raise usage.UsageError(f"--relay-config: {error}") from None
+        if not self["relay-addr"]:
+            return []
+        try:
+            return [UpstreamEntry(host, port) for host, port in
+                    parse_upstream_addresses(self["relay-addr"], self["relay-port"])]
+        except ValueError as error:
+            raise usage.UsageError(f"--relay-addr: {error}") from None
+
     def _validate(self) -> None:
         for prefix, what in (("tls", "SMTP TLS"), ("http-tls", "HTTP TLS"),
                              ("relay-tls", "relay client TLS")):
@@ -240,12 +263,7 @@ class Options(usage.Options):
             raise usage.UsageError("--tls needs --tls-cert and --tls-key")
         if bool(self["relay-user"]) != bool(self["relay-pass"]):
             raise usage.UsageError("--relay-user and --relay-pass go together")
-        if self["relay-addr"]:
-            from esmtpfa.relay.settings import parse_upstream_addresses
-            try:
-                parse_upstream_addresses(self["relay-addr"], self["relay-port"])
-            except ValueError as error:
-                raise usage.UsageError(f"--relay-addr: {error}") from None
+        self["relay-upstreams"] = self._upstreams()
         for flag in ("tls-cert", "tls-key", "tls-ca-cert", "http-tls-cert", "http-tls-key",
                      "relay-tls-ca-cert", "relay-tls-cert", "relay-tls-key"):
             path = self[flag]

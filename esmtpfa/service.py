@@ -88,16 +88,20 @@ def server_settings(options) -> ServerSettings:
     )
 
 
+def upstream_entries(options) -> list:
+    """The relay servers in order (``relay.config.UpstreamEntry``); empty: the Maildir."""
+    return options["relay-upstreams"]
+
+
 def build_relay(options, reactor, hostname: str) -> IRelay:
     from esmtpfa.relay.maildir import MaildirRelay
-    from esmtpfa.relay.upstream import (
-        PoolSettings, SMTPRelay, UpstreamSettings, parse_upstream_addresses)
+    from esmtpfa.relay.upstream import PoolSettings, SMTPRelay, UpstreamSettings
 
-    if options["relay-addr"]:
-        upstreams = [UpstreamSettings(
-            host=host, port=port,
+    entries = upstream_entries(options)
+    if entries:
+        defaults = dict(
             implicit_tls=options["relay-tls"],
-            starttls="none" if options["relay-tls"] else options["relay-starttls"],
+            starttls=options["relay-starttls"],
             ca_cert=options["relay-tls-ca-cert"],
             client_cert=options["relay-tls-cert"], client_key=options["relay-tls-key"],
             skip_verify=options["relay-tls-skip-verify"],
@@ -108,9 +112,10 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
             helo_name=hostname,
             connect_timeout=options["relay-connect-timeout"],
             command_timeout=options["relay-timeout"],
-            data_timeout=options["relay-data-timeout"],
-        ) for host, port in parse_upstream_addresses(options["relay-addr"],
-                                                     options["relay-port"])]
+            data_timeout=options["relay-data-timeout"])
+        upstreams = [UpstreamSettings(host=entry.host, port=entry.port,
+                                      **_entry_settings(defaults, entry.overrides))
+                     for entry in entries]
         relay = SMTPRelay(upstreams, reactor=reactor, pool=PoolSettings(
             size=options["relay-pool-size"],
             idle_timeout=options["relay-pool-idle-timeout"],
@@ -122,6 +127,18 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
         from esmtpfa.relay.rewrite import RelayFromRewriter
         relay = RelayFromRewriter(relay, options["relay-from"])
     return relay
+
+
+def _entry_settings(defaults: dict, overrides) -> dict:
+    """A relay file entry over the flags.  An entry that sets ``starttls`` (other than
+    none) and not ``tls`` uses STARTTLS even under ``--relay-tls``; implicit TLS means no
+    STARTTLS."""
+    settings = {**defaults, **overrides}
+    if overrides.get("starttls", "none") != "none" and "implicit_tls" not in overrides:
+        settings["implicit_tls"] = False
+    if settings["implicit_tls"]:
+        settings["starttls"] = "none"
+    return settings
 
 
 def unwrap(relay: IRelay):
@@ -179,12 +196,11 @@ def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"):
 
 def upstream_label(options) -> str:
     """The ``server`` label of the upstream duration metric: where messages go."""
-    if not options["relay-addr"]:
+    entries = upstream_entries(options)
+    if not entries:
         return "maildir"
-    from esmtpfa.relay.settings import parse_upstream_addresses
-    return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                    for host, port in parse_upstream_addresses(options["relay-addr"],
-                                                               options["relay-port"]))
+    return ",".join(f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}"
+                    for e in entries)
 
 
 class RelayService(MultiService):
@@ -287,14 +303,10 @@ class RelayService(MultiService):
                                   reactor=self.reactor))
 
     def _upstream_probe(self):
-        options = self.options
-        if options["relay-addr"]:
-            from esmtpfa.relay.settings import parse_upstream_addresses
-            # The preferred upstream (the first of --relay-addr).
-            host, port = parse_upstream_addresses(options["relay-addr"],
-                                                  options["relay-port"])[0]
-            return UpstreamProbe(self.reactor, host, port)
-        return MaildirProbe(os.path.abspath(options["maildir"]))
+        entries = upstream_entries(self.options)
+        if entries:  # the preferred upstream
+            return UpstreamProbe(self.reactor, entries[0].host, entries[0].port)
+        return MaildirProbe(os.path.abspath(self.options["maildir"]))
 
     def _providers_ready(self) -> Check:
         if not self.reloader.loaded:
@@ -338,6 +350,9 @@ class RelayService(MultiService):
         if self.settings.allow_anonymous:
             log.warn("--allow-anonymous-auth: mail is relayed WITHOUT authentication")
         log.info("relay: {relay}", relay=self.relay.description)
+        if options["relay-config"]:
+            log.info("relay servers read from {path}; changes to that file take a restart "
+                     "(SIGHUP reloads providers only)", path=options["relay-config"])
         if not (options["plain"] or options["tls"] or options["http"]):
             log.warn("no listener enabled (--plain, --tls, --http): nothing accepts mail")
         for name in ("plain", "tls"):

@@ -1,0 +1,204 @@
+"""``--relay-config``: upstreams from a file, each with its own address, TLS and credentials."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+
+from twisted.internet import defer, threads
+from twisted.python import usage
+from twisted.trial import unittest
+
+from esmtpfa.providers.base import ConfigError
+from esmtpfa.relay.config import UpstreamEntry, parse_relay_document
+from esmtpfa.service import build_relay
+from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.upstream import RecordingUpstream
+from tests.test_relay_options import parse
+
+EXAMPLE = """\
+relays:
+- addr: smtp.sendgrid.net:587
+  user: apikey
+  pass: ${SENDGRID_API_KEY}
+  starttls: required
+- addr: email-smtp.eu-west-1.amazonaws.com
+  port: 465
+  tls: true
+  user: ${SES_USER}
+  pass: ${SES_PASSWORD}
+  auth_mech: LOGIN
+- addr: "[2001:db8::25]"
+"""
+ENV = {"SENDGRID_API_KEY": "SG.s3cret", "SES_USER": "AKIA1", "SES_PASSWORD": "ses-s3cret"}
+
+
+class ParseTests(unittest.TestCase):
+
+    def test_example(self):
+        entries = parse_relay_document(EXAMPLE, "relays.yaml", ENV, default_port=25)
+        self.assertEqual(entries, [
+            UpstreamEntry("smtp.sendgrid.net", 587, {
+                "username": "apikey", "password": "SG.s3cret", "starttls": "required"}),
+            UpstreamEntry("email-smtp.eu-west-1.amazonaws.com", 465, {
+                "implicit_tls": True, "username": "AKIA1", "password": "ses-s3cret",
+                "auth_mechanism": "login"}),
+            UpstreamEntry("2001:db8::25", 25, {}),
+        ])
+
+    def test_json(self):
+        entries = parse_relay_document(
+            '{"relays": [{"addr": "a.example", "tls_skip_verify": true}]}', "r.json", {},
+            default_port=587)
+        self.assertEqual(entries, [UpstreamEntry("a.example", 587, {"skip_verify": True})])
+
+    def assertRefused(self, text: str, *expected: str, env=None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            parse_relay_document(text, "relays.yaml", env or {})
+        message = str(caught.exception)
+        for part in expected:
+            self.assertIn(part, message)
+        return message
+
+    def test_errors_name_the_file_entry_and_key(self):
+        self.assertRefused("relays:\n- {addr: a.example, passwd: x}\n",
+                           "relays.yaml: relays[0]", "'passwd' (did you mean 'pass'?)")
+        self.assertRefused("relays:\n- {port: 25}\n", "relays[0]", "'addr' is required")
+        self.assertRefused("relays:\n- {addr: 'a.example,b.example'}\n",
+                           "relays[0]: addr: one address per entry")
+        self.assertRefused("relays:\n- {addr: a.example, user: u}\n",
+                           "'user' and 'pass' go together")
+        self.assertRefused("relays:\n- {addr: a.example, tls: true, starttls: required}\n",
+                           "'starttls' does not apply")
+        self.assertRefused("relays:\n- {addr: a.example, starttls: maybe}\n",
+                           "relays[0]: starttls: must be one of opportunistic, required, none")
+        self.assertRefused("relays:\n- {addr: a.example, port: 70000}\n", "addr:", "port")
+        self.assertRefused("relays:\n- {addr: a.example, tls_ca_cert: /nonexistent/ca.pem}\n",
+                           "tls_ca_cert: no such file: /nonexistent/ca.pem")
+        self.assertRefused("relays:\n- {addr: a.example, auth_mech: NTLM}\n",
+                           "auth_mech: must be one of")
+        self.assertRefused("relays:\n- {addr: a.example}\n- {addr: A.example:25}\n",
+                           "relays[1]", "listed twice")
+        self.assertRefused("relays: []\n", "'relays' is empty")
+        self.assertRefused("upstreams: []\n", "expected a mapping with a 'relays' list")
+        self.assertRefused("relays:\n- a.example\n", "relays[0]: must be a mapping")
+
+    def test_no_secret_in_any_error(self):
+        message = self.assertRefused("relays:\n- {addr: a.example, user: u, pass: [s3cret]}\n",
+                                     "relays[0]: pass: must be a non-empty string")
+        self.assertNotIn("s3cret", message)
+        message = self.assertRefused(
+            "relays:\n- {addr: a.example, user: u, pass: '${MISSING}'}\n",
+            "relays[0]: pass:", "'MISSING' is not set")
+        self.assertNotIn("s3cret", message)
+
+
+class OptionTests(unittest.TestCase):
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_entries_override_the_flags(self):
+        path = self.write(EXAMPLE)
+        options = parse("--relay-config", path, "--relay-timeout", "12",
+                        "--relay-user", "flag-user", "--relay-pass", "flag-pass",
+                        "--relay-tls-server-name", "smtp.example.com", **ENV)
+        relay = build_relay(options, None, "relay.test")
+        self.addCleanup(relay.close)
+        first, second, third = [u.settings for u in relay.upstreams]
+        self.assertEqual((first.address, first.username, first.password, first.starttls,
+                          first.implicit_tls, first.command_timeout),
+                         ("smtp.sendgrid.net:587", "apikey", "SG.s3cret", "required", False,
+                          12.0))
+        self.assertEqual((second.address, second.username, second.implicit_tls,
+                          second.starttls, second.auth_mechanism),
+                         ("email-smtp.eu-west-1.amazonaws.com:465", "AKIA1", True, "none",
+                          "LOGIN"))
+        # What an entry leaves out comes from the flags.
+        self.assertEqual((third.address, third.username, third.password, third.server_name),
+                         ("[2001:db8::25]:25", "flag-user", "flag-pass", "smtp.example.com"))
+        self.assertIn("failover", relay.description)
+        self.assertNotIn("s3cret", repr(relay.upstreams[0].settings))
+
+    def test_starttls_entry_under_implicit_tls_flag(self):
+        path = self.write("relays:\n- {addr: a.example, starttls: required}\n"
+                          "- {addr: b.example}\n")
+        relay = build_relay(parse("--relay-config", path, "--relay-tls"), None, "relay.test")
+        self.addCleanup(relay.close)
+        a, b = [u.settings for u in relay.upstreams]
+        self.assertEqual((a.implicit_tls, a.starttls), (False, "required"))
+        self.assertEqual((b.implicit_tls, b.starttls), (True, "none"))
+
+    def test_environment_variable_and_port_default(self):
+        path = self.write("relays:\n- {addr: a.example}\n")
+        options = parse(RELAY_CONFIG=path, RELAY_PORT="2525")
+        self.assertEqual(options["relay-upstreams"], [UpstreamEntry("a.example", 2525, {})])
+
+    def test_startup_errors(self):
+        path = self.write("relays:\n- {addr: a.example}\n")
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--relay-config", path, "--relay-addr", "b.example")
+        self.assertIn("--relay-addr and --relay-config", str(caught.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--relay-config", self.write("relays:\n- {adr: a.example}\n"))
+        self.assertIn("--relay-config:", str(caught.exception))
+        self.assertIn("did you mean 'addr'?", str(caught.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--relay-config", "/nonexistent/relays.yaml")
+        self.assertIn("/nonexistent/relays.yaml: cannot read", str(caught.exception))
+
+
+class FailoverWithOwnCredentialsTests(unittest.TestCase):
+    """smtplib → esmtpfa → two real upstreams, each requiring its own account."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.primary = RecordingUpstream(auth=("PLAIN",), credentials=("primary", "p-pass"),
+                                         replies={"MAIL": "451 4.3.0 Primary is busy"})
+        self.backup = RecordingUpstream(auth=("PLAIN", "LOGIN"),
+                                        credentials=("backup", "b:pass"))
+        for upstream in (self.primary, self.backup):
+            yield upstream.start()
+            self.addCleanup(upstream.stop)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "relays.yaml")
+        with open(path, "w") as f:
+            f.write(f"relays:\n"
+                    f"- {{addr: '127.0.0.1:{self.primary.port}', user: primary,\n"
+                    f"   pass: p-pass, starttls: none, allow_insecure_auth: true}}\n"
+                    f"- {{addr: '127.0.0.1:{self.backup.port}', user: backup,\n"
+                    f"   pass: '${{BACKUP_PASS}}', starttls: none, allow_insecure_auth: true,\n"
+                    f"   auth_mech: login}}\n")
+        self.fixture = RelayFixture(directory, "--relay-config", path, relay=False,
+                                    env={"BACKUP_PASS": "b:pass"})
+        self.addCleanup(self.fixture.stop)
+        yield self.fixture.start()
+
+    def test_each_upstream_gets_its_own_credentials(self):
+        fixture = self.fixture
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", fixture.plain_port, timeout=20) as client:
+                client._host = "relay.test"  # the name the certificate is checked against
+                client.starttls(context=fixture.client_context())
+                client.login(USER, PASSWORD)
+                return client.sendmail("alice@example.com", ["bob@example.net"],
+                                       b"Subject: failover\r\n\r\nhello\r\n")
+
+        def check(refused):
+            self.assertEqual(refused, {})
+            # The primary logged in with its account and refused the message (451 to MAIL)…
+            self.assertEqual([(s.auth_mechanism, s.auth_user) for s in self.primary.sessions],
+                             [("PLAIN", "primary")])
+            self.assertEqual(self.primary.messages, [])
+            # …the backup took it, with its own account and its forced mechanism.
+            self.assertEqual([(s.auth_mechanism, s.auth_user) for s in self.backup.sessions],
+                             [("LOGIN", "backup")])
+            self.assertEqual([m.mail_from for m in self.backup.messages], ["alice@example.com"])
+        return threads.deferToThread(send).addCallback(check)
