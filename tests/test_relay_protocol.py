@@ -142,10 +142,13 @@ class ReplyParsingTests(unittest.TestCase):
     def test_pipelined_replies_in_order(self):
         self.protocol.dataReceived(b"220 ok\r\n")
         self.transport.clear()
-        ds = self.protocol.pipeline([b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA"])
+        d = self.protocol.pipelineAll([b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA"],
+                                      ["MAIL", "RCPT", "DATA"])
         self.assertEqual(self.transport.value(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        self.protocol.dataReceived(b"250 2.1.0 ok\r\n550 5.1.1 no\r\n354 go\r\n")
-        self.assertEqual([self.successResultOf(d).code for d in ds], [250, 550, 354])
+        self.protocol.dataReceived(b"250 2.1.0 ok\r\n550 5.1.1 no\r\n")
+        self.assertNoResult(d)  # the group fires with its last reply
+        self.protocol.dataReceived(b"354 go\r\n")
+        self.assertEqual([reply.code for reply in self.successResultOf(d)], [250, 550, 354])
 
     def test_helo_fallback(self):
         self.protocol.dataReceived(b"220 ok\r\n")
@@ -193,9 +196,11 @@ class ReplyParsingTests(unittest.TestCase):
     def test_connection_loss_fails_every_pending_command(self):
         # TWISTED-NOTES client #3: nothing may wait forever.
         self.protocol.dataReceived(b"220 ok\r\n")
-        ds = self.protocol.pipeline([b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA"])
+        group = self.protocol.pipelineAll([b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA"],
+                                          ["MAIL", "RCPT", "DATA"])
+        single = self.protocol.command(b"NOOP")
         self.lose()
-        for d in ds:
+        for d in (group, single):
             failure = self.failureResultOf(d, ConnectionLost)
             self.assertFalse(failure.value.after_data)
         self.failureResultOf(self.protocol.command(b"NOOP"), ConnectionLost)
@@ -222,11 +227,14 @@ class ReplyParsingTests(unittest.TestCase):
 
     def test_each_pipelined_reply_gets_its_own_timeout(self):
         self.protocol.dataReceived(b"220 ok\r\n")
-        first, second = self.protocol.pipeline([b"NOOP", b"NOOP"])
+        first = self.protocol.command(b"NOOP")
+        second = self.protocol.pipelineAll([b"NOOP", b"NOOP"], ["NOOP", "NOOP"])
         self.clock.advance(8)
         self.protocol.dataReceived(b"250 ok\r\n")
         self.successResultOf(first)
-        self.clock.advance(8)  # 16 s since sending, 8 s since the previous reply
+        self.clock.advance(8)
+        self.protocol.dataReceived(b"250 ok\r\n")  # 16 s since sending, 8 s since the last
+        self.clock.advance(8)
         self.assertNoResult(second)
         self.clock.advance(3)
         self.failureResultOf(second, ReplyTimeout)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IHandshakeListener, IPullProducer, IReactorTime)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -366,8 +366,8 @@ class _DataStreamer:
 class SMTPClientProtocol(Protocol):
     """An SMTP client connection with a Deferred-returning command API.
 
-    Replies are matched to commands in FIFO order, so ``pipeline`` can put several commands
-    in one write (RFC 2920).  Every pending Deferred fails with an ``UpstreamError`` when
+    Replies are matched to commands in FIFO order, so ``pipelineAll`` can put several
+    commands in one write (RFC 2920).  Every pending Deferred fails with an ``UpstreamError`` when
     the connection is lost, times out or turns to garbage: nothing ever waits forever.
     """
 
@@ -533,48 +533,23 @@ class SMTPClientProtocol(Protocol):
     def command(self, line: bytes, name: str | None = None,
                 timeout: float | None = None) -> Deferred[Reply]:
         """Send one command line (without CRLF); fires with its reply, whatever the code."""
-        if _FORBIDDEN_IN_COMMAND.search(line):
-            raise ValueError("CR, LF or NUL in an SMTP command")  # never a second command
-        self._checkCommandState()
+        self._checkCommands([line])
         if name is None:
             name = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
-        waiter = _Waiter(name, timeout or self.command_timeout)
         if self._error is not None:
-            return _failed(self._error)
-        deferred = self._enqueue(waiter)
+            return fail(self._error)
+        deferred = self._enqueue(_Waiter(name, timeout or self.command_timeout))
         self.transport.write(line + b"\r\n")
         return deferred
 
-    def pipeline(self, lines: list[bytes], names: list[str] | None = None,
-                 timeout: float | None = None) -> list[Deferred[Reply]]:
-        """Send several commands in one write (RFC 2920) and get one Deferred per reply.
-
-        Callers must consume every Deferred: after a connection loss all of them fail.
-        """
-        for line in lines:
-            if _FORBIDDEN_IN_COMMAND.search(line):
-                # Never let data become a second command line (command injection).
-                raise ValueError("CR, LF or NUL in an SMTP command")
-        self._checkCommandState()
-        names = names or [line.split(b" ", 1)[0].decode("ascii", "replace").upper()
-                          for line in lines]
-        waiters = [_Waiter(name, timeout or self.command_timeout) for name in names]
-        if self._error is not None:
-            return [_failed(self._error) for _ in waiters]
-        deferreds = [self._enqueue(waiter) for waiter in waiters]
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))
-        return deferreds
-
     def pipelineAll(self, lines: list[bytes], names: list[str],
                     timeout: float | None = None) -> Deferred[list[Reply]]:
-        """Like ``pipeline`` but one Deferred for the whole group: it fires with every
-        reply once the last one arrived, or fails once with the connection's error."""
-        for line in lines:
-            if _FORBIDDEN_IN_COMMAND.search(line):
-                raise ValueError("CR, LF or NUL in an SMTP command")
-        self._checkCommandState()
+        """Send several commands in one write (RFC 2920); one Deferred for the group fires
+        with every reply once the last one arrived, or fails once with the connection's
+        error.  Each reply still has its own timeout, counted from the previous one."""
+        self._checkCommands(lines)
         if self._error is not None:
-            return _failed(self._error)
+            return fail(self._error)
         group = _Group(len(lines))
         timeout = timeout or self.command_timeout
         for name in names:
@@ -582,7 +557,11 @@ class SMTPClientProtocol(Protocol):
         self.transport.write(b"\r\n".join(lines) + b"\r\n")
         return group.deferred
 
-    def _checkCommandState(self) -> None:
+    def _checkCommands(self, lines: list[bytes]) -> None:
+        for line in lines:
+            if _FORBIDDEN_IN_COMMAND.search(line):
+                # Never let data become a second command line (command injection).
+                raise ValueError("CR, LF or NUL in an SMTP command")
         if self._streamer is not None:
             raise RuntimeError("command sent while message data is being streamed")
         if self._awaitingContent:
@@ -692,7 +671,7 @@ class SMTPClientProtocol(Protocol):
             raise RuntimeError("DATA content sent with replies still pending")
         waiter = _Waiter("end of data", self.data_timeout)
         if self._error is not None:
-            return _failed(self._error)
+            return fail(self._error)
         deferred = self._enqueue(waiter)
         self._awaitingContent = False
         streamer = self._streamer = _DataStreamer(self, iter(chunks))
@@ -850,27 +829,11 @@ class SMTPClientFactory(Factory):
         return protocol
 
 
-def gatherReplies(deferreds: list[Deferred[Reply]]) -> Deferred[list[Reply]]:
-    """All replies of a pipelined group, or the first error; every Deferred is consumed."""
-    def collect(results: list[tuple[bool, Any]]) -> list[Reply] | Failure:
-        for ok, value in results:
-            if not ok:
-                return value
-        return [value for _, value in results]
-    return DeferredList(deferreds, consumeErrors=True).addCallback(collect)
-
-
 def _fire(d: Deferred[Any], result: Any) -> None:
     if isinstance(result, Failure):
         d.errback(result)
     else:
         d.callback(result)
-
-
-def _failed(error: Exception) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(Failure(error))
-    return d
 
 
 def _describe(reason: Failure) -> str:
