@@ -88,16 +88,11 @@ def server_settings(options) -> ServerSettings:
     )
 
 
-def upstream_entries(options) -> list:
-    """The relay servers in order (``relay.config.UpstreamEntry``); empty: the Maildir."""
-    return options["relay-upstreams"]
-
-
 def build_relay(options, reactor, hostname: str) -> IRelay:
     from esmtpfa.relay.maildir import MaildirRelay
     from esmtpfa.relay.upstream import PoolSettings, SMTPRelay, UpstreamSettings
 
-    entries = upstream_entries(options)
+    entries = options["relay-upstreams"]
     if entries:
         defaults = dict(
             implicit_tls=options["relay-tls"],
@@ -196,11 +191,11 @@ def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"):
 
 def upstream_label(options) -> str:
     """The ``server`` label of the upstream duration metric: where messages go."""
-    entries = upstream_entries(options)
+    entries = options["relay-upstreams"]
     if not entries:
         return "maildir"
-    return ",".join(f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}"
-                    for e in entries)
+    from esmtpfa.relay.settings import host_port
+    return ",".join(host_port(entry.host, entry.port) for entry in entries)
 
 
 class RelayService(MultiService):
@@ -303,7 +298,7 @@ class RelayService(MultiService):
                                   reactor=self.reactor))
 
     def _upstream_probe(self):
-        entries = upstream_entries(self.options)
+        entries = self.options["relay-upstreams"]
         if entries:  # the preferred upstream
             return UpstreamProbe(self.reactor, entries[0].host, entries[0].port)
         return MaildirProbe(os.path.abspath(self.options["maildir"]))

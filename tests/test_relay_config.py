@@ -46,6 +46,13 @@ class ParseTests(unittest.TestCase):
             UpstreamEntry("2001:db8::25", 25, {}),
         ])
 
+    def test_repr_hides_the_password(self):
+        entry, = parse_relay_document("relays:\n- {addr: a.example, user: u, pass: s3cret}\n",
+                                      "relays.yaml", {})
+        self.assertNotIn("s3cret", repr(entry))
+        self.assertIn("password='<redacted>'", repr(entry))
+        self.assertIn("username='u'", repr(entry))
+
     def test_json(self):
         entries = parse_relay_document(
             '{"relays": [{"addr": "a.example", "tls_skip_verify": true}]}', "r.json", {},

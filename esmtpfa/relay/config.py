@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 from esmtpfa.config import expand_env, load_document, unknown_keys
 from esmtpfa.providers.base import ConfigError
 from esmtpfa.relay.sasl import MECHANISMS
-from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses
+from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses, redacted
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class UpstreamEntry:
     host: str
     port: int
     overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"UpstreamEntry(host={self.host!r}, port={self.port!r}, "
+                f"overrides={{{redacted(self.overrides)}}})")
 
 
 def _text(value: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import ipaddress
 import socket
+from typing import Any, Mapping
 
 from esmtpfa.relay.sasl import MECHANISMS
 
@@ -56,11 +57,7 @@ class UpstreamSettings:
         object.__setattr__(self, "port", int(self.port))
 
     def __repr__(self) -> str:
-        # The password never reaches a log line, even through a repr (SPEC §9).
-        fields = ", ".join(
-            f"{name}={'<redacted>' if name == 'password' and value else value!r}"
-            for name, value in self.__dict__.items())
-        return f"UpstreamSettings({fields})"
+        return f"UpstreamSettings({redacted(self.__dict__)})"
 
     @property
     def tls_server_name(self) -> str:
@@ -76,8 +73,7 @@ class UpstreamSettings:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def ip_version(self) -> int | None:
@@ -86,6 +82,18 @@ class UpstreamSettings:
             return ipaddress.ip_address(self.host).version
         except ValueError:
             return None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (the form ``--relay-addr`` takes)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def redacted(fields: Mapping[str, Any]) -> str:
+    """``name=value, …`` for a repr: the password never reaches a log line, a test
+    failure or a traceback, even through a repr (SPEC §9)."""
+    return ", ".join(f"{name}={'<redacted>' if name == 'password' and value else value!r}"
+                     for name, value in fields.items())
 
 
 @dataclass(frozen=True)

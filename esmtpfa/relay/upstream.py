@@ -55,7 +55,7 @@ from esmtpfa.replies import Reply
 
 __all__ = ["SMTPRelay", "UpstreamTransaction", "UpstreamSettings", "PoolSettings",
            "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses", "relay_error_from",
-           "with_settings", "UpstreamSession"]
+           "UpstreamSession"]
 
 log = logger("esmtpfa.relay.upstream")
 
@@ -791,8 +791,3 @@ def _declares_8bit(envelope: Envelope) -> bool:
 def _has_8bit(message: OutboundMessage) -> bool:
     """Whether any octet has the high bit set (runs in a thread: reads the whole spool)."""
     return any(not chunk.isascii() for chunk in message.chunks())
-
-
-def with_settings(settings: UpstreamSettings, **changes: Any) -> UpstreamSettings:
-    """A copy with some fields changed (config reloads, tests)."""
-    return replace(settings, **changes)
