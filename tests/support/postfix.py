@@ -27,7 +27,7 @@ import time
 from twisted.internet import defer, protocol, reactor, task
 
 from tests.support.ports import free_port
-from tests.support.processes import require
+from tests.support.processes import require, terminate
 from tests.support.sink import SmtpSink
 
 DAEMONS = "/usr/lib/postfix/sbin"
@@ -201,11 +201,7 @@ smtpd_client_auth_rate_limit = 0
     @defer.inlineCallbacks
     def stop(self):
         if self._protocol is not None and not self._protocol.ended.called:
-            self._process.signalProcess("TERM")
-            killer = reactor.callLater(15, self._process.signalProcess, "KILL")
-            yield self._protocol.ended
-            if killer.active():
-                killer.cancel()
+            yield terminate(self._process, self._protocol.ended, grace=15)
         yield self.sink.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 

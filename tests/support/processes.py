@@ -102,11 +102,17 @@ class Twistd:
     def stop(self):
         if self._process is None or self._collector.ended.called:
             return
-        self._process.signalProcess("TERM")
-        timeout = reactor.callLater(15, self._process.signalProcess, "KILL")
-        yield self._collector.ended
-        if timeout.active():
-            timeout.cancel()
+        yield terminate(self._process, self._collector.ended, grace=15)
+
+
+@defer.inlineCallbacks
+def terminate(process, ended: defer.Deferred, grace: float):
+    """SIGTERM, then SIGKILL if the process has not ended (``ended`` fired) in ``grace`` s."""
+    process.signalProcess("TERM")
+    killer = reactor.callLater(grace, process.signalProcess, "KILL")
+    yield ended
+    if killer.active():
+        killer.cancel()
 
 
 def run_tool(tool: str, *args: str, env: dict[str, str] | None = None):

@@ -20,7 +20,7 @@ import tempfile
 from twisted.internet import defer, reactor, task
 
 from tests.support.ports import free_port
-from tests.support.processes import Collector, require
+from tests.support.processes import Collector, require, terminate
 
 
 @dataclass
@@ -80,11 +80,7 @@ class SmtpSink:
     def stop(self):
         if not self.running:
             return
-        self._process.signalProcess("TERM")
-        killer = reactor.callLater(10, self._process.signalProcess, "KILL")
-        yield self._protocol.ended
-        if killer.active():
-            killer.cancel()
+        yield terminate(self._process, self._protocol.ended, grace=10)
 
     @defer.inlineCallbacks
     def close(self):
