@@ -39,7 +39,7 @@ from twisted.internet.testing import MemoryReactorClock  # noqa: E402
 from twisted.logger import globalLogPublisher, textFileLogObserver  # noqa: E402
 
 from relay_throughput import (  # noqa: E402  (the loopback benchmark's account and message)
-    PASSWORD, USER, message_of, write_providers)
+    PASSWORD, USER, esmtpfa_arguments, message_of)
 
 MAIL = b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n"
 
@@ -166,13 +166,8 @@ def relay_under_test(upstream_port: int, workdir: str, reactor):
     from esmtpfa.service import RelayService
     from esmtpfa.logs import set_level
 
-    config = write_providers(workdir)
     options = Options()
-    options.parseOptions([
-        "--plain", "--addr", "127.0.0.1", "--port", "0", "--allow-insecure-auth",
-        "--config", config, "--relay-addr", "127.0.0.1", "--relay-port", str(upstream_port),
-        "--relay-starttls", "none", "--log-level", "info", "--hostname", "bench.test",
-        "--metrics-port", "0"])
+    options.parseOptions(esmtpfa_arguments(0, upstream_port, workdir, "info"))
     service = RelayService(options, reactor=reactor)
     set_level("info")
     return service.smtp_factories[0]

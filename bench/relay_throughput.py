@@ -192,17 +192,21 @@ def write_providers(workdir: str) -> str:
     return config
 
 
+def esmtpfa_arguments(port: int, sink_port: int, workdir: str, log_level: str) -> list[str]:
+    """The relay under test: plain listener, the bench account, smtp-sink as upstream."""
+    return ["--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",
+            "--config", write_providers(workdir), "--relay-addr", "127.0.0.1",
+            "--relay-port", str(sink_port), "--relay-starttls", "none",
+            "--log-level", log_level, "--max-message-size", str(200 * 1024 * 1024),
+            "--hostname", "bench.test", "--metrics-port", "0"]
+
+
 def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,
                   name: str = "esmtpfa") -> subprocess.Popen:
-    config = write_providers(workdir)
     env = dict(os.environ, PYTHONPATH=os.environ.get("EXTRA_PATH", "") + PROJECT)
     args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile", os.path.join(workdir, f"{name}.log"), "esmtpfa",
-            "--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",
-            "--config", config, "--relay-addr", "127.0.0.1", "--relay-port", str(sink_port),
-            "--relay-starttls", "none", "--log-level", log_level,
-            "--max-message-size", str(200 * 1024 * 1024), "--hostname", "bench.test",
-            "--metrics-port", "0"]
+            *esmtpfa_arguments(port, sink_port, workdir, log_level)]
     process = subprocess.Popen(args, env=env, cwd=workdir)
     wait_for_port(port, process)
     return process
