@@ -69,13 +69,11 @@ def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
         declared_size=int(size) if size and size.isdigit() else None)
 
 
-def relay_message(relay: IRelay, message: OutboundMessage,
-                  report: Callable[[str], None] | None = None,
-                  send: Callable[[OutboundMessage], defer.Deferred] | None = None
-                  ) -> defer.Deferred:
-    """Deliver through ``relay`` (or ``send``, an open relay transaction's); fires with the
-    reply for the client, or fails with ``SMTPReplyError``.  Logs the outcome, tells
-    ``report`` (accepted, rejected, unavailable or error) and always releases the spool."""
+def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: OutboundMessage,
+                  report: Callable[[str], None] | None = None) -> defer.Deferred:
+    """Hand ``message`` to ``send`` (an open relay transaction's); fires with the reply for
+    the client, or fails with ``SMTPReplyError``.  Logs the outcome, tells ``report``
+    (accepted, rejected, unavailable or error) and always releases the spool."""
 
     def outcome(name: str) -> None:
         if report is None:
@@ -112,7 +110,7 @@ def relay_message(relay: IRelay, message: OutboundMessage,
         message.close()
         return result
 
-    d = defer.maybeDeferred(send or relay.deliver, message)
+    d = defer.maybeDeferred(send, message)
     return d.addCallbacks(accepted, failed).addBoth(release)
 
 
@@ -152,8 +150,17 @@ class RelayTransaction:
             return self._refused(failure, "MAIL", f"<{self._mail_from}>", (), started)
         started = time.monotonic()
         d = defer.maybeDeferred(self._delivery.relay.begin, envelope, self.id,
-                                self._context.connection_id)
+                                self._context.connection_id, self._client_keys())
         return d.addCallbacks(opened, refused)
+
+    def _client_keys(self) -> tuple[str, ...]:
+        """Who sends, for the relay's fair use of its upstream connections: the client's
+        address, and its identity when it logged in."""
+        identity = self._delivery.identity
+        keys = (f"address {self._context.peer_host}",)
+        if identity.via != "anonymous":
+            keys += (f"identity {identity}",)
+        return keys
 
     def addRecipient(self, recipient: str, params: dict, data_follows: bool = False
                      ) -> defer.Deferred:
@@ -222,7 +229,7 @@ class RelayTransaction:
         def report(outcome: str) -> None:
             delivery.policy.observer.relayed(
                 delivery.identity, envelope, size, outcome, time.monotonic() - started)
-        return relay_message(delivery.relay, message, report, send=self._upstream.send)
+        return relay_message(self._upstream.send, message, report)
 
     def abort(self) -> None:
         self._spool.close()

@@ -1,17 +1,33 @@
-"""A timeout that is pushed back on every command and almost never fires.
+"""Timeouts that are moved on every command and almost never fire.
 
-The SMTP server restarts its idle timeout for each command and the upstream client its
-reply timeout for each reply: as ``cancel()`` + ``callLater()`` that is two heap
-operations and a new ``DelayedCall`` per command.  ``Deadline`` keeps one ``DelayedCall``
-and moves it with ``reset()``, which for a later time only records the delay (the
-reactor re-inserts the call when it comes due); disarming only clears a flag.
+Two shapes, for two patterns:
+
+``Deadline``
+    One timer pushed back again and again by the same amount (the upstream client's
+    reply timeout): as ``cancel()`` + ``callLater()`` that is two heap operations and a
+    new ``DelayedCall`` per reply.  ``Deadline`` keeps one ``DelayedCall`` and moves it
+    with ``reset()``, which for a later time only records the delay (the reactor
+    re-inserts the call when it comes due); disarming only clears a flag.  Moving a call
+    *sooner* is another matter: the reactor finds it by a linear search of its heap.
+
+``Sweeper``
+    Deadlines of seconds or minutes for many owners that move them back *and forth*
+    (an SMTP client's stage changes at every command; a relay operation's deadline starts
+    and stops per operation).  The due times sit in a dict, and while there are any, one
+    sweep every ``resolution`` seconds expires the overdue ones: setting, moving and
+    clearing are dict operations, whatever the number of connections, and a deadline
+    fires at most ``resolution`` late.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Hashable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from esmtpfa.logs import logger
+
+log = logger("esmtpfa")
 
 
 class Deadline:
@@ -54,3 +70,52 @@ class Deadline:
         if self._armed:
             self._armed = False
             self._expired()
+
+
+class Sweeper:
+    """Due times for many owners; ``expired(owner)`` once each, by a periodic sweep."""
+
+    __slots__ = ("_clock", "_expired", "resolution", "_due", "_sweep_call")
+
+    def __init__(self, clock: IReactorTime, expired: Callable[[Any], None],
+                 resolution: float = 1.0):
+        self._clock = clock
+        self._expired = expired
+        self.resolution = resolution
+        self._due: dict[Hashable, float] = {}
+        self._sweep_call: IDelayedCall | None = None
+
+    def set(self, owner: Hashable, seconds: float) -> None:
+        """(Re)arm ``owner``: expired in ``seconds`` (at most ``resolution`` later)."""
+        self._due[owner] = self._clock.seconds() + seconds
+        if self._sweep_call is None:
+            self._sweep_call = self._clock.callLater(self.resolution, self._sweep)
+
+    def clear(self, owner: Hashable) -> None:
+        self._due.pop(owner, None)
+
+    def armed(self, owner: Hashable) -> bool:
+        return owner in self._due
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        now = self._clock.seconds()
+        overdue = [owner for owner, due in self._due.items() if due <= now]
+        for owner in overdue:
+            del self._due[owner]
+        for owner in overdue:
+            try:
+                self._expired(owner)
+            except Exception:
+                log.failure("a deadline's expiry failed")
+        if self._due:
+            self._sweep_call = self._clock.callLater(self.resolution, self._sweep)
+
+    def close(self) -> None:
+        self._due.clear()
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+
+    def __len__(self) -> int:
+        return len(self._due)

@@ -20,6 +20,7 @@ from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from esmtpfa.replies import Reply
+from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.upstream import CLOSE, END_OF_DATA, STALL, RecordingUpstream
@@ -586,10 +587,10 @@ class FailoverTests(PoolTestCase):
         self.assertEqual((caught.exception.reply.code, caught.exception.reply.enhanced),
                          (451, "4.4.1"))
 
-    async def test_whole_message_deliver_fails_over_too(self):
+    async def test_every_recipient_fails_over_too(self):
         second = self.upstream()
         relay = self.relay(free_port(), second)
-        reply = await relay.deliver(message(("a@example.com", "b@example.com")))
+        reply = await send_whole(relay, message(("a@example.com", "b@example.com")))
         self.assertEqual(reply.code, 250)
         self.assertEqual(second.accepted[0].rcpts, ["a@example.com", "b@example.com"])
 

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from esmtpfa.message import Envelope
 from esmtpfa.relay.interfaces import REJECTED, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.postfix import PostfixSubmission
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
@@ -37,7 +38,7 @@ class PostfixTestCase(unittest.TestCase):
         return relay
 
     async def delivered(self, server: PostfixSubmission, relay: SMTPRelay) -> None:
-        reply = await relay.deliver(outbound())
+        reply = await send_whole(relay, outbound())
         self.assertEqual(reply.code, 250)
         await server.wait_for_log("proxy-accept: END-OF-MESSAGE: 250")
         [message] = server.sink.messages()
@@ -67,7 +68,7 @@ class MechanismTests(PostfixTestCase):
         server = await self.postfix()
         for mechanism in ("SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN", "SCRAM-SHA-256"):
             relay = self.relay(server, auth_mechanism=mechanism)
-            self.assertEqual((await relay.deliver(outbound())).code, 250)
+            self.assertEqual((await send_whole(relay, outbound())).code, 250)
             await relay.close()
             await server.wait_for_log(f"sasl_method={mechanism}, sasl_username=relayuser")
         await server.wait_for_log("disconnect from", timeout=10)
@@ -77,7 +78,7 @@ class MechanismTests(PostfixTestCase):
         server = await self.postfix()
         relay = self.relay(server, password="not the password")
         with self.assertRaises(RelayError) as caught:
-            await relay.deliver(outbound())
+            await send_whole(relay, outbound())
         error = caught.exception
         self.assertEqual((error.reply.code, error.reply.enhanced, error.command),
                          (451, "4.3.0", "AUTH"))
@@ -89,7 +90,7 @@ class MechanismTests(PostfixTestCase):
         server = await self.postfix()
         relay = self.relay(server)
         for _ in range(3):
-            self.assertEqual((await relay.deliver(outbound())).code, 250)
+            self.assertEqual((await send_whole(relay, outbound())).code, 250)
         await relay.close()
         await server.wait_for_log("mail=3")  # one Postfix session ran all three
         self.assertEqual(server.log().count("sasl_method=SCRAM-SHA-256"), 3)  # per MAIL
@@ -119,7 +120,7 @@ class TLSTests(PostfixTestCase):
         relay = self.relay(server, starttls="required", allow_insecure_auth=False,
                            server_name="postfix.test", ca_cert=ca.cert_path)
         with self.assertRaises(RelayError) as caught:
-            await relay.deliver(outbound())
+            await send_whole(relay, outbound())
         self.assertEqual((caught.exception.reply.code, caught.exception.reply.enhanced),
                          (451, "4.4.2"))
         self.assertNotIn("sasl_method", server.log())

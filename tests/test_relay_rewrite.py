@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
-from esmtpfa.relay.interfaces import REJECTED, IRelay, RelayError
+from esmtpfa.relay.interfaces import REJECTED, IRelay, RelayError, WholeMessageTransaction
 from esmtpfa.relay.maildir import MaildirRelay
 from esmtpfa.relay.rewrite import HEADER_LIMIT, RelayFromRewriter, display_name, unfold
 from esmtpfa.replies import Reply
+from tests.support.relaying import send_whole
 
 RELAY_FROM = "relay@smarthost.example"
 BODY = b"\r\nHello.\r\nFrom: a line in the body, not a header\r\n\xff\xfe binary-ish\r\n"
@@ -24,6 +25,9 @@ class CapturingRelay:
 
     def __init__(self):
         self.messages: list[OutboundMessage] = []
+
+    def begin(self, envelope, message_id="", connection_id="", client=()):
+        return succeed(WholeMessageTransaction(self))
 
     def deliver(self, message):
         self.messages.append(message)
@@ -52,7 +56,8 @@ class RewriteTests(unittest.TestCase):
         self.rewriter = RelayFromRewriter(self.inner, RELAY_FROM)
 
     def rewrite(self, content: bytes, **kwargs) -> OutboundMessage:
-        reply = self.successResultOf(self.rewriter.deliver(outbound(content, **kwargs)))
+        reply = self.successResultOf(Deferred.fromCoroutine(
+            send_whole(self.rewriter, outbound(content, **kwargs))))
         self.assertEqual(reply.code, 250)
         return self.inner.messages[-1]
 
@@ -128,11 +133,13 @@ class RewriteTests(unittest.TestCase):
         self.assertEqual(from_lines, [b"From: relay@smarthost.example"])
         self.assertNotIn(b"b@client.example", head)
 
-    def test_body_untouched_byte_for_byte(self):
+    async def test_body_untouched_byte_for_byte(self):
         body = BODY + (b".dots\r\n" + bytes(range(256)).replace(b"\r", b"").replace(b"\n", b"")
                        + b"\r\n") * 3000
         original = b"From: Alice <alice@client.example>\r\nSubject: big\r\n" + body
-        message = self.rewrite(original)
+        # Large enough to be rewritten in a thread.
+        await send_whole(self.rewriter, outbound(original))
+        message = self.inner.messages[-1]
         self.assertTrue(wire(message).endswith(body))
         # The body is read from the spool, not copied into the prefix.
         self.assertEqual(message.content_offset, original.index(b"\r\n\r\n") + 2)
@@ -163,16 +170,18 @@ class RewriteTests(unittest.TestCase):
 
     def test_smtputf8_when_relay_from_needs_it(self):
         rewriter = RelayFromRewriter(self.inner, "rélay@smarthost.example")
-        self.successResultOf(rewriter.deliver(outbound(b"From: a@b.example\r\n" + BODY)))
+        self.successResultOf(Deferred.fromCoroutine(
+            send_whole(rewriter, outbound(b"From: a@b.example\r\n" + BODY))))
         self.assertTrue(self.inner.messages[-1].envelope.smtputf8)
 
-    def test_oversized_header_section_refused(self):
+    async def test_oversized_header_section_refused(self):
         content = b"From: a@b.example\r\n" + b"X-Filler: " + b"y" * 900 + b"\r\n"
         content = content * (HEADER_LIMIT // len(content) + 2) + BODY
-        failure = self.failureResultOf(self.rewriter.deliver(outbound(content)), RelayError)
-        self.assertEqual((failure.value.reply.code, failure.value.reply.enhanced),
+        with self.assertRaises(RelayError) as caught:
+            await send_whole(self.rewriter, outbound(content))
+        self.assertEqual((caught.exception.reply.code, caught.exception.reply.enhanced),
                          (552, "5.3.4"))
-        self.assertEqual(failure.value.reason, REJECTED)
+        self.assertEqual(caught.exception.reason, REJECTED)
         self.assertEqual(self.inner.messages, [])
 
     def test_invalid_relay_from(self):
@@ -215,7 +224,7 @@ class EndToEndTests(unittest.TestCase):
         maildir = MaildirRelay(path)
         rewriter = RelayFromRewriter(maildir, RELAY_FROM)
         self.addCleanup(rewriter.close)
-        await rewriter.deliver(outbound(b"From: Alice <alice@client.example>\r\n" + BODY))
+        await send_whole(rewriter, outbound(b"From: Alice <alice@client.example>\r\n" + BODY))
         [name] = os.listdir(os.path.join(path, "new"))
         with open(os.path.join(path, "new", name), "rb") as f:
             self.assertEqual(f.read(), b"From: Alice <relay@smarthost.example>\r\n"

@@ -21,6 +21,7 @@ from esmtpfa.relay.sasl import (
     MAX_SCRAM_ITERATIONS, CramMD5, Login, Plain, SASLError, Scram, choose_mechanism,
     client_for, saslprep)
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.upstream import RecordingUpstream
 from tests.test_relay_upstream import outbound
@@ -263,21 +264,21 @@ class RecordingUpstreamAuthTests(unittest.TestCase):
 
     async def test_cram_md5_preferred_over_plain_and_login(self):
         upstream, relay = self.relay(("LOGIN", "PLAIN", "CRAM-MD5"))
-        self.assertEqual((await relay.deliver(outbound())).code, 250)
+        self.assertEqual((await send_whole(relay, outbound())).code, 250)
         session = upstream.sessions[0]
         self.assertEqual((session.auth_mechanism, session.auth_user), ("CRAM-MD5", "relayuser"))
         self.assertNotIn(b"s3cret", upstream.raw)  # the password never crossed the wire
 
     async def test_forced_mechanism(self):
         upstream, relay = self.relay(("LOGIN", "PLAIN", "CRAM-MD5"), auth_mechanism="login")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].auth_mechanism, "LOGIN")
         self.assertEqual(upstream.sessions[0].auth_user, "relayuser")
 
     async def test_forced_mechanism_not_offered(self):
         upstream, relay = self.relay(("PLAIN",), auth_mechanism="CRAM-MD5")
         with self.assertRaises(RelayError) as caught:
-            await relay.deliver(outbound())
+            await send_whole(relay, outbound())
         error = caught.exception
         self.assertEqual((error.reply.code, error.reply.enhanced, error.reason),
                          (451, "4.3.0", UNAVAILABLE))
@@ -288,7 +289,7 @@ class RecordingUpstreamAuthTests(unittest.TestCase):
     async def test_cram_md5_wrong_password(self):
         upstream, relay = self.relay(("CRAM-MD5",), password="wrong")
         with self.assertRaises(RelayError) as caught:
-            await relay.deliver(outbound())
+            await send_whole(relay, outbound())
         self.assertEqual(caught.exception.reply.code, 451)
         self.assertEqual(caught.exception.upstream_reply.code, 535)
         self.assertEqual(upstream.messages, [])

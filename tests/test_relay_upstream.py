@@ -18,6 +18,7 @@ from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, IRelay, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from esmtpfa.replies import Reply
+from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstream
@@ -62,7 +63,7 @@ class RelayTestCase(unittest.TestCase):
                       ) -> RelayError:
         started = reactor.seconds()
         try:
-            reply = await relay.deliver(message or outbound())
+            reply = await send_whole(relay, message or outbound())
         except RelayError as error:
             self.elapsed = reactor.seconds() - started
             return error
@@ -72,6 +73,11 @@ class RelayTestCase(unittest.TestCase):
         self.assertEqual(upstream.messages, [])
         for session in upstream.sessions:
             self.assertNotIn("MAIL", session.verbs())
+
+    def assertNoContent(self, upstream: RecordingUpstream):
+        """The transaction opened at RCPT, but no content (not even DATA) followed."""
+        self.assertEqual(upstream.messages, [])
+        self.assertNotIn(CONTENT, upstream.raw)
 
 
 class DeliveryTests(RelayTestCase):
@@ -85,7 +91,7 @@ class DeliveryTests(RelayTestCase):
         relay = self.relay(upstream, starttls="none")
         message = outbound(rcpts=("bob@example.com", "carol@example.com"))
         message.prefix = b"Received: from client by esmtpfa; id urn:uuid:x\r\n"
-        reply = await relay.deliver(message)
+        reply = await send_whole(relay, message)
         self.assertEqual(reply, Reply(250, "2.0.0", "Ok: queued as ABC123"))
         await relay.close()
         await upstream.whenIdle()
@@ -101,7 +107,7 @@ class DeliveryTests(RelayTestCase):
         relay = self.relay(upstream)
         content = (b".From: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<evil@x>\r\n"
                    b"RCPT TO:<victim@y>\r\nDATA\r\nevil\r\n.\r\n")
-        await relay.deliver(outbound(content))
+        await send_whole(relay, outbound(content))
         await relay.close()
         [received] = upstream.messages
         self.assertEqual(received.data, content)
@@ -111,18 +117,28 @@ class DeliveryTests(RelayTestCase):
     async def test_pipelining_when_offered(self):
         upstream = self.start_upstream()
         relay = self.relay(upstream, starttls="none")
-        await relay.deliver(outbound(rcpts=("b@example.com", "c@example.com")))
-        commands = [c for c in upstream.sessions[0].commands
-                    if c.line.split(b" ")[0].split(b":")[0] in (b"MAIL", b"RCPT", b"DATA")]
-        self.assertEqual([c.line[:4] for c in commands], [b"MAIL", b"RCPT", b"RCPT", b"DATA"])
-        # One write: all four arrived in one packet, before any of their replies was sent.
-        self.assertEqual(len({c.packet for c in commands}), 1)
-        self.assertEqual(len({c.replies_before for c in commands}), 1)
+        await send_whole(relay, outbound(rcpts=("b@example.com",)))
+        await send_whole(relay, outbound(rcpts=("b@example.com", "c@example.com")))
+        transaction = ("MAIL", "RCPT", "DATA", "RSET")
+        first, second = [[c for c in session.commands if c.line[:4].decode() in transaction]
+                         for session in (upstream.sessions[0],) * 2]
+        one = [c for c in first if c.line[:4] != b"RSET"][:3]
+        self.assertEqual([c.line[:4] for c in one], [b"MAIL", b"RCPT", b"DATA"])
+        # One recipient: MAIL, RCPT and DATA in one write, before any reply was sent.
+        self.assertEqual(len({c.packet for c in one}), 1)
+        self.assertEqual(len({c.replies_before for c in one}), 1)
+        # Two: RSET, MAIL and the first RCPT in one flight, the last RCPT with DATA in
+        # the next (each RCPT is answered with the upstream's verdict for it).
+        two = second[second.index(next(c for c in second if c.line[:4] == b"RSET")):]
+        self.assertEqual([c.line[:4] for c in two],
+                         [b"RSET", b"MAIL", b"RCPT", b"RCPT", b"DATA"])
+        self.assertEqual(len({c.packet for c in two[:3]}), 1)
+        self.assertEqual(len({c.packet for c in two[3:]}), 1)
 
     async def test_no_pipelining_when_not_offered(self):
         upstream = self.start_upstream(extensions=NO_PIPELINING)
         relay = self.relay(upstream, starttls="none")
-        await relay.deliver(outbound(rcpts=("b@example.com", "c@example.com")))
+        await send_whole(relay, outbound(rcpts=("b@example.com", "c@example.com")))
         commands = [c for c in upstream.sessions[0].commands
                     if c.line[:4] in (b"MAIL", b"RCPT", b"DATA")]
         waits = [c.replies_before for c in commands]
@@ -132,28 +148,32 @@ class DeliveryTests(RelayTestCase):
     async def test_size_parameter(self):
         upstream = self.start_upstream()
         relay = self.relay(upstream)
-        message = outbound()
-        await relay.deliver(message)
-        self.assertIn(f"SIZE={message.size}", upstream.messages[0].mail_params)
+        await send_whole(relay, outbound(declared_size=len(CONTENT)))
+        self.assertIn(f"SIZE={len(CONTENT)}", upstream.messages[0].mail_params)
 
     async def test_no_size_parameter_when_not_offered(self):
         upstream = self.start_upstream(extensions=("PIPELINING", "8BITMIME"))
         relay = self.relay(upstream)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.messages[0].mail_params, [])
 
     async def test_over_the_upstream_size_refused_before_mail(self):
         upstream = self.start_upstream(extensions=("PIPELINING", "SIZE 100"))
         relay = self.relay(upstream)
-        error = await self.refused(relay, outbound(CONTENT + b"x" * 200 + b"\r\n"))
+        content = CONTENT + b"x" * 200 + b"\r\n"
+        error = await self.refused(relay, outbound(content, declared_size=len(content)))
         self.assertEqual((error.reply.code, error.reply.enhanced), (552, "5.3.4"))
         self.assertEqual(error.reason, REJECTED)
         self.assertNoTransaction(upstream)
+        # Undeclared: found at the final dot, before any content goes.
+        error = await self.refused(relay, outbound(content))
+        self.assertEqual((error.reply.code, error.reply.enhanced), (552, "5.3.4"))
+        self.assertNoContent(upstream)
 
     async def test_8bitmime(self):
         upstream = self.start_upstream()
         relay = self.relay(upstream)
-        await relay.deliver(outbound(body="8BITMIME"))
+        await send_whole(relay, outbound(body="8BITMIME"))
         self.assertIn("BODY=8BITMIME", upstream.messages[0].mail_params)
 
     async def test_8bit_message_to_a_7bit_upstream(self):
@@ -163,20 +183,20 @@ class DeliveryTests(RelayTestCase):
                                                    body="8BITMIME"))
         self.assertEqual((error.reply.code, error.reply.enhanced), (554, "5.6.3"))
         self.assertTrue(error.reply.is_permanent)
-        self.assertNoTransaction(upstream)
+        self.assertNoContent(upstream)
 
     async def test_declared_8bitmime_with_7bit_content_to_a_7bit_upstream(self):
         # Clients declare BODY=8BITMIME for plain ASCII all the time: that must not bounce.
         upstream = self.start_upstream(extensions=("PIPELINING",))
         relay = self.relay(upstream)
-        await relay.deliver(outbound(body="8BITMIME"))
+        await send_whole(relay, outbound(body="8BITMIME"))
         self.assertEqual(upstream.messages[0].mail_params, [])
         self.assertEqual(upstream.messages[0].data, CONTENT)
 
     async def test_smtputf8(self):
         upstream = self.start_upstream()
         relay = self.relay(upstream)
-        await relay.deliver(outbound(mail_from="jösé@exämple.com", rcpts=("bøb@example.com",),
+        await send_whole(relay, outbound(mail_from="jösé@exämple.com", rcpts=("bøb@example.com",),
                                      smtputf8=True))
         [received] = upstream.messages
         self.assertIn("SMTPUTF8", received.mail_params)
@@ -192,7 +212,7 @@ class DeliveryTests(RelayTestCase):
         self.assertNoTransaction(upstream)
         # A UTF-8 address needs SMTPUTF8 even when the client forgot to say so.
         error = await self.refused(relay, outbound(rcpts=("bøb@example.com",)))
-        self.assertEqual(error.reply.code, 550)
+        self.assertEqual((error.reply.code, error.reply.enhanced), (553, "5.6.7"))
 
     async def test_requiretls_needs_upstream_support(self):
         upstream = self.start_upstream(tls=self.leaf)
@@ -205,13 +225,13 @@ class DeliveryTests(RelayTestCase):
         upstream = self.start_upstream(tls=self.leaf,
                                        extensions=("PIPELINING", "REQUIRETLS"))
         relay = self.relay(upstream)
-        await relay.deliver(outbound(requiretls=True))
+        await send_whole(relay, outbound(requiretls=True))
         self.assertIn("REQUIRETLS", upstream.messages[0].mail_params)
 
     async def test_helo_fallback(self):
         upstream = self.start_upstream(replies={"EHLO": "502 5.5.1 What is EHLO?"})
         relay = self.relay(upstream)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].verbs()[:2], ["EHLO", "HELO"])
         self.assertEqual(upstream.messages[0].mail_params, [])  # no extensions, no SIZE
 
@@ -304,14 +324,14 @@ class RejectionTests(RelayTestCase):
         for quit_reply in ("500 5.5.1 What?", CLOSE):
             upstream = self.start_upstream(replies={"QUIT": quit_reply})
             relay = self.relay(upstream)
-            reply = await relay.deliver(outbound())
+            reply = await send_whole(relay, outbound())
             self.assertEqual(reply.code, 250)
             await relay.close()
 
     async def test_quit_stall_after_acceptance_changes_nothing(self):
         upstream = self.start_upstream(stall_at="QUIT")
         relay = self.relay(upstream, command_timeout=0.5)
-        reply = await relay.deliver(outbound())
+        reply = await send_whole(relay, outbound())
         self.assertEqual(reply.code, 250)
         await relay.close()  # bounded by the command timeout
 
@@ -379,13 +399,13 @@ class ConnectionFailureTests(RelayTestCase):
         for implicit in (False, True):
             upstream = self.start_upstream(tls=self.leaf, implicit_tls=implicit)
             relay = self.relay(upstream, implicit_tls=implicit)
-            protocol = await relay.connect()
+            lease = await relay.upstreams[0].lease()
+            protocol = lease.session.protocol
             tcp = protocol.transport.transport if implicit else protocol.transport
-            sock = tcp.getHandle()
+            sock = tcp.socket  # after STARTTLS, getHandle() is the TLS connection
             self.assertIsInstance(sock, socket.socket)
             self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            await protocol.greeting()
-            await protocol.quit()
+            lease.release(reusable=True)
 
 
 class TLSTests(RelayTestCase):
@@ -393,7 +413,7 @@ class TLSTests(RelayTestCase):
     async def test_opportunistic_starttls_used_when_offered(self):
         upstream = self.start_upstream(tls=self.leaf)
         relay = self.relay(upstream)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         [received] = upstream.messages
         self.assertTrue(received.tls)
         self.assertEqual(upstream.cleartext, b"EHLO relay.test\r\nSTARTTLS\r\n")
@@ -402,7 +422,7 @@ class TLSTests(RelayTestCase):
     async def test_opportunistic_without_starttls_is_cleartext(self):
         upstream = self.start_upstream()
         relay = self.relay(upstream)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertFalse(upstream.messages[0].tls)
 
     async def test_required_starttls_absent(self):
@@ -416,7 +436,7 @@ class TLSTests(RelayTestCase):
     async def test_starttls_none_ignores_the_offer(self):
         upstream = self.start_upstream(tls=self.leaf)
         relay = self.relay(upstream, starttls="none")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertFalse(upstream.messages[0].tls)
         self.assertNotIn(b"STARTTLS", upstream.raw)
 
@@ -443,7 +463,7 @@ class TLSTests(RelayTestCase):
     async def test_implicit_tls(self):
         upstream = self.start_upstream(tls=self.leaf, implicit_tls=True)
         relay = self.relay(upstream, implicit_tls=True)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertTrue(upstream.messages[0].tls)
         self.assertEqual(upstream.cleartext, b"")
         self.assertNotIn(b"STARTTLS", upstream.raw)
@@ -462,7 +482,7 @@ class TLSTests(RelayTestCase):
             upstream = self.start_upstream(tls=wrong, implicit_tls=implicit)
             relay = self.relay(upstream, implicit_tls=implicit, skip_verify=True, ca_cert=None)
             self.assertIn("NOT verified", relay.description)
-            reply = await relay.deliver(outbound())
+            reply = await send_whole(relay, outbound())
             self.assertEqual(reply.code, 250)
             self.assertTrue(upstream.messages[0].tls)
 
@@ -478,14 +498,14 @@ class TLSTests(RelayTestCase):
         with open(bundle, "wb") as f:
             f.write(other.cert_pem + self.ca.cert_pem)
         upstream = self.start_upstream(tls=self.leaf)
-        reply = await self.relay(upstream, ca_cert=bundle).deliver(outbound())
+        reply = await send_whole(self.relay(upstream, ca_cert=bundle), outbound())
         self.assertEqual(reply.code, 250)
 
     async def test_client_certificate_presented(self):
         upstream = self.start_upstream(tls=self.leaf, client_ca=self.ca.cert_path)
         relay = self.relay(upstream, client_cert=self.client_leaf.cert_path,
                            client_key=self.client_leaf.key_path)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].client_certificate, "relay-client.test")
         self.assertEqual(len(upstream.messages), 1)
 
@@ -506,7 +526,7 @@ class AuthTests(RelayTestCase):
     async def test_auth_plain_preferred(self):
         upstream = self.auth_upstream()
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         session = upstream.sessions[0]
         self.assertEqual((session.auth_mechanism, session.auth_user, session.auth_tls),
                          ("PLAIN", "relayuser", True))
@@ -515,7 +535,7 @@ class AuthTests(RelayTestCase):
     async def test_auth_login(self):
         upstream = self.auth_upstream(mechanisms=("LOGIN",))
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].auth_mechanism, "LOGIN")
         self.assertEqual(upstream.sessions[0].auth_user, "relayuser")
 
@@ -542,7 +562,7 @@ class AuthTests(RelayTestCase):
         upstream = self.auth_upstream(tls=False)
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass",
                            allow_insecure_auth=True)
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].auth_tls, False)
         self.assertEqual(upstream.sessions[0].auth_user, "relayuser")
 
@@ -556,14 +576,14 @@ class AuthTests(RelayTestCase):
         upstream = self.auth_upstream(implicit_tls=True, auth_requires_tls=True)
         relay = self.relay(upstream, implicit_tls=True, username="relayuser",
                            password="s3cret:pass")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertEqual(upstream.sessions[0].auth_tls, True)
         self.assertEqual(upstream.cleartext, b"")
 
     async def test_auth_only_after_starttls(self):
         upstream = self.auth_upstream(auth_requires_tls=True)
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         self.assertNotIn(b"AUTH", upstream.cleartext)
         self.assertEqual(upstream.sessions[0].auth_tls, True)
 
@@ -573,13 +593,13 @@ class AuthTests(RelayTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         upstream = self.auth_upstream()
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass")
-        await relay.deliver(outbound())
+        await send_whole(relay, outbound())
         bad = self.relay(upstream, username="relayuser", password="s3cret:wrong")
         await self.refused(bad)
         plain = base64.b64encode(b"\0relayuser\0s3cret:pass")
         text = "\n".join(formatEvent(e) + repr(e) for e in events)
-        self.assertIn("relay accepted", text)
-        self.assertIn("urn:uuid:test-connection", text)
+        self.assertIn("relay attempt failed", text)
+        self.assertIn("upstream refused our AUTH", text)
         for secret in ("s3cret", plain.decode(), base64.b64encode(b"s3cret:pass").decode()):
             self.assertNotIn(secret, text)
         self.assertNotIn("s3cret", repr(relay.settings))

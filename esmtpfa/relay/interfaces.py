@@ -1,16 +1,14 @@
 """The seam between accepting a message and delivering it upstream.
 
-Two ways in, one guarantee (SPEC §5: our client's 250 waits for the destination):
-
-* ``IRelay.begin`` opens a transaction at the client's MAIL and asks the destination about
-  each recipient as the client names it (``IRelayTransaction.addRecipient``), so every RCPT
-  is answered with the destination's own verdict; ``send`` hands over the content once the
-  client's final dot arrived.  The SMTP server uses this.
-* ``IRelay.deliver`` takes a whole message with all its recipients, all or nothing (the
-  HTTP API, which has no per-recipient answer to give).
+One way in, one guarantee (SPEC §5: our client's 250 waits for the destination):
+``IRelay.begin`` opens a transaction at the client's MAIL and asks the destination about
+each recipient as the client names it (``IRelayTransaction.addRecipient``), so every RCPT
+is answered with the destination's own verdict; ``send`` hands over the content once the
+client's final dot arrived.  The SMTP server and the HTTP API both use it.
 
 Failures are ``RelayError``: what the client is told, whether it is permanent, which
-command broke, and the destination's own reply line.
+command broke, the destination's own reply line, and the kind and phase of the failure
+that failover and retry decide from.
 """
 
 from __future__ import annotations
@@ -27,6 +25,44 @@ REJECTED = "rejected"        # the upstream answered 4xx/5xx to MAIL, RCPT or DA
 UNAVAILABLE = "unavailable"  # connect, TLS, timeout, upstream AUTH, protocol failure
 
 
+class Kind:
+    """What happened, as failover and retry need to know it (never parsed from texts)."""
+
+    #: The upstream answered with its own 4xx/5xx verdict: it is alive and in sync.
+    REJECTED = "rejected"
+    #: We refuse before sending: the upstream lacks what the message needs (SIZE,
+    #: 8BITMIME, SMTPUTF8, REQUIRETLS) or an address cannot be written on the wire.
+    POLICY = "policy"
+    #: The connection could not be had or broke: connect, TLS, AUTH, timeout, loss, 421.
+    UNAVAILABLE = "unavailable"
+    #: The upstream sent something that is not SMTP, or not at this point.
+    PROTOCOL = "protocol"
+    #: No session could be had in time: the pool is busy, or this client holds its share.
+    BUSY = "busy"
+    #: The relay is shutting down.
+    CLOSING = "closing"
+    #: The message's own deadline passed (its reply must reach the client in time).
+    EXPIRED = "expired"
+
+    #: The session is in an unknown state after these: it must not be reused.
+    BROKEN = frozenset({UNAVAILABLE, PROTOCOL, EXPIRED})
+    #: Nothing was learnt about the upstream's health.
+    NEUTRAL = frozenset({BUSY, CLOSING, POLICY})
+
+
+class Phase:
+    """Where the message was when it failed."""
+
+    #: Nothing was accepted: another connection or upstream may take the message.
+    BEFORE_DOT = "before-dot"
+    #: The final dot had left: the upstream may have accepted the message.  It is never
+    #: sent again by the relay; the client hears a 451 that says a duplicate is possible.
+    OUTCOME_UNKNOWN = "outcome-unknown"
+
+
+_REASONS = {Kind.REJECTED: REJECTED, Kind.POLICY: REJECTED}
+
+
 class RelayError(Exception):
     """Why a message (or one recipient) was not accepted upstream.
 
@@ -34,19 +70,30 @@ class RelayError(Exception):
     when it rejected the message, a ``451 4.x.x`` when it could not be reached.
     ``command`` is where it happened (``connect``, ``greeting``, ``STARTTLS``, ``AUTH``,
     ``MAIL``, ``RCPT``, ``DATA``, ``end of data``), ``upstream_reply`` the upstream's own
-    reply when there was one, ``upstream`` the ``host:port`` it came from.
+    reply when there was one, ``upstream`` the ``host:port`` it came from.  ``kind`` and
+    ``phase`` (``Kind``, ``Phase``) are what failover and retry decide from; ``reason``
+    is the coarse metric label derived from ``kind``.
     """
 
-    def __init__(self, reply: Reply, reason: str, command: str | None = None,
+    def __init__(self, reply: Reply, reason_or_kind: str, command: str | None = None,
                  upstream_reply: Reply | None = None, detail: str = "",
-                 upstream: str | None = None):
-        super().__init__(f"{reason} at {command or 'connection'}: {detail or reply}")
+                 upstream: str | None = None, *, kind: str | None = None,
+                 phase: str = Phase.BEFORE_DOT):
+        super().__init__(f"{reason_or_kind} at {command or 'connection'}: {detail or reply}")
+        if kind is None:  # the coarse reason alone: the upstream's verdict or a failure
+            kind = Kind.REJECTED if reason_or_kind == REJECTED else (
+                reason_or_kind if reason_or_kind in _KINDS else Kind.UNAVAILABLE)
         self.reply = reply
-        self.reason = reason
+        self.kind = kind
+        self.phase = phase
         self.command = command
         self.upstream_reply = upstream_reply
         self.detail = detail
         self.upstream = upstream
+
+    @property
+    def reason(self) -> str:
+        return _REASONS.get(self.kind, UNAVAILABLE)
 
     @property
     def transient(self) -> bool:
@@ -56,13 +103,27 @@ class RelayError(Exception):
     def permanent(self) -> bool:
         return self.reply.is_permanent
 
+    @property
+    def outcome_unknown(self) -> bool:
+        return self.phase == Phase.OUTCOME_UNKNOWN
+
+    @property
+    def upstream_verdict(self) -> bool:
+        """The upstream's own final word (a 5xx it sent): no other upstream is asked."""
+        return self.kind == Kind.REJECTED and self.permanent and self.upstream_reply is not None
+
     def describe(self) -> str:
-        """One log-friendly line: permanence, upstream, command, the upstream's line."""
-        kind = "permanent" if self.permanent else "transient"
+        """One log-friendly line: permanence, kind, upstream, command, the upstream's line."""
+        permanence = "permanent" if self.permanent else "transient"
         where = f" {self.upstream}" if self.upstream else ""
         line = f" upstream said: {self.upstream_reply}" if self.upstream_reply else ""
-        return f"{kind} {self.reason}{where} at {self.command or 'connection'}: " \
-               f"{self.detail or self.reply}{line}"
+        phase = " (after the final dot: outcome unknown)" if self.outcome_unknown else ""
+        return f"{permanence} {self.kind}{where} at {self.command or 'connection'}: " \
+               f"{self.detail or self.reply}{line}{phase}"
+
+
+_KINDS = frozenset({Kind.REJECTED, Kind.POLICY, Kind.UNAVAILABLE, Kind.PROTOCOL, Kind.BUSY,
+                    Kind.CLOSING, Kind.EXPIRED})
 
 
 class IRelayTransaction(Interface):
@@ -91,12 +152,12 @@ class IRelayTransaction(Interface):
 class IRelay(Interface):
     description = Attribute("str: where messages go, for the startup log")
 
-    def begin(envelope, message_id, connection_id) -> Deferred:
+    def begin(envelope, message_id, connection_id, client=()) -> Deferred:
         """Open a transaction for ``envelope`` (its recipients are ignored): fires with an
-        ``IRelayTransaction`` or fails with ``RelayError`` (the reply to MAIL)."""
+        ``IRelayTransaction`` or fails with ``RelayError`` (the reply to MAIL).
 
-    def deliver(message) -> Deferred:
-        """Deliver an ``OutboundMessage``; fires with the upstream's final ``Reply``."""
+        ``client`` holds keys naming who sends (its address, its identity) so that no one
+        of them can take every upstream connection."""
 
     def close() -> Deferred:
         """Stop accepting work and close idle upstream connections."""
@@ -106,7 +167,7 @@ class IRelay(Interface):
 class WholeMessageTransaction:
     """``IRelayTransaction`` for a relay that only takes whole messages (the Maildir).
 
-    Every recipient is accepted at once; ``send`` calls ``relay.deliver``.
+    Every recipient is accepted at once; ``send`` calls the relay's own ``deliver``.
     """
 
     max_size = None

@@ -84,8 +84,8 @@ class MaildirRelay:
     def description(self) -> str:
         return f"local Maildir {self.path} (no upstream relay configured)"
 
-    def begin(self, envelope: Any, message_id: str = "", connection_id: str = ""
-              ) -> Deferred[WholeMessageTransaction]:
+    def begin(self, envelope: Any, message_id: str = "", connection_id: str = "",
+              client: tuple[str, ...] = ()) -> Deferred[WholeMessageTransaction]:
         """A Maildir takes every recipient: the whole message is written at the end."""
         if self._closed:
             return fail(_error(Reply(451, "4.3.2", "Relay shutting down, try again later"),
@@ -93,6 +93,7 @@ class MaildirRelay:
         return succeed(WholeMessageTransaction(self))
 
     def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
+        """Write one whole message (``WholeMessageTransaction.send`` comes here)."""
         if self._closed:
             return fail(_error(Reply(451, "4.3.2", "Relay shutting down, try again later"),
                                "relay closed"))

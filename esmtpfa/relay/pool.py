@@ -22,6 +22,7 @@ from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
 
 from esmtpfa.logs import logger
+from esmtpfa.relay.interfaces import Kind
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
 from esmtpfa.relay.session import (
     UpstreamSession, endpoint_for, relay_error_from, unavailable)
@@ -116,6 +117,11 @@ class SessionPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    @property
+    def exhausted(self) -> bool:
+        """Full, nothing idle, and messages already waiting for a session."""
+        return self.total >= self.settings.size and not self._idle and bool(self._waiters)
+
     def acquire(self, fresh: bool = False) -> Deferred[UpstreamSession]:
         """A session ready for a transaction; fails with ``RelayError`` (451).
 
@@ -124,7 +130,7 @@ class SessionPool:
         """
         if self._closed:
             return fail(unavailable("4.3.2", "Relay shutting down, try again later",
-                                    "pool closed", upstream=self.address))
+                                    "pool closed", upstream=self.address, kind=Kind.CLOSING))
         if not fresh:
             session = self._take_idle()
             if session is not None:
@@ -144,7 +150,7 @@ class SessionPool:
                 raise unavailable(
                     "4.4.5", "Upstream connections all busy, try again later",
                     f"no free connection among {self.settings.size} within {timeout:g} s",
-                    "connect", upstream=self.address)
+                    "connect", upstream=self.address, kind=Kind.BUSY)
             return failure
         return waiter.addTimeout(timeout, self._reactor).addErrback(timed_out)
 
@@ -178,7 +184,7 @@ class SessionPool:
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             waiter.errback(unavailable("4.3.2", "Relay shutting down, try again later",
-                                       "pool closed", upstream=self.address))
+                                       "pool closed", upstream=self.address, kind=Kind.CLOSING))
         while self._idle:
             self._retire(self._idle.pop())
         return DeferredList(list(self._quitting))
@@ -222,7 +228,7 @@ class SessionPool:
         if self._closed:
             self._track_quit(session.close())
             raise unavailable("4.3.2", "Relay shutting down, try again later",
-                              "pool closed", upstream=self.address)
+                              "pool closed", upstream=self.address, kind=Kind.CLOSING)
         self._busy.add(session)
         log.debug("upstream {upstream}: new session (tls={tls}, auth={mechanism}), "
                   "{total} in the pool", upstream=self.address, tls=session.secure,
@@ -291,6 +297,111 @@ class _Monotonic:
         return self._reactor.seconds()
 
 
+class Lease:
+    """The right to use one pooled session, held by exactly one owner at a time.
+
+    ``Upstream.lease`` hands it out; whoever holds it decides when the session goes back,
+    and ``release`` is the only way back to the pool.  It acts once: a second release (an
+    abort racing the end of a send) does nothing.  A session whose protocol is no longer
+    in sync is never pooled again, whatever the caller says.
+    """
+
+    __slots__ = ("upstream", "session", "reused", "_released")
+
+    def __init__(self, upstream: "Upstream", session: UpstreamSession, reused: bool):
+        self.upstream = upstream
+        self.session = session
+        self.reused = reused
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, reusable: bool) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.upstream.pool.release(self.session, reusable and self.session.usable)
+
+
+class ClientShares:
+    """At most ``cap`` upstream sessions held at once per client key.
+
+    A message counts against every key it names (its client address and its identity),
+    so neither many connections from one address nor one identity spread over many
+    addresses can hold every pooled session.  Over its share a client waits, in order,
+    until one of its own messages finishes; the wait is bounded by the caller.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._held: dict[str, int] = {}
+        self._waiting: deque[tuple[tuple[str, ...], Deferred[ShareTicket]]] = deque()
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    def try_acquire(self, keys: tuple[str, ...]) -> "ShareTicket | None":
+        """A ticket now, or None when the client must wait (``acquire``).
+
+        Served at once when under its share and nobody waits on one of its keys (who
+        would otherwise be overtaken by its own address or identity for ever)."""
+        if self._fits(keys) and not (self._waiting and any(
+                set(keys) & set(waiting) for waiting, _ in self._waiting)):
+            return self._take(keys)
+        return None
+
+    def acquire(self, keys: tuple[str, ...]) -> Deferred["ShareTicket"]:
+        ticket = self.try_acquire(keys)
+        if ticket is not None:
+            return succeed(ticket)
+        entry: tuple[tuple[str, ...], Deferred[ShareTicket]]
+        waiter: Deferred[ShareTicket] = Deferred(
+            lambda d: self._waiting.remove(entry) if entry in self._waiting else None)
+        entry = (keys, waiter)
+        self._waiting.append(entry)
+        return waiter
+
+    def _fits(self, keys: tuple[str, ...]) -> bool:
+        return all(self._held.get(key, 0) < self.cap for key in keys)
+
+    def _take(self, keys: tuple[str, ...]) -> "ShareTicket":
+        for key in keys:
+            self._held[key] = self._held.get(key, 0) + 1
+        return ShareTicket(self, keys)
+
+    def _give_back(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            left = self._held.get(key, 0) - 1
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
+        # Serve waiters in order; one that still does not fit lets later ones (other
+        # clients) pass, so a client over its share never blocks anybody else.
+        for entry in list(self._waiting):
+            waiting_keys, waiter = entry
+            if self._fits(waiting_keys):
+                self._waiting.remove(entry)
+                waiter.callback(self._take(waiting_keys))
+
+
+class ShareTicket:
+    """One message's place in ``ClientShares``; ``release`` acts once."""
+
+    __slots__ = ("_shares", "_keys")
+
+    def __init__(self, shares: ClientShares, keys: tuple[str, ...]):
+        self._shares: ClientShares | None = shares
+        self._keys = keys
+
+    def release(self) -> None:
+        shares, self._shares = self._shares, None
+        if shares is not None:
+            shares._give_back(self._keys)
+
+
 class Upstream:
     """One configured upstream: its settings, its pool and its breaker."""
 
@@ -314,6 +425,11 @@ class Upstream:
     def known_max_size(self) -> int | None:
         """SIZE from the last session's EHLO: None unknown, 0 no limit."""
         return self.pool.known_max_size
+
+    def lease(self, fresh: bool = False) -> Deferred[Lease]:
+        """A session of this upstream, owned by the caller until ``Lease.release``."""
+        return self.pool.acquire(fresh=fresh).addCallback(
+            lambda session: Lease(self, session, reused=session.transactions > 0))
 
     def _breaker_changed(self, previous: str, state: str) -> None:
         if state == OPEN:

@@ -57,24 +57,23 @@ _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 # --- errors ------------------------------------------------------------------------------
 
 class UpstreamError(Exception):
-    """The session with the upstream cannot go on; ``command`` is where it broke."""
+    """The session with the upstream cannot go on; ``command`` is where it broke.
 
-    def __init__(self, detail: str, command: str | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        self.command = command
-
-
-class ConnectionLost(UpstreamError):
-    """The connection closed before the reply came.
-
-    ``after_data`` is true when the final dot had been sent: the upstream may have
-    accepted the message, so a retry can duplicate it (it never loses it).
+    ``after_data`` is the phase: true when the final dot had left before the failure
+    (lost, timed out, or answered with garbage).  The upstream may then have accepted the
+    message, so sending it again could duplicate it; whoever handles the error must not
+    (docs/delivery-guarantee.md).  The protocol stamps it on every error it raises.
     """
 
     def __init__(self, detail: str, command: str | None = None, after_data: bool = False):
-        super().__init__(detail, command)
+        super().__init__(detail)
+        self.detail = detail
+        self.command = command
         self.after_data = after_data
+
+
+class ConnectionLost(UpstreamError):
+    """The connection closed before the reply came."""
 
 
 class ReplyTimeout(ConnectionLost):
@@ -679,8 +678,12 @@ class SMTPClientProtocol(Protocol):
         # whole, final dot included, without the producer's trip through the reactor.
         streamer.resumeProducing()
         if self._streamer is streamer:
-            self.transport.registerProducer(streamer, False)
+            # Marked before registering: registering a pull producer on a plain TCP
+            # transport calls ``resumeProducing`` at once, and the message may end inside
+            # that call; ``_stopStreaming`` must then see it registered and unregister it,
+            # or the next message on this connection cannot register its own.
             streamer.registered = True
+            self.transport.registerProducer(streamer, False)
         return deferred
 
     def _streamWrite(self, data: bytes) -> None:
@@ -716,6 +719,12 @@ class SMTPClientProtocol(Protocol):
         """Connected, in sync, nothing in flight: another command may be sent."""
         return (self._connected and self._error is None and self._streamer is None
                 and not self._awaitingContent)
+
+    @property
+    def outcomePending(self) -> bool:
+        """The final dot has left and its reply has not come: the message may be
+        accepted already, so failing now leaves its outcome unknown."""
+        return bool(self._waiters and self._waiters[0].after_data)
 
     def whenDisconnected(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -801,6 +810,10 @@ class SMTPClientProtocol(Protocol):
 
     def _failAll(self, error: UpstreamError) -> None:
         self._cancelTimer()
+        if self._waiters and self._waiters[0].after_data:
+            # Whatever broke (loss, timeout, garbage, our own abort), it broke after the
+            # final dot: the outcome is unknown, and the error says so.
+            error.after_data = True
         waiters, self._waiters = self._waiters, deque()
         handshake, self._handshake = self._handshake, None
         self._streamer = None

@@ -10,7 +10,8 @@ Only the header section is read (at most ``HEADER_LIMIT``) and rebuilt into the 
 ``prefix``; ``content_offset`` then points at the body, which stays byte-for-byte.  A
 header section that does not end within ``HEADER_LIMIT`` is refused (552 5.3.4): treating
 its tail as body, as some MTAs do, could leave a second ``From:`` where readers still
-find it.
+find it.  Reading and parsing a header section of up to a megabyte is work for a thread,
+not the reactor: above ``INLINE_LIMIT`` octets of content the rewrite runs in one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import replace
 import re
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from esmtpfa.message import Envelope, OutboundMessage
@@ -28,6 +30,8 @@ from esmtpfa.replies import Reply
 
 #: The most header we read from the spool for one message.
 HEADER_LIMIT = 1024 * 1024
+#: Messages up to this size are rewritten in the reactor thread (a thread hop costs more).
+INLINE_LIMIT = 64 * 1024
 #: RFC 5322 §2.1.1: lines SHOULD be at most 78 characters; we fold what we build.
 FOLD_AT = 78
 
@@ -51,7 +55,13 @@ class HeaderSection:
 
         Returns None when ``data`` ends inside the header section and is not ``complete``.
         """
-        fields: list[bytes] = []
+        # Each field's lines are gathered in a list and joined once: a field folded over
+        # thousands of lines must cost linear time, not one copy per continuation.
+        lines: list[list[bytes]] = []
+
+        def section(end: int, separator: bool) -> "HeaderSection":
+            return cls([b"".join(parts) for parts in lines], end, separator)
+
         position = 0
         while True:
             end = data.find(CRLF, position)
@@ -59,29 +69,25 @@ class HeaderSection:
                 if not complete:
                     return None
                 rest = data[position:]
-                if rest and (_FIELD.match(rest) or (fields and rest[:1] in b" \t")):
+                if rest and (_FIELD.match(rest) or (lines and rest[:1] in b" \t")):
                     # The last line lacks its CRLF; the field we rebuild gets one.
-                    _append(fields, rest + CRLF)
-                    return cls(fields, len(data), False)
-                return cls(fields, position, False)
+                    if rest[:1] in b" \t" and lines:
+                        lines[-1].append(rest + CRLF)
+                    else:
+                        lines.append([rest + CRLF])
+                    return section(len(data), False)
+                return section(position, False)
             line = data[position:end]
             if not line:
-                return cls(fields, position, True)
-            if line[:1] in b" \t" and fields:
-                fields[-1] += line + CRLF  # RFC 5322 §2.2.3 folded continuation
+                return section(position, True)
+            if line[:1] in b" \t" and lines:
+                lines[-1].append(line + CRLF)  # RFC 5322 §2.2.3 folded continuation
             elif _FIELD.match(line):
-                fields.append(line + CRLF)
+                lines.append([line + CRLF])
             else:
                 # Not a header line: the body starts here, without a blank line before it.
-                return cls(fields, position, False)
+                return section(position, False)
             position = end + 2
-
-
-def _append(fields: list[bytes], line: bytes) -> None:
-    if line[:1] in b" \t" and fields:
-        fields[-1] += line
-    else:
-        fields.append(line)
 
 
 def field_name(raw: bytes) -> bytes:
@@ -162,19 +168,19 @@ class RelayFromRewriter:
     def description(self) -> str:
         return f"{self.inner.description}, sender rewritten to {self.relay_from}"
 
-    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = ""
-              ) -> Deferred["_RewritingTransaction"]:
+    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
+              client: tuple[str, ...] = ()) -> Deferred["_RewritingTransaction"]:
         """The upstream transaction opens with R as the sender; the header is rewritten
         when the content is handed over."""
-        d = self.inner.begin(self.rewrite_envelope(envelope), message_id, connection_id)
+        d = self.inner.begin(self.rewrite_envelope(envelope), message_id, connection_id,
+                             client)
         return d.addCallback(lambda inner: _RewritingTransaction(self, inner))
 
-    def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
-        try:
-            rewritten = self.rewrite(message)
-        except RelayError as error:
-            return fail(error)
-        return self.inner.deliver(rewritten)
+    def rewrite_later(self, message: OutboundMessage) -> Deferred[OutboundMessage]:
+        """``rewrite``, in a thread unless the message is small."""
+        if _content_size(message) <= INLINE_LIMIT:
+            return maybeDeferred(self.rewrite, message)
+        return deferToThread(self.rewrite, message)
 
     def rewrite_envelope(self, envelope: Envelope) -> Envelope:
         return replace(envelope, mail_from=self.relay_from,
@@ -229,12 +235,11 @@ class _RewritingTransaction:
         return self._inner.addRecipient(address, data_follows)
 
     def send(self, message: OutboundMessage) -> Deferred[Reply]:
-        try:
-            rewritten = self._rewriter.rewrite(message)
-        except RelayError as error:
+        def refused(failure: Any) -> Any:
             self._inner.abort()
-            return fail(error)
-        return self._inner.send(rewritten)
+            return failure
+        return self._rewriter.rewrite_later(message).addCallbacks(
+            self._inner.send, refused)
 
     def abort(self) -> None:
         self._inner.abort()
@@ -252,7 +257,8 @@ def _content_size(message: OutboundMessage) -> int:
 def read_header_section(message: OutboundMessage) -> HeaderSection:
     """Read at most ``HEADER_LIMIT`` (+ one chunk) of the content and parse its header.
 
-    Reads happen in the reactor thread: bounded 64 KiB reads from the spool.
+    Bounded 64 KiB reads from the spool; large messages get here in a thread
+    (``RelayFromRewriter.rewrite_later``), while the reactor leaves the spool alone.
     """
     data = b""
     complete = True

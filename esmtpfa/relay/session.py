@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
 
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope
-from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
+from esmtpfa.relay.interfaces import REJECTED, Kind, Phase, RelayError
 from esmtpfa.relay.protocol import (
     AuthenticationAborted, AuthenticationFailed, ConnectionLost, Extensions,
     ProtocolViolation, SMTPClientProtocol, TLSFailure, UnexpectedReply,
@@ -52,10 +52,10 @@ class ServiceClosing(UpstreamError):
 # --- replies we give our client ---------------------------------------------------------
 
 def unavailable(enhanced: str, text: str, detail: str, command: str | None = None,
-                upstream_reply: Reply | None = None, upstream: str | None = None
-                ) -> RelayError:
-    return RelayError(Reply(451, enhanced, text), UNAVAILABLE, command, upstream_reply,
-                      detail, upstream)
+                upstream_reply: Reply | None = None, upstream: str | None = None, *,
+                kind: str = Kind.UNAVAILABLE, phase: str = Phase.BEFORE_DOT) -> RelayError:
+    return RelayError(Reply(451, enhanced, text), kind, command, upstream_reply,
+                      detail, upstream, kind=kind, phase=phase)
 
 
 def rejected(command: str, reply: Reply, text: str | None = None,
@@ -71,18 +71,26 @@ def rejected(command: str, reply: Reply, text: str | None = None,
         enhanced = f"{code // 100}.0.0"  # an inconsistent class digit (RFC 3463 §2)
     body = text if text is not None else f"upstream: {reply.text}"
     return RelayError(Reply(code, enhanced, body), REJECTED, command, reply,
-                      text or f"upstream answered {command} with {reply}", upstream)
+                      text or f"upstream answered {command} with {reply}", upstream,
+                      kind=Kind.REJECTED)
 
 
 def permanent(code: int, enhanced: str, text: str, command: str,
               upstream: str | None = None) -> RelayError:
     """A refusal we decide before sending: the upstream could never accept this."""
-    return RelayError(Reply(code, enhanced, text), REJECTED, command, None, text, upstream)
+    return RelayError(Reply(code, enhanced, text), REJECTED, command, None, text, upstream,
+                      kind=Kind.POLICY)
+
+
+#: The reply for every failure after the final dot: the client keeps the message and
+#: retries, knowing the upstream may already have it (docs/delivery-guarantee.md).
+MAYBE_DELIVERED = ("Upstream connection failed after the message was sent; "
+                   "try again later (a duplicate is possible)")
 
 
 def relay_error_from(error: BaseException, stage: str, upstream: str | None = None
                      ) -> RelayError:
-    """Map whatever stopped a delivery to the reply our client gets."""
+    """Map whatever stopped a delivery to a ``RelayError`` with its kind and phase."""
     if isinstance(error, RelayError):
         if error.upstream is None:
             error.upstream = upstream
@@ -90,6 +98,12 @@ def relay_error_from(error: BaseException, stage: str, upstream: str | None = No
     if stage == "connect":  # refused, unreachable, DNS, connect timeout
         return unavailable("4.4.1", "Upstream server unreachable, try again later",
                            f"cannot connect: {error}", "connect", upstream=upstream)
+    if isinstance(error, UpstreamError) and error.after_data:
+        # Lost, timed out or garbage after the final dot: whatever the kind of failure,
+        # the one thing that matters is that the outcome is unknown.
+        kind = Kind.PROTOCOL if isinstance(error, ProtocolViolation) else Kind.UNAVAILABLE
+        return unavailable("4.4.2", MAYBE_DELIVERED, error.detail, error.command,
+                           upstream=upstream, kind=kind, phase=Phase.OUTCOME_UNKNOWN)
     if isinstance(error, AuthenticationFailed):
         return unavailable("4.3.0", "Upstream authentication failed, try again later",
                            f"upstream refused our AUTH: {error.reply}", "AUTH", error.reply,
@@ -102,23 +116,21 @@ def relay_error_from(error: BaseException, stage: str, upstream: str | None = No
                            error.detail, error.command, upstream=upstream)
     if isinstance(error, ServiceClosing):
         reply = rejected(error.command or "connection", error.reply).reply
-        return RelayError(Reply(451, reply.enhanced if reply.enhanced.startswith("4.")
-                                else "4.4.2", f"upstream: {error.reply.text}"),
-                          UNAVAILABLE, error.command, error.reply,
-                          f"upstream is closing the connection: {error.reply}", upstream)
+        return unavailable(reply.enhanced if reply.enhanced.startswith("4.") else "4.4.2",
+                           f"upstream: {error.reply.text}",
+                           f"upstream is closing the connection: {error.reply}",
+                           error.command, error.reply, upstream)
     if isinstance(error, ConnectionLost):  # includes ReplyTimeout
-        text = "Upstream connection failed, try again later"
-        if error.after_data:
-            text = ("Upstream connection failed after the message was sent; "
-                    "try again later (a duplicate is possible)")
-        return unavailable("4.4.2", text, error.detail, error.command, upstream=upstream)
+        return unavailable("4.4.2", "Upstream connection failed, try again later",
+                           error.detail, error.command, upstream=upstream)
     if isinstance(error, UnexpectedReply):
         # The session could not be set up (EHLO/HELO refused): not about the message.
         return unavailable("4.4.0", "Upstream server refused the session, try again later",
                            error.detail, error.command, error.reply, upstream)
-    if isinstance(error, (ProtocolViolation, UpstreamError)):
+    if isinstance(error, UpstreamError):
         return unavailable("4.4.2", "Upstream protocol error, try again later",
-                           error.detail, error.command, upstream=upstream)
+                           error.detail, error.command, upstream=upstream,
+                           kind=Kind.PROTOCOL)
     return unavailable("4.3.0", "Local error talking to the upstream, try again later",
                        f"{type(error).__name__}: {error}", stage, upstream=upstream)
 

@@ -105,10 +105,29 @@ class PoolSettings:
     breaker_failures: int = 3    # consecutive connection-level failures that open the breaker
     breaker_cooldown: float = 30.0  # seconds an open breaker skips its upstream
     max_replays: int = 2         # re-opened transactions after a lost connection
+    #: The longest a client waits for our answer to a RCPT (the first one opens the
+    #: upstream transaction) and to its final dot, across every upstream, connection and
+    #: replay tried for it.  RFC 5321 §4.5.3.2 gives clients 5 and 10 minutes; answering
+    #: before they give up keeps them from retrying a message we may still deliver.
+    rcpt_deadline: float = 240.0
+    data_deadline: float = 540.0
+    #: The part of ``size`` one client (an address or an identity) may hold at once; the
+    #: rest stays for everybody else (docs/delivery-guarantee.md, "fair use").
+    client_share: float = 0.5
+
+    @property
+    def client_cap(self) -> int:
+        """Upstream sessions one client may hold at once (at least one)."""
+        return max(1, int(self.size * self.client_share))
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError("the pool size must be at least 1")
+        if not 0 < self.client_share <= 1:
+            raise ValueError("client_share must be in (0, 1]")
+        for name in ("rcpt_deadline", "data_deadline"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.breaker_failures < 1:
             raise ValueError("breaker_failures must be at least 1")
         for name in ("idle_timeout", "breaker_cooldown"):

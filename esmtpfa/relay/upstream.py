@@ -2,30 +2,40 @@
 
 ``SMTPRelay`` is the ``IRelay`` toward one or more upstreams (``--relay-addr a,b:587``,
 tried in order).  Each upstream has a pool of negotiated sessions and a circuit breaker
-(``pool.py``).  Two ways in:
+(``pool.py``).  ``begin`` (at the client's MAIL) gives an ``UpstreamTransaction`` that
+sends MAIL with the first RCPT and each further RCPT as the client names it, so every
+client RCPT is answered with the upstream's verdict for that recipient; ``send`` (at the
+client's final dot) sends DATA and the spooled content, and the client's reply is the
+upstream's.  The SMTP server and the HTTP API both come this way: there is one path.
 
-* ``begin`` (the SMTP server, at the client's MAIL): an ``UpstreamTransaction`` that sends
-  MAIL at once and each RCPT as the client names it, so every client RCPT is answered
-  with the upstream's verdict for that recipient; ``send`` (at the client's final dot)
-  sends DATA and the spooled content.  The client's reply to DATA is the upstream's.
-* ``deliver`` (the HTTP API): a whole message, MAIL + RCPTs + DATA in one flight when
-  the upstream pipelines (RFC 2920), all recipients or nothing.
+Ownership.  A session is taken from its pool as a ``Lease`` and has one owner at a time:
+the search over upstreams while an attempt runs, then the transaction.  Attempts never
+give a session back; the owner releases it once, reusable only when the failure (if any)
+left the connection in sync (``Kind.BROKEN`` says which do not).
 
-Failover.  Whenever an upstream fails *before it accepted anything* (cannot connect, TLS,
-greeting, AUTH, a timeout, a lost connection, ``421``, or a ``4xx`` to MAIL, DATA or the
-end of data) the next upstream is tried before our client is answered.  A ``5xx`` is
-final, and so is a ``4xx`` to a RCPT: it is that recipient's verdict and goes to the
-client as it is.  The answer is permanent only when every upstream's answer was.
+Failover.  Failures are ``RelayError`` values with a kind and a phase
+(``interfaces.Kind``, ``interfaces.Phase``), and every decision below is made from those:
+
+* ``Phase.OUTCOME_UNKNOWN`` (anything that broke after the final dot left) ends
+  everything: the message is never sent again by us, to this upstream or another; the
+  client hears ``451`` with "a duplicate is possible" and decides.
+* the upstream's own ``5xx`` to MAIL or to the end of data is final; a ``4xx`` (or a
+  broken connection, a capability it lacks) before the dot moves on to the next upstream;
+  a ``4xx`` to a RCPT is that recipient's verdict and goes to the client as it is.
+* ``Kind.EXPIRED``: the operation's deadline passed (``PoolSettings.rcpt_deadline`` and
+  ``data_deadline``, inside RFC 5321 §4.5.3.2's client timeouts); the client is answered
+  at once and nothing more is tried.
 
 Replay.  A pooled connection can die between the client's MAIL and its final dot (the
 upstream restarted, timed out an idle client, or closed during DATA).  The transaction
 then opens a new one (on the other upstreams first, then the same one) and replays MAIL
-and every accepted RCPT in one flight.  If any recipient the client was told ``250`` for is not accepted again,
-the message cannot be delivered as acknowledged: the rest of the transaction is answered
-``451`` (the client retries and learns each recipient's new verdict then); a ``250`` for a
-message some acknowledged recipient would not receive is never given.  After the final
-dot nothing is replayed: a lost reply then means "maybe delivered", and the client is told
-so (``451``, duplicate possible) rather than risking the duplicate ourselves.
+and every accepted RCPT in one flight.  If any recipient the client was told ``250`` for
+is not accepted again, the rest of the transaction is answered ``451``; a ``250`` for a
+message some acknowledged recipient would not receive is never given.
+
+Fair use.  A transaction holds a pooled session from its first RCPT to its final reply,
+so each holds a ``ShareTicket`` too: one client address or identity holds at most
+``PoolSettings.client_cap`` sessions at once (docs/delivery-guarantee.md).
 """
 
 from __future__ import annotations
@@ -33,25 +43,27 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import (
-    REJECTED, UNAVAILABLE, IRelay, IRelayTransaction, RelayError)
-from esmtpfa.relay.pool import Upstream
-from esmtpfa.relay.protocol import (
-    ConnectionLost, ProtocolViolation, SMTPClientProtocol, UpstreamError)
+    REJECTED, IRelay, IRelayTransaction, Kind, Phase, RelayError)
+from esmtpfa.relay.pool import OPEN, ClientShares, Lease, ShareTicket, Upstream
+from esmtpfa.relay.protocol import ProtocolViolation, UpstreamError
 from esmtpfa.relay.session import (
-    QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported, endpoint_for, permanent, rejected,
+    QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported, permanent, rejected,
     relay_error_from, unavailable)
 from esmtpfa.relay.settings import (
     STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)
 from esmtpfa.relay.tls import client_tls_options
 from esmtpfa.smtp.data import has_bare_line_ends
 from esmtpfa.replies import Reply
+from esmtpfa.timeouts import Sweeper
 
 __all__ = ["SMTPRelay", "UpstreamTransaction", "UpstreamSettings", "PoolSettings",
            "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses", "relay_error_from",
@@ -64,12 +76,14 @@ T = TypeVar("T")
 SHUTTING_DOWN = Reply(451, "4.3.2", "Relay shutting down, try again later")
 
 
-class _Final(Exception):
-    """Raised by an attempt: this verdict ends the search (no other upstream is tried)."""
+def _ends_search(error: RelayError) -> bool:
+    """After these no other upstream or connection is asked."""
+    return error.outcome_unknown or error.kind == Kind.EXPIRED or error.upstream_verdict
 
-    def __init__(self, error: RelayError):
-        super().__init__(str(error))
-        self.error = error
+
+def _only_unknown_ends_search(error: RelayError) -> bool:
+    """A replay moves on even after a 5xx: the transaction stays the client's."""
+    return error.outcome_unknown or error.kind == Kind.EXPIRED
 
 
 @implementer(IRelay)
@@ -92,8 +106,13 @@ class SMTPRelay:
                 s.tls_server_name, s.ca_cert, s.client_cert, s.client_key, s.skip_verify)
                 if s.uses_tls else None, sasl_cache)
             for s in all_settings]
+        self.shares = ClientShares(self.pool_settings.client_cap)
+        # per-operation deadlines of minutes, for operations that take milliseconds
+        self.deadlines = Sweeper(reactor, lambda transaction: transaction._expire())
         #: Called with every ``RelayError`` of every attempt (metrics: failures by reason).
         self.observers: list[Callable[[RelayError], None]] = []
+        #: The reactor time of the last message an upstream accepted (readiness).
+        self.last_accepted: float | None = None
         self._in_flight: set[object] = set()
         self._idle: list[Deferred[None]] = []
         self._closed = False
@@ -102,6 +121,10 @@ class SMTPRelay:
                 log.warn("relay {upstream}: credentials are set but TLS is off and insecure "
                          "AUTH is not allowed: every delivery will fail with 451 4.3.0",
                          upstream=s.address)
+
+    @property
+    def reactor(self) -> Any:
+        return self._reactor
 
     @property
     def settings(self) -> UpstreamSettings:
@@ -122,25 +145,44 @@ class SMTPRelay:
         p = self.pool_settings
         failover = "; failover in this order" if len(parts) > 1 else ""
         return (f"SMTP relay {', '.join(parts)}{failover}; up to {p.size} pooled "
-                f"connection(s) per upstream, idle {p.idle_timeout:g} s")
+                f"connection(s) per upstream, {p.client_cap} per client, idle "
+                f"{p.idle_timeout:g} s")
 
-    def connect(self) -> Deferred[SMTPClientProtocol]:
-        """A bare connection to the first upstream, before the greeting (diagnostics)."""
-        upstream = self.upstreams[0]
-        endpoint = endpoint_for(self._reactor, upstream.settings, upstream.tls_options)
-        return endpoint.connect(upstream.factory)
+    def readiness(self) -> tuple[bool | None, str]:
+        """Whether a session can be had now, from what the pools and breakers know.
+
+        ``(False, why)`` when every upstream's breaker is open or every pool is full with
+        messages waiting; ``(True, why)`` when a session is open or was just used;
+        ``(None, why)`` when nothing is known yet (no session was ever needed).
+        """
+        if all(u.breaker.open_now() for u in self.upstreams):
+            return False, "circuit breaker open for " + ", ".join(
+                u.address for u in self.upstreams)
+        if all(u.pool.exhausted for u in self.upstreams):
+            return False, "every upstream connection is busy and messages are waiting"
+        live = sum(u.pool.total for u in self.upstreams)
+        if live:
+            return True, f"{live} upstream connection(s) open"
+        recent = self.last_accepted is not None and \
+            self._reactor.seconds() - self.last_accepted < self.pool_settings.idle_timeout * 4
+        if recent:
+            return True, "an upstream accepted a message recently"
+        if any(u.breaker.state != OPEN and u.breaker.consecutive for u in self.upstreams):
+            return None, "the last connection attempt failed"
+        return None, "no upstream connection open"
 
     # -- IRelay ----------------------------------------------------------------------------
 
-    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = ""
-              ) -> Deferred["UpstreamTransaction"]:
+    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
+              client: tuple[str, ...] = ()) -> Deferred["UpstreamTransaction"]:
         """The upstream transaction; MAIL goes out with the first RCPT (one flight).
 
+        ``client`` names who the message is for fair use (its address and identity).
         Refused at once only when the answer is already known: every upstream is behind
         an open circuit breaker, or the declared size exceeds every upstream's limit.
         """
         if self._closed:
-            return fail(RelayError(SHUTTING_DOWN, UNAVAILABLE, None, None, "relay closed"))
+            return fail(_closing())
         if all(u.breaker.open_now() for u in self.upstreams):
             names = ", ".join(u.address for u in self.upstreams)
             return fail(unavailable("4.4.1", "No upstream server available, try again later",
@@ -152,15 +194,11 @@ class SMTPRelay:
             return fail(permanent(552, "5.3.4", f"Message too big for the upstream server "
                                   f"({size} > {max(limits)} octets)", "MAIL",
                                   self.upstreams[0].address))
-        return succeed(UpstreamTransaction(self, envelope, message_id, connection_id))
-
-    def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
-        if self._closed:
-            return fail(RelayError(SHUTTING_DOWN, UNAVAILABLE, None, None, "relay closed"))
-        return self._track(Deferred.fromCoroutine(self._deliver(message)))
+        return succeed(UpstreamTransaction(self, envelope, message_id, connection_id,
+                                           client))
 
     def close(self) -> Deferred[None]:
-        """Refuse new work; fire once every delivery in progress and every QUIT ended."""
+        """Refuse new work; fire once every transaction in progress and every QUIT ended."""
         self._closed = True
         for upstream in self.upstreams:
             upstream.pool.close()  # idle sessions QUIT now, busy ones when released
@@ -169,22 +207,29 @@ class SMTPRelay:
             self._idle.append(waiter)
         else:
             waiter.callback(None)
+        def closed(_: Any) -> None:
+            self.deadlines.close()
         return waiter.addCallback(lambda _: DeferredList(
-            [u.pool.close() for u in self.upstreams])).addCallback(lambda _: None)
+            [u.pool.close() for u in self.upstreams])).addCallback(closed)
 
     # -- the search over upstreams --------------------------------------------------------
 
-    async def _on_some_upstream(self, attempt: Callable[[Upstream, UpstreamSession],
-                                                        Awaitable[T]],
-                                message_id: str, exclude: Sequence[Upstream] = (),
-                                fresh: bool = False, last: Upstream | None = None) -> T:
+    async def _on_some_upstream(
+            self, attempt: Callable[[Upstream, UpstreamSession], Awaitable[T]],
+            message_id: str, exclude: Sequence[Upstream] = (), fresh: bool = False,
+            last: Upstream | None = None,
+            ends_search: Callable[[RelayError], bool] = _ends_search,
+            trying: Callable[[Lease | None], None] = lambda lease: None) -> tuple[Lease, T]:
         """Run ``attempt`` on a session of the first upstream that can take it.
 
-        ``attempt`` raises ``_Final`` for a verdict that ends the search, ``RelayError`` to
-        move on to the next upstream (after releasing the session), and lets the protocol's
-        ``UpstreamError`` through when the connection failed: a pooled session that was
-        already dead is replaced by a fresh one on the same upstream, any other failure
-        counts against the upstream's breaker and moves on.
+        Returns the lease (the caller owns the session from then on) and the attempt's
+        result.  ``attempt`` raises ``RelayError`` or lets the protocol's
+        ``UpstreamError`` through; either way this loop, the lease's only owner while the
+        attempt runs, releases the session, reusable unless the failure broke it.  A
+        pooled session that was already dead is replaced by a fresh one on the same
+        upstream; other failures move on to the next upstream unless ``ends_search``.
+        ``trying`` is told which lease an attempt runs on (and None after), so a deadline
+        can drop that connection.
         """
         errors: list[RelayError] = []
         skipped: list[Upstream] = []
@@ -200,30 +245,25 @@ class SMTPRelay:
             use_fresh = fresh
             while True:
                 try:
-                    session = await upstream.pool.acquire(fresh=use_fresh)
+                    lease = await upstream.lease(fresh=use_fresh)
                 except RelayError as error:
-                    if error.command == "connect" and error.reply.enhanced == "4.4.5" \
-                            or error.reply.enhanced == "4.3.2":
+                    if error.kind in Kind.NEUTRAL:
                         upstream.breaker.release()  # busy or closing: says nothing about it
                     else:
                         upstream.breaker.failure()
                     self._report(error, message_id)
                     errors.append(error)
                     break
-                reused = session.transactions > 0
+                trying(lease)
                 try:
-                    result = await attempt(upstream, session)
-                except _Final as final:
-                    upstream.breaker.success()  # it answered: it is alive
-                    raise final.error from None
-                except RelayError as error:
-                    upstream.breaker.success()
-                    self._report(error, message_id)
-                    errors.append(error)
-                    break
-                except UpstreamError as error:
-                    upstream.pool.release(session, reusable=False)
-                    if reused and not use_fresh:
+                    result = await attempt(upstream, lease.session)
+                except (RelayError, UpstreamError) as failure:
+                    trying(None)
+                    error = relay_error_from(failure, "session", upstream.address)
+                    broken = error.kind in Kind.BROKEN
+                    lease.release(reusable=not broken)
+                    if broken and isinstance(failure, UpstreamError) and lease.reused \
+                            and not use_fresh and not error.outcome_unknown:
                         # The pooled connection died while idle (upstream restart, idle
                         # timeout racing our MAIL): not the upstream's failure, not the
                         # message's.  Same upstream, new connection.
@@ -232,17 +272,23 @@ class SMTPRelay:
                                  detail=error.detail, message_id=message_id)
                         use_fresh = True
                         continue
-                    upstream.breaker.failure()
-                    relay_error = relay_error_from(error, "session", upstream.address)
-                    self._report(relay_error, message_id)
-                    errors.append(relay_error)
+                    if broken:
+                        upstream.breaker.failure()
+                    else:
+                        upstream.breaker.success()  # it answered: it is alive
+                    self._report(error, message_id)
+                    if ends_search(error):
+                        raise error from None
+                    errors.append(error)
                     break
                 except BaseException:
-                    upstream.pool.release(session, reusable=False)
+                    trying(None)
+                    lease.release(reusable=False)
                     upstream.breaker.release()
                     raise
+                trying(None)
                 upstream.breaker.success()
-                return result
+                return lease, result
         raise self._verdict(errors, skipped)
 
     def _verdict(self, errors: list[RelayError], skipped: list[Upstream]) -> RelayError:
@@ -250,7 +296,7 @@ class SMTPRelay:
         transient = [e for e in errors if e.transient]
         if errors and not transient and not skipped:
             return errors[0]
-        told = [e for e in transient if e.reason == REJECTED]
+        told = [e for e in transient if e.kind == Kind.REJECTED]
         if told:
             return told[0]  # an upstream's own 4xx: its words are the best explanation
         if transient:
@@ -258,7 +304,8 @@ class SMTPRelay:
                 return transient[0]
             details = "; ".join(e.describe() for e in transient)
             return unavailable("4.4.1", "No upstream server available, try again later",
-                               details, transient[0].command, transient[0].upstream_reply)
+                               details, transient[0].command, transient[0].upstream_reply,
+                               kind=transient[0].kind)
         names = ", ".join(u.address for u in skipped)
         return unavailable("4.4.1", "No upstream server available, try again later",
                            f"skipped while their circuit breaker is open: {names}",
@@ -268,66 +315,13 @@ class SMTPRelay:
         log.info("relay attempt failed: message={message_id} {description}",
                  message_id=message_id, description=error.describe(),
                  upstream=error.upstream, command=error.command, reason=error.reason,
-                 permanent=error.permanent,
+                 kind=error.kind, phase=error.phase, permanent=error.permanent,
                  upstream_reply=str(error.upstream_reply) if error.upstream_reply else None)
         for observer in list(self.observers):
             try:
                 observer(error)
             except Exception:
                 log.failure("relay failure observer failed")
-
-    # -- whole messages ----------------------------------------------------------------------
-
-    async def _deliver(self, message: OutboundMessage) -> Reply:
-        envelope = message.envelope
-        eight_bit: list[bool] = []
-
-        async def attempt(upstream: Upstream, session: UpstreamSession
-                          ) -> tuple[Reply, str, bool]:
-            if not envelope.recipients:
-                _release(upstream, session)
-                raise _Final(permanent(554, "5.5.1", "No recipients", "RCPT"))
-            try:
-                if _declares_8bit(envelope) and not session.extensions.eightbitmime \
-                        and not eight_bit:
-                    eight_bit.append(await deferToThread(_has_8bit, message))
-                mail = session.mail_line(envelope, message.size,
-                                         eight_bit[0] if eight_bit else None)
-                smtputf8 = b" SMTPUTF8" in mail
-                rcpts = [session.rcpt_line(r, smtputf8) for r in envelope.recipients]
-            except RelayError:
-                _release(upstream, session)
-                raise
-            mail_reply, rcpt_replies, data_reply = await session.start(mail, rcpts, data=True)
-            data_started = data_reply is not None and data_reply.code == 354
-            try:
-                _check_mail(mail_reply, upstream)
-                _check_recipients(envelope.recipients, rcpt_replies, upstream)
-            except (RelayError, _Final):
-                if data_started:
-                    session.abandon()
-                _release(upstream, session)
-                raise
-            assert data_reply is not None
-            if data_reply.code != 354:
-                _release(upstream, session)
-                if data_reply.is_positive:
-                    raise ProtocolViolation(f"DATA answered {data_reply}, not 354", "DATA")
-                error = rejected("DATA", data_reply, upstream=upstream.address)
-                raise error if error.transient else _Final(error)
-            final = await _content(session, message, upstream)
-            _release(upstream, session)
-            return _final_verdict(final, upstream), upstream.address, session.secure
-
-        try:
-            if _declares_binary(envelope) and await deferToThread(_needs_bdat, message):
-                raise _binary_refusal()
-            reply, address, tls = await self._on_some_upstream(attempt, message.id)
-        except RelayError as error:
-            self._log(message.id, message.connection_id, "failed", error.reply, error)
-            raise
-        self._log(message.id, message.connection_id, "accepted", reply, None, address, tls)
-        return reply
 
     def _log(self, message_id: str, connection_id: str, outcome: str, reply: Reply,
              error: RelayError | None, upstream: str | None = None,
@@ -362,18 +356,23 @@ class UpstreamTransaction:
     """One client transaction mirrored on one upstream session (see the module doc)."""
 
     def __init__(self, relay: SMTPRelay, envelope: Envelope, message_id: str,
-                 connection_id: str):
+                 connection_id: str, client: tuple[str, ...] = ()):
         self._relay = relay
         self.envelope = replace(envelope, recipients=())
         self.message_id = message_id
         self.connection_id = connection_id
-        self._upstream: Upstream | None = None
-        self._session: UpstreamSession | None = None
+        self._client = client
+        self._lease: Lease | None = None
+        self._trying: Lease | None = None  # the lease an attempt of ours runs on
+        self._ticket: ShareTicket | None = None
+        self._upstream: Upstream | None = None  # the last one used (for the logs)
         self._smtputf8 = False
         self._accepted: list[tuple[str, bytes]] = []
         self._poisoned: RelayError | None = None
         self._replays = 0
         self._busy: Deferred[Any] | None = None
+        self._answer: Deferred[Any] | None = None  # what the caller of the busy op holds
+        self._deadline = 0.0  # seconds the busy operation was given
         #: The upstream's reply to a DATA sent with the last RCPT (``data_follows``).
         self._early_data: Reply | None = None
         self._finished = False   # send() started, or abort(): no more commands from us
@@ -384,8 +383,13 @@ class UpstreamTransaction:
         return self._upstream.address if self._upstream else None
 
     @property
+    def _session(self) -> UpstreamSession | None:
+        return self._lease.session if self._lease is not None else None
+
+    @property
     def max_size(self) -> int | None:
-        return self._session.max_size if self._session is not None else None
+        session = self._session
+        return session.max_size if session is not None else None
 
     @property
     def recipients(self) -> list[str]:
@@ -396,10 +400,12 @@ class UpstreamTransaction:
     def addRecipient(self, address: str, data_follows: bool = False) -> Deferred[Reply]:
         """``data_follows``: the client pipelined DATA right behind this RCPT (RFC 2920),
         so DATA goes upstream in the same flight and ``send`` will not wait for a 354."""
-        return self._relay._track(self._serialize(self._add, address, data_follows))
+        return self._serialize(self._add, self._relay.pool_settings.rcpt_deadline,
+                               address, data_follows)
 
     def send(self, message: OutboundMessage) -> Deferred[Reply]:
-        return self._relay._track(self._serialize(self._send, message))
+        return self._serialize(self._send, self._relay.pool_settings.data_deadline,
+                               message)
 
     def abort(self) -> None:
         if self._aborted:
@@ -407,7 +413,7 @@ class UpstreamTransaction:
         self._aborted = True
         self._finished = True
         if self._busy is None:
-            self._let_go(reusable=True)
+            self._end(reusable=True)
         # else: the operation in flight lets go of the session when it ends
 
     # -- MAIL with the first RCPT ----------------------------------------------------------
@@ -418,33 +424,45 @@ class UpstreamTransaction:
         pipelined it) in one flight, on the first upstream that takes the MAIL.  A refused
         MAIL is every recipient's answer."""
         envelope, size = self.envelope, self.envelope.declared_size
+        if self._ticket is None and self._client:
+            self._ticket = self._relay.shares.try_acquire(self._client) \
+                or await self._fair_share()
 
         async def attempt(upstream: Upstream, session: UpstreamSession
-                          ) -> tuple[Upstream, UpstreamSession, bytes, bytes, Reply,
-                                     Reply | None]:
-            try:
-                mail = session.mail_line(envelope, size)
-                line = session.rcpt_line(address, b" SMTPUTF8" in mail)
-            except RelayError:
-                _release(upstream, session)
-                raise
+                          ) -> tuple[bytes, bytes, Reply, Reply | None]:
+            mail = session.mail_line(envelope, size)
+            line = session.rcpt_line(address, b" SMTPUTF8" in mail)
             mail_reply, replies, data_reply = await session.start(
                 mail, [line], data=data_follows and session.pipelining)
-            _check_mail(mail_reply, upstream, release=session)
-            return upstream, session, mail, line, replies[0], data_reply
+            _check_mail(mail_reply, upstream)
+            return mail, line, replies[0], data_reply
 
         try:
-            upstream, session, mail, line, reply, data_reply = \
-                await self._relay._on_some_upstream(attempt, self.message_id)
+            lease, (mail, line, reply, data_reply) = await self._relay._on_some_upstream(
+                attempt, self.message_id, trying=self._try_on)
         except RelayError as error:
-            self._poisoned = error  # the sender's verdict holds for every recipient
+            if error.command == "MAIL" or error.kind != Kind.POLICY:
+                self._poisoned = error  # the sender's verdict holds for every recipient
+            self._let_go(reusable=True)  # no session: the client's share goes back
             raise
         if self._aborted:
-            _release(upstream, session)
+            lease.release(reusable=True)
             raise _aborted()
-        self._upstream, self._session = upstream, session
+        self._hold(lease)
         self._smtputf8 = b" SMTPUTF8" in mail
         return line, reply, data_reply
+
+    async def _fair_share(self) -> ShareTicket:
+        timeout = self._relay.upstreams[0].settings.connect_timeout
+        try:
+            return await self._relay.shares.acquire(self._client).addTimeout(
+                timeout, self._relay.reactor)
+        except (CancelledError, TimeoutError):
+            cap = self._relay.shares.cap
+            raise unavailable("4.4.5", "Too many messages in progress for this client, "
+                              "try again later", f"this client already holds {cap} upstream "
+                              f"connection(s) (its share) for {timeout:g} s", "RCPT",
+                              kind=Kind.BUSY) from None
 
     # -- RCPT ------------------------------------------------------------------------------
 
@@ -457,11 +475,10 @@ class UpstreamTransaction:
         # leaves MAIL in effect): the client may add recipients and try DATA again.
         self._early_data = None
         data_reply: Reply | None = None
-        if self._session is None:
+        if self._lease is None:
             line, reply, data_reply = await self._first(address, data_follows)
         else:
-            session, upstream = self._session, self._upstream
-            assert upstream is not None
+            session, upstream = self._lease.session, self._lease.upstream
             rcptmax = session.extensions.rcptmax
             if rcptmax is not None and len(self._accepted) >= rcptmax:
                 # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.
@@ -491,7 +508,7 @@ class UpstreamTransaction:
         if reply.is_positive:
             return self._refuse(unavailable(
                 "4.4.2", "Upstream protocol error, try again later",
-                f"RCPT answered {reply}", "RCPT", reply, self.upstream))
+                f"RCPT answered {reply}", "RCPT", reply, self.upstream, kind=Kind.PROTOCOL))
         return self._refuse(rejected("RCPT", reply, f"upstream rejected <{address}>: "
                                      f"{reply.text}", self.upstream))
 
@@ -516,82 +533,101 @@ class UpstreamTransaction:
     # -- DATA -------------------------------------------------------------------------------
 
     async def _send(self, message: OutboundMessage) -> Reply:
-        if self._poisoned is not None:
+        try:
+            if self._poisoned is not None:
+                self._finished = True
+                return self._fail(self._poisoned)
+            if self._finished or self._lease is None:
+                raise RuntimeError("send() after the transaction ended")
             self._finished = True
-            self._let_go(reusable=True)
-            return self._fail(self._poisoned)
-        if self._finished or self._session is None:
-            raise RuntimeError("send() after the transaction ended")
-        self._finished = True
-        if not self._accepted:
-            self._let_go(reusable=True)
-            return self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
-        if list(message.envelope.recipients) != self.recipients:
-            raise RuntimeError("the message's recipients are not the accepted ones")
-        if _declares_binary(self.envelope) and await deferToThread(_needs_bdat, message):
-            self._let_go(reusable=True)
-            return self._fail(_binary_refusal())
-        tried: list[Upstream] = []
-        eight_bit: list[bool] = []
-        early, self._early_data = self._early_data, None
-        while True:
-            session, upstream = self._session, self._upstream
-            assert session is not None and upstream is not None
-            # The early DATA reply belongs to the first session only (not to a replay).
-            data_reply, early = early, None
-            try:
-                limit = session.max_size
-                if limit is not None and message.size > limit:
-                    raise permanent(552, "5.3.4", f"Message too big for the upstream server "
-                                    f"({message.size} > {limit} octets)", "DATA",
-                                    upstream.address)
-                if _declares_8bit(self.envelope) and not session.extensions.eightbitmime:
-                    if not eight_bit:
-                        eight_bit.append(await deferToThread(_has_8bit, message))
-                    if eight_bit[0]:
-                        raise eight_bit_unsupported(upstream.address)
-                # A session still waiting for content after a refusal here is dropped by
-                # ``_let_go`` (the protocol is not ``usable``), never sent a command.
-                data = data_reply if data_reply is not None else await session.data()
-                if data.code == 354:
-                    final = await _content(session, message, upstream)
-                    self._let_go(reusable=True)
-                    return self._done(_final_verdict(final, upstream), upstream, session)
-                if data.is_positive:
-                    raise ProtocolViolation(f"DATA answered {data}, not 354", "DATA")
-                raise rejected("DATA", data, upstream=upstream.address)
-            except _Final as final:
-                self._let_go(reusable=True)
-                return self._fail(final.error)
-            except RelayError as error:
-                # A 4xx to DATA or to the end of data, or a capability this upstream
-                # lacks: nothing was accepted, so the next upstream may take it (with the
-                # same recipients); a 5xx is the upstream's final word.
-                tried.append(upstream)
-                others = [u for u in self._relay.upstreams if u not in tried]
-                if not others or (error.permanent and error.upstream_reply is not None):
-                    self._let_go(reusable=True)
-                    return self._fail(error)
-                self._relay._report(error, self.message_id)
+            if not self._accepted:
+                return self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
+            if list(message.envelope.recipients) != self.recipients:
+                raise RuntimeError("the message's recipients are not the accepted ones")
+            if _declares_binary(self.envelope) and await deferToThread(_needs_bdat, message):
+                return self._fail(_binary_refusal())
+            tried: list[Upstream] = []
+            eight_bit: list[bool] = []
+            early, self._early_data = self._early_data, None
+            while True:
+                lease = self._lease
+                assert lease is not None
+                # The early DATA reply belongs to the first session (not to a replay).
+                data_reply, early = early, None
                 try:
-                    await self._replay(error, exclude=tried)
-                except RelayError:
-                    # No other upstream took it: the first answer is the one that counts.
-                    return self._fail(error)
-            except UpstreamError as error:
-                self._relay._report(relay_error_from(error, "session", upstream.address),
-                                    self.message_id)
-                upstream.breaker.failure()
-                try:
-                    await self._replay(error)
-                except RelayError as replay_error:
-                    return self._fail(replay_error)
+                    reply = await self._transmit(lease, message, data_reply, eight_bit)
+                except (RelayError, UpstreamError) as failure:
+                    error = relay_error_from(failure, "session", lease.upstream.address)
+                    if error.kind in Kind.BROKEN:
+                        lease.upstream.breaker.failure()
+                        self._let_go(reusable=False, keep_share=True)
+                    if _ends_search(error):
+                        return self._fail(error)
+                    # Before the final dot, nothing was accepted: a broken connection is
+                    # replayed (same upstream allowed); a 4xx or a missing capability
+                    # moves on to the next upstream with the same recipients.
+                    self._relay._report(error, self.message_id)
+                    broken = error.kind in Kind.BROKEN
+                    if not broken:
+                        tried.append(lease.upstream)
+                        if not [u for u in self._relay.upstreams if u not in tried]:
+                            return self._fail(error)
+                    try:
+                        await self._replay(error, exclude=() if broken else tried)
+                    except RelayError as replay_error:
+                        # No other upstream took it: the first answer is what counts.
+                        return self._fail(replay_error if broken else error)
+                    continue
+                return self._done(reply, lease)
+        finally:
+            # Whatever happened, the transaction is over: the session and the client's
+            # share go back now (reusable unless something broke it on the way).
+            self._end(reusable=True)
 
-    def _done(self, reply: Reply, upstream: Upstream, session: UpstreamSession) -> Reply:
+    async def _transmit(self, lease: Lease, message: OutboundMessage,
+                        data_reply: Reply | None, eight_bit: list[bool]) -> Reply:
+        """DATA (unless it went early), the content and the final reply, on one session.
+
+        Raises ``RelayError`` for a verdict or a capability the upstream lacks, and lets
+        the protocol's ``UpstreamError`` through (its phase says whether the dot left).
+        """
+        session, upstream = lease.session, lease.upstream
+        limit = session.max_size
+        if limit is not None and message.size > limit:
+            raise permanent(552, "5.3.4", f"Message too big for the upstream server "
+                            f"({message.size} > {limit} octets)", "DATA", upstream.address)
+        if _declares_8bit(self.envelope) and not session.extensions.eightbitmime:
+            # Declared 8BITMIME, but this upstream lacks it: only 7-bit content may go
+            # (clients declare 8BITMIME for plain ASCII all the time; that must not bounce).
+            if not eight_bit:
+                eight_bit.append(await deferToThread(_has_8bit, message))
+            if eight_bit[0]:
+                raise eight_bit_unsupported(upstream.address)
+        # A session still waiting for content after a refusal here is dropped by its
+        # release (the protocol is not ``usable``), never sent a command.
+        data = data_reply if data_reply is not None else await session.data()
+        if data.code != 354:
+            if data.is_positive:
+                raise ProtocolViolation(f"DATA answered {data}, not 354", "DATA")
+            raise rejected("DATA", data, upstream=upstream.address)
+        final = await session.content(message.chunks())
+        if final.code == 250:
+            return final
+        if final.is_positive:
+            # Not "accepted" and not a refusal: the outcome is unknown.
+            raise unavailable("4.4.2", "Upstream protocol error after the message was sent; "
+                              "try again later (a duplicate is possible)",
+                              f"end of data answered {final}", "end of data", final,
+                              upstream.address, kind=Kind.PROTOCOL,
+                              phase=Phase.OUTCOME_UNKNOWN)
+        raise rejected("end of data", final, upstream=upstream.address)
+
+    def _done(self, reply: Reply, lease: Lease) -> Reply:
+        self._relay.last_accepted = self._relay.reactor.seconds()
         # The delivery logs every outcome; this line matters when the way was unusual.
-        unusual = bool(self._replays) or upstream is not self._relay.upstreams[0]
+        unusual = bool(self._replays) or lease.upstream is not self._relay.upstreams[0]
         self._relay._log(self.message_id, self.connection_id, "accepted", reply, None,
-                         upstream.address, session.secure, debug=not unusual)
+                         lease.upstream.address, lease.session.secure, debug=not unusual)
         return reply
 
     def _fail(self, error: RelayError) -> Reply:
@@ -607,9 +643,10 @@ class UpstreamTransaction:
         in one flight.  Returns the reply to ``extra``; raises ``RelayError`` (and answers
         the rest of the transaction with it) when that is impossible or the recipients'
         verdicts changed."""
-        lost = isinstance(cause, UpstreamError)
+        lost = isinstance(cause, UpstreamError) or (
+            isinstance(cause, RelayError) and cause.kind in Kind.BROKEN)
         failed = self._upstream
-        self._let_go(reusable=not lost)
+        self._let_go(reusable=not lost, keep_share=True)  # a new session comes at once
         if self._aborted:
             raise _aborted()
         if self._replays >= self._relay.pool_settings.max_replays:
@@ -623,139 +660,140 @@ class UpstreamTransaction:
                  cause=getattr(cause, "detail", None) or str(cause), count=len(lines))
         envelope, size = self.envelope, self.envelope.declared_size
 
-        async def attempt(upstream: Upstream, session: UpstreamSession
-                          ) -> tuple[Upstream, UpstreamSession, Reply | None]:
-            try:
-                mail = session.mail_line(envelope, size)
-                if (b" SMTPUTF8" in mail) != self._smtputf8:
-                    raise permanent(550, "5.6.7", "Upstream SMTPUTF8 support differs",
-                                    "MAIL", upstream.address)
-            except RelayError:
-                _release(upstream, session)
-                raise
+        async def attempt(upstream: Upstream, session: UpstreamSession) -> Reply | None:
+            mail = session.mail_line(envelope, size)
+            if (b" SMTPUTF8" in mail) != self._smtputf8:
+                raise permanent(550, "5.6.7", "Upstream SMTPUTF8 support differs",
+                                "MAIL", upstream.address)
             mail_reply, replies, _ = await session.start(mail, lines)
-            _check_mail(mail_reply, upstream, release=session, final=False)
+            _check_mail(mail_reply, upstream)
             for (address, _), reply in zip(accepted, replies):
                 if reply.code not in (250, 251):
-                    _release(upstream, session)
                     raise rejected("RCPT", reply, f"upstream now rejects <{address}>, "
                                    f"accepted before: {reply.text}", upstream.address)
-            return upstream, session, (replies[-1] if extra else None)
+            return replies[-1] if extra else None
 
         try:
-            upstream, session, extra_reply = await self._relay._on_some_upstream(
+            lease, extra_reply = await self._relay._on_some_upstream(
                 attempt, self.message_id, exclude=exclude, fresh=lost,
-                last=failed if lost else None)
+                last=failed if lost else None, ends_search=_only_unknown_ends_search,
+                trying=self._try_on)
         except RelayError as error:
             return self._poison(error, "the replay failed")
         if self._aborted:
-            _release(upstream, session)
+            lease.release(reusable=True)
             raise _aborted()
-        self._upstream, self._session = upstream, session
+        self._hold(lease)
         return extra_reply
 
     def _poison(self, error: RelayError, why: str) -> Reply:
         """Answer the rest of this transaction with a 451: the client retries it all."""
-        self._poisoned = RelayError(
-            Reply(451, "4.4.2", "Upstream connection lost during the transaction and it "
-                                "could not be resumed, try again later"),
-            UNAVAILABLE, error.command, error.upstream_reply,
-            f"{why}: {error.describe()}", error.upstream)
+        self._let_go(reusable=True)  # no session left: the client's share goes back
+        self._poisoned = unavailable(
+            "4.4.2", "Upstream connection lost during the transaction and it could not be "
+            "resumed, try again later", f"{why}: {error.describe()}", error.command,
+            error.upstream_reply, error.upstream, kind=error.kind)
         self._relay._report(self._poisoned, self.message_id)
         raise self._poisoned
 
-    # -- bookkeeping ----------------------------------------------------------------------------
+    # -- ownership and deadlines ----------------------------------------------------------------
 
-    def _serialize(self, operation: Callable[..., Awaitable[Reply]], *arguments: Any
-                   ) -> Deferred[Reply]:
+    def _serialize(self, operation: Callable[..., Awaitable[Reply]], deadline: float,
+                   *arguments: Any) -> Deferred[Reply]:
+        """Run one operation at a time; its caller is answered by ``deadline`` at the
+        latest, whatever the upstreams do (RFC 5321 §4.5.3.2: the client gives up
+        later than that, so it never retries a message we may still deliver)."""
         if self._busy is not None:
             return fail(RuntimeError("one operation at a time on a relay transaction"))
-        d = Deferred.fromCoroutine(operation(*arguments))
-        if d.called:
-            return d
-        self._busy = d
+        inner = Deferred.fromCoroutine(operation(*arguments))
+        if inner.called:  # answered without waiting (a refusal we decided, a replay-free
+            self._after(None)  # error): no timer, no tracking
+            return inner
+        self._busy = inner
+        answer: Deferred[Reply] = Deferred()
+        self._answer = answer
+        self._deadline = deadline
+        deadlines = self._relay.deadlines
+        deadlines.set(self, deadline)
 
-        def done(result: Any) -> Any:
-            self._busy = None
-            if self._aborted:
-                self._let_go(reusable=True)
-            return result
-        return d.addBoth(done)
+        def done(result: Any) -> None:
+            self._busy = self._answer = None
+            deadlines.clear(self)
+            self._after(result)
+            if not answer.called:
+                answer.callback(result) if not isinstance(result, Failure) \
+                    else answer.errback(result)
+            # else: already answered at the deadline; this late outcome was logged
+        inner.addBoth(done)
+        return self._relay._track(answer)
 
-    def _let_go(self, reusable: bool) -> None:
-        """Give the session back to its pool (``_upstream`` stays, for the logs)."""
-        session, upstream = self._session, self._upstream
-        self._session = None
-        if session is not None and upstream is not None:
-            upstream.pool.release(session, reusable=reusable)
+    def _after(self, result: Any) -> None:
+        if self._aborted:
+            self._end(reusable=True)
+
+    def _expire(self) -> None:
+        """The operation's deadline passed: answer now, drop the upstream connection."""
+        deadline = self._deadline
+        lease = self._lease
+        unknown = lease is not None and lease.session.protocol.outcomePending
+        error = unavailable(
+            "4.4.7", "Upstream did not answer in time; try again later" + (
+                " (a duplicate is possible)" if unknown else ""),
+            f"no outcome within the {deadline:g} s deadline", "end of data" if unknown
+            else None, upstream=self.upstream, kind=Kind.EXPIRED,
+            phase=Phase.OUTCOME_UNKNOWN if unknown else Phase.BEFORE_DOT)
+        self._relay._report(error, self.message_id)
+        self._poisoned = error
+        self._aborted = self._finished = True
+        for held in (lease, self._trying):
+            if held is not None:
+                held.session.protocol.abort()  # the operation in flight fails and ends
+        answer = self._answer
+        if answer is not None and not answer.called:
+            self._relay._log(self.message_id, self.connection_id, "failed", error.reply,
+                             error, self.upstream)
+            answer.errback(error)
+
+    def _try_on(self, lease: Lease | None) -> None:
+        self._trying = lease
+
+    def _hold(self, lease: Lease) -> None:
+        self._lease, self._upstream = lease, lease.upstream
+
+    def _let_go(self, reusable: bool, keep_share: bool = False) -> None:
+        """Give the session back to its pool (``_upstream`` stays, for the logs), and the
+        client's share with it unless another session follows at once (a replay)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release(reusable)
+        if not keep_share:
+            ticket, self._ticket = self._ticket, None
+            if ticket is not None:
+                ticket.release()
+
+    def _end(self, reusable: bool) -> None:
+        """The transaction is over: its session and its share go back."""
+        self._let_go(reusable)
 
 
 # --- shared steps ------------------------------------------------------------------------------
 
 def _aborted() -> RelayError:
-    return RelayError(Reply(451, "4.3.0", "Transaction aborted"), UNAVAILABLE, "RCPT")
+    return unavailable("4.3.0", "Transaction aborted", "the client ended the transaction",
+                       "RCPT", kind=Kind.CLOSING)
 
 
-def _release(upstream: Upstream, session: UpstreamSession) -> None:
-    upstream.pool.release(session, reusable=True)
+def _closing() -> RelayError:
+    return RelayError(SHUTTING_DOWN, Kind.CLOSING, None, None, "relay closed",
+                      kind=Kind.CLOSING)
 
 
-def _check_mail(reply: Reply, upstream: Upstream, release: UpstreamSession | None = None,
-                final: bool = True) -> None:
+def _check_mail(reply: Reply, upstream: Upstream) -> None:
     if reply.code == 250:
         return
-    if release is not None:
-        _release(upstream, release)
     if reply.is_positive:
         raise ProtocolViolation(f"MAIL answered {reply}", "MAIL")
-    error = rejected("MAIL", reply, upstream=upstream.address)
-    if error.permanent and final:
-        raise _Final(error)
-    raise error
-
-
-def _check_recipients(recipients: Sequence[str], replies: list[Reply],
-                      upstream: Upstream) -> None:
-    """All recipients or nothing (``deliver``): a 250 must mean every recipient got it."""
-    refused = [(rcpt, reply) for rcpt, reply in zip(recipients, replies)
-               if reply.code not in (250, 251)]
-    if not refused:
-        return
-    for rcpt, reply in refused:
-        if reply.is_positive:
-            raise ProtocolViolation(f"RCPT answered {reply}", "RCPT")
-    # A transient refusal makes the whole message transient: the client retries and the
-    # permanently refused recipient is reported then.
-    rcpt, reply = next(((r, p) for r, p in refused if p.is_transient), refused[0])
-    error = rejected("RCPT", reply, f"upstream rejected <{rcpt}>: {reply.text}",
-                     upstream.address)
-    raise error if error.transient else _Final(error)
-
-
-async def _content(session: UpstreamSession, message: OutboundMessage,
-                   upstream: Upstream) -> Reply:
-    """Stream the content; a connection lost after the final dot ends everything."""
-    try:
-        return await session.content(message.chunks())
-    except ConnectionLost as error:
-        if not error.after_data:
-            raise  # nothing was delivered: another connection or upstream may take it
-        # The final dot went out: the upstream may have accepted the message.  Sending it
-        # again could deliver it twice; the client is told (451, duplicate possible).
-        upstream.pool.release(session, reusable=False)
-        upstream.breaker.failure()
-        raise _Final(relay_error_from(error, "session", upstream.address)) from None
-
-
-def _final_verdict(final: Reply, upstream: Upstream) -> Reply:
-    if final.code == 250:
-        return final
-    if final.is_positive:
-        raise _Final(unavailable("4.4.2", "Upstream protocol error, try again later",
-                                 f"end of data answered {final}", "end of data", final,
-                                 upstream.address))
-    error = rejected("end of data", final, upstream=upstream.address)
-    raise error if error.transient else _Final(error)
+    raise rejected("MAIL", reply, upstream=upstream.address)
 
 
 def _binary_refusal(upstream: str | None = None) -> RelayError:

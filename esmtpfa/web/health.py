@@ -2,10 +2,14 @@
 
 ``/status`` and ``/healthz`` answer ``200 ok`` whenever the reactor answers at all: a
 process that can serve them is alive.  ``/readyz`` says whether sending mail can work
-right now: providers are loaded (or anonymous submission is allowed) and the upstream
-accepts TCP connections (the Maildir is writable when there is no upstream).  The
-upstream probe is cached briefly so a probing load balancer does not hammer the
-smarthost, and concurrent probes share one connection attempt.
+right now: providers are loaded (or anonymous submission is allowed) and an upstream
+session can be had (the Maildir is writable when there is no upstream).
+
+The relay's own pools and breakers answer that without any I/O: not ready when every
+breaker is open or every pool is exhausted, ready while sessions are open or one was used
+recently (``RelayProbe``).  Only when they know nothing (no message needed a session
+lately) does a TCP probe ask the preferred upstream; it is cached for ``PROBE_CACHE``
+seconds, concurrent probes share one attempt, and it logs nothing when it works.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import os
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -26,7 +30,7 @@ from esmtpfa.logs import logger
 log = logger("esmtpfa.web")
 
 PROBE_TIMEOUT = 3.0
-PROBE_CACHE = 5.0
+PROBE_CACHE = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class UpstreamProbe:
         self._waiting = [waiter]
         endpoint = HostnameEndpoint(self._reactor, self._host, self._port,
                                     timeout=self._timeout)
-        d = connectProtocol(endpoint, Protocol())
+        d = endpoint.connect(_QuietFactory())
         d.addTimeout(self._timeout, self._reactor)
         d.addCallbacks(self._connected, self._failed)
         return waiter
@@ -77,6 +81,38 @@ class UpstreamProbe:
         waiting, self._waiting = self._waiting or [], None
         for waiter in waiting:
             waiter.callback(check)
+
+
+class _QuietFactory(Factory):
+    """A probe's factory: no "Starting factory" / "Stopping factory" lines per probe."""
+
+    noisy = False
+    protocol = Protocol
+
+
+class RelayProbe:
+    """Readiness from what the relay knows (``SMTPRelay.readiness``), probing only when
+    it knows nothing: a probing load balancer never costs the smarthost a connection
+    while mail is flowing."""
+
+    def __init__(self, relay: Any, fallback: UpstreamProbe):
+        self._relay = relay
+        self._fallback = fallback
+
+    @property
+    def ttl(self) -> float:
+        """How long the fallback probe's answer is kept."""
+        return self._fallback.ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:
+        self._fallback.ttl = seconds
+
+    def check(self) -> defer.Deferred:
+        ready, detail = self._relay.readiness()
+        if ready is None:
+            return self._fallback.check()
+        return defer.succeed(Check(ready, detail))
 
 
 class MaildirProbe:
@@ -124,6 +160,8 @@ class ReadyResource(Resource):
 
     def render_GET(self, request):
         providers = self._providers()
+        gone: list[bool] = []  # the client left while we checked: nothing to write to
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = self._upstream.check()
 
         def answer(upstream: Check) -> None:
@@ -131,7 +169,7 @@ class ReadyResource(Resource):
             body = {"ready": ready, "checks": {
                 "providers": {"ok": providers.ok, "detail": providers.detail},
                 "upstream": {"ok": upstream.ok, "detail": upstream.detail}}}
-            if not request._disconnected:
+            if not gone:
                 request.setResponseCode(200 if ready else 503)
                 request.setHeader(b"content-type", b"application/json")
                 request.setHeader(b"cache-control", b"no-store")
@@ -143,4 +181,5 @@ class ReadyResource(Resource):
         return NOT_DONE_YET
 
 
-__all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "UpstreamProbe"]
+__all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "RelayProbe",
+           "UpstreamProbe"]

@@ -17,8 +17,11 @@ class Closed(Exception):
 
 class RawSMTP:
     def __init__(self, host: str, port: int, *, timeout: float = 10.0,
-                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 source: str | None = None):
+        """``source``: the local address to connect from (e.g. 127.0.0.2: another client)."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
         self._buffer = b""

@@ -30,7 +30,7 @@ stall (never answer) at a given point; treat a bare-LF dot line as the end of da
 server vulnerable to SMTP smuggling, to prove the client never produces one.  Faults can be
 limited to the first N sessions (``fault_sessions``: "the first connection breaks, the next
 one works"), and ``script(session_index, verb, line)`` can answer any command of any session
-(``"CLOSE"`` drops, ``"STALL"`` never answers).  AUTH PLAIN, LOGIN and CRAM-MD5 (RFC 2195)
+(``"CLOSE"`` drops, ``"STALL"`` never answers, ``"RAW:…"`` writes those octets as they are).  AUTH PLAIN, LOGIN and CRAM-MD5 (RFC 2195)
 are checked against ``credentials``.
 """
 
@@ -60,6 +60,8 @@ GREETING = "GREETING"
 END_OF_DATA = "EOM"
 CLOSE = "CLOSE"
 STALL = "STALL"
+#: A scripted reply starting with this is written as it is: no CRLF added, no checks.
+RAW = "RAW:"
 
 _MAIL = re.compile(rb"^MAIL FROM:<(.*?)>(.*)$", re.IGNORECASE)
 _RCPT = re.compile(rb"^RCPT TO:<(.*?)>(.*)$", re.IGNORECASE)
@@ -571,6 +573,10 @@ class UpstreamProtocol(Protocol):
         if reply == CLOSE:
             self.transport.abortConnection()
             self.record.closed = True
+            return
+        if reply.startswith(RAW):  # exactly these octets (latin-1), garbage included
+            self.replies_sent += 1
+            self.transport.write(reply[len(RAW):].encode("latin-1"))
             return
         if not raw and "\n" in reply:  # "250 a\n250 b" style scripted multi-line replies
             lines = reply.split("\n")
