@@ -8,12 +8,61 @@ can be matched to our logs; with ``hide_client`` the client's address is left ou
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import email.utils
 import re
 
 from esmtpfa.context import ConnectionContext
 
-_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+#: RFC 5321 §4.1.2 Domain: LDH labels (U-labels too, for SMTPUTF8 clients, RFC 6531).
+_LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
+#: What an invalid name is reduced to: characters that are safe in any header parser.
+_NOT_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_NAME = 255
+
+
+def _is_address_literal(name: str) -> bool:
+    """RFC 5321 §4.1.3: ``[IPv4]`` or ``[IPv6:...]``."""
+    if not (name.startswith("[") and name.endswith("]")):
+        return False
+    inner = name[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+def safe_client_name(name: str | None) -> str:
+    """The client's EHLO name (or HTTP Host) as the Received header may carry it.
+
+    A valid domain or address literal is kept as the client sent it (RFC 5321 §4.4 asks
+    for the name "as presented"); anything else has every character outside
+    ``[A-Za-z0-9._-]`` replaced by ``_``, so a ``;`` (the separator before the date,
+    RFC 5322 §3.6.7), a parenthesis, a quote or a bracket cannot change how the header
+    parses.  The underscore also marks the name as not a real host name.
+    """
+    if not name:
+        return "unknown"
+    name = name[:MAX_NAME]
+    if (_DOMAIN.match(name) and len(name.encode("utf-8")) <= MAX_NAME) \
+            or _is_address_literal(name):
+        return name
+    return _NOT_SAFE.sub("_", name)
+
+
+def _host_as_domain(host: str) -> str:
+    """An HTTP Host (already without port or brackets) in the form of an EHLO argument:
+    an IP address becomes an address literal (RFC 5321 §4.1.3), a name stays."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
 
 
 def with_protocol(context: ConnectionContext, authenticated: bool, smtputf8: bool) -> str:
@@ -28,7 +77,10 @@ def with_protocol(context: ConnectionContext, authenticated: bool, smtputf8: boo
 def received_header(context: ConnectionContext, hostname: str, message_id: str, *,
                     authenticated: bool, smtputf8: bool = False, hide_client: bool = False,
                     now: datetime.datetime | None = None) -> bytes:
-    helo = _UNSAFE.sub("", context.helo or context.http_host or "unknown")[:255] or "unknown"
+    name = context.helo
+    if name is None and context.http_host:
+        name = _host_as_domain(context.http_host)
+    helo = safe_client_name(name)
     source = f"from {helo}"
     if not hide_client:
         source += f" ([{context.peer_host}])"

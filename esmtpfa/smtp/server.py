@@ -21,8 +21,10 @@ import time
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from esmtpfa.logs import logger
 from esmtpfa import replies
@@ -37,7 +39,7 @@ from esmtpfa.smtp import sasl
 from esmtpfa.smtp.address import PathArgument, parse_path_argument
 from esmtpfa.smtp.data import ChunkReader, DataReader
 from esmtpfa.smtp.interfaces import IMessageDelivery
-from esmtpfa.timeouts import Deadline
+from esmtpfa.smtp.deadlines import ClientDeadline, Stage
 
 log = logger("esmtpfa.smtp")
 
@@ -47,6 +49,9 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_COMMAND_LINE = 1000
 #: Bytes we buffer while a command is being answered before we stop reading the socket.
 MAX_PIPELINED = 64 * 1024
+#: Octets of replies held before they are handed to the transport even in mid-batch, so
+#: that a client that does not read meets the transport's back-pressure promptly.
+MAX_HELD_REPLIES = 16 * 1024
 
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
@@ -68,6 +73,13 @@ SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 RESET_OK = Reply(250, "2.0.0", "Reset OK")
+#: RFC 3463 X.4.2: the connection is dropped because the client is too slow.
+TIMEOUTS = {
+    Stage.IDLE: replies.IDLE_TIMEOUT,
+    Stage.COMMAND: Reply(421, "4.4.2", "Timeout waiting for the rest of the command, "
+                                       "closing connection"),
+    Stage.DATA: Reply(421, "4.4.2", "Message data arrived too slowly, closing connection"),
+}
 
 
 def _mail_params_error(key: str) -> SMTPReplyError:
@@ -81,8 +93,24 @@ class _Chunk:
         self.remaining, self.last, self.error = size, last, error
 
 
+@implementer(IHandshakeListener, IPushProducer)
 class ESMTPServer(Protocol):
-    """One SMTP session.  The factory holds settings, the Portal and TLS options."""
+    """One SMTP session.  The factory holds settings, the Portal and TLS options.
+
+    Every deadline ends the connection (issue 10, ``docs/smtp-limits.md``): the client's
+    time is measured by stage, not reset by its bytes (``deadlines.ClientDeadline``); a TLS
+    handshake that does not finish in time is aborted (nothing can be said to a peer
+    without TLS), and every close, polite or not, is followed by ``abortConnection`` when
+    it has not completed within ``close_grace`` (a peer that never reads, or never
+    finishes the handshake our last reply waits for, cannot keep the socket and its
+    limit slot).
+
+    The session is the streaming producer of its replies (``IPushProducer``): when the
+    transport holds more unsent replies than its buffer size, because the client does not
+    read them, it pauses the session, which stops executing commands and stops reading
+    the socket until the replies drain.  A client that pipelines and never reads thus
+    costs a bounded amount of memory and ends by its deadline (finding 4).
+    """
 
     def __init__(self, factory):
         self.factory = factory
@@ -90,6 +118,8 @@ class ESMTPServer(Protocol):
         self.id = new_id()
         self._buffer = b""
         self._out: list[bytes] = []  # replies not yet written (RFC 2920 batching)
+        self._held = 0  # octets in _out
+        self._blocked = False  # the transport paused us: the client is not reading
         self._in_process = False
         self._waiting = False
         self._paused = False
@@ -111,7 +141,9 @@ class ESMTPServer(Protocol):
         self._chunks: ChunkReader | None = None  # BDAT content of this transaction
         self._chunk: _Chunk | None = None        # the BDAT chunk being read
         self._context = ConnectionContext(connection_id=self.id, protocol="smtp")
-        self._idle = Deadline(factory.reactor, self.timeoutConnection)
+        self._deadline = ClientDeadline(factory.deadlines, factory.reactor, self.settings,
+                                        self.timeoutConnection)
+        self._abort_call = None  # the bounded grace of a close in progress
 
     # -- connection ------------------------------------------------------------------
 
@@ -128,40 +160,96 @@ class ESMTPServer(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):  # not TCP (tests over pipes, UNIX sockets)
             pass
-        log.info("{connection_id} connect from [{peer}]:{port} on {listener}",
-                 connection_id=self.id, peer=self._context.peer_host,
-                 port=self._context.peer_port, listener=self.factory.name)
         if not self.factory.admit(self):
+            # Logged (and collapsed when repeated) by the factory: nothing more here.
             self._reply(TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self._idle.set(self.settings.idle_timeout)
+        log.info("{connection_id} connect from [{peer}]:{port} on {listener}",
+                 connection_id=self.id, peer=self._context.peer_host,
+                 port=self._context.peer_port, listener=self.factory.name)
+        self.transport.registerProducer(self, True)
+        if self._tls:  # implicit TLS: the handshake runs first, under its own deadline
+            self._deadline.handshake()
+        else:
+            self._deadline.idle()
         self._write(f"220 {self.settings.hostname} ESMTP esmtpfa ready\r\n".encode())
 
+    def handshakeCompleted(self) -> None:
+        """``IHandshakeListener``: TLS is up (implicit, or after STARTTLS)."""
+        if self._deadline.stage is Stage.HANDSHAKE and not self._closing:
+            self._deadline.idle()
+
+    # -- IPushProducer: the transport's back-pressure on our replies -------------------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading our replies: stop executing its commands and
+        stop reading what it sends (RFC 2920 §3.1 lets a server stop reading)."""
+        self._blocked = True
+        self._flow_control()
+
+    def resumeProducing(self) -> None:
+        self._blocked = False
+        self._flow_control()
+        if not self._closing and not self._waiting:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` does the cleaning."""
+
     def connectionLost(self, reason: Failure = None) -> None:
-        self._idle.stop()
+        self._deadline.stop()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         self._closing = True
         self._reset_transaction()
         if self._logout is not None:
             self._logout()
             self._logout = None
-        self.factory.release(self)
-        log.info("{connection_id} disconnect", connection_id=self.id)
+        if self.factory.release(self):
+            log.info("{connection_id} disconnect", connection_id=self.id)
 
-    def timeoutConnection(self) -> None:
-        log.info("{connection_id} idle timeout", connection_id=self.id)
-        self._reply(replies.IDLE_TIMEOUT)
+    def timeoutConnection(self, stage: Stage = Stage.IDLE) -> None:
+        log.info("{connection_id} {stage} timeout", connection_id=self.id, stage=stage.value)
+        if stage is Stage.HANDSHAKE or self._blocked:
+            # No reply can reach a peer that has not finished the handshake, nor one
+            # that leaves a transport's worth of earlier replies unread.
+            self._closing = True
+            self._abort()
+            return
+        self._reply(TIMEOUTS[stage])
         self._close()
 
     def _close(self) -> None:
         self._flush()
         self._closing = True
+        # A registered producer keeps a closing transport open (it may still write):
+        # let go, so the close waits only for the replies already written.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._abort_call is None:
+            # loseConnection waits for our last reply to be written, which a peer that
+            # does not read (or has not finished TLS) can postpone for ever.
+            self._abort_call = self.factory.reactor.callLater(
+                self.settings.close_grace, self._abort_late)
+
+    def _abort_late(self) -> None:
+        self._abort_call = None
+        log.info("{connection_id} close not completed within {grace} s: aborting",
+                 connection_id=self.id, grace=self.settings.close_grace)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _write(self, data: bytes) -> None:
         if not self._closing or data.startswith(b"421"):
             self._out.append(data)
-            if not self._in_process and not self._waiting:
+            self._held += len(data)
+            if (not self._in_process and not self._waiting) \
+                    or self._held > MAX_HELD_REPLIES:
                 self._flush()
 
     def _flush(self) -> None:
@@ -169,6 +257,7 @@ class ESMTPServer(Protocol):
         if self._out:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out = []
+            self._held = 0
             self.transport.write(data)
 
     def _reply(self, reply: Reply) -> None:
@@ -177,18 +266,23 @@ class ESMTPServer(Protocol):
     # -- input ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idle.armed:
-            self._idle.set(self.settings.idle_timeout)
+        stage = self._deadline.stage
+        if stage is Stage.IDLE:
+            self._deadline.command()  # the first byte of a command: its clock starts
+        elif stage is Stage.DATA:
+            self._deadline.received(len(data))
         self._buffer += data
         self._process()
 
     def _process(self) -> None:
-        """Handle buffered input until it runs out or a reply is pending."""
+        """Handle buffered input until it runs out, a reply is pending, or the client
+        stops reading our replies."""
         if self._in_process:
             return
         self._in_process = True
         try:
-            while self._buffer and not self._waiting and not self._closing:
+            while self._buffer and not self._waiting and not self._closing \
+                    and not self._blocked:
                 if self._chunk is not None:
                     self._feed_chunk()
                 elif self._reader is not None:
@@ -198,6 +292,9 @@ class ESMTPServer(Protocol):
                     if line is None:
                         break
                     self._dispatch(line)
+                if not (self._waiting or self._closing or self._reader is not None
+                        or self._chunk is not None):
+                    self._next_command()
         finally:
             self._in_process = False
         # RFC 2920 §3.2: while the client's pipelined commands are still queued behind one
@@ -207,14 +304,30 @@ class ESMTPServer(Protocol):
             self._flush()
         self._flow_control()
 
+    def _next_command(self) -> None:
+        """A command was answered: the client's clock starts again for the next one,
+        already begun when it was pipelined behind this one.  (After STARTTLS the
+        handshake's own deadline runs until ``handshakeCompleted``.)"""
+        if self._deadline.stage is Stage.HANDSHAKE:
+            return
+        if self._buffer:
+            self._deadline.command()
+        else:
+            self._deadline.idle()
+
     def _flow_control(self) -> None:
-        """Stop reading while a reply is pending and the client keeps pipelining."""
+        """Stop reading the socket once ``MAX_PIPELINED`` octets wait in our buffer
+        behind a command we cannot execute yet: a reply is pending, or the client is not
+        reading our replies.  (Reading is not stopped while the buffer is short: a TLS
+        handshake, during which the TLS layer holds our greeting and pauses us, must go
+        on reading the client's handshake messages.)"""
         if self._closing or self.transport is None:
             return
-        if self._waiting and len(self._buffer) > MAX_PIPELINED and not self._paused:
+        stop = (self._waiting or self._blocked) and len(self._buffer) > MAX_PIPELINED
+        if stop and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and not self._waiting:
+        elif self._paused and not stop:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -236,6 +349,7 @@ class ESMTPServer(Protocol):
             self._discarding_line = False
             self._abandon_sasl()
             self._reply(replies.LINE_TOO_LONG)
+            self._next_command()
             return None if not self._buffer else self._next_line()
         return line[:-1] if line.endswith(b"\r") else line
 
@@ -267,7 +381,7 @@ class ESMTPServer(Protocol):
             return
         if isinstance(result, defer.Deferred):
             self._waiting = True
-            self._idle.clear()  # the client is waiting for us, not idle
+            self._deadline.waiting()  # the client is waiting for us: that time is ours
             result.addBoth(self._answer)
             result.addBoth(self._resume)
         else:
@@ -288,7 +402,8 @@ class ESMTPServer(Protocol):
         self._waiting = False
         if self._closing:
             return
-        self._idle.set(self.settings.idle_timeout)
+        if self._reader is None and self._chunk is None:
+            self._next_command()
         self._process()
 
     # -- session commands ---------------------------------------------------------------
@@ -373,6 +488,7 @@ class ESMTPServer(Protocol):
         self._flush()  # the 220 goes out in cleartext, before the handshake
         self.transport.startTLS(self.factory.tls_options)
         self._tls = True
+        self._deadline.handshake()  # until handshakeCompleted; silence ends the connection
         # RFC 3207 §4.2: forget everything learned from the client before TLS.
         self._reset_transaction()
         self._helo, self._esmtp = None, False
@@ -587,6 +703,9 @@ class ESMTPServer(Protocol):
         self._reader = DataReader(
             self._transaction.write, self.settings.max_message_size,
             self.settings.max_line_length, self.settings.bare_line_ends)
+        self._deadline.data()
+        if self._buffer:  # content pipelined behind DATA (RFC 2920 does not allow it,
+            self._deadline.received(len(self._buffer))  # but it must count all the same)
         return START_DATA
 
     def _feed_data(self) -> None:
@@ -630,6 +749,9 @@ class ESMTPServer(Protocol):
                 binary=self._body() == "BINARYMIME")
         # Even a refused chunk's octets are consumed: they are never commands.
         self._chunk = _Chunk(int(size), bool(last), error)
+        self._deadline.data()
+        if self._buffer:  # the chunk's octets usually arrive with its command
+            self._deadline.received(len(self._buffer))
         if self._chunk.remaining == 0:
             self._end_chunk()
         return None

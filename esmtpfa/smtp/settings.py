@@ -18,6 +18,16 @@ class ServerSettings:
     max_line_length: int = 998  # RFC 5322 §2.1.1, octets without CRLF
     max_auth_failures: int = 3
     idle_timeout: float = 300.0
+    #: Seconds a TLS handshake may take (implicit TLS, and after STARTTLS).
+    tls_handshake_timeout: float = 30.0
+    #: Seconds a polite close (421, then FIN) may take before the socket is aborted.
+    close_grace: float = 5.0
+    #: Seconds from the first byte of a command line to its end, whatever the client
+    #: does in between; also the allowance message data starts with (docs/smtp-limits.md).
+    command_timeout: float = 60.0
+    #: Octets per second message data must average beyond ``command_timeout``
+    #: (Postfix's smtpd_min_data_rate has the same default).
+    min_data_rate: int = 500
     allow_insecure_auth: bool = False
     allow_anonymous: bool = False
     smtputf8: bool = False
