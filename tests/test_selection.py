@@ -15,7 +15,7 @@ from esmtpfa.auth.credentials import (
     IBearerTokenCredentials, IUserPasswordCredentials, SubmissionCredentials)
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.selection import (
-    VIA_FALLBACK, VIA_UNIQUE_DOMAIN, VIA_USERNAME, Identity, ProviderDirectory,
+    VIA_FALLBACK, VIA_UNIQUE_DOMAIN, VIA_USERNAME, Claim, Identity, ProviderDirectory,
     ProviderSelector, ProviderSet)
 from esmtpfa.context import ConnectionContext, normalize_domain
 from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta
@@ -481,3 +481,50 @@ class ObserverTests(unittest.TestCase):
         self.assertEqual(events, [("checked", "down", "fallback", "unavailable"),
                                   ("checked", "b", "fallback", "rejected"),
                                   ("unmatched", "unavailable")])
+
+
+class PlanTests(unittest.TestCase):
+    """``plan`` says, before anyone is asked, which providers a login goes to and the user
+    each is asked about: the identities the login throttle counts (SPEC §7)."""
+
+    def setUp(self):
+        self.corp = UserPass(meta("corp"), "alice", "pw")
+        self.jwt = Token(meta("sso", type="jwt"), "tok")
+        self.unique = UserPass(meta("u", domain="u.example", unique=True), "alice", "pw")
+        self.fb1 = UserPass(meta("fb1", fallback=True), "alice", "pw")
+        self.fb2 = Token(meta("fb2", type="jwt", fallback=True), "tok")
+        self.selector = ProviderSelector(ProviderDirectory(ProviderSet(
+            [self.corp, self.jwt, self.unique, self.fb1, self.fb2])))
+
+    def claims(self, *args, **kwargs) -> list[Claim]:
+        return list(self.selector.plan(credentials(*args, **kwargs)).claims)
+
+    def test_by_name_the_user_after_the_first_colon_split(self):
+        self.assertEqual(self.claims("corp", "Alice:p:w"),
+                         [Claim("corp", "Alice", user_in_secret=True)])
+
+    def test_by_name_without_a_colon_claims_nobody(self):
+        self.assertEqual(self.claims("corp", "no-colon"), [])
+
+    def test_unique_domain_the_user_as_sent(self):
+        self.assertEqual(self.claims("alice", "p:w", sni="u.example"), [Claim("u", "alice")])
+
+    def test_fallback_one_claim_per_provider_tokens_name_nobody(self):
+        self.assertEqual(self.claims("alice", "pw"),
+                         [Claim("fb1", "alice"), Claim("fb2", None)])
+        self.assertEqual(self.claims("", "tok", bearer=True), [Claim("fb2", None)])
+
+    def test_token_provider_by_name_names_nobody(self):
+        self.assertEqual(self.claims("sso", "tok"), [Claim("sso", None)])
+
+    def test_the_accepting_providers_claim(self):
+        plan = self.selector.plan(credentials("alice", "pw"))
+        identity = self.successResultOf(self.selector.check(plan))
+        self.assertEqual(plan.claim_of(identity), Claim("fb1", "alice"))
+
+    def test_no_secret_in_reprs(self):
+        plan = self.selector.plan(credentials("corp", "hunter2:secret-pw"))
+        for text in (repr(plan), repr(plan.claims), plan.claims[0].label):
+            self.assertNotIn("hunter2", text)
+            self.assertNotIn("secret-pw", text)
+        self.assertEqual(plan.claims[0].label, "corp/<user from the password field>")

@@ -11,6 +11,12 @@ The order is exact and is the contract with users:
 
 A provider with a ``domain`` (and no ``unique_domain_auth``) is only considered for
 clients whose connected domain equals it.
+
+Selection is done in two steps, so the login throttle can key its counts by who a login
+claims to be without knowing these rules (``docs/login-throttle.md``): ``plan`` decides,
+from one snapshot of the providers, which providers will be asked and with what
+(``SelectionPlan``, whose ``claims`` name each provider and the user it is asked about);
+``check`` then asks them.  ``requestAvatarId`` does both.
 """
 
 from __future__ import annotations
@@ -55,6 +61,38 @@ class Identity:
 
 
 ANONYMOUS = Identity(provider="anonymous", username="", via="anonymous")
+
+
+@dataclass(frozen=True, repr=False)
+class Claim:
+    """Who a login attempt says it is, before any provider vouched for it: the provider
+    it goes to and the user that provider is asked about.
+
+    The login throttle counts failures per claim, never per provider name, so that one
+    account's attacker never locks out another account (SPEC §7).
+
+    ``user`` is None for token providers (jwt, http_header): a token names its user only
+    once it verifies, so a refused token has nobody to count against but its client's
+    address.  ``user_in_secret`` says the user came out of the password field (the
+    provider-name convention, SPEC §3 step 2): a client that got the convention wrong may
+    have put part of its password there, so that user is kept out of logs and reprs.
+    """
+
+    provider: str
+    user: str | None
+    user_in_secret: bool = False
+
+    @property
+    def label(self) -> str:
+        """For log lines: never a secret, nor what might be part of one."""
+        if self.user is None:
+            return f"{self.provider} (token)"
+        if self.user_in_secret:
+            return f"{self.provider}/<user from the password field>"
+        return f"{self.provider}/{self.user}"
+
+    def __repr__(self) -> str:
+        return f"Claim({self.label!r})"
 
 
 class ProviderSet:
@@ -114,6 +152,77 @@ class _NoObserver:
         pass
 
 
+@dataclass(frozen=True, repr=False)
+class Candidate:
+    """One provider a login will ask, and what it will be given.
+
+    ``credentials`` is None when the client's credentials do not fit the provider's type
+    (a bearer token for a password provider, a password without a colon for a provider
+    named by the username): it is refused without being asked.  ``on_domain`` is False for
+    a provider named by the username but restricted to another connected domain.
+    """
+
+    provider: Provider
+    credentials: UserPassword | BearerToken | None
+    via: str
+    on_domain: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.provider.meta.name
+
+    @property
+    def claim(self) -> Claim | None:
+        if isinstance(self.credentials, UserPassword):
+            return Claim(self.name, self.credentials.username,
+                         user_in_secret=self.via == VIA_USERNAME)
+        if isinstance(self.credentials, BearerToken):
+            return Claim(self.name, None)
+        return None
+
+    def __repr__(self) -> str:  # the credentials redact themselves; say so anyway
+        return f"Candidate({self.name!r}, via={self.via!r}, claim={self.claim!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class SelectionPlan:
+    """The providers one login asks, decided from one snapshot (SPEC §3).
+
+    ``fallback`` False: the single candidate decides (unique domain, or named by the
+    username).  True: each candidate is asked in order until one accepts.  An empty plan
+    is a rejection.
+    """
+
+    candidates: tuple[Candidate, ...]
+    fallback: bool = False
+
+    @property
+    def claims(self) -> tuple[Claim, ...]:
+        """Every identity the login is checked against (one per provider asked)."""
+        return tuple(c.claim for c in self.candidates if c.claim is not None)
+
+    def claim_of(self, identity: Identity) -> Claim | None:
+        """The claim the accepting provider was asked, for the avatar it returned."""
+        for candidate in self.candidates:
+            if candidate.name == identity.provider:
+                return candidate.claim
+        return None
+
+    def __repr__(self) -> str:
+        return f"SelectionPlan({list(self.candidates)!r}, fallback={self.fallback})"
+
+
+class IProviderSelection(ICredentialsChecker):
+    """A checker that can say, before asking anyone, whom a login claims to be."""
+
+    def plan(credentials):
+        """The ``SelectionPlan`` for these ``ISubmissionCredentials`` (no I/O)."""
+
+    def check(plan):
+        """Ask the plan's providers: a Deferred firing with the ``Identity``, or failing
+        with ``UnauthorizedLogin`` or ``ProviderUnavailable``."""
+
+
 def _domain_allows(provider: Provider, credentials: ISubmissionCredentials) -> bool:
     domain = provider.meta.domain
     return domain is None or domain == credentials.context.connected_domain
@@ -141,7 +250,7 @@ def _split(provider: Provider, credentials: ISubmissionCredentials):
     return UserPassword(user, password, credentials.context)
 
 
-@implementer(ICredentialsChecker)
+@implementer(IProviderSelection)
 class ProviderSelector:
     credentialInterfaces = (ISubmissionCredentials,)
 
@@ -152,31 +261,43 @@ class ProviderSelector:
         self._clock = clock
 
     def requestAvatarId(self, credentials: SubmissionCredentials) -> Deferred:
-        return ensureDeferred(self._select(credentials))
+        return self.check(self.plan(credentials))
 
-    async def _select(self, credentials: ISubmissionCredentials) -> Identity:
+    def plan(self, credentials: ISubmissionCredentials) -> SelectionPlan:
         providers = self._directory.current  # one snapshot for the whole login
         domain = credentials.context.connected_domain
         unique = providers.unique_by_domain.get(domain) if domain else None
         if unique is not None:
-            return await self._check(unique, _as_is(unique, credentials), VIA_UNIQUE_DOMAIN)
+            return SelectionPlan((Candidate(
+                unique, _as_is(unique, credentials), VIA_UNIQUE_DOMAIN),))
         named = providers.by_name.get(credentials.username)
         if named is not None:
-            if not _domain_allows(named, credentials):
-                self._observer.checked(named.meta.name, VIA_USERNAME, "rejected", 0.0)
-                raise UnauthorizedLogin("provider not available on this domain")
-            return await self._check(named, _split(named, credentials), VIA_USERNAME)
-        return await self._try_fallbacks(providers, credentials)
+            return SelectionPlan((Candidate(
+                named, _split(named, credentials), VIA_USERNAME,
+                on_domain=_domain_allows(named, credentials)),))
+        return SelectionPlan(tuple(
+            Candidate(provider, _as_is(provider, credentials), VIA_FALLBACK)
+            for provider in providers.fallbacks if _domain_allows(provider, credentials)),
+            fallback=True)
 
-    async def _try_fallbacks(self, providers: ProviderSet,
-                             credentials: ISubmissionCredentials) -> Identity:
+    def check(self, plan: SelectionPlan) -> Deferred:
+        return ensureDeferred(self._select(plan))
+
+    async def _select(self, plan: SelectionPlan) -> Identity:
+        if plan.fallback:
+            return await self._try_fallbacks(plan.candidates)
+        [candidate] = plan.candidates
+        if not candidate.on_domain:
+            self._observer.checked(candidate.name, candidate.via, "rejected", 0.0)
+            raise UnauthorizedLogin("provider not available on this domain")
+        return await self._check(candidate.provider, candidate.credentials, candidate.via)
+
+    async def _try_fallbacks(self, candidates: tuple[Candidate, ...]) -> Identity:
         unavailable = None
-        for provider in providers.fallbacks:
-            if not _domain_allows(provider, credentials):
-                continue
+        for candidate in candidates:
             try:
                 return await self._check(
-                    provider, _as_is(provider, credentials), VIA_FALLBACK)
+                    candidate.provider, candidate.credentials, candidate.via)
             except UnauthorizedLogin:
                 continue
             except ProviderUnavailable as error:
@@ -215,6 +336,7 @@ class ProviderSelector:
 
 
 __all__ = [
-    "ANONYMOUS", "Identity", "ProviderDirectory", "ProviderSelector", "ProviderSet",
+    "ANONYMOUS", "Candidate", "Claim", "Identity", "IProviderSelection", "ProviderDirectory",
+    "ProviderSelector", "ProviderSet", "SelectionPlan",
     "IBearerTokenCredentials", "VIA_FALLBACK", "VIA_UNIQUE_DOMAIN", "VIA_USERNAME",
 ]

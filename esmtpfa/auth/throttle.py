@@ -1,59 +1,135 @@
-"""Failed-login throttling per client address and per username (SPEC §7).
+"""Failed-login throttling per identity and per client address (SPEC §7).
 
-The per-connection limit stops one session from guessing forever; these stop a client
-that reconnects, and a username attacked from many addresses.  Past the limit a login is
-refused *before* any provider is asked (``454 4.7.0`` over SMTP, ``429`` over HTTP), so a
-flood of guesses costs the identity provider nothing.
+The per-connection limit stops one session from guessing for ever; this module stops a
+client that reconnects, and an account attacked from many addresses, without ever letting
+an attacker refuse the account's owner.  The design and the reasons for it are in
+``docs/login-throttle.md``; in short:
 
-Counts live in a sliding window and are bounded in memory: keys come from clients, so the
-oldest are forgotten first when ``max_keys`` is reached.  A success clears the username's
-count but not the address's: one valid account must not reset an attacker's budget.
+* an **identity** is the provider a login goes to and the user that provider is asked
+  about (``Claim``, from ``ProviderSelector.plan``), never the provider's name alone.  A
+  token claim names nobody before it verifies, so it counts against its address only;
+* an **address** that failed too often is refused before any provider is asked
+  (``454 4.7.0`` over SMTP, ``429`` over HTTP), whatever it claims to be;
+* an identity with many recent failures is *under attack*: addresses that failed against
+  it are refused early for it, and a failed attempt from anywhere is answered only after a
+  growing, capped delay.  An address with no failures is always asked, and a success is
+  answered at once, so the owner logs in while the attack goes on;
+* refused attempts are not counted, so a refusal ends one window after the last real
+  failure however often the address keeps knocking;
+* only ``UnauthorizedLogin`` counts: an unavailable provider is nobody's fault;
+* every table is bounded (keys come from clients): the oldest are forgotten first.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+import hashlib
+import ipaddress
+import math
+import os
+from typing import Hashable, Iterable, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import ISubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.selection import Claim, IProviderSelection, Identity
+from esmtpfa.logs import logger
+
+log = logger("esmtpfa.auth")
+
+#: An IPv6 client usually holds a whole /64 (SLAAC, privacy addresses): counting each of
+#: its 2**64 addresses apart would give it as many budgets.
+IPV6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """The key a client address counts under: IPv4 as is (also when IPv4-mapped), IPv6
+    by its /64, anything else (a UNIX socket, a test transport) as given, bounded."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host[:64]
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{IPV6_PREFIX}", strict=False))
+    return str(ip)
 
 
 class FailureWindow:
-    def __init__(self, limit: int, window: float, clock, max_keys: int = 100_000):
-        self.limit, self.window, self.clock, self.max_keys = limit, window, clock, max_keys
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+    """Recent failures per key, in a sliding window and in bounded memory.
 
-    def _recent(self, key: str) -> deque[float] | None:
+    Each key keeps at most ``depth`` timestamps (an ``array`` of doubles: 8 octets each),
+    and at most ``max_keys`` keys are kept: the key whose last failure is the oldest is
+    forgotten first.  Reading never refreshes a key, so only failures keep one alive.
+    """
+
+    def __init__(self, limit: int, window: float, clock, max_keys: int = 100_000,
+                 depth: int | None = None):
+        self.limit, self.window, self.clock, self.max_keys = limit, window, clock, max_keys
+        self.depth = max(limit, depth or 0, 1)
+        self._failures: OrderedDict[Hashable, array] = OrderedDict()
+
+    def _recent(self, key: Hashable) -> array | None:
         times = self._failures.get(key)
         if times is None:
             return None
-        horizon = self.clock.seconds() - self.window
-        while times and times[0] <= horizon:
-            times.popleft()
+        expired = bisect_right(times, self.clock.seconds() - self.window)
+        if expired:
+            del times[:expired]
         if not times:
             del self._failures[key]
             return None
         return times
 
-    def blocked(self, key: str) -> bool:
+    def count(self, key: Hashable) -> int:
+        """Failures of ``key`` within the window (at most ``depth``)."""
         times = self._recent(key)
-        return times is not None and len(times) >= self.limit
+        return 0 if times is None else len(times)
 
-    def failed(self, key: str) -> None:
+    def blocked(self, key: Hashable) -> bool:
+        return self.count(key) >= self.limit
+
+    def failed(self, key: Hashable) -> float:
+        """Count one failure now; return its timestamp (to ``forget`` it later)."""
+        now = self.clock.seconds()
         times = self._recent(key)
         if times is None:
-            times = self._failures[key] = deque(maxlen=self.limit)
-        self._failures.move_to_end(key)
-        times.append(self.clock.seconds())
+            times = self._failures[key] = array("d")
+        else:
+            self._failures.move_to_end(key)
+        times.append(now)
+        if len(times) > self.depth:
+            del times[0]
         while len(self._failures) > self.max_keys:
             self._failures.popitem(last=False)
+        return now
 
-    def clear(self, key: str) -> None:
+    def times(self, key: Hashable) -> tuple[float, ...]:
+        times = self._recent(key)
+        return () if times is None else tuple(times)
+
+    def forget(self, key: Hashable, stamps: Iterable[float]) -> None:
+        """Take these failures (timestamps from ``failed``) back, each once."""
+        times = self._failures.get(key)
+        if times is None:
+            return
+        for stamp in stamps:
+            try:
+                times.remove(stamp)
+            except ValueError:
+                pass  # already expired, or pushed out past ``depth``
+        if not times:
+            del self._failures[key]
+
+    def clear(self, key: Hashable) -> None:
         self._failures.pop(key, None)
 
     def __len__(self) -> int:
@@ -61,60 +137,155 @@ class FailureWindow:
 
 
 class AuthThrottle:
-    """One per relay, shared by every SMTP listener and the HTTP API."""
+    """One per relay, shared by every SMTP listener and the HTTP API.
 
-    def __init__(self, per_address: int = 30, per_username: int = 10, window: float = 600.0,
-                 clock=None):
+    ``per_address``: failures one address may make within ``window`` before all its
+    logins are refused.  ``per_identity``: failures against one identity (from anywhere)
+    within ``window`` that put it under attack.  Under attack, a failed attempt is
+    answered after ``first_delay`` seconds, doubling with each further failure up to
+    ``max_delay``; an address that failed against the identity is refused for it.
+    """
+
+    def __init__(self, per_address: int = 30, per_identity: int = 10, window: float = 600.0,
+                 clock=None, *, first_delay: float = 1.0, max_delay: float = 8.0,
+                 max_keys: int = 100_000):
         if clock is None:
             from twisted.internet import reactor as clock
-        self.addresses = FailureWindow(per_address, window, clock)
-        self.usernames = FailureWindow(per_username, window, clock)
+        self.clock = clock
+        self.per_identity = per_identity
+        self.first_delay, self.max_delay = first_delay, max(max_delay, 0.0)
+        steps = 0
+        if 0 < first_delay < self.max_delay:
+            steps = math.ceil(math.log2(self.max_delay / first_delay))
+        # Deep enough for the delay to reach its cap; more would only cost memory.
+        self.addresses = FailureWindow(per_address, window, clock, max_keys)
+        self.identities = FailureWindow(per_identity, window, clock, max_keys,
+                                        depth=per_identity + steps + 1)
+        # (identity, address) → that address's recent failures against that identity.
+        self.pairs = FailureWindow(1, window, clock, max_keys, depth=per_identity)
+        self._salt = os.urandom(16)
 
-    @staticmethod
-    def _user_key(username: str) -> str:
-        return username.strip().lower()[:256]
+    def identity_key(self, claim: Claim) -> bytes | None:
+        """The key an identity counts under, or None for a token claim.
 
-    def allows(self, address: str, username: str) -> bool:
-        return not (self.addresses.blocked(address)
-                    or self.usernames.blocked(self._user_key(username)))
+        A digest, so a user that came out of the password field (``Claim.user_in_secret``)
+        is not kept in memory as typed, and every key has the same small size however long
+        the username a client sent.  The user is case-folded: providers (LDAP, most IdPs)
+        match users case-insensitively, and ``Alice`` must not be a fresh budget."""
+        if claim.user is None:
+            return None
+        text = f"{claim.provider}\0{claim.user.strip().casefold()}"
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16,
+                               key=self._salt).digest()
 
-    def failed(self, address: str, username: str) -> None:
+    def _identities(self, claims: Sequence[Claim]) -> list[tuple[Claim, bytes]]:
+        keyed = [(claim, self.identity_key(claim)) for claim in claims]
+        return [(claim, key) for claim, key in keyed if key is not None]
+
+    def refusal(self, peer_host: str, claims: Sequence[Claim]) -> str | None:
+        """Why a login from ``peer_host`` claiming ``claims`` is refused before any
+        provider is asked, or None: it is asked."""
+        address = address_key(peer_host)
+        if self.addresses.blocked(address):
+            return "too many failed logins from this address"
+        for _, key in self._identities(claims):
+            if (self.identities.count(key) >= self.per_identity
+                    and self.pairs.count((key, address))):
+                return "too many failed logins for this identity, and some from this address"
+        return None
+
+    def failed(self, peer_host: str, claims: Sequence[Claim]) -> float:
+        """Count a refused login; return how long its answer waits (0: at once)."""
+        address = address_key(peer_host)
         self.addresses.failed(address)
-        self.usernames.failed(self._user_key(username))
+        most = 0
+        for claim, key in self._identities(claims):
+            self.identities.failed(key)
+            self.pairs.failed((key, address))
+            count = self.identities.count(key)
+            if count == self.per_identity:
+                log.warn("{identity}: {count} failed logins within {window:.0f} s; its failed "
+                         "logins are now answered late, and refused from addresses that "
+                         "failed", identity=claim.label, count=count,
+                         window=self.identities.window)
+            most = max(most, count)
+        return self.delay(most)
 
-    def succeeded(self, address: str, username: str) -> None:
-        self.usernames.clear(self._user_key(username))
+    def delay(self, failures: int) -> float:
+        """How long the answer to a failed attempt waits, given its identity's failures."""
+        if failures < self.per_identity or self.max_delay <= 0:
+            return 0.0
+        excess = min(failures - self.per_identity, 62)
+        return min(self.max_delay, self.first_delay * 2.0 ** excess)
+
+    def succeeded(self, peer_host: str, claim: Claim | None) -> None:
+        """The owner of ``claim`` logged in from ``peer_host``: that address's failures
+        against the identity are taken back, so it is no longer refused for it.  The
+        address's own budget is not reset: one valid account must not buy an attacker
+        more guesses at others."""
+        key = self.identity_key(claim) if claim is not None else None
+        if key is None:
+            return
+        pair = (key, address_key(peer_host))
+        self.identities.forget(key, self.pairs.times(pair))
+        self.pairs.clear(pair)
 
 
 class LoginThrottled(ProviderUnavailable):
     """Refused without asking a provider: too many recent failures (temporary)."""
 
 
+def _answer_later(clock, seconds: float, failure: Failure) -> Deferred:
+    """A Deferred that fails with ``failure`` after ``seconds``.  Cancelling it (the
+    client went away) cancels the timer, so nothing is left waiting in the reactor."""
+    call = None
+
+    def cancel(_: Deferred) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    delayed: Deferred = Deferred(cancel)
+    call = clock.callLater(seconds, delayed.errback, failure)
+    return delayed
+
+
 @implementer(ICredentialsChecker)
 class ThrottlingChecker:
-    """Decorates the provider selector: refuse early when throttled, count the outcome.
+    """Decorates provider selection: plan, decide, then ask; count the outcome.
 
-    Only wrong credentials count as failures; an unavailable provider is nobody's fault.
+    The plan says whom the login claims to be before anyone is asked, so the decision
+    needs no knowledge of the selection rules (SPEC §3).
     """
 
     credentialInterfaces = (ISubmissionCredentials,)
 
-    def __init__(self, checker: ICredentialsChecker, throttle: AuthThrottle):
+    def __init__(self, checker: IProviderSelection, throttle: AuthThrottle):
         self.checker = checker
         self.throttle = throttle
 
     def requestAvatarId(self, credentials) -> Deferred:
-        address, username = credentials.context.peer_host, credentials.username
-        if not self.throttle.allows(address, username):
-            return fail(LoginThrottled("too many failed logins"))
+        peer_host = credentials.context.peer_host
+        plan = self.checker.plan(credentials)
+        claims = plan.claims
+        why = self.throttle.refusal(peer_host, claims)
+        if why is not None:
+            return fail(LoginThrottled(why))
 
-        def accepted(avatar_id):
-            self.throttle.succeeded(address, username)
-            return avatar_id
+        def accepted(identity: Identity) -> Identity:
+            self.throttle.succeeded(peer_host, plan.claim_of(identity))
+            return identity  # at once, even for an identity under attack
 
-        def refused(failure):
-            if failure.check(UnauthorizedLogin):
-                self.throttle.failed(address, username)
-            return failure
+        def refused(failure: Failure):
+            if not failure.check(UnauthorizedLogin):
+                return failure  # unavailable, cancelled: nobody's fault, nothing counted
+            delay = self.throttle.failed(peer_host, claims)
+            if delay <= 0:
+                return failure
+            failure.cleanFailure()  # held while waiting: no frames kept alive
+            return _answer_later(self.throttle.clock, delay, failure)
 
-        return self.checker.requestAvatarId(credentials).addCallbacks(accepted, refused)
+        return self.checker.check(plan).addCallbacks(accepted, refused)
+
+
+__all__ = ["AuthThrottle", "FailureWindow", "LoginThrottled", "ThrottlingChecker",
+           "address_key"]
