@@ -19,12 +19,13 @@ from twisted.trial import unittest
 
 from esmtpfa.service import DEMO_PASSWORD, DEMO_USER
 from esmtpfa.smtp.settings import ServerSettings
-from esmtpfa.web.submission import body_limit, host_name
+from esmtpfa.web.login import host_name
+from esmtpfa.web.submission import body_limit
 from tests.support.httpservers import capture_logs
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
-from tests.support.upstream import RecordingUpstream
+from tests.support.upstream import DEFAULT_EXTENSIONS, RecordingUpstream
 from tests.support.webclient import metrics, post_json, request
 
 CONTENT = b"From: Alice <alice@example.com>\nSubject: over HTTP\n\nHello\n.\nBye\n"
@@ -243,6 +244,40 @@ class SMTPUTF8Tests(HTTPFixtureMixin, unittest.TestCase):
         self.assertIn("SMTPUTF8", " ".join(message.mail_params))
 
 
+class EightBitTests(HTTPFixtureMixin, unittest.TestCase):
+    """Undeclared 8-bit content goes the same way over HTTP as over SMTP (issue 10,
+    finding 10): to an upstream without 8BITMIME, as it came and without ``BODY=``.
+    The API has no way to declare a body type, so it declares nothing, like an SMTP
+    client that sends no ``BODY=`` parameter."""
+
+    CONTENT = ("From: Zoë <alice@example.com>\r\nSubject: café\r\n\r\n"
+               "Crème brûlée, naïve façade\r\n").encode("utf-8")
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        extensions = [e for e in DEFAULT_EXTENSIONS if e != "8BITMIME"]
+        self.fixture_kwargs = {"upstream": RecordingUpstream(extensions=extensions)}
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_8bit_content_is_relayed_over_http_exactly_as_over_smtp(self):
+        response = yield self.post(document(self.CONTENT))
+        self.assertEqual(response.code, 202, response.body)
+
+        def smtp(fixture):
+            client = fixture.secure_session()
+            assert client.auth_plain(USER, PASSWORD)[0] == 235
+            return client.send_message(self.CONTENT, "alice@example.com",
+                                       ["bob@example.net"])
+
+        reply = yield self.fixture.run(smtp, self.fixture)
+        self.assertEqual(reply[0], 250, reply)
+        over_http, over_smtp = self.upstream.messages
+        for message in (over_http, over_smtp):
+            self.assertNotIn("BODY=8BITMIME", " ".join(message.mail_params).upper())
+            self.assertTrue(message.data.endswith(self.CONTENT), message.data[-200:])
+
+
 class SizeLimitTests(HTTPFixtureMixin, unittest.TestCase):
     """413 past the limit, decided before the body is read whole."""
 
@@ -411,7 +446,7 @@ class IPv6Tests(HTTPFixtureMixin, unittest.TestCase):
         response = yield self.post()
         self.assertEqual(response.code, 202, response.body)
         [message] = self.upstream.messages
-        self.assertIn(b"from ::1 ([::1])", message.data.split(b"\r\n", 1)[0])
+        self.assertIn(b"from [IPv6:::1] ([::1])", message.data.split(b"\r\n", 1)[0])
 
     @defer.inlineCallbacks
     def test_ipv6_client_with_curl(self):

@@ -1,142 +1,123 @@
-"""The two HTTP listeners' resource trees and ``Site`` factories.
+"""The two HTTP listeners' resource trees and factories.
 
-* the **submission** site: ``POST /`` (``web.submission``), on ``--http-port``;
-* the **metrics** site: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, on
+* the **submission** listener: ``POST /`` (``web.submission``), on ``--http-port``;
+* the **metrics** listener: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, on
   ``--metrics-port``, always on (SPEC §1), even when no listener accepts mail.
 
-twisted.web reads a request body whole before any resource sees it, so the size limit
-lives in the channel: a declared ``Content-Length`` over the limit gets ``413`` as soon as
-the headers are in (no ``100 Continue``, nothing buffered), and a chunked body is
-counted as it arrives.  After a 413 the rest of the body is read and dropped (bounded in
-size and time) so the client sees the answer instead of a connection reset.
+Both use ``GuardedChannel`` (``web.channel``): deadlines per phase of a request that a
+trickling client cannot push back, back-pressure, a close that is aborted when it cannot
+complete, and bodies counted against a limit as they arrive, never written to a file
+before they are admitted.  The submission channel logs the client in from its headers
+before it reads the body (``web.loginfirst``).  Each listener's outermost factory is a
+``CappedFactory`` (``web.limits``) that closes connections over the total and
+per-address caps before TLS or HTTP sees them.  Every error is a JSON body.
+``docs/http-limits.md`` has the whole design.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
-from twisted.web.http import HTTPChannel
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Site
 
+from esmtpfa import internals
 from esmtpfa.metrics import CONTENT_TYPE, RelayMetrics
+from esmtpfa.web.channel import GuardedChannel, GuardedRequest
+from esmtpfa.web.errors import HTTPError, send_error
 from esmtpfa.web.health import Check, OkResource, ReadyResource
+from esmtpfa.web.limits import CappedFactory, HTTPLimits
+from esmtpfa.web.login import HeaderLogin
+from esmtpfa.web.loginfirst import SubmissionChannel, SubmissionRequest
+from esmtpfa.web.requestlog import RequestLog
 from esmtpfa.web.submission import SubmissionResource, body_limit, too_large
 
-#: After a 413, drop at most this much of the body, for at most this long, then hang up.
-DRAIN_LIMIT = 4 * 1024 * 1024
-DRAIN_SECONDS = 10.0
+#: The metrics listener serves GETs: a body beyond this is refused unread.
+METRICS_MAX_BODY = 16 * 1024
 
 
-class QuietSite(Site):
-    """No access log: the resources log each request with its id (and scrapes are noise)."""
+class GuardedSite(Site):
+    """A ``Site`` for ``GuardedChannel``: Twisted's per-byte idle timeout is off (the
+    channel keeps its own deadlines), form bodies are never parsed, and Twisted's access
+    log is off (``request_log`` logs each request once)."""
 
+    protocol = GuardedChannel
+    requestFactory = GuardedRequest
     noisy = False
+
+    def __init__(self, resource: Resource, *, limits: HTTPLimits, max_body: int,
+                 too_large_message: str, request_log: RequestLog, reactor: Any = None):
+        super().__init__(resource, timeout=None, reactor=reactor,
+                         parsePOSTFormSubmission=False)
+        self.limits = limits
+        self.max_body = max_body
+        self.too_large_message = too_large_message
+        self.request_log = request_log
+
+    def too_large(self) -> HTTPError:
+        return HTTPError(413, self.too_large_message)
 
     def log(self, request) -> None:
         pass
 
+    def stopFactory(self) -> None:
+        self.request_log.stop()
+        super().stopFactory()
+
+
+def _reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+def capped(site: GuardedSite, name: str, tls_options: Any = None) -> CappedFactory:
+    """``site`` behind TLS (when given options) behind the connection caps."""
+    factory: Any = site if tls_options is None else TLSMemoryBIOFactory(
+        tls_options, False, site)
+    return CappedFactory(factory, site.limits.connection_limits(name), site.request_log,
+                         name)
+
 
 # -- submission ----------------------------------------------------------------------------
 
-class SubmissionChannel(HTTPChannel):
-    """An HTTP/1.1 channel that refuses an oversized body before reading it."""
-
-    _refused = False
-    _drain_left = 0
-    _drain_all = False
-    _drain_timer: Any = None
-
-    def allHeadersReceived(self) -> None:
-        if self.length is not None and self.length > self.site.max_body:
-            self.refuse_body(self.length)
-            return
-        super().allHeadersReceived()
-
-    def refuse_body(self, declared: int | None) -> None:
-        if self._refused:
-            return
-        self._refused = True
-        self.persistent = False
-        self.setTimeout(None)
-        body = json.dumps({"error": self.site.too_large_message}).encode() + b"\n"
-        self.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self._drain_left = DRAIN_LIMIT if declared is None else min(declared, DRAIN_LIMIT)
-        self._drain_all = declared is not None and declared <= DRAIN_LIMIT
-        self._drain_timer = self.callLater(DRAIN_SECONDS, self.transport.abortConnection)
-        self._networkProducer.resumeProducing()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._refused:
-            super().rawDataReceived(data)
-            return
-        self._drain_left -= len(data)
-        if self._drain_left <= 0:
-            if self._drain_all:
-                self.body_drained()  # the client sent what it declared: a clean close
-            else:
-                self.transport.abortConnection()
-
-    def body_drained(self) -> None:
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        if self._drain_timer is not None and self._drain_timer.active():
-            self._drain_timer.cancel()
-        super().connectionLost(reason)
-
-
-class SubmissionRequest(Request):
-    """Counts a chunked body against the limit as it arrives."""
-
-    _received = 0
-
-    def handleContentChunk(self, data: bytes) -> None:
-        channel = self.channel
-        if channel is None or channel._refused:
-            return
-        self._received += len(data)
-        if self._received > channel.site.max_body:
-            channel.refuse_body(None)
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.channel is not None and self.channel._refused:
-            self.channel.body_drained()  # the whole (refused) body has been read
-            return
-        super().requestReceived(command, path, version)
-
-
-class SubmissionSite(QuietSite):
+class SubmissionSite(GuardedSite):
     protocol = SubmissionChannel
     requestFactory = SubmissionRequest
 
-    def __init__(self, resource: Resource, *, max_body: int, too_large_message: str,
-                 timeout: float, reactor: Any = None):
-        super().__init__(resource, timeout=timeout, reactor=reactor)
-        self.max_body = max_body
-        self.too_large_message = too_large_message
+    def __init__(self, resource: Resource, *, header_login: HeaderLogin, **kwargs: Any):
+        super().__init__(resource, **kwargs)
+        self.header_login = header_login
 
 
-def submission_site(portal, settings, *, allow_anonymous: bool, reactor: Any = None) -> Site:
-    resource = SubmissionResource(portal, settings, allow_anonymous=allow_anonymous)
+def submission_site(portal, settings, *, allow_anonymous: bool,
+                    limits: HTTPLimits | None = None, reactor: Any = None) -> SubmissionSite:
+    internals.checked()  # fail at startup, not on the first request, if Twisted changed
+    reactor = _reactor(reactor)
+    header_login = HeaderLogin(portal, allow_anonymous=allow_anonymous)
+    request_log = RequestLog("HTTP submission", reactor)
+    resource = SubmissionResource(settings, header_login=header_login,
+                                  request_log=request_log)
     return SubmissionSite(
-        resource, max_body=body_limit(settings), timeout=settings.idle_timeout,
-        too_large_message=too_large(settings).message,
-        reactor=reactor)
+        resource, header_login=header_login, limits=limits or HTTPLimits(),
+        max_body=body_limit(settings), too_large_message=too_large(settings).message,
+        request_log=request_log, reactor=reactor)
+
+
+def submission_listener(portal, settings, *, allow_anonymous: bool, limits: HTTPLimits,
+                        tls_options: Any = None, reactor: Any = None) -> CappedFactory:
+    """What the submission port listens with: caps, then TLS if configured, then HTTP."""
+    site = submission_site(portal, settings, allow_anonymous=allow_anonymous,
+                           limits=limits, reactor=reactor)
+    return capped(site, "http", tls_options)
 
 
 # -- metrics and health --------------------------------------------------------------------
 
-class MetricsSite(QuietSite):
+class MetricsSite(GuardedSite):
     """``/metrics`` and the health endpoints (named for the "starting on" log line)."""
+
 
 class MetricsResource(Resource):
     isLeaf = True
@@ -151,14 +132,46 @@ class MetricsResource(Resource):
         return self._metrics.render()
 
 
+class Endpoints(Resource):
+    """The metrics listener's tree: GET on its endpoints, a JSON 404 or 405 for anything
+    else (Twisted's own answers to those are HTML pages)."""
+
+    isLeaf = True
+
+    def __init__(self, endpoints: dict[bytes, Resource]):
+        super().__init__()
+        self._endpoints = endpoints
+        self._names = ", ".join("/" + name.decode() for name in endpoints)
+
+    def render(self, request):
+        path = request.postpath
+        endpoint = self._endpoints.get(path[0]) if path and path[1:] in ([], [b""]) else None
+        if endpoint is None:
+            send_error(request, HTTPError(404, f"not found; the endpoints are {self._names}"))
+        elif request.method not in (b"GET", b"HEAD"):
+            send_error(request, HTTPError(405, "method not allowed; use GET",
+                                          headers={b"allow": b"GET, HEAD"}))
+        else:
+            return endpoint.render(request)
+        return NOT_DONE_YET
+
+
 def metrics_site(metrics: RelayMetrics, providers: Callable[[], Check], upstream,
-                 reactor: Any = None) -> Site:
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(metrics))
-    root.putChild(b"status", OkResource())
-    root.putChild(b"healthz", OkResource())
-    root.putChild(b"readyz", ReadyResource(providers, upstream))
-    return MetricsSite(root, timeout=60, reactor=reactor)
+                 reactor: Any = None, limits: HTTPLimits | None = None) -> MetricsSite:
+    root = Endpoints({b"metrics": MetricsResource(metrics), b"status": OkResource(),
+                      b"healthz": OkResource(), b"readyz": ReadyResource(providers, upstream)})
+    reactor = _reactor(reactor)
+    return MetricsSite(
+        root, limits=limits or HTTPLimits(), max_body=METRICS_MAX_BODY,
+        too_large_message=f"request body larger than {METRICS_MAX_BODY} octets",
+        request_log=RequestLog("HTTP metrics request", reactor), reactor=reactor)
 
 
-__all__ = ["MetricsSite", "SubmissionSite", "metrics_site", "submission_site"]
+def metrics_listener(metrics: RelayMetrics, providers: Callable[[], Check], upstream, *,
+                     limits: HTTPLimits, reactor: Any = None) -> CappedFactory:
+    return capped(metrics_site(metrics, providers, upstream, reactor=reactor,
+                               limits=limits), "metrics")
+
+
+__all__ = ["GuardedSite", "MetricsSite", "SubmissionSite", "metrics_listener",
+           "metrics_site", "submission_listener", "submission_site"]

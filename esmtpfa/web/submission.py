@@ -4,13 +4,20 @@ A request is an SMTP transaction in another syntax, so it goes the same way: HTT
 credentials become ``SubmissionCredentials`` for the same Portal (provider selection with
 the ``Host`` header as the connected domain), and the message goes through the same
 ``IMessageDelivery`` avatar, so a ``202`` means what SMTP's final ``250`` means: the
-upstream accepted the message.
+upstream accepted the message.  Content is treated as an SMTP client's that declared
+nothing: no ``BODY=`` parameter is added on the client's behalf, so 8-bit content goes
+to the upstream exactly as the same message over SMTP without ``BODY=8BITMIME`` does.
 
 What the API adds over SMTP is only syntax checking: the JSON shape, base64, addresses
 (no CR/LF/NUL can reach an SMTP command line) and line endings (bare CR/LF become CRLF;
 JSON content cannot smuggle SMTP commands, so there is nothing to refuse).  Upstream
 verdicts map to statuses: a permanent rejection (5xx) is ``502``, anything temporary
 (4xx, unreachable) is ``503`` with ``Retry-After``, so clients know whether to retry.
+
+The document is parsed with bounded work (``web/jsonbody.py``); a body over
+``JSONLimits.inline_bytes`` is read from its spool and parsed in a worker thread, at
+most ``PARSE_CONCURRENCY`` at a time, so that big bodies neither stall the reactor nor
+take the shared thread pool (and its memory) from everything else.
 """
 
 from __future__ import annotations
@@ -18,58 +25,34 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-import json
-from typing import Any
+from typing import Any, Callable
 
-from twisted.cred.credentials import Anonymous
-from twisted.cred.error import LoginFailed, UnauthorizedLogin
-from twisted.cred.portal import Portal
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from esmtpfa.auth.credentials import SubmissionCredentials
-from esmtpfa.auth.errors import ProviderUnavailable
-from esmtpfa.auth.throttle import LoginThrottled
 from esmtpfa.context import ConnectionContext
-from esmtpfa.ids import new_id
 from esmtpfa.logs import logger
-from esmtpfa.replies import Reply, SMTPReplyError
+from esmtpfa.replies import SMTPReplyError
 from esmtpfa.smtp.address import valid_mailbox
 from esmtpfa.smtp.data import normalize_line_ends
-from esmtpfa.smtp.interfaces import IMessageDelivery
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.web.errors import HTTPError, send_error, send_json
+from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, parse_json
+from esmtpfa.web.login import RETRY_AFTER, HeaderLogin, Login, request_context
+from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")
 
 FIELDS = ("from", "to", "data")
-CHALLENGE = b'Basic realm="esmtpfa", charset="UTF-8"'
-RETRY_AFTER = b"60"
 WRITE_CHUNK = 64 * 1024
 _FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0")
-
-
-class HTTPError(Exception):
-    """Answer with ``status`` and a JSON body ``{"error": message, ...}``."""
-
-    def __init__(self, status: int, message: str, *, headers: dict[bytes, bytes] | None = None,
-                 reply: Reply | None = None, message_id: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-        self.reply = reply
-        self.message_id = message_id
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.message}
-        if self.message_id is not None:
-            body["id"] = self.message_id
-        if self.reply is not None:
-            body["reply"] = {"code": self.reply.code, "enhanced": self.reply.enhanced,
-                             "text": self.reply.text}
-        return body
+_BASE64_SPACE = b" \t\r\n\f\v"
+#: The document is an object of three fields, one a list: deeper nesting is refused.
+MAX_JSON_DEPTH = 4
+#: Big bodies parsed at once (each may briefly need a few times its size in memory).
+PARSE_CONCURRENCY = 2
 
 
 def body_limit(settings: ServerSettings) -> int:
@@ -93,10 +76,9 @@ class Submission:
 
     @property
     def params(self) -> dict[str, str | None]:
-        """MAIL parameters the avatar would have got from an SMTP client."""
+        """MAIL parameters the avatar would have got from an SMTP client that declared
+        nothing about its content (issue 10: HTTP and SMTP treat 8-bit alike)."""
         params: dict[str, str | None] = {"SIZE": str(len(self.content))}
-        if not self.content.isascii():
-            params["BODY"] = "8BITMIME"
         if self.smtputf8:
             params["SMTPUTF8"] = None
         return params
@@ -117,11 +99,13 @@ def _address(value: Any, what: str, settings: ServerSettings) -> str:
 def _content(data: Any, settings: ServerSettings) -> bytes:
     if not isinstance(data, str):
         raise HTTPError(400, "data must be a base64 string")
-    compact = "".join(data.split())  # RFC 2045 base64 may be wrapped
     try:
-        raw = base64.b64decode(compact.encode("ascii"), validate=True)
+        # RFC 2045 base64 may be wrapped; one C-level pass drops the line breaks.
+        compact = data.encode("ascii").translate(None, _BASE64_SPACE)
+        raw = base64.b64decode(compact, validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise HTTPError(400, "data is not valid base64") from None
+    del compact
     content = normalize_line_ends(raw)
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
@@ -133,12 +117,22 @@ def _content(data: Any, settings: ServerSettings) -> bytes:
     return content
 
 
+def json_limits(settings: ServerSettings) -> JSONLimits:
+    """The document's bounds: the body limit, its shape's depth, and as many values as
+    the fields and the largest recipient list need (with room to spare)."""
+    return JSONLimits(max_bytes=body_limit(settings), max_depth=MAX_JSON_DEPTH,
+                      max_values=settings.max_recipients + 64)
+
+
 def parse_submission(body: bytes, settings: ServerSettings) -> Submission:
-    """The request body as a ``Submission``; ``HTTPError`` 400/413 saying what is wrong."""
+    """The request body as a ``Submission``; ``HTTPError`` 400/413 saying what is wrong.
+
+    Bounded work whatever the body (``web.jsonbody``); no reactor state, so callers may
+    run it in a thread."""
     try:
-        document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise HTTPError(400, "body is not valid JSON") from None
+        document = parse_json(body, json_limits(settings))
+    except JSONRefused as refusal:
+        raise HTTPError(400, str(refusal)) from None
     if not isinstance(document, dict):
         raise HTTPError(400, 'body must be a JSON object {"from", "to", "data"}')
     unknown = sorted(set(document) - set(FIELDS))
@@ -155,136 +149,88 @@ def parse_submission(body: bytes, settings: ServerSettings) -> Submission:
     if len(to) > settings.max_recipients:
         raise HTTPError(400, f"too many recipients (at most {settings.max_recipients})")
     recipients = tuple(_address(rcpt, f"to[{i}]", settings) for i, rcpt in enumerate(to))
-    content = _content(document["data"], settings)
+    content = _content(document.pop("data"), settings)
     smtputf8 = not all(address.isascii() for address in (sender, *recipients))
     return Submission(sender, recipients, content, smtputf8)
 
 
-# -- the request headers -----------------------------------------------------------------
-
-def basic_credentials(header: bytes) -> tuple[str, str]:
-    """``Authorization: Basic`` → (user, password), split on the first colon (RFC 7617)."""
-    scheme, _, encoded = header.strip().partition(b" ")
-    if scheme.lower() != b"basic":
-        raise HTTPError(401, "only Basic authentication is supported",
-                        headers={b"www-authenticate": CHALLENGE})
+def read_and_parse(content: Any, settings: ServerSettings) -> Submission:
+    """Read the spooled body (file I/O) and parse it: meant for a worker thread, which
+    owns ``content`` and closes it."""
     try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise HTTPError(401, "malformed Basic credentials",
-                        headers={b"www-authenticate": CHALLENGE}) from None
-    user, colon, password = decoded.partition(":")
-    if not colon:
-        raise HTTPError(401, "malformed Basic credentials",
-                        headers={b"www-authenticate": CHALLENGE})
-    return user, password
-
-
-def host_name(header: bytes | None) -> str | None:
-    """The ``Host`` header without port: ``[::1]:8080`` → ``::1``, ``a.b:80`` → ``a.b``."""
-    if not header:
-        return None
-    host = header.decode("latin-1").strip()
-    if host.startswith("["):
-        return host[1:].partition("]")[0] or None
-    return host.rpartition(":")[0] if host.count(":") == 1 else host or None
-
-
-def request_context(request, connection_id: str) -> ConnectionContext:
-    peer, local = request.getClientAddress(), request.getHost()
-    return ConnectionContext(
-        connection_id=connection_id, protocol="http",
-        peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
-        local_host=getattr(local, "host", ""), local_port=getattr(local, "port", 0),
-        tls=request.isSecure(), http_host=host_name(request.getHeader(b"host")))
+        content.seek(0)
+        body = content.read()
+    finally:
+        content.close()
+    return parse_submission(body, settings)
 
 
 # -- the resource ------------------------------------------------------------------------
 
-def respond(request, status: int, body: dict[str, Any],
-            headers: dict[bytes, bytes] | None = None) -> None:
-    if request._disconnected or request.finished:
-        return
-    data = json.dumps(body).encode("utf-8") + b"\n"
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", str(len(data)).encode())
-    request.setHeader(b"cache-control", b"no-store")
-    for name, value in (headers or {}).items():
-        request.setHeader(name, value)
-    request.write(data)
-    request.finish()
-
-
 class SubmissionResource(Resource):
-    """The whole tree of the submission listener: ``POST /`` and JSON errors elsewhere."""
+    """The whole tree of the submission listener: ``POST /`` and JSON errors elsewhere.
+
+    The client is usually logged in already (``web/loginfirst.py`` does it before the
+    body); a request without a body is logged in here, the same way.
+    """
 
     isLeaf = True
 
-    def __init__(self, portal: Portal, settings: ServerSettings, *,
-                 allow_anonymous: bool = False):
+    def __init__(self, settings: ServerSettings, *, header_login: HeaderLogin,
+                 request_log: RequestLog,
+                 defer_to_thread: Callable[..., defer.Deferred] = threads.deferToThread):
         super().__init__()
-        self._portal = portal
         self._settings = settings
-        self._allow_anonymous = allow_anonymous
+        self._header_login = header_login
+        self._log = request_log
+        self._defer_to_thread = defer_to_thread
+        self._parsers = defer.DeferredSemaphore(PARSE_CONCURRENCY)
+        self._inline_bytes = json_limits(settings).inline_bytes
 
     def render(self, request):
         if request.postpath not in ([], [b""]):
-            respond(request, 404, {"error": "not found; submit with POST /"})
-            return NOT_DONE_YET
-        if request.method != b"POST":
-            respond(request, 405, {"error": "method not allowed; use POST"},
-                    {b"allow": b"POST"})
-            return NOT_DONE_YET
-        request_id = new_id()
-        d = defer.ensureDeferred(self._submit(request, request_id))
-        d.addErrback(self._unexpected, request, request_id)
+            self._refused(request, HTTPError(404, "not found; submit with POST /"))
+        elif request.method != b"POST":
+            self._refused(request, HTTPError(405, "method not allowed; use POST",
+                                             headers={b"allow": b"POST"}))
+        else:
+            d = defer.ensureDeferred(self._submit(request))
+            d.addErrback(self._unexpected, request)
         return NOT_DONE_YET
 
-    async def _submit(self, request, request_id: str) -> None:
-        context = request_context(request, request_id)
+    async def _submit(self, request) -> None:
+        context = request_context(request, request.connection_id)
+        login: Login | None = request.take_login()
+        if login is None:  # a request without a body
+            try:
+                login = await self._header_login.login(
+                    request.getHeader(b"authorization"), context)
+            except HTTPError as error:
+                self._refused(request, error)
+                return
         try:
-            identity, avatar, logout = await self._login(request, context)
+            submission = await self._parse(request)
+            message_id = await self._deliver(login.avatar, context, submission)
         except HTTPError as error:
-            self._refused(request, request_id, context, error)
-            return
-        try:
-            submission = parse_submission(request.content.read(), self._settings)
-            message_id = await self._deliver(avatar, context, submission)
-        except HTTPError as error:
-            self._refused(request, request_id, context, error, identity)
+            self._refused(request, error, login.identity)
             return
         finally:
-            logout()
-        log.info("{connection_id} HTTP submission from [{peer}] as {identity}: message "
-                 "{message_id} to {count} recipient(s) accepted", connection_id=request_id,
-                 peer=context.peer_host, identity=identity, message_id=message_id,
-                 count=len(submission.recipients))
-        respond(request, 202, {"id": message_id})
+            login.logout()
+        self._log.accepted(request.connection_id, context.peer_host, login.identity,
+                           message_id, len(submission.recipients))
+        send_json(request, 202, {"id": message_id})
 
-    async def _login(self, request, context: ConnectionContext):
-        header = request.getHeader(b"authorization")
-        if header is None:
-            if not self._allow_anonymous:
-                raise HTTPError(401, "authentication required",
-                                headers={b"www-authenticate": CHALLENGE})
-            credentials: Any = Anonymous()
-        else:
-            user, password = basic_credentials(header)
-            credentials = SubmissionCredentials(user, password, context,
-                                                mechanism="HTTP-BASIC")
-        try:
-            _, avatar, logout = await self._portal.login(credentials, None, IMessageDelivery)
-        except (UnauthorizedLogin, LoginFailed):
-            raise HTTPError(401, "authentication failed",
-                            headers={b"www-authenticate": CHALLENGE}) from None
-        except LoginThrottled:
-            raise HTTPError(429, "too many failed authentications, try again later",
-                            headers={b"retry-after": RETRY_AFTER}) from None
-        except ProviderUnavailable:
-            raise HTTPError(503, "authentication temporarily unavailable, try again later",
-                            headers={b"retry-after": RETRY_AFTER}) from None
-        return str(avatar.identity), avatar, logout
+    def _parse(self, request) -> defer.Deferred:
+        """Parse inline when small; otherwise read and parse in a thread, which takes
+        the spooled body over (closing it there: the request no longer owns it)."""
+        content = request.content
+        size = content.seek(0, 2)
+        if size <= self._inline_bytes:
+            content.seek(0)
+            return defer.maybeDeferred(parse_submission, content.read(), self._settings)
+        request.content = None
+        return self._parsers.run(self._defer_to_thread, read_and_parse, content,
+                                 self._settings)
 
     async def _deliver(self, avatar, context: ConnectionContext,
                        submission: Submission) -> str:
@@ -313,19 +259,21 @@ class SubmissionResource(Resource):
                             message_id=message_id) from None
         return transaction.id
 
-    def _refused(self, request, request_id: str, context: ConnectionContext,
-                 error: HTTPError, identity: str | None = None) -> None:
-        log.info("{connection_id} HTTP submission from [{peer}]{who} refused: {status} "
-                 "{reason}", connection_id=request_id, peer=context.peer_host,
-                 who=f" as {identity}" if identity else "", status=error.status,
-                 reason=error.message)
-        respond(request, error.status, error.body(), error.headers)
+    def _refused(self, request, error: HTTPError, identity: str | None = None) -> None:
+        """Log the refusal (once, with the identity when the client logged in) and
+        answer it."""
+        if identity is None:
+            identity = getattr(request, "identity", None)
+        peer = getattr(request.getClientAddress(), "host", "")
+        self._log.refused(request.connection_id, peer, error.status, error.message,
+                          identity)
+        send_error(request, error)
 
-    def _unexpected(self, failure: Failure, request, request_id: str) -> None:
+    def _unexpected(self, failure: Failure, request) -> None:
         log.failure("{connection_id} HTTP submission failed", failure,
-                    connection_id=request_id)
-        respond(request, 500, {"error": "internal error"})
+                    connection_id=request.connection_id)
+        send_error(request, HTTPError(500, "internal error"))
 
 
-__all__ = ["HTTPError", "Submission", "SubmissionResource", "basic_credentials",
-           "body_limit", "host_name", "parse_submission"]
+__all__ = ["HTTPError", "Submission", "SubmissionResource", "body_limit", "json_limits",
+           "parse_submission", "read_and_parse", "too_large"]

@@ -1,0 +1,126 @@
+"""Bounds on the HTTP listeners: how many connections, and how long each may take.
+
+``HTTPLimits`` carries the flags (``docs/http-limits.md`` lists them with their
+environment variables and defaults).  ``CappedFactory`` sits outermost on a listener,
+outside TLS, so a connection over a cap is closed by the listening port before any TLS
+handshake or HTTP parsing: it costs one ``accept()`` and one ``close()``, and never
+holds a file descriptor the SMTP listeners need.
+
+The caps are also held to a share of the process's open-file limit
+(``RLIMIT_NOFILE``): each HTTP listener gets at most ``1 / DESCRIPTOR_SHARE`` of it
+whatever the flags say, so the two HTTP listeners together can never take more than a
+quarter of the descriptors, and SMTP keeps the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import resource
+from typing import Any
+
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from esmtpfa.logs import logger
+from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.web.requestlog import RequestLog
+
+log = logger("esmtpfa.web")
+
+#: Each HTTP listener may hold at most this fraction (1/n) of the open-file limit.
+DESCRIPTOR_SHARE = 8
+
+
+def descriptor_limit() -> int | None:
+    """The soft limit on open files, or None when there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    header_timeout: float = 10.0  # the whole request head, from connect or first byte
+    body_timeout: float = 30.0  # allowance on top of the minimum rate
+    min_body_rate: float = 4096.0  # octets per second the body must average
+    idle_timeout: float = 15.0  # kept alive between requests, or an answer left unread
+    close_grace: float = 5.0  # a polite close that has not completed by then is aborted
+
+    @classmethod
+    def from_options(cls, options: Any) -> "HTTPLimits":
+        return cls(
+            max_connections=options["http-max-connections"],
+            max_connections_per_ip=options["http-max-connections-per-ip"],
+            header_timeout=options["http-header-timeout"],
+            body_timeout=options["http-body-timeout"],
+            min_body_rate=float(options["http-min-body-rate"]),
+            idle_timeout=options["http-idle-timeout"],
+            close_grace=options["http-close-grace"])
+
+    def body_deadline(self, started: float, received: int) -> float:
+        """When a body that started at ``started`` and brought ``received`` octets so far
+        must have ended: a fixed allowance plus the time the minimum rate needs.  A
+        client trickling below the rate falls behind for good, however often it sends."""
+        return started + self.body_timeout + received / self.min_body_rate
+
+    def connection_limits(self, listener: str,
+                          descriptors: int | None = None) -> ConnectionLimits:
+        """The caps of one listener, held to its share of ``descriptors`` (by default
+        the process's open-file limit), with a warning when that lowers a flag."""
+        if descriptors is None:
+            descriptors = descriptor_limit()
+        total = self.max_connections
+        if descriptors is not None:
+            share = max(descriptors // DESCRIPTOR_SHARE, 1)
+            if total > share:
+                log.warn("{listener}: --http-max-connections {configured} lowered to "
+                         "{share}: the process may open {descriptors} files and an HTTP "
+                         "listener gets at most 1/{n} of them (raise the limit with "
+                         "ulimit -n)", listener=listener, configured=total, share=share,
+                         descriptors=descriptors, n=DESCRIPTOR_SHARE)
+                total = share
+        return ConnectionLimits(total, min(self.max_connections_per_ip, total))
+
+
+class CountedConnection(ProtocolWrapper):
+    """A connection the cap admitted; ``host`` is what it counts against."""
+
+    host = ""
+
+
+class CappedFactory(WrappingFactory):
+    """Admits a connection only under the total and per-address caps; others are closed
+    at once (``buildProtocol`` returning ``None`` makes the port close the socket)."""
+
+    protocol = CountedConnection
+    noisy = False
+
+    def __init__(self, wrapped: Any, limits: ConnectionLimits, requests: RequestLog,
+                 name: str):
+        super().__init__(wrapped)
+        self.limits = limits
+        self.requests = requests
+        self.name = name
+
+    def buildProtocol(self, addr: Any) -> CountedConnection | None:
+        host = getattr(addr, "host", "")
+        if not self.limits.admit(host):
+            self.requests.over_cap(self.name, host)
+            return None
+        try:
+            protocol = super().buildProtocol(addr)
+        except BaseException:
+            self.limits.release(host)
+            raise
+        protocol.host = host
+        return protocol
+
+    def unregisterProtocol(self, protocol: CountedConnection) -> None:
+        super().unregisterProtocol(protocol)
+        self.limits.release(protocol.host)
+
+    def logPrefix(self) -> str:
+        return self.name
+
+
+__all__ = ["CappedFactory", "DESCRIPTOR_SHARE", "HTTPLimits", "descriptor_limit"]
