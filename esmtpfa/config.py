@@ -3,7 +3,8 @@
 Parsing is pure (text + environment → ``ProviderConfig`` values), so a reload is checked
 completely before anything is swapped in.  Building reuses every instance whose
 ``ProviderConfig`` did not change, so JWKS caches and LDAP pools survive reloads, and
-reports the instances that were dropped so the caller can stop them.
+reports the instances that were dropped so the caller can stop them.  Reading the
+document and parsing its YAML or JSON within bounds is ``esmtpfa.documents``' job.
 
 Every error is a ``ConfigError`` naming the source, the provider and the problem, and never
 a configured value: params and expanded variables may be secrets.
@@ -18,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-import yaml
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 
 from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.context import normalize_domain
+from esmtpfa.documents import DEFAULT_LIMITS, DocumentLimits, load_document, read_document
 from esmtpfa.logs import logger
 from esmtpfa.providers import PROVIDER_TYPES, known_types, provider_class
 from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta
@@ -31,7 +32,6 @@ log = logger("esmtpfa.config")
 
 ITEM_KEYS = ("meta", "params")
 META_KEYS = ("name", "type", "domain", "fallback", "unique_domain_auth")
-MAX_NODES = 100_000  # YAML aliases can make a tiny file expand exponentially
 
 # `$${` is a literal `${`; `${NAME}` a variable; a `${` that is neither is an error.
 _REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[^{}]*)\}|\$\{")
@@ -146,87 +146,6 @@ def _canonical(params: Mapping[str, Any]) -> str:
 
 
 # -- parsing ---------------------------------------------------------------------------
-
-class _StrictLoader(yaml.SafeLoader):
-    """``safe_load`` that refuses duplicate keys: a second ``password:`` is a mistake."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # unhashable key: let SafeLoader report it
-                break
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_error(error: yaml.YAMLError) -> str:
-    # Never str(error): a MarkedYAMLError quotes the source line, which may be a secret.
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or type(error).__name__
-    if getattr(error, "context", None):
-        problem = f"{error.context}: {problem}"
-    if mark is None:
-        return f"malformed YAML: {problem}"
-    return f"malformed YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def _load_document(text: str, source: str) -> Any:
-    """JSON when it parses as JSON, else YAML; the parser's position in the error."""
-    def no_duplicates(pairs):
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            seen = set()
-            duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-            raise ConfigError(f"{source}: malformed JSON: duplicate key {duplicate!r}")
-        return result
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as error:
-        json_error = error
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as error:
-        if text.lstrip().startswith(("{", "[")):  # meant as JSON: its error is the useful one
-            raise ConfigError(
-                f"{source}: malformed JSON at line {json_error.lineno}, "
-                f"column {json_error.colno}: {json_error.msg}") from None
-        raise ConfigError(f"{source}: {_yaml_error(error)}") from None
-
-
-def load_document(text: str | bytes, source: str) -> Any:
-    """A config document (UTF-8, BOM allowed; JSON or YAML), parsed and size-checked."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
-    document = _load_document(text.removeprefix("\ufeff"), source)
-    _check_size(document, source)
-    return document
-
-
-def _check_size(document: Any, source: str) -> None:
-    nodes, stack = 0, [document]
-    while stack:
-        node = stack.pop()
-        nodes += 1
-        if nodes > MAX_NODES:
-            raise ConfigError(f"{source}: document too large (more than {MAX_NODES} values)")
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
 
 def _items(document: Any, source: str) -> list:
     """The provider list, from ``{"providers": [...]}`` (README) or a bare list."""
@@ -358,10 +277,14 @@ def _check_cross_rules(configs: Sequence[ProviderConfig], source: str) -> None:
 
 
 def parse_provider_document(text: str | bytes, source: str,
-                            env: Mapping[str, str] | None = None) -> list[ProviderConfig]:
-    """Parse and check a provider document (YAML or JSON) without creating any provider."""
+                            env: Mapping[str, str] | None = None,
+                            limits: DocumentLimits = DEFAULT_LIMITS) -> list[ProviderConfig]:
+    """Parse and check a provider document (YAML or JSON) without creating any provider.
+
+    Pure (no reactor, no provider), so the reloader can run it in a thread.
+    """
     env = os.environ if env is None else env
-    document = load_document(text, source)
+    document = load_document(text, source, limits, root="providers")
     configs = [_parse_item(item, index, source, env)
                for index, item in enumerate(_items(document, source))]
     _check_cross_rules(configs, source)
@@ -436,15 +359,11 @@ def load_provider_file(path: str | os.PathLike, env: Mapping[str, str] | None = 
                        previous: ProviderSet | None = None, **resources) -> BuildResult:
     """Read, parse and build a provider file in one step."""
     source = os.fspath(path)
-    try:
-        with open(source, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise ConfigError(f"{source}: cannot read: {error.strerror or error}") from None
+    data = read_document(source)
     return build_providers(parse_provider_document(data, source, env), previous, **resources)
 
 
 __all__ = [
     "BuildResult", "ConfiguredProviderSet", "ProviderConfig", "build_providers",
-    "expand_env", "load_provider_file", "parse_provider_document",
+    "expand_env", "load_provider_file", "parse_provider_document", "unknown_keys",
 ]

@@ -1,6 +1,6 @@
 """Hot reload of the provider configuration (SPEC §7): file changes, SIGHUP, config service.
 
-Every source ends in ``ProviderReloader.apply``, which parses and builds the whole new
+Every source ends in ``ProviderReloader.load``, which parses and builds the whole new
 set *before* touching the live one, so a reload either swaps in a complete, valid set or
 changes nothing:
 
@@ -13,9 +13,17 @@ changes nothing:
   only stopped after ``RETIRE_GRACE`` seconds, so a login already talking to one still
   gets its answer.
 
+Reading, hashing and parsing a document run off the reactor thread, one document at a
+time, within ``documents.DocumentLimits`` (docs/config-loading.md); only building the
+providers and swapping them in runs on the reactor.  The SHA-256 of the document in use
+and of the last one refused are remembered, so neither is parsed again when a poll sees
+it again (SIGHUP, an operator's explicit request, parses whatever is there); a refused
+document is counted and logged once, then reminded at most every ``REMIND_SECONDS``.
+
 The file is polled (stat, then a hash of the content when the stat changed or is too
 recent to trust); SIGHUP reloads it at once.  The config service is polled with
-``If-None-Match``, an optional bearer token and one deadline covering the body.
+``If-None-Match`` and ``If-Modified-Since`` from the last document it served, an optional
+bearer token and one deadline covering the body.
 """
 
 from __future__ import annotations
@@ -25,16 +33,20 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from hyperlink import URL
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from esmtpfa.auth.selection import ProviderDirectory
 from esmtpfa.config import ProviderConfig, build_providers, parse_provider_document
+from esmtpfa.documents import (
+    BYTES, DEFAULT_LIMITS, DocumentLimits, DocumentRefused, read_document)
 from esmtpfa.logs import logger
 from esmtpfa.providers.base import ConfigError, Provider
 
@@ -45,10 +57,18 @@ SERVICE = "service"
 
 #: Seconds a removed provider keeps running for the logins that already chose it.
 RETIRE_GRACE = 30.0
-#: A provider document larger than this is refused (a config is kilobytes).
-MAX_DOCUMENT = 4 * 1024 * 1024
 #: A file modified this recently may change again within the same mtime tick: re-hash it.
 RACY_NANOSECONDS = 2_000_000_000
+#: A refusal that repeats (same document, same reason) is logged again after this long.
+REMIND_SECONDS = 300.0
+
+#: Stands for a digest when a document could not be read: its reason follows.
+_UNREADABLE = "unreadable: "
+
+#: What ``ProviderReloader.load`` did with a document.
+APPLIED = "applied"      # parsed, built and swapped in
+UNCHANGED = "unchanged"  # the document already applied: nothing parsed, nothing changed
+REFUSED = "refused"      # refused now, or the document refused before (not parsed again)
 
 
 class ReloadObserver(Protocol):
@@ -58,6 +78,21 @@ class ReloadObserver(Protocol):
 class _NoObserver:
     def config_reloaded(self, source: str, ok: bool) -> None:
         pass
+
+
+#: Runs ``function(*args)`` off the reactor thread; a Deferred with its result.
+ThreadRunner = Callable[..., defer.Deferred]
+
+
+def reactor_threads(reactor: Any) -> ThreadRunner:
+    """The reactor's own thread pool: stopped (after its running jobs) with the reactor.
+
+    Parsing is serialized by the reloader, so configuration never holds more than one of
+    its threads, and every job ends within ``DocumentLimits.max_seconds``.
+    """
+    def run(function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+    return run
 
 
 def redact_url(url: str) -> str:
@@ -73,49 +108,199 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _short(digest: str | None) -> str:
+    """A digest for a log line; a failed read's reason is logged as the reason."""
+    if digest is None or digest.startswith(_UNREADABLE):
+        return "the same failure"
+    return f"sha256 {digest[:16]}..."
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What the parse thread made of one document; built on the reactor thread."""
+
+    digest: str
+    configs: tuple[ProviderConfig, ...] | None = None
+    error: str | None = None
+    seen: str | None = None  # APPLIED or REFUSED: recognised by its digest, not parsed
+    parsed: bool = False     # the parser ran (what the digests exist to save)
+
+
+def examine(read: Callable[[], bytes], source: str, env: dict[str, str] | None,
+            limits: DocumentLimits, applied: str | None, refused: str | None,
+            force: bool) -> Examined:
+    """Read, hash and (unless already known) parse one document.  Thread-safe and pure
+    apart from ``read``: never touches the reactor or the live providers.
+
+    A ``read`` that fails (no file, a body over the cap) gives its reason instead of a
+    digest, so the same failure is recognised, and counted, once.
+    """
+    try:
+        data: bytes | None = read()
+    except ConfigError as error:
+        data, reason = None, str(error)
+        digest = _UNREADABLE + reason
+    else:
+        digest = _digest(data)
+    if not force and digest == applied:
+        return Examined(digest, seen=APPLIED)
+    if not force and digest == refused:
+        return Examined(digest, seen=REFUSED)
+    if data is None:
+        return Examined(digest, error=reason)
+    try:
+        return Examined(digest, configs=tuple(
+            parse_provider_document(data, source, env, limits)), parsed=True)
+    except ConfigError as error:
+        oversized = isinstance(error, DocumentRefused) and error.limit == BYTES
+        return Examined(digest, error=str(error), parsed=not oversized)
+
+
 class ProviderReloader:
-    """Turns a provider document into the live ``ProviderSet``, or keeps the old one."""
+    """Turns a provider document into the live ``ProviderSet``, or keeps the old one.
+
+    One document is examined at a time (a ``DeferredLock``), so reloads apply in the
+    order they were asked for and configuration holds at most one thread.
+    """
 
     def __init__(self, directory: ProviderDirectory, *, reactor: Any,
                  env: dict[str, str] | None = None,
                  extra: Sequence[ProviderConfig] = (),
                  observer: ReloadObserver | None = None,
-                 loaded: bool = True, grace: float = RETIRE_GRACE):
+                 loaded: bool = True, grace: float = RETIRE_GRACE,
+                 limits: DocumentLimits = DEFAULT_LIMITS,
+                 run_in_thread: ThreadRunner | None = None):
         self._directory = directory
         self._reactor = reactor
         self._env = env
         self._extra = tuple(extra)  # always appended (the --demo provider)
         self._observer = observer or _NoObserver()
+        self._limits = limits
+        self._run_in_thread = run_in_thread or reactor_threads(reactor)
+        self._lock = defer.DeferredLock()
         self.grace = grace
         self._retiring: dict[Any, tuple[tuple[Provider, ...], Any]] = {}
+        self._stopped = False
         #: Whether a configuration has been loaded at all (for /readyz).
         self.loaded = loaded
+        #: SHA-256 of the document in use, and of the last one refused.
+        self.applied_digest: str | None = None
+        self.refused_digest: str | None = None
+        #: Documents actually parsed (not recognised by their digest): what a poll costs.
+        self.parsed = 0
+        self._last_failure: tuple[str, str] | None = None
+        self._last_failure_logged = float("-inf")
+        self._refused_reason: str | None = None
+        self._refused_logged = float("-inf")
 
-    def apply(self, document: bytes, source: str, kind: str) -> bool:
-        """Parse, build and swap in ``document``; False (and nothing changed) on error."""
+    @property
+    def limits(self) -> DocumentLimits:
+        return self._limits
+
+    @property
+    def examining(self) -> bool:
+        """Whether a document is being read, parsed or built right now."""
+        return self._lock.locked
+
+    def remember_applied(self, document: bytes) -> None:
+        """The startup document (parsed before the reactor ran): not parsed again."""
+        self.applied_digest = _digest(document)
+
+    def load(self, read: Callable[[], bytes], source: str, kind: str,
+             force: bool = False) -> defer.Deferred:
+        """Examine ``read()`` in a thread, then build and swap it in on the reactor.
+
+        Fires with APPLIED, UNCHANGED or REFUSED; never fails.  ``force`` (SIGHUP)
+        parses and applies even a document seen before.
+        """
+        return self._lock.run(
+            lambda: defer.ensureDeferred(self._load(read, source, kind, force)))
+
+    async def _load(self, read: Callable[[], bytes], source: str, kind: str,
+                    force: bool) -> str:
+        if self._stopped:
+            return UNCHANGED
         try:
-            configs = parse_provider_document(document, source, self._env)
-            result = build_providers([*configs, *self._extra],
+            examined: Examined = await self._run_in_thread(
+                examine, read, source, self._env, self._limits,
+                self.applied_digest, self.refused_digest, force)
+        except defer.CancelledError:
+            return UNCHANGED
+        except Exception:
+            log.failure("provider configuration from {source}: unexpected error",
+                        source=source)
+            self.failed(kind, source, "unexpected error (see the traceback above)")
+            return REFUSED
+        if self._stopped:
+            return UNCHANGED
+        if examined.parsed:
+            self.parsed += 1
+        if examined.seen == APPLIED:
+            if self._last_failure is not None:  # back to the document in use: healthy
+                self._last_failure = None
+                log.info("provider configuration from {source} is the one in use again",
+                         source=source)
+                self._observer.config_reloaded(kind, True)
+            return UNCHANGED
+        if examined.seen == REFUSED:
+            self.remind(source)
+            return REFUSED
+        if examined.error is not None:
+            return self._refuse(examined.digest, kind, source, examined.error)
+        return self._apply(examined, source, kind)
+
+    def _apply(self, examined: Examined, source: str, kind: str) -> str:
+        try:
+            result = build_providers([*examined.configs, *self._extra],
                                      previous=self._directory.current, reactor=self._reactor)
         except ConfigError as error:
-            self.failed(kind, source, str(error))
-            return False
+            return self._refuse(examined.digest, kind, source, str(error))
         except Exception:
             log.failure("provider configuration from {source}: unexpected error", source=source)
-            self.failed(kind, source, "unexpected error (see the traceback above)")
-            return False
+            return self._refuse(examined.digest, kind, source,
+                                "unexpected error (see the traceback above)")
         previous = self._directory.replace(result.providers)
         self.loaded = True
+        self.applied_digest = examined.digest
+        # going back to the refused document later is a change: it is examined again
+        self.refused_digest = self._refused_reason = None
+        self._last_failure = None
         self._retire(result.removed)
         self._log_changes(source, previous, result)
         self._observer.config_reloaded(kind, True)
-        return True
+        return APPLIED
+
+    def _refuse(self, digest: str, kind: str, source: str, reason: str) -> str:
+        self.refused_digest, self._refused_reason = digest, reason
+        self._refused_logged = self._reactor.seconds()
+        self.failed(kind, source, reason)
+        return REFUSED
 
     def failed(self, kind: str, source: str, reason: str) -> None:
-        """A reload that could not happen: logged with its reason, counted, nothing changes."""
-        log.warn("provider configuration from {source} NOT loaded, keeping the last good "
-                 "one: {reason}", source=source, reason=reason)
+        """A reload that could not happen: counted, nothing changes, and logged with its
+        reason -- once, then again only every ``REMIND_SECONDS`` while it repeats."""
+        now = self._reactor.seconds()
+        if (self._last_failure == (source, reason)
+                and now - self._last_failure_logged < REMIND_SECONDS):
+            log.debug("provider configuration from {source} NOT loaded (again): {reason}",
+                      source=source, reason=reason)
+        else:
+            log.warn("provider configuration from {source} NOT loaded, keeping the last "
+                     "good one: {reason}", source=source, reason=reason)
+            self._last_failure, self._last_failure_logged = (source, reason), now
         self._observer.config_reloaded(kind, False)
+
+    def remind(self, source: str) -> None:
+        """The source still offers the document refused before (not parsed again): a
+        debug line, and a warning at most every ``REMIND_SECONDS``."""
+        now = self._reactor.seconds()
+        if self._refused_reason is None or now - self._refused_logged < REMIND_SECONDS:
+            log.debug("{source}: the refused document again, not parsed", source=source)
+            return
+        self._refused_logged = now
+        log.warn("provider configuration from {source} is still the refused document "
+                 "({digest}), not examined again; keeping the last good one: {reason}",
+                 source=source, digest=_short(self.refused_digest), reason=self._refused_reason)
 
     @staticmethod
     def _log_changes(source: str, previous, result) -> None:
@@ -143,13 +328,18 @@ class ProviderReloader:
         return stop_providers(removed)
 
     def stop(self) -> defer.Deferred:
-        """Stop every provider still waiting out its grace period (service shutdown)."""
-        stops = []
-        for key, (_, call) in list(self._retiring.items()):
-            if call.active():
-                call.cancel()
-            stops.append(self._stop_retired(key))
-        return defer.DeferredList(stops).addCallback(lambda _: None)
+        """Stop every provider still waiting out its grace period (service shutdown),
+        after the document being examined, if any, is done (within its deadline)."""
+        self._stopped = True
+
+        def stop_retiring(_) -> defer.Deferred:
+            stops = []
+            for key, (_, call) in list(self._retiring.items()):
+                if call.active():
+                    call.cancel()
+                stops.append(self._stop_retired(key))
+            return defer.DeferredList(stops).addCallback(lambda _: None)
+        return self._lock.run(lambda: None).addCallback(stop_retiring)
 
 
 def stop_providers(providers: Iterable[Provider]) -> defer.Deferred:
@@ -164,19 +354,30 @@ def stop_providers(providers: Iterable[Provider]) -> defer.Deferred:
 
 
 class FileWatcher:
-    """Polls the provider file and hands changed content to the reloader."""
+    """Polls the provider file and hands changed content to the reloader.
 
-    MISSING = "missing"
+    ``stat`` runs on the reactor (cheap, no data); reading and hashing run in the
+    reloader's thread, so a large file never blocks it.
+    """
 
     def __init__(self, path: str, reloader: ProviderReloader, *, interval: float,
                  reactor: Any):
         self.path = path
         self._reloader = reloader
         self._interval = interval
+        self._read = partial(read_document, path, reloader.limits)
         self._stat = self._fingerprint()
-        self._digest = self._read_digest()
+        self._busy: defer.Deferred | None = None
+        self._remember_startup_document()
         self._loop = LoopingCall(self.check)
         self._loop.clock = reactor
+
+    def _remember_startup_document(self) -> None:
+        # Built before the reactor runs, from the file the startup load just parsed.
+        try:
+            self._reloader.remember_applied(self._read())
+        except ConfigError:
+            pass  # no file at startup: the first one that appears is parsed
 
     def _fingerprint(self):
         try:
@@ -184,13 +385,6 @@ class FileWatcher:
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-    def _read_digest(self) -> str:
-        try:
-            with open(self.path, "rb") as f:
-                return _digest(f.read(MAX_DOCUMENT + 1))
-        except OSError:
-            return self.MISSING
 
     def start(self) -> None:
         self._loop.start(self._interval, now=False)
@@ -201,45 +395,39 @@ class FileWatcher:
 
     def check(self) -> None:
         """One poll: re-read only when the stat changed or cannot be trusted yet."""
+        if self._busy is not None:
+            return  # the stat is compared again at the next tick
         stat = self._fingerprint()
         racy = stat is not None and time.time_ns() - stat[0] < RACY_NANOSECONDS
         if stat == self._stat and not racy:
             return
         self._stat = stat
-        self._load(force=False)
+        self._busy = self._load(force=False)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read and re-apply even if nothing seems to have changed."""
+        def done(result):
+            self._busy = None
+            return result
+        self._busy.addBoth(done)
+
+    def reload(self) -> defer.Deferred:
+        """SIGHUP: re-read and re-apply even if nothing seems to have changed; fires
+        with the outcome once this reload (queued behind any other) is done."""
         self._stat = self._fingerprint()
-        self._load(force=True)
+        return self._load(force=True)
 
-    def _load(self, force: bool) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_DOCUMENT + 1)
-        except OSError as error:
-            if self._digest != self.MISSING or force:  # count a disappearance once
-                self._digest = self.MISSING
-                self._reloader.failed(FILE, self.path,
-                                      f"cannot read: {error.strerror or error}")
-            return
-        digest = _digest(data)
-        if digest == self._digest and not force:
-            return
-        self._digest = digest
-        if len(data) > MAX_DOCUMENT:
-            self._reloader.failed(FILE, self.path, f"larger than {MAX_DOCUMENT} bytes")
-            return
-        self._reloader.apply(data, self.path, FILE)
+    def _load(self, force: bool) -> defer.Deferred:
+        return self._reloader.load(self._read, self.path, FILE, force=force)
 
 
 class ConfigServicePoller:
     """Polls ``--config-svc`` and hands new documents to the reloader.
 
-    ``If-None-Match`` carries the ETag of the last document that loaded, so an unchanged
-    config costs a 304; a document identical to the loaded one is not re-applied.  The
-    deadline covers connect, headers and body; redirects are not followed (the bearer
-    token must not travel to another host).
+    ``If-None-Match`` and ``If-Modified-Since`` carry the ``ETag`` and ``Last-Modified``
+    of the last document the service sent, whether it loaded or was refused (a body over
+    the byte cap included), so an unchanged config costs a 304 and a refused one is
+    neither downloaded nor parsed again; a service without validators still costs no
+    parse (the reloader knows the digests).  The deadline covers connect, headers and
+    body; redirects are not followed (the bearer token must not travel to another host).
     """
 
     def __init__(self, url: str, reloader: ProviderReloader, *, interval: float,
@@ -254,7 +442,8 @@ class ConfigServicePoller:
         self._reactor = reactor
         self._client, self._pool = new_http_client(reactor, timeout)
         self._etag: bytes | None = None
-        self._digest: str | None = None
+        self._last_modified: bytes | None = None
+        self._refused = False  # the document the validators describe was refused
         self._inflight: defer.Deferred | None = None
         self._stopped = False
         self._loop = LoopingCall(self.poll)
@@ -286,16 +475,27 @@ class ConfigServicePoller:
         headers = {"Accept": "application/json, application/yaml;q=0.9, */*;q=0.1"}
         if self._etag is not None:
             headers["If-None-Match"] = self._etag.decode("latin-1")
+        if self._last_modified is not None:
+            headers["If-Modified-Since"] = self._last_modified.decode("latin-1")
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
     async def _poll(self) -> None:
-        from esmtpfa.providers.httpcheck import describe_failure, read_body, timed_out
+        from esmtpfa.providers.httpcheck import (
+            BodyTooLarge, describe_failure, read_body, timed_out)
+        limit = self._reloader.limits.max_bytes
+
+        def body_of(response):
+            def too_large(failure: Failure):
+                failure.trap(BodyTooLarge)
+                return response, None
+            return read_body(response, limit).addCallbacks(
+                lambda body: (response, body), too_large)
+
         d = self._client.get(self.url, headers=self._headers(), allow_redirects=False,
                              unbuffered=True, reactor=self._reactor)
-        d.addCallback(lambda response: read_body(response, MAX_DOCUMENT).addCallback(
-            lambda body: (response, body)))
+        d.addCallback(body_of)
         d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timed_out)
         try:
             response, body = await d
@@ -311,17 +511,39 @@ class ConfigServicePoller:
             return
         if response.code == 304:
             log.debug("{source}: not modified", source=self.source)
+            if self._refused:
+                self._reloader.remind(self.source)
             return
         if response.code != 200:
             self._reloader.failed(SERVICE, self.source, f"HTTP {response.code}")
             return
-        etag = (response.headers.getRawHeaders(b"etag") or [None])[0]
-        digest = _digest(body)
-        if digest == self._digest:
-            self._etag = etag
+        outcome = await _shielded(self._reloader.load(
+            partial(_served, body, self.source, limit), self.source, SERVICE))
+        if self._stopped:
             return
-        if self._reloader.apply(body, self.source, SERVICE):
-            self._digest, self._etag = digest, etag
+        self._refused = outcome == REFUSED
+        self._etag = (response.headers.getRawHeaders(b"etag") or [None])[0]
+        self._last_modified = (response.headers.getRawHeaders(b"last-modified") or [None])[0]
+
+
+def _served(body: bytes | None, source: str, limit: int) -> bytes:
+    """The ``read`` of a document the service sent: ``None`` was a body over the cap."""
+    if body is None:
+        raise DocumentRefused(source, f"larger than {limit} bytes", BYTES)
+    return body
+
+
+def _shielded(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred with ``d``'s result whose cancellation leaves ``d`` running: stopping a
+    poll must not cancel a parse that holds the reloader's lock (it ends by itself within
+    its deadline, and ``ProviderReloader.stop`` waits for it)."""
+    shield = defer.Deferred()
+
+    def forward(result):
+        if not shield.called:
+            shield.callback(result)
+    d.addBoth(forward)
+    return shield
 
 
 class SighupReload:
@@ -379,11 +601,14 @@ class ReloadService(Service):
         self.poller = poller
         self._sighup = SighupReload(reactor, self.reload_now)
 
-    def reload_now(self) -> None:
+    def reload_now(self) -> defer.Deferred:
+        """Reload from whichever source is in use; fires once that reload is done."""
+        reloads = []
         if self.watcher is not None:
-            self.watcher.reload()
+            reloads.append(self.watcher.reload())
         if self.poller is not None:
-            self.poller.poll()
+            reloads.append(self.poller.poll())
+        return defer.gatherResults(reloads).addCallback(lambda _: None)
 
     def startService(self) -> None:
         super().startService()
@@ -402,5 +627,6 @@ class ReloadService(Service):
         return stopped.addBoth(lambda _: self.reloader.stop())
 
 
-__all__ = ["ConfigServicePoller", "FileWatcher", "ProviderReloader", "ReloadService",
-           "SighupReload", "redact_url", "stop_providers"]
+__all__ = ["APPLIED", "REFUSED", "UNCHANGED", "ConfigServicePoller", "FileWatcher",
+           "ProviderReloader", "ReloadService", "SighupReload", "reactor_threads",
+           "redact_url", "stop_providers"]

@@ -6,10 +6,11 @@ import json
 import os
 import textwrap
 
+from twisted.internet import defer
 from twisted.internet.defer import succeed
 from twisted.trial import unittest
 
-from esmtpfa import config, providers
+from esmtpfa import config, documents, providers
 from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.config import (
     BuildResult, ConfiguredProviderSet, ProviderConfig, build_providers, expand_env,
@@ -17,6 +18,8 @@ from esmtpfa.config import (
 from esmtpfa.providers import PROVIDER_TYPES, provider_class
 from esmtpfa.providers.base import ConfigError, ProviderMeta
 from esmtpfa.providers.userpass import UserPassProvider
+from tests.support.ports import free_port
+from tests.support.processes import Twistd
 
 ENV = {"MY_USERNAME": "alice", "MY_PASSWORD": "s3cr3t-Pa55"}
 
@@ -395,7 +398,7 @@ class LoadErrorTests(unittest.TestCase):
             lines.append(f"a{i}: &a{i} [{refs}]")
         text = "- meta: {name: p, type: jwt}\n  params:\n" + "".join(
             f"    {line}\n" for line in lines)
-        self.refused(text, "document too large")
+        self.refused(text, "more than 100000 values")
 
     def test_not_utf8(self):
         self.refused(b"- meta: {name: \xff, type: userpass}", "not UTF-8")
@@ -647,3 +650,167 @@ class ModuleTests(unittest.TestCase):
     def test_public_api(self):
         for name in config.__all__:
             self.assertTrue(hasattr(config, name), name)
+
+
+class StepClock:
+    """A clock for ``DocumentLimits`` that advances ``step`` seconds per reading, so the
+    parse deadline is tested without waiting; ``readings`` counts the loader's checks."""
+
+    def __init__(self, step: float = 0.0):
+        self.now = 0.0
+        self.step = step
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        self.now += self.step
+        return self.now
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """Nine levels of ten aliases: a few hundred bytes standing for 10**9 values."""
+    lines = ["- meta: {name: p, type: userpass}", "  params:",
+             "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, levels + 1):
+        lines.append(f"    l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+class DocumentLimitTests(unittest.TestCase):
+    """Issue 10, finding 8: bounded size, values, depth and time; the refusal names the
+    file, the entry and key the parser had reached, and the bound."""
+
+    SOURCE = "conf/providers.yaml"
+
+    def refused(self, text, limits, where, reason, limit):
+        error = self.assertRaises(documents.DocumentRefused, parse_provider_document,
+                                  text, self.SOURCE, ENV, limits)
+        at = f" {where}:" if where else ""
+        self.assertEqual(str(error), f"{self.SOURCE}:{at} document refused: {reason}")
+        self.assertEqual(error.limit, limit)
+        self.assertIsInstance(error, ConfigError)  # every caller's handling still applies
+        return error
+
+    def test_billion_laughs_is_refused_after_a_few_dozen_nodes(self):
+        clock = StepClock()
+        self.refused(billion_laughs(), documents.DocumentLimits(clock=clock),
+                     "providers[0].params.l4[7] (line 7)",
+                     "more than 100000 values (counting each YAML alias as a copy)",
+                     documents.VALUES)
+        # the loader reads its clock once per node: it stopped inside level 4, long before
+        # expanding 10**9 values
+        self.assertLess(clock.readings, 200)
+
+    def test_recursive_alias_is_refused(self):
+        self.refused("- meta: {name: p, type: userpass}\n  params: {loop: &a [*a]}",
+                     documents.DocumentLimits(), "providers[0].params.loop[0] (line 2)",
+                     "recursive YAML alias", documents.VALUES)
+
+    def test_deadline_is_checked_while_parsing(self):
+        items = "".join(f"- meta: {{name: p{n}, type: userpass}}\n" for n in range(200))
+        clock = StepClock(step=0.01)
+        self.refused(items, documents.DocumentLimits(max_seconds=1.0, clock=clock),
+                     "providers[14] (line 15)", "parsing took longer than 1 s", documents.TIME)
+        self.assertLess(clock.readings, 110)  # stopped at the deadline, not at the end
+
+    def test_the_same_document_within_its_deadline_loads(self):
+        items = "".join(f"- meta: {{name: p{n}, type: userpass}}\n" for n in range(200))
+        configs = parse_provider_document(items, self.SOURCE, ENV, documents.DocumentLimits(
+            max_seconds=1.0, clock=StepClock(step=0.0)))
+        self.assertEqual(len(configs), 200)
+
+    def test_deep_json_is_refused_without_a_traceback(self):
+        self.refused("[" * 100_000 + "]" * 100_000, documents.DocumentLimits(), "",
+                     "nested deeper than 64 levels", documents.DEPTH)
+        self.refused('{"providers": [{"params": ' + '{"a":' * 100 + "1" + "}" * 101 + "]}",
+                     documents.DocumentLimits(), "providers[0].params.a.a.a...",
+                     "nested deeper than 64 levels", documents.DEPTH)
+
+    def test_deep_yaml_is_refused(self):
+        text = "".join("  " * level + f"k{level}:\n" for level in range(100)) + "  " * 100 + "x"
+        self.refused(text, documents.DocumentLimits(), "k0.k1.k2.k3.k4.k5... (line 64)",
+                     "nested deeper than 64 levels", documents.DEPTH)
+
+    def test_too_many_json_values(self):
+        self.refused(json.dumps({"providers": [0] * 100_001}), documents.DocumentLimits(),
+                     "providers[99998]", "more than 100000 values", documents.VALUES)
+
+    def test_size_cap_before_any_parsing(self):
+        clock = StepClock()
+        self.refused("#" * 101, documents.DocumentLimits(max_bytes=100, clock=clock), "",
+                     "larger than 100 bytes", documents.BYTES)
+        self.assertEqual(clock.readings, 0)
+
+    def test_error_never_quotes_a_value(self):
+        text = ("- meta: {name: p, type: userpass}\n  params:\n    password: &pw hunter2-x\n"
+                + "".join(f"    k{n}: [*pw, *pw, *pw]\n" for n in range(50)))
+        error = self.refused(text, documents.DocumentLimits(max_values=100),
+                             "providers[0].params.k18[0] (line 22)",
+                             "more than 100 values (counting each YAML alias as a copy)",
+                             documents.VALUES)
+        self.assertNotIn("hunter2", str(error))
+
+    def test_python_scanner_gives_the_same_answers(self):
+        """Without libyaml the events come from PyYAML's own scanner: same limits."""
+        self.patch(documents, "_LOADER", documents._PythonLoader)
+        self.test_billion_laughs_is_refused_after_a_few_dozen_nodes()
+        self.test_deep_yaml_is_refused()
+        self.assertEqual(len(parse(README_YAML)), 2)
+
+
+class BoundedStartupTests(unittest.TestCase):
+    """Startup reads (the provider and the relay file) are bounded like reloads, and the
+    error names the file, the entry and the key."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as file:
+            file.write(text)
+        return path
+
+    def big_file(self, head: str) -> str:
+        return self.write(head + "#" * (documents.DEFAULT_LIMITS.max_bytes + 10))
+
+    def test_oversized_provider_file(self):
+        path = self.big_file(userpass_yaml("a"))
+        error = self.assertRaises(ConfigError, load_provider_file, path, env=ENV)
+        self.assertEqual(str(error), f"{path}: document refused: larger than 4194304 bytes")
+
+    def test_read_stops_one_byte_past_the_cap(self):
+        path = self.big_file("")
+        self.assertEqual(len(documents.read_document(path)),
+                         documents.DEFAULT_LIMITS.max_bytes + 1)
+
+    def test_oversized_relay_file(self):
+        from esmtpfa.relay.config import load_relay_file
+        path = self.big_file("relays:\n- addr: smtp.example:587\n")
+        error = self.assertRaises(ConfigError, load_relay_file, path, env={})
+        self.assertEqual(str(error), f"{path}: document refused: larger than 4194304 bytes")
+
+    def test_alias_bomb_in_the_relay_file(self):
+        from esmtpfa.relay.config import load_relay_file
+        first = "relays:\n- addr: a.example\n  user: &x0 [a, a, a, a, a, a, a, a, a, a]\n"
+        path = self.write(first + "".join(
+            f"- addr: a{n}.example\n  user: &x{n} [{', '.join([f'*x{n - 1}'] * 10)}]\n"
+            for n in range(1, 9)))
+        error = self.assertRaises(ConfigError, load_relay_file, path, env={})
+        self.assertEqual(str(error), f"{path}: relays[4].user[7] (line 11): document refused: "
+                                     "more than 100000 values (counting each YAML alias "
+                                     "as a copy)")
+
+    @defer.inlineCallbacks
+    def test_twistd_names_file_entry_and_key(self):
+        """``twistd esmtpfa --config`` as an operator runs it, with a document nested too
+        deep in one provider's params: refused at once, saying where."""
+        deep = "{a: " * 70 + "x" + "}" * 70
+        path = os.path.abspath(self.write(
+            userpass_yaml("office") + "- meta: {name: ldap1, type: userpass}\n"
+            f"  params: {{username: u, password: p, groups: {deep}}}\n"))
+        relay = Twistd(["--config", path, "--port", str(free_port())])
+        relay.start()
+        self.addCleanup(relay.stop)
+        self.assertNotEqual((yield relay.exited()), 0)
+        self.assertIn(f"provider configuration: {path}: providers[1].params.groups.a.a... "
+                      "(line 4): document refused: nested deeper than 64 levels",
+                      relay.output)
+        self.assertNotIn("Traceback", relay.output)

@@ -9,19 +9,21 @@ that answers 200, 304, 500, garbage, or nothing.  What counts is what a client s
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from esmtpfa.reload import redact_url
+from esmtpfa.reload import REMIND_SECONDS, redact_url
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, capture_logs, until
 from tests.support.relayfixture import PASSWORD, PROVIDERS, USER, RelayFixture
 from tests.support.webclient import metrics, request
+from tests.test_config import billion_laughs
 
 NS = "esmtpfa"
 SCRIPTS = """\
@@ -43,6 +45,61 @@ def auth(fixture, user: str, password: str):
 
 def log_text(events) -> str:
     return "\n".join(formatEvent(event) for event in events)
+
+
+def large_document(size: int = 3_900_000) -> str:
+    """A well-formed provider document of about ``size`` bytes (3.9 MB: under the 4 MiB
+    cap) with far more values than the limit: the shape that froze the relay for 18 s.
+    Even with libyaml's scanner, reaching the values limit takes a second or more."""
+    item = ("- meta: {{name: p{n}, type: userpass}}\n"
+            "  params: {{username: user{n}, password: 'pw-{n}-" + "x" * 60 + "'}}\n")
+    parts, total, n = ["providers:\n"], 0, 0
+    while total < size:
+        parts.append(item.format(n=n))
+        total += len(parts[-1])
+        n += 1
+    return "".join(parts)
+
+
+class ResponsiveWatch:
+    """Samples, every 10 ms on the reactor, whether a document is being examined: each
+    sample taken while one is proves the reactor ran during the parse, and the longest
+    gap between samples is how long the reactor was held (18 s before issue 10)."""
+
+    def __init__(self, case, reloader):
+        self.samples: list[bool] = []
+        self.longest_gap = 0.0
+        self._last = reactor.seconds()
+        self._reloader = reloader
+        self._loop = LoopingCall(self._tick)
+        self._loop.start(0.01, now=False)
+        case.addCleanup(self.stop)
+
+    def _tick(self) -> None:
+        now = reactor.seconds()
+        self.longest_gap, self._last = max(self.longest_gap, now - self._last), now
+        self.samples.append(bool(getattr(self._reloader, "examining", False)))
+
+    @property
+    def during_parse(self) -> int:
+        return sum(self.samples)
+
+    def assert_responsive(self, case) -> None:
+        case.assertGreaterEqual(self.during_parse, 2)  # the reactor ticked while parsing
+        # a generous bound (a loaded machine): the parse takes seconds, a tick ~10 ms
+        case.assertLess(self.longest_gap, 1.0)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+
+def login_during_parse(fixture, user: str = USER, password: str = PASSWORD):
+    """A real SMTP login (STARTTLS, AUTH) started while a document is being examined;
+    fires with (reply code, whether the parse was still going when the reply came)."""
+    reloader = fixture.service.reloader
+    return auth(fixture, user, password).addCallback(
+        lambda code: (code, reloader.examining))
 
 
 class ReloadMixin:
@@ -77,9 +134,9 @@ class ReloadMixin:
     def scrape(self):
         return metrics(self.fixture.metrics_port)
 
-    def reload_now(self) -> None:
-        """What SIGHUP does (without the signal)."""
-        self.fixture.service.getServiceNamed("reload").reload_now()
+    def reload_now(self):
+        """What SIGHUP does (without the signal); fires once the reload is done."""
+        return self.fixture.service.getServiceNamed("reload").reload_now()
 
 
 class FileReloadTests(ReloadMixin, unittest.TestCase):
@@ -224,7 +281,7 @@ class FallbackReloadTests(ReloadMixin, unittest.TestCase):
         fallback = self.directory.current.by_name["remote"]
         for n in range(1, 501):
             self.fixture.write_providers(self.document(n))
-            self.reload_now()
+            yield self.reload_now()
         self.assertEqual(self.reloads("success"), 500)
         self.assertEqual(self.reloads("failure"), 0)
         current = self.directory.current
@@ -244,7 +301,7 @@ class FallbackReloadTests(ReloadMixin, unittest.TestCase):
         login = auth(self.fixture, USER, PASSWORD)
         yield until(lambda: self.endpoint.count == 1)
         self.fixture.write_providers(self.document(1))  # another provider changes
-        self.reload_now()
+        yield self.reload_now()
         self.assertEqual((yield login), 235)
 
     @defer.inlineCallbacks
@@ -254,18 +311,92 @@ class FallbackReloadTests(ReloadMixin, unittest.TestCase):
         login = auth(self.fixture, USER, PASSWORD)
         yield until(lambda: self.endpoint.count == 1)
         self.fixture.write_providers(self.document(0, timeout="4"))  # remote itself changes
-        self.reload_now()
+        yield self.reload_now()
         self.assertIsNot(self.directory.current.by_name["remote"], old)
         self.assertEqual((yield login), 235)  # the old instance answered, not stopped yet
 
 
+class LargeDocumentFileTests(ReloadMixin, unittest.TestCase):
+    """Issue 10, finding 8: a 3.9 MB document is parsed off the reactor, and only once."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_file_watch_parses_in_a_thread_and_refuses_the_document_once(self):
+        document = large_document()  # built before the watch: the test's own cost
+        watch = ResponsiveWatch(self, self.reloader)
+        self.fixture.write_providers(document)
+        yield until(lambda: getattr(self.reloader, "examining", False), timeout=10)
+        code, still_parsing = yield login_during_parse(self.fixture)
+        self.assertEqual(code, 235)  # the running config serves logins meanwhile
+        yield self.until_reloads("failure", 1)
+        self.assertTrue(still_parsing, "the login should complete during the parse")
+        watch.assert_responsive(self)
+        # the file stays "racy" (just written) for 2 s: re-read and re-hashed at every
+        # 50 ms tick, but never parsed again, counted again or logged again
+        yield deferLater(reactor, 2.5, lambda: None)
+        self.assertEqual(self.reloader.parsed, 1)
+        self.assertEqual(self.reloads("failure"), 1)
+        text = log_text(self.events)
+        self.assertEqual(text.count("NOT loaded"), 1)
+        # the values limit or the deadline, whichever it reaches first on this machine
+        self.assertRegex(text, re.escape(os.path.abspath(self.fixture.config_path))
+                         + r": providers\[\d+\]\S* \(line \d+\): document refused: ")
+        self.assertEqual(sorted(self.directory.current.by_name), ["office", "printers"])
+
+    @defer.inlineCallbacks
+    def test_billion_laughs_is_refused_with_a_clear_error(self):
+        self.fixture.write_providers(billion_laughs())
+        yield self.until_reloads("failure", 1)
+        self.assertIn(os.path.abspath(self.fixture.config_path) + ": providers[0].params.l4[7]"
+                      " (line 7): document refused: more than 100000 values (counting each "
+                      "YAML alias as a copy)", log_text(self.events))
+        self.assertEqual((yield auth(self.fixture, USER, PASSWORD)), 235)
+
+    @defer.inlineCallbacks
+    def test_oversized_file_is_refused_unparsed(self):
+        with open(self.fixture.config_path, "w") as f:
+            f.write(PROVIDERS + "#" * (4 * 1024 * 1024))
+        yield self.until_reloads("failure", 1)
+        self.assertIn("document refused: larger than 4194304 bytes", log_text(self.events))
+        self.assertEqual(self.reloader.parsed, 0)
+
+
+class LargeDocumentSighupTests(ReloadMixin, unittest.TestCase):
+    fixture_args = ("--config-poll-interval", "3600")  # only the signal can reload
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_sighup_parses_in_a_thread_and_reparses_on_request(self):
+        document = large_document()
+        watch = ResponsiveWatch(self, self.reloader)
+        self.fixture.write_providers(document)
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield until(lambda: getattr(self.reloader, "examining", False), timeout=10)
+        code, still_parsing = yield login_during_parse(self.fixture)
+        self.assertEqual(code, 235)
+        yield self.until_reloads("failure", 1)
+        self.assertTrue(still_parsing, "the login should complete during the parse")
+        watch.assert_responsive(self)
+        self.assertEqual(self.reloader.parsed, 1)
+        # SIGHUP is the operator asking: the same document is examined again
+        yield self.reload_now()
+        self.assertEqual(self.reloader.parsed, 2)
+        self.assertEqual(self.reloads("failure"), 2)
+        # a good document after it loads, and the refusal reminder state is reset
+        self.fixture.write_providers(PROVIDERS + SCRIPTS)
+        yield self.reload_now()
+        self.assertEqual((yield auth(self.fixture, "scripts", "bot:s3cret")), 235)
+
+
 class ConfigService(Resource):
-    """A scripted config service: ``document``/``etag`` answer, ``status`` forces an
-    error, ``hang`` never answers; every request's headers are recorded."""
+    """A scripted config service: ``document``/``etag``/``last_modified`` answer (None:
+    no such validator), ``status`` forces an error, ``hang`` never answers; every
+    request's headers are recorded."""
 
     isLeaf = True
 
-    def __init__(self, document: bytes, etag: str = '"v1"'):
+    def __init__(self, document: bytes, etag: str | None = '"v1"'):
         super().__init__()
         self.document = document
         self.etag = etag
@@ -273,6 +404,9 @@ class ConfigService(Resource):
         self.hang = False
         self.requests: list[dict[str, str]] = []
         self.not_modified = 0
+        self.served = 0  # 200s with the document
+        self.last_modified: str | None = None
+        self.content_type = b"application/json"
 
     def render_GET(self, request):
         self.requests.append({name.decode().lower(): values[0].decode()
@@ -282,12 +416,21 @@ class ConfigService(Resource):
         if self.status is not None:
             request.setResponseCode(self.status)
             return b"service error\n"
-        if request.getHeader(b"if-none-match") == self.etag.encode():
+        if self.etag is not None and request.getHeader(b"if-none-match") == self.etag.encode():
             self.not_modified += 1
             request.setResponseCode(304)
             return b""
-        request.setHeader(b"etag", self.etag.encode())
-        request.setHeader(b"content-type", b"application/json")
+        if (self.last_modified is not None
+                and request.getHeader(b"if-modified-since") == self.last_modified.encode()):
+            self.not_modified += 1
+            request.setResponseCode(304)
+            return b""
+        if self.etag is not None:
+            request.setHeader(b"etag", self.etag.encode())
+        if self.last_modified is not None:
+            request.setHeader(b"last-modified", self.last_modified.encode())
+        request.setHeader(b"content-type", self.content_type)
+        self.served += 1
         return self.document
 
 
@@ -394,6 +537,119 @@ class ConfigServiceStartupTests(unittest.TestCase):
         yield until(lambda: "svc" in fixture.service.directory.current.by_name, timeout=10)
         response = yield request("GET", readyz)
         self.assertEqual(response.code, 200, response.body)
+
+
+class LargeDocumentServiceTests(unittest.TestCase):
+    """A refused document from the config service is parsed once, not at every poll."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def start(self, service: "ConfigService"):
+        self.events = capture_logs(self)
+        self.server = LoopbackHTTPServer({"providers": service}).start()
+        self.addCleanup(self.server.stop)
+        self.fixture = RelayFixture(self.mktemp(), "--config-svc",
+                                    self.server.url("/providers"),
+                                    "--config-svc-interval", "0.1",
+                                    "--config-svc-timeout", "5")
+        self.addCleanup(self.fixture.stop)
+        yield self.fixture.start()
+        self.reloader = self.fixture.service.reloader
+        yield until(lambda: "svc" in self.reloader._directory.current.by_name, timeout=10)
+
+    def failures(self) -> float:
+        registry = self.fixture.service.metrics.registry
+        return registry.get_sample_value(f"{NS}_config_reloads_total",
+                                         {"source": "service", "result": "failure"}) or 0
+
+    @defer.inlineCallbacks
+    def refused_once(self, service: "ConfigService", polls):
+        """Serve the large document; the relay stays responsive while it is parsed and
+        then never parses, counts or logs it again however often it polls."""
+        document = large_document().encode()
+        watch = ResponsiveWatch(self, self.reloader)
+        parsed = getattr(self.reloader, "parsed", 0)  # the first, good document
+        service.document = document
+        yield until(lambda: getattr(self.reloader, "examining", False), timeout=10)
+        code, still_parsing = yield login_during_parse(self.fixture, "svc",
+                                                       "robot:from-the-service")
+        self.assertEqual(code, 235)  # the last good document still serves logins
+        yield until(lambda: self.failures() >= 1, timeout=20)
+        self.assertTrue(still_parsing, "the login should complete during the parse")
+        watch.assert_responsive(self)
+        requests = len(service.requests)
+        yield until(lambda: polls() and len(service.requests) >= requests + 5, timeout=10)
+        self.assertEqual(self.failures(), 1)
+        self.assertEqual(log_text(self.events).count("NOT loaded"), 1)
+        self.assertEqual(self.reloader.parsed, parsed + 1)
+        self.assertIn("svc", self.reloader._directory.current.by_name)
+
+    @defer.inlineCallbacks
+    def test_with_etag_the_refused_document_is_not_downloaded_again(self):
+        service = ConfigService(SERVICE_DOCUMENT)
+        yield self.start(service)
+        service.etag = '"big"'
+        yield self.refused_once(service, lambda: service.not_modified >= 5)
+        self.assertEqual(service.requests[-1]["if-none-match"], '"big"')
+
+    @defer.inlineCallbacks
+    def test_with_last_modified_only(self):
+        service = ConfigService(SERVICE_DOCUMENT, etag=None)
+        service.last_modified = "Tue, 01 Dec 2026 10:00:00 GMT"
+        yield self.start(service)
+        service.last_modified = "Wed, 02 Dec 2026 10:00:00 GMT"
+        yield self.refused_once(service, lambda: service.not_modified >= 5)
+        self.assertEqual(service.requests[-1]["if-modified-since"],
+                         "Wed, 02 Dec 2026 10:00:00 GMT")
+
+    @defer.inlineCallbacks
+    def test_without_validators_the_digest_saves_the_parse(self):
+        service = ConfigService(SERVICE_DOCUMENT, etag=None)
+        yield self.start(service)
+        yield self.refused_once(service, lambda: service.served >= 6)
+
+    @defer.inlineCallbacks
+    def test_reminder_after_a_few_minutes_and_recovery(self):
+        service = ConfigService(SERVICE_DOCUMENT, etag=None)
+        yield self.start(service)
+        parsed = getattr(self.reloader, "parsed", 0)
+        service.document = billion_laughs().encode()
+        yield until(lambda: self.failures() >= 1, timeout=10)
+        self.assertIn("more than 100000 values (counting each YAML alias as a copy)",
+                      log_text(self.events))
+        served = service.served
+        yield until(lambda: service.served >= served + 3)
+        self.assertEqual(self.failures(), 1)  # not refused again at every poll
+        self.assertEqual(log_text(self.events).count("NOT loaded"), 1)
+        # pretend the refusal was logged REMIND_SECONDS ago: the next poll reminds, once
+        self.reloader._refused_logged -= REMIND_SECONDS
+        yield until(lambda: "still the refused document" in log_text(self.events))
+        served = service.served
+        yield until(lambda: service.served >= served + 3)
+        self.assertEqual(log_text(self.events).count("still the refused document"), 1)
+        self.assertEqual(self.reloader.parsed, parsed + 1)
+        service.document = SERVICE_DOCUMENT.replace(b'"svc"', b'"svc-b"')
+        yield until(lambda: "svc-b" in self.reloader._directory.current.by_name)
+        # back to the document refused before: a change from the one in use, examined again
+        service.document = billion_laughs().encode()
+        yield until(lambda: self.failures() >= 2, timeout=10)
+        self.assertEqual(self.reloader.parsed, parsed + 3)
+
+    @defer.inlineCallbacks
+    def test_oversized_body_is_refused_once_and_not_downloaded_again(self):
+        service = ConfigService(SERVICE_DOCUMENT)
+        yield self.start(service)
+        parsed = self.reloader.parsed
+        service.document, service.etag = b" " * (4 * 1024 * 1024 + 1), '"huge"'
+        yield until(lambda: self.failures() >= 1, timeout=10)
+        self.assertIn("document refused: larger than 4194304 bytes", log_text(self.events))
+        yield until(lambda: service.not_modified >= 3, timeout=10)
+        self.assertEqual(service.requests[-1]["if-none-match"], '"huge"')
+        self.assertEqual(self.failures(), 1)
+        self.assertEqual(self.reloader.parsed, parsed)
+        self.assertEqual(log_text(self.events).count("NOT loaded"), 1)
+        self.assertIn("svc", self.reloader._directory.current.by_name)
 
 
 class RedactionTests(unittest.TestCase):

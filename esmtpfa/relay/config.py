@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import os
 from typing import Any, Callable, Mapping
 
-from esmtpfa.config import expand_env, load_document, unknown_keys
+from esmtpfa.config import expand_env, unknown_keys
+from esmtpfa.documents import load_document, read_document
 from esmtpfa.providers.base import ConfigError
 from esmtpfa.relay.sasl import MECHANISMS
 from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses, redacted
@@ -169,9 +170,6 @@ def parse_relay_document(text: str | bytes, source: str, env: Mapping[str, str] 
 
 def load_relay_file(path: str, env: Mapping[str, str] | None = None,
                     default_port: int = 25) -> list[UpstreamEntry]:
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    return parse_relay_document(text, path, env, default_port)
+    """Read once at startup, before the reactor runs: synchronous, but within the same
+    ``documents.DocumentLimits`` as the provider file (docs/config-loading.md)."""
+    return parse_relay_document(read_document(path), path, env, default_port)
