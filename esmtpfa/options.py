@@ -72,6 +72,14 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_share(text: str) -> float:
+    """A fraction in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"{text!r} is not a fraction between 0 (excluded) and 1")
+    return value
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -115,6 +123,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http-tls-key", str, None, "HTTP_TLS_KEY", "TLS key for HTTP server"),
     Setting("http-allow-anonymous", None, False, "HTTP_ALLOW_ANONYMOUS", "Allow anonymous access to HTTP server"),
     Setting("http-addr", str, "", "HTTP_ADDR", "HTTP server address (empty: all interfaces)"),
+    # HTTP listeners' bounds (esmtpfa; docs/http-limits.md)
+    Setting("http-max-connections", parse_positive_int, 200, "HTTP_MAX_CONNECTIONS", "Concurrent connections per HTTP listener (submission and metrics each); more are closed at once"),
+    Setting("http-max-connections-per-ip", parse_positive_int, 20, "HTTP_MAX_CONNECTIONS_PER_IP", "Concurrent connections per client address per HTTP listener"),
+    Setting("http-header-timeout", parse_seconds, 10.0, "HTTP_HEADER_TIMEOUT", "Seconds for a whole HTTP request head (TLS handshake included), however the client spreads its bytes"),
+    Setting("http-body-timeout", parse_seconds, 30.0, "HTTP_BODY_TIMEOUT", "Seconds an HTTP request body may take beyond what --http-min-body-rate needs"),
+    Setting("http-min-body-rate", parse_positive_int, 4096, "HTTP_MIN_BODY_RATE", "Octets per second an HTTP request body must average (after --http-body-timeout)"),
+    Setting("http-idle-timeout", parse_seconds, 15.0, "HTTP_IDLE_TIMEOUT", "Seconds a kept-alive HTTP connection may stay idle between requests, and a client may leave an answer unread"),
+    Setting("http-close-grace", parse_seconds, 5.0, "HTTP_CLOSE_GRACE", "Seconds a closing HTTP connection gets to flush its answer before it is aborted"),
     # Providers, logs, metrics (original)
     Setting("config", str, "config.yaml", "PROVIDER_CONFIG", "Configuration file (YAML or JSON)"),
     Setting("config-svc", parse_http_url, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL (JSON or YAML; replaces --config)"),
@@ -144,9 +160,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-connections-per-ip", parse_positive_int, 50, "SMTP_MAX_CONNECTIONS_PER_IP", "Concurrent SMTP connections per client address"),
     Setting("max-auth-failures", parse_positive_int, 3, "SMTP_MAX_AUTH_FAILURES", "Failed AUTH attempts before the connection is closed"),
     Setting("max-auth-failures-per-ip", parse_positive_int, 30, "AUTH_MAX_FAILURES_PER_IP", "Failed logins (SMTP and HTTP) from one address within --auth-failure-window before its logins are refused (454 / HTTP 429) without asking a provider"),
-    Setting("max-auth-failures-per-user", parse_positive_int, 10, "AUTH_MAX_FAILURES_PER_USER", "Failed logins for one username within --auth-failure-window before its logins are refused"),
-    Setting("auth-failure-window", parse_seconds, 600.0, "AUTH_FAILURE_WINDOW", "Seconds a failed login counts against an address and a username"),
+    Setting("max-auth-failures-per-user", parse_positive_int, 10, "AUTH_MAX_FAILURES_PER_USER", "Failed logins for one identity (a provider and the user it is asked about) within --auth-failure-window, from any addresses, before its failed logins are answered late and refused from the addresses that failed; an address without failures is still asked (docs/login-throttle.md)"),
+    Setting("auth-failure-window", parse_seconds, 600.0, "AUTH_FAILURE_WINDOW", "Seconds a failed login counts against an address and an identity"),
+    Setting("auth-failure-max-delay", parse_seconds, 8.0, "AUTH_FAILURE_MAX_DELAY", "Longest wait, in seconds, before a failed login for an identity under attack is answered (the wait starts at 1 s and doubles)"),
     Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
+    Setting("tls-handshake-timeout", parse_seconds, 30.0, "SMTP_TLS_HANDSHAKE_TIMEOUT", "Seconds an SMTP client may take to complete its TLS handshake (implicit TLS and after STARTTLS)"),
+    Setting("close-grace", parse_seconds, 5.0, "SMTP_CLOSE_GRACE", "Seconds a closing SMTP connection may take to flush its last reply before it is aborted"),
+    Setting("command-timeout", parse_seconds, 60.0, "SMTP_COMMAND_TIMEOUT", "Seconds from the first byte of an SMTP command line to its end, however the client spreads its bytes; also where the DATA allowance starts"),
+    Setting("min-data-rate", parse_positive_int, 500, "SMTP_MIN_DATA_RATE", "Octets per second SMTP message data (DATA, BDAT) must average beyond --command-timeout"),
     Setting("received-hide-client", None, False, "SMTP_RECEIVED_HIDE_CLIENT", "Leave the client's IP address out of the Received header"),
     Setting("relay-config", str, None, "RELAY_CONFIG", "YAML/JSON file listing the relay servers in order, each with its own address, TLS and credentials (read at startup; the --relay-* flags are the defaults; replaces --relay-addr)"),
     Setting("relay-starttls", choice("opportunistic", "required", "none"), "opportunistic", "RELAY_STARTTLS", "STARTTLS toward the relay"),
@@ -160,6 +181,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("relay-pool-idle-timeout", parse_seconds, 30.0, "RELAY_POOL_IDLE_TIMEOUT", "Seconds an unused relay connection stays open"),
     Setting("relay-breaker-failures", parse_positive_int, 3, "RELAY_BREAKER_FAILURES", "Consecutive connection failures after which a relay server is skipped"),
     Setting("relay-breaker-cooldown", parse_seconds, 30.0, "RELAY_BREAKER_COOLDOWN", "Seconds a failing relay server is skipped before it is tried again"),
+    Setting("relay-rcpt-deadline", parse_seconds, 240.0, "RELAY_RCPT_DEADLINE", "Seconds within which every RCPT is answered, across all upstreams, connections and replays (RFC 5321 gives clients 5 minutes)"),
+    Setting("relay-data-deadline", parse_seconds, 540.0, "RELAY_DATA_DEADLINE", "Seconds within which the end of a message is answered, across all upstreams and replays (RFC 5321 gives clients 10 minutes); past it the client hears 451"),
+    Setting("relay-pool-client-share", parse_share, 0.5, "RELAY_POOL_CLIENT_SHARE", "Part of each relay server's connections (0 to 1) one client address or one identity may hold at once"),
     Setting("metrics-addr", str, "", "METRICS_ADDR", "Metrics and health address (empty: all interfaces)"),
     Setting("metrics-address-labels", parse_count, 100, "METRICS_ADDRESS_LABELS", "Distinct sender (and recipient) addresses used as metric labels; later ones count as 'other' (0: none)"),
     Setting("config-poll-interval", parse_seconds, 2.0, "PROVIDER_CONFIG_POLL_INTERVAL", "Seconds between checks of --config for changes (SIGHUP reloads at once)"),

@@ -25,6 +25,8 @@ from esmtpfa.auth.realm import SubmissionRealm
 from esmtpfa.auth.throttle import AuthThrottle, ThrottlingChecker
 from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
 from esmtpfa.config import ProviderConfig, build_providers, parse_provider_document
+from esmtpfa.documents import read_document
+from esmtpfa import internals
 from esmtpfa.delivery import DeliveryPolicy, RelayDelivery
 from esmtpfa.ids import new_id
 from esmtpfa.metrics import RelayMetrics
@@ -37,8 +39,9 @@ from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.tls import TLSConfigError, server_tls_options
 from esmtpfa.transport import write_through
-from esmtpfa.web.health import Check, MaildirProbe, UpstreamProbe
-from esmtpfa.web.site import metrics_site, submission_site
+from esmtpfa.web.health import Check, MaildirProbe, RelayProbe, UpstreamProbe
+from esmtpfa.web.limits import HTTPLimits
+from esmtpfa.web.site import metrics_listener, submission_listener
 
 log = logger("esmtpfa")
 
@@ -76,6 +79,10 @@ def server_settings(options) -> ServerSettings:
         max_line_length=options["max-line-length"],
         max_auth_failures=options["max-auth-failures"],
         idle_timeout=options["idle-timeout"],
+        tls_handshake_timeout=options["tls-handshake-timeout"],
+        close_grace=options["close-grace"],
+        command_timeout=options["command-timeout"],
+        min_data_rate=options["min-data-rate"],
         allow_insecure_auth=options["allow-insecure-auth"],
         allow_anonymous=options["allow-anonymous-auth"],
         smtputf8=options["enable-smtp-utf8"],
@@ -115,7 +122,10 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
             size=options["relay-pool-size"],
             idle_timeout=options["relay-pool-idle-timeout"],
             breaker_failures=options["relay-breaker-failures"],
-            breaker_cooldown=options["relay-breaker-cooldown"]))
+            breaker_cooldown=options["relay-breaker-cooldown"],
+            rcpt_deadline=options["relay-rcpt-deadline"],
+            data_deadline=options["relay-data-deadline"],
+            client_share=options["relay-pool-client-share"]))
     else:
         relay = MaildirRelay(os.path.abspath(options["maildir"]))
     if options["relay-from"]:
@@ -164,12 +174,8 @@ def load_providers(options, reactor) -> ProviderSet:
     configs: list[ProviderConfig] = []
     try:
         if not options["config-svc"] and os.path.exists(path):
-            try:
-                with open(path, "rb") as file:
-                    data = file.read()
-            except OSError as error:
-                raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-            configs = parse_provider_document(data, path)
+            # Before the reactor runs: synchronous, within the same DocumentLimits.
+            configs = parse_provider_document(read_document(path), path)
         elif not options["config-svc"] and not options.defaulted("config"):
             raise ConfigError(f"no such file: {path}")
         return build_providers([*configs, *extra_configs(options)], reactor=reactor).providers
@@ -236,8 +242,9 @@ class RelayService(MultiService):
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
         self.throttle = AuthThrottle(
             per_address=self.options["max-auth-failures-per-ip"],
-            per_username=self.options["max-auth-failures-per-user"],
-            window=self.options["auth-failure-window"], clock=self.reactor)
+            per_identity=self.options["max-auth-failures-per-user"],
+            window=self.options["auth-failure-window"], clock=self.reactor,
+            max_delay=self.options["auth-failure-max-delay"])
         checkers = [ThrottlingChecker(
             ProviderSelector(self.directory, observer=self.metrics), self.throttle)]
         if self.anonymous_allowed:
@@ -285,22 +292,27 @@ class RelayService(MultiService):
             self._listen("tls", options["addr"], options["tls-port"],
                          TLSMemoryBIOFactory(tls_options, False, factory))
         if options["http"]:
-            site = submission_site(self.portal, self.settings, reactor=self.reactor,
-                                   allow_anonymous=options["http-allow-anonymous"])
             http_tls = options.get("http-tls-options") or load_tls_options(
                 options, "http-tls", "HTTP TLS")
-            if http_tls is not None:
-                site = TLSMemoryBIOFactory(http_tls, False, site)
-            self._listen("http", options["http-addr"], options["http-port"], site)
+            # caps (outermost, before TLS), then TLS, then the guarded HTTP channel
+            listener = submission_listener(
+                self.portal, self.settings, reactor=self.reactor,
+                allow_anonymous=options["http-allow-anonymous"],
+                limits=HTTPLimits.from_options(options), tls_options=http_tls)
+            self._listen("http", options["http-addr"], options["http-port"], listener)
         self.upstream_probe = self._upstream_probe()
         self._listen("metrics", options["metrics-addr"], options["metrics-port"],
-                     metrics_site(self.metrics, self._providers_ready, self.upstream_probe,
-                                  reactor=self.reactor))
+                     metrics_listener(self.metrics, self._providers_ready,
+                                      self.upstream_probe, reactor=self.reactor,
+                                      limits=HTTPLimits.from_options(options)))
 
     def _upstream_probe(self):
         entries = self.options["relay-upstreams"]
-        if entries:  # the preferred upstream
-            return UpstreamProbe(self.reactor, entries[0].host, entries[0].port)
+        if entries:  # the pools and breakers first, the preferred upstream when they know nothing
+            from esmtpfa.relay.upstream import SMTPRelay
+            probe = UpstreamProbe(self.reactor, entries[0].host, entries[0].port)
+            relays = [r for r in unwrap(self.relay) if isinstance(r, SMTPRelay)]
+            return RelayProbe(relays[0], probe) if relays else probe
         return MaildirProbe(os.path.abspath(self.options["maildir"]))
 
     def _providers_ready(self) -> Check:
@@ -315,8 +327,7 @@ class RelayService(MultiService):
 
     def _listen(self, name: str, addr: str, port: int, factory) -> None:
         endpoint = server_endpoint(self.reactor, addr, port)
-        service = StreamServerEndpointService(endpoint, factory)
-        service._raiseSynchronously = True  # a port in use must stop startup, loudly
+        service = internals.listening_service(endpoint, factory)  # a port in use stops startup
         service.setName(name)
         service.setServiceParent(self)
 
@@ -375,7 +386,7 @@ class RelayService(MultiService):
         """A Deferred firing with ``{listener name: IListeningPort}`` once all listen."""
         from twisted.internet.defer import gatherResults
         services = [s for s in self if isinstance(s, StreamServerEndpointService)]
-        waits = [s._waitingForPort for s in services]
+        waits = [internals.port_of(s) for s in services]
         names = [s.name for s in services]
         return gatherResults(waits).addCallback(lambda ports: dict(zip(names, ports)))
 
