@@ -61,7 +61,9 @@ class Wire:
         self.pending.extend(data)
 
     def registerProducer(self, producer, streaming: bool) -> None:
-        self.producer = producer
+        # A streaming producer is resumed only after the transport paused it, which an
+        # unbounded in-memory wire never does; only a pull producer is driven by pump.
+        self.producer = None if streaming else producer
 
     def unregisterProducer(self) -> None:
         self.producer = None

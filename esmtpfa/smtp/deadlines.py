@@ -63,8 +63,8 @@ class ClientDeadline:
     ``expired(stage)`` is called once when the stage's allowance runs out.
     """
 
-    __slots__ = ("_clock", "_sweeper", "_stage", "_settings", "_started", "_received",
-                 "_expired")
+    __slots__ = ("_clock", "_sweeper", "_stage", "_armed", "_settings", "_started",
+                 "_received", "_expired")
 
     def __init__(self, sweeper: Sweeper, clock: IReactorTime, settings,
                  expired: Callable[[Stage], None]):
@@ -73,13 +73,14 @@ class ClientDeadline:
         self._settings = settings
         self._expired = expired
         self._stage: Stage | None = None
+        self._armed = False  # whether the sweeper holds our due time
         self._started = 0.0
         self._received = 0
 
     @property
     def stage(self) -> Stage | None:
         """The running stage; None while the client waits for us, or after ``stop``."""
-        return self._stage if self._sweeper.armed(self) else None
+        return self._stage if self._armed else None
 
     def handshake(self) -> None:
         self._enter(Stage.HANDSHAKE, self._settings.tls_handshake_timeout)
@@ -100,7 +101,7 @@ class ClientDeadline:
     def received(self, octets: int) -> None:
         """Bytes arrived.  Only in the data stage do they earn time, at the minimum rate;
         a partial command line or handshake earns nothing."""
-        if self._stage is Stage.DATA and self._sweeper.armed(self):
+        if self._stage is Stage.DATA and self._armed:
             self._received += octets
             now = self._clock.seconds()
             earned = (self._started + self._settings.command_timeout
@@ -109,17 +110,19 @@ class ClientDeadline:
 
     def waiting(self) -> None:
         """The client waits for our answer: its clock stops until a stage is entered."""
+        self._armed = False
         self._sweeper.clear(self)
 
-    def stop(self) -> None:
-        self._sweeper.clear(self)
+    stop = waiting  # the connection is gone
 
     def _enter(self, stage: Stage, seconds: float) -> None:
         self._stage = stage
+        self._armed = True
         self._sweeper.set(self, seconds)
 
     def fire(self) -> None:
         """Called by the sweeper, once, when the stage's allowance has run out."""
+        self._armed = False
         self._expired(self._stage)
 
 

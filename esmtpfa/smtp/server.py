@@ -274,9 +274,9 @@ class ESMTPServer(Protocol):
         self._buffer += data
         self._process()
 
-    def _process(self) -> None:
+    def _process(self, progressed: bool = False) -> None:
         """Handle buffered input until it runs out, a reply is pending, or the client
-        stops reading our replies."""
+        stops reading our replies.  ``progressed``: a command was answered before."""
         if self._in_process:
             return
         self._in_process = True
@@ -292,11 +292,12 @@ class ESMTPServer(Protocol):
                     if line is None:
                         break
                     self._dispatch(line)
-                if not (self._waiting or self._closing or self._reader is not None
-                        or self._chunk is not None):
-                    self._next_command()
+                progressed = True
         finally:
             self._in_process = False
+        if progressed and not (self._waiting or self._closing or self._reader is not None
+                               or self._chunk is not None):
+            self._next_command()
         # RFC 2920 §3.2: while the client's pipelined commands are still queued behind one
         # that waits (a RCPT the upstream is judging), hold the replies so far: they leave
         # together with the later ones, in one packet, when the queue runs dry.
@@ -305,9 +306,10 @@ class ESMTPServer(Protocol):
         self._flow_control()
 
     def _next_command(self) -> None:
-        """A command was answered: the client's clock starts again for the next one,
-        already begun when it was pipelined behind this one.  (After STARTTLS the
-        handshake's own deadline runs until ``handshakeCompleted``.)"""
+        """Commands were answered: the client's clock starts again for the next one,
+        already begun when a part of it was pipelined behind them (the complete ones were
+        executed at once).  After STARTTLS the handshake's own deadline runs until
+        ``handshakeCompleted``."""
         if self._deadline.stage is Stage.HANDSHAKE:
             return
         if self._buffer:
@@ -402,9 +404,7 @@ class ESMTPServer(Protocol):
         self._waiting = False
         if self._closing:
             return
-        if self._reader is None and self._chunk is None:
-            self._next_command()
-        self._process()
+        self._process(progressed=True)
 
     # -- session commands ---------------------------------------------------------------
 
