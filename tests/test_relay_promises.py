@@ -32,7 +32,17 @@ GARBAGE_AFTER_THE_DOT = {
 }
 
 
-class PoolAfterStreamingTests(FaultTestCase):
+class PromiseTestCase(FaultTestCase):
+    async def relay_to(self, upstream: RecordingUpstream, *flags: str) -> RelayFixture:
+        """The whole relay in front of ``upstream``, over a cleartext hop."""
+        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none", *flags,
+                               upstream=upstream)
+        self.addCleanup(fixture.stop)
+        await fixture.start()
+        return fixture
+
+
+class PoolAfterStreamingTests(PromiseTestCase):
     """Finding 1: a message streamed through the producer left it registered on a
     cleartext connection; the next message on that pooled connection failed (451 4.3.0)
     and the slot was never freed (451 4.4.5 for everybody after)."""
@@ -59,10 +69,7 @@ class PoolAfterStreamingTests(FaultTestCase):
                     return "252 2.1.0 odd"  # once: a reused session would then work
             return None
         upstream = RecordingUpstream(script=script)
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                               "--relay-pool-size", "1", upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream, "--relay-pool-size", "1")
         [first] = await self.session(fixture, lambda c: [c.send()])
         self.assertEqual(first[1][0], 451, first)
         [second] = await self.session(fixture, lambda c: [c.send()])
@@ -73,7 +80,7 @@ class PoolAfterStreamingTests(FaultTestCase):
         self.assertEqual(len(upstream.accepted), 1)
 
 
-class NoDuplicatesTests(FaultTestCase):
+class NoDuplicatesTests(PromiseTestCase):
     """Finding 2: after the final dot the outcome is unknown; the relay never sends the
     message again (it did, three times per client attempt)."""
 
@@ -82,10 +89,7 @@ class NoDuplicatesTests(FaultTestCase):
             upstream = RecordingUpstream(
                 script=lambda session, verb, line, answer=answer:
                 answer if verb == END_OF_DATA else None)
-            fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                                   "--relay-timeout", "2", upstream=upstream)
-            self.addCleanup(fixture.stop)
-            await fixture.start()
+            fixture = await self.relay_to(upstream, "--relay-timeout", "2")
             stepwise, pipelined = await self.session(fixture, lambda c: [
                 c.send(pipelined=False), c.send()])
             for replies in (stepwise, pipelined):
@@ -109,17 +113,14 @@ class NoDuplicatesTests(FaultTestCase):
         self.assertEqual(second.messages, [])
 
 
-class DeadlineTests(FaultTestCase):
+class DeadlineTests(PromiseTestCase):
     """Finding 9: an upstream that accepts RCPT and never answers DATA kept the client
     waiting attempts × --relay-timeout (900 s by default), past its own patience."""
 
     async def test_data_never_answered(self):
         upstream = RecordingUpstream(stall_at="DATA")
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                               "--relay-timeout", "3", "--relay-data-deadline", "2",
-                               upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream, "--relay-timeout", "3",
+                                      "--relay-data-deadline", "2")
         started = reactor.seconds()
         [replies] = await self.session(fixture, lambda c: [c.send(pipelined=False)])
         elapsed = reactor.seconds() - started
@@ -132,11 +133,8 @@ class DeadlineTests(FaultTestCase):
 
     async def test_silence_after_the_dot_says_duplicate_possible(self):
         upstream = RecordingUpstream(stall_at=END_OF_DATA)
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                               "--relay-data-timeout", "30", "--relay-data-deadline", "2",
-                               upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream, "--relay-data-timeout", "30",
+                                      "--relay-data-deadline", "2")
         [replies] = await self.session(fixture, lambda c: [c.send()])
         self.assertEqual(replies[-1][0], 451, replies)
         self.assertTrue(replies[-1][1].startswith("4.4.7"), replies)
@@ -148,17 +146,14 @@ class DeadlineTests(FaultTestCase):
         self.assertTrue(upstream.sessions[0].closed)
 
 
-class FairShareTests(FaultTestCase):
+class FairShareTests(PromiseTestCase):
     """Finding 5: a session in DATA holds a pooled upstream connection; one client that
     trickles DATA on many connections could hold them all."""
 
     async def test_one_client_cannot_hold_every_connection(self):
         upstream = RecordingUpstream()
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                               "--relay-pool-size", "2", "--relay-connect-timeout", "1",
-                               upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream, "--relay-pool-size", "2",
+                                      "--relay-connect-timeout", "1")
 
         def script():
             # Alice opens two transactions and never finishes their content.
@@ -184,15 +179,13 @@ class FairShareTests(FaultTestCase):
         self.assertEqual([r[0] for r in printer], [250, 250, 354, 250])
 
 
-class FirstRecipientTests(FaultTestCase):
+class FirstRecipientTests(PromiseTestCase):
     """Finding 10: a first recipient the relay's own address check refuses made every
     later, valid recipient of the transaction get 553 naming the first one."""
 
     async def test_later_recipients_get_their_own_verdict(self):
         upstream = RecordingUpstream()
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none", upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream)
         [replies] = await self.session(fixture, lambda c: [
             c.send(rcpts=('"x>y"@example.net', "bob@example.net"))])
         codes = [r[0] for r in replies]
@@ -252,7 +245,7 @@ class RewriteOffTheReactorTests(unittest.TestCase):
         self.assertTrue(ticks or not ticker.active())
 
 
-class ReadinessTests(FaultTestCase):
+class ReadinessTests(PromiseTestCase):
     """Finding 10 and the /readyz item: readiness comes from the pools and breakers;
     a probe does not open an upstream connection (and log two lines) every time."""
 
@@ -262,9 +255,7 @@ class ReadinessTests(FaultTestCase):
 
     async def test_probes_cost_the_upstream_nothing_while_mail_flows(self):
         upstream = RecordingUpstream()
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none", upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream)
         [replies] = await self.session(fixture, lambda c: [c.send()])
         self.assertEqual(replies[-1][0], 250)
         before = upstream.connection_count
@@ -288,11 +279,8 @@ class ReadinessTests(FaultTestCase):
 
     async def test_exhausted_pool_is_not_ready(self):
         upstream = RecordingUpstream()
-        fixture = RelayFixture(self.mktemp(), "--relay-starttls", "none",
-                               "--relay-pool-size", "1", "--relay-connect-timeout", "5",
-                               upstream=upstream)
-        self.addCleanup(fixture.stop)
-        await fixture.start()
+        fixture = await self.relay_to(upstream, "--relay-pool-size", "1",
+                                      "--relay-connect-timeout", "5")
         holder = await fixture.run(lambda: Client(fixture))
         waiter = await fixture.run(lambda: _printer(fixture))
         await fixture.run(lambda: holder.session.send(
