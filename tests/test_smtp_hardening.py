@@ -365,3 +365,50 @@ class RefusedFirstRecipientTests(unittest.TestCase):
             self.assertEqual([m.rcpts for m in fixture.upstream.messages],
                              [["bob@example.net"]])
         return fixture.run(script).addCallback(check)
+
+
+class LoginGoneTests(unittest.TestCase):
+    """A login still in flight when its client disconnects is cancelled: the provider
+    is not waited for, and a delay the login throttle holds for a guess ends with the
+    connection instead of keeping a timer (docs/login-throttle.md)."""
+
+    def test_disconnect_cancels_the_pending_login(self):
+        import base64
+
+        from twisted.cred.portal import Portal
+        from twisted.internet import task
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        from zope.interface import implementer
+        from twisted.cred.checkers import ICredentialsChecker
+
+        from esmtpfa.auth.credentials import ISubmissionCredentials
+        from esmtpfa.auth.realm import SubmissionRealm
+        from esmtpfa.smtp.factory import SMTPServerFactory
+        from esmtpfa.smtp.settings import ServerSettings
+
+        cancelled = []
+
+        @implementer(ICredentialsChecker)
+        class SlowChecker:
+            credentialInterfaces = (ISubmissionCredentials,)
+
+            def requestAvatarId(self, credentials):
+                return defer.Deferred(lambda d: cancelled.append(True))
+
+        clock = task.Clock()
+        factory = SMTPServerFactory(
+            ServerSettings(hostname="relay.test", allow_insecure_auth=True),
+            Portal(SubmissionRealm(lambda identity: None), [SlowChecker()]), reactor=clock)
+        peer = IPv4Address("TCP", "127.0.0.1", 1025)
+        server = factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        server.makeConnection(transport)
+        token = base64.b64encode(b"\0alice\0guess").decode()
+        server.dataReceived(f"EHLO client.example\r\nAUTH PLAIN {token}\r\n".encode())
+        self.assertEqual(cancelled, [])
+        server.connectionLost(None)
+        self.assertEqual(cancelled, [True])
+        self.assertNotIn(b"235", transport.value())
+        factory.stopFactory()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -131,6 +131,7 @@ class ESMTPServer(Protocol):
         self._identity = None
         self._avatar = None
         self._logout = None
+        self._login_in_flight: defer.Deferred | None = None  # cancelled if the client goes
         self._auth_failures = 0
         self._sasl: sasl.Mechanism | None = None
         self._sasl_failed = False
@@ -203,6 +204,10 @@ class ESMTPServer(Protocol):
             self._abort_call.cancel()
         self._abort_call = None
         self._closing = True
+        if self._login_in_flight is not None:
+            # Nobody is left to answer: stop asking the provider, and stop any delay
+            # the login throttle holds for this attempt (docs/login-throttle.md).
+            self._login_in_flight.cancel()
         self._reset_transaction()
         if self._logout is not None:
             self._logout()
@@ -550,7 +555,14 @@ class ESMTPServer(Protocol):
             offer.username, offer.secret, context, bearer=offer.bearer,
             mechanism=mechanism.name)
         started = time.monotonic()
-        d = self.factory.portal.login(credentials, None, IMessageDelivery)
+        d = self._login_in_flight = self.factory.portal.login(
+            credentials, None, IMessageDelivery)
+
+        def settled(result):
+            self._login_in_flight = None
+            return result
+
+        d.addBoth(settled)
 
         def succeeded(result):
             _, avatar, logout = result
@@ -567,6 +579,8 @@ class ESMTPServer(Protocol):
             return replies.AUTH_OK
 
         def failed(failure: Failure):
+            if failure.check(defer.CancelledError) and self._closing:
+                return None  # the client went away while we asked: nobody to answer
             log.info("{connection_id} AUTH {mechanism} failed for user {user!r}: {why}",
                      connection_id=self.id, mechanism=mechanism.name,
                      user=offer.username[:64], why=failure.type.__name__)

@@ -76,6 +76,7 @@ class SubmissionChannel(GuardedChannel):
 
     over_limit_drain = DRAIN_AUTHENTICATED
     _held_size = 0
+    _login_in_flight: defer.Deferred | None = None
 
     def connectionMade(self) -> None:
         self._held: list[bytes] = []
@@ -94,11 +95,24 @@ class SubmissionChannel(GuardedChannel):
         self._held, self._held_size = [], 0
         self.transport.pauseProducing()
         context = request_context(request, self.connection_id)
-        d = defer.ensureDeferred(self.site.header_login.login(
+        d = self._login_in_flight = defer.ensureDeferred(self.site.header_login.login(
             request.getHeader(b"authorization"), context))
+        d.addBoth(self._settled)
         d.addCallbacks(self._logged_in, self._login_refused,
                        callbackArgs=(request,), errbackArgs=(request,))
         d.addErrback(self._failed)
+
+    def _settled(self, result: Any) -> Any:
+        self._login_in_flight = None
+        return result
+
+    def connectionLost(self, reason: Failure) -> None:
+        in_flight = self._login_in_flight
+        super().connectionLost(reason)
+        if in_flight is not None:
+            # Nobody is left to answer: stop asking the provider, and stop any delay
+            # the login throttle holds for this attempt (docs/login-throttle.md).
+            in_flight.cancel()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._phase is Phase.LOGIN:
@@ -125,6 +139,8 @@ class SubmissionChannel(GuardedChannel):
             self.rawDataReceived(held)
 
     def _login_refused(self, failure: Failure, request: SubmissionRequest) -> None:
+        if failure.check(defer.CancelledError) and self._phase is Phase.CLOSED:
+            return  # the client went away while it was being logged in
         if failure.check(HTTPError) is None:
             log.failure("{connection_id} HTTP login failed", failure,
                         connection_id=self.connection_id)
