@@ -8,6 +8,11 @@ document and parsing its YAML or JSON within bounds is ``esmtpfa.documents``' jo
 
 Every error is a ``ConfigError`` naming the source, the provider and the problem, and never
 a configured value: params and expanded variables may be secrets.
+
+An entry's optional ``policy`` block (``esmtpfa.policy``, ``docs/policy.md``) is parsed
+here with the rest, so a typo in it fails the load or the reload like any other, and it
+is part of what makes a provider "changed": a reload that changes a policy makes a new
+instance, which the logins after the reload use.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.context import normalize_domain
 from esmtpfa.documents import DEFAULT_LIMITS, DocumentLimits, load_document, read_document
 from esmtpfa.logs import logger
+from esmtpfa.policy import POLICY_KEYS, Policy, parse_policy
 from esmtpfa.providers import PROVIDER_TYPES, known_types, provider_class
 from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta
 
 log = logger("esmtpfa.config")
 
-ITEM_KEYS = ("meta", "params")
+ITEM_KEYS = ("meta", "params", "policy")
 META_KEYS = ("name", "type", "domain", "fallback", "unique_domain_auth")
 
 # `$${` is a literal `${`; `${NAME}` a variable; a `${` that is neither is an error.
@@ -52,11 +58,14 @@ class ProviderConfig:
     params_json: str = "{}"
     source: str = field(default="<config>", compare=False)
     index: int = field(default=0, compare=False)
+    policy: Policy = field(default_factory=Policy)
 
     @classmethod
     def create(cls, meta: ProviderMeta, params: Mapping[str, Any] | None = None,
-               source: str = "<config>", index: int = 0) -> "ProviderConfig":
-        return cls(meta, _canonical(params or {}), source, index)
+               source: str = "<config>", index: int = 0,
+               policy: Policy | None = None) -> "ProviderConfig":
+        return cls(meta, _canonical(params or {}), source, index,
+                   policy if policy is not None else Policy())
 
     @property
     def params(self) -> dict[str, Any]:
@@ -68,7 +77,7 @@ class ProviderConfig:
         return f"{self.source}: {_who(self.meta.name, self.index)}"
 
     def __repr__(self) -> str:  # params may hold secrets
-        return f"ProviderConfig(meta={self.meta!r}, params=<redacted>)"
+        return f"ProviderConfig(meta={self.meta!r}, params=<redacted>, policy={self.policy!r})"
 
 
 class ConfiguredProviderSet(ProviderSet):
@@ -255,7 +264,25 @@ def _parse_item(item: Any, index: int, source: str, env: Mapping[str, str]) -> P
         raise error(str(problem), name) from None
     if provider_meta.unique_domain_auth and not provider_meta.domain:
         raise error("unique_domain_auth requires a domain", name)
-    return ProviderConfig.create(provider_meta, params, source, index)
+    return ProviderConfig.create(provider_meta, params, source, index,
+                                 _policy(item.get("policy"), type_name, env, error, name))
+
+
+def _policy(block: Any, type_name: str, env: Mapping[str, str], error, name: str) -> Policy:
+    """The entry's ``policy`` block; an error names file, entry and key (``policy.…``)."""
+    if block is None:
+        return Policy()
+    if isinstance(block, dict):
+        problem = unknown_keys(block, POLICY_KEYS, "policy")
+        if problem:
+            raise error(problem, name)
+    try:
+        if isinstance(block, dict):
+            block = {key: _expand_tree(value, f"policy.{key}", env)
+                     for key, value in block.items()}
+        return parse_policy(block, type_name)
+    except ConfigError as problem:
+        raise error(f"policy: {problem}", name) from None
 
 
 @dataclass(frozen=True)
@@ -310,8 +337,14 @@ def _located(config: ProviderConfig, message: str) -> str:
 
 def _create(config: ProviderConfig, resources: Mapping[str, Any]) -> Provider:
     try:
-        return provider_class(config.meta.type).from_params(
+        provider = provider_class(config.meta.type).from_params(
             config.meta, config.params, **resources)
+        # Before anyone can use the instance: the policy never changes on a live one.
+        provider.policy = config.policy
+        if config.policy.senders is None:
+            log.info("provider {provider}: no sender rules in a policy block: its users "
+                     "may send as any address (docs/policy.md)", provider=config.meta.name)
+        return provider
     except ConfigError as error:
         raise ConfigError(_located(config, str(error))) from None
     except Exception as error:

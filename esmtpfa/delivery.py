@@ -7,6 +7,13 @@ verdict and refused ones are simply not part of the message.  The content is spo
 the client's final reply is the relay's verdict, so a ``250`` always means the upstream
 accepted the message (SPEC §5).  Content the client got wrong (too big, bare line ends,
 overlong lines) never reaches the upstream, not even in part.
+
+The identity's policy (issue 11, ``esmtpfa.policy``, ``docs/policy.md``) is enforced here,
+for SMTP and HTTP alike: a sender it does not allow is refused at MAIL, before the
+upstream hears of the transaction (``553 5.7.1``); with ``check_header_from`` the From:
+header is collected while the content streams in and checked at the final dot, before any
+content goes upstream (``550 5.7.1``).  Both raise ``PolicyRefusal``, which the HTTP API
+answers with 403.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import time
 from typing import Callable, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -24,6 +31,7 @@ from esmtpfa.auth.selection import Identity
 from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMORY_LIMIT
+from esmtpfa.policy import HeaderFromScanner, SenderRules, first_refused, from_addresses
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.interfaces import IMessageDelivery, ITransaction
@@ -37,6 +45,24 @@ RELAY_ERROR = Reply(451, "4.3.0", "Local error while relaying, try again later")
 ACCEPTED = "accepted"
 ERROR = "error"  # a local failure that is not a RelayError (a bug): 451 to the client
 
+#: ``reason`` of a policy refusal (the ``policy_rejections_total`` label).
+MAIL_FROM = "mail_from"
+HEADER_FROM = "header_from"
+#: From fields up to this many octets are parsed at once; bigger ones in a thread
+#: (``getaddresses`` takes a few ms per KiB of hostile input).
+INLINE_FROM_BYTES = 1024
+#: The longest address a refusal quotes (RFC 5321 §4.5.3.1.3: a path is 256 octets).
+SHOWN_ADDRESS = 256
+
+
+class PolicyRefusal(SMTPReplyError):
+    """The identity's policy does not allow this sender (``reason``: ``mail_from`` or
+    ``header_from``).  An ``SMTPReplyError``, so the SMTP server simply answers it."""
+
+    def __init__(self, reply: Reply, reason: str):
+        super().__init__(reply)
+        self.reason = reason
+
 
 class DeliveryObserver(Protocol):
     """Told the outcome of every message handed to the relay (metrics plug in here)."""
@@ -44,11 +70,29 @@ class DeliveryObserver(Protocol):
     def relayed(self, identity: Identity, envelope: Envelope, size: int, outcome: str,
                 seconds: float) -> None: ...
 
+    def policy_rejected(self, identity: Identity, reason: str) -> None:
+        """A sender refused by the identity's policy."""
+
 
 class _NoObserver:
     def relayed(self, identity: Identity, envelope: Envelope, size: int, outcome: str,
                 seconds: float) -> None:
         pass
+
+    def policy_rejected(self, identity: Identity, reason: str) -> None:
+        pass
+
+
+def sender_rules(identity: Identity) -> SenderRules | None:
+    """The identity's sender rules; None when its provider has none (any sender)."""
+    policy = getattr(identity, "policy", None)
+    return policy.senders if policy is not None else None
+
+
+def _shown(address: str) -> str:
+    """An address for a reply or a log line: bounded, without control characters."""
+    text = "".join(c if c.isprintable() else "?" for c in address[:SHOWN_ADDRESS])
+    return text + ("…" if len(address) > SHOWN_ADDRESS else "")
 
 
 @dataclass(frozen=True)
@@ -97,8 +141,9 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
         if failure.check(RelayError):
             error = failure.value
             outcome(error.reason)
-            log.info("{connection_id} message {message_id} not relayed ({reason}): {detail}",
-                     connection_id=message.connection_id, message_id=message.id,
+            log.info("{connection_id} message {message_id} for {identity} not relayed "
+                     "({reason}): {detail}", connection_id=message.connection_id,
+                     message_id=message.id, identity=message.identity,
                      reason=error.reason, detail=str(error))
             raise SMTPReplyError(error.reply)
         outcome(ERROR)
@@ -127,6 +172,9 @@ class RelayTransaction:
         self._spool = MessageSpool(delivery.policy.spool_memory_limit)
         self._upstream: IRelayTransaction | None = None
         self._too_big: int | None = None
+        rules = sender_rules(delivery.identity)
+        self._header_from = (HeaderFromScanner()
+                             if rules is not None and rules.check_header_from else None)
         # The trace header is known at MAIL: its size is part of what the upstream gets.
         envelope = envelope_from_params(mail_from, (), params)
         self._prefix = received_header(
@@ -189,10 +237,11 @@ class RelayTransaction:
                         message_id=self.id)
         if failure.check(RelayError):
             error = failure.value
-            log.info("{connection_id} message {message_id}: {command} {what} refused "
-                     "({reason}): {reply}", connection_id=self._context.connection_id,
-                     message_id=self.id, command=command, what=what, reason=error.reason,
-                     reply=str(error.reply))
+            log.info("{connection_id} message {message_id} for {identity}: {command} "
+                     "{what} refused ({reason}): {reply}",
+                     connection_id=self._context.connection_id, message_id=self.id,
+                     identity=delivery.identity, command=command, what=what,
+                     reason=error.reason, reply=str(error.reply))
             raise SMTPReplyError(error.reply)
         log.failure("{connection_id} message {message_id}: {command} failed", failure,
                     connection_id=self._context.connection_id, message_id=self.id,
@@ -202,6 +251,8 @@ class RelayTransaction:
     def write(self, data: bytes) -> None:
         if self._too_big is not None:
             return
+        if self._header_from is not None:
+            self._header_from.feed(data)
         self._spool.write(data)
         limit = self._upstream.max_size if self._upstream is not None else None
         if limit is not None and self._spool.size + len(self._prefix) > limit:
@@ -210,7 +261,6 @@ class RelayTransaction:
             self._too_big = limit
 
     def finish(self) -> defer.Deferred:
-        delivery = self._delivery
         if self._too_big is not None:
             self.abort()
             log.info("{connection_id} message {message_id} refused: larger than the "
@@ -220,6 +270,55 @@ class RelayTransaction:
             return defer.fail(SMTPReplyError(Reply(
                 552, "5.3.4", f"Message too big for the upstream server (limit "
                               f"{self._too_big} octets)")))
+        if self._header_from is None:
+            return self._relay()
+        d = self._check_header_from(self._header_from)
+        return d.addCallbacks(lambda _: self._relay(), self._check_failed)
+
+    def _check_failed(self, failure: Failure):
+        if failure.check(PolicyRefusal):
+            return failure
+        self.abort()  # a bug: the message is not relayed unchecked, the spool is freed
+        log.failure("{connection_id} message {message_id}: checking the From: header "
+                    "failed", failure, connection_id=self._context.connection_id,
+                    message_id=self.id)
+        raise SMTPReplyError(RELAY_ERROR)
+
+    def _check_header_from(self, scanner: HeaderFromScanner) -> defer.Deferred:
+        """Fires when every From: address is allowed; otherwise aborts the transaction
+        (the upstream never gets the content) and fails with ``PolicyRefusal``."""
+        scanner.finish()
+        if scanner.overflow:
+            return self._header_refused(Reply(
+                550, "5.7.1", "The From: header is too long to be checked"))
+        values = scanner.values()
+        if scanner.size > INLINE_FROM_BYTES:
+            d = threads.deferToThread(from_addresses, values)
+        else:
+            d = defer.succeed(from_addresses(values))
+        return d.addCallback(self._header_checked)
+
+    def _header_checked(self, addresses: tuple[str, ...] | None) -> defer.Deferred | None:
+        if addresses is None:
+            return self._header_refused(Reply(
+                550, "5.7.1", "The message has no From: address that can be checked"))
+        identity = self._delivery.identity
+        rules = sender_rules(identity)
+        refused = first_refused(rules, addresses, identity.username,
+                                identity.values(rules.source))
+        if refused is None:
+            return None
+        return self._header_refused(Reply(
+            550, "5.7.1", f"From: header address <{_shown(refused)}> is not allowed for "
+                          f"this login"))
+
+    def _header_refused(self, reply: Reply) -> defer.Deferred:
+        self.abort()
+        return defer.fail(self._delivery.policy_refusal(
+            reply, HEADER_FROM, self._context.connection_id, self.id))
+
+    def _relay(self) -> defer.Deferred:
+        delivery = self._delivery
         envelope = envelope_from_params(self._mail_from, self._recipients, self._params)
         message = OutboundMessage(
             envelope, self._spool, prefix=self._prefix, id=self.id,
@@ -247,5 +346,28 @@ class RelayDelivery:
 
     def startTransaction(self, context: ConnectionContext, mail_from: str,
                          params: dict) -> defer.Deferred:
-        """Fires with the ``RelayTransaction`` once the upstream accepted MAIL."""
+        """Fires with the ``RelayTransaction`` once the upstream accepted MAIL; fails
+        with ``PolicyRefusal`` for a sender the identity may not use (the upstream hears
+        nothing of it)."""
+        identity = self.identity
+        rules = sender_rules(identity)
+        if rules is not None and not rules.allows(
+                mail_from, identity.username, identity.values(rules.source)):
+            return defer.fail(self.policy_refusal(Reply(
+                553, "5.7.1", f"Sender address <{_shown(mail_from)}> is not allowed for "
+                              f"this login"), MAIL_FROM, context.connection_id))
         return RelayTransaction(self, context, mail_from, params).open()
+
+    def policy_refusal(self, reply: Reply, reason: str, connection_id: str,
+                       message_id: str | None = None) -> PolicyRefusal:
+        """Log and count a policy refusal; the error to answer it with."""
+        log.info("{connection_id} {what}refused for {identity} by its provider's policy "
+                 "({reason}): {reply}", connection_id=connection_id,
+                 what=f"message {message_id} " if message_id else "", identity=self.identity,
+                 reason=reason, reply=str(reply))
+        try:
+            self.policy.observer.policy_rejected(self.identity, reason)
+        except Exception:  # an observer bug must not change what the client is told
+            log.failure("{connection_id}: reporting the policy refusal failed",
+                        connection_id=connection_id)
+        return PolicyRefusal(reply, reason)

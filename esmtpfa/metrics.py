@@ -143,6 +143,10 @@ class RelayMetrics:
             "relay_attempt_failures_total",
             "Failed attempts toward an upstream (failover may still deliver the message)",
             ["upstream", "command", "kind"])
+        self.policy_rejections = counter(
+            "policy_rejections_total",
+            "Senders refused by the policy of the login's provider (reason: mail_from, "
+            "header_from)", ["provider", "reason"])
         self.config_reloads = counter(
             "config_reloads_total", "Provider configuration reloads by source and result",
             ["source", "result"])
@@ -221,6 +225,11 @@ class RelayMetrics:
         child(self.bytes_from, provider, sender).inc(size)
         for recipient in recipients:
             child(self.bytes_to, provider, recipient).inc(size)
+
+    def policy_rejected(self, identity, reason: str) -> None:
+        """``delivery.DeliveryObserver``: labels are a configured provider name (only
+        providers with a policy refuse) and ``delivery.MAIL_FROM``/``HEADER_FROM``."""
+        self._child(self.policy_rejections, identity.provider, reason).inc()
 
     @staticmethod
     def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:

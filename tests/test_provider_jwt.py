@@ -90,7 +90,9 @@ class _JWKSTestCase(unittest.TestCase):
         return provider
 
     def login(self, provider, token) -> defer.Deferred:
-        return provider.requestAvatarId(BearerToken(token, CONTEXT, ""))
+        """Fires with the user of the ``Principal`` the provider vouched for."""
+        return provider.requestAvatarId(BearerToken(token, CONTEXT, "")).addCallback(
+            lambda principal: principal.user)
 
     @defer.inlineCallbacks
     def accepted(self, provider, token, user=SUB):

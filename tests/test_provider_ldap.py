@@ -56,7 +56,9 @@ class ProviderHelpers:
         return provider
 
     def login(self, provider, username, password):
-        return provider.requestAvatarId(UserPassword(username, password, CTX))
+        """Fires with the user of the ``Principal`` the provider vouched for."""
+        return provider.requestAvatarId(UserPassword(username, password, CTX)).addCallback(
+            lambda principal: principal.user)
 
     async def assertAccepted(self, provider, username, password):
         self.assertEqual(await self.login(provider, username, password), username)

@@ -37,7 +37,7 @@ class CheckTests(unittest.TestCase):
 
     def test_accepts(self):
         d = self.provider.requestAvatarId(creds("alice", SECRET))
-        self.assertEqual(self.successResultOf(d), "alice")
+        self.assertEqual(self.successResultOf(d).user, "alice")
 
     def test_rejects(self):
         cases = [("alice", "wrong"), ("bob", SECRET), ("bob", "wrong"), ("", ""),

@@ -21,9 +21,9 @@ from one snapshot of the providers, which providers will be asked and with what
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import time
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
@@ -39,7 +39,7 @@ from esmtpfa.auth.credentials import (
     UserPassword,
 )
 from esmtpfa.auth.errors import ProviderUnavailable
-from esmtpfa.providers.base import ConfigError, Provider
+from esmtpfa.providers.base import ConfigError, Principal, Provider
 
 log = logger("esmtpfa.auth")
 
@@ -50,14 +50,34 @@ VIA_FALLBACK = "fallback"
 
 @dataclass(frozen=True)
 class Identity:
-    """The avatar id: who logged in, and which provider vouched for them."""
+    """The avatar id: who logged in, and which provider vouched for them.
+
+    ``username`` is the user the provider vouched for (issue 11 item 1): the login name
+    that reached a user+password provider, a JWT's ``sub``, what an ``http_header``
+    endpoint named (or ``sha256:`` and a short fingerprint of the token, never the
+    token).  ``dn`` and ``attributes`` are what the provider found that the policy needs
+    (an LDAP entry's DN and attribute values, JWT claims), as ``(name, values)`` pairs.
+    ``policy`` is the provider's policy when it vouched (``esmtpfa.policy``): a reload
+    applies to the logins after it.  ``str()`` is ``provider/user``, for logs; no field
+    holds a secret.
+    """
 
     provider: str
     username: str
     via: str = VIA_USERNAME
+    dn: str | None = None
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    policy: Any = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.username}"
+
+    def values(self, name: str | None) -> tuple[str, ...]:
+        """The values of attribute or claim ``name`` (none when absent)."""
+        for key, values in self.attributes:
+            if key == name:
+                return values
+        return ()
 
 
 ANONYMOUS = Identity(provider="anonymous", username="", via="anonymous")
@@ -315,7 +335,7 @@ class ProviderSelector:
             raise UnauthorizedLogin("credentials do not fit the provider type")
         started = self._clock()
         try:
-            username = await provider.requestAvatarId(credentials)
+            vouched = await provider.requestAvatarId(credentials)
         except UnauthorizedLogin:
             self._observer.checked(name, via, "rejected", self._clock() - started)
             raise
@@ -329,10 +349,13 @@ class ProviderSelector:
             self._observer.checked(name, via, "unavailable", self._clock() - started)
             raise ProviderUnavailable(f"provider {name} failed") from error
         self._observer.checked(name, via, "accepted", self._clock() - started)
-        if isinstance(username, bytes):
-            username = username.decode("utf-8", "replace")
-        fallback_name = getattr(credentials, "username", "") or ""
-        return Identity(provider=name, username=str(username or fallback_name), via=via)
+        if not isinstance(vouched, Principal):  # a provider that names only the user
+            if isinstance(vouched, bytes):
+                vouched = vouched.decode("utf-8", "replace")
+            vouched = Principal(str(vouched or getattr(credentials, "username", "") or ""))
+        return Identity(provider=name, username=vouched.user, via=via, dn=vouched.dn,
+                        attributes=vouched.attributes,
+                        policy=getattr(provider, "policy", None))
 
 
 __all__ = [

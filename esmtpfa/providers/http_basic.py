@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import UnauthorizedLogin
-from esmtpfa.providers.base import IProvider, ProviderMeta
+from esmtpfa.providers.base import IProvider, Principal, ProviderMeta
 from esmtpfa.providers.httpcheck import HTTPAuthChecker, HTTPCheckProvider, has_control_chars
 
 
@@ -45,7 +45,7 @@ class HTTPBasicProvider(HTTPCheckProvider):
                     **_: Any) -> "HTTPBasicProvider":
         return cls(meta, cls.checker_from_params(meta, params, reactor))
 
-    def requestAvatarId(self, credentials: IUserPasswordCredentials) -> Deferred[str]:
+    def requestAvatarId(self, credentials: IUserPasswordCredentials) -> Deferred[Principal]:
         username, password = credentials.username, credentials.password
         if not username or not password:
             return fail(UnauthorizedLogin("empty user or password"))
@@ -54,7 +54,7 @@ class HTTPBasicProvider(HTTPCheckProvider):
         if has_control_chars(username) or has_control_chars(password):
             return fail(UnauthorizedLogin("control characters in user or password"))
         d = self.checker.check({"Authorization": basic_authorization(username, password)})
-        return d.addCallback(lambda _: username)
+        return d.addCallback(lambda _: Principal(username))  # the user the endpoint judged
 
 
 __all__ = ["HTTPBasicProvider", "basic_authorization"]

@@ -13,24 +13,39 @@ would silently replace CR/LF with spaces, which changes the credential; we refus
 The header name is fixed by config; it must be a token (RFC 9110 §5.1) and not one of
 the fields that frame the request or the connection, which an auth header must not
 override.
+
+Who logged in (issue 11): the endpoint may name the user in a response header, chosen by
+the optional param ``identity_header`` (``X-Authenticated-User``, say).  Without it, or
+when a success response does not carry exactly one usable value, the identity's user is
+``sha256:`` and the first 12 hex digits of the token's SHA-256: stable for one token, so
+its messages can be told apart in logs and policies, and never the token itself.  The
+``:`` keeps a fingerprint from ever expanding ``{user}`` in a policy (it is not a valid
+local part).  A weak token (a short password) could be confirmed from its fingerprint by
+trying candidates, which is why ``identity_header`` is the better choice.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
 from esmtpfa.auth.errors import UnauthorizedLogin
-from esmtpfa.providers.base import ConfigError, IProvider, ProviderMeta, require_string
+from esmtpfa.providers.base import (
+    ConfigError, IProvider, Principal, ProviderMeta, require_string)
 from esmtpfa.providers.httpcheck import (
     HTTPAuthChecker,
     HTTPCheckProvider,
+    Verdict,
     has_control_chars,
     is_http_token,
 )
+
+log = Logger()
 
 #: Fields that frame the message or steer the connection (RFC 9110 §7.6.1, §8.6, RFC
 #: 9112 §6-§7): letting config set them would break or smuggle the request.
@@ -40,6 +55,36 @@ FORBIDDEN_HEADERS = frozenset({
 })
 #: SPEC §2: AUTH lines up to 12288 octets; a header longer than that is not a token.
 MAX_TOKEN_LENGTH = 12288
+#: The longest user name taken from ``identity_header`` (longer ones are not used).
+MAX_IDENTITY_LENGTH = 256
+FINGERPRINT_DIGITS = 12
+
+
+def fingerprint(token: str) -> str:
+    """A short, stable name for a token that reveals nothing usable of it."""
+    digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest[:FINGERPRINT_DIGITS]}"
+
+
+def usable_identity(value: str | None) -> str | None:
+    """The endpoint's name for the user, if it is one a log line can carry as it is."""
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if not value or len(value) > MAX_IDENTITY_LENGTH or has_control_chars(value):
+        return None
+    return value
+
+
+def _header_param(meta: ProviderMeta, params: Mapping[str, Any], key: str,
+                  required: bool) -> str | None:
+    if not required and params.get(key) is None:
+        return None
+    header = require_string(meta, params, key)
+    if not is_http_token(header):
+        raise ConfigError(f"provider {meta.name!r} ({meta.type}): param {key!r} "
+                          f"must be an HTTP field name (RFC 9110 token)")
+    return header
 
 
 @implementer(IProvider)
@@ -48,23 +93,24 @@ class HTTPHeaderProvider(HTTPCheckProvider):
 
     credentialInterfaces = (IBearerTokenCredentials,)
 
-    def __init__(self, meta: ProviderMeta, checker: HTTPAuthChecker, header: str):
+    def __init__(self, meta: ProviderMeta, checker: HTTPAuthChecker, header: str,
+                 identity_header: str | None = None):
         super().__init__(meta, checker)
         self.header = header
+        self.identity_header = identity_header
 
     @classmethod
     def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *, reactor=None,
                     **_: Any) -> "HTTPHeaderProvider":
-        header = require_string(meta, params, "header")
-        if not is_http_token(header):
-            raise ConfigError(f"provider {meta.name!r} ({meta.type}): param 'header' "
-                              f"must be an HTTP field name (RFC 9110 token)")
+        header = _header_param(meta, params, "header", required=True)
         if header.lower() in FORBIDDEN_HEADERS:
             raise ConfigError(f"provider {meta.name!r} ({meta.type}): param 'header' "
                               f"cannot be {header!r}")
-        return cls(meta, cls.checker_from_params(meta, params, reactor), header)
+        identity_header = _header_param(meta, params, "identity_header", required=False)
+        return cls(meta, cls.checker_from_params(meta, params, reactor), header,
+                   identity_header)
 
-    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[str]:
+    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
         token = credentials.token
         if not token:
             return fail(UnauthorizedLogin("empty token"))
@@ -72,9 +118,17 @@ class HTTPHeaderProvider(HTTPCheckProvider):
             return fail(UnauthorizedLogin("token too long"))
         if has_control_chars(token, allow_tab=True):
             return fail(UnauthorizedLogin("control characters (CR, LF, NUL…) in token"))
-        d = self.checker.check({self.header: token})
-        # The endpoint says yes or no, not who: the name is the one the client gave.
-        return d.addCallback(lambda _: credentials.username)
+        d = self.checker.check({self.header: token}, capture=self.identity_header)
+        return d.addCallback(self._principal, token)
+
+    def _principal(self, verdict: Verdict, token: str) -> Principal:
+        named = usable_identity(verdict.captured)
+        if named is None and self.identity_header is not None:
+            log.info("{label}: the endpoint accepted a token but named no usable user in "
+                     "{header}; the identity is the token's fingerprint",
+                     label=f"http_header provider {self.meta.name!r}",
+                     header=self.identity_header)
+        return Principal(named if named is not None else fingerprint(token))
 
 
-__all__ = ["FORBIDDEN_HEADERS", "HTTPHeaderProvider"]
+__all__ = ["FORBIDDEN_HEADERS", "HTTPHeaderProvider", "fingerprint", "usable_identity"]

@@ -25,6 +25,7 @@ API keys in their query, headers carry the credential.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 import math
 import re
@@ -256,6 +257,30 @@ def _exception_name(error: BaseException) -> str:
     return type(error).__name__
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A success from the endpoint: its status, and the value of the response header the
+    caller asked for (None when absent, repeated, or not UTF-8)."""
+
+    code: int
+    captured: str | None = None
+
+
+def _single_header(response: IResponse, name: str | None) -> str | None:
+    if name is None:
+        return None
+    values = response.headers.getRawHeaders(name) or []
+    if len(values) != 1:
+        return None  # absent, or ambiguous: the endpoint named nobody for sure
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value
+
+
 class HTTPAuthChecker:
     """One configured endpoint: sends a request with the caller's headers and turns the
     status into a verdict.  Owns its connection pool (``close()`` on provider stop)."""
@@ -273,13 +298,15 @@ class HTTPAuthChecker:
         self._pending: set[Deferred] = set()
         self._closed = False
 
-    def check(self, headers: Mapping[str, str]) -> Deferred[int]:
-        """Fires with the status when it is a success code; fails with
-        ``UnauthorizedLogin`` or ``ProviderUnavailable`` otherwise."""
+    def check(self, headers: Mapping[str, str], capture: str | None = None
+              ) -> Deferred[Verdict]:
+        """Fires with a ``Verdict`` when the status is a success code (with the value of
+        the response header ``capture``); fails with ``UnauthorizedLogin`` or
+        ``ProviderUnavailable`` otherwise."""
         d = self._client.request(
             self.method, self.url, headers=dict(headers),
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
-        d.addCallback(self._read)
+        d.addCallback(self._read, capture)
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
         d.addCallbacks(self._verdict, self._unavailable)
         self._pending.add(d)
@@ -290,15 +317,16 @@ class HTTPAuthChecker:
         self._pending.discard(d)
         return result
 
-    def _read(self, response: IResponse) -> Deferred[int]:
+    def _read(self, response: IResponse, capture: str | None) -> Deferred[Verdict]:
         # Wait for the whole body: a verdict on a half-sent response is no verdict, and
         # a fully read response is what lets the pool reuse the connection.
-        code = response.code
-        return read_body(response, DISCARD_LIMIT, keep=False).addCallback(lambda _: code)
+        verdict = Verdict(response.code, _single_header(response, capture))
+        return read_body(response, DISCARD_LIMIT, keep=False).addCallback(lambda _: verdict)
 
-    def _verdict(self, code: int) -> int:
+    def _verdict(self, verdict: Verdict) -> Verdict:
+        code = verdict.code
         if code in self.success_codes:
-            return code
+            return verdict
         if code >= 500 or code in TEMPORARY_4XX:
             log.info("{label}: endpoint answered HTTP {code}: unavailable",
                      label=self._label, code=code)
@@ -362,7 +390,7 @@ def has_control_chars(value: str, *, allow_tab: bool = False) -> bool:
 
 
 __all__ = [
-    "BodyTooLarge", "DEFAULT_TIMEOUT", "HTTPAuthChecker", "HTTPCheckProvider",
+    "BodyTooLarge", "DEFAULT_TIMEOUT", "HTTPAuthChecker", "HTTPCheckProvider", "Verdict",
     "describe_failure", "has_control_chars", "is_http_token", "new_http_client",
     "parse_method", "parse_seconds", "parse_success_codes", "parse_url", "read_body",
     "timed_out",

@@ -31,7 +31,9 @@ the last good set per URL survives config reloads (``KeySetStore``).
 
 Who logged in: the token's ``sub`` (RFC 7519 §4.1.2: the principal, unique per issuer);
 without one, ``preferred_username`` then ``email`` (OIDC Core §5.1).  A token naming no
-principal is refused: every login must be attributable in logs and metrics.
+principal is refused: every login must be attributable in logs and metrics.  The claims
+the provider's policy names (``sender_claim``, issue 11) go with the identity, as the
+strings of a string or list claim; nothing else of the token is kept.
 
 Logs carry kid, alg, iss and the reason of a rejection — never the token.
 """
@@ -57,7 +59,8 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
-from esmtpfa.providers.base import ConfigError, IProvider, Provider, ProviderMeta
+from esmtpfa.policy import string_values
+from esmtpfa.providers.base import ConfigError, IProvider, Principal, Provider, ProviderMeta
 from esmtpfa.providers.httpcheck import (
     DEFAULT_TIMEOUT,
     describe_failure,
@@ -572,7 +575,7 @@ class JWTProvider(Provider):
                           label=label)
         return cls(meta, cache, rules, clock)
 
-    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[str]:
+    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
         token = credentials.token
         try:
             header = unverified_header(token)
@@ -589,14 +592,14 @@ class JWTProvider(Provider):
         d = self.cache.refreshed()
         return d.addCallback(self._verify_with, token, header)
 
-    def _verify_with(self, keys: KeySet, token: str, header: dict[str, Any]) -> str:
+    def _verify_with(self, keys: KeySet, token: str, header: dict[str, Any]) -> Principal:
         candidates = keys.candidates(header.get("kid"))
         if not candidates:
             raise self._reject("unknown kid", header)
         return self._verify(token, header, candidates)  # type: ignore[return-value]
 
     def _verify(self, token: str, header: dict[str, Any],
-                candidates: list[VerificationKey]) -> Deferred[str]:
+                candidates: list[VerificationKey]) -> Deferred[Principal]:
         try:
             claims = self._verified_claims(token, header, candidates)
         except Rejected as rejected:
@@ -609,7 +612,8 @@ class JWTProvider(Provider):
         log.debug("{label}: token accepted (kid={kid}, alg={alg}, iss={iss})",
                   label=self._label, kid=_short(header.get("kid")), alg=header["alg"],
                   iss=_short(claims.get("iss")))
-        return succeed(user)
+        return succeed(Principal.of(user, attributes={
+            name: string_values(claims.get(name)) for name in self.identity_attributes}))
 
     def _verified_claims(self, token: str, header: dict[str, Any],
                          candidates: list[VerificationKey]) -> dict[str, Any]:

@@ -30,6 +30,11 @@ verified against ``tls_ca`` (system CAs when unset) with ``server`` as the expec
 by OpenSSL itself (``check_hostname``), TLS ≥ 1.2; ``tls_cert``/``tls_key`` is the client
 certificate.  ``tls_insecure_skip_verify`` turns verification off (warned at load).
 
+Who logged in (issue 11): the login name as it reached the provider, the entry's DN, and
+the values of the attributes the provider's policy needs (``sender_attribute``), asked
+for in the same search, so the policy costs no extra round trip.  Values that are not
+UTF-8 text are dropped; at most ``policy.MAX_VALUES`` per attribute are kept.
+
 Never logged: passwords, ``bind_pass``.  DNs only at debug level.
 """
 
@@ -53,8 +58,9 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.policy import string_values
 from esmtpfa.providers.base import (
-    ConfigError, IProvider, Provider, ProviderMeta, require_string)
+    ConfigError, IProvider, Principal, Provider, ProviderMeta, require_string)
 
 log = Logger(namespace="esmtpfa.providers.ldap")
 
@@ -309,7 +315,8 @@ class LDAPProvider(Provider):
         if self._stopped:
             return fail(ProviderUnavailable(f"{self._where}: stopped"))
         pool = self._threadpool()
-        return deferToThreadPool(self._reactor, pool, self._login, username, password)
+        return deferToThreadPool(self._reactor, pool, self._login, username, password,
+                                 self.identity_attributes)
 
     def _threadpool(self) -> ThreadPool:
         if self._pool is None:
@@ -371,12 +378,14 @@ class LDAPProvider(Provider):
                 self._workers.append(worker)
         return worker
 
-    def _login(self, username: str, password: str) -> str:
-        """Runs in a pool thread: the username, or raises."""
+    def _login(self, username: str, password: str,
+               wanted: tuple[str, ...] = ()) -> Principal:
+        """Runs in a pool thread: who logged in (with the ``wanted`` attributes), or
+        raises."""
         worker = self._worker()
         for attempt in (1, 2):
             try:
-                self._attempt(worker, username, password)
+                dn, attributes = self._attempt(worker, username, password, wanted)
             except _ConnectionFailed as failure:
                 worker.close()
                 if attempt == 1 and failure.reused and not failure.timed_out:
@@ -399,20 +408,25 @@ class LDAPProvider(Provider):
                 log.failure("{where}: unexpected ldap3 error", where=self._where)
                 raise ProviderUnavailable(
                     f"{self._where}: {type(error).__name__}") from None
-            return username
+            return Principal.of(username, dn, attributes)
         raise AssertionError("unreachable")
 
-    def _attempt(self, worker: _WorkerConnections, username: str, password: str) -> None:
+    def _attempt(self, worker: _WorkerConnections, username: str, password: str,
+                 wanted: tuple[str, ...] = ()) -> tuple[str, dict[str, tuple[str, ...]]]:
+        """One search and bind: the entry's DN and the ``wanted`` attribute values."""
         # 1. search with the service connection
         if worker.service is None:
             worker.service = self._open(service=True)
             worker.service_uses = 0
         conn, reused = worker.service, worker.service_uses > 0
         search_filter = self.filter_string.replace("%s", escape_filter_chars(username))
+        asked = self._search_attributes
+        if wanted:
+            asked = [a for a in asked if a != ldap3.NO_ATTRIBUTES] + list(wanted)
         try:
             conn.search(self.base_dn, search_filter, search_scope=ldap3.SUBTREE,
                         dereference_aliases=ldap3.DEREF_NEVER,
-                        attributes=self._search_attributes, size_limit=2,
+                        attributes=asked, size_limit=2,
                         time_limit=self._receive_timeout)
         except Exception as error:  # transport failure, or garbage from the peer
             raise _ConnectionFailed(error, reused) from error
@@ -435,6 +449,7 @@ class LDAPProvider(Provider):
         dn = entries[0].get("dn")
         if not dn:
             raise _Rejected("entry without a DN")
+        attributes = _wanted_values(entries[0], wanted)
         log.debug("{where}: user found as {dn}", where=self._where, dn=dn)
 
         # 2. bind as that DN on the user connection
@@ -454,7 +469,7 @@ class LDAPProvider(Provider):
             conn.password = None  # do not keep the user's password around
         worker.user_uses += 1
         if bound:
-            return
+            return dn, attributes
         result = conn.result or {}
         code = result.get("result")
         if code in _TEMPORARY_RESULTS:
@@ -500,6 +515,19 @@ class LDAPProvider(Provider):
         return (f"<LDAPProvider {self.meta.name!r} {scheme}://{self.server}:{self.port} "
                 f"base_dn={self.base_dn!r} bind_user={self.bind_user!r} "
                 f"bind_pass={'<redacted>' if self._bind_pass else None}>")
+
+
+def _wanted_values(entry: Mapping[str, Any], wanted: tuple[str, ...]
+                   ) -> dict[str, tuple[str, ...]]:
+    """The values of each ``wanted`` attribute of a search result entry, under the name
+    the policy uses (attribute names compare without regard to case, RFC 4512 §2.5)."""
+    if not wanted:
+        return {}
+    found: dict[str, Any] = {}
+    for source in (entry.get("attributes") or {}, entry.get("raw_attributes") or {}):
+        for key, value in source.items():
+            found.setdefault(str(key).lower(), value)
+    return {name: string_values(found.get(name.lower())) for name in wanted}
 
 
 def _discard(conn) -> None:

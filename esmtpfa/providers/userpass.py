@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.providers.base import (
-    ConfigError, IProvider, Provider, ProviderMeta, require_string)
+    ConfigError, IProvider, Principal, Provider, ProviderMeta, require_string)
 
 PARAMS = frozenset({"username", "password"})
 
@@ -55,7 +55,7 @@ class UserPassProvider(Provider):
         user_ok = hmac.compare_digest(_digest(credentials.username), self._username_digest)
         pass_ok = hmac.compare_digest(_digest(credentials.password), self._password_digest)
         if user_ok & pass_ok:
-            return succeed(self.username)
+            return succeed(Principal(self.username))  # the login name, as it reached us
         return fail(UnauthorizedLogin("wrong username or password"))
 
     def __repr__(self) -> str:

@@ -13,6 +13,9 @@ What the API adds over SMTP is only syntax checking: the JSON shape, base64, add
 JSON content cannot smuggle SMTP commands, so there is nothing to refuse).  Upstream
 verdicts map to statuses: a permanent rejection (5xx) is ``502``, anything temporary
 (4xx, unreachable) is ``503`` with ``Retry-After``, so clients know whether to retry.
+A sender the login's policy does not allow (the envelope ``from``, or with
+``check_header_from`` the message's From: header; ``docs/policy.md``) is ``403``: the
+request will never succeed as it is, and the upstream was not asked.
 
 The document is parsed with bounded work (``web/jsonbody.py``); a body over
 ``JSONLimits.inline_bytes`` is read from its spool and parsed in a worker thread, at
@@ -33,6 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.context import ConnectionContext
+from esmtpfa.delivery import PolicyRefusal
 from esmtpfa.logs import logger
 from esmtpfa.replies import SMTPReplyError
 from esmtpfa.smtp.address import valid_mailbox
@@ -248,6 +252,8 @@ class SubmissionResource(Resource):
                 transaction.abort()
                 raise
             await defer.maybeDeferred(transaction.finish)
+        except PolicyRefusal as refusal:
+            raise HTTPError(403, refusal.reply.text, reply=refusal.reply) from None
         except SMTPReplyError as error:
             reply = error.reply
             message_id = getattr(transaction, "id", None)
