@@ -14,6 +14,12 @@ upstream hears of the transaction (``553 5.7.1``); with ``check_header_from`` th
 header is collected while the content streams in and checked at the final dot, before any
 content goes upstream (``550 5.7.1``).  Both raise ``PolicyRefusal``, which the HTTP API
 answers with 403.
+
+Sending rates per identity (``esmtpfa.ratelimit``) are enforced here too: the message is
+reserved at MAIL and each recipient at RCPT, counted once the upstream accepted the
+message and given back otherwise.  Past a limit the client hears a temporary reply
+(``451 4.7.1`` for messages, ``452 4.5.3`` for recipients), so it keeps the message and
+retries; both raise ``RateLimited``, which the HTTP API answers with 429.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMORY_LIMIT
 from esmtpfa.policy import HeaderFromScanner, SenderRules, first_refused, from_addresses
+from esmtpfa.ratelimit import Exceeded, RateLimiter, Rates, Reservation
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.interfaces import IMessageDelivery, ITransaction
@@ -64,6 +71,22 @@ class PolicyRefusal(SMTPReplyError):
         self.reason = reason
 
 
+class RateLimited(SMTPReplyError):
+    """Over the identity's sending rate (``kind``: messages or recipients); temporary,
+    ``retry_after`` seconds is when it is worth trying again."""
+
+    def __init__(self, exceeded: Exceeded):
+        if exceeded.kind == "recipients":
+            reply = Reply(452, "4.5.3", f"Recipient rate limit of this login reached "
+                                        f"({exceeded.limit}), try again later")
+        else:
+            reply = Reply(451, "4.7.1", f"Message rate limit of this login reached "
+                                        f"({exceeded.limit}), try again later")
+        super().__init__(reply)
+        self.kind = exceeded.kind
+        self.retry_after = exceeded.retry_after
+
+
 class DeliveryObserver(Protocol):
     """Told the outcome of every message handed to the relay (metrics plug in here)."""
 
@@ -72,6 +95,9 @@ class DeliveryObserver(Protocol):
 
     def policy_rejected(self, identity: Identity, reason: str) -> None:
         """A sender refused by the identity's policy."""
+
+    def rate_limited(self, identity: Identity, kind: str) -> None:
+        """A message or recipient refused by the identity's sending rate."""
 
 
 class _NoObserver:
@@ -82,11 +108,29 @@ class _NoObserver:
     def policy_rejected(self, identity: Identity, reason: str) -> None:
         pass
 
+    def rate_limited(self, identity: Identity, kind: str) -> None:
+        pass
+
 
 def sender_rules(identity: Identity) -> SenderRules | None:
     """The identity's sender rules; None when its provider has none (any sender)."""
     policy = getattr(identity, "policy", None)
     return policy.senders if policy is not None else None
+
+
+def _reservation_for(delivery: "RelayDelivery") -> Reservation | None:
+    """A place in the identity's sending budgets, or None when nothing limits it (no
+    limiter, no rate anywhere, or an anonymous client: anonymous is nobody's identity)."""
+    limiter, identity = delivery.policy.rates, delivery.identity
+    if limiter is None or identity.via == "anonymous":
+        return None
+    default = delivery.policy.default_rates
+    policy = getattr(identity, "policy", None)
+    rates = policy.rates_for(identity.values(policy.rate_source), default) \
+        if policy is not None else default
+    if rates.unlimited:
+        return None
+    return limiter.reserve((identity.provider, identity.username), rates)
 
 
 def _shown(address: str) -> str:
@@ -101,6 +145,10 @@ class DeliveryPolicy:
     hide_client: bool = False
     spool_memory_limit: int = SPOOL_MEMORY_LIMIT
     observer: DeliveryObserver = field(default_factory=_NoObserver, compare=False)
+    #: Sending rates per identity (None: none at all), and the relay's defaults for
+    #: providers whose policy sets none (``--rate-messages``, ``--rate-recipients``).
+    rates: RateLimiter | None = field(default=None, compare=False)
+    default_rates: Rates = Rates()
 
 
 def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
@@ -172,6 +220,7 @@ class RelayTransaction:
         self._spool = MessageSpool(delivery.policy.spool_memory_limit)
         self._upstream: IRelayTransaction | None = None
         self._too_big: int | None = None
+        self._reservation = _reservation_for(delivery)
         rules = sender_rules(delivery.identity)
         self._header_from = (HeaderFromScanner()
                              if rules is not None and rules.check_header_from else None)
@@ -184,6 +233,11 @@ class RelayTransaction:
 
     def open(self) -> defer.Deferred:
         """MAIL: open the relay's transaction; fires with self or fails with the reply."""
+        try:
+            self._reserve(Reservation.message)
+        except RateLimited as limited:
+            self._spool.close()
+            return defer.fail(limited)
         envelope = envelope_from_params(self._mail_from, (), self._params)
         if envelope.declared_size is not None:
             envelope = replace(envelope,
@@ -195,6 +249,7 @@ class RelayTransaction:
 
         def refused(failure: Failure):
             self._spool.close()
+            self._settle(accepted=False)
             return self._refused(failure, "MAIL", f"<{self._mail_from}>", (), started)
         started = time.monotonic()
         d = defer.maybeDeferred(self._delivery.relay.begin, envelope, self.id,
@@ -210,12 +265,47 @@ class RelayTransaction:
             keys += (f"identity {identity}",)
         return keys
 
+    def _reserve(self, what) -> None:
+        """Reserve the message or a recipient in the identity's budget (``what`` is
+        ``Reservation.message`` or ``Reservation.recipient``); ``RateLimited`` when full."""
+        reservation = self._reservation
+        if reservation is None:
+            return
+        try:
+            what(reservation)
+        except Exceeded as exceeded:
+            delivery = self._delivery
+            log.info("{connection_id} message {message_id} for {identity}: {kind} rate "
+                     "limit reached ({limit}), retry in {seconds:.0f} s",
+                     connection_id=self._context.connection_id, message_id=self.id,
+                     identity=delivery.identity, kind=exceeded.kind,
+                     limit=str(exceeded.limit), seconds=exceeded.retry_after)
+            try:
+                delivery.policy.observer.rate_limited(delivery.identity, exceeded.kind)
+            except Exception:  # an observer bug must not change what the client is told
+                log.failure("{message_id}: reporting the rate limit failed",
+                            message_id=self.id)
+            raise RateLimited(exceeded) from None
+
+    def _settle(self, accepted: bool) -> None:
+        """The message went (its reservation counts) or did not (given back): once."""
+        if self._reservation is not None:
+            reservation, self._reservation = self._reservation, None
+            (reservation.commit if accepted else reservation.release)()
+
     def addRecipient(self, recipient: str, params: dict, data_follows: bool = False
                      ) -> defer.Deferred:
+        try:
+            self._reserve(Reservation.recipient)
+        except RateLimited as limited:
+            return defer.fail(limited)
+
         def accepted(_: Reply) -> None:
             self._recipients.append(recipient)
 
         def refused(failure: Failure):
+            if self._reservation is not None:
+                self._reservation.drop_recipient()  # not part of the message
             return self._refused(failure, "RCPT", f"<{recipient}>", (recipient,), started)
         started = time.monotonic()
         return defer.maybeDeferred(self._upstream.addRecipient, recipient,
@@ -326,11 +416,13 @@ class RelayTransaction:
         size, started = message.size, time.monotonic()
 
         def report(outcome: str) -> None:
+            self._settle(accepted=outcome == ACCEPTED)
             delivery.policy.observer.relayed(
                 delivery.identity, envelope, size, outcome, time.monotonic() - started)
         return relay_message(self._upstream.send, message, report)
 
     def abort(self) -> None:
+        self._settle(accepted=False)
         self._spool.close()
         if self._upstream is not None:
             upstream, self._upstream = self._upstream, None

@@ -147,6 +147,10 @@ class RelayMetrics:
             "policy_rejections_total",
             "Senders refused by the policy of the login's provider (reason: mail_from, "
             "header_from)", ["provider", "reason"])
+        self.rate_limited_total = counter(
+            "rate_limited_total",
+            "Messages and recipients refused by the sending rate of the login's identity "
+            "(kind: messages, recipients)", ["provider", "kind"])
         self.config_reloads = counter(
             "config_reloads_total", "Provider configuration reloads by source and result",
             ["source", "result"])
@@ -230,6 +234,11 @@ class RelayMetrics:
         """``delivery.DeliveryObserver``: labels are a configured provider name (only
         providers with a policy refuse) and ``delivery.MAIL_FROM``/``HEADER_FROM``."""
         self._child(self.policy_rejections, identity.provider, reason).inc()
+
+    def rate_limited(self, identity, kind: str) -> None:
+        """``delivery.DeliveryObserver``: a configured provider name and the kind of
+        limit (messages or recipients)."""
+        self._child(self.rate_limited_total, identity.provider, kind).inc()
 
     @staticmethod
     def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:

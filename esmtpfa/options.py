@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 from twisted.python import usage
 
+from esmtpfa.ratelimit import Limit
+
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
 
@@ -78,6 +80,11 @@ def parse_share(text: str) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"{text!r} is not a fraction between 0 (excluded) and 1")
     return value
+
+
+def parse_rate(text: str) -> Limit | None:
+    """A rate like ``100/1h``; empty means unlimited."""
+    return Limit.parse(text) if text.strip() else None
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
@@ -162,6 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-auth-failures-per-ip", parse_positive_int, 30, "AUTH_MAX_FAILURES_PER_IP", "Failed logins (SMTP and HTTP) from one address within --auth-failure-window before its logins are refused (454 / HTTP 429) without asking a provider"),
     Setting("max-auth-failures-per-user", parse_positive_int, 10, "AUTH_MAX_FAILURES_PER_USER", "Failed logins for one identity (a provider and the user it is asked about) within --auth-failure-window, from any addresses, before its failed logins are answered late and refused from the addresses that failed; an address without failures is still asked (docs/login-throttle.md)"),
     Setting("auth-failure-window", parse_seconds, 600.0, "AUTH_FAILURE_WINDOW", "Seconds a failed login counts against an address and an identity"),
+    Setting("rate-messages", parse_rate, None, "RATE_MESSAGES", "Messages one identity may send (accepted by the upstream) per window, e.g. 100/1h, for providers whose policy sets no rate (empty: unlimited)"),
+    Setting("rate-recipients", parse_rate, None, "RATE_RECIPIENTS", "Recipients one identity may send to per window, e.g. 1000/1d, for providers whose policy sets no rate (empty: unlimited)"),
     Setting("auth-failure-max-delay", parse_seconds, 8.0, "AUTH_FAILURE_MAX_DELAY", "Longest wait, in seconds, before a failed login for an identity under attack is answered (the wait starts at 1 s and doubles)"),
     Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
     Setting("tls-handshake-timeout", parse_seconds, 30.0, "SMTP_TLS_HANDSHAKE_TIMEOUT", "Seconds an SMTP client may take to complete its TLS handshake (implicit TLS and after STARTTLS)"),

@@ -28,9 +28,11 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from esmtpfa.providers.base import ConfigError
+from esmtpfa.ratelimit import Rates, RateSyntaxError
 
-#: The keys of a policy block.  Rate limits (issue 11 items 3 and 5) will add theirs here.
-POLICY_KEYS = ("allowed_senders", "sender_attribute", "sender_claim", "check_header_from")
+#: The keys of a policy block: sender authorization, then sending rates.
+POLICY_KEYS = ("allowed_senders", "sender_attribute", "sender_claim", "check_header_from",
+               "rate", "rate_attribute", "rate_claim")
 #: The keys that turn sender authorization on.
 SENDER_KEYS = ("allowed_senders", "sender_attribute", "sender_claim")
 
@@ -119,15 +121,32 @@ class SenderRules:
 @dataclass(frozen=True)
 class Policy:
     """One provider's ``policy`` block.  ``senders`` is None when the block sets no sender
-    key: then any sender is allowed, as without a block."""
+    key: then any sender is allowed, as without a block.  ``rate`` is the provider's own
+    sending rates (None: the relay's defaults), ``rate_source`` the LDAP attribute or JWT
+    claim that may set an identity's own (``docs/policy.md``)."""
 
     senders: SenderRules | None = None
+    rate: Rates | None = None
+    rate_source: str | None = None
 
     @property
     def identity_attributes(self) -> tuple[str, ...]:
         """What the provider must deliver with the identity (LDAP attribute, JWT claim)."""
         source = self.senders.source if self.senders is not None else None
-        return (source,) if source else ()
+        return tuple(name for name in (source, self.rate_source) if name)
+
+    def rates_for(self, values: tuple[str, ...], default: Rates) -> Rates:
+        """The rates of an identity whose ``rate_source`` has ``values``: its own where it
+        sets one, else the provider's, else ``default``.  A value that does not parse is
+        ignored (the identity gets the provider's rates): an IdP typo must not stop mail
+        nor lift a limit."""
+        rates = self.rate.or_else(default) if self.rate is not None else default
+        for value in values[:1]:
+            try:
+                return Rates.parse(value).or_else(rates)
+            except RateSyntaxError:
+                break
+        return rates
 
 
 def _patterns(value: Any) -> dict[str, Any]:
@@ -184,6 +203,7 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
     if unknown:
         raise ConfigError(f"unknown policy key(s) {', '.join(map(repr, unknown))}; "
                           f"expected {', '.join(map(repr, POLICY_KEYS))}")
+    rate, rate_source = _rates(block, provider_type)
     check = block.get("check_header_from", False)
     if not isinstance(check, bool):
         raise ConfigError("'check_header_from' must be true or false")
@@ -191,7 +211,7 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
         if check:
             raise ConfigError("'check_header_from' needs sender rules ('allowed_senders', "
                               "'sender_attribute' or 'sender_claim')")
-        return Policy()
+        return Policy(rate=rate, rate_source=rate_source)
     found = _patterns(block["allowed_senders"]) if "allowed_senders" in block else {}
     attribute = claim = None
     if "sender_attribute" in block:
@@ -213,7 +233,28 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
             or rules.user_domains or rules.source):
         raise ConfigError("the policy allows no sender at all ('allowed_senders' is empty); "
                           "remove the sender keys to allow any sender")
-    return Policy(rules)
+    return Policy(rules, rate=rate, rate_source=rate_source)
+
+
+def _rates(block: Mapping[str, Any], provider_type: str) -> tuple[Rates | None, str | None]:
+    """``rate`` (``{messages: 100/1h, recipients: 1000/1d}``), and the attribute (ldap) or
+    claim (jwt) that may give one identity its own rates, in the same syntax."""
+    rate = None
+    if "rate" in block:
+        try:
+            rate = Rates.parse(block["rate"])
+        except RateSyntaxError as error:
+            raise ConfigError(f"'rate': {error}") from None
+    source = None
+    if "rate_attribute" in block:
+        if provider_type != "ldap":
+            raise ConfigError(f"'rate_attribute' is for ldap providers, not {provider_type}")
+        source = _name(block["rate_attribute"], "rate_attribute", _ATTRIBUTE)
+    if "rate_claim" in block:
+        if provider_type != "jwt":
+            raise ConfigError(f"'rate_claim' is for jwt providers, not {provider_type}")
+        source = _name(block["rate_claim"], "rate_claim")
+    return rate, source
 
 
 def string_values(value: Any) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from esmtpfa.config import ProviderConfig, build_providers, parse_provider_docum
 from esmtpfa.documents import read_document
 from esmtpfa import internals
 from esmtpfa.delivery import DeliveryPolicy, RelayDelivery
+from esmtpfa.ratelimit import RateLimiter, Rates
 from esmtpfa.ids import new_id
 from esmtpfa.metrics import RelayMetrics
 from esmtpfa.providers.base import ConfigError, ProviderMeta
@@ -238,7 +239,9 @@ class RelayService(MultiService):
 
     def _portal(self) -> Portal:
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
-                                observer=self.metrics)
+                                observer=self.metrics, rates=RateLimiter(self.reactor),
+                                default_rates=Rates(self.options["rate-messages"],
+                                                    self.options["rate-recipients"]))
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
         self.throttle = AuthThrottle(
             per_address=self.options["max-auth-failures-per-ip"],

@@ -92,7 +92,7 @@ class SenderRulesTests(unittest.TestCase):
     def test_mistakes_are_refused(self):
         cases = [
             ({"alowed_senders": ["a@b.example"]}, "unknown policy key"),
-            ({"rate": {"messages": "100/1h"}}, "unknown policy key"),
+            ({"rate": {"messages": "100 an hour"}}, "not a rate like 100/1h"),
             ({"allowed_senders": "a@b.example"}, "must be a list"),
             ({"allowed_senders": []}, "allows no sender"),
             ({"allowed_senders": ["nobody"]}, "is not '*'"),
@@ -499,8 +499,8 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
         self.assertEqual(self.rejections("corp-ldap", "mail_from"), 1)
 
 
-class JWTSessionTests(SessionMixin, unittest.TestCase):
-    """``sender_claim: email`` with tokens from a real JWKS endpoint."""
+class JWTFixture(SessionMixin):
+    """A jwt provider ``idp`` on a real JWKS endpoint; ``token`` mints for it."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -510,6 +510,14 @@ class JWTSessionTests(SessionMixin, unittest.TestCase):
         self.addCleanup(self.server.stop)
         yield self.start_relay()
 
+    def token(self, sub: str, **claims) -> str:
+        return mint(self.key, standard_claims(time.time(), iss="https://sso.test",
+                                              aud="smtp-relay", sub=sub, **claims))
+
+
+class JWTSessionTests(JWTFixture, unittest.TestCase):
+    """``sender_claim: email`` with tokens from a real JWKS endpoint."""
+
     def providers(self):
         return json.dumps({"providers": [{
             "meta": {"name": "idp", "type": "jwt"},
@@ -518,10 +526,6 @@ class JWTSessionTests(SessionMixin, unittest.TestCase):
             "policy": {"sender_claim": "email",
                        "allowed_senders": ["{user}@bots.example.com"],
                        "check_header_from": True}}]})
-
-    def token(self, sub: str, **claims) -> str:
-        return mint(self.key, standard_claims(time.time(), iss="https://sso.test",
-                                              aud="smtp-relay", sub=sub, **claims))
 
     @defer.inlineCallbacks
     def test_email_as_a_string_a_list_and_missing(self):

@@ -36,7 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.context import ConnectionContext
-from esmtpfa.delivery import PolicyRefusal
+from esmtpfa.delivery import PolicyRefusal, RateLimited
 from esmtpfa.logs import logger
 from esmtpfa.replies import SMTPReplyError
 from esmtpfa.smtp.address import valid_mailbox
@@ -254,6 +254,9 @@ class SubmissionResource(Resource):
             await defer.maybeDeferred(transaction.finish)
         except PolicyRefusal as refusal:
             raise HTTPError(403, refusal.reply.text, reply=refusal.reply) from None
+        except RateLimited as limited:
+            raise HTTPError(429, limited.reply.text, reply=limited.reply, headers={
+                b"retry-after": str(int(limited.retry_after)).encode()}) from None
         except SMTPReplyError as error:
             reply = error.reply
             message_id = getattr(transaction, "id", None)

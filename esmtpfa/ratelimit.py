@@ -1,0 +1,243 @@
+"""Sending rates per identity: messages and recipients over rolling windows (issue 11).
+
+A limit reads like ``100/1h``: at most 100 in any hour.  Counting every event of a day
+per identity would cost up to a day's worth of timestamps each; instead each limit keeps
+two fixed windows, the current and the previous one, and estimates the rolling count as
+the current window's count plus the previous one's weighted by how much of it still lies
+inside the rolling window.  That costs a few numbers per identity, is exact when traffic
+is even, and errs by at most the previous window's count times the fraction of a window
+elapsed otherwise (the well-known sliding-window-counter estimate).
+
+What is counted is what the upstream accepted.  A transaction *reserves* its message and
+each recipient as the client asks (so parallel transactions of one identity cannot all
+pass a check before any of them counts), then commits the reservation when the upstream
+accepted the message, or releases it when it did not: a refused or failed message costs
+the client nothing.
+
+Memory is bounded: the limiter keeps at most ``max_keys`` identities and forgets the one
+used least recently first (a forgotten identity starts afresh, which errs toward letting
+mail through, never toward losing it: a refusal here is always temporary).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+import math
+import re
+from typing import Any, Hashable, Mapping
+
+from twisted.internet.interfaces import IReactorTime
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
+_PAIR = re.compile(r"(messages|recipients)\s*[:=]\s*([^,;\s}]+(?:\s*/\s*[^,;\s}]+)?)")
+
+
+class RateSyntaxError(ValueError):
+    """A rate that does not read like ``100/1h`` (what was wrong, for a load error)."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most ``count`` events in any ``window`` seconds."""
+
+    count: int
+    window: float
+
+    @classmethod
+    def parse(cls, text: Any) -> "Limit":
+        match = _LIMIT.match(str(text))
+        if match is None:
+            raise RateSyntaxError(
+                f"{text!r} is not a rate like 100/1h (a count, '/', a number of s, m, h or d)")
+        count, amount, unit = int(match.group(1)), int(match.group(2) or 1), match.group(3)
+        if amount <= 0:
+            raise RateSyntaxError(f"{text!r}: the window must be longer than zero")
+        return cls(count, float(amount * _UNITS[unit]))
+
+    def __str__(self) -> str:
+        for unit in ("d", "h", "m"):
+            if self.window % _UNITS[unit] == 0:
+                return f"{self.count}/{int(self.window // _UNITS[unit])}{unit}"
+        return f"{self.count}/{int(self.window)}s"
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The limits of one identity; None means unlimited."""
+
+    messages: Limit | None = None
+    recipients: Limit | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "Rates":
+        """From a config mapping (``{messages: 100/1h, recipients: 1000/1d}``), or from
+        the same written as a string, as an LDAP attribute or a JWT claim carries it
+        (``messages=100/1h, recipients=1000/1d``; ``:`` works as well as ``=``)."""
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"messages", "recipients"})
+            if unknown:
+                raise RateSyntaxError(f"unknown rate key(s) {unknown}: expected messages "
+                                      f"and/or recipients")
+            pairs = dict(value)
+        elif isinstance(value, str):
+            pairs = dict(_PAIR.findall(value))
+            if not pairs:
+                raise RateSyntaxError(f"{value[:80]!r} names no messages=… or recipients=… rate")
+        else:
+            raise RateSyntaxError(f"expected a mapping or a string, got {type(value).__name__}")
+        return cls(
+            messages=Limit.parse(pairs["messages"]) if pairs.get("messages") is not None
+            else None,
+            recipients=Limit.parse(pairs["recipients"])
+            if pairs.get("recipients") is not None else None)
+
+    def or_else(self, default: "Rates") -> "Rates":
+        """Each limit of ours, else the default's."""
+        return Rates(self.messages or default.messages, self.recipients or default.recipients)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.messages is None and self.recipients is None
+
+
+class _Counter:
+    """Two fixed windows of one limit, plus what is reserved and not yet settled."""
+
+    __slots__ = ("start", "current", "previous", "reserved")
+
+    def __init__(self, start: float):
+        self.start, self.current, self.previous, self.reserved = start, 0, 0, 0
+
+    def roll(self, now: float, window: float) -> None:
+        elapsed = now - self.start
+        if elapsed < window:
+            return
+        windows = int(elapsed // window)
+        self.previous = self.current if windows == 1 else 0
+        self.current = 0
+        self.start += windows * window
+
+    def estimate(self, now: float, window: float) -> float:
+        """Events in the rolling window ending now, reservations included."""
+        self.roll(now, window)
+        inside = 1.0 - (now - self.start) / window
+        return self.previous * inside + self.current + self.reserved
+
+    def retry_after(self, now: float, window: float, limit: int, wanted: int) -> float:
+        """Seconds until ``wanted`` more would fit (at least one second)."""
+        self.roll(now, window)
+        room = limit - self.current - self.reserved - wanted
+        if room < 0 or self.previous == 0:
+            # Only the next window's start can help (and after it, the decay of this one).
+            return max(1.0, self.start + window - now)
+        # previous * (1 - (elapsed + t) / window) <= room
+        elapsed = now - self.start
+        t = window * (1.0 - room / self.previous) - elapsed
+        return max(1.0, math.ceil(t))
+
+
+class Exceeded(Exception):
+    """Over a limit: ``kind`` ("messages" or "recipients"), ``limit``, ``retry_after``."""
+
+    def __init__(self, kind: str, limit: Limit, retry_after: float):
+        super().__init__(f"{kind} rate {limit} reached; retry in {retry_after:.0f} s")
+        self.kind, self.limit, self.retry_after = kind, limit, retry_after
+
+
+class Reservation:
+    """One transaction's place in its identity's budgets: the message and each
+    recipient, reserved as the client asks, then committed or released once."""
+
+    __slots__ = ("_limiter", "_key", "_rates", "_recipients", "_message", "_settled")
+
+    def __init__(self, limiter: "RateLimiter", key: Hashable, rates: Rates):
+        self._limiter, self._key, self._rates = limiter, key, rates
+        self._recipients = 0
+        self._message = False
+        self._settled = False
+
+    def message(self) -> None:
+        """Reserve the message; ``Exceeded`` when the identity's message rate is full."""
+        if not self._message:
+            self._limiter._take(self._key, "messages", self._rates.messages, 1)
+            self._message = True
+
+    def recipient(self) -> None:
+        """Reserve one more recipient; ``Exceeded`` when the recipient rate is full."""
+        self._limiter._take(self._key, "recipients", self._rates.recipients, 1)
+        self._recipients += 1
+
+    def drop_recipient(self) -> None:
+        """A recipient reserved and then refused (by the upstream): give its place back."""
+        if self._recipients and not self._settled:
+            self._recipients -= 1
+            self._limiter._give(self._key, "recipients", self._rates.recipients, 1, False)
+
+    def commit(self) -> None:
+        """The upstream accepted the message: what was reserved now counts."""
+        self._settle(count=True)
+
+    def release(self) -> None:
+        """The message did not go: give its reservations back."""
+        self._settle(count=False)
+
+    def _settle(self, count: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._message:
+            self._limiter._give(self._key, "messages", self._rates.messages, 1, count)
+        if self._recipients:
+            self._limiter._give(self._key, "recipients", self._rates.recipients,
+                                self._recipients, count)
+
+
+class RateLimiter:
+    """Budgets per identity, shared by SMTP and HTTP; time from ``clock``."""
+
+    def __init__(self, clock: IReactorTime, max_keys: int = 100_000):
+        self.clock = clock
+        self.max_keys = max_keys
+        self._counters: OrderedDict[tuple[Hashable, str], _Counter] = OrderedDict()
+
+    def reserve(self, key: Hashable, rates: Rates) -> Reservation:
+        return Reservation(self, key, rates)
+
+    def _counter(self, key: Hashable, kind: str, now: float) -> _Counter:
+        slot = (key, kind)
+        counter = self._counters.get(slot)
+        if counter is None:
+            counter = self._counters[slot] = _Counter(now)
+            while len(self._counters) > self.max_keys:
+                self._counters.popitem(last=False)
+        else:
+            self._counters.move_to_end(slot)
+        return counter
+
+    def _take(self, key: Hashable, kind: str, limit: Limit | None, n: int) -> None:
+        if limit is None:
+            return
+        now = self.clock.seconds()
+        counter = self._counter(key, kind, now)
+        if counter.estimate(now, limit.window) + n > limit.count:
+            raise Exceeded(kind, limit, counter.retry_after(now, limit.window, limit.count, n))
+        counter.reserved += n
+
+    def _give(self, key: Hashable, kind: str, limit: Limit | None, n: int,
+              count: bool) -> None:
+        if limit is None:
+            return
+        now = self.clock.seconds()
+        counter = self._counter(key, kind, now)
+        counter.roll(now, limit.window)
+        counter.reserved = max(0, counter.reserved - n)
+        if count:
+            counter.current += n
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+
+__all__ = ["Exceeded", "Limit", "RateLimiter", "RateSyntaxError", "Rates", "Reservation"]

@@ -1,0 +1,127 @@
+"""Sending rates per identity (issue 11, item 3): windows driven by a ``Clock``."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, RateSyntaxError
+
+
+class ParseTests(unittest.TestCase):
+    def test_limits(self):
+        self.assertEqual(Limit.parse("100/1h"), Limit(100, 3600.0))
+        self.assertEqual(Limit.parse("3/m"), Limit(3, 60.0))
+        self.assertEqual(Limit.parse(" 1000 / 1d "), Limit(1000, 86400.0))
+        self.assertEqual(str(Limit.parse("100/60m")), "100/1h")
+        for bad in ("100", "100/1w", "x/1h", "100/0h", "", "-1/1h"):
+            self.assertRaises(RateSyntaxError, Limit.parse, bad)
+
+    def test_rates_from_config_and_from_attribute_strings(self):
+        both = Rates(Limit(100, 3600.0), Limit(1000, 86400.0))
+        self.assertEqual(Rates.parse({"messages": "100/1h", "recipients": "1000/1d"}), both)
+        self.assertEqual(Rates.parse("messages=100/1h, recipients=1000/1d"), both)
+        self.assertEqual(Rates.parse("{messages: 100/1h, recipients: 1000/1d}"), both)
+        self.assertEqual(Rates.parse({"messages": "5/1m"}), Rates(Limit(5, 60.0), None))
+        self.assertRaises(RateSyntaxError, Rates.parse, {"mesages": "5/1m"})
+        self.assertRaises(RateSyntaxError, Rates.parse, "lots")
+        self.assertRaises(RateSyntaxError, Rates.parse, 5)
+
+    def test_own_limits_win_over_defaults(self):
+        default = Rates(Limit(10, 60.0), Limit(100, 60.0))
+        own = Rates(messages=Limit(50, 60.0))
+        self.assertEqual(own.or_else(default), Rates(Limit(50, 60.0), Limit(100, 60.0)))
+
+
+class LimiterTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.limiter = RateLimiter(self.clock)
+        self.rates = Rates(messages=Limit(3, 60.0), recipients=Limit(5, 60.0))
+
+    def send(self, key="corp/alice", recipients=1, accepted=True):
+        reservation = self.limiter.reserve(key, self.rates)
+        reservation.message()
+        for _ in range(recipients):
+            reservation.recipient()
+        (reservation.commit if accepted else reservation.release)()
+
+    def test_three_per_minute_then_refused_until_the_window_rolls(self):
+        for _ in range(3):
+            self.send()
+        with self.assertRaises(Exceeded) as caught:
+            self.send()
+        self.assertEqual(caught.exception.kind, "messages")
+        self.assertGreaterEqual(caught.exception.retry_after, 1)
+        self.assertLessEqual(caught.exception.retry_after, 120)
+        self.clock.advance(120)  # two windows later nothing of the old ones counts
+        self.send()
+
+    def test_another_identity_has_its_own_budget(self):
+        for _ in range(3):
+            self.send("corp/alice")
+        self.send("corp/bob")
+        self.send("other/alice")
+
+    def test_only_accepted_messages_count(self):
+        for _ in range(10):
+            self.send(accepted=False)
+        for _ in range(3):
+            self.send()
+        self.assertRaises(Exceeded, self.send)
+
+    def test_parallel_transactions_cannot_overshoot(self):
+        held = [self.limiter.reserve("corp/alice", self.rates) for _ in range(3)]
+        for reservation in held:
+            reservation.message()
+        late = self.limiter.reserve("corp/alice", self.rates)
+        self.assertRaises(Exceeded, late.message)
+        held[0].release()  # one of them failed: its place is free again
+        late.message()
+
+    def test_recipient_budget(self):
+        reservation = self.limiter.reserve("corp/alice", self.rates)
+        reservation.message()
+        for _ in range(5):
+            reservation.recipient()
+        with self.assertRaises(Exceeded) as caught:
+            reservation.recipient()
+        self.assertEqual(caught.exception.kind, "recipients")
+        reservation.commit()
+        self.assertRaises(Exceeded, self.send, recipients=1)
+
+    def test_settling_twice_counts_once(self):
+        reservation = self.limiter.reserve("corp/alice", self.rates)
+        reservation.message()
+        reservation.commit()
+        reservation.commit()
+        reservation.release()
+        self.send()
+        self.send()
+        self.assertRaises(Exceeded, self.send)
+
+    def test_the_rolling_estimate_decays(self):
+        for _ in range(3):
+            self.send()
+        self.clock.advance(60)  # a new window: the old one still weighs fully
+        self.assertRaises(Exceeded, self.send)
+        self.clock.advance(30)  # half of it left inside the rolling minute: 1.5 counted
+        self.send()
+        self.assertRaises(Exceeded, self.send)
+
+    def test_unlimited_rates_never_refuse(self):
+        reservation = self.limiter.reserve("corp/alice", Rates())
+        for _ in range(1000):
+            reservation.message()
+            reservation.recipient()
+        reservation.commit()
+        self.assertEqual(len(self.limiter), 0)
+
+    def test_memory_is_bounded(self):
+        limiter = RateLimiter(self.clock, max_keys=100)
+        for n in range(1000):
+            reservation = limiter.reserve(f"p/user{n}", self.rates)
+            reservation.message()
+            reservation.commit()
+        self.assertLessEqual(len(limiter), 100)
