@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 
+import ldap3
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -21,7 +22,8 @@ from tests.support.misbehaving import MisbehavingUpstream
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 from tests.support.webclient import post_json
-from tests.test_policy import JWTFixture, message as policy_message
+from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SERVICE_DN, SERVICE_PW, SharedSlapd
+from tests.test_policy import JWTFixture, SessionMixin, message as policy_message
 
 CONTENT = b"Subject: rates\r\n\r\nHello.\r\n"
 
@@ -231,3 +233,39 @@ class IdentityRateTests(JWTFixture, unittest.TestCase):
         self.assertEqual(self.fixture.service.metrics.registry.get_sample_value(
             "esmtpfa_rate_limited_total", {"provider": "idp", "kind": "messages"}), 5)
 
+
+
+class LDAPRateTests(SharedSlapd, SessionMixin, unittest.TestCase):
+    """Item 5 with a real slapd: ``rate_attribute`` gives one user its own rate."""
+
+    def providers(self):
+        return json.dumps({"providers": [{
+            "meta": {"name": "corp-ldap", "type": "ldap"},
+            "params": {"server": "127.0.0.1", "port": self.slapd.port,
+                       "bind_user": SERVICE_DN, "bind_pass": SERVICE_PW, "base_dn": PEOPLE,
+                       "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"},
+            "policy": {"rate": {"messages": "1/1m"}, "rate_attribute": "description"}}]})
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield defer.maybeDeferred(super().setUp)
+        yield threads.deferToThread(self.add_user)
+        yield self.start_relay()
+
+    def add_user(self):
+        server = ldap3.Server("127.0.0.1", port=self.slapd.port)
+        with ldap3.Connection(server, ROOT_DN, ROOT_PW, auto_bind=True) as conn:
+            conn.add(f"uid=batch,{PEOPLE}", ["inetOrgPerson"], {
+                "uid": "batch", "cn": "batch", "sn": "batch", "userPassword": "batch-pw",
+                "description": "messages=2/1m"})
+
+    @defer.inlineCallbacks
+    def test_an_attribute_raises_one_user_s_rate(self):
+        sent = [("x@example.com", policy_message("x@example.com"))] * 3
+        batch = yield self.session("corp-ldap", "batch:batch-pw", *sent)
+        alice = yield self.session("corp-ldap", "alice:alice-pw", *sent)
+        self.assertEqual([r[-1][:9] for r in batch],
+                         [b"250 2.0.0", b"250 2.0.0", b"451 4.7.1"])
+        self.assertEqual([r[-1][:9] for r in alice],
+                         [b"250 2.0.0", b"451 4.7.1", b"451 4.7.1"])
+        self.assertEqual(len(self.delivered()), 3)
