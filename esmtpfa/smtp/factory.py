@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
 from esmtpfa.logs import logger
@@ -78,6 +79,10 @@ class SMTPServerFactory(ServerFactory):
         self.deadlines = client_sweeper(reactor)  # every session's ClientDeadline
         self.refusals = RepeatSummary(log, f"SMTP connections refused on {name}",
                                       interval=REFUSAL_SUMMARY_INTERVAL, clock=reactor)
+        #: Set by ``drain``: the relay is shutting down (docs/smtp-limits.md, "Shutdown").
+        self.draining = False
+        self._drained: list[defer.Deferred] = []  # fire when the last session is gone
+        self._stopped = False  # the port stopped listening (sessions may outlive it)
 
     def buildProtocol(self, addr) -> ESMTPServer:
         return self.protocol(self)
@@ -97,9 +102,71 @@ class SMTPServerFactory(ServerFactory):
         if session in self.sessions:
             self.sessions.discard(session)
             self.limits.release(session._context.peer_host)
+            if not self.sessions:
+                self._all_gone()
             return True
         return False
 
+    # -- shutdown (docs/smtp-limits.md, "Shutdown") -----------------------------------
+
+    def drain(self) -> defer.Deferred:
+        """Ask every session to end at its next chance; fires when none is left.
+
+        Sessions between transactions hear ``421 4.3.2`` at once; one inside a
+        transaction finishes it (the client hears the upstream's verdict) and hears
+        ``421`` at its next command instead of starting another (RFC 5321 §3.8 lets a
+        server that must shut down answer any command with 421)."""
+        self.draining = True
+        if self.sessions:
+            log.info("{listener}: draining {count} SMTP session(s)", listener=self.name,
+                     count=len(self.sessions))
+        for session in list(self.sessions):
+            session.drain()
+        waiter: defer.Deferred = defer.Deferred()
+        self._drained.append(waiter)
+        if not self.sessions:
+            self._all_gone()
+        return waiter
+
+    def close_remaining(self) -> None:
+        """The drain's deadline passed: every session left gets 421 and is closed (a
+        close that cannot complete is aborted after ``close_grace``, as always)."""
+        if self.sessions:
+            log.info("{listener}: shutdown grace over, closing {count} SMTP session(s)",
+                     listener=self.name, count=len(self.sessions))
+        for session in list(self.sessions):
+            session.shut_down()
+
+    def _all_gone(self) -> None:
+        waiters, self._drained = self._drained, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._stopped:
+            self.deadlines.close()
+
     def stopFactory(self) -> None:
+        """The port stopped listening.  Sessions still draining keep their deadlines
+        (a trickler stays bounded during the drain): the sweeper closes with the last."""
         self.refusals.stop()
-        self.deadlines.close()
+        self._stopped = True
+        if not self.sessions:
+            self.deadlines.close()
+
+
+def drain_listeners(factories: list[SMTPServerFactory], grace: float,
+                    clock) -> defer.Deferred:
+    """Drain every factory; at ``grace`` seconds close what remains.  Fires once every
+    session is gone: by ``grace`` plus ``close_grace`` at the latest."""
+    done = defer.DeferredList([factory.drain() for factory in factories])
+    if not done.called:
+        def deadline() -> None:
+            for factory in factories:
+                factory.close_remaining()
+        call = clock.callLater(grace, deadline)
+
+        def finished(result):
+            if call.active():
+                call.cancel()
+            return result
+        done.addBoth(finished)
+    return done

@@ -73,6 +73,11 @@ SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 RESET_OK = Reply(250, "2.0.0", "Reset OK")
+#: The shutdown deadline came while the upstream's verdict on a message was awaited: the
+#: final dot may have reached it (docs/delivery-guarantee.md, "After the final dot").
+SHUTDOWN_OUTCOME_UNKNOWN = Reply(
+    451, "4.3.2", "Shutting down before the upstream answered; try again later "
+                  "(a duplicate is possible)")
 #: RFC 3463 X.4.2: the connection is dropped because the client is too slow.
 TIMEOUTS = {
     Stage.IDLE: replies.IDLE_TIMEOUT,
@@ -145,6 +150,8 @@ class ESMTPServer(Protocol):
         self._deadline = ClientDeadline(factory.deadlines, factory.reactor, self.settings,
                                         self.timeoutConnection)
         self._abort_call = None  # the bounded grace of a close in progress
+        self._draining = False  # the relay shuts down: no new transaction (drain())
+        self._finishing = False  # the message is with the relay, its verdict awaited
 
     # -- connection ------------------------------------------------------------------
 
@@ -224,6 +231,32 @@ class ESMTPServer(Protocol):
             self._abort()
             return
         self._reply(TIMEOUTS[stage])
+        self._close()
+
+    # -- shutdown (the factory's drain; docs/smtp-limits.md, "Shutdown") ---------------
+
+    def drain(self) -> None:
+        """The relay shuts down: end now when between transactions, else after the
+        transaction in progress (``_dispatch`` answers the next command with 421)."""
+        self._draining = True
+        if not (self._closing or self._waiting or self._in_transaction()):
+            self._shut_down()
+
+    def shut_down(self) -> None:
+        """The drain's deadline: 421 and close, whatever the session is doing.  A message
+        whose verdict is still awaited is not acknowledged: the client keeps it."""
+        if self._closing:
+            return
+        if self._finishing:
+            self._reply(SHUTDOWN_OUTCOME_UNKNOWN)
+        self._shut_down()
+
+    def _in_transaction(self) -> bool:
+        return self._mail is not None or self._reader is not None or self._chunk is not None
+
+    def _shut_down(self) -> None:
+        log.info("{connection_id} closed: shutting down", connection_id=self.id)
+        self._reply(replies.SHUTTING_DOWN)
         self._close()
 
     def _close(self) -> None:
@@ -361,6 +394,9 @@ class ESMTPServer(Protocol):
         return line[:-1] if line.endswith(b"\r") else line
 
     def _dispatch(self, line: bytes) -> None:
+        if self._draining and self._mail is None:
+            self._shut_down()  # draining: finish a transaction, never start one
+            return
         if self._sasl is not None:
             self._run(self._sasl_response, line)
             return
@@ -802,7 +838,12 @@ class ESMTPServer(Protocol):
     def _finish(self, transaction) -> defer.Deferred:
         self._transaction = None  # finish() owns it now; reset must not abort it
         self._mail, self._recipients = None, []
-        return defer.maybeDeferred(transaction.finish)
+        self._finishing = True
+
+        def settled(result):
+            self._finishing = False
+            return result
+        return defer.maybeDeferred(transaction.finish).addBoth(settled)
 
     def _reset_transaction(self) -> None:
         self._reader = self._chunks = None

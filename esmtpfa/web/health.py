@@ -37,6 +37,14 @@ PROBE_CACHE = 30.0
 class Check:
     ok: bool
     detail: str
+    #: A failure that settles readiness alone: ``/readyz`` answers at once, asking nothing
+    #: else (a relay shutting down must leave the load balancer's rotation now).
+    decisive: bool = False
+
+
+#: What the providers check says from SIGTERM on (docs/smtp-limits.md, "Shutdown").
+SHUTTING_DOWN = Check(False, "shutting down: finishing the sessions in progress, "
+                             "accepting no new ones", decisive=True)
 
 
 class UpstreamProbe:
@@ -160,6 +168,12 @@ class ReadyResource(Resource):
 
     def render_GET(self, request):
         providers = self._providers()
+        if providers.decisive and not providers.ok:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            return json.dumps({"ready": False, "checks": {"shutdown": {
+                "ok": False, "detail": providers.detail}}}).encode() + b"\n"
         gone: list[bool] = []  # the client left while we checked: nothing to write to
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = self._upstream.check()
@@ -182,4 +196,4 @@ class ReadyResource(Resource):
 
 
 __all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "RelayProbe",
-           "UpstreamProbe"]
+           "SHUTTING_DOWN", "UpstreamProbe"]
