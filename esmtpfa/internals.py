@@ -30,12 +30,18 @@ What is used, and by whom:
 3. Accessors for private attributes read elsewhere: ``Request._disconnected``
    (``request_gone``), and ``StreamServerEndpointService._raiseSynchronously`` and
    ``_waitingForPort`` (``listening_service``, ``port_of``).
+4. ``twisted.protocols.haproxy`` (used by ``esmtpfa.smtp.proxy``): its PROXY protocol
+   header parsers ``V1Parser.parse`` and ``V2Parser.parse``, their ``InvalidProxyHeader``
+   and ``V2Parser.PREFIX`` live in private modules (the package exports only
+   ``proxyEndpoint``, whose wrapper starts the wrapped protocol before the header has
+   arrived).  ``parse_proxy_header`` is their one caller.
 """
 
 from __future__ import annotations
 
 import inspect
 import socket
+import struct
 from functools import cache
 from typing import Any, Callable
 
@@ -48,6 +54,10 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import directlyProvides, providedBy
+
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 
 try:  # STARTTLS on a TCP transport; check() reports it if it moved
     from twisted.internet._newtls import startTLS as _start_tls
@@ -192,6 +202,32 @@ def listening_service(endpoint: Any, factory: Any) -> StreamServerEndpointServic
 def port_of(service: StreamServerEndpointService) -> defer.Deferred:
     """Fires with the service's listening port once it listens (after ``startService``)."""
     return service._waitingForPort
+
+
+# -- 4. twisted.protocols.haproxy ---------------------------------------------------------
+
+#: The twelve octets every PROXY protocol v2 header starts with.
+PROXY_V2_SIGNATURE: bytes = V2Parser.PREFIX
+
+
+class ProxyHeaderInvalid(ValueError):
+    """A PROXY protocol header Twisted's parsers refuse (or stumble on)."""
+
+
+def parse_proxy_header(header: bytes) -> tuple[Any, Any]:
+    """``(source, destination)`` addresses of one complete PROXY header: a v1 line without
+    its CRLF, or a whole v2 header; ``(None, None)`` for v1 ``UNKNOWN`` and v2 ``LOCAL``
+    (the proxy speaking for itself).  Raises ``ProxyHeaderInvalid``."""
+    if header == b"PROXY UNKNOWN":  # legal v1 (nothing follows), which V1Parser refuses
+        return None, None
+    parser = V2Parser if header.startswith(PROXY_V2_SIGNATURE) else V1Parser
+    try:
+        info = parser.parse(header)
+    # Twisted lets a few malformed headers through as other errors (a v1 port that is not
+    # a number, an unknown v2 address family): all of them mean "malformed".
+    except (InvalidProxyHeader, ValueError, KeyError, IndexError, struct.error) as error:
+        raise ProxyHeaderInvalid(type(error).__name__) from None
+    return info.source, info.destination
 
 
 # -- check() ----------------------------------------------------------------------------
@@ -368,12 +404,42 @@ def _check_listening_service() -> None:
                               "fires with the listening port")
 
 
+def _check_haproxy() -> None:
+    """Parse real v1 and v2 headers (TCP4, TCP6, LOCAL) and malformed ones."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    _require(PROXY_V2_SIGNATURE == b"\r\n\r\n\x00\r\nQUIT\n",
+             "V2Parser.PREFIX is no longer the PROXY protocol v2 signature")
+    source, destination = parse_proxy_header(b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25")
+    _require(source == IPv4Address("TCP", "192.0.2.1", 56324)
+             and destination == IPv4Address("TCP", "198.51.100.2", 25),
+             "V1Parser.parse no longer reads a TCP4 line into IPv4Address source/destination")
+    source, _ = parse_proxy_header(b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 465")
+    _require(source == IPv6Address("TCP", "2001:db8::1", 4000),
+             "V1Parser.parse no longer reads a TCP6 line into an IPv6Address")
+    v2 = (PROXY_V2_SIGNATURE + b"\x21\x11\x00\x0c" + socket.inet_aton("192.0.2.7")
+          + socket.inet_aton("198.51.100.2") + struct.pack("!HH", 40000, 587))
+    source, _ = parse_proxy_header(v2)
+    _require(source == IPv4Address("TCP", "192.0.2.7", 40000),
+             "V2Parser.parse no longer reads a PROXY TCP4 header into an IPv4Address")
+    _require(parse_proxy_header(PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00") == (None, None),
+             "V2Parser.parse no longer reads a LOCAL header as having no addresses")
+    for bad in (b"PROXY TCP4 192.0.2.1", b"PROXY TCP4 a b c d", b"PROXY SCTP x y 1 2",
+                PROXY_V2_SIGNATURE + b"\x31\x11\x00\x00"):
+        try:
+            parse_proxy_header(bad)
+        except ProxyHeaderInvalid:
+            continue
+        raise TwistedChanged(f"the PROXY parsers accept the malformed header {bad!r}")
+
+
 _CHECKS: tuple[tuple[str, Callable[[], None]], ...] = (
     ("version", _check_version),
     ("signatures", _check_signatures),
     ("write-through", _check_write_through),
     ("twisted.web", _check_web),
     ("listening service", _check_listening_service),
+    ("twisted.protocols.haproxy", _check_haproxy),
 )
 
 
@@ -400,6 +466,7 @@ def checked() -> bool:
     return True
 
 
-__all__ = ["CHANNEL_HOOKS", "REQUEST_HOOKS", "TESTED_TWISTED", "TwistedChanged",
+__all__ = ["CHANNEL_HOOKS", "PROXY_V2_SIGNATURE", "REQUEST_HOOKS", "TESTED_TWISTED",
+           "ProxyHeaderInvalid", "TwistedChanged", "parse_proxy_header",
            "WriteThroughReactor", "check", "checked", "listening_service", "port_of",
            "request_gone", "request_version", "take_expect_continue", "twisted_version"]
