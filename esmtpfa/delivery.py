@@ -162,10 +162,13 @@ def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
 
 
 def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: OutboundMessage,
-                  report: Callable[[str], None] | None = None) -> defer.Deferred:
+                  report: Callable[[str], None] | None = None,
+                  where: Callable[[], str | None] = lambda: None) -> defer.Deferred:
     """Hand ``message`` to ``send`` (an open relay transaction's); fires with the reply for
-    the client, or fails with ``SMTPReplyError``.  Logs the outcome, tells ``report``
+    the client, or fails with ``SMTPReplyError``.  Logs the outcome (with the upstream
+    ``where`` names and the duration, as fields for the JSON log), tells ``report``
     (accepted, rejected, unavailable or error) and always releases the spool."""
+    started = time.monotonic()
 
     def outcome(name: str) -> None:
         if report is None:
@@ -179,10 +182,11 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
     def accepted(upstream: Reply) -> Reply:
         outcome(ACCEPTED)
         log.info("{connection_id} message {message_id} from <{sender}> to {count} "
-                 "recipient(s), {size} bytes, relayed for {identity}: {upstream}",
+                 "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
                  connection_id=message.connection_id, message_id=message.id,
                  sender=message.envelope.mail_from, count=len(message.envelope.recipients),
-                 size=message.size, identity=message.identity, upstream=str(upstream))
+                 size=message.size, identity=message.identity, upstream_reply=str(upstream),
+                 upstream=where(), duration=round(time.monotonic() - started, 3))
         return Reply(250, "2.0.0", f"Message accepted as {message.id}")
 
     def failed(failure: Failure):
@@ -192,7 +196,12 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
             log.info("{connection_id} message {message_id} for {identity} not relayed "
                      "({reason}): {detail}", connection_id=message.connection_id,
                      message_id=message.id, identity=message.identity,
-                     reason=error.reason, detail=str(error))
+                     reason=error.reason, detail=str(error),
+                     sender=message.envelope.mail_from,
+                     count=len(message.envelope.recipients), size=message.size,
+                     upstream=getattr(error, "upstream", None) or where(),
+                     upstream_reply=str(error.upstream_reply) if error.upstream_reply else None,
+                     duration=round(time.monotonic() - started, 3))
             raise SMTPReplyError(error.reply)
         outcome(ERROR)
         log.failure("{connection_id} message {message_id}: relay failed", failure,
@@ -419,7 +428,8 @@ class RelayTransaction:
             self._settle(accepted=outcome == ACCEPTED)
             delivery.policy.observer.relayed(
                 delivery.identity, envelope, size, outcome, time.monotonic() - started)
-        return relay_message(self._upstream.send, message, report)
+        return relay_message(self._upstream.send, message, report,
+                             where=lambda: getattr(self._upstream, "upstream", None))
 
     def abort(self) -> None:
         self._settle(accepted=False)

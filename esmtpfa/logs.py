@@ -3,8 +3,10 @@
 Every module takes its ``Logger`` from ``logger(namespace)``: events below the level the
 service sets at startup are dropped before an event is even built (the relay logs a
 debug line per command on its hot path), the rest go to the global publisher (twistd's
-text log, or JSON with ``twist --log-format json``).  Credentials are never passed to a
-logger: log statements name users, providers and ids, never secrets.
+text log, or one JSON object per line with ``--log-format json``: esmtpfa.jsonlog).
+Pass what a line is about as named fields (``connection_id``, ``message_id``,
+``identity``, ...): the JSON log carries them as keys.  Credentials are never passed to
+a logger: log statements name users, providers and ids, never secrets.
 """
 
 from __future__ import annotations

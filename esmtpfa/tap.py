@@ -2,8 +2,13 @@
 
 Everything that can be wrong with the configuration (flags, environment, provider file,
 certificates) is checked while parsing options, so twistd prints one clear line and
-exits instead of a traceback from ``makeService``.
+exits instead of a traceback from ``makeService``.  ``--check-config`` defers those
+checks to ``esmtpfa.checkconfig``, which reports every problem it finds, then exits
+from ``makeService`` before twistd starts logging, daemonizes or runs the reactor.
 """
+
+from twisted.logger import ILogObserver
+from twisted.python import usage
 
 from esmtpfa import options as _options
 from esmtpfa.service import RelayService, load_providers, load_tls_options
@@ -11,15 +16,50 @@ from esmtpfa.service import RelayService, load_providers, load_tls_options
 
 class Options(_options.Options):
     def postOptions(self) -> None:
+        if self.get("check-config") or self.get("check-connect"):
+            # Collect problems instead of stopping at the first (esmtpfa.checkconfig).
+            try:
+                super().postOptions()
+            except usage.UsageError as error:
+                self["check-config-problem"] = str(error)
+            self["check-config"] = True  # --check-connect implies it
+            return
         super().postOptions()
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None and (
+                "fileLogObserverFactory" in parent):
+            # ``twist``: its runner makes the log observer with this factory (twistd
+            # takes it from the application: TwistdRelayService).
+            from esmtpfa.jsonlog import JSONLinesObserver
+            parent["fileLogObserverFactory"] = JSONLinesObserver
         from twisted.internet import reactor
         self["provider-set"] = load_providers(self, reactor)
         self["tls-options"] = load_tls_options(self)
         self["http-tls-options"] = load_tls_options(self, "http-tls", "HTTP TLS")
 
 
+class TwistdRelayService(RelayService):
+    """The relay as twistd runs it: with ``--log-format json`` it hands twistd its log
+    observer when twistd adds it to the application, which is before twistd starts
+    logging (``AppLogger.start`` takes an ``ILogObserver`` component of the
+    application), so even twistd's own startup lines are JSON."""
+
+    def setServiceParent(self, parent) -> None:
+        server_options = getattr(self.options, "parent", None)
+        under_twist = server_options is not None and "fileLogObserverFactory" in server_options
+        if (self.options["log-format"] == "json" and hasattr(parent, "setComponent")
+                and not under_twist):  # twist: Options.postOptions set its factory
+            from esmtpfa.jsonlog import JSONLinesObserver, twistd_log_file
+            parent.setComponent(ILogObserver,
+                                JSONLinesObserver(twistd_log_file(server_options)))
+        super().setServiceParent(parent)
+
+
 def makeService(options) -> RelayService:
-    return RelayService(options)
+    if options.get("check-config"):
+        from esmtpfa.checkconfig import run
+        raise SystemExit(run(options))
+    return TwistdRelayService(options)
 
 
 __all__ = ["Options", "makeService"]

@@ -30,10 +30,10 @@ import hashlib
 from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
+from esmtpfa.logs import logger
 from esmtpfa.auth.errors import UnauthorizedLogin
 from esmtpfa.providers.base import (
     ConfigError, IProvider, Principal, ProviderMeta, require_string)
@@ -45,7 +45,7 @@ from esmtpfa.providers.httpcheck import (
     is_http_token,
 )
 
-log = Logger()
+log = logger("esmtpfa.providers.http_header")
 
 #: Fields that frame the message or steer the connection (RFC 9110 §7.6.1, §8.6, RFC
 #: 9112 §6-§7): letting config set them would break or smuggle the request.

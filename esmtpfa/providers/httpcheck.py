@@ -35,16 +35,16 @@ from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from esmtpfa.logs import logger
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
 from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta, require_string
 
-log = Logger()
+log = logger("esmtpfa.providers.httpcheck")
 
 DEFAULT_TIMEOUT = 5.0
 MAX_TIMEOUT = 300.0

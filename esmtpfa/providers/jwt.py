@@ -53,11 +53,11 @@ from jwt.api_jws import PyJWS
 from jwt.exceptions import PyJWTError
 from jwt.utils import base64url_decode
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
+from esmtpfa.logs import logger
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
 from esmtpfa.policy import string_values
 from esmtpfa.providers.base import ConfigError, IProvider, Principal, Provider, ProviderMeta
@@ -71,7 +71,7 @@ from esmtpfa.providers.httpcheck import (
     timed_out,
 )
 
-log = Logger()
+log = logger("esmtpfa.providers.jwt")
 
 #: RFC 8725 §3.1: an allow-list, asymmetric only.
 ALLOWED_ALGORITHMS = frozenset({

@@ -52,17 +52,17 @@ from ldap3.utils.conv import escape_filter_chars
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
+from esmtpfa.logs import logger
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.policy import string_values
 from esmtpfa.providers.base import (
     ConfigError, IProvider, Principal, Provider, ProviderMeta, require_string)
 
-log = Logger(namespace="esmtpfa.providers.ldap")
+log = logger("esmtpfa.providers.ldap")
 
 PARAMS = frozenset({
     "server", "port", "enable_tls", "ldaps", "tls_ca", "tls_cert", "tls_key",
