@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from twisted.python import usage
 
 from esmtpfa.ratelimit import Limit
+from esmtpfa.smtp.proxy import parse_networks
 
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
@@ -142,6 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("config", str, "config.yaml", "PROVIDER_CONFIG", "Configuration file (YAML or JSON)"),
     Setting("config-svc", parse_http_url, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL (JSON or YAML; replaces --config)"),
     Setting("log-level", choice(*LOG_LEVELS), "info", "LOG_LEVEL", "Log level"),
+    Setting("log-format", choice("text", "json"), "text", "LOG_FORMAT", "Log format: text, or json (one object per line, docs/logging.md)"),
     Setting("metrics-namespace", parse_namespace, "esmtpfa", "METRICS_NAMESPACE", "Metrics namespace"),
     Setting("metrics-port", parse_port, 9090, "METRICS_PORT", "Metrics port"),
     # Relay (original)
@@ -156,6 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("relay-tls-key", str, None, "RELAY_TLS_KEY", "TLS key for Relay"),
     Setting("relay-tls-skip-verify", None, False, "RELAY_TLS_SKIP_VERIFY", "Skip TLS verification for Relay"),
     # esmtpfa additions
+    Setting("check-config", None, False, None, "Check the configuration (providers, TLS files, relay settings), print what was found and exit: 0 when sound"),
+    Setting("check-connect", None, False, None, "Like --check-config, and also connect once to each relay server (EHLO, STARTTLS, AUTH) and each identity back end"),
     Setting("demo", None, False, "ESMTPFA_DEMO", "Try-out mode: plain listener on 127.0.0.1:12525 with insecure auth, demo user 'demo'/'demo-password', Maildir upstream"),
     Setting("hostname", str, None, "SMTP_HOSTNAME", "Name in the greeting and Received header (default: this host's FQDN)"),
     Setting("maildir", str, "maildir", "MAILDIR", "Maildir used when no relay address is set"),
@@ -175,9 +179,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
     Setting("tls-handshake-timeout", parse_seconds, 30.0, "SMTP_TLS_HANDSHAKE_TIMEOUT", "Seconds an SMTP client may take to complete its TLS handshake (implicit TLS and after STARTTLS)"),
     Setting("close-grace", parse_seconds, 5.0, "SMTP_CLOSE_GRACE", "Seconds a closing SMTP connection may take to flush its last reply before it is aborted"),
+    Setting("shutdown-grace", parse_seconds, 25.0, "SHUTDOWN_GRACE", "Seconds after SIGTERM that sessions inside a mail transaction get to finish it; then every connection left hears 421 and is closed"),
     Setting("command-timeout", parse_seconds, 60.0, "SMTP_COMMAND_TIMEOUT", "Seconds from the first byte of an SMTP command line to its end, however the client spreads its bytes; also where the DATA allowance starts"),
     Setting("min-data-rate", parse_positive_int, 500, "SMTP_MIN_DATA_RATE", "Octets per second SMTP message data (DATA, BDAT) must average beyond --command-timeout"),
     Setting("received-hide-client", None, False, "SMTP_RECEIVED_HIDE_CLIENT", "Leave the client's IP address out of the Received header"),
+    Setting("proxy-protocol", None, False, "SMTP_PROXY_PROTOCOL", "Every SMTP connection starts with a PROXY protocol header (v1 or v2) naming the client; needs --proxy-protocol-trusted (docs/smtp-limits.md)"),
+    Setting("proxy-protocol-trusted", parse_networks, None, "SMTP_PROXY_PROTOCOL_TRUSTED", "Networks of the proxies allowed to send a PROXY header, comma-separated, e.g. 10.0.0.0/8,192.168.1.7; connections from elsewhere are closed"),
     Setting("relay-config", str, None, "RELAY_CONFIG", "YAML/JSON file listing the relay servers in order, each with its own address, TLS and credentials (read at startup; the --relay-* flags are the defaults; replaces --relay-addr)"),
     Setting("relay-starttls", choice("opportunistic", "required", "none"), "opportunistic", "RELAY_STARTTLS", "STARTTLS toward the relay"),
     Setting("relay-tls-server-name", str, None, "RELAY_TLS_SERVER_NAME", "Name expected in the relay's certificate (default: --relay-addr)"),
@@ -296,6 +303,9 @@ class Options(usage.Options):
             raise usage.UsageError("--tls needs --tls-cert and --tls-key")
         if bool(self["relay-user"]) != bool(self["relay-pass"]):
             raise usage.UsageError("--relay-user and --relay-pass go together")
+        if self["proxy-protocol"] and not self["proxy-protocol-trusted"]:
+            raise usage.UsageError("--proxy-protocol needs --proxy-protocol-trusted: the "
+                                   "networks of the proxies allowed to name clients")
         self["relay-upstreams"] = self._upstreams()
         for flag in ("tls-cert", "tls-key", "tls-ca-cert", "http-tls-cert", "http-tls-key",
                      "relay-tls-ca-cert", "relay-tls-cert", "relay-tls-key"):

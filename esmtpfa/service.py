@@ -9,7 +9,9 @@ This is the only module that knows every part; each part knows only its seam
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -36,11 +38,13 @@ from esmtpfa.relay.interfaces import IRelay
 from esmtpfa.reload import (
     ConfigServicePoller, FileWatcher, ProviderReloader, ReloadService, redact_url,
     stop_providers)
-from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory
+from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_listeners
+from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.tls import TLSConfigError, server_tls_options
 from esmtpfa.transport import write_through
-from esmtpfa.web.health import Check, MaildirProbe, RelayProbe, UpstreamProbe
+from esmtpfa.web.health import (
+    SHUTTING_DOWN, Check, MaildirProbe, RelayProbe, UpstreamProbe)
 from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.web.site import metrics_listener, submission_listener
 
@@ -205,6 +209,30 @@ def upstream_label(options) -> str:
     return ",".join(host_port(entry.host, entry.port) for entry in entries)
 
 
+def http_requests_done(channels, deadline: float, clock, every: float = 0.1):
+    """Fires once no HTTP request is in flight on ``channels()`` (or at ``deadline``):
+    the drain lets a submission being uploaded or relayed finish.  Connections idle
+    between requests are closed (their next request would find the relay closing).
+    Channels have no completion event to wait on, so this looks every ``every`` s."""
+    from twisted.internet.task import LoopingCall
+    from esmtpfa.web.channel import Phase
+    busy = (Phase.HEAD, Phase.LOGIN, Phase.BODY, Phase.HANDLING, Phase.UNREAD)
+
+    def look() -> None:
+        working = False
+        for channel in channels():
+            phase = getattr(channel, "phase", None)
+            if phase is Phase.IDLE:
+                channel.loseConnection()
+            working = working or phase in busy
+        if not working or clock.seconds() >= deadline:
+            loop.stop()
+
+    loop = LoopingCall(look)
+    loop.clock = clock
+    return loop.start(every, now=True).addCallback(lambda _: None)
+
+
 class RelayService(MultiService):
     """The whole relay; ``directory`` is where reloads swap providers in."""
 
@@ -289,11 +317,12 @@ class RelayService(MultiService):
         tls_options = options.get("tls-options") or load_tls_options(options)
         if options["plain"]:
             factory = self._factory("plain", tls_options=tls_options)
-            self._listen("plain", options["addr"], options["port"], factory)
+            self._listen("plain", options["addr"], options["port"],
+                         self._proxied("plain", factory))
         if options["tls"]:
             factory = self._factory("tls", tls_options=tls_options, implicit_tls=True)
-            self._listen("tls", options["addr"], options["tls-port"],
-                         TLSMemoryBIOFactory(tls_options, False, factory))
+            self._listen("tls", options["addr"], options["tls-port"], self._proxied(
+                "tls", TLSMemoryBIOFactory(tls_options, False, factory)))
         if options["http"]:
             http_tls = options.get("http-tls-options") or load_tls_options(
                 options, "http-tls", "HTTP TLS")
@@ -319,6 +348,8 @@ class RelayService(MultiService):
         return MaildirProbe(os.path.abspath(self.options["maildir"]))
 
     def _providers_ready(self) -> Check:
+        if self.draining:
+            return SHUTTING_DOWN  # /readyz: 503 at once, nothing else asked
         if not self.reloader.loaded:
             return Check(False, "waiting for the first document from the config service")
         count = len(self.directory.current)
@@ -327,6 +358,15 @@ class RelayService(MultiService):
         if self.anonymous_allowed:
             return Check(True, "no providers; anonymous submission is allowed")
         return Check(False, "no providers configured: every login is refused")
+
+    def _proxied(self, name: str, factory):
+        """With ``--proxy-protocol``, the PROXY header is read first, outside TLS: a proxy
+        sends it before the client's TLS handshake (docs/smtp-limits.md)."""
+        if not self.options["proxy-protocol"]:
+            return factory
+        return ProxyProtocolFactory(
+            factory, trusted=TrustedProxies(self.options["proxy-protocol-trusted"]),
+            timeout=self.settings.tls_handshake_timeout, name=name, reactor=self.reactor)
 
     def _listen(self, name: str, addr: str, port: int, factory) -> None:
         endpoint = server_endpoint(self.reactor, addr, port)
@@ -369,6 +409,9 @@ class RelayService(MultiService):
                 port = options["port"] if name == "plain" else options["tls-port"]
                 log.info("SMTP {name} listener on [{addr}]:{port}", name=name,
                          addr=listen_address(options["addr"]), port=port)
+        if options["proxy-protocol"]:
+            log.info("SMTP connections start with a PROXY header, accepted from {networks}",
+                     networks=TrustedProxies(options["proxy-protocol-trusted"]))
         if options["http"]:
             secure = bool(options["http-tls-cert"])
             log.info("HTTP submission listener on {scheme}://[{addr}]:{port}/",
@@ -383,6 +426,7 @@ class RelayService(MultiService):
         log.info("metrics and health on http://[{addr}]:{port}/metrics (/status /healthz "
                  "/readyz)", addr=listen_address(options["metrics-addr"]),
                  port=options["metrics-port"])
+        self.reactor.callWhenRunning(self._handle_sigterm)
         super().startService()
 
     def listening_ports(self):
@@ -393,8 +437,70 @@ class RelayService(MultiService):
         names = [s.name for s in services]
         return gatherResults(waits).addCallback(lambda ports: dict(zip(names, ports)))
 
+    #: Set when the service stops (SIGTERM): ``/readyz`` answers 503 from then on.
+    draining = False
+    _previous_sigterm = None
+
+    def _handle_sigterm(self) -> None:
+        """SIGTERM is how every rollout and node drain stops the relay: a normal stop,
+        so after the drain the process exits 0 (Twisted's own handler would make twistd
+        kill itself with the signal again).  Installed once the reactor runs, after the
+        reactor's handlers; the previous one comes back at stop.  (A service started
+        inside a running reactor, as tests do, is not yet running here: the host's
+        handler stays.)"""
+        if self.running and threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, number, frame) -> None:
+        if self.draining:
+            return  # already on its way out
+        log.info("SIGTERM: draining for up to {grace:g} s, then exiting",
+                 grace=self.options["shutdown-grace"])
+        self.reactor.callFromThread(self.reactor.stop)
+
     def stopService(self):
-        d = super().stopService()
-        d.addBoth(lambda _: self.relay.close())
+        """SIGTERM (docs/smtp-limits.md, "Shutdown"): out of the load balancer's rotation,
+        no new connections, the transactions in progress finish within
+        ``--shutdown-grace`` (the rest hear 421), then the relay and everything else stop.
+        The metrics listener serves ``/readyz`` until the end."""
+        from twisted.internet.defer import gatherResults, maybeDeferred
+        self.draining = True
+        deadline = self.reactor.seconds() + self.options["shutdown-grace"]
+        listeners = [s for s in self if s.name in ("plain", "tls", "http")]
+        d = gatherResults([maybeDeferred(s.stopService) for s in listeners])
+        d.addBoth(lambda _: gatherResults([
+            drain_listeners(self.smtp_factories, self.options["shutdown-grace"],
+                            self.reactor),
+            http_requests_done(self._http_channels, deadline, self.reactor)]))
+        d.addBoth(lambda _: self._close_relay(deadline))
+        d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: stop_providers(self.directory.current.providers))
+        d.addBoth(self._restore_sigterm)
         return d
+
+    def _http_channels(self) -> list:
+        """The HTTP submission listener's open channels (inside TLS when it has TLS)."""
+        listener = self.namedServices.get("http")
+        wrappers = getattr(getattr(listener, "factory", None), "protocols", {})
+        return [getattr(w.wrappedProtocol, "wrappedProtocol", w.wrappedProtocol)
+                for w in list(wrappers)]
+
+    def _restore_sigterm(self, result):
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        return result
+
+    def _close_relay(self, deadline: float):
+        """Wait for the relay's work in flight (HTTP submissions too) up to the drain's
+        deadline plus ``close_grace``.  What is still running then is abandoned with the
+        process: its SMTP clients were already answered 451 or 421, never 250."""
+        from twisted.internet.defer import TimeoutError
+        wait = max(deadline - self.reactor.seconds(), 0.0) + self.settings.close_grace
+        d = self.relay.close().addTimeout(wait, self.reactor)
+
+        def abandoned(failure):
+            failure.trap(TimeoutError)
+            log.warn("relay work still in flight after {wait:g} s: abandoned at exit",
+                     wait=wait)
+        return d.addErrback(abandoned)
