@@ -5,7 +5,7 @@ Run on demand:  python3 bench/data_path.py [--messages N] [--size BYTES]
 
 Both servers are fed the same bytes in-process (64 KiB reads, as a socket delivers them)
 through a StringTransport, so only protocol CPU is measured: no network, no relay.  The
-reference (TWISTED-NOTES server #11) is twisted.mail.smtp.ESMTP measured in the same run.
+reference (docs/twisted-defects.md server #11) is twisted.mail.smtp.ESMTP measured in the same run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Provider configuration (SPEC §3, §4, §7): parse and expand, then build.
+"""Provider configuration (docs/design.md §3, §4, §7): parse and expand, then build.
 
 Parsing is pure (text + environment → ``ProviderConfig`` values), so a reload is checked
 completely before anything is swapped in.  Building reuses every instance whose
@@ -293,7 +293,7 @@ class _MetaOnly:
 
 
 def _check_cross_rules(configs: Sequence[ProviderConfig], source: str) -> None:
-    """Duplicate names and shared unique domains (SPEC §3), before anything is created.
+    """Duplicate names and shared unique domains (docs/design.md §3), before anything is created.
 
     The rules are ``ProviderSet``'s own, so they live in one place.
     """
@@ -358,7 +358,7 @@ def build_providers(configs: Iterable[ProviderConfig],
     """Instantiate ``configs``, keeping ``previous`` instances whose config is unchanged.
 
     On error nothing changes: the instances created so far are stopped and the previous
-    set stays as it is, so a failed reload keeps the last good config (SPEC §7).
+    set stays as it is, so a failed reload keeps the last good config (docs/design.md §7).
     """
     configs = list(configs)
     old_configs = getattr(previous, "config_by_name", {})

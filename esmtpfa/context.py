@@ -1,7 +1,7 @@
 """What esmtpfa knows about the client at the moment it authenticates or submits.
 
 The same snapshot is carried by SMTP credentials, HTTP credentials and outbound messages,
-so provider selection (SPEC §3) and the Received header read one source of truth.
+so provider selection (docs/design.md §3) and the Received header read one source of truth.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 
 def normalize_domain(name: str | None) -> str | None:
-    """Case-insensitive, trailing dot ignored (SPEC §3); empty means unknown."""
+    """Case-insensitive, trailing dot ignored (docs/design.md §3); empty means unknown."""
     if not name:
         return None
     name = name.strip().rstrip(".").lower()

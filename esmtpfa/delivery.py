@@ -5,7 +5,7 @@ about every RCPT as the client names it, so each recipient is answered with the 
 verdict and refused ones are simply not part of the message.  The content is spooled
 (bounded memory) until the client's final dot, then handed over with the Received header;
 the client's final reply is the relay's verdict, so a ``250`` always means the upstream
-accepted the message (SPEC §5).  Content the client got wrong (too big, bare line ends,
+accepted the message (docs/design.md §5).  Content the client got wrong (too big, bare line ends,
 overlong lines) never reaches the upstream, not even in part.
 
 The identity's policy (issue 11, ``esmtpfa.policy``, ``docs/policy.md``) is enforced here,

@@ -1,7 +1,7 @@
 """The unit the relay moves: an envelope plus a spooled, already-normalized message.
 
 Content is spooled (memory up to a threshold, then an anonymous temporary file) so the
-memory a message costs is bounded whatever its size (SPEC §5).  Everything written here has
+memory a message costs is bounded whatever its size (docs/design.md §5).  Everything written here has
 CRLF line endings, no bare CR or LF and no dot-stuffing: the SMTP server removed the
 transparency dots, the upstream client adds them again.
 """

@@ -1,4 +1,4 @@
-"""The relay's Prometheus metrics (SPEC §8), one ``CollectorRegistry`` per ``RelayService``.
+"""The relay's Prometheus metrics (docs/design.md §8), one ``CollectorRegistry`` per ``RelayService``.
 
 The original esmtpfa's metric names, types and label names are kept, so its dashboards
 keep working; what they count is defined in ``docs/metrics.md``.  Two things differ on

@@ -1,4 +1,4 @@
-"""Hot reload of the provider configuration (SPEC §7): file changes, SIGHUP, config service.
+"""Hot reload of the provider configuration (docs/design.md §7): file changes, SIGHUP, config service.
 
 Every source ends in ``ProviderReloader.load``, which parses and builds the whole new
 set *before* touching the live one, so a reload either swaps in a complete, valid set or

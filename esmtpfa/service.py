@@ -284,7 +284,7 @@ class RelayService(MultiService):
         return Portal(realm, checkers)
 
     def _reloader(self) -> ProviderReloader:
-        """Hot reload (SPEC §7): the config service when set, else the file."""
+        """Hot reload (docs/design.md §7): the config service when set, else the file."""
         options, reactor = self.options, self.reactor
         service_url = options["config-svc"]
         reloader = ProviderReloader(

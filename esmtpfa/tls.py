@@ -1,6 +1,6 @@
 """Server-side TLS options for the SMTP and HTTP listeners.
 
-TLS 1.2 is the floor (SPEC §1).  With a CA file, client certificates are requested and
+TLS 1.2 is the floor (docs/design.md §1).  With a CA file, client certificates are requested and
 verified but not required: submission clients authenticate with SMTP AUTH, a client
 certificate is an extra the operator may log or use later.
 """

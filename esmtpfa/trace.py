@@ -1,6 +1,6 @@
 """The ``Received:`` trace header esmtpfa adds to every message (RFC 5321 §4.4).
 
-It carries the message's ``urn:uuid`` id (SPEC §9) so a message found at the upstream
+It carries the message's ``urn:uuid`` id (docs/design.md §9) so a message found at the upstream
 can be matched to our logs; with ``hide_client`` the client's address is left out
 (a privacy option for submission relays).
 """

@@ -1,4 +1,4 @@
-"""Provider configuration (SPEC §3, §4, §7): shapes, ${VAR}, load errors, rebuilds."""
+"""Provider configuration (docs/design.md §3, §4, §7): shapes, ${VAR}, load errors, rebuilds."""
 
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ class ExpansionTests(unittest.TestCase):
 
 
 class LoadErrorTests(unittest.TestCase):
-    """Each error names the source, the provider and the problem (SPEC §3, §7)."""
+    """Each error names the source, the provider and the problem (docs/design.md §3, §7)."""
 
     def refused(self, text, *fragments, source="conf/providers.yaml", env=ENV) -> str:
         error = self.assertRaises(ConfigError, parse_provider_document, text, source, env)

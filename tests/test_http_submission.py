@@ -1,4 +1,4 @@
-"""The HTTP submission API (SPEC §6) over loopback, against a real recording upstream.
+"""The HTTP submission API (docs/design.md §6) over loopback, against a real recording upstream.
 
 Each test starts the whole ``RelayService`` with ``--http`` and talks to it with treq
 (or a raw socket where the test is about bytes on the wire, or curl as a user would);
@@ -215,7 +215,7 @@ class BadRequestTests(HTTPFixtureMixin, unittest.TestCase):
 
 
 class ThrottleTests(HTTPFixtureMixin, unittest.TestCase):
-    """The throttle sits in front of the providers for HTTP too (SPEC §7)."""
+    """The throttle sits in front of the providers for HTTP too (docs/design.md §7)."""
 
     fixture_args = ("--max-auth-failures-per-ip", "2")
 
@@ -416,7 +416,7 @@ providers:
 
 
 class HostHeaderTests(HTTPFixtureMixin, unittest.TestCase):
-    """The Host header (without port) is the connected domain of SPEC §3."""
+    """The Host header (without port) is the connected domain of docs/design.md §3."""
 
     fixture_kwargs = {"providers": UNIQUE_DOMAIN_PROVIDERS}
 

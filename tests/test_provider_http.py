@@ -1,4 +1,4 @@
-"""http_basic and http_header (SPEC §4) against real twisted.web servers on loopback.
+"""http_basic and http_header (docs/design.md §4) against real twisted.web servers on loopback.
 
 What is on the wire is checked on the server side (the exact Authorization / header
 value, how many requests and TCP connections), and every failure mode that must be a

@@ -1,4 +1,4 @@
-"""jwt (SPEC §4, RFC 7519/7515/7517, RFC 8725) against a real JWKS endpoint on loopback.
+"""jwt (docs/design.md §4, RFC 7519/7515/7517, RFC 8725) against a real JWKS endpoint on loopback.
 
 Token times are fixed: the provider's clock is a ``task.Clock`` set to ``NOW`` (it also
 times JWKS refreshes, so rate limits are tested by advancing it), while the network

@@ -1,4 +1,4 @@
-"""userpass (SPEC §4): static credentials, constant-time compare, refuses empty config."""
+"""userpass (docs/design.md §4): static credentials, constant-time compare, refuses empty config."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The upstream client's wire protocol: replies, pipelining, timeouts, transparency, streaming.
 
-Regression tests for TWISTED-NOTES' client defects live here (dot-stuffing #1, doubled CR
+Regression tests for docs/twisted-defects.md's client defects live here (dot-stuffing #1, doubled CR
 #2, Deferreds that never fire #3, Nagle #5); the delivery policy is in
 test_relay_upstream.
 """
@@ -52,7 +52,7 @@ def stuff(*chunks: bytes) -> bytes:
 
 
 class DotStufferTests(unittest.TestCase):
-    """RFC 5321 §4.5.2 transparency, chunk by chunk (TWISTED-NOTES client #1, #2)."""
+    """RFC 5321 §4.5.2 transparency, chunk by chunk (docs/twisted-defects.md client #1, #2)."""
 
     timeout = 20
 
@@ -194,7 +194,7 @@ class ReplyParsingTests(unittest.TestCase):
         self.assertRaises(ValueError, self.protocol.command, b"MAIL FROM:<a\nb>")
 
     def test_connection_loss_fails_every_pending_command(self):
-        # TWISTED-NOTES client #3: nothing may wait forever.
+        # docs/twisted-defects.md client #3: nothing may wait forever.
         self.protocol.dataReceived(b"220 ok\r\n")
         group = self.protocol.pipelineAll([b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA"],
                                           ["MAIL", "RCPT", "DATA"])
@@ -363,7 +363,7 @@ class WireTests(RecordingUpstreamMixin, unittest.TestCase):
     """Against the real recording upstream on loopback."""
 
     async def test_tcp_nodelay_is_set(self):
-        # TWISTED-NOTES client #5: Nagle doubles the per-message latency.
+        # docs/twisted-defects.md client #5: Nagle doubles the per-message latency.
         upstream = self.start_upstream()
         protocol = await self.connect(upstream)
         sock = protocol.transport.getHandle()
@@ -371,7 +371,7 @@ class WireTests(RecordingUpstreamMixin, unittest.TestCase):
 
     async def test_dot_lines_around_every_chunk_boundary(self):
         # Dot lines starting at each offset from 64 KiB - 4 to 64 KiB + 4, and at the
-        # second boundary, where a per-read stuffer (TWISTED-NOTES #1) goes wrong.
+        # second boundary, where a per-read stuffer (docs/twisted-defects.md client #1) goes wrong.
         upstream = self.start_upstream()
         protocol = await self.connect(upstream)
         content = bytearray(b"Subject: boundaries\r\n\r\n")
@@ -391,7 +391,7 @@ class WireTests(RecordingUpstreamMixin, unittest.TestCase):
         self.assertEqual(received.data_raw, reference_stuffing(content))
 
     async def test_smuggled_transaction_arrives_as_content(self):
-        # TWISTED-NOTES client #1: a message that contains an end-of-data line and a new
+        # docs/twisted-defects.md client #1: a message that contains an end-of-data line and a new
         # transaction must not become two transactions upstream.
         upstream = self.start_upstream()
         protocol = await self.connect(upstream)

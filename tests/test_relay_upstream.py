@@ -337,7 +337,7 @@ class RejectionTests(RelayTestCase):
 
 
 class ConnectionFailureTests(RelayTestCase):
-    """TWISTED-NOTES client #3: every failure fires the Deferred, with a 451, in time."""
+    """docs/twisted-defects.md client #3: every failure fires the Deferred, with a 451, in time."""
 
     async def test_connection_refused(self):
         relay = self.relay(port=free_port())

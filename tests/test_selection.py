@@ -1,4 +1,4 @@
-"""SPEC §3, provider selection, end to end through ``ProviderSelector``.
+"""docs/design.md §3, provider selection, end to end through ``ProviderSelector``.
 
 Real ``userpass`` providers plus two in-test types: a token provider (bearer credentials,
 whole secret) and providers that cannot answer.  Every provider records its calls, so the
@@ -421,7 +421,7 @@ class CancellationTests(SelectionMixin, unittest.TestCase):
 
 
 class ProviderSetTests(unittest.TestCase):
-    """The cross-provider rules of SPEC §3, enforced on the instances too."""
+    """The cross-provider rules of docs/design.md §3, enforced on the instances too."""
 
     def test_duplicate_name(self):
         error = self.assertRaises(ConfigError, ProviderSet, [
@@ -485,7 +485,7 @@ class ObserverTests(unittest.TestCase):
 
 class PlanTests(unittest.TestCase):
     """``plan`` says, before anyone is asked, which providers a login goes to and the user
-    each is asked about: the identities the login throttle counts (SPEC §7)."""
+    each is asked about: the identities the login throttle counts (docs/design.md §7)."""
 
     def setUp(self):
         self.corp = UserPass(meta("corp"), "alice", "pw")

@@ -1,4 +1,5 @@
-"""The SMTP server at the byte level: SPEC §1–2 and every server defect of TWISTED-NOTES.
+"""The SMTP server at the byte level: docs/design.md §1–2 and every server defect of
+docs/twisted-defects.md.
 
 Each test talks to the real ``RelayService`` over loopback with a raw socket, and where a
 message is involved, checks what the real recording upstream received.
@@ -163,7 +164,7 @@ class GreetingAndEHLOTests(FixtureMixin, unittest.TestCase):
 
 class STARTTLSTests(FixtureMixin, unittest.TestCase):
     def test_commands_pipelined_after_starttls_are_discarded(self):
-        """TWISTED-NOTES server #2: plaintext injection after STARTTLS."""
+        """docs/twisted-defects.md server #2: plaintext injection after STARTTLS."""
         creds = b64(f"\0{USER}\0{PASSWORD}")
 
         def script(fixture):
@@ -255,7 +256,7 @@ class AUTHTests(FixtureMixin, unittest.TestCase):
         return d.addCallback(check)
 
     def test_malformed_exchanges_get_replies_not_dropped_connections(self):
-        """TWISTED-NOTES server #6."""
+        """docs/twisted-defects.md server #6."""
         def script(fixture):
             client = fixture.secure_session()
             replies = [
@@ -357,7 +358,7 @@ class SlowProvider(Provider):
 
 class PipeliningTests(FixtureMixin, unittest.TestCase):
     def test_pipelined_transaction_behind_async_auth_keeps_order(self):
-        """TWISTED-NOTES server #5: async validation + pipelining."""
+        """docs/twisted-defects.md server #5: async validation + pipelining."""
         self.fixture.service.directory.replace(ProviderSet(
             [SlowProvider(ProviderMeta("slow", "userpass", fallback=True))]))
 
@@ -425,7 +426,7 @@ class DataTests(FixtureMixin, unittest.TestCase):
         return d.addCallback(check)
 
     def test_long_line_in_data_never_runs_the_rest_as_commands(self):
-        """TWISTED-NOTES server #3: a 20 KB line, then lines that look like commands."""
+        """docs/twisted-defects.md server #3: a 20 KB line, then lines that look like commands."""
         def script(fixture):
             client = fixture.secure_session()
             authenticate(client)
@@ -597,7 +598,7 @@ class RejectBareLineEndsTests(FixtureMixin, unittest.TestCase):
 
 
 class IdleTimeoutTests(unittest.TestCase):
-    """TWISTED-NOTES server #8: the factory's timeout is honoured (with a Clock)."""
+    """docs/twisted-defects.md server #8: the factory's timeout is honoured (with a Clock)."""
 
     def build(self, timeout=30.0):
         from twisted.cred.portal import Portal
@@ -646,7 +647,7 @@ class TokenProvider(Provider):
 
 
 class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
-    """SPEC §3 inputs as the server sees them: SNI, EHLO, the SASL mechanism."""
+    """docs/design.md §3 inputs as the server sees them: SNI, EHLO, the SASL mechanism."""
 
     def use(self, *providers):
         self.fixture.service.directory.replace(ProviderSet(providers))
@@ -698,7 +699,7 @@ class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
         return d.addCallback(check)
 
     def test_oauthbearer_host_selects_unique_domain_without_sni(self):
-        """RFC 7628 §3.1: ``host=`` names the server; SPEC §3 uses it when SNI is absent."""
+        """RFC 7628 §3.1: ``host=`` names the server; docs/design.md §3 uses it when SNI is absent."""
         self.use(TokenProvider(ProviderMeta(
             "corp-tokens", "jwt", domain="tokens.example", unique_domain_auth=True)))
 
@@ -716,7 +717,7 @@ class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
 
 
 class UpstreamVerdictTests(unittest.TestCase):
-    """TWISTED-NOTES server #4 and #7: the client hears the truth, and always hears."""
+    """docs/twisted-defects.md server #4 and #7: the client hears the truth, and always hears."""
 
     timeout = 30
 
@@ -918,7 +919,7 @@ class BinaryToMaildirTests(unittest.TestCase):
 
 
 class ThrottleTests(FixtureMixin, unittest.TestCase):
-    """SPEC §7: failures per username across connections, then no provider is asked."""
+    """docs/design.md §7: failures per username across connections, then no provider is asked."""
 
     fixture_args = ("--max-auth-failures-per-user", "2", "--max-auth-failures", "5")
 

@@ -1,4 +1,4 @@
-"""The failed-login throttle (SPEC §7, docs/login-throttle.md).
+"""The failed-login throttle (docs/design.md §7, docs/login-throttle.md).
 
 Unit tests drive ``ThrottlingChecker`` in front of the real ``ProviderSelector`` with a
 ``Clock``, so what they see is what a client would: accepted, refused (``535``),

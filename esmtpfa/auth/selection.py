@@ -1,4 +1,4 @@
-"""Provider selection (SPEC §3) as the one credentials checker the Portal knows.
+"""Provider selection (docs/design.md §3) as the one credentials checker the Portal knows.
 
 The order is exact and is the contract with users:
 
@@ -89,12 +89,12 @@ class Claim:
     it goes to and the user that provider is asked about.
 
     The login throttle counts failures per claim, never per provider name, so that one
-    account's attacker never locks out another account (SPEC §7).
+    account's attacker never locks out another account (docs/design.md §7).
 
     ``user`` is None for token providers (jwt, http_header): a token names its user only
     once it verifies, so a refused token has nobody to count against but its client's
     address.  ``user_in_secret`` says the user came out of the password field (the
-    provider-name convention, SPEC §3 step 2): a client that got the convention wrong may
+    provider-name convention, docs/design.md §3 step 2): a client that got the convention wrong may
     have put part of its password there, so that user is kept out of logs and reprs.
     """
 
@@ -206,7 +206,7 @@ class Candidate:
 
 @dataclass(frozen=True, repr=False)
 class SelectionPlan:
-    """The providers one login asks, decided from one snapshot (SPEC §3).
+    """The providers one login asks, decided from one snapshot (docs/design.md §3).
 
     ``fallback`` False: the single candidate decides (unique domain, or named by the
     username).  True: each candidate is asked in order until one accepts.  An empty plan

@@ -1,4 +1,4 @@
-"""Failed-login throttling per identity and per client address (SPEC §7).
+"""Failed-login throttling per identity and per client address (docs/design.md §7).
 
 The per-connection limit stops one session from guessing for ever; this module stops a
 client that reconnects, and an account attacked from many addresses, without ever letting
@@ -254,7 +254,7 @@ class ThrottlingChecker:
     """Decorates provider selection: plan, decide, then ask; count the outcome.
 
     The plan says whom the login claims to be before anyone is asked, so the decision
-    needs no knowledge of the selection rules (SPEC §3).
+    needs no knowledge of the selection rules (docs/design.md §3).
     """
 
     credentialInterfaces = (ISubmissionCredentials,)

@@ -1,4 +1,4 @@
-"""What every provider type is: a twisted.cred checker plus the meta config of SPEC §3.
+"""What every provider type is: a twisted.cred checker plus the meta config of docs/design.md §3.
 
 A provider *type* (userpass, ldap, jwt, …) is a class; a configured provider is an
 instance.  Each class declares which credentials it checks through the ordinary
@@ -100,7 +100,7 @@ class Provider:
 
     @property
     def needs_password(self) -> bool:
-        """True for user+password providers (SPEC §3: first-colon split by name)."""
+        """True for user+password providers (docs/design.md §3: first-colon split by name)."""
         return IUserPasswordCredentials in self.credentialInterfaces
 
     def stopProvider(self) -> Deferred:

@@ -1,4 +1,4 @@
-"""The ``http_basic`` provider: an HTTP endpoint judges ``user:password`` (SPEC §4).
+"""The ``http_basic`` provider: an HTTP endpoint judges ``user:password`` (docs/design.md §4).
 
 The relay sends ``Authorization: Basic base64(user ":" password)`` (RFC 7617 §2, UTF-8
 as in §2.1's ``charset``) and the endpoint's status is the verdict; see ``httpcheck``

@@ -1,4 +1,4 @@
-"""The ``http_header`` provider: an HTTP endpoint judges an opaque token (SPEC §4).
+"""The ``http_header`` provider: an HTTP endpoint judges an opaque token (docs/design.md §4).
 
 The client's whole secret goes, unchanged, into the configured header (``header:
 X-Bearer-Token`` → ``X-Bearer-Token: <token>``); the endpoint's status is the verdict
@@ -53,7 +53,7 @@ FORBIDDEN_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive",
     "proxy-connection", "te", "trailer", "upgrade", "expect",
 })
-#: SPEC §2: AUTH lines up to 12288 octets; a header longer than that is not a token.
+#: docs/design.md §2: AUTH lines up to 12288 octets; a header longer than that is not a token.
 MAX_TOKEN_LENGTH = 12288
 #: The longest user name taken from ``identity_header`` (longer ones are not used).
 MAX_IDENTITY_LENGTH = 256

@@ -1,6 +1,6 @@
 """What the HTTP providers share: one bounded HTTP request whose status is the verdict.
 
-``http_basic`` and ``http_header`` (SPEC §4) both ask a remote endpoint "is this
+``http_basic`` and ``http_header`` (docs/design.md §4) both ask a remote endpoint "is this
 credential good?" and read only the status code.  Getting that right is mostly about
 what must *not* happen:
 

@@ -1,9 +1,9 @@
-"""The ``jwt`` provider: a signed JWT (RFC 7519) checked against the IdP's JWKS (SPEC §4).
+"""The ``jwt`` provider: a signed JWT (RFC 7519) checked against the IdP's JWKS (docs/design.md §4).
 
 Verification follows the JWT BCP (RFC 8725) and trusts nothing in the token before the
 signature is checked:
 
-1. size (≤ 12 KiB, SPEC §2) and shape (compact JWS, RFC 7515 §7.1: three segments);
+1. size (≤ 12 KiB, docs/design.md §2) and shape (compact JWS, RFC 7515 §7.1: three segments);
 2. header ``alg`` must be asymmetric — RS*/PS*/ES*/EdDSA.  ``none`` and HS* are refused
    *before* any key is looked up (RFC 8725 §2.1, §3.1): an HS256 token "signed" with the
    RSA public key as HMAC secret never reaches a verifier;
@@ -86,7 +86,7 @@ _OKP_CURVES = {"Ed25519": "EdDSA", "Ed448": "EdDSA"}  # X25519/X448 are ECDH, no
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3
 
-MAX_TOKEN_LENGTH = 12 * 1024  # SPEC §2: AUTH lines up to 12288 octets
+MAX_TOKEN_LENGTH = 12 * 1024  # docs/design.md §2: AUTH lines up to 12288 octets
 MAX_JWKS_BYTES = 1024 * 1024
 DEFAULT_LEEWAY = 30.0
 DEFAULT_REFRESH_INTERVAL = 300.0

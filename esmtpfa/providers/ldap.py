@@ -1,4 +1,4 @@
-"""The ``ldap`` provider: search the user with a service account, then bind as them (SPEC §4).
+"""The ``ldap`` provider: search the user with a service account, then bind as them (docs/design.md §4).
 
 Flow of one login (all of it in a worker thread of the provider's own thread pool,
 because ldap3 is blocking):

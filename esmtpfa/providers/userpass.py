@@ -1,4 +1,4 @@
-"""userpass: one static user and password from the config (SPEC §4).
+"""userpass: one static user and password from the config (docs/design.md §4).
 
 The comparison is constant-time in what it reveals: both fields are always compared, and
 what is compared are SHA-256 digests, so neither an early exit nor a length difference

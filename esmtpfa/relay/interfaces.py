@@ -1,6 +1,6 @@
 """The seam between accepting a message and delivering it upstream.
 
-One way in, one guarantee (SPEC §5: our client's 250 waits for the destination):
+One way in, one guarantee (docs/design.md §5: our client's 250 waits for the destination):
 ``IRelay.begin`` opens a transaction at the client's MAIL and asks the destination about
 each recipient as the client names it (``IRelayTransaction.addRecipient``), so every RCPT
 is answered with the destination's own verdict; ``send`` hands over the content once the
@@ -20,7 +20,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from esmtpfa.replies import Reply
 
-# RelayError.reason values, used as metric labels (SPEC §8: relay failures by reason).
+# RelayError.reason values, used as metric labels (docs/design.md §8: relay failures by reason).
 REJECTED = "rejected"        # the upstream answered 4xx/5xx to MAIL, RCPT or DATA
 UNAVAILABLE = "unavailable"  # connect, TLS, timeout, upstream AUTH, protocol failure
 

@@ -1,4 +1,4 @@
-"""Local Maildir delivery: the relay used when no upstream is configured (SPEC §5).
+"""Local Maildir delivery: the relay used when no upstream is configured (docs/design.md §5).
 
 Follows the Maildir contract (D. J. Bernstein, "Using maildir format"; Courier's
 maildir(5)): write the whole file under ``tmp/`` with a unique name, fsync it, then link

@@ -1,7 +1,7 @@
 """The wire side of the upstream SMTP client: replies in, commands and message data out.
 
 We own this code instead of using ``twisted.mail.smtp.ESMTPSender`` because the defects
-that matter for a relay live exactly here (TWISTED-NOTES, client list): its dot-stuffing
+that matter for a relay live exactly here (docs/twisted-defects.md, client list): its dot-stuffing
 misses the first line and lines crossing read boundaries (SMTP smuggling toward the
 upstream), it doubles CRs, and its Deferred never fires when the connection is lost.
 
@@ -404,7 +404,7 @@ class SMTPClientProtocol(Protocol):
         self._connected = True
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        # TWISTED-NOTES client #5: with Nagle on, each command waits for the previous ACK.
+        # docs/twisted-defects.md client #5: with Nagle on, each command waits for the previous ACK.
         # A TLS wrapper forwards unknown attributes to the TCP transport underneath.
         set_no_delay: Callable[[bool], Any] | None = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -601,7 +601,7 @@ class SMTPClientProtocol(Protocol):
         if self._buffer:
             # Bytes after the 220 arrived in cleartext; treating them as replies received
             # over TLS would let a man in the middle inject them (the client side of the
-            # STARTTLS injection bug, TWISTED-NOTES server #2).
+            # STARTTLS injection bug, docs/twisted-defects.md server #2).
             self._violation("data after the STARTTLS reply, before the TLS handshake")
             raise self._error  # type: ignore[misc]
         handshake: Deferred[None] = Deferred()
@@ -737,7 +737,7 @@ class SMTPClientProtocol(Protocol):
     def quit(self, timeout: float = 10.0) -> Deferred[None]:
         """QUIT politely when possible, then close; always fires (never fails).
 
-        After a message was accepted nothing here can change the outcome (SPEC §5).
+        After a message was accepted nothing here can change the outcome (docs/design.md §5).
         """
         done = self.whenDisconnected()
         if not self._connected:

@@ -1,4 +1,4 @@
-"""``-relay-from R``: send every message as R, keep the author reachable (SPEC §5).
+"""``-relay-from R``: send every message as R, keep the author reachable (docs/design.md §5).
 
 Smarthosts often accept only their own sender address (SPF/DMARC alignment, account
 policy).  This wrapper makes the envelope sender R (RFC 5321 §4.1.1.2) and the ``From:``

@@ -6,7 +6,7 @@ the initial response (or None to wait for a challenge), ``respond(challenge)`` a
 client is satisfied.  For SCRAM that means the server proved that it knows the password
 too (RFC 5802 §5.1 ``v=``): a server that says 235 without that proof is not trusted.
 
-The order of preference is the one of SPEC §5 and mox's smtpclient: SCRAM-SHA-256, then
+The order of preference is the one of docs/design.md §5 and mox's smtpclient: SCRAM-SHA-256, then
 SCRAM-SHA-1, CRAM-MD5, PLAIN, LOGIN.  Channel binding (the ``-PLUS`` variants) is not
 offered: the GS2 header says so (``n,,``), which RFC 5802 allows.
 
@@ -22,7 +22,7 @@ import os
 import stringprep
 import unicodedata
 
-#: Strongest first (SPEC §5).
+#: Strongest first (docs/design.md §5).
 PREFERENCE = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
 MECHANISMS = frozenset(PREFERENCE)
 

@@ -1,4 +1,4 @@
-"""How to reach the upstream smarthosts (flags ``-relay-*``, SPEC §5) and how to pool them."""
+"""How to reach the upstream smarthosts (flags ``-relay-*``, docs/design.md §5) and how to pool them."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def host_port(host: str, port: int) -> str:
 
 def redacted(fields: Mapping[str, Any]) -> str:
     """``name=value, …`` for a repr: the password never reaches a log line, a test
-    failure or a traceback, even through a repr (SPEC §9)."""
+    failure or a traceback, even through a repr (docs/design.md §9)."""
     return ", ".join(f"{name}={'<redacted>' if name == 'password' and value else value!r}"
                      for name, value in fields.items())
 

@@ -2,7 +2,7 @@
 
 Twisted's server handles DATA a line at a time: that costs ~75% of its CPU on large
 messages and, worse, an overlong line drops it back into command mode so the rest of the
-body runs as commands (TWISTED-NOTES server #3, #11).  This reader works on whole chunks
+body runs as commands (docs/twisted-defects.md server #3, #11).  This reader works on whole chunks
 with C-speed bytes operations and stays in DATA until the one true end, CRLF.CRLF,
 whatever the content holds.
 

@@ -1,6 +1,6 @@
 """The ESMTP server protocol (RFC 5321) with the extensions a submission relay needs.
 
-Written for the failure modes of TWISTED-NOTES.md (server list):
+Written for the failure modes of docs/twisted-defects.md (server list):
 
 * every command, pipelined or not, is handled strictly in order and the next one is not
   read until the previous reply is written, even when a check is asynchronous (#5, #7);
@@ -520,7 +520,7 @@ class ESMTPServer(Protocol):
         if argument:
             return Reply(501, "5.5.4", "STARTTLS takes no parameters")
         if self._buffer:
-            # RFC 3207 §6 / TWISTED-NOTES #2: plaintext sent after STARTTLS must never be
+            # RFC 3207 §6 / docs/twisted-defects.md #2: plaintext sent after STARTTLS must never be
             # acted on as if it had arrived over TLS.
             log.warn("{connection_id} discarded {n} bytes pipelined after STARTTLS",
                      connection_id=self.id, n=len(self._buffer))

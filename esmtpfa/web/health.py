@@ -1,4 +1,4 @@
-"""Liveness and readiness (SPEC §1): ``/status``, ``/healthz`` and ``/readyz``.
+"""Liveness and readiness (docs/design.md §1): ``/status``, ``/healthz`` and ``/readyz``.
 
 ``/status`` and ``/healthz`` answer ``200 ok`` whenever the reactor answers at all: a
 process that can serve them is alive.  ``/readyz`` says whether sending mail can work

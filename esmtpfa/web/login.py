@@ -41,7 +41,7 @@ def host_name(header: bytes | None) -> str | None:
 
 def request_context(request: Any, connection_id: str) -> ConnectionContext:
     """What a login over HTTP knows of its connection; the ``Host`` header (without
-    port) is the connected domain for provider selection (SPEC §3)."""
+    port) is the connected domain for provider selection (docs/design.md §3)."""
     peer, local = request.getClientAddress(), request.getHost()
     return ConnectionContext(
         connection_id=connection_id, protocol="http",

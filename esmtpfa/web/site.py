@@ -2,7 +2,7 @@
 
 * the **submission** listener: ``POST /`` (``web.submission``), on ``--http-port``;
 * the **metrics** listener: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, on
-  ``--metrics-port``, always on (SPEC §1), even when no listener accepts mail.
+  ``--metrics-port``, always on (docs/design.md §1), even when no listener accepts mail.
 
 Both use ``GuardedChannel`` (``web.channel``): deadlines per phase of a request that a
 trickling client cannot push back, back-pressure, a close that is aborted when it cannot
@@ -127,7 +127,7 @@ class MetricsResource(Resource):
         self._metrics = metrics
 
     def render_GET(self, request) -> bytes:
-        # Rendering is fast and in-memory: no thread pool needed (TWISTED-NOTES).
+        # Rendering is fast and in-memory: no thread pool needed (docs/twisted-defects.md).
         request.setHeader(b"content-type", CONTENT_TYPE.encode())
         return self._metrics.render()
 

@@ -1,4 +1,4 @@
-"""``POST /``: the HTTP submission API (SPEC §6), ``docs/openapi.yaml``.
+"""``POST /``: the HTTP submission API (docs/design.md §6), ``docs/openapi.yaml``.
 
 A request is an SMTP transaction in another syntax, so it goes the same way: HTTP Basic
 credentials become ``SubmissionCredentials`` for the same Portal (provider selection with

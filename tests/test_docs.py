@@ -1,0 +1,204 @@
+"""The documentation stands on its own (issue 12, items 7 and 8).
+
+Design decisions and Twisted pitfalls are cited from ``docs/design.md`` and
+``docs/twisted-defects.md``, never from documents that are not in the repository; every
+``docs/`` file a file names, and every relative Markdown link, exists (anchors too); the
+original's settings are all implemented and explained in ``docs/compatibility.md``; and
+every refusal the relay can send is in the operator guide's troubleshooting tables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from esmtpfa.options import SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Written in two parts so this file does not trip its own check.
+FORBIDDEN = ("SPEC" + " §", "TWISTED" + "-NOTES", "shared/" + "spec")
+
+#: The original esmtpfa's flags and their environment variables (its README's lists).
+ORIGINAL_SETTINGS = {
+    "addr": "SMTP_ADDR",
+    "allow-anonymous-auth": "SMTP_ALLOW_ANONYMOUS_AUTH",
+    "allow-insecure-auth": "SMTP_ALLOW_INSECURE_AUTH",
+    "config": "PROVIDER_CONFIG",
+    "config-svc": "PROVIDER_CONFIG_SERVICE",
+    "enable-binary-mime": "SMTP_ENABLE_BINARY_MIME",
+    "enable-require-tls": "SMTP_ENABLE_REQUIRE_TLS",
+    "enable-smtp-utf8": "SMTP_ENABLE_SMTP_UTF8",
+    "http": "HTTP_ENABLE",
+    "http-allow-anonymous": "HTTP_ALLOW_ANONYMOUS",
+    "http-port": "HTTP_PORT",
+    "http-tls-cert": "HTTP_TLS_CERT",
+    "http-tls-key": "HTTP_TLS_KEY",
+    "log-level": "LOG_LEVEL",
+    "metrics-namespace": "METRICS_NAMESPACE",
+    "metrics-port": "METRICS_PORT",
+    "plain": "SMTP_PLAIN_ENABLE",
+    "port": "SMTP_PORT",
+    "relay-addr": "RELAY_ADDR",
+    "relay-from": "RELAY_FROM",
+    "relay-pass": "RELAY_PASS",
+    "relay-port": "RELAY_PORT",
+    "relay-tls": "RELAY_TLS_ENABLE",
+    "relay-tls-ca-cert": "RELAY_TLS_CA_CERT",
+    "relay-tls-cert": "RELAY_TLS_CERT",
+    "relay-tls-key": "RELAY_TLS_KEY",
+    "relay-tls-skip-verify": "RELAY_TLS_SKIP_VERIFY",
+    "relay-user": "RELAY_USER",
+    "tls": "SMTP_TLS_ENABLE",
+    "tls-ca-cert": "SMTP_TLS_CA_CERT",
+    "tls-cert": "SMTP_TLS_CERT",
+    "tls-key": "SMTP_TLS_KEY",
+    "tls-port": "SMTP_TLS_PORT",
+}
+
+#: A path under docs/ named in any text (not preceded by a path character).
+DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w./-]*\w")
+#: A Markdown inline link target: ](target) or ](target "title").
+MD_LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+#: Fenced code blocks, whose contents are not Markdown.
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+#: How the relay words its refusals in the code: ``Reply(451, "4.3.0"``, a
+#: ``permanent(550, "5.7.30"`` and ``unavailable("4.4.1"`` (always a 451).
+REPLY = re.compile(r"(?:Reply|permanent)\(\s*([45]\d\d),\s*\"([45]\.\d+\.\d+)\"")
+UNAVAILABLE = re.compile(r"unavailable\(\s*\"(4\.\d+\.\d+)\"")
+
+
+def repository_files() -> list[Path]:
+    """Tracked files and new files that are not ignored, as they are on disk."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True).stdout.decode("utf-8").split("\0")
+    return [ROOT / name for name in sorted(set(listed))
+            if name and (ROOT / name).is_file()]
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text("utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # binary
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[`*_]|\[|\]\([^)]*\)", "", heading.strip()).lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    text = FENCE.sub("", markdown)
+    return {slug(line.lstrip("#")) for line in text.splitlines()
+            if re.match(r"#{1,6} ", line)}
+
+
+class SelfContainedTests(unittest.TestCase):
+    """References point inside the repository."""
+
+    def test_no_citation_of_documents_outside_the_repository(self):
+        offenders = []
+        for path in repository_files():
+            text = read_text(path)
+            if text is None:
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                if any(word in line for word in FORBIDDEN):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+        self.assertEqual(offenders, [], "cite docs/design.md §N or docs/twisted-defects.md")
+
+    def test_the_copied_readme_is_gone(self):
+        self.assertFalse((ROOT / "docs" / "original-readme.md").exists())
+
+    def test_every_named_docs_file_exists(self):
+        missing = []
+        for path in repository_files():
+            text = read_text(path)
+            if text is None:
+                continue
+            for match in DOCS_PATH.finditer(text):
+                target = match.group(0).rstrip(".")
+                if not (ROOT / target).exists():
+                    missing.append(f"{path.relative_to(ROOT)}: {target}")
+        self.assertEqual(missing, [])
+
+    def test_every_relative_markdown_link_resolves(self):
+        broken = []
+        for path in repository_files():
+            if path.suffix != ".md":
+                continue
+            text = FENCE.sub("", path.read_text("utf-8"))
+            for match in MD_LINK.finditer(text):
+                link = match.group(1)
+                if re.match(r"[a-z][a-z0-9+.-]*:", link):
+                    continue  # http:, https:, mailto:
+                target, _, anchor = link.partition("#")
+                file = (path.parent / target).resolve() if target else path
+                where = f"{path.relative_to(ROOT)}: {link}"
+                if not file.exists():
+                    broken.append(f"{where} (no such file)")
+                elif anchor and file.suffix == ".md" and anchor not in anchors(
+                        file.read_text("utf-8")):
+                    broken.append(f"{where} (no such heading)")
+        self.assertEqual(broken, [])
+
+    def test_the_design_sections_cited_in_the_code_exist(self):
+        design = (ROOT / "docs" / "design.md").read_text("utf-8")
+        sections = {int(n) for n in re.findall(r"^## (\d+)\. ", design, re.MULTILINE)}
+        cited = set()
+        for path in repository_files():
+            text = read_text(path)
+            if text is None:
+                continue
+            for group in re.findall(r"design\.md §([\d§, –-]+)", text):
+                cited.update(int(n) for n in re.findall(r"\d+", group))
+        self.assertTrue(cited, "the code cites docs/design.md")
+        self.assertEqual(cited - sections, set())
+
+
+class CompatibilityTests(unittest.TestCase):
+    """Every original flag and variable is implemented and explained."""
+
+    def test_each_original_setting_keeps_its_flag_and_variable(self):
+        implemented = {setting.flag: setting.env for setting in SETTINGS}
+        self.assertEqual({flag: implemented.get(flag) for flag in ORIGINAL_SETTINGS},
+                         ORIGINAL_SETTINGS)
+
+    def test_each_original_setting_is_explained(self):
+        text = (ROOT / "docs" / "compatibility.md").read_text("utf-8")
+        absent = [f"-{flag} / {env}" for flag, env in ORIGINAL_SETTINGS.items()
+                  if f"`-{flag}`" not in text or f"`{env}`" not in text]
+        self.assertEqual(absent, [])
+
+
+class OperatorGuideTests(unittest.TestCase):
+    """docs/operations.md explains every refusal the relay can send."""
+
+    def test_every_refusal_is_in_the_troubleshooting_tables(self):
+        sent = set()
+        for path in (ROOT / "esmtpfa").rglob("*.py"):
+            text = path.read_text("utf-8")
+            sent.update(REPLY.findall(text))
+            sent.update(("451", enhanced) for enhanced in UNAVAILABLE.findall(text))
+        self.assertIn(("535", "5.7.8"), sent)  # the scan finds what the server sends
+        guide = (ROOT / "docs" / "operations.md").read_text("utf-8")
+        missing = sorted(f"{code} {enhanced}" for code, enhanced in sent
+                         if f"`{code} {enhanced}`" not in guide)
+        self.assertEqual(missing, [])
+
+    def test_the_readme_links_the_guides(self):
+        readme = (ROOT / "README.md").read_text("utf-8")
+        for name in ("operations.md", "compatibility.md", "design.md"):
+            self.assertIn(f"](docs/{name})", readme)
+
+
+__all__ = [name for name in dir() if name.endswith("Tests")]
