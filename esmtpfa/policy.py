@@ -213,15 +213,8 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
                               "'sender_attribute' or 'sender_claim')")
         return Policy(rate=rate, rate_source=rate_source)
     found = _patterns(block["allowed_senders"]) if "allowed_senders" in block else {}
-    attribute = claim = None
-    if "sender_attribute" in block:
-        if provider_type != "ldap":
-            raise ConfigError(f"'sender_attribute' is for ldap providers, not {provider_type}")
-        attribute = _name(block["sender_attribute"], "sender_attribute", _ATTRIBUTE)
-    if "sender_claim" in block:
-        if provider_type != "jwt":
-            raise ConfigError(f"'sender_claim' is for jwt providers, not {provider_type}")
-        claim = _name(block["sender_claim"], "sender_claim")
+    attribute = _source(block, "sender_attribute", provider_type)
+    claim = _source(block, "sender_claim", provider_type)
     rules = SenderRules(
         any_address=found.get("any_address", False),
         null_sender=found.get("null_sender", False),
@@ -245,16 +238,21 @@ def _rates(block: Mapping[str, Any], provider_type: str) -> tuple[Rates | None, 
             rate = Rates.parse(block["rate"])
         except RateSyntaxError as error:
             raise ConfigError(f"'rate': {error}") from None
-    source = None
-    if "rate_attribute" in block:
-        if provider_type != "ldap":
-            raise ConfigError(f"'rate_attribute' is for ldap providers, not {provider_type}")
-        source = _name(block["rate_attribute"], "rate_attribute", _ATTRIBUTE)
-    if "rate_claim" in block:
-        if provider_type != "jwt":
-            raise ConfigError(f"'rate_claim' is for jwt providers, not {provider_type}")
-        source = _name(block["rate_claim"], "rate_claim")
+    source = (_source(block, "rate_attribute", provider_type)
+              or _source(block, "rate_claim", provider_type))
     return rate, source
+
+
+def _source(block: Mapping[str, Any], key: str, provider_type: str) -> str | None:
+    """The attribute (``*_attribute``: ldap only, an RFC 4512 name) or claim (``*_claim``:
+    jwt only) that ``key`` names, or None when the block does not set it."""
+    if key not in block:
+        return None
+    attribute = key.endswith("_attribute")
+    wanted = "ldap" if attribute else "jwt"
+    if provider_type != wanted:
+        raise ConfigError(f"{key!r} is for {wanted} providers, not {provider_type}")
+    return _name(block[key], key, _ATTRIBUTE if attribute else None)
 
 
 def string_values(value: Any) -> tuple[str, ...]:

@@ -9,7 +9,6 @@ every refusal the relay can send is in the operator guide's troubleshooting tabl
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path

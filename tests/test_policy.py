@@ -30,7 +30,7 @@ from tests.support.httpservers import (
     standard_claims, until)
 from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SERVICE_DN, SERVICE_PW, SharedSlapd
+from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
 
 NS = "esmtpfa"
 
@@ -447,12 +447,8 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
     added = False
 
     def providers(self):
-        return json.dumps({"providers": [{
-            "meta": {"name": "corp-ldap", "type": "ldap"},
-            "params": {"server": "127.0.0.1", "port": self.slapd.port,
-                       "bind_user": SERVICE_DN, "bind_pass": SERVICE_PW, "base_dn": PEOPLE,
-                       "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"},
-            "policy": {"sender_attribute": "mail"}}]})
+        return json.dumps({"providers": [ldap_provider(
+            self.slapd, "corp-ldap", policy={"sender_attribute": "mail"})]})
 
     @defer.inlineCallbacks
     def setUp(self):

@@ -22,7 +22,7 @@ from tests.support.misbehaving import MisbehavingUpstream
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 from tests.support.webclient import post_json
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SERVICE_DN, SERVICE_PW, SharedSlapd
+from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
 from tests.test_policy import JWTFixture, SessionMixin, message as policy_message
 
 CONTENT = b"Subject: rates\r\n\r\nHello.\r\n"
@@ -239,12 +239,8 @@ class LDAPRateTests(SharedSlapd, SessionMixin, unittest.TestCase):
     """Item 5 with a real slapd: ``rate_attribute`` gives one user its own rate."""
 
     def providers(self):
-        return json.dumps({"providers": [{
-            "meta": {"name": "corp-ldap", "type": "ldap"},
-            "params": {"server": "127.0.0.1", "port": self.slapd.port,
-                       "bind_user": SERVICE_DN, "bind_pass": SERVICE_PW, "base_dn": PEOPLE,
-                       "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"},
-            "policy": {"rate": {"messages": "1/1m"}, "rate_attribute": "description"}}]})
+        return json.dumps({"providers": [ldap_provider(self.slapd, "corp-ldap", policy={
+            "rate": {"messages": "1/1m"}, "rate_attribute": "description"})]})
 
     @defer.inlineCallbacks
     def setUp(self):

@@ -30,7 +30,7 @@ from esmtpfa.auth.throttle import (
 from esmtpfa.context import ConnectionContext, normalize_domain
 from esmtpfa.providers.base import Provider, ProviderMeta
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SharedSlapd
+from tests.support.slapd import SharedSlapd, ldap_provider
 from tests.test_smtp_server import send_message
 
 WINDOW = 600.0
@@ -425,12 +425,7 @@ DOCUMENT = json.dumps({"from": "alice@example.com", "to": ["bob@example.net"],
 
 
 def ldap_providers(slapd) -> str:
-    return json.dumps({"providers": [{
-        "meta": {"name": LDAP, "type": "ldap"},
-        "params": {"server": "127.0.0.1", "port": slapd.port, "enable_tls": True,
-                   "tls_ca": slapd.ca_path, "bind_user": SERVICE_DN, "bind_pass": SERVICE_PW,
-                   "base_dn": PEOPLE,
-                   "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}}]})
+    return json.dumps({"providers": [ldap_provider(slapd, LDAP, tls=True)]})
 
 
 def http_post(port: int, source: str, user: str, password: str) -> int:

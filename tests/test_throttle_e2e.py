@@ -36,7 +36,7 @@ from tests.support.httpservers import (
     JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
 from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SharedSlapd
+from tests.support.slapd import SharedSlapd, ldap_provider
 
 #: Every blocking socket operation of a client gives up after this long.
 CLIENT_TIMEOUT = 15.0
@@ -167,12 +167,7 @@ def timed(call, *args):
 
 
 def ldap_providers(slapd) -> str:
-    return json.dumps({"providers": [{
-        "meta": {"name": LDAP, "type": "ldap"},
-        "params": {"server": "127.0.0.1", "port": slapd.port, "enable_tls": True,
-                   "tls_ca": slapd.ca_path, "bind_user": SERVICE_DN, "bind_pass": SERVICE_PW,
-                   "base_dn": PEOPLE,
-                   "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}}]})
+    return json.dumps({"providers": [ldap_provider(slapd, LDAP, tls=True)]})
 
 
 @dataclass(frozen=True)

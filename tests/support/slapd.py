@@ -501,3 +501,18 @@ class SharedSlapd:
             open_servers.discard(cls.slapd)
             cls.slapd.close()
             cls.slapd = None
+
+
+def ldap_provider(slapd: "SlapdServer", name: str, *, tls: bool = False,
+                  policy: dict | None = None) -> dict:
+    """A provider entry for ``slapd``'s people, found by ``uid`` through the service
+    account (over StartTLS with the test CA when ``tls``)."""
+    params = {"server": "127.0.0.1", "port": slapd.port, "bind_user": SERVICE_DN,
+              "bind_pass": SERVICE_PW, "base_dn": PEOPLE,
+              "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}
+    if tls:
+        params.update(enable_tls=True, tls_ca=slapd.ca_path)
+    entry = {"meta": {"name": name, "type": "ldap"}, "params": params}
+    if policy is not None:
+        entry["policy"] = policy
+    return entry
