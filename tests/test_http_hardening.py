@@ -26,7 +26,7 @@ from twisted.trial import unittest
 
 from esmtpfa.web import submission
 from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, check_structure, parse_json
-from tests.support.httpservers import capture_logs
+from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.relayfixture import PASSWORD, PROVIDERS, USER

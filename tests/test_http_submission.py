@@ -21,7 +21,7 @@ from esmtpfa.service import DEMO_PASSWORD, DEMO_USER
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.web.login import host_name
 from esmtpfa.web.submission import body_limit
-from tests.support.httpservers import capture_logs
+from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture

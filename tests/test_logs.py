@@ -15,7 +15,7 @@ import json
 import smtplib
 
 from twisted.internet import reactor, threads
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
 from esmtpfa import logs
@@ -30,6 +30,7 @@ from tests.faults.harness import CLIENT, RunningRelay, message, new_message_id, 
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
 from tests.support.upstream import RecordingUpstream
+from tests.support.logcapture import observe_logs
 
 PASSWORD = "SECRET-pw-9f3b"
 TOKEN = "SECRET-token-c71e.eyJzdWIiOiJ4In0.sig"
@@ -94,9 +95,7 @@ class ProviderLevelTests(unittest.TestCase):
             ProviderMeta(name="idp-basic", type="http_basic"),
             {"url": self.server.url("/auth")}, reactor=reactor)
         self.addCleanup(self.provider.stopProvider)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = observe_logs(self)
 
     async def rejected_login_lines(self) -> list[str]:
         del self.events[:]
@@ -128,9 +127,7 @@ class LDAPLevelTests(unittest.TestCase):
              "bind_pass": SERVICE_PW, "base_dn": PEOPLE, "timeout": 3,
              "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}, reactor=reactor)
         self.addCleanup(self.provider.stopProvider)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = observe_logs(self)
 
     async def login_lines(self) -> str:
         del self.events[:]

@@ -26,11 +26,12 @@ from esmtpfa.config import build_providers, parse_provider_document
 from esmtpfa.policy import HeaderFromScanner, from_addresses, parse_policy
 from esmtpfa.providers.base import ConfigError
 from tests.support.httpservers import (
-    AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, capture_logs, make_key, mint,
+    AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, make_key, mint,
     standard_claims, until)
 from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
+from tests.support.logcapture import capture_logs
 
 NS = "esmtpfa"
 

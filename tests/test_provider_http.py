@@ -32,11 +32,11 @@ from tests.support.httpservers import (
     AuthEndpoint,
     CountingResource,
     LoopbackHTTPServer,
-    capture_logs,
     until,
 )
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
+from tests.support.logcapture import capture_logs
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000b1", "smtp")
 BASIC = ProviderMeta(name="idp-basic", type="http_basic")

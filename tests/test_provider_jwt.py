@@ -32,7 +32,6 @@ from esmtpfa.providers.jwt import (
 from tests.support.httpservers import (
     JWKSEndpoint,
     LoopbackHTTPServer,
-    capture_logs,
     compact,
     forge_hs256,
     make_key,
@@ -41,6 +40,7 @@ from tests.support.httpservers import (
     until,
 )
 from tests.support.ports import free_port
+from tests.support.logcapture import capture_logs
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000j1", "smtp")
 META = ProviderMeta(name="idp-jwt", type="jwt")

@@ -17,7 +17,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import UserPassword
@@ -30,6 +30,7 @@ from tests.support.ports import free_port
 from tests.support.slapd import (
     PEOPLE, SERVICE_DN, SERVICE_PW, SHARED_MAIL, SHARED_PASSWORD, SharedSlapd, SlapdServer,
     open_servers)
+from tests.support.logcapture import observe_logs
 
 CTX = ConnectionContext(connection_id="urn:uuid:00000000-0000-0000-0000-000000000000",
                         protocol="smtp", peer_host="127.0.0.1")
@@ -253,9 +254,7 @@ class LoginTests(SharedSlapd, ProviderHelpers, unittest.TestCase):
                 self.assertIsInstance(value.value, UnauthorizedLogin)
 
     async def test_no_secret_in_logs(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = observe_logs(self)
         p = self.provider(pool_size="1")
         await self.assertRejected(p, "alice", "SECRET-attempt-1")
         await self.assertAccepted(p, "bob", "bob-pw")
@@ -349,9 +348,7 @@ class TLSTests(SharedSlapd, ProviderHelpers, unittest.TestCase):
         await self.assertUnavailable(p, "alice", "alice-pw")
 
     def test_insecure_skip_verify_warns_at_load(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = observe_logs(self)
         self.provider(enable_tls=True, tls_insecure_skip_verify=True)
         warnings = [formatEvent(e) for e in events if "insecure" in formatEvent(e)]
         self.assertEqual(len(warnings), 1)

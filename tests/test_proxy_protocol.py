@@ -16,7 +16,6 @@ import struct
 import time
 
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -24,6 +23,7 @@ from esmtpfa.tap import Options
 from tests.support.haproxy import PROBE_SOURCE, HAProxy
 from tests.support.rawsmtp import RawSMTP
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.logcapture import observe_logs
 
 #: The twelve octets a PROXY v2 header starts with (the protocol's specification, 2.2).
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -68,9 +68,7 @@ class ProxyProtocolTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = observe_logs(self)
         self.relay = RelayFixture(
             self.mktemp(), "--proxy-protocol", "--proxy-protocol-trusted", "127.0.0.1/32",
             "--max-connections-per-ip", "1", "--max-auth-failures-per-ip", "2",

@@ -11,7 +11,7 @@ import os
 import socket
 
 from twisted.internet import reactor
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
@@ -22,6 +22,7 @@ from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstream
+from tests.support.logcapture import observe_logs
 
 CONTENT = b"From: alice@example.com\r\nSubject: hello\r\n\r\nHello, Bob.\r\n"
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
@@ -588,9 +589,7 @@ class AuthTests(RelayTestCase):
         self.assertEqual(upstream.sessions[0].auth_tls, True)
 
     async def test_password_never_logged(self):
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = observe_logs(self)
         upstream = self.auth_upstream()
         relay = self.relay(upstream, username="relayuser", password="s3cret:pass")
         await send_whole(relay, outbound())

@@ -20,7 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.reload import REMIND_SECONDS, redact_url
-from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, capture_logs, until
+from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, until
+from tests.support.logcapture import capture_logs
 from tests.support.relayfixture import PASSWORD, PROVIDERS, USER, RelayFixture
 from tests.support.webclient import metrics, request
 from tests.test_config import billion_laughs

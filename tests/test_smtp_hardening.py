@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from esmtpfa.context import ConnectionContext
 from esmtpfa.trace import received_header
 from tests.support.relayfixture import RelayFixture
+from tests.support.logcapture import observe_logs
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -255,10 +256,7 @@ class RefusalLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from twisted.logger import globalLogPublisher
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = observe_logs(self)
         self.fixture = RelayFixture(self.mktemp(), "--max-connections", "1")
         self.addCleanup(self.fixture.stop)
         yield self.fixture.start()

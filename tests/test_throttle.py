@@ -17,7 +17,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import (
@@ -31,6 +30,7 @@ from esmtpfa.context import ConnectionContext, normalize_domain
 from esmtpfa.providers.base import Provider, ProviderMeta
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import SharedSlapd, ldap_provider
+from tests.support.logcapture import observe_logs
 from tests.test_smtp_server import send_message
 
 WINDOW = 600.0
@@ -404,9 +404,7 @@ class NoSecretTests(ThrottleMixin, unittest.TestCase):
     client that got the convention wrong put (part of) a password there."""
 
     def test_no_user_from_the_password_field_in_logs_or_errors(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = observe_logs(self)
         self.attack("corp", "hunter2-secret:rest", peers(self.per_identity))
         throttled = self.failureResultOf(
             self.login("corp", "hunter2-secret:rest", "198.51.100.1"), LoginThrottled)

@@ -415,19 +415,6 @@ def until(predicate, timeout: float = 5.0, step: float = 0.01, reactor=None) -> 
     return poll()
 
 
-def capture_logs(case) -> list[dict]:
-    """Every log event emitted until the end of the test ``case``, debug ones included
-    (the level is lowered for the test), to prove that no credential reaches a log line."""
-    from twisted.logger import globalLogPublisher
-    from esmtpfa import logs
-    case.addCleanup(setattr, logs, "_threshold", logs._threshold)
-    logs.set_level("debug")
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    case.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
 # --- standalone process (benchmarks) --------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
