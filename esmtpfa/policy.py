@@ -141,11 +141,11 @@ class Policy:
         ignored (the identity gets the provider's rates): an IdP typo must not stop mail
         nor lift a limit."""
         rates = self.rate.or_else(default) if self.rate is not None else default
-        for value in values[:1]:
+        if values:
             try:
-                return Rates.parse(value).or_else(rates)
+                return Rates.parse(values[0]).or_else(rates)
             except RateSyntaxError:
-                break
+                pass
         return rates
 
 
