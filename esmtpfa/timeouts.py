@@ -7,8 +7,9 @@ Two shapes, for two patterns:
     reply timeout): as ``cancel()`` + ``callLater()`` that is two heap operations and a
     new ``DelayedCall`` per reply.  ``Deadline`` keeps one ``DelayedCall`` and moves it
     with ``reset()``, which for a later time only records the delay (the reactor
-    re-inserts the call when it comes due); disarming only clears a flag.  Moving a call
-    *sooner* is another matter: the reactor finds it by a linear search of its heap.
+    re-inserts the call when it comes due); disarming only clears a flag.  A call is
+    never moved *sooner* (the reactor would find it by a linear search of its heap): it
+    is replaced.
 
 ``Sweeper``
     Deadlines of seconds or minutes for many owners that move them back *and forth*
@@ -42,13 +43,19 @@ class Deadline:
         self._call: IDelayedCall | None = None
 
     def set(self, seconds: float) -> None:
-        """(Re)start: ``expired()`` in ``seconds`` unless set or cleared before."""
+        """(Re)start: ``expired()`` in ``seconds`` unless set or cleared before.
+
+        A later time only moves the pending call (``reset``); a sooner one replaces it,
+        because the reactor finds a call moved sooner by a linear search of its heap,
+        while a cancel and a new call cost two heap operations."""
         self._armed = True
         call = self._call
         if call is not None and call.active():
-            call.reset(seconds)
-        else:
-            self._call = self._clock.callLater(seconds, self._fire)
+            if self._clock.seconds() + seconds >= call.getTime():
+                call.reset(seconds)
+                return
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._fire)
 
     def clear(self) -> None:
         """Disarm; the pending call, if any, fires into nothing (or is reused by set)."""
