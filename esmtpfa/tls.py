@@ -3,6 +3,15 @@
 TLS 1.2 is the floor (docs/design.md §1).  With a CA file, client certificates are requested and
 verified but not required: submission clients authenticate with SMTP AUTH, a client
 certificate is an extra the operator may log or use later.
+
+Session resumption is on, with stateless session tickets (RFC 5077, and TLS 1.3's
+tickets): a client that opens a connection per message (most applications and printers
+do) resumes instead of paying a full handshake each time, which costs the relay several
+times the CPU of the rest of the message.  Twisted turns both the session cache and
+tickets off by default; the cache (stateful) stays off, tickets need no memory per
+client.  Each process has its own ticket key, made at startup: with ``--workers`` a
+client resumes when the kernel gives it the worker that issued its ticket
+(docs/workers.md).
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ def server_tls_options(cert_path: str, key_path: str,
     try:
         options = ssl.CertificateOptions(
             privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
-            raiseMinimumTo=TLSVersion.TLSv1_2, **extra)
+            raiseMinimumTo=TLSVersion.TLSv1_2, enableSessionTickets=True, **extra)
         options.getContext()  # fail now if the key does not match the certificate
     except Exception as error:
         raise TLSConfigError(f"{cert_path} / {key_path}: {error}") from None
