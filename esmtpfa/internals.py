@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import twisted
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, tcp
+from twisted.internet import defer, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.posixbase import PosixReactorBase
@@ -137,6 +137,10 @@ class _Connector(tcp.Connector):
         return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
+class _UNIXServer(_WriteThrough, unix.Server):
+    """A workers' control channel (an adopted UNIX socket) that writes through."""
+
+
 class WriteThroughReactor:
     """``reactor``, except that its TCP ports and connections write through."""
 
@@ -158,6 +162,24 @@ class WriteThroughReactor:
         connector = _Connector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: socket.AddressFamily,
+                        factory: Any) -> tcp.Port:
+        """A worker's listener: a socket its supervisor bound (``esmtpfa.workers``)."""
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return self._reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
+        listening = _Port._fromListeningDescriptor(
+            self._reactor, fileDescriptor, addressFamily, factory)
+        listening.startListening()
+        return listening
+
+    def adoptStreamConnection(self, fileDescriptor: int,
+                              addressFamily: socket.AddressFamily, factory: Any) -> Any:
+        """A workers' control channel (one end of a UNIX socket pair)."""
+        if addressFamily != socket.AF_UNIX:
+            return self._reactor.adoptStreamConnection(fileDescriptor, addressFamily,
+                                                       factory)
+        return _UNIXServer._fromConnectedSocket(fileDescriptor, factory, self._reactor)
 
 
 # -- 2. twisted.web ---------------------------------------------------------------------
@@ -268,6 +290,18 @@ def _check_signatures() -> None:
         _require(found == parameters, f"{name}({', '.join(found)}) is no longer "
                                       f"{name}({', '.join(parameters)})")
     _require(tcp.Port.transport is tcp.Server, "tcp.Port.transport is no longer tcp.Server")
+    adopted: list[tuple[str, Callable, list[str]]] = [
+        ("tcp.Port._fromListeningDescriptor", tcp.Port._fromListeningDescriptor,
+         ["reactor", "fd", "addressFamily", "factory"]),
+        ("unix.Server._fromConnectedSocket", unix.Server._fromConnectedSocket,
+         ["fileDescriptor", "factory", "reactor"]),
+    ]
+    for name, function, parameters in adopted:  # classmethods: no ``cls`` in the list
+        found = list(inspect.signature(function).parameters)
+        _require(found == parameters, f"{name}({', '.join(found)}) is no longer "
+                                      f"{name}({', '.join(parameters)})")
+    _require(issubclass(unix.Server, tcp.Server),
+             "unix.Server is no longer a tcp.Server (write-through relies on its queue)")
 
 
 def _check_write_through() -> None:
@@ -331,6 +365,34 @@ def _check_write_through() -> None:
         _require(type(connector.transport) is _Client,
                  "tcp.Connector.connect no longer builds its transport by _makeTransport")
         connector.stopConnecting()
+
+        # What a worker adopts (esmtpfa.workers): its listener and its control channel.
+        bound = socket.socket()
+        bound.bind(("127.0.0.1", 0))
+        bound.listen(5)
+        bound.setblocking(False)
+        try:
+            listening = _Port._fromListeningDescriptor(
+                reactor, bound.fileno(), socket.AF_INET, Factory.forProtocol(Accepted))
+            _require(type(listening) is _Port and listening.transport is _Server,
+                     "tcp.Port._fromListeningDescriptor no longer builds its own class")
+        finally:
+            bound.close()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        try:
+            channel = _UNIXServer._fromConnectedSocket(
+                ours.fileno(), Factory.forProtocol(Accepted), reactor)
+            _require(type(channel) is _UNIXServer and _queue_empty(channel),
+                     "unix.Server._fromConnectedSocket no longer builds its own class")
+            channel.write(b"four")
+            theirs.settimeout(5)
+            _require(theirs.recv(16) == b"four",
+                     "an adopted UNIX connection no longer writes through")
+            channel.connectionLost(Failure(ConnectionDone()))
+        finally:
+            ours.close()
+            theirs.close()
     finally:
         peer.close()
         port.connectionLost(None)

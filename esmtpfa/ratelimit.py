@@ -17,6 +17,10 @@ the client nothing.
 Memory is bounded: the limiter keeps at most ``max_keys`` identities and forgets the one
 used least recently first (a forgotten identity starts afresh, which errs toward letting
 mail through, never toward losing it: a refusal here is always temporary).
+
+The counts live in a ledger (``esmtpfa.state.interfaces.IRateLedger``): ``RateLimiter``
+keeps them in this process; the workers' supervisor and Redis (``esmtpfa.state.redis``)
+keep the same counts for several processes, so N workers or N replicas share one budget.
 """
 
 from __future__ import annotations
@@ -25,9 +29,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 import math
 import re
-from typing import Any, Hashable, Mapping
+from typing import Any, Mapping
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from esmtpfa.logs import logger
+from esmtpfa.state.interfaces import IRateLedger
+
+log = logger("esmtpfa.ratelimit")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
@@ -148,32 +159,51 @@ class Exceeded(Exception):
 
 class Reservation:
     """One transaction's place in its identity's budgets: the message and each
-    recipient, reserved as the client asks, then committed or released once."""
+    recipient, reserved as the client asks, then committed or released once.
 
-    __slots__ = ("_limiter", "_key", "_rates", "_recipients", "_message", "_settled")
+    The ledger may be another process, so reserving answers with a Deferred.  A
+    reservation that is settled while a ``take`` is still on its way gives that take
+    back when it lands: a client that leaves mid-command costs its identity nothing."""
 
-    def __init__(self, limiter: "RateLimiter", key: Hashable, rates: Rates):
-        self._limiter, self._key, self._rates = limiter, key, rates
+    __slots__ = ("_ledger", "_key", "_rates", "_recipients", "_message", "_settled")
+
+    def __init__(self, ledger: IRateLedger, key: str, rates: Rates):
+        self._ledger, self._key, self._rates = ledger, key, rates
         self._recipients = 0
         self._message = False
         self._settled = False
 
-    def message(self) -> None:
-        """Reserve the message; ``Exceeded`` when the identity's message rate is full."""
-        if not self._message:
-            self._limiter._take(self._key, "messages", self._rates.messages, 1)
-            self._message = True
+    def message(self) -> Deferred:
+        """Reserve the message; fails with ``Exceeded`` when the message rate is full."""
+        if self._message or self._rates.messages is None:
+            return succeed(None)
 
-    def recipient(self) -> None:
-        """Reserve one more recipient; ``Exceeded`` when the recipient rate is full."""
-        self._limiter._take(self._key, "recipients", self._rates.recipients, 1)
-        self._recipients += 1
+        def taken(_):
+            if self._settled:
+                self._give("messages", self._rates.messages, 1, False)
+            else:
+                self._message = True
+        return self._ledger.take(self._key, "messages", self._rates.messages, 1
+                                 ).addCallback(taken)
+
+    def recipient(self) -> Deferred:
+        """Reserve one more recipient; fails with ``Exceeded`` when that rate is full."""
+        if self._rates.recipients is None:
+            return succeed(None)
+
+        def taken(_):
+            if self._settled:
+                self._give("recipients", self._rates.recipients, 1, False)
+            else:
+                self._recipients += 1
+        return self._ledger.take(self._key, "recipients", self._rates.recipients, 1
+                                 ).addCallback(taken)
 
     def drop_recipient(self) -> None:
         """A recipient reserved and then refused (by the upstream): give its place back."""
         if self._recipients and not self._settled:
             self._recipients -= 1
-            self._limiter._give(self._key, "recipients", self._rates.recipients, 1, False)
+            self._give("recipients", self._rates.recipients, 1, False)
 
     def commit(self) -> None:
         """The upstream accepted the message: what was reserved now counts."""
@@ -188,24 +218,31 @@ class Reservation:
             return
         self._settled = True
         if self._message:
-            self._limiter._give(self._key, "messages", self._rates.messages, 1, count)
+            self._give("messages", self._rates.messages, 1, count)
         if self._recipients:
-            self._limiter._give(self._key, "recipients", self._rates.recipients,
-                                self._recipients, count)
+            self._give("recipients", self._rates.recipients, self._recipients, count)
+
+    def _give(self, kind: str, limit: Limit, n: int, count: bool) -> None:
+        """Settling never waits and never fails the client: what the ledger could not
+        record is logged by the ledger's guard (``esmtpfa.state.guard``)."""
+        self._ledger.give(self._key, kind, limit, n, count).addErrback(
+            lambda failure: log.failure("settling a {kind} reservation failed",
+                                        failure, kind=kind))
 
 
+@implementer(IRateLedger)
 class RateLimiter:
-    """Budgets per identity, shared by SMTP and HTTP; time from ``clock``."""
+    """The counts of every identity's budgets, in this process; time from ``clock``."""
 
     def __init__(self, clock: IReactorTime, max_keys: int = 100_000):
         self.clock = clock
         self.max_keys = max_keys
-        self._counters: OrderedDict[tuple[Hashable, str], _Counter] = OrderedDict()
+        self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
 
-    def reserve(self, key: Hashable, rates: Rates) -> Reservation:
+    def reserve(self, key: str, rates: Rates) -> Reservation:
         return Reservation(self, key, rates)
 
-    def _counter(self, key: Hashable, kind: str, now: float) -> _Counter:
+    def _counter(self, key: str, kind: str, now: float) -> _Counter:
         slot = (key, kind)
         counter = self._counters.get(slot)
         if counter is None:
@@ -216,25 +253,23 @@ class RateLimiter:
             self._counters.move_to_end(slot)
         return counter
 
-    def _take(self, key: Hashable, kind: str, limit: Limit | None, n: int) -> None:
-        if limit is None:
-            return
+    def take(self, key: str, kind: str, limit: Limit, n: int) -> Deferred:
         now = self.clock.seconds()
         counter = self._counter(key, kind, now)
         if counter.estimate(now, limit.window) + n > limit.count:
-            raise Exceeded(kind, limit, counter.retry_after(now, limit.window, limit.count, n))
+            return fail(Exceeded(kind, limit,
+                                 counter.retry_after(now, limit.window, limit.count, n)))
         counter.reserved += n
+        return succeed(None)
 
-    def _give(self, key: Hashable, kind: str, limit: Limit | None, n: int,
-              count: bool) -> None:
-        if limit is None:
-            return
+    def give(self, key: str, kind: str, limit: Limit, n: int, count: bool) -> Deferred:
         now = self.clock.seconds()
         counter = self._counter(key, kind, now)
         counter.roll(now, limit.window)
         counter.reserved = max(0, counter.reserved - n)
         if count:
             counter.current += n
+        return succeed(None)
 
     def __len__(self) -> int:
         return len(self._counters)

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from esmtpfa import options as _options
 from esmtpfa.service import RelayService, load_providers, load_tls_options
+from esmtpfa.workers.supervisor import Supervisor
 
 
 class Options(_options.Options):
@@ -38,11 +39,11 @@ class Options(_options.Options):
         self["http-tls-options"] = load_tls_options(self, "http-tls", "HTTP TLS")
 
 
-class TwistdRelayService(RelayService):
-    """The relay as twistd runs it: with ``--log-format json`` it hands twistd its log
-    observer when twistd adds it to the application, which is before twistd starts
-    logging (``AppLogger.start`` takes an ``ILogObserver`` component of the
-    application), so even twistd's own startup lines are JSON."""
+class JSONLogComponent:
+    """With ``--log-format json``, hands twistd the log observer when twistd adds the
+    service to the application, which is before twistd starts logging
+    (``AppLogger.start`` takes an ``ILogObserver`` component of the application), so
+    even twistd's own startup lines are JSON."""
 
     def setServiceParent(self, parent) -> None:
         server_options = getattr(self.options, "parent", None)
@@ -55,10 +56,37 @@ class TwistdRelayService(RelayService):
         super().setServiceParent(parent)
 
 
+class TwistdRelayService(JSONLogComponent, RelayService):
+    """The relay as twistd runs it, in one process."""
+
+
+class TwistdSupervisor(JSONLogComponent, Supervisor):
+    """The relay as twistd runs it with ``--workers`` above 1."""
+
+
+def logs_to_standard_output(server_options) -> bool:
+    """Whether twistd writes its log to standard output (``-n`` without ``--logfile``,
+    or ``--logfile -``; twist's ``--log-file -``, its default): workers write theirs
+    there too."""
+    if server_options is None:
+        return True
+    if "fileLogObserverFactory" in server_options:  # twist: its log goes to "logFile"
+        import sys
+        return server_options.get("logFile") in (sys.stdout, sys.stderr)
+    name = server_options.get("logfile")
+    return name == "-" or (not name and bool(server_options.get("nodaemon")))
+
+
 def makeService(options) -> RelayService:
     if options.get("check-config"):
         from esmtpfa.checkconfig import run
         raise SystemExit(run(options))
+    if options["workers"] > 1:
+        if not logs_to_standard_output(getattr(options, "parent", None)):
+            raise SystemExit("--workers: the workers log to standard output, so twistd "
+                             "must too: run it with -n (--nodaemon) and no --logfile, or "
+                             "with --logfile -")
+        return TwistdSupervisor(options)
     return TwistdRelayService(options)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, RateSyntaxError
@@ -33,6 +34,16 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(own.or_else(default), Rates(Limit(50, 60.0), Limit(100, 60.0)))
 
 
+def settled(d):
+    """The answer of an in-process ledger, which is there at once: the result, or the
+    failure raised."""
+    results: list = []
+    d.addBoth(results.append)
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
 class LimiterTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -42,9 +53,9 @@ class LimiterTests(unittest.TestCase):
 
     def send(self, key="corp/alice", recipients=1, accepted=True):
         reservation = self.limiter.reserve(key, self.rates)
-        reservation.message()
+        settled(reservation.message())
         for _ in range(recipients):
-            reservation.recipient()
+            settled(reservation.recipient())
         (reservation.commit if accepted else reservation.release)()
 
     def test_three_per_minute_then_refused_until_the_window_rolls(self):
@@ -74,26 +85,26 @@ class LimiterTests(unittest.TestCase):
     def test_parallel_transactions_cannot_overshoot(self):
         held = [self.limiter.reserve("corp/alice", self.rates) for _ in range(3)]
         for reservation in held:
-            reservation.message()
+            settled(reservation.message())
         late = self.limiter.reserve("corp/alice", self.rates)
-        self.assertRaises(Exceeded, late.message)
+        self.assertRaises(Exceeded, lambda: settled(late.message()))
         held[0].release()  # one of them failed: its place is free again
-        late.message()
+        settled(late.message())
 
     def test_recipient_budget(self):
         reservation = self.limiter.reserve("corp/alice", self.rates)
-        reservation.message()
+        settled(reservation.message())
         for _ in range(5):
-            reservation.recipient()
+            settled(reservation.recipient())
         with self.assertRaises(Exceeded) as caught:
-            reservation.recipient()
+            settled(reservation.recipient())
         self.assertEqual(caught.exception.kind, "recipients")
         reservation.commit()
         self.assertRaises(Exceeded, self.send, recipients=1)
 
     def test_settling_twice_counts_once(self):
         reservation = self.limiter.reserve("corp/alice", self.rates)
-        reservation.message()
+        settled(reservation.message())
         reservation.commit()
         reservation.commit()
         reservation.release()
@@ -113,8 +124,8 @@ class LimiterTests(unittest.TestCase):
     def test_unlimited_rates_never_refuse(self):
         reservation = self.limiter.reserve("corp/alice", Rates())
         for _ in range(1000):
-            reservation.message()
-            reservation.recipient()
+            settled(reservation.message())
+            settled(reservation.recipient())
         reservation.commit()
         self.assertEqual(len(self.limiter), 0)
 
@@ -122,6 +133,6 @@ class LimiterTests(unittest.TestCase):
         limiter = RateLimiter(self.clock, max_keys=100)
         for n in range(1000):
             reservation = limiter.reserve(f"p/user{n}", self.rates)
-            reservation.message()
+            settled(reservation.message())
             reservation.commit()
         self.assertLessEqual(len(limiter), 100)

@@ -371,7 +371,7 @@ class FaultTests(ThrottleMixin, unittest.TestCase):
             self.failureResultOf(d, ProviderUnavailable)
         self.corp.down = False
         self.accepted_at_once(self.login("corp", "alice:alice-pw", "192.0.2.7"))
-        self.assertEqual(len(self.throttle.addresses), 0)
+        self.assertEqual(len(self.throttle.ledger.addresses), 0)
 
     def test_cancelling_a_late_answer_cancels_its_timer(self):
         self.attack("corp", "alice:guess", peers(self.per_identity))
@@ -387,7 +387,7 @@ class FaultTests(ThrottleMixin, unittest.TestCase):
         self.assertIsNotNone(self.corp.pending)
         d.cancel()
         self.failureResultOf(d, CancelledError)
-        self.assertEqual(len(self.throttle.addresses), 0)
+        self.assertEqual(len(self.throttle.ledger.addresses), 0)
 
     def test_memory_is_bounded(self):
         throttle = AuthThrottle(30, 3, WINDOW, self.clock, max_keys=100)
@@ -395,8 +395,8 @@ class FaultTests(ThrottleMixin, unittest.TestCase):
         for i in range(1000):
             self.failureResultOf(self.login(
                 "corp", f"user{i}:guess", f"10.0.{i // 256}.{i % 256}"), UnauthorizedLogin)
-        self.assertEqual((len(throttle.addresses), len(throttle.identities),
-                          len(throttle.pairs)), (100, 100, 100))
+        self.assertEqual((len(throttle.ledger.addresses), len(throttle.ledger.identities),
+                          len(throttle.ledger.pairs)), (100, 100, 100))
 
 
 class NoSecretTests(ThrottleMixin, unittest.TestCase):

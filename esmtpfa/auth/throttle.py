@@ -33,7 +33,7 @@ from typing import Hashable, Iterable, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,6 +41,7 @@ from esmtpfa.auth.credentials import ISubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.selection import Claim, IProviderSelection, Identity
 from esmtpfa.logs import logger
+from esmtpfa.state.interfaces import ILoginLedger
 
 log = logger("esmtpfa.auth")
 
@@ -136,6 +137,88 @@ class FailureWindow:
         return len(self._failures)
 
 
+def identity_text(claim: Claim) -> str | None:
+    """What a ledger counts an identity under, before its keyed digest, or None for a
+    token claim.  The user is case-folded: providers (LDAP, most IdPs) match users
+    case-insensitively, and ``Alice`` must not be a fresh budget."""
+    if claim.user is None:
+        return None
+    return f"{claim.provider}\0{claim.user.strip().casefold()}"
+
+
+class IdentityDigest:
+    """A keyed digest of an identity: a user that came out of the password field
+    (``Claim.user_in_secret``) is never kept as typed, and every key has the same small
+    size however long the username a client sent.  Ledgers shared by several processes
+    share the key (the supervisor's, or one kept in Redis)."""
+
+    def __init__(self, key: bytes | None = None):
+        self.key = key if key is not None else os.urandom(16)
+
+    def __call__(self, identity: str) -> bytes:
+        return hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16,
+                               key=self.key).digest()
+
+
+def delay_steps(first_delay: float, max_delay: float) -> int:
+    """How many doublings take ``first_delay`` to ``max_delay``."""
+    if 0 < first_delay < max_delay:
+        return math.ceil(math.log2(max_delay / first_delay))
+    return 0
+
+
+@implementer(ILoginLedger)
+class LocalLoginLedger:
+    """The throttle's counts in this process (bounded ``FailureWindow`` tables)."""
+
+    def __init__(self, per_address: int, per_identity: int, window: float, clock, *,
+                 depth: int | None = None, max_keys: int = 100_000,
+                 digest: IdentityDigest | None = None):
+        self.per_address, self.per_identity, self.window = per_address, per_identity, window
+        self.digest = digest or IdentityDigest()
+        self.addresses = FailureWindow(per_address, window, clock, max_keys)
+        self.identities = FailureWindow(per_identity, window, clock, max_keys,
+                                        depth=max(depth or 0, per_identity + 1))
+        # (identity, address) → that address's recent failures against that identity.
+        self.pairs = FailureWindow(1, window, clock, max_keys, depth=per_identity)
+
+    def refusal(self, address: str, identities: Sequence[str]) -> Deferred:
+        return succeed(self.refusal_now(address, identities))
+
+    def refusal_now(self, address: str, identities: Sequence[str]) -> str | None:
+        if self.addresses.blocked(address):
+            return "too many failed logins from this address"
+        for identity in identities:
+            key = self.digest(identity)
+            if (self.identities.count(key) >= self.per_identity
+                    and self.pairs.count((key, address))):
+                return "too many failed logins for this identity, and some from this address"
+        return None
+
+    def failed(self, address: str, identities: Sequence[str]) -> Deferred:
+        return succeed(self.failed_now(address, identities))
+
+    def failed_now(self, address: str, identities: Sequence[str]) -> list[int]:
+        self.addresses.failed(address)
+        counts = []
+        for identity in identities:
+            key = self.digest(identity)
+            self.identities.failed(key)
+            self.pairs.failed((key, address))
+            counts.append(self.identities.count(key))
+        return counts
+
+    def succeeded(self, address: str, identity: str) -> Deferred:
+        self.succeeded_now(address, identity)
+        return succeed(None)
+
+    def succeeded_now(self, address: str, identity: str) -> None:
+        key = self.digest(identity)
+        pair = (key, address)
+        self.identities.forget(key, self.pairs.times(pair))
+        self.pairs.clear(pair)
+
+
 class AuthThrottle:
     """One per relay, shared by every SMTP listener and the HTTP API.
 
@@ -144,72 +227,46 @@ class AuthThrottle:
     within ``window`` that put it under attack.  Under attack, a failed attempt is
     answered after ``first_delay`` seconds, doubling with each further failure up to
     ``max_delay``; an address that failed against the identity is refused for it.
+
+    The counts live in ``ledger`` (this process's ``LocalLoginLedger`` unless one is
+    given: the workers' supervisor's, or Redis); the rules live here.
     """
 
     def __init__(self, per_address: int = 30, per_identity: int = 10, window: float = 600.0,
                  clock=None, *, first_delay: float = 1.0, max_delay: float = 8.0,
-                 max_keys: int = 100_000):
+                 max_keys: int = 100_000, ledger: ILoginLedger | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
         self.per_identity = per_identity
         self.first_delay, self.max_delay = first_delay, max(max_delay, 0.0)
-        steps = 0
-        if 0 < first_delay < self.max_delay:
-            steps = math.ceil(math.log2(self.max_delay / first_delay))
-        # Deep enough for the delay to reach its cap; more would only cost memory.
-        self.addresses = FailureWindow(per_address, window, clock, max_keys)
-        self.identities = FailureWindow(per_identity, window, clock, max_keys,
-                                        depth=per_identity + steps + 1)
-        # (identity, address) → that address's recent failures against that identity.
-        self.pairs = FailureWindow(1, window, clock, max_keys, depth=per_identity)
-        self._salt = os.urandom(16)
+        if ledger is None:
+            # Deep enough for the delay to reach its cap; more would only cost memory.
+            ledger = LocalLoginLedger(
+                per_address, per_identity, window, clock, max_keys=max_keys,
+                depth=per_identity + delay_steps(first_delay, self.max_delay) + 1)
+        self.ledger = ledger
 
-    def identity_key(self, claim: Claim) -> bytes | None:
-        """The key an identity counts under, or None for a token claim.
+    def refusal(self, peer_host: str, claims: Sequence[Claim]) -> Deferred:
+        """Fires with why a login from ``peer_host`` claiming ``claims`` is refused before
+        any provider is asked, or None: it is asked."""
+        return self.ledger.refusal(address_key(peer_host), _identities(claims))
 
-        A digest, so a user that came out of the password field (``Claim.user_in_secret``)
-        is not kept in memory as typed, and every key has the same small size however long
-        the username a client sent.  The user is case-folded: providers (LDAP, most IdPs)
-        match users case-insensitively, and ``Alice`` must not be a fresh budget."""
-        if claim.user is None:
-            return None
-        text = f"{claim.provider}\0{claim.user.strip().casefold()}"
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16,
-                               key=self._salt).digest()
+    def failed(self, peer_host: str, claims: Sequence[Claim]) -> Deferred:
+        """Count a refused login; fires with how long its answer waits (0: at once)."""
+        named = [(claim, text) for claim in claims
+                 if (text := identity_text(claim)) is not None]
 
-    def _identities(self, claims: Sequence[Claim]) -> list[tuple[Claim, bytes]]:
-        keyed = [(claim, self.identity_key(claim)) for claim in claims]
-        return [(claim, key) for claim, key in keyed if key is not None]
-
-    def refusal(self, peer_host: str, claims: Sequence[Claim]) -> str | None:
-        """Why a login from ``peer_host`` claiming ``claims`` is refused before any
-        provider is asked, or None: it is asked."""
-        address = address_key(peer_host)
-        if self.addresses.blocked(address):
-            return "too many failed logins from this address"
-        for _, key in self._identities(claims):
-            if (self.identities.count(key) >= self.per_identity
-                    and self.pairs.count((key, address))):
-                return "too many failed logins for this identity, and some from this address"
-        return None
-
-    def failed(self, peer_host: str, claims: Sequence[Claim]) -> float:
-        """Count a refused login; return how long its answer waits (0: at once)."""
-        address = address_key(peer_host)
-        self.addresses.failed(address)
-        most = 0
-        for claim, key in self._identities(claims):
-            self.identities.failed(key)
-            self.pairs.failed((key, address))
-            count = self.identities.count(key)
-            if count == self.per_identity:
-                log.warn("{identity}: {count} failed logins within {window:.0f} s; its failed "
-                         "logins are now answered late, and refused from addresses that "
-                         "failed", identity=claim.label, count=count,
-                         window=self.identities.window)
-            most = max(most, count)
-        return self.delay(most)
+        def counted(counts: list[int]) -> float:
+            for (claim, _), count in zip(named, counts):
+                if count == self.per_identity:
+                    log.warn("{identity}: {count} failed logins within {window:.0f} s; its "
+                             "failed logins are now answered late, and refused from "
+                             "addresses that failed", identity=claim.label, count=count,
+                             window=self.ledger.window)
+            return self.delay(max(counts, default=0))
+        return self.ledger.failed(address_key(peer_host),
+                                  [text for _, text in named]).addCallback(counted)
 
     def delay(self, failures: int) -> float:
         """How long the answer to a failed attempt waits, given its identity's failures."""
@@ -218,17 +275,19 @@ class AuthThrottle:
         excess = min(failures - self.per_identity, 62)
         return min(self.max_delay, self.first_delay * 2.0 ** excess)
 
-    def succeeded(self, peer_host: str, claim: Claim | None) -> None:
+    def succeeded(self, peer_host: str, claim: Claim | None) -> Deferred:
         """The owner of ``claim`` logged in from ``peer_host``: that address's failures
         against the identity are taken back, so it is no longer refused for it.  The
         address's own budget is not reset: one valid account must not buy an attacker
         more guesses at others."""
-        key = self.identity_key(claim) if claim is not None else None
-        if key is None:
-            return
-        pair = (key, address_key(peer_host))
-        self.identities.forget(key, self.pairs.times(pair))
-        self.pairs.clear(pair)
+        text = identity_text(claim) if claim is not None else None
+        if text is None:
+            return succeed(None)
+        return self.ledger.succeeded(address_key(peer_host), text)
+
+
+def _identities(claims: Sequence[Claim]) -> list[str]:
+    return [text for claim in claims if (text := identity_text(claim)) is not None]
 
 
 class LoginThrottled(ProviderUnavailable):
@@ -267,25 +326,38 @@ class ThrottlingChecker:
         peer_host = credentials.context.peer_host
         plan = self.checker.plan(credentials)
         claims = plan.claims
-        why = self.throttle.refusal(peer_host, claims)
-        if why is not None:
-            return fail(LoginThrottled(why))
+        throttle = self.throttle
+
+        def decided(why: str | None) -> Deferred:
+            if why is not None:
+                raise LoginThrottled(why)
+            return self.checker.check(plan).addCallbacks(accepted, refused)
 
         def accepted(identity: Identity) -> Identity:
-            self.throttle.succeeded(peer_host, plan.claim_of(identity))
-            return identity  # at once, even for an identity under attack
+            # At once, even for an identity under attack; a ledger that fails to record
+            # it only keeps a refusal a little longer (its guard logs why).
+            throttle.succeeded(peer_host, plan.claim_of(identity)).addErrback(
+                lambda failure: log.failure("recording a login failed", failure))
+            return identity
 
         def refused(failure: Failure):
             if not failure.check(UnauthorizedLogin):
                 return failure  # unavailable, cancelled: nobody's fault, nothing counted
-            delay = self.throttle.failed(peer_host, claims)
-            if delay <= 0:
+
+            def answer(delay: float):
+                if delay <= 0:
+                    return failure
+                failure.cleanFailure()  # held while waiting: no frames kept alive
+                return _answer_later(throttle.clock, delay, failure)
+
+            def uncounted(error: Failure):
+                log.failure("counting a failed login failed", error)
                 return failure
-            failure.cleanFailure()  # held while waiting: no frames kept alive
-            return _answer_later(self.throttle.clock, delay, failure)
+            return throttle.failed(peer_host, claims).addCallbacks(answer, uncounted)
 
-        return self.checker.check(plan).addCallbacks(accepted, refused)
+        return throttle.refusal(peer_host, claims).addCallback(decided)
 
 
-__all__ = ["AuthThrottle", "FailureWindow", "LoginThrottled", "ThrottlingChecker",
-           "address_key"]
+__all__ = ["AuthThrottle", "FailureWindow", "IdentityDigest", "LocalLoginLedger",
+           "LoginThrottled", "ThrottlingChecker", "address_key", "delay_steps",
+           "identity_text"]

@@ -7,6 +7,7 @@ from collections import Counter
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
+from zope.interface import implementer
 
 from esmtpfa.logs import logger
 from esmtpfa.logsummary import RepeatSummary
@@ -14,6 +15,7 @@ from esmtpfa.ids import new_id
 from esmtpfa.smtp.deadlines import client_sweeper
 from esmtpfa.smtp.server import ESMTPServer
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.state.interfaces import IConnectionLedger
 
 log = logger("esmtpfa.smtp")
 
@@ -22,8 +24,10 @@ log = logger("esmtpfa.smtp")
 REFUSAL_SUMMARY_INTERVAL = 5.0
 
 
+@implementer(IConnectionLedger)
 class ConnectionLimits:
-    """Total and per-IP connection counts, shared by all listeners of one relay."""
+    """Total and per-IP connection counts, shared by all listeners of one relay, in this
+    process (the workers' supervisor keeps one for all workers: ``esmtpfa.workers``)."""
 
     def __init__(self, total: int, per_ip: int):
         self.total, self.per_ip = total, per_ip
@@ -31,9 +35,12 @@ class ConnectionLimits:
         self.by_ip: Counter[str] = Counter()
 
     def admit(self, ip: str) -> bool:
-        return self.refusal(ip) is None
+        return self.refusal_now(ip) is None
 
-    def refusal(self, ip: str) -> str | None:
+    def refusal(self, ip: str) -> defer.Deferred:
+        return defer.succeed(self.refusal_now(ip))
+
+    def refusal_now(self, ip: str) -> str | None:
         """Take a slot for ``ip``; or, without taking one, the limit that refuses it."""
         if self.active >= self.total:
             return "total limit"
@@ -87,15 +94,30 @@ class SMTPServerFactory(ServerFactory):
     def buildProtocol(self, addr) -> ESMTPServer:
         return self.protocol(self)
 
-    def admit(self, session: ESMTPServer) -> bool:
-        reason = self.limits.refusal(session._context.peer_host)
-        if reason is not None:
-            self.refusals.record(
-                reason, "{connection_id} refused: {reason} reached for [{peer}]",
-                connection_id=session.id, reason=reason, peer=session._context.peer_host)
+    def admit(self, session: ESMTPServer) -> defer.Deferred:
+        """Fires with whether the session may go on (it holds a slot when it may).  A
+        session that left before the count answered gives its slot straight back."""
+        host = session._context.peer_host
+
+        def decided(reason: str | None) -> bool:
+            if reason is not None:
+                self.refusals.record(
+                    reason, "{connection_id} refused: {reason} reached for [{peer}]",
+                    connection_id=session.id, reason=reason, peer=host)
+                return False
+            if session._closing:
+                self.limits.release(host)
+                return False
+            self.sessions.add(session)
+            return True
+
+        def unknown(failure) -> bool:
+            # The count could not be kept (its guard already said why): refuse, as a
+            # full relay would; the client retries.
+            log.failure("{connection_id}: counting the connection failed", failure,
+                        connection_id=session.id)
             return False
-        self.sessions.add(session)
-        return True
+        return self.limits.refusal(host).addCallbacks(decided, unknown)
 
     def release(self, session: ESMTPServer) -> bool:
         """Free the session's slot; False when it never had one (it was refused)."""

@@ -2,8 +2,8 @@
 
 ``HTTPLimits`` carries the flags (``docs/http-limits.md`` lists them with their
 environment variables and defaults).  ``CappedFactory`` sits outermost on a listener,
-outside TLS, so a connection over a cap is closed by the listening port before any TLS
-handshake or HTTP parsing: it costs one ``accept()`` and one ``close()``, and never
+outside TLS, so a connection over a cap is aborted as soon as it is accepted, before any
+TLS handshake or HTTP parsing: it costs one ``accept()`` and one ``close()``, and never
 holds a file descriptor the SMTP listeners need.
 
 The caps are also held to a share of the process's open-file limit
@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import resource
 from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import directlyProvides, providedBy
 
 from esmtpfa.logs import logger
 from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.state.interfaces import IConnectionLedger
 from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")
@@ -83,19 +86,62 @@ class HTTPLimits:
 
 
 class CountedConnection(ProtocolWrapper):
-    """A connection the cap admitted; ``host`` is what it counts against."""
+    """A connection under the caps; ``host`` is what it counts against.
+
+    When the count is kept in this process the decision is made before the connection
+    has a protocol (``CappedFactory.buildProtocol``).  A worker's count is kept by its
+    supervisor and answers a moment later: the connection then reaches the HTTP channel
+    only once admitted, and nothing is read from it before."""
 
     host = ""
+    admitted = True
+    decision: Any = None  # the pending answer of a ledger in another process
+
+    def makeConnection(self, transport) -> None:
+        if self.decision is None:
+            super().makeConnection(transport)
+            return
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        transport.pauseProducing()
+        decision, self.decision = self.decision, None
+        decision.addCallbacks(self._decided, self._unknown)
+
+    def _decided(self, reason: str | None) -> None:
+        if not self.connected:  # gone while the count was asked
+            if reason is None:
+                self.factory.limits.release(self.host)
+            return
+        if reason is not None:
+            self.factory.requests.over_cap(self.factory.name, self.host)
+            self.transport.loseConnection()
+            return
+        self.admitted = True
+        self.factory.registerProtocol(self)
+        self.transport.resumeProducing()
+        self.wrappedProtocol.makeConnection(self)
+
+    def _unknown(self, failure) -> None:
+        log.failure("counting an HTTP connection failed", failure)
+        if self.connected:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self.admitted:
+            super().connectionLost(reason)
+        else:
+            self.connected = False
 
 
 class CappedFactory(WrappingFactory):
     """Admits a connection only under the total and per-address caps; others are closed
-    at once (``buildProtocol`` returning ``None`` makes the port close the socket)."""
+    at once (``buildProtocol`` returning ``None`` makes the port close the socket), or,
+    when the count is another process's, as soon as it answers."""
 
     protocol = CountedConnection
     noisy = False
 
-    def __init__(self, wrapped: Any, limits: ConnectionLimits, requests: RequestLog,
+    def __init__(self, wrapped: Any, limits: IConnectionLedger, requests: RequestLog,
                  name: str):
         super().__init__(wrapped)
         self.limits = limits
@@ -104,15 +150,23 @@ class CappedFactory(WrappingFactory):
 
     def buildProtocol(self, addr: Any) -> CountedConnection | None:
         host = getattr(addr, "host", "")
-        if not self.limits.admit(host):
-            self.requests.over_cap(self.name, host)
-            return None
+        decision = self.limits.refusal(host)
+        if decision.called:
+            refused: list = []
+            decision.addBoth(refused.append)
+            if refused[0] is not None:  # a reason, or a failure to count
+                self.requests.over_cap(self.name, host)
+                return None
         try:
             protocol = super().buildProtocol(addr)
         except BaseException:
-            self.limits.release(host)
+            if decision.called:
+                self.limits.release(host)
             raise
         protocol.host = host
+        if not decision.called:
+            protocol.admitted = False
+            protocol.decision = decision
         return protocol
 
     def unregisterProtocol(self, protocol: CountedConnection) -> None:

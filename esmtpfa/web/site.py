@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from esmtpfa import internals
 from esmtpfa.metrics import CONTENT_TYPE, RelayMetrics
+from esmtpfa.state.interfaces import IConnectionLedger
 from esmtpfa.web.channel import GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
 from esmtpfa.web.health import Check, OkResource, ReadyResource
@@ -72,12 +73,14 @@ def _reactor(reactor: Any) -> Any:
     return reactor
 
 
-def capped(site: GuardedSite, name: str, tls_options: Any = None) -> CappedFactory:
-    """``site`` behind TLS (when given options) behind the connection caps."""
+def capped(site: GuardedSite, name: str, tls_options: Any = None,
+           connections: IConnectionLedger | None = None) -> CappedFactory:
+    """``site`` behind TLS (when given options) behind the connection caps, counted in
+    ``connections`` when given (a worker's: the supervisor counts for all workers)."""
     factory: Any = site if tls_options is None else TLSMemoryBIOFactory(
         tls_options, False, site)
-    return CappedFactory(factory, site.limits.connection_limits(name), site.request_log,
-                         name)
+    return CappedFactory(factory, connections or site.limits.connection_limits(name),
+                         site.request_log, name)
 
 
 # -- submission ----------------------------------------------------------------------------
@@ -106,11 +109,12 @@ def submission_site(portal, settings, *, allow_anonymous: bool,
 
 
 def submission_listener(portal, settings, *, allow_anonymous: bool, limits: HTTPLimits,
-                        tls_options: Any = None, reactor: Any = None) -> CappedFactory:
+                        tls_options: Any = None, reactor: Any = None,
+                        connections: IConnectionLedger | None = None) -> CappedFactory:
     """What the submission port listens with: caps, then TLS if configured, then HTTP."""
     site = submission_site(portal, settings, allow_anonymous=allow_anonymous,
                            limits=limits, reactor=reactor)
-    return capped(site, "http", tls_options)
+    return capped(site, "http", tls_options, connections)
 
 
 # -- metrics and health --------------------------------------------------------------------
@@ -158,11 +162,19 @@ class Endpoints(Resource):
 
 def metrics_site(metrics: RelayMetrics, providers: Callable[[], Check], upstream,
                  reactor: Any = None, limits: HTTPLimits | None = None) -> MetricsSite:
-    root = Endpoints({b"metrics": MetricsResource(metrics), b"status": OkResource(),
-                      b"healthz": OkResource(), b"readyz": ReadyResource(providers, upstream)})
+    return health_site({b"metrics": MetricsResource(metrics), b"status": OkResource(),
+                        b"healthz": OkResource(),
+                        b"readyz": ReadyResource(providers, upstream)},
+                       reactor=reactor, limits=limits)
+
+
+def health_site(endpoints: dict[bytes, Resource], reactor: Any = None,
+                limits: HTTPLimits | None = None) -> MetricsSite:
+    """The metrics listener's site over ``endpoints`` (a supervisor of workers serves
+    its own: ``esmtpfa.workers.supervisor``)."""
     reactor = _reactor(reactor)
     return MetricsSite(
-        root, limits=limits or HTTPLimits(), max_body=METRICS_MAX_BODY,
+        Endpoints(endpoints), limits=limits or HTTPLimits(), max_body=METRICS_MAX_BODY,
         too_large_message=f"request body larger than {METRICS_MAX_BODY} octets",
         request_log=RequestLog("HTTP metrics request", reactor), reactor=reactor)
 
@@ -173,5 +185,5 @@ def metrics_listener(metrics: RelayMetrics, providers: Callable[[], Check], upst
                                limits=limits), "metrics")
 
 
-__all__ = ["GuardedSite", "MetricsSite", "SubmissionSite", "metrics_listener",
-           "metrics_site", "submission_listener", "submission_site"]
+__all__ = ["GuardedSite", "MetricsSite", "SubmissionSite", "capped", "health_site",
+           "metrics_listener", "metrics_site", "submission_listener", "submission_site"]

@@ -127,3 +127,12 @@ class OrdinaryTrafficTests(unittest.TestCase):
         relay, sink = await self.relay_to_sink()
         results = await self.send_traffic(relay)
         self.assert_all_accepted_exactly_once(results, sink)
+
+    async def test_hundreds_of_messages_through_two_worker_processes(self):
+        """The same traffic through ``--workers 2`` (docs/workers.md): every message
+        reaches the upstream exactly once, whichever worker the kernel gave it to."""
+        relay, sink = await self.relay_to_sink("--workers", "2")
+        results = await self.send_traffic(relay)
+        self.assert_all_accepted_exactly_once(results, sink)
+        self.assertIn("[worker 1 ", relay.log)
+        self.assertIn("[worker 2 ", relay.log)

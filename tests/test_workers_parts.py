@@ -1,0 +1,262 @@
+"""The parts of ``--workers`` that need no process: the control channel, the merged
+metrics, and what the supervisor gives back for a worker that died (docs/workers.md)."""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from esmtpfa.auth.throttle import LocalLoginLedger
+from esmtpfa.metrics import render
+from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter
+from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.workers.control import (
+    MAX_FRAME, ControlChannel, ControlLost, ControlTimeout, RemoteError)
+from esmtpfa.workers.limits import (
+    HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
+from esmtpfa.workers.metrics import RetiredCounts, merge, snapshot
+
+
+class ClockReactor(Clock):
+    """A ``Clock`` that can also hand out the real reactor's thread pool."""
+
+    def getThreadPool(self):
+        return reactor.getThreadPool()
+
+
+def pair(left_handlers=None, right_handlers=None, clock=None):
+    """Two channels connected back to back through in-memory transports."""
+    clock = clock or ClockReactor()
+    left = ControlChannel(left_handlers or {}, clock, name="left")
+    right = ControlChannel(right_handlers or {}, clock, name="right")
+    left_t, right_t = StringTransport(), StringTransport()
+    left.makeConnection(left_t)
+    right.makeConnection(right_t)
+
+    def pump():
+        for _ in range(10):
+            moved = False
+            for src, dst in ((left_t, right), (right_t, left)):
+                data = src.value()
+                if data:
+                    src.clear()
+                    dst.dataReceived(data)
+                    moved = True
+            if not moved:
+                return
+    return left, right, pump, clock
+
+
+class ControlChannelTests(unittest.TestCase):
+    def test_a_call_is_answered(self):
+        left, right, pump, _ = pair(right_handlers={"add": lambda a, b: a + b})
+        d = left.call("add", a=2, b=3)
+        pump()
+        self.assertEqual(self.successResultOf(d), 5)
+
+    def test_a_deferred_answer_and_a_remote_error(self):
+        waiting = defer.Deferred()
+        left, right, pump, _ = pair(right_handlers={
+            "later": lambda: waiting, "broken": lambda: 1 / 0})
+        later, broken = left.call("later"), left.call("broken")
+        pump()
+        self.failureResultOf(broken, RemoteError)
+        self.assertNoResult(later)
+        waiting.callback("done")
+        pump()
+        self.assertEqual(self.successResultOf(later), "done")
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_an_unanswered_call_times_out_and_its_late_answer_is_dropped(self):
+        waiting = defer.Deferred()
+        left, right, pump, clock = pair(right_handlers={"slow": lambda: waiting})
+        d = left.call("slow", timeout=2.0)
+        pump()
+        clock.advance(2.0)
+        self.failureResultOf(d, ControlTimeout)
+        waiting.callback("late")
+        pump()  # nothing to deliver it to: no error
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_closed_channel_fails_every_waiting_call(self):
+        left, right, pump, clock = pair(right_handlers={"slow": defer.Deferred})
+        d = left.call("slow")
+        pump()
+        left.connectionLost(None)
+        self.failureResultOf(d, ControlLost)
+        self.failureResultOf(left.call("slow"), ControlLost)
+        self.assertTrue(left.lost.called)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_notices_need_no_answer(self):
+        seen = []
+        left, right, pump, _ = pair(right_handlers={"tell": lambda what: seen.append(what)})
+        left.notify("tell", what="hello")
+        pump()
+        self.assertEqual(seen, ["hello"])
+
+    def test_a_frame_over_the_bound_closes_the_channel(self):
+        channel = ControlChannel({}, ClockReactor())
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived((MAX_FRAME + 1).to_bytes(4, "big"))
+        self.assertTrue(transport.disconnecting)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_a_big_answer_crosses_a_real_socket_pair(self):
+        """A metrics snapshot can exceed what AMP allows (64 KiB per value)."""
+        big = "x" * (300 * 1024)
+        ours, theirs = socket.socketpair()
+        left = ControlChannel({}, reactor, name="left")
+        right = ControlChannel({"big": lambda: big}, reactor, name="right")
+        for sock, channel in ((ours, left), (theirs, right)):
+            reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX,
+                                          Factory.forProtocol(lambda c=channel: c))
+            sock.close()
+        answer = yield left.call("big")
+        self.assertEqual(answer, big)
+        left.transport.loseConnection()
+        right.transport.loseConnection()
+        yield defer.gatherResults([left.lost, right.lost])
+
+
+def registry_with(messages: float, connections: float, reloads: float, ok: float):
+    registry = CollectorRegistry()
+    Counter("messages_sent", "sent", ["provider"], namespace="esmtpfa",
+            registry=registry).labels("corp").inc(messages)
+    Gauge("smtp_active_connections", "open", ["listener"], namespace="esmtpfa",
+          registry=registry).labels("plain").set(connections)
+    Counter("config_reloads", "reloads", ["source", "result"], namespace="esmtpfa",
+            registry=registry).labels("file", "success").inc(reloads)
+    Gauge("config_last_reload_successful", "ok", namespace="esmtpfa",
+          registry=registry).set(ok)
+    Histogram("auth_duration_seconds", "auth", ["provider"], namespace="esmtpfa",
+              registry=registry, buckets=(0.1, 1)).labels("corp").observe(0.05)
+    return snapshot(registry.collect())
+
+
+class MergedMetricsTests(unittest.TestCase):
+    def exposition(self, *snapshots) -> str:
+        return render(merge(snapshots, "esmtpfa")).decode()
+
+    def test_counts_add_up_and_gauges_follow_their_rule(self):
+        text = self.exposition(registry_with(3, 2, 1, 1), registry_with(4, 5, 1, 0))
+        self.assertIn('esmtpfa_messages_sent_total{provider="corp"} 7.0', text)
+        self.assertIn('esmtpfa_smtp_active_connections{listener="plain"} 7.0', text)
+        # every worker applies every reload: the highest, not the sum
+        self.assertIn('esmtpfa_config_reloads_total{result="success",source="file"} 1.0',
+                      text)
+        # one worker that failed its last reload shows
+        self.assertIn("esmtpfa_config_last_reload_successful 0.0", text)
+        self.assertIn('esmtpfa_auth_duration_seconds_count{provider="corp"} 2.0', text)
+        self.assertIn('esmtpfa_auth_duration_seconds_bucket{le="0.1",provider="corp"} 2.0',
+                      text)
+
+    def test_a_dead_workers_counts_are_kept(self):
+        retired = RetiredCounts()
+        retired.retire(registry_with(3, 2, 1, 1), "esmtpfa")
+        retired.retire(registry_with(4, 9, 1, 1), "esmtpfa")
+        text = self.exposition(registry_with(1, 1, 1, 1), retired.snapshot())
+        self.assertIn('esmtpfa_messages_sent_total{provider="corp"} 8.0', text)
+        # gauges of the dead are not kept: their connections are gone
+        self.assertIn('esmtpfa_smtp_active_connections{listener="plain"} 1.0', text)
+        self.assertIn('esmtpfa_config_reloads_total{result="success",source="file"} 1.0',
+                      text)
+
+
+class DeadWorkerTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.limits = SharedLimits(
+            login=LocalLoginLedger(5, 3, 600.0, self.clock),
+            rates=RateLimiter(self.clock),
+            connections={SMTP: ConnectionLimits(10, 2), HTTP: ConnectionLimits(10, 2)})
+
+    def test_its_connection_slots_and_reservations_are_given_back(self):
+        account = self.limits.for_worker(1)
+        self.assertIsNone(account.conn_take(SMTP, "192.0.2.1"))
+        self.assertIsNone(account.conn_take(SMTP, "192.0.2.1"))
+        self.assertEqual(account.conn_take(SMTP, "192.0.2.1"), "per-address limit")
+        self.assertIsNone(account.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
+        self.assertIsNotNone(account.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
+        account.close()
+        other = self.limits.for_worker(2)
+        self.assertIsNone(other.conn_take(SMTP, "192.0.2.1"))
+        self.assertIsNone(other.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
+
+    def test_a_release_it_never_took_frees_nothing(self):
+        one, two = self.limits.for_worker(1), self.limits.for_worker(2)
+        self.assertIsNone(one.conn_take(SMTP, "192.0.2.1"))
+        self.assertIsNone(one.conn_take(SMTP, "192.0.2.1"))
+        two.conn_release(SMTP, "192.0.2.1")  # a bug in a worker must not free a slot
+        self.assertEqual(two.conn_take(SMTP, "192.0.2.1"), "per-address limit")
+
+    def test_the_worker_side_ledgers_speak_through_the_channel(self):
+        account = self.limits.for_worker(1)
+        left, right, pump, _ = pair(right_handlers=account.handlers())
+        rates = RemoteRateLedger(left)
+        limit = Limit(1, 60.0)
+        first = rates.take("corp\0bob", "messages", limit, 1)
+        second = rates.take("corp\0bob", "messages", limit, 1)
+        pump()
+        self.successResultOf(first)
+        self.assertEqual(self.failureResultOf(second, Exceeded).value.kind, "messages")
+        connections = RemoteConnections(left, SMTP, 10, 2)
+        taken = [connections.refusal("192.0.2.9") for _ in range(3)]
+        pump()
+        self.assertEqual([self.successResultOf(d) for d in taken],
+                         [None, None, "per-address limit"])
+        connections.release("192.0.2.9")
+        pump()
+        self.assertEqual(self.limits.connections[SMTP].active, 1)
+
+
+class WorkersOptionTests(unittest.TestCase):
+    def parse(self, *args: str, environ=None):
+        from esmtpfa.options import Options
+        options = Options(environ=environ or {})
+        options.parseOptions(list(args))
+        return options
+
+    def test_a_number_auto_or_a_clear_refusal(self):
+        import os
+        from twisted.python.usage import UsageError
+        self.assertEqual(self.parse()["workers"], 1)
+        self.assertEqual(self.parse("--workers", "3")["workers"], 3)
+        self.assertEqual(self.parse("--workers", "auto")["workers"],
+                         min(len(os.sched_getaffinity(0)), 64))
+        self.assertEqual(self.parse(environ={"SMTP_WORKERS": "2"})["workers"], 2)
+        for bad in ("0", "-1", "65", "many"):
+            with self.assertRaises(UsageError) as caught:
+                self.parse("--workers", bad)
+            self.assertIn("--workers", str(caught.exception))
+
+    def test_auto_keeps_to_the_containers_cpu_quota(self):
+        import os
+        from esmtpfa.options import usable_cpus
+        cpus = len(os.sched_getaffinity(0))
+        v2 = self.mktemp()
+        os.makedirs(v2)
+        with open(os.path.join(v2, "cpu.max"), "w") as f:
+            f.write("150000 100000\n")  # 1.5 CPUs: 2 workers (rounded up)
+        self.assertEqual(usable_cpus(v2), min(cpus, 2))
+        with open(os.path.join(v2, "cpu.max"), "w") as f:
+            f.write("max 100000\n")
+        self.assertEqual(usable_cpus(v2), min(cpus, 64))
+        v1 = self.mktemp()
+        os.makedirs(os.path.join(v1, "cpu"))
+        for name, value in (("cpu.cfs_quota_us", "100000"), ("cpu.cfs_period_us", "100000")):
+            with open(os.path.join(v1, "cpu", name), "w") as f:
+                f.write(value + "\n")
+        self.assertEqual(usable_cpus(v1), 1)
+
+    def test_the_arguments_are_kept_for_the_workers(self):
+        options = self.parse("--workers", "2", "--port", "2525")
+        self.assertEqual(options.arguments, ["--workers", "2", "--port", "2525"])
