@@ -130,7 +130,7 @@ def _reservation_for(delivery: "RelayDelivery") -> Reservation | None:
         if policy is not None else default
     if rates.unlimited:
         return None
-    return limiter.reserve((identity.provider, identity.username), rates)
+    return Reservation(limiter, f"{identity.provider}\0{identity.username}", rates)
 
 
 def _shown(address: str) -> str:
@@ -180,40 +180,54 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
                         message_id=message.id)
 
     def accepted(upstream: Reply) -> Reply:
-        outcome(ACCEPTED)
-        log.info("{connection_id} message {message_id} from <{sender}> to {count} "
-                 "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
-                 connection_id=message.connection_id, message_id=message.id,
-                 sender=message.envelope.mail_from, count=len(message.envelope.recipients),
-                 size=message.size, identity=message.identity, upstream_reply=str(upstream),
-                 upstream=where(), duration=round(time.monotonic() - started, 3))
-        return Reply(250, "2.0.0", f"Message accepted as {message.id}")
-
-    def failed(failure: Failure):
-        if failure.check(RelayError):
-            error = failure.value
-            outcome(error.reason)
-            log.info("{connection_id} message {message_id} for {identity} not relayed "
-                     "({reason}): {detail}", connection_id=message.connection_id,
-                     message_id=message.id, identity=message.identity,
-                     reason=error.reason, detail=str(error),
+        try:
+            outcome(ACCEPTED)
+            log.info("{connection_id} message {message_id} from <{sender}> to {count} "
+                     "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
+                     connection_id=message.connection_id, message_id=message.id,
                      sender=message.envelope.mail_from,
                      count=len(message.envelope.recipients), size=message.size,
-                     upstream=getattr(error, "upstream", None) or where(),
-                     upstream_reply=str(error.upstream_reply) if error.upstream_reply else None,
-                     duration=round(time.monotonic() - started, 3))
-            raise SMTPReplyError(error.reply)
-        outcome(ERROR)
-        log.failure("{connection_id} message {message_id}: relay failed", failure,
-                    connection_id=message.connection_id, message_id=message.id)
-        raise SMTPReplyError(RELAY_ERROR)
+                     identity=message.identity, upstream_reply=str(upstream),
+                     upstream=where(), duration=round(time.monotonic() - started, 3))
+            return Reply(250, "2.0.0", f"Message accepted as {message.id}")
+        finally:
+            message.close()
 
-    def release(result):
-        message.close()
-        return result
+    def failed(failure: Failure):
+        try:
+            if failure.check(RelayError):
+                error = failure.value
+                outcome(error.reason)
+                log.info("{connection_id} message {message_id} for {identity} not relayed "
+                         "({reason}): {detail}", connection_id=message.connection_id,
+                         message_id=message.id, identity=message.identity,
+                         reason=error.reason, detail=str(error),
+                         sender=message.envelope.mail_from,
+                         count=len(message.envelope.recipients), size=message.size,
+                         upstream=getattr(error, "upstream", None) or where(),
+                         upstream_reply=str(error.upstream_reply)
+                         if error.upstream_reply else None,
+                         duration=round(time.monotonic() - started, 3))
+                raise SMTPReplyError(error.reply)
+            outcome(ERROR)
+            log.failure("{connection_id} message {message_id}: relay failed", failure,
+                        connection_id=message.connection_id, message_id=message.id)
+            raise SMTPReplyError(RELAY_ERROR)
+        finally:
+            message.close()
 
-    d = defer.maybeDeferred(send, message)
-    return d.addCallbacks(accepted, failed).addBoth(release)
+    # The spool is released by whichever of the two answers (one callback, not two).
+    return _call(send, message).addCallbacks(accepted, failed)
+
+
+def _call(f: Callable[..., defer.Deferred], *arguments) -> defer.Deferred:
+    """``defer.maybeDeferred`` for the relay's methods, which return Deferreds: a
+    synchronous exception becomes a failure, and a Deferred is not wrapped again."""
+    try:
+        result = f(*arguments)
+    except Exception:
+        return defer.fail()
+    return result if isinstance(result, defer.Deferred) else defer.succeed(result)
 
 
 @implementer(ITransaction)
@@ -234,7 +248,7 @@ class RelayTransaction:
         self._header_from = (HeaderFromScanner()
                              if rules is not None and rules.check_header_from else None)
         # The trace header is known at MAIL: its size is part of what the upstream gets.
-        envelope = envelope_from_params(mail_from, (), params)
+        envelope = self._envelope = envelope_from_params(mail_from, (), params)
         self._prefix = received_header(
             context, delivery.policy.hostname, self.id,
             authenticated=delivery.identity.via != "anonymous",
@@ -242,12 +256,17 @@ class RelayTransaction:
 
     def open(self) -> defer.Deferred:
         """MAIL: open the relay's transaction; fires with self or fails with the reply."""
-        try:
-            self._reserve(Reservation.message)
-        except RateLimited as limited:
+        if self._reservation is None:
+            return self._begin()
+
+        def limited(failure: Failure):
             self._spool.close()
-            return defer.fail(limited)
-        envelope = envelope_from_params(self._mail_from, (), self._params)
+            return failure
+        return self._reserve(Reservation.message).addCallbacks(
+            lambda _: self._begin(), limited)
+
+    def _begin(self) -> defer.Deferred:
+        envelope = self._envelope
         if envelope.declared_size is not None:
             envelope = replace(envelope,
                                declared_size=envelope.declared_size + len(self._prefix))
@@ -261,8 +280,8 @@ class RelayTransaction:
             self._settle(accepted=False)
             return self._refused(failure, "MAIL", f"<{self._mail_from}>", (), started)
         started = time.monotonic()
-        d = defer.maybeDeferred(self._delivery.relay.begin, envelope, self.id,
-                                self._context.connection_id, self._client_keys())
+        d = _call(self._delivery.relay.begin, envelope, self.id,
+                  self._context.connection_id, self._client_keys())
         return d.addCallbacks(opened, refused)
 
     def _client_keys(self) -> tuple[str, ...]:
@@ -274,15 +293,17 @@ class RelayTransaction:
             keys += (f"identity {identity}",)
         return keys
 
-    def _reserve(self, what) -> None:
+    def _reserve(self, what) -> defer.Deferred:
         """Reserve the message or a recipient in the identity's budget (``what`` is
-        ``Reservation.message`` or ``Reservation.recipient``); ``RateLimited`` when full."""
+        ``Reservation.message`` or ``Reservation.recipient``); fails with
+        ``RateLimited`` when full."""
         reservation = self._reservation
         if reservation is None:
-            return
-        try:
-            what(reservation)
-        except Exceeded as exceeded:
+            return defer.succeed(None)
+
+        def exceeded(failure: Failure):
+            failure.trap(Exceeded)
+            exceeded = failure.value
             delivery = self._delivery
             log.info("{connection_id} message {message_id} for {identity}: {kind} rate "
                      "limit reached ({limit}), retry in {seconds:.0f} s",
@@ -295,6 +316,7 @@ class RelayTransaction:
                 log.failure("{message_id}: reporting the rate limit failed",
                             message_id=self.id)
             raise RateLimited(exceeded) from None
+        return what(reservation).addErrback(exceeded)
 
     def _settle(self, accepted: bool) -> None:
         """The message went (its reservation counts) or did not (given back): once."""
@@ -304,10 +326,14 @@ class RelayTransaction:
 
     def addRecipient(self, recipient: str, params: dict, data_follows: bool = False
                      ) -> defer.Deferred:
-        try:
-            self._reserve(Reservation.recipient)
-        except RateLimited as limited:
-            return defer.fail(limited)
+        if self._reservation is None:
+            return self._ask_upstream(recipient, data_follows)
+        return self._reserve(Reservation.recipient).addCallback(
+            lambda _: self._ask_upstream(recipient, data_follows))
+
+    def _ask_upstream(self, recipient: str, data_follows: bool) -> defer.Deferred:
+        if self._upstream is None:  # aborted while a shared ledger answered: client gone
+            return defer.fail(SMTPReplyError(RELAY_ERROR))
 
         def accepted(_: Reply) -> None:
             self._recipients.append(recipient)
@@ -317,8 +343,8 @@ class RelayTransaction:
                 self._reservation.drop_recipient()  # not part of the message
             return self._refused(failure, "RCPT", f"<{recipient}>", (recipient,), started)
         started = time.monotonic()
-        return defer.maybeDeferred(self._upstream.addRecipient, recipient,
-                                   data_follows).addCallbacks(accepted, refused)
+        return _call(self._upstream.addRecipient, recipient, data_follows).addCallbacks(
+            accepted, refused)
 
     def _refused(self, failure: Failure, command: str, what: str, recipients: tuple,
                  started: float):
@@ -418,7 +444,9 @@ class RelayTransaction:
 
     def _relay(self) -> defer.Deferred:
         delivery = self._delivery
-        envelope = envelope_from_params(self._mail_from, self._recipients, self._params)
+        envelope = self._envelope
+        envelope = Envelope(envelope.mail_from, tuple(self._recipients), envelope.body,
+                            envelope.smtputf8, envelope.requiretls, envelope.declared_size)
         message = OutboundMessage(
             envelope, self._spool, prefix=self._prefix, id=self.id,
             connection_id=self._context.connection_id, identity=str(delivery.identity))

@@ -11,6 +11,7 @@ a logger: log statements name users, providers and ids, never secrets.
 
 from __future__ import annotations
 
+from time import time
 from typing import Any
 
 from twisted.logger import LogLevel, Logger, globalLogPublisher
@@ -29,7 +30,11 @@ class _LevelLogger(Logger):
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if _ORDER.get(level, _threshold) < _threshold:
+        order = _ORDER.get(level)
+        if order is None:  # not a level: Twisted's own emit reports it
+            super().emit(level, format, **kwargs)
+            return
+        if order < _threshold:
             return
         if format is not None:
             try:
@@ -40,7 +45,13 @@ class _LevelLogger(Logger):
                 kwargs["log_text"] = text
                 kwargs["log_template"] = format
                 format = "{log_text}"
-        super().emit(level, format, **kwargs)
+        # What ``Logger.emit`` does once the level is known to be valid (its check walks
+        # every level): the event is the keyword arguments plus the log_* keys.
+        kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
+                      log_source=self.source, log_format=format, log_time=time())
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))
+        self.observer(kwargs)
 
 
 def logger(namespace: str) -> Logger:

@@ -32,22 +32,52 @@ class Envelope:
 
 
 class MessageSpool:
-    """Write-once, read-many storage for message content."""
+    """Write-once, read-many storage for message content.
+
+    In memory (a list of the chunks written) up to ``memory_limit`` octets, then in an
+    anonymous temporary file.  Most messages never reach the limit, and for them a
+    ``SpooledTemporaryFile`` (an object, a buffer, a seek and a read per message) was
+    work for nothing: the content is handed over as the bytes that were written.
+    """
 
     def __init__(self, memory_limit: int = SPOOL_MEMORY_LIMIT):
-        self._file = tempfile.SpooledTemporaryFile(max_size=memory_limit, mode="w+b")
+        self._limit = memory_limit
+        self._chunks: list[bytes] = []
+        self._file = None  # the temporary file, once past the limit
+        self._closed = False
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        if self._closed:
+            raise ValueError("write to a closed spool")
         self.size += len(data)
+        if self._file is not None:
+            self._file.seek(0, 2)
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > self._limit:
+            self._file = tempfile.TemporaryFile(mode="w+b")
+            self._file.writelines(self._chunks)
+            self._chunks = []
 
     @property
     def on_disk(self) -> bool:
-        return bool(getattr(self._file, "_rolled", False))
+        return self._file is not None
 
     def read_from(self, offset: int = 0, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         """Read the content from ``offset``; each iterator keeps its own position."""
+        if self._closed:
+            raise ValueError("read from a closed spool")
+        if self._file is None:
+            chunks = self._chunks
+            if len(chunks) > 1:
+                chunks[:] = [b"".join(chunks)]
+            data = chunks[0] if chunks else b""
+            for position in range(offset, len(data), chunk_size):
+                yield data[position:position + chunk_size] \
+                    if position or len(data) > chunk_size else data
+            return
         position = offset
         while position < self.size:
             self._file.seek(position)
@@ -58,7 +88,10 @@ class MessageSpool:
             yield chunk
 
     def close(self) -> None:
-        self._file.close()
+        self._closed = True
+        self._chunks = []
+        if self._file is not None:
+            self._file.close()
 
 
 @dataclass

@@ -8,7 +8,6 @@ travel from the upstream to the client without being re-invented on the way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 import re
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
@@ -37,10 +36,15 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Wire form: each line carries the code and, when known, the enhanced code."""
-        return self._wire
+        # Replies are constants more often than not: encoded once, kept on the instance
+        # (a plain dict read: ``cached_property`` takes a lock on every first use, and
+        # the reply to each message is a new instance).
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.__dict__["_wire"] = self._encode()
+        return wire
 
-    @cached_property
-    def _wire(self) -> bytes:  # replies are constants more often than not: encode once
+    def _encode(self) -> bytes:
         lines = self.lines()
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []

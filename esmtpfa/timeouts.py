@@ -5,11 +5,10 @@ Two shapes, for two patterns:
 ``Deadline``
     One timer pushed back again and again by the same amount (the upstream client's
     reply timeout): as ``cancel()`` + ``callLater()`` that is two heap operations and a
-    new ``DelayedCall`` per reply.  ``Deadline`` keeps one ``DelayedCall`` and moves it
-    with ``reset()``, which for a later time only records the delay (the reactor
-    re-inserts the call when it comes due); disarming only clears a flag.  A call is
-    never moved *sooner* (the reactor would find it by a linear search of its heap): it
-    is replaced.
+    new ``DelayedCall`` per reply.  ``Deadline`` keeps one ``DelayedCall``; moving the
+    deadline later only records the new time, and the call, when it comes, waits again
+    for the rest; disarming only clears a flag.  A call is never moved *sooner* (the
+    reactor would find it by a linear search of its heap): it is replaced.
 
 ``Sweeper``
     Deadlines of seconds or minutes for many owners that move them back *and forth*
@@ -34,27 +33,33 @@ log = logger("esmtpfa")
 class Deadline:
     """Calls ``expired()`` once ``seconds`` pass without ``set()`` being called again."""
 
-    __slots__ = ("_clock", "_expired", "_armed", "_call")
+    __slots__ = ("_clock", "_expired", "_armed", "_call", "_at", "_due")
 
     def __init__(self, clock: IReactorTime, expired: Callable[[], None]):
         self._clock = clock
         self._expired = expired
         self._armed = False
         self._call: IDelayedCall | None = None
+        self._at = 0.0   # when the pending call fires
+        self._due = 0.0  # when the deadline expires (never before ``_at``)
 
     def set(self, seconds: float) -> None:
         """(Re)start: ``expired()`` in ``seconds`` unless set or cleared before.
 
-        A later time only moves the pending call (``reset``); a sooner one replaces it,
-        because the reactor finds a call moved sooner by a linear search of its heap,
-        while a cancel and a new call cost two heap operations."""
+        A later time is only recorded: the pending call, when it comes, finds the
+        deadline moved and waits again for the rest (a reply timeout is set for every
+        reply and almost never expires, so this is one clock read per set).  A sooner
+        one replaces the call, because the reactor finds a call moved sooner by a
+        linear search of its heap, while a cancel and a new call cost two heap
+        operations."""
         self._armed = True
+        due = self._due = self._clock.seconds() + seconds
         call = self._call
-        if call is not None and call.active():
-            if self._clock.seconds() + seconds >= call.getTime():
-                call.reset(seconds)
+        if call is not None:
+            if due >= self._at:
                 return
             call.cancel()
+        self._at = due
         self._call = self._clock.callLater(seconds, self._fire)
 
     def clear(self) -> None:
@@ -74,9 +79,15 @@ class Deadline:
 
     def _fire(self) -> None:
         self._call = None
-        if self._armed:
-            self._armed = False
-            self._expired()
+        if not self._armed:
+            return
+        left = self._due - self._clock.seconds()
+        if left > 0:  # moved later since the call was made: wait for the rest
+            self._at = self._due
+            self._call = self._clock.callLater(left, self._fire)
+            return
+        self._armed = False
+        self._expired()
 
 
 class Sweeper:

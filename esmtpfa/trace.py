@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import email.utils
 import re
+import time
 
 from esmtpfa.context import ConnectionContext
 
@@ -74,17 +75,39 @@ def with_protocol(context: ConnectionContext, authenticated: bool, smtputf8: boo
     return base + ("S" if context.tls else "") + ("A" if authenticated else "")
 
 
+_last_stamp: tuple[int, str] = (-1, "")
+#: The "from" clause per (EHLO name, HTTP Host, client address), at most this many.
+SOURCES = 1024
+_sources: dict[tuple, str] = {}
+
+
+def _stamp_now() -> str:
+    """The RFC 5322 date of this second, local time: formatted once per second (a
+    busy relay stamps many messages in one), the same text as formatting ``now``."""
+    global _last_stamp
+    second = int(time.time())
+    if _last_stamp[0] != second:
+        _last_stamp = (second, email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(second).astimezone()))
+    return _last_stamp[1]
+
+
 def received_header(context: ConnectionContext, hostname: str, message_id: str, *,
                     authenticated: bool, smtputf8: bool = False, hide_client: bool = False,
                     now: datetime.datetime | None = None) -> bytes:
-    name = context.helo
-    if name is None and context.http_host:
-        name = _host_as_domain(context.http_host)
-    helo = safe_client_name(name)
-    source = f"from {helo}"
-    if not hide_client:
-        source += f" ([{context.peer_host}])"
-    stamp = email.utils.format_datetime(now or datetime.datetime.now().astimezone())
+    key = (context.helo, context.http_host, None if hide_client else context.peer_host)
+    source = _sources.get(key)
+    if source is None:  # once per client and name, not once per message
+        name = context.helo
+        if name is None and context.http_host:
+            name = _host_as_domain(context.http_host)
+        source = f"from {safe_client_name(name)}"
+        if not hide_client:
+            source += f" ([{context.peer_host}])"
+        if len(_sources) >= SOURCES:
+            _sources.clear()
+        _sources[key] = source
+    stamp = email.utils.format_datetime(now) if now is not None else _stamp_now()
     protocol = with_protocol(context, authenticated, smtputf8)
     return (f"Received: {source}\r\n"
             f"\tby {hostname} (esmtpfa) with {protocol} id {message_id};\r\n"

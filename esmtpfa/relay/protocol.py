@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 import re
 from typing import Any, Callable, Iterator
 
@@ -49,6 +50,11 @@ DEFAULT_DATA_TIMEOUT = 600.0
 #: Message content is written in pieces of about this size (the spool's read size): the
 #: user-space buffer stays bounded, and a small message is one write.
 BATCH = 64 * 1024
+
+#: One-line upstream replies kept parsed (``_lineReceived``); past this many distinct
+#: lines (queue ids make many) the cache starts over.
+ONE_LINE_REPLIES = 256
+_ONE_LINE_REPLIES: dict[bytes, Reply] = {}
 
 _FORBIDDEN_IN_COMMAND = re.compile(rb"[\r\n\x00]")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -138,7 +144,7 @@ class Extensions:
     def __contains__(self, keyword: str) -> bool:
         return keyword.upper() in self.keywords
 
-    @property
+    @cached_property
     def pipelining(self) -> bool:
         return "PIPELINING" in self.keywords  # RFC 2920
 
@@ -146,7 +152,7 @@ class Extensions:
     def starttls(self) -> bool:
         return "STARTTLS" in self.keywords  # RFC 3207
 
-    @property
+    @cached_property
     def eightbitmime(self) -> bool:
         return "8BITMIME" in self.keywords  # RFC 6152
 
@@ -158,7 +164,7 @@ class Extensions:
     def requiretls(self) -> bool:
         return "REQUIRETLS" in self.keywords  # RFC 8689
 
-    @property
+    @cached_property  # read for every message and every chunk it writes
     def size(self) -> int | None:
         """RFC 1870: None when SIZE is not offered, 0 when offered without a limit."""
         if "SIZE" not in self.keywords:
@@ -179,12 +185,12 @@ class Extensions:
         """RFC 9422 LIMITS as ``{NAME: value}``; empty when absent or malformed."""
         return parse_limits(self.keywords.get("LIMITS", "")) if "LIMITS" in self.keywords else {}
 
-    @property
+    @cached_property
     def mailmax(self) -> int | None:
         """LIMITS MAILMAX: transactions per connection (None: no limit announced)."""
         return _limit(self.limits.get("MAILMAX"))
 
-    @property
+    @cached_property
     def rcptmax(self) -> int | None:
         """LIMITS RCPTMAX: recipients per transaction (None: no limit announced)."""
         return _limit(self.limits.get("RCPTMAX"))
@@ -471,6 +477,16 @@ class SMTPClientProtocol(Protocol):
                 len(line) > 3 and line[3:4] not in b" -"):
             self._violation(f"not an SMTP reply line: {line[:80]!r}")
             return
+        if self._code is None and line[3:4] != b"-":
+            # A one-line reply (nearly all of them): an upstream repeats the same few
+            # lines, so each is parsed once and the (immutable) Reply reused.
+            reply = _ONE_LINE_REPLIES.get(line)
+            if reply is None:
+                if len(_ONE_LINE_REPLIES) >= ONE_LINE_REPLIES:
+                    _ONE_LINE_REPLIES.clear()
+                reply = _ONE_LINE_REPLIES[line] = Reply.parse(int(line[:3]), [line[4:]])
+            self._replyReceived(reply)
+            return
         code = int(line[:3])
         if self._code is not None and code != self._code:
             self._violation(f"multi-line reply changed code from {self._code} to {code}")
@@ -506,8 +522,13 @@ class SMTPClientProtocol(Protocol):
             waiter.complete(reply)
             self._abort()
             return
-        self._waiters.popleft()
-        self._restartTimer()
+        waiters = self._waiters
+        waiters.popleft()
+        # The next reply's timeout starts now (``_restartTimer``, inlined: every reply).
+        if waiters and self._connected:
+            self._timer.set(waiters[0].timeout)
+        else:
+            self._timer.clear()
         if reply.code == 354 and waiter.command == "DATA":
             self._awaitingContent = True
         waiter.complete(reply)
@@ -551,8 +572,11 @@ class SMTPClientProtocol(Protocol):
             return fail(self._error)
         group = _Group(len(lines))
         timeout = timeout or self.command_timeout
-        for name in names:
-            self._enqueue(_Waiter(name, timeout, group))
+        waiters = self._waiters
+        idle = not waiters
+        waiters.extend([_Waiter(name, timeout, group) for name in names])
+        if idle and self._connected and self._handshake is None:
+            self._armTimer()  # as ``_enqueue`` does for the first of a queue
         self.transport.write(b"\r\n".join(lines) + b"\r\n")
         return group.deferred
 

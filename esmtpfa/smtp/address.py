@@ -45,6 +45,11 @@ def _split_path(rest: str) -> tuple[str, str]:
     if not rest.startswith("<"):
         path, _, params = rest.partition(" ")
         return path, params
+    if '"' not in rest:  # no quoted local part (nearly every address): the first '>'
+        end = rest.find(">")
+        if end < 0:
+            raise SMTPReplyError(SYNTAX)
+        return rest[1:end], rest[end + 1:]
     in_quotes = escaped = False
     for index, char in enumerate(rest):
         if escaped:

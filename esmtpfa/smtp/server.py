@@ -168,11 +168,22 @@ class ESMTPServer(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):  # not TCP (tests over pipes, UNIX sockets)
             pass
-        if not self.factory.admit(self):
+        admission = self.factory.admit(self)
+        if not admission.called:
+            # The count is kept by another process (workers): read nothing until it
+            # answers; the greeting waits with it.
+            self.transport.pauseProducing()
+        admission.addCallback(self._admitted)
+
+    def _admitted(self, admitted: bool) -> None:
+        if self._closing:
+            return  # gone while the count was asked: the factory gave the slot back
+        if not admitted:
             # Logged (and collapsed when repeated) by the factory: nothing more here.
             self._reply(TOO_MANY_CONNECTIONS)
             self._close()
             return
+        self.transport.resumeProducing()
         log.info("{connection_id} connect from [{peer}]:{port} on {listener}",
                  connection_id=self.id, peer=self._context.peer_host,
                  port=self._context.peer_port, listener=self.factory.name)
@@ -377,7 +388,14 @@ class ESMTPServer(Protocol):
         return MAX_COMMAND_LINE
 
     def _next_line(self) -> bytes | None:
-        newline = self._buffer.find(b"\n")
+        buffer = self._buffer
+        newline = buffer.find(b"\n")
+        if 0 <= newline < MAX_COMMAND_LINE and not self._discarding_line:
+            # A complete line within every limit (``_line_limit`` is never below
+            # MAX_COMMAND_LINE): the usual case, without the checks below.
+            self._buffer = buffer[newline + 1:]
+            return buffer[:newline - 1] if newline and buffer[newline - 1] == 13 \
+                else buffer[:newline]
         limit = self._line_limit()
         if newline < 0:
             if len(self._buffer) > limit:
@@ -423,14 +441,26 @@ class ESMTPServer(Protocol):
             self._answer(Failure())
             return
         if isinstance(result, defer.Deferred):
+            # A Deferred that has its result already (MAIL with a pooled relay, a
+            # refusal decided at once) is answered now, like a plain value: no wait, no
+            # trip back through ``_resume``.
+            if result.called and not result.paused:
+                result.addBoth(self._answer)
+                return
             self._waiting = True
             self._deadline.waiting()  # the client is waiting for us: that time is ours
-            result.addBoth(self._answer)
-            result.addBoth(self._resume)
+            result.addBoth(self._answer_and_resume)
         else:
             self._answer(result)
 
+    def _answer_and_resume(self, result) -> None:
+        self._answer(result)
+        self._resume()
+
     def _answer(self, result) -> None:
+        # The answer to the command being executed: when that was the final dot
+        # (``_finish``), the message's verdict is no longer awaited.
+        self._finishing = False
         if isinstance(result, Failure):
             if result.check(SMTPReplyError):
                 result = result.value.reply
@@ -698,14 +728,18 @@ class ESMTPServer(Protocol):
             return NON_ASCII_ADDRESS
 
         def start(avatar):
-            return defer.maybeDeferred(
-                avatar.startTransaction, self._context, mail.address, mail.params)
+            return avatar.startTransaction(self._context, mail.address, mail.params)
 
         def started(transaction):
             self._transaction, self._mail, self._recipients = transaction, mail, []
             return SENDER_OK
 
-        return self._session_avatar().addCallback(start).addCallback(started)
+        if self._avatar is None:  # an anonymous login first
+            return self._session_avatar().addCallback(start).addCallback(started)
+        transaction = start(self._avatar)
+        if isinstance(transaction, defer.Deferred):
+            return transaction.addCallback(started)
+        return started(transaction)
 
     def smtp_RCPT(self, argument: str):
         if self._mail is None:
@@ -726,9 +760,11 @@ class ESMTPServer(Protocol):
                 self._recipients.append(rcpt.address)
             return RECIPIENT_OK
 
-        return defer.maybeDeferred(
-            transaction.addRecipient, rcpt.address, rcpt.params,
-            data_follows=self._data_queued()).addCallback(accepted)
+        verdict = transaction.addRecipient(rcpt.address, rcpt.params,
+                                           data_follows=self._data_queued())
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(accepted)
+        return accepted(verdict)
 
     def _data_queued(self) -> bool:
         """Whether the next pipelined command is a DATA that ``smtp_DATA`` will accept
@@ -838,12 +874,8 @@ class ESMTPServer(Protocol):
     def _finish(self, transaction) -> defer.Deferred:
         self._transaction = None  # finish() owns it now; reset must not abort it
         self._mail, self._recipients = None, []
-        self._finishing = True
-
-        def settled(result):
-            self._finishing = False
-            return result
-        return defer.maybeDeferred(transaction.finish).addBoth(settled)
+        self._finishing = True  # until the verdict is answered (``_answer``)
+        return transaction.finish()
 
     def _reset_transaction(self) -> None:
         self._reader = self._chunks = None
