@@ -227,7 +227,9 @@ async def _probe_upstream(upstream, reactor) -> str:
         endpoint = endpoint_for(reactor, upstream.settings, upstream.tls_options)
         protocol = await endpoint.connect(upstream.factory)
         stage = "session"
-        session = UpstreamSession(protocol, upstream.settings, upstream.tls_options)
+        # An OAuth2 upstream: its broker asks the token endpoint first (docs/oauth2.md).
+        session = UpstreamSession(protocol, upstream.settings, upstream.tls_options,
+                                  tokens=upstream.tokens)
         await session.open()
     except Exception as error:
         if protocol is not None:

@@ -47,6 +47,10 @@ AUTH_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 3
 _AUTH_STATUS = {"accepted": "valid", "rejected": "invalid", "unavailable": "unavailable"}
 _FALLBACK_STATUS = {"accepted": "1", "rejected": "0", "unavailable": "unavailable"}
 
+#: Kinds of relayed message (outcome, provider, sender, recipients) whose series are
+#: kept ready; past this many the cache starts over (client input: it must be bounded).
+SERIES_CACHE = 4096
+
 #: Counters the original exposed without the ``_total`` suffix (Go client style).
 _UNSUFFIXED_COUNTERS = ("mail_from_to",)
 
@@ -94,6 +98,7 @@ class RelayMetrics:
         self._to = BoundedLabels(address_labels)
         self._pairs = BoundedLabels(address_labels)
         self._children: dict = {}  # (id(metric), labels) -> labelled child
+        self._series: dict = {}  # what relayed() updates, per kind of message
 
         def counter(name, doc, labels):
             return Counter(name, doc, labels, namespace=namespace, registry=self.registry)
@@ -151,6 +156,11 @@ class RelayMetrics:
             "rate_limited_total",
             "Messages and recipients refused by the sending rate of the login's identity "
             "(kind: messages, recipients)", ["provider", "kind"])
+        self.state_errors = counter(
+            "state_errors_total",
+            "Decisions of the login throttle and sending rates made without the shared "
+            "state (--state-url) because it did not answer, by operation and the "
+            "--state-failure policy applied (open, closed)", ["operation", "outcome"])
         self.config_reloads = counter(
             "config_reloads_total", "Provider configuration reloads by source and result",
             ["source", "result"])
@@ -162,7 +172,13 @@ class RelayMetrics:
             "config_last_reload_successful",
             "1 if the last provider configuration load succeeded, else 0",
             namespace=namespace, registry=self.registry)
+        self.oauth2_refreshes = counter(
+            "oauth2_token_refreshes_total",
+            "OAuth2 token requests to an upstream's token endpoint by result (ok, refused, "
+            "unavailable, malformed)", ["upstream", "result"])
+        self._token_deadlines: dict[str, float] = {}  # upstream -> wall time of expiry
         self.registry.register(_LiveCollector(self._name, providers, connections))
+        self.registry.register(_TokenExpiryCollector(self._name, self._token_deadlines))
 
     def _child(self, metric, *labels: str):
         """``metric.labels(*labels)``, remembered: the relay updates seven labelled series
@@ -195,6 +211,18 @@ class RelayMetrics:
         if outcome == "rejected":
             self.auth_failures.labels(NONE).inc()
 
+    # -- relay.oauth2.TokenObserver --------------------------------------------------------
+
+    def token_refreshed(self, upstream: str, result: str) -> None:
+        """One token request of an upstream's broker (labels: configured upstreams and
+        the four results of ``relay.oauth2``)."""
+        self._child(self.oauth2_refreshes, upstream, result).inc()
+
+    def token_expires_in(self, upstream: str, seconds: float) -> None:
+        """The upstream's token now lives ``seconds`` more (0: none).  Kept as a deadline,
+        so the gauge counts down between refreshes instead of freezing."""
+        self._token_deadlines[upstream] = time.time() + max(seconds, 0.0)
+
     # -- delivery.DeliveryObserver ---------------------------------------------------------
 
     def attempt_failed(self, error) -> None:
@@ -209,26 +237,47 @@ class RelayMetrics:
 
     def relayed(self, identity, envelope: Envelope, size: int, outcome: str,
                 seconds: float) -> None:
+        key = (outcome, identity.provider, identity.via == "anonymous",
+               envelope.mail_from, envelope.recipients)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= SERIES_CACHE:
+                self._series.clear()
+            series = self._series[key] = self._series_for(identity, envelope, outcome)
+        duration, counted, sized = series
+        duration.observe(seconds)
+        for child in counted:
+            child.inc()
+        for child in sized:
+            child.inc(size)
+
+    def _series_for(self, identity, envelope: Envelope, outcome: str) -> tuple:
+        """The series one relayed message updates: (duration histogram, counters +1,
+        counters +size).  Computed once per kind of message and kept (``_series``): the
+        address bounds only ever admit more, so an address's label never changes once
+        decided, and a message from a regular sender costs a dict lookup and the
+        increments."""
         accepted = outcome == "accepted"
         status = "1" if accepted else "0"
         child = self._child
-        child(self.relay_outcomes, outcome).inc()
-        child(self.upstream_duration, self.upstream, status).observe(seconds)
+        counted = [child(self.relay_outcomes, outcome)]
+        duration = child(self.upstream_duration, self.upstream, status)
         authenticated = identity.via != "anonymous"
         sender = self._address(self._from, envelope.mail_from, authenticated)
         recipients = [self._address(self._to, rcpt, authenticated)
                       for rcpt in envelope.recipients]
         for recipient in recipients:
             pair = (sender, recipient) if self._pairs.admit((sender, recipient)) else (OTHER, OTHER)
-            child(self.mail_from_to, pair[0], pair[1], status).inc()
-        if not accepted:
-            return
-        provider = identity.provider
-        child(self.messages_sent, provider).inc()
-        child(self.bytes_sent, provider).inc(size)
-        child(self.bytes_from, provider, sender).inc(size)
-        for recipient in recipients:
-            child(self.bytes_to, provider, recipient).inc(size)
+            counted.append(child(self.mail_from_to, pair[0], pair[1], status))
+        sized = []
+        if accepted:
+            provider = identity.provider
+            counted.append(child(self.messages_sent, provider))
+            sized.append(child(self.bytes_sent, provider))
+            sized.append(child(self.bytes_from, provider, sender))
+            for recipient in recipients:
+                sized.append(child(self.bytes_to, provider, recipient))
+        return duration, tuple(counted), tuple(sized)
 
     def policy_rejected(self, identity, reason: str) -> None:
         """``delivery.DeliveryObserver``: labels are a configured provider name (only
@@ -239,6 +288,13 @@ class RelayMetrics:
         """``delivery.DeliveryObserver``: a configured provider name and the kind of
         limit (messages or recipients)."""
         self._child(self.rate_limited_total, identity.provider, kind).inc()
+
+    # -- esmtpfa.state.guard -----------------------------------------------------------------
+
+    def state_error(self, operation: str, outcome: str) -> None:
+        """The shared state did not answer; labels come from a closed set (the guard's
+        operations; open or closed)."""
+        self._child(self.state_errors, operation, outcome).inc()
 
     @staticmethod
     def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:
@@ -289,6 +345,28 @@ class _LiveCollector:
         for listener, count in sorted(self._connections().items()):
             active.add_metric([listener], count)
         yield active
+
+
+class _TokenExpiryCollector:
+    """``oauth2_token_expiry_seconds{upstream}``: seconds until each upstream's OAuth2
+    token expires, computed at scrape time (0 when it has none).  Absent when no upstream
+    uses OAuth2."""
+
+    def __init__(self, name: Callable[[str], str], deadlines: Mapping[str, float]):
+        self._name = name
+        self._deadlines = deadlines
+
+    def collect(self):
+        if not self._deadlines:
+            return
+        family = GaugeMetricFamily(
+            self._name("oauth2_token_expiry_seconds"),
+            "Seconds until the upstream's OAuth2 access token expires (0: no valid token)",
+            labels=["upstream"])
+        now = time.time()
+        for upstream, deadline in sorted(self._deadlines.items()):
+            family.add_metric([upstream], max(deadline - now, 0.0))
+        yield family
 
 
 def _bool(value: bool) -> str:

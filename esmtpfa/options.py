@@ -9,8 +9,10 @@ the variable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 import os
 import re
+import sys
 from typing import Any, Callable, Mapping
 
 from twisted.python import usage
@@ -86,6 +88,68 @@ def parse_share(text: str) -> float:
 def parse_rate(text: str) -> Limit | None:
     """A rate like ``100/1h``; empty means unlimited."""
     return Limit.parse(text) if text.strip() else None
+
+
+def parse_workers(text: str) -> int:
+    """A number of worker processes, or ``auto``: one per CPU this process may use."""
+    if text.strip().lower() == "auto":
+        return usable_cpus()
+    value = parse_positive_int(text)
+    if value > MAX_WORKERS:
+        raise ValueError(f"at most {MAX_WORKERS} workers, got {value}")
+    return value
+
+
+def usable_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may run on (its affinity), held to its container's CPU
+    quota when it has one (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``): a pod
+    limited to 2 CPUs on a 64-core node gets 2 workers, not 64."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        count = min(count, max(math.ceil(quota), 1))
+    return max(min(count, MAX_WORKERS), 1)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs allowed by the cgroup's quota, or None when there is none (or no cgroup)."""
+    for path, parse in ((os.path.join(root, "cpu.max"), _v2_quota),
+                        (os.path.join(root, "cpu", "cpu.cfs_quota_us"), _v1_quota)):
+        try:
+            with open(path) as f:
+                return parse(f.read(), path)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _v2_quota(text: str, path: str) -> float | None:
+    quota, _, period = text.strip().partition(" ")
+    return None if quota == "max" else int(quota) / int(period or 100000)
+
+
+def _v1_quota(text: str, path: str) -> float | None:
+    quota = int(text.strip())
+    if quota <= 0:
+        return None
+    with open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")) as f:
+        return quota / int(f.read().strip())
+
+
+#: More workers than this would only add processes to schedule on any host we know.
+MAX_WORKERS = 64
+
+
+def parse_state_url(text: str) -> str:
+    """A ``redis://`` or ``rediss://`` URL (``esmtpfa.state.resp.RedisURL``); the error
+    never repeats the URL, which may hold a password."""
+    from esmtpfa.state.resp import RedisURL
+    if text.strip():
+        RedisURL.parse(text)
+    return text.strip()
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
@@ -179,6 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle-timeout", parse_seconds, 300.0, "SMTP_IDLE_TIMEOUT", "Seconds a client may stay silent"),
     Setting("tls-handshake-timeout", parse_seconds, 30.0, "SMTP_TLS_HANDSHAKE_TIMEOUT", "Seconds an SMTP client may take to complete its TLS handshake (implicit TLS and after STARTTLS)"),
     Setting("close-grace", parse_seconds, 5.0, "SMTP_CLOSE_GRACE", "Seconds a closing SMTP connection may take to flush its last reply before it is aborted"),
+    Setting("workers", parse_workers, 1, "SMTP_WORKERS", "Worker processes serving the same listeners, or 'auto' (one per CPU); with more than one, a supervisor keeps the limits, metrics, health and reloads of the relay as a whole (docs/workers.md)"),
     Setting("shutdown-grace", parse_seconds, 25.0, "SHUTDOWN_GRACE", "Seconds after SIGTERM that sessions inside a mail transaction get to finish it; then every connection left hears 421 and is closed"),
     Setting("command-timeout", parse_seconds, 60.0, "SMTP_COMMAND_TIMEOUT", "Seconds from the first byte of an SMTP command line to its end, however the client spreads its bytes; also where the DATA allowance starts"),
     Setting("min-data-rate", parse_positive_int, 500, "SMTP_MIN_DATA_RATE", "Octets per second SMTP message data (DATA, BDAT) must average beyond --command-timeout"),
@@ -192,7 +257,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("relay-timeout", parse_seconds, 300.0, "RELAY_TIMEOUT", "Seconds to wait for each relay reply"),
     Setting("relay-connect-timeout", parse_seconds, 30.0, "RELAY_CONNECT_TIMEOUT", "Seconds to wait for the relay's TCP/TLS connection"),
     Setting("relay-data-timeout", parse_seconds, 600.0, "RELAY_DATA_TIMEOUT", "Seconds to wait for the relay's reply to the end of a message (RFC 5321: 10 minutes)"),
-    Setting("relay-auth-mech", choice("scram-sha-256", "scram-sha-1", "cram-md5", "plain", "login"), None, "RELAY_AUTH_MECH", "SASL mechanism toward the relay (default: the strongest it offers, SCRAM-SHA-256 > SCRAM-SHA-1 > CRAM-MD5 > PLAIN > LOGIN)"),
+    Setting("relay-auth-mech", choice("scram-sha-256", "scram-sha-1", "cram-md5", "plain", "login", "oauthbearer", "xoauth2"), None, "RELAY_AUTH_MECH", "SASL mechanism toward the relay (default: the strongest it offers, SCRAM-SHA-256 > SCRAM-SHA-1 > CRAM-MD5 > PLAIN > LOGIN; with --relay-oauth2-*: OAUTHBEARER > XOAUTH2)"),
+    Setting("relay-oauth2-token-url", str, None, "RELAY_OAUTH2_TOKEN_URL", "OAuth2 token endpoint: log in to the relay with an access token (XOAUTH2/OAUTHBEARER) for --relay-user instead of --relay-pass (docs/oauth2.md)"),
+    Setting("relay-oauth2-client-id", str, None, "RELAY_OAUTH2_CLIENT_ID", "OAuth2 client (application) id"),
+    Setting("relay-oauth2-client-secret", str, None, "RELAY_OAUTH2_CLIENT_SECRET", "OAuth2 client secret (prefer the environment variable: flags show in ps)"),
+    Setting("relay-oauth2-private-key", str, None, "RELAY_OAUTH2_PRIVATE_KEY", "PEM private key (RSA or P-256) signing the private_key_jwt client assertion, instead of a client secret"),
+    Setting("relay-oauth2-certificate", str, None, "RELAY_OAUTH2_CERTIFICATE", "PEM certificate of --relay-oauth2-private-key: its thumbprint names the key (x5t, what Entra ID needs)"),
+    Setting("relay-oauth2-auth-method", choice("client_secret_basic", "client_secret_post", "private_key_jwt"), None, "RELAY_OAUTH2_AUTH_METHOD", "How the client authenticates to the token endpoint (default: private_key_jwt with a key, else client_secret_basic)"),
+    Setting("relay-oauth2-scope", str, None, "RELAY_OAUTH2_SCOPE", "Scope asked for, e.g. https://outlook.office365.com/.default or https://mail.google.com/"),
+    Setting("relay-oauth2-refresh-token", str, None, "RELAY_OAUTH2_REFRESH_TOKEN", "Refresh token: use the refresh-token grant (Gmail) instead of client credentials; a rotated one is kept in memory (prefer the environment variable)"),
     Setting("relay-pool-size", parse_positive_int, 20, "RELAY_POOL_SIZE", "Connections kept per relay server (busy and idle)"),
     Setting("relay-pool-idle-timeout", parse_seconds, 30.0, "RELAY_POOL_IDLE_TIMEOUT", "Seconds an unused relay connection stays open"),
     Setting("relay-breaker-failures", parse_positive_int, 3, "RELAY_BREAKER_FAILURES", "Consecutive connection failures after which a relay server is skipped"),
@@ -206,6 +279,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("config-svc-interval", parse_seconds, 30.0, "PROVIDER_CONFIG_SERVICE_INTERVAL", "Seconds between polls of --config-svc"),
     Setting("config-svc-timeout", parse_seconds, 10.0, "PROVIDER_CONFIG_SERVICE_TIMEOUT", "Seconds a --config-svc poll may take, body included"),
     Setting("config-svc-token", str, None, "PROVIDER_CONFIG_SERVICE_TOKEN", "Bearer token sent to --config-svc (prefer the environment variable: flags show in ps)"),
+    Setting("state-url", parse_state_url, None, "STATE_URL", "Redis that keeps the login throttle's and the sending rates' counts for every relay using it, e.g. redis://:PASSWORD@redis:6379/0 or rediss://... (none: each relay counts alone; prefer the environment variable: flags show in ps; docs/shared-state.md)"),
+    Setting("state-timeout", parse_seconds, 0.5, "STATE_TIMEOUT", "Seconds one request to --state-url may take, connecting included, before --state-failure applies"),
+    Setting("state-failure", choice("open", "closed"), "open", "STATE_FAILURE", "When the shared state (--state-url, or the supervisor of --workers) cannot answer: open (skip the limit for that decision, mail flows) or closed (answer a temporary 4xx); logged and counted either way"),
 )
 
 DEMO_PORT = 12525
@@ -231,6 +307,12 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None):
         super().__init__()
         self.environ = os.environ if environ is None else environ
+
+    def parseOptions(self, options=None) -> None:
+        """Remembers the arguments as given: a supervisor starts its workers with them
+        (``esmtpfa.workers``), so each parses exactly what the operator wrote."""
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         for setting in SETTINGS:
@@ -280,17 +362,52 @@ class Options(usage.Options):
                 raise usage.UsageError("--relay-addr and --relay-config both list relay "
                                        "servers: use one of them")
             try:
-                return load_relay_file(self["relay-config"], self.environ,
-                                       self["relay-port"])
+                entries = load_relay_file(self["relay-config"], self.environ,
+                                          self["relay-port"])
             except ConfigError as error:
                 raise usage.UsageError(f"--relay-config: {error}") from None
+            # The --relay-oauth2-* flags are the default of the entries that name no
+            # credentials of their own (neither 'oauth2' nor 'pass').
+            return [UpstreamEntry(entry.host, entry.port,
+                                  {**self._oauth2_overrides(), **entry.overrides})
+                    if "oauth2" not in entry.overrides and "password" not in entry.overrides
+                    else entry for entry in entries]
         if not self["relay-addr"]:
             return []
         try:
-            return [UpstreamEntry(host, port) for host, port in
+            return [UpstreamEntry(host, port, self._oauth2_overrides()) for host, port in
                     parse_upstream_addresses(self["relay-addr"], self["relay-port"])]
         except ValueError as error:
             raise usage.UsageError(f"--relay-addr: {error}") from None
+
+    def _oauth2_overrides(self) -> dict:
+        """``{"oauth2": OAuth2Settings}`` from the ``--relay-oauth2-*`` flags, or {}."""
+        return {"oauth2": self["relay-oauth2"]} if self["relay-oauth2"] else {}
+
+    def _oauth2_settings(self):
+        """The ``--relay-oauth2-*`` flags as ``OAuth2Settings`` (None when unset)."""
+        names = ("token-url", "client-id", "client-secret", "private-key", "certificate",
+                 "auth-method", "scope", "refresh-token")
+        given = {name: self[f"relay-oauth2-{name}"] for name in names
+                 if self[f"relay-oauth2-{name}"]}
+        if not given:
+            return None
+        for name in ("token-url", "client-id"):
+            if name not in given:
+                raise usage.UsageError(f"--relay-oauth2-{name} is required with the other "
+                                       "--relay-oauth2-* settings")
+        for name in ("private-key", "certificate"):
+            if name in given and not os.path.isfile(given[name]):
+                raise usage.UsageError(f"--relay-oauth2-{name}: no such file: {given[name]}")
+        if self["relay-pass"]:
+            raise usage.UsageError("--relay-oauth2-* replaces --relay-pass: give one or the "
+                                   "other")
+        from esmtpfa.relay.oauth2 import OAuth2Settings
+        try:
+            return OAuth2Settings(**{name.replace("-", "_"): value
+                                     for name, value in given.items()})
+        except ValueError as error:  # names settings, never values
+            raise usage.UsageError(f"--relay-oauth2-*: {error}") from None
 
     def _validate(self) -> None:
         for prefix, what in (("tls", "SMTP TLS"), ("http-tls", "HTTP TLS"),
@@ -301,7 +418,12 @@ class Options(usage.Options):
                     f"{what}: --{prefix}-cert and --{prefix}-key go together")
         if self["tls"] and not self["tls-cert"]:
             raise usage.UsageError("--tls needs --tls-cert and --tls-key")
-        if bool(self["relay-user"]) != bool(self["relay-pass"]):
+        self["relay-oauth2"] = self._oauth2_settings()
+        if self["relay-oauth2"] is not None:
+            if not self["relay-user"]:
+                raise usage.UsageError("--relay-oauth2-* needs --relay-user: the mailbox "
+                                       "the token is for")
+        elif bool(self["relay-user"]) != bool(self["relay-pass"]):
             raise usage.UsageError("--relay-user and --relay-pass go together")
         if self["proxy-protocol"] and not self["proxy-protocol-trusted"]:
             raise usage.UsageError("--proxy-protocol needs --proxy-protocol-trusted: the "

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -41,6 +42,8 @@ from esmtpfa.reload import (
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_listeners
 from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.state.ledgers import Ledgers
+from esmtpfa.state.redis import ledgers_from_options
 from esmtpfa.tls import TLSConfigError, server_tls_options
 from esmtpfa.transport import write_through
 from esmtpfa.web.health import (
@@ -100,8 +103,11 @@ def server_settings(options) -> ServerSettings:
     )
 
 
-def build_relay(options, reactor, hostname: str) -> IRelay:
+def build_relay(options, reactor, hostname: str, observer=None) -> IRelay:
+    """The relay the options describe; ``observer`` (the metrics) hears about OAuth2
+    token refreshes."""
     from esmtpfa.relay.maildir import MaildirRelay
+    from esmtpfa.relay.oauth2 import TokenBrokers
     from esmtpfa.relay.upstream import PoolSettings, SMTPRelay, UpstreamSettings
 
     entries = options["relay-upstreams"]
@@ -130,7 +136,8 @@ def build_relay(options, reactor, hostname: str) -> IRelay:
             breaker_cooldown=options["relay-breaker-cooldown"],
             rcpt_deadline=options["relay-rcpt-deadline"],
             data_deadline=options["relay-data-deadline"],
-            client_share=options["relay-pool-client-share"]))
+            client_share=options["relay-pool-client-share"]),
+            tokens=TokenBrokers.for_upstreams(upstreams, reactor, observer))
     else:
         relay = MaildirRelay(os.path.abspath(options["maildir"]))
     if options["relay-from"]:
@@ -234,15 +241,25 @@ def http_requests_done(channels, deadline: float, clock, every: float = 0.1):
 
 
 class RelayService(MultiService):
-    """The whole relay; ``directory`` is where reloads swap providers in."""
+    """The whole relay; ``directory`` is where reloads swap providers in.
 
-    def __init__(self, options, reactor=None):
+    A worker of a supervised relay (``esmtpfa.workers``) builds one with ``adopted``:
+    the listening sockets its supervisor opened, by listener name, which it adopts
+    instead of binding; it then has no metrics listener and no reload sources of its
+    own (the supervisor serves and runs those for all workers).  ``ledgers`` says where
+    the limits keep their counts (``esmtpfa.state.ledgers``; in-process by default).
+    """
+
+    def __init__(self, options, reactor=None, *, adopted: Mapping[str, int] | None = None,
+                 ledgers: Ledgers | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.id = new_id()
         self.reactor = reactor
         self.options = options
+        self.adopted = adopted
+        self.ledgers = ledgers or Ledgers()
         self.settings = server_settings(options)
         self.smtp_factories: list[SMTPServerFactory] = []
         providers = options.get("provider-set") or load_providers(options, reactor)
@@ -251,12 +268,13 @@ class RelayService(MultiService):
             options["metrics-namespace"], providers=lambda: self.directory.current,
             connections=self._open_connections, upstream=upstream_label(options),
             address_labels=options["metrics-address-labels"])
-        self.relay = build_relay(options, reactor, self.settings.hostname)
+        self.relay = build_relay(options, reactor, self.settings.hostname,
+                                 observer=self.metrics)
         for relay in unwrap(self.relay):
             if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
                 relay.observers.append(self.metrics.attempt_failed)
         self.portal = self._portal()
-        self.limits = ConnectionLimits(
+        self.limits = self.ledgers.smtp_connections or ConnectionLimits(
             self.settings.max_connections, self.settings.max_connections_per_ip)
         self.reloader = self._reloader()
         self._add_listeners()
@@ -266,8 +284,23 @@ class RelayService(MultiService):
         return self.settings.allow_anonymous or self.options["http-allow-anonymous"]
 
     def _portal(self) -> Portal:
+        if self.options["state-url"]:  # shared by every replica: Redis wins
+            login, rates = ledgers_from_options(
+                self.options, self.reactor, observer=self.metrics, parent=self)
+        else:  # a worker's supervisor, or (None) this process
+            login, rates = self.ledgers.login, self.ledgers.rates
+            if login is not None or rates is not None:
+                # Another process keeps the counts: when it cannot answer in time, the
+                # operator's --state-failure decides, as for Redis (esmtpfa.state.guard).
+                from esmtpfa.state.guard import (
+                    FailurePolicy, GuardedLoginLedger, GuardedRateLedger)
+                policy = FailurePolicy(self.options["state-failure"], self.reactor,
+                                       observer=self.metrics)
+                login = login and GuardedLoginLedger(login, policy)
+                rates = rates and GuardedRateLedger(rates, policy)
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
-                                observer=self.metrics, rates=RateLimiter(self.reactor),
+                                observer=self.metrics,
+                                rates=rates or RateLimiter(self.reactor),
                                 default_rates=Rates(self.options["rate-messages"],
                                                     self.options["rate-recipients"]))
         realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
@@ -275,7 +308,8 @@ class RelayService(MultiService):
             per_address=self.options["max-auth-failures-per-ip"],
             per_identity=self.options["max-auth-failures-per-user"],
             window=self.options["auth-failure-window"], clock=self.reactor,
-            max_delay=self.options["auth-failure-max-delay"])
+            max_delay=self.options["auth-failure-max-delay"],
+            ledger=login)
         checkers = [ThrottlingChecker(
             ProviderSelector(self.directory, observer=self.metrics), self.throttle)]
         if self.anonymous_allowed:
@@ -290,6 +324,8 @@ class RelayService(MultiService):
         reloader = ProviderReloader(
             self.directory, reactor=reactor, extra=extra_configs(options),
             observer=self.metrics, loaded=not service_url)
+        if self.adopted is not None:
+            return reloader  # a worker: its supervisor watches and tells it (reload())
         if service_url:
             poller = ConfigServicePoller(
                 service_url, reloader, interval=options["config-svc-interval"],
@@ -330,11 +366,14 @@ class RelayService(MultiService):
             listener = submission_listener(
                 self.portal, self.settings, reactor=self.reactor,
                 allow_anonymous=options["http-allow-anonymous"],
-                limits=HTTPLimits.from_options(options), tls_options=http_tls)
+                limits=HTTPLimits.from_options(options), tls_options=http_tls,
+                connections=self.ledgers.http_connections)
             self._listen("http", options["http-addr"], options["http-port"], listener)
         self.upstream_probe = self._upstream_probe()
+        if self.adopted is not None:
+            return  # a worker: the supervisor serves metrics and health for all
         self._listen("metrics", options["metrics-addr"], options["metrics-port"],
-                     metrics_listener(self.metrics, self._providers_ready,
+                     metrics_listener(self.metrics, self.providers_ready,
                                       self.upstream_probe, reactor=self.reactor,
                                       limits=HTTPLimits.from_options(options)))
 
@@ -347,7 +386,7 @@ class RelayService(MultiService):
             return RelayProbe(relays[0], probe) if relays else probe
         return MaildirProbe(os.path.abspath(self.options["maildir"]))
 
-    def _providers_ready(self) -> Check:
+    def providers_ready(self) -> Check:
         if self.draining:
             return SHUTTING_DOWN  # /readyz: 503 at once, nothing else asked
         if not self.reloader.loaded:
@@ -369,6 +408,11 @@ class RelayService(MultiService):
             timeout=self.settings.tls_handshake_timeout, name=name, reactor=self.reactor)
 
     def _listen(self, name: str, addr: str, port: int, factory) -> None:
+        if self.adopted is not None:
+            from esmtpfa.workers.sockets import AdoptedPort, family_of
+            AdoptedPort(self.reactor, name, self.adopted[name],
+                        family_of(listen_address(addr)), factory).setServiceParent(self)
+            return
         endpoint = server_endpoint(self.reactor, addr, port)
         service = internals.listening_service(endpoint, factory)  # a port in use stops startup
         service.setName(name)
@@ -381,7 +425,11 @@ class RelayService(MultiService):
         providers = self.directory.current.providers
         log.info("{count} provider(s): {names}", count=len(providers),
                  names=", ".join(f"{p.meta.name} ({p.meta.type})" for p in providers) or "none")
-        if options["config-svc"]:
+        if self.adopted is not None:
+            log.info("providers: reloaded when the supervisor says so (it watches "
+                     "{source})", source=redact_url(options["config-svc"]) if
+                     options["config-svc"] else os.path.abspath(options["config"]))
+        elif options["config-svc"]:
             log.info("providers come from the config service {url}, polled every {interval:g} s "
                      "(--config is not read)", url=redact_url(options["config-svc"]),
                      interval=options["config-svc-interval"])
@@ -423,11 +471,16 @@ class RelayService(MultiService):
             if not secure:
                 log.warn("HTTP submission without --http-tls-cert: Basic credentials travel "
                          "in cleartext")
-        log.info("metrics and health on http://[{addr}]:{port}/metrics (/status /healthz "
-                 "/readyz)", addr=listen_address(options["metrics-addr"]),
-                 port=options["metrics-port"])
+        if self.adopted is None:
+            log.info("metrics and health on http://[{addr}]:{port}/metrics (/status "
+                     "/healthz /readyz)", addr=listen_address(options["metrics-addr"]),
+                     port=options["metrics-port"])
         self.reactor.callWhenRunning(self._handle_sigterm)
         super().startService()
+        for relay in unwrap(self.relay):
+            tokens = getattr(relay, "tokens", None)
+            if tokens:  # OAuth2 upstreams: a token before the first message needs it
+                tokens.start()
 
     def listening_ports(self):
         """A Deferred firing with ``{listener name: IListeningPort}`` once all listen."""

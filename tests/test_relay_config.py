@@ -209,3 +209,171 @@ class FailoverWithOwnCredentialsTests(unittest.TestCase):
                              [("LOGIN", "backup")])
             self.assertEqual([m.mail_from for m in self.backup.messages], ["alice@example.com"])
         return threads.deferToThread(send).addCallback(check)
+
+
+OAUTH2_EXAMPLE = """\
+relays:
+- addr: smtp.office365.com:587
+  starttls: required
+  user: printer@contoso.example
+  oauth2:
+    token_url: https://login.microsoftonline.com/contoso/oauth2/v2.0/token
+    client_id: ${M365_CLIENT_ID}
+    client_secret: ${M365_CLIENT_SECRET}
+    scope: https://outlook.office365.com/.default
+- addr: smtp.gmail.com:465
+  tls: true
+  user: alerts@example.com
+  auth_mech: xoauth2
+  oauth2: {token_url: "https://oauth2.googleapis.com/token", client_id: gmail-app,
+           client_secret: "${GMAIL_SECRET}", refresh_token: "${GMAIL_REFRESH_TOKEN}"}
+- addr: backup.example
+  user: u
+  pass: p4ss-backup
+"""
+OAUTH2_ENV = {"M365_CLIENT_ID": "11111111-app", "M365_CLIENT_SECRET": "m365-s3cret~value",
+              "GMAIL_SECRET": "gmail-s3cret", "GMAIL_REFRESH_TOKEN": "1//refresh-s3cret"}
+
+
+class OAuth2ConfigTests(unittest.TestCase):
+    """The ``oauth2`` block of a relay entry, and the ``--relay-oauth2-*`` flags."""
+
+    def test_example(self):
+        m365, gmail, backup = parse_relay_document(OAUTH2_EXAMPLE, "relays.yaml", OAUTH2_ENV)
+        oauth2 = m365.overrides["oauth2"]
+        self.assertEqual((oauth2.token_url, oauth2.client_id, oauth2.client_secret,
+                          oauth2.scope, oauth2.grant, oauth2.auth_method),
+                         ("https://login.microsoftonline.com/contoso/oauth2/v2.0/token",
+                          "11111111-app", "m365-s3cret~value",
+                          "https://outlook.office365.com/.default", "client_credentials",
+                          "client_secret_basic"))
+        self.assertEqual((m365.overrides["username"], m365.overrides["password"]),
+                         ("printer@contoso.example", None))
+        self.assertEqual((gmail.overrides["oauth2"].grant, gmail.overrides["auth_mechanism"]),
+                         ("refresh_token", "xoauth2"))
+        self.assertNotIn("oauth2", backup.overrides)
+        for entry in (m365, gmail, backup):
+            for secret in list(OAUTH2_ENV.values())[1:] + ["p4ss-backup"]:
+                self.assertNotIn(secret, repr(entry))
+
+    def test_private_key_jwt(self):
+        from tests.support.tokenserver import client_key_files
+        keys = client_key_files(self.mktemp())
+        text = (f"relays:\n- addr: smtp.office365.com:587\n  user: u@contoso.example\n"
+                f"  oauth2:\n    token_url: https://login.example/token\n    client_id: app\n"
+                f"    private_key: {keys.key_path}\n    certificate: {keys.cert_path}\n")
+        entry, = parse_relay_document(text, "relays.yaml", {})
+        oauth2 = entry.overrides["oauth2"]
+        self.assertEqual((oauth2.auth_method, oauth2.private_key, oauth2.certificate),
+                         ("private_key_jwt", keys.key_path, keys.cert_path))
+
+    def assertRefused(self, text: str, *expected: str, env=None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            parse_relay_document(text, "relays.yaml", env or {})
+        message = str(caught.exception)
+        for part in expected:
+            self.assertIn(part, message)
+        for secret in ("s3cret", "r3fresh"):
+            self.assertNotIn(secret, message)
+        return message
+
+    def test_errors_name_the_file_entry_and_key_never_a_value(self):
+        head = "relays:\n- addr: a.example\n  user: u\n  oauth2: "
+        good = "token_url: https://t.example/token, client_id: app, "
+        self.assertRefused(head + "yes\n", "relays.yaml: relays[0]: oauth2: must be a mapping")
+        self.assertRefused(head + "{" + good + "client_secrett: s3cret}\n",
+                           "relays[0]: oauth2:", "'client_secrett' (did you mean "
+                           "'client_secret'?)")
+        self.assertRefused(head + "{client_id: app, client_secret: s3cret}\n",
+                           "relays[0]: oauth2.token_url is required")
+        self.assertRefused(head + "{token_url: 'ftp://s3cret@x/', client_id: app, "
+                           "client_secret: s3cret}\n",
+                           "relays[0]: oauth2: token_url must be an http(s) URL")
+        self.assertRefused(head + "{" + good + "}\n", "needs client_secret")
+        self.assertRefused(head + "{" + good + "client_secret: [s3cret]}\n",
+                           "relays[0]: oauth2.client_secret: must be a non-empty string")
+        self.assertRefused(head + "{" + good + "client_secret: s3cret, "
+                           "auth_method: tls_client_auth}\n",
+                           "oauth2.auth_method: must be one of client_secret_basic")
+        self.assertRefused(head + "{" + good + "private_key: /nonexistent/k.pem}\n",
+                           "oauth2.private_key: no such file: /nonexistent/k.pem")
+        self.assertRefused(head + "{" + good + "client_secret: '${MISSING}'}\n",
+                           "oauth2.client_secret:", "'MISSING' is not set")
+        self.assertRefused("relays:\n- addr: a.example\n  user: u\n  pass: s3cret\n"
+                           "  oauth2: {" + good + "client_secret: s3cret}\n",
+                           "'oauth2' replaces 'pass'")
+        self.assertRefused("relays:\n- addr: a.example\n  user: u\n  auth_mech: plain\n"
+                           "  oauth2: {" + good + "client_secret: s3cret}\n",
+                           "auth_mech: an oauth2 entry logs in with oauthbearer or xoauth2")
+
+    def test_build_relay_from_the_file(self):
+        path = self.mktemp()
+        with open(path, "w") as file:
+            file.write(OAUTH2_EXAMPLE)
+        options = parse("--relay-config", path, "--relay-user", "flag-user",
+                        "--relay-pass", "flag-pass", **OAUTH2_ENV)
+        relay = build_relay(options, None, "relay.test")
+        self.addCleanup(relay.close)
+        m365, gmail, backup = [u.settings for u in relay.upstreams]
+        self.assertTrue(m365.uses_oauth2)
+        self.assertIsNone(m365.password)  # not the --relay-pass default
+        self.assertFalse(m365.authenticates)  # no password login for it
+        self.assertEqual(gmail.auth_mechanism, "XOAUTH2")
+        self.assertEqual((backup.password, backup.oauth2), ("p4ss-backup", None))
+        self.assertNotIn("s3cret", repr(m365))
+
+    def test_flags(self):
+        options = parse("--relay-addr", "smtp.office365.com:587",
+                        "--relay-user", "printer@contoso.example",
+                        "--relay-oauth2-token-url", "https://login.example/token",
+                        "--relay-oauth2-client-id", "app",
+                        "--relay-oauth2-scope", "https://outlook.office365.com/.default",
+                        "--relay-auth-mech", "OAUTHBEARER",
+                        RELAY_OAUTH2_CLIENT_SECRET="flag-s3cret")
+        entry, = options["relay-upstreams"]
+        oauth2 = entry.overrides["oauth2"]
+        self.assertEqual((oauth2.client_id, oauth2.client_secret, oauth2.scope),
+                         ("app", "flag-s3cret", "https://outlook.office365.com/.default"))
+        self.assertNotIn("flag-s3cret", repr(entry))
+        relay = build_relay(options, None, "relay.test")
+        self.addCleanup(relay.close)
+        settings = relay.upstreams[0].settings
+        self.assertEqual((settings.oauth2, settings.auth_mechanism), (oauth2, "OAUTHBEARER"))
+
+    def test_flags_are_the_default_of_entries_without_credentials(self):
+        path = self.mktemp()
+        with open(path, "w") as file:
+            file.write("relays:\n- {addr: a.example}\n- {addr: b.example, user: u, pass: p}\n")
+        options = parse("--relay-config", path, "--relay-user", "mailbox@example.com",
+                        RELAY_OAUTH2_TOKEN_URL="https://t.example/token",
+                        RELAY_OAUTH2_CLIENT_ID="app",
+                        RELAY_OAUTH2_REFRESH_TOKEN="r3fresh", RELAY_OAUTH2_CLIENT_SECRET="x")
+        a, b = options["relay-upstreams"]
+        self.assertEqual(a.overrides["oauth2"].grant, "refresh_token")
+        self.assertNotIn("oauth2", b.overrides)
+
+    def test_flag_errors(self):
+        for args, env, expected in (
+                (("--relay-oauth2-client-id", "app"), {}, "--relay-oauth2-token-url is required"),
+                (("--relay-oauth2-token-url", "https://t.example/t",
+                  "--relay-oauth2-client-id", "app"), {}, "needs client_secret"),
+                (("--relay-oauth2-token-url", "https://t.example/t", "--relay-oauth2-client-id",
+                  "app", "--relay-pass", "s3cret"), {"RELAY_OAUTH2_CLIENT_SECRET": "s3cret"},
+                 "replaces --relay-pass"),
+                (("--relay-oauth2-token-url", "https://t.example/t", "--relay-oauth2-client-id",
+                  "app"), {"RELAY_OAUTH2_CLIENT_SECRET": "s3cret"}, "needs --relay-user"),
+                (("--relay-oauth2-private-key", "/nonexistent/k.pem",
+                  "--relay-oauth2-token-url", "https://t.example/t",
+                  "--relay-oauth2-client-id", "app"), {}, "no such file: /nonexistent/k.pem"),
+                (("--relay-oauth2-auth-method", "magic"), {}, "--relay-oauth2-auth-method")):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse("--relay-addr", "a.example", *args, **env)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("s3cret", str(caught.exception))
+
+    def test_token_mechanism_without_oauth2_is_refused_at_startup(self):
+        options = parse("--relay-addr", "a.example", "--relay-user", "u", "--relay-pass", "p",
+                        "--relay-auth-mech", "xoauth2")
+        with self.assertRaises(ValueError) as caught:
+            build_relay(options, None, "relay.test")
+        self.assertIn("XOAUTH2 needs an oauth2 block", str(caught.exception))

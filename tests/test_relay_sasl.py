@@ -18,8 +18,9 @@ from esmtpfa.relay.interfaces import UNAVAILABLE, RelayError
 from esmtpfa.relay.protocol import (
     AuthenticationAborted, AuthenticationFailed, SMTPClientProtocol)
 from esmtpfa.relay.sasl import (
-    MAX_SCRAM_ITERATIONS, CramMD5, Login, Plain, SASLError, Scram, choose_mechanism,
-    client_for, saslprep)
+    MAX_SCRAM_ITERATIONS, MECHANISMS, PREFERENCE, CramMD5, Login, OAuthBearer, Plain,
+    SASLError, Scram, TokenRefused, XOAuth2, choose_mechanism, choose_token_mechanism,
+    client_for, saslprep, token_client_for)
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
@@ -293,3 +294,146 @@ class RecordingUpstreamAuthTests(unittest.TestCase):
         self.assertEqual(caught.exception.reply.code, 451)
         self.assertEqual(caught.exception.upstream_reply.code, 535)
         self.assertEqual(upstream.messages, [])
+
+
+class TokenMechanismTests(unittest.TestCase):
+    """XOAUTH2 and OAUTHBEARER (RFC 7628): the initial responses byte for byte, the
+    error challenge answered as the RFC (and Google) say, and the refusal recorded."""
+
+    TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    ERROR = b'{"status":"invalid_token","scope":"https://mail.google.com/"}'
+
+    def test_xoauth2_initial_response(self):
+        mechanism = XOAuth2("printer@contoso.example", self.TOKEN)
+        self.assertEqual(mechanism.name, "XOAUTH2")
+        self.assertEqual(mechanism.initial(), b"user=printer@contoso.example\x01auth=Bearer "
+                         + self.TOKEN.encode() + b"\x01\x01")
+        self.assertTrue(mechanism.complete)
+        self.assertFalse(mechanism.token_refused)
+
+    def test_oauthbearer_initial_response_rfc7628(self):
+        # RFC 7628 §4.1's example shape, with our authzid.
+        mechanism = OAuthBearer(self.TOKEN, "server.example.com", 587, "user@example.com")
+        self.assertEqual(mechanism.initial(),
+                         b"n,a=user@example.com,\x01host=server.example.com\x01port=587"
+                         b"\x01auth=Bearer " + self.TOKEN.encode() + b"\x01\x01")
+        self.assertTrue(OAuthBearer(self.TOKEN, "h", 25).initial().startswith(b"n,,\x01"))
+
+    def test_oauthbearer_authzid_is_a_saslname(self):
+        # RFC 5801 §4: "," and "=" in the authzid are escaped as =2C and =3D.
+        mechanism = OAuthBearer(self.TOKEN, "h", 25, "a=b,c@example.com")
+        self.assertTrue(mechanism.initial().startswith(b"n,a=a=3Db=2Cc@example.com,\x01"))
+
+    def test_token_client_for(self):
+        xoauth2 = token_client_for("xoauth2", "u@example.com", self.TOKEN, "h", 587)
+        self.assertIsInstance(xoauth2, XOAuth2)
+        bearer = token_client_for("OAUTHBEARER", "u@example.com", self.TOKEN, "h", 587)
+        self.assertIn(b"a=u@example.com,", bearer.initial())
+        self.assertRaises(ValueError, token_client_for, "PLAIN", "u", self.TOKEN, "h", 25)
+
+    def test_error_challenge_oauthbearer(self):
+        mechanism = OAuthBearer(self.TOKEN, "h", 587, "u@example.com")
+        mechanism.initial()
+        self.assertEqual(mechanism.respond(self.ERROR), b"\x01")  # RFC 7628 §3.2.3
+        self.assertTrue(mechanism.token_refused)
+        self.assertIsInstance(mechanism.refusal, TokenRefused)
+        self.assertEqual(mechanism.refusal.status, "invalid_token")
+        self.assertFalse(mechanism.complete)
+        self.assertRaises(SASLError, mechanism.respond, self.ERROR)
+
+    def test_error_challenge_xoauth2_google_form(self):
+        mechanism = XOAuth2("u@example.com", self.TOKEN)
+        mechanism.initial()
+        google = b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}'
+        self.assertEqual(mechanism.respond(google), b"")  # Google: an empty response
+        self.assertEqual(mechanism.refusal.status, "400")
+
+    def test_unparseable_error_keeps_no_server_text(self):
+        for challenge in (b"not json", b'{"status": "x y\\r\\n<script>"}', b"[1]",
+                          b'{"status": 401}', b"x" * 5000):
+            mechanism = XOAuth2("u", self.TOKEN)
+            mechanism.initial()
+            mechanism.respond(challenge)
+            self.assertTrue(mechanism.token_refused)
+            self.assertIn(mechanism.refusal.status, ("unknown", "401"))
+
+    def test_server_that_ignored_the_initial_response(self):
+        mechanism = OAuthBearer(self.TOKEN, "h", 25)
+        self.assertIn(b"auth=Bearer", mechanism.respond(b""))
+        self.assertTrue(mechanism.complete)
+        self.assertRaises(SASLError, mechanism.respond, b"")
+
+    def test_no_token_in_repr_or_error(self):
+        mechanism = XOAuth2("u", self.TOKEN)
+        mechanism.initial()
+        mechanism.respond(self.ERROR)
+        for text in (repr(mechanism), str(mechanism.refusal), repr(mechanism.refusal)):
+            self.assertNotIn(self.TOKEN, text)
+            self.assertNotIn("c2ln", text)
+
+    def test_a_token_that_would_forge_fields_is_refused(self):
+        for bad in ("s3kr1t\x01auth=Bearer other", "s3kr1t\r\nQUIT", "", "s3kr1tö"):
+            with self.assertRaises(ValueError) as caught:
+                XOAuth2("u", bad)
+            self.assertNotIn("s3kr1t", str(caught.exception))
+
+    def test_choice_for_token_upstreams(self):
+        both = {"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"}
+        self.assertEqual(choose_token_mechanism(both), "OAUTHBEARER")
+        self.assertEqual(choose_token_mechanism({"plain", "xoauth2"}), "XOAUTH2")
+        self.assertIsNone(choose_token_mechanism({"PLAIN", "SCRAM-SHA-256"}))
+        self.assertEqual(choose_token_mechanism(both, forced="xoauth2"), "XOAUTH2")
+        self.assertIsNone(choose_token_mechanism({"XOAUTH2"}, forced="OAUTHBEARER"))
+        self.assertIsNone(choose_token_mechanism(both, forced="PLAIN"))
+        # A password upstream never picks a token mechanism on its own.
+        self.assertEqual(choose_mechanism(both), "PLAIN")
+        self.assertIn("XOAUTH2", MECHANISMS)
+        self.assertNotIn("XOAUTH2", PREFERENCE)
+
+
+class TokenExchangeTests(unittest.TestCase):
+    """A refused token on the wire: 334 error challenge, our ``^A``, the server's 535."""
+
+    TOKEN = TokenMechanismTests.TOKEN
+
+    def setUp(self):
+        self.protocol = SMTPClientProtocol(Clock(), command_timeout=10, data_timeout=60)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"220 ok\r\n")
+        self.addCleanup(self.protocol.connectionLost, Failure(ConnectionDone()))
+
+    def sent(self) -> list[bytes]:
+        value = self.transport.value()
+        self.transport.clear()
+        return value.split(b"\r\n")[:-1]
+
+    def test_accepted_token(self):
+        mechanism = OAuthBearer(self.TOKEN, "smtp.example", 587, "u@example.com")
+        d = self.protocol.authenticate(mechanism)
+        [line] = self.sent()
+        self.assertTrue(line.startswith(b"AUTH OAUTHBEARER "))
+        self.assertIn(b"auth=Bearer " + self.TOKEN.encode(), base64.b64decode(line.split()[2]))
+        self.protocol.dataReceived(b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.successResultOf(d).code, 235)
+        self.assertFalse(mechanism.token_refused)
+
+    def test_refused_token(self):
+        mechanism = OAuthBearer(self.TOKEN, "smtp.example", 587)
+        d = self.protocol.authenticate(mechanism)
+        self.sent()
+        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR) + b"\r\n")
+        self.assertEqual(self.sent(), [b64(b"\x01")])  # "AQ==", not "*"
+        self.protocol.dataReceived(b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.failureResultOf(d, AuthenticationFailed)
+        self.assertTrue(mechanism.token_refused)
+
+    def test_refused_token_xoauth2(self):
+        mechanism = XOAuth2("u@example.com", self.TOKEN)
+        d = self.protocol.authenticate(mechanism)
+        self.sent()
+        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR) + b"\r\n")
+        self.assertEqual(self.sent(), [b""])
+        self.protocol.dataReceived(b"535 5.7.3 Authentication unsuccessful\r\n")
+        self.failureResultOf(d, AuthenticationFailed)
+        self.assertEqual(mechanism.refusal.status, "invalid_token")

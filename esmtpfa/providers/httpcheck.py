@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+import ipaddress
 import math
 import re
 from typing import Any, Iterable, Mapping
@@ -62,6 +63,17 @@ TEMPORARY_4XX = frozenset({408, 429})
 
 # RFC 9110 §5.6.2: token = 1*tchar
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def loopback_host(host: str | None) -> bool:
+    """Whether ``host`` names this machine (``localhost`` or a loopback address): the
+    one place a secret may travel over cleartext HTTP (a sidecar, a test server)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 def is_http_token(value: str) -> bool:

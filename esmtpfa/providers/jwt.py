@@ -42,7 +42,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import binascii
-import ipaddress
 import json
 import math
 from typing import Any, Iterable, Mapping
@@ -64,6 +63,7 @@ from esmtpfa.providers.base import ConfigError, IProvider, Principal, Provider, 
 from esmtpfa.providers.httpcheck import (
     DEFAULT_TIMEOUT,
     describe_failure,
+    loopback_host,
     new_http_client,
     parse_seconds,
     parse_url,
@@ -508,13 +508,7 @@ def _claims_param(meta: ProviderMeta, params: Mapping[str, Any]) -> dict[str, An
 
 
 def _is_loopback(url: str) -> bool:
-    host = URL.from_text(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_host(URL.from_text(url).host)
 
 
 @implementer(IProvider)

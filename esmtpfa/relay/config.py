@@ -16,11 +16,22 @@ from the ``--relay-*`` flags, so shared settings are written once::
       user: ${SES_USER}
       pass: ${SES_PASSWORD}
 
+An entry may log in with an OAuth2 token instead of a password (docs/oauth2.md)::
+
+    - addr: smtp.office365.com:587
+      starttls: required
+      user: printer@contoso.example
+      oauth2:
+        token_url: https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token
+        client_id: ${M365_CLIENT_ID}
+        client_secret: ${M365_CLIENT_SECRET}
+        scope: https://outlook.office365.com/.default
+
 YAML or JSON; strings may use ``${VAR}`` (``$${`` for a literal ``${``), like the provider
 file.  The file is read once, at startup: upstream connections are pooled and their
 breakers hold state, so a change takes a restart (the provider file, not this one, is
-what reloads).  Errors name the file, the entry and the key, never a value: ``pass`` is
-a secret.
+what reloads).  Errors name the file, the entry and the key, never a value: ``pass``,
+``client_secret`` and ``refresh_token`` are secrets.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from typing import Any, Callable, Mapping
 from esmtpfa.config import expand_env, unknown_keys
 from esmtpfa.documents import load_document, read_document
 from esmtpfa.providers.base import ConfigError
-from esmtpfa.relay.sasl import MECHANISMS
+from esmtpfa.relay.sasl import MECHANISMS, TOKEN_MECHANISMS
 from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses, redacted
 
 
@@ -97,7 +108,44 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "auth_mech": ("auth_mechanism", _one_of(tuple(m.lower() for m in sorted(MECHANISMS)))),
     "allow_insecure_auth": ("allow_insecure_auth", _flag),
 }
-ENTRY_KEYS = ("addr", "port", *KEYS)
+ENTRY_KEYS = ("addr", "port", *KEYS, "oauth2")
+
+#: ``oauth2`` block key → parser; the keys are ``relay.oauth2.OAuth2Settings`` fields.
+OAUTH2_KEYS: dict[str, Callable[[Any], Any]] = {
+    "token_url": _text,
+    "client_id": _text,
+    "client_secret": _text,
+    "private_key": _existing_file,
+    "certificate": _existing_file,
+    "auth_method": _one_of(("client_secret_basic", "client_secret_post", "private_key_jwt")),
+    "scope": _text,
+    "refresh_token": _text,
+    "audience": _text,
+}
+
+
+def _oauth2(block: Any, where: str, value: Callable[[Any, str], Any]):
+    """The ``oauth2`` block → ``OAuth2Settings``, or ``ConfigError`` naming the key."""
+    from esmtpfa.relay.oauth2 import OAuth2Settings
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: oauth2: must be a mapping (token_url, client_id, ...)")
+    unknown = unknown_keys(block, tuple(OAUTH2_KEYS), "oauth2")
+    if unknown:
+        raise ConfigError(f"{where}: oauth2: {unknown}")
+    fields: dict[str, Any] = {}
+    for key, parse in OAUTH2_KEYS.items():
+        if key in block:
+            try:
+                fields[key] = parse(value(block[key], f"oauth2.{key}"))
+            except ValueError as error:
+                raise ConfigError(f"{where}: oauth2.{key}: {error}") from None
+    for key in ("token_url", "client_id"):
+        if key not in fields:
+            raise ConfigError(f"{where}: oauth2.{key} is required")
+    try:
+        return OAuth2Settings(**fields)
+    except ValueError as error:  # its messages name fields, never values
+        raise ConfigError(f"{where}: oauth2: {error}") from None
 
 
 def _entry(item: Any, index: int, source: str, env: Mapping[str, str],
@@ -109,12 +157,14 @@ def _entry(item: Any, index: int, source: str, env: Mapping[str, str],
     if unknown:
         raise ConfigError(f"{where}: {unknown}")
 
-    def value(key: str) -> Any:
-        raw = item[key]
+    def expanded(raw: Any, key: str) -> Any:
         try:
             return expand_env(raw, env) if isinstance(raw, str) else raw
         except ConfigError as error:
             raise ConfigError(f"{where}: {key}: {error}") from None
+
+    def value(key: str) -> Any:
+        return expanded(item[key], key)
 
     if "addr" not in item:
         raise ConfigError(f"{where}: 'addr' is required (host, host:port or [v6]:port)")
@@ -133,7 +183,16 @@ def _entry(item: Any, index: int, source: str, env: Mapping[str, str],
                 overrides[name] = parse(value(key))
             except ValueError as error:
                 raise ConfigError(f"{where}: {key}: {error}") from None
-    if ("username" in overrides) != ("password" in overrides):
+    if "oauth2" in item:
+        if "password" in overrides:
+            raise ConfigError(f"{where}: 'oauth2' replaces 'pass': give one or the other")
+        mechanism = overrides.get("auth_mechanism", "").upper()
+        if mechanism and mechanism not in TOKEN_MECHANISMS:
+            raise ConfigError(f"{where}: auth_mech: an oauth2 entry logs in with "
+                              "oauthbearer or xoauth2")
+        overrides["oauth2"] = _oauth2(item["oauth2"], where, expanded)
+        overrides["password"] = None  # not the --relay-pass default either
+    elif ("username" in overrides) != ("password" in overrides):
         raise ConfigError(f"{where}: 'user' and 'pass' go together")
     if ("client_cert" in overrides) != ("client_key" in overrides):
         raise ConfigError(f"{where}: 'tls_cert' and 'tls_key' go together")

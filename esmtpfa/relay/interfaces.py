@@ -43,11 +43,14 @@ class Kind:
     CLOSING = "closing"
     #: The message's own deadline passed (its reply must reach the client in time).
     EXPIRED = "expired"
+    #: Our own credentials could not be had: the OAuth2 token endpoint is down or
+    #: refuses us (docs/oauth2.md).  Says nothing about the upstream, which never saw us.
+    CREDENTIALS = "credentials"
 
     #: The session is in an unknown state after these: it must not be reused.
     BROKEN = frozenset({UNAVAILABLE, PROTOCOL, EXPIRED})
     #: Nothing was learnt about the upstream's health.
-    NEUTRAL = frozenset({BUSY, CLOSING, POLICY})
+    NEUTRAL = frozenset({BUSY, CLOSING, POLICY, CREDENTIALS})
 
 
 class Phase:

@@ -25,8 +25,9 @@ from esmtpfa.logs import logger
 from esmtpfa.relay.interfaces import Kind
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
 from esmtpfa.relay.session import (
-    UpstreamSession, endpoint_for, relay_error_from, unavailable)
+    TokenRejected, UpstreamSession, endpoint_for, relay_error_from, unavailable)
 from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
+from esmtpfa.timeouts import Deadline
 
 log = logger("esmtpfa.relay.pool")
 
@@ -88,13 +89,15 @@ class SessionPool:
     """Negotiated sessions of one upstream: at most ``settings.size`` at a time."""
 
     def __init__(self, upstream: UpstreamSettings, settings: PoolSettings, reactor: Any,
-                 tls_options: Any, factory: SMTPClientFactory, sasl_cache: dict):
+                 tls_options: Any, factory: SMTPClientFactory, sasl_cache: dict,
+                 tokens: Any = None):
         self.upstream = upstream
         self.settings = settings
         self._reactor = reactor
         self._tls_options = tls_options
         self._factory = factory
         self._sasl_cache = sasl_cache
+        self._tokens = tokens  # ``oauth2.TokenBroker`` of an upstream that uses OAuth2
         self._idle: list[UpstreamSession] = []   # most recently used last
         self._busy: set[UpstreamSession] = set()
         self._opening = 0
@@ -154,6 +157,16 @@ class SessionPool:
             return failure
         return waiter.addTimeout(timeout, self._reactor).addErrback(timed_out)
 
+    def acquire_idle(self) -> UpstreamSession | None:
+        """``acquire()`` when an idle session answers it at once (most messages): the
+        session, without a Deferred; None when ``acquire`` must be asked."""
+        if self._closed:
+            return None
+        session = self._take_idle()
+        if session is not None:
+            self.reused += 1
+        return session
+
     def release(self, session: UpstreamSession, reusable: bool = True) -> None:
         """Give a session back; it is kept for the next message when it can be."""
         if session not in self._busy:
@@ -173,8 +186,13 @@ class SessionPool:
             return
         else:
             session.idle_since = self._reactor.seconds()
-            session.idle_timer = self._reactor.callLater(
-                self.settings.idle_timeout, self._expire, session)
+            # One Deadline per session, moved at every release: a session reused for
+            # message after message makes no new DelayedCall each time.
+            timer = session.idle_timer
+            if timer is None:
+                timer = session.idle_timer = Deadline(
+                    self._reactor, lambda: self._expire(session))
+            timer.set(self.settings.idle_timeout)
             self._idle.append(session)
         self._dispatch()
 
@@ -194,7 +212,8 @@ class SessionPool:
     def _take_idle(self) -> UpstreamSession | None:
         while self._idle:
             session = self._idle.pop()
-            _cancel(session)
+            if session.idle_timer is not None:
+                session.idle_timer.clear()  # kept for its next idle time
             if session.usable and not session.exhausted:
                 self._busy.add(session)
                 return session
@@ -210,11 +229,24 @@ class SessionPool:
         protocol: SMTPClientProtocol | None = None
         try:
             endpoint = endpoint_for(self._reactor, self.upstream, self._tls_options)
-            protocol = await endpoint.connect(self._factory)
-            stage = "session"
-            session = UpstreamSession(protocol, self.upstream, self._tls_options,
-                                      self._sasl_cache, clock=_Monotonic(self._reactor))
-            await session.open()
+            for last in (False, True):
+                protocol = await endpoint.connect(self._factory)
+                stage = "session"
+                session = UpstreamSession(protocol, self.upstream, self._tls_options,
+                                          self._sasl_cache, clock=_Monotonic(self._reactor),
+                                          tokens=self._tokens)
+                try:
+                    await session.open()
+                    break
+                except TokenRejected:
+                    if last:
+                        raise
+                    # The broker dropped the refused token: once more, with a new token
+                    # on a new connection (docs/oauth2.md); the message waits meanwhile.
+                    log.info("upstream {upstream}: our OAuth2 token was refused; trying "
+                             "once more with a new one", upstream=self.address)
+                    self._track_quit(protocol.quit(1.0))
+                    protocol, stage = None, "connect"
         except Exception as error:
             self._opening -= 1
             if protocol is not None:
@@ -282,8 +314,7 @@ class SessionPool:
 
 def _cancel(session: UpstreamSession) -> None:
     if session.idle_timer is not None:
-        if session.idle_timer.active():
-            session.idle_timer.cancel()
+        session.idle_timer.stop()
         session.idle_timer = None
 
 
@@ -406,12 +437,13 @@ class Upstream:
     """One configured upstream: its settings, its pool and its breaker."""
 
     def __init__(self, settings: UpstreamSettings, pool_settings: PoolSettings, reactor: Any,
-                 tls_options: Any, sasl_cache: dict):
+                 tls_options: Any, sasl_cache: dict, tokens: Any = None):
         self.settings = settings
+        self.tokens = tokens  # its ``oauth2.TokenBroker`` when it logs in with OAuth2
         self.factory = SMTPClientFactory(reactor, settings.command_timeout,
                                          settings.data_timeout)
         self.pool = SessionPool(settings, pool_settings, reactor, tls_options, self.factory,
-                                sasl_cache)
+                                sasl_cache, tokens)
         self.breaker = CircuitBreaker(pool_settings.breaker_failures,
                                       pool_settings.breaker_cooldown, reactor,
                                       on_change=self._breaker_changed)
@@ -428,8 +460,15 @@ class Upstream:
 
     def lease(self, fresh: bool = False) -> Deferred[Lease]:
         """A session of this upstream, owned by the caller until ``Lease.release``."""
-        return self.pool.acquire(fresh=fresh).addCallback(
-            lambda session: Lease(self, session, reused=session.transactions > 0))
+        return self.pool.acquire(fresh=fresh).addCallback(self._lease_of)
+
+    def lease_idle(self) -> Lease | None:
+        """``lease()`` when an idle session answers it at once; None otherwise."""
+        session = self.pool.acquire_idle()
+        return self._lease_of(session) if session is not None else None
+
+    def _lease_of(self, session: UpstreamSession) -> Lease:
+        return Lease(self, session, reused=session.transactions > 0)
 
     def _breaker_changed(self, previous: str, state: str) -> None:
         if state == OPEN:

@@ -1,4 +1,5 @@
-"""SASL client mechanisms toward the upstream (RFC 4954): SCRAM, CRAM-MD5, PLAIN, LOGIN.
+"""SASL client mechanisms toward the upstream (RFC 4954): SCRAM, CRAM-MD5, PLAIN, LOGIN,
+and the bearer-token mechanisms OAUTHBEARER (RFC 7628) and XOAUTH2.
 
 Each mechanism is a small state machine that knows nothing about SMTP: ``initial()`` gives
 the initial response (or None to wait for a challenge), ``respond(challenge)`` answers one
@@ -10,7 +11,18 @@ The order of preference is the one of docs/design.md §5 and mox's smtpclient: S
 SCRAM-SHA-1, CRAM-MD5, PLAIN, LOGIN.  Channel binding (the ``-PLUS`` variants) is not
 offered: the GS2 header says so (``n,,``), which RFC 5802 allows.
 
-Nothing here logs: every byte of an exchange can be, or lead to, the password.
+OAUTHBEARER and XOAUTH2 carry an OAuth2 access token instead of a password (Microsoft
+365 and Gmail after basic auth).  They are not in ``PREFERENCE``: an upstream gets them
+only when it has a token broker (an ``oauth2`` block), and then ``choose_token_mechanism``
+picks between the two.  When the server refuses the token it does not answer 535 at
+once: it sends a 334 "error challenge" (a base64 JSON object, RFC 7628 §3.2.2) and waits
+for the client to close the exchange (``^A`` for OAUTHBEARER, RFC 7628 §3.2.3; an empty
+line for XOAUTH2, as Google documents it).  The mechanism answers that way and keeps a
+``TokenRefused`` in ``refusal``: the session can then drop the token, have it refreshed
+once, and retry once on a new connection.
+
+Nothing here logs: every byte of an exchange can be, or lead to, the password (or the
+token).
 """
 
 from __future__ import annotations
@@ -18,13 +30,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
+import re
 import stringprep
 import unicodedata
 
 #: Strongest first (docs/design.md §5).
 PREFERENCE = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
-MECHANISMS = frozenset(PREFERENCE)
+#: Bearer-token mechanisms, preferred first: OAUTHBEARER is the standard (RFC 7628),
+#: XOAUTH2 the older form that Microsoft 365 and Gmail both accept.
+TOKEN_PREFERENCE = ("OAUTHBEARER", "XOAUTH2")
+TOKEN_MECHANISMS = frozenset(TOKEN_PREFERENCE)
+MECHANISMS = frozenset(PREFERENCE + TOKEN_PREFERENCE)
+
+#: An error challenge longer than this is not parsed (a real one is ~100 bytes).
+MAX_ERROR_CHALLENGE = 4096
 
 #: A server asking for more PBKDF2 iterations than this is refused: the hash runs in the
 #: reactor thread and a hostile server must not be able to stall the relay (RFC 7677 §4
@@ -44,6 +65,31 @@ def choose_mechanism(offered: frozenset[str] | set[str], forced: str | None = No
         forced = forced.upper()
         return forced if forced in offered else None
     return next((m for m in PREFERENCE if m in offered), None)
+
+
+def choose_token_mechanism(offered: frozenset[str] | set[str],
+                           forced: str | None = None) -> str | None:
+    """Like ``choose_mechanism`` for an upstream that logs in with an OAuth2 token:
+    OAUTHBEARER, then XOAUTH2, unless one is forced (a forced password mechanism is
+    refused here: a token is not a password)."""
+    offered = {m.upper() for m in offered}
+    if forced:
+        forced = forced.upper()
+        return forced if forced in offered and forced in TOKEN_MECHANISMS else None
+    return next((m for m in TOKEN_PREFERENCE if m in offered), None)
+
+
+def token_client_for(mechanism: str, username: str, token: str, host: str,
+                     port: int, authzid: str | None = None) -> "TokenMechanism":
+    """A bearer-token mechanism for one AUTH exchange.  ``username`` is the mailbox the
+    token is for (XOAUTH2 ``user=``); OAUTHBEARER sends it as the authzid (``a=``)
+    unless ``authzid`` says otherwise, and ``host``/``port`` as the server it talks to."""
+    mechanism = mechanism.upper()
+    if mechanism == "XOAUTH2":
+        return XOAuth2(username, token)
+    if mechanism == "OAUTHBEARER":
+        return OAuthBearer(token, host, port, username if authzid is None else authzid)
+    raise ValueError(f"unsupported token SASL mechanism {mechanism}")
 
 
 def client_for(mechanism: str, username: str, password: str,
@@ -224,6 +270,124 @@ class Scram(Mechanism):
         self.complete = True
 
 
+class TokenRefused(Exception):
+    """The upstream refused the access token (its 334 error challenge).
+
+    ``status`` is the JSON ``status`` member (``invalid_token``, ``insufficient_scope``,
+    Google's ``"400"``/``"401"``…), reduced to a short safe token, or "unknown".  It
+    never holds the token itself: the server does not echo it, and nothing else is kept.
+    """
+
+    def __init__(self, mechanism: str, status: str = "unknown"):
+        super().__init__(f"{mechanism}: the upstream refused the access token ({status})")
+        self.mechanism = mechanism
+        self.status = status
+
+
+#: What ``TokenRefused.status`` may keep from the server's JSON.
+_STATUS = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+def _error_status(challenge: bytes) -> str:
+    """The ``status`` of an RFC 7628 §3.2.2 error challenge, or "unknown"."""
+    if len(challenge) > MAX_ERROR_CHALLENGE:
+        return "unknown"
+    try:
+        document = json.loads(challenge.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "unknown"
+    status = document.get("status") if isinstance(document, dict) else None
+    if isinstance(status, int) and not isinstance(status, bool):
+        status = str(status)
+    return status if isinstance(status, str) and _STATUS.match(status) else "unknown"
+
+
+class TokenMechanism(Mechanism):
+    """What OAUTHBEARER and XOAUTH2 share: the token goes in the initial response, and
+    a non-empty challenge after it is the server's error report.
+
+    ``refusal`` (a ``TokenRefused``) is set when the server refused the token; the
+    exchange then ends with the server's failure reply (``AuthenticationFailed``), and
+    the session tells a refused token from a refused account by this attribute.
+    """
+
+    #: What the client sends after an error challenge.
+    _after_error = b"\x01"
+
+    def __init__(self, response: bytes):
+        super().__init__()
+        self._response = response
+        self._sent = 0
+        self.refusal: TokenRefused | None = None
+
+    @property
+    def token_refused(self) -> bool:
+        return self.refusal is not None
+
+    def initial(self) -> bytes:
+        self._sent += 1
+        self.complete = True
+        return self._response
+
+    def respond(self, challenge: bytes) -> bytes:
+        if self.refusal is not None:
+            raise SASLError(f"unexpected {self.name} challenge after the error report")
+        if not challenge and self._sent == 0:
+            # A server that did not take the initial response asks for it (RFC 4954 §4).
+            self._sent += 1
+            self.complete = True
+            return self._response
+        if not challenge:
+            raise SASLError(f"unexpected empty {self.name} challenge")
+        self.refusal = TokenRefused(self.name, _error_status(challenge))
+        self.complete = False  # a 235 now would be a server we cannot make sense of
+        return self._after_error
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} refused={self.token_refused}>"
+
+
+class XOAuth2(TokenMechanism):
+    """Google's and Microsoft's XOAUTH2: ``user=<user>^Aauth=Bearer <token>^A^A``.
+
+    After an error challenge Google documents an empty response; Microsoft accepts it.
+    """
+
+    name = "XOAUTH2"
+    _after_error = b""
+
+    def __init__(self, username: str, token: str):
+        super().__init__(b"user=" + username.encode("utf-8") + b"\x01auth=Bearer "
+                         + _bearer(token) + b"\x01\x01")
+
+
+class OAuthBearer(TokenMechanism):
+    """RFC 7628 §3.1: GS2 header ``n,a=<authzid>,`` then ``^Ahost=…^Aport=…^A``
+    ``auth=Bearer <token>^A^A``.  Channel binding is not offered (``n``)."""
+
+    name = "OAUTHBEARER"
+
+    def __init__(self, token: str, host: str, port: int, authzid: str | None = None):
+        authz = f"a={_sasl_name(authzid)}" if authzid else ""
+        gs2 = f"n,{authz},".encode("utf-8")
+        super().__init__(gs2 + b"\x01host=" + host.encode("utf-8") + b"\x01port="
+                         + str(int(port)).encode("ascii") + b"\x01auth=Bearer "
+                         + _bearer(token) + b"\x01\x01")
+
+
+#: RFC 6750 §2.1 b64token: what a bearer token may contain.
+_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*\Z")
+
+
+def _bearer(token: str) -> bytes:
+    """The token as bytes, refused (without quoting it) when it is not a b64token: a
+    ``^A`` or a line break in it would forge fields of the exchange."""
+    raw = token.encode("utf-8", "replace")
+    if not _B64TOKEN.match(raw):
+        raise ValueError("the access token is not an RFC 6750 b64token")
+    return raw
+
+
 def _hmac(hash_name: str, key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, hash_name).digest()
 
@@ -243,7 +407,8 @@ def _attributes(message: bytes) -> dict[str, str]:
 
 
 def _sasl_name(name: str) -> str:
-    """RFC 5802 §5.1: "=" and "," in a username are escaped."""
+    """RFC 5802 §5.1 (and RFC 5801 saslname for the GS2 authzid): "=" and "," in a
+    name are escaped."""
     return name.replace("=", "=3D").replace(",", "=2C")
 
 

@@ -30,7 +30,9 @@ from esmtpfa.relay.protocol import (
     AuthenticationAborted, AuthenticationFailed, ConnectionLost, Extensions,
     ProtocolViolation, SMTPClientProtocol, TLSFailure, UnexpectedReply,
     UpstreamError)
-from esmtpfa.relay.sasl import choose_mechanism, client_for
+from esmtpfa.relay.oauth2 import TokenUnavailable
+from esmtpfa.relay.sasl import (
+    choose_mechanism, choose_token_mechanism, client_for, token_client_for)
 from esmtpfa.relay.settings import UpstreamSettings
 from esmtpfa.replies import Reply
 from esmtpfa.transport import write_through
@@ -49,7 +51,20 @@ class ServiceClosing(UpstreamError):
         self.reply = reply
 
 
+class TokenRejected(AuthenticationFailed):
+    """The upstream refused our OAuth2 access token (docs/oauth2.md).  ``status`` is the
+    RFC 7628 error challenge's status when it sent one (never the token)."""
+
+    def __init__(self, command: str, reply: Reply, status: str | None = None):
+        super().__init__(command, reply)
+        self.status = status
+
+
 # --- replies we give our client ---------------------------------------------------------
+
+#: What a client hears when the upstream's token cannot be had or was refused: a
+#: temporary failure of our own credentials (RFC 3463 X.7.0), so it retries.
+TOKEN_UNAVAILABLE = "Upstream credentials unavailable, try again later"
 
 def unavailable(enhanced: str, text: str, detail: str, command: str | None = None,
                 upstream_reply: Reply | None = None, upstream: str | None = None, *,
@@ -104,6 +119,11 @@ def relay_error_from(error: BaseException, stage: str, upstream: str | None = No
         kind = Kind.PROTOCOL if isinstance(error, ProtocolViolation) else Kind.UNAVAILABLE
         return unavailable("4.4.2", MAYBE_DELIVERED, error.detail, error.command,
                            upstream=upstream, kind=kind, phase=Phase.OUTCOME_UNKNOWN)
+    if isinstance(error, TokenRejected):
+        why = f" ({error.status})" if error.status else ""
+        return unavailable("4.7.0", TOKEN_UNAVAILABLE,
+                           f"upstream refused our OAuth2 token{why}: {error.reply}", "AUTH",
+                           error.reply, upstream)
     if isinstance(error, AuthenticationFailed):
         return unavailable("4.3.0", "Upstream authentication failed, try again later",
                            f"upstream refused our AUTH: {error.reply}", "AUTH", error.reply,
@@ -163,9 +183,12 @@ class UpstreamSession:
     """One SMTP session, set up according to ``UpstreamSettings``."""
 
     def __init__(self, protocol: SMTPClientProtocol, settings: UpstreamSettings,
-                 tls_options: Any, sasl_cache: dict | None = None, clock: Any = time):
+                 tls_options: Any, sasl_cache: dict | None = None, clock: Any = time,
+                 tokens: Any = None):
         self.protocol = protocol
         self.settings = settings
+        #: The upstream's ``oauth2.TokenBroker`` when it logs in with a token.
+        self._tokens = tokens
         self._tls_options = tls_options
         self._sasl_cache = sasl_cache if sasl_cache is not None else {}
         self._clock = clock
@@ -176,7 +199,7 @@ class UpstreamSession:
         self.needs_reset = False    # a transaction was started and not completed
         self.created = clock.monotonic()
         self.idle_since = self.created
-        self.idle_timer: Any = None  # set by the pool while the session is idle
+        self.idle_timer: Any = None  # the pool's ``timeouts.Deadline`` while pooled
 
     @property
     def address(self) -> str:
@@ -219,7 +242,7 @@ class UpstreamSession:
         self.extensions = await self.protocol.ehlo(name)
         if not self.settings.implicit_tls:
             await self._starttls(name)
-        if self.settings.authenticates:
+        if self.settings.authenticates or self.settings.uses_oauth2:
             await self._authenticate()
 
     async def _starttls(self, name: str) -> None:
@@ -252,18 +275,57 @@ class UpstreamSession:
                 "(enable TLS toward the relay, or allow insecure auth)", "AUTH",
                 upstream=self.address)
         offered = self.extensions.auth_mechanisms
+        if self.settings.uses_oauth2:
+            await self._authenticate_with_token(offered)
+            return
         mechanism = choose_mechanism(offered, self.settings.auth_mechanism)
         if mechanism is None:
-            wanted = (f"--relay-auth-mech {self.settings.auth_mechanism}"
-                      if self.settings.auth_mechanism else "a supported AUTH mechanism")
-            raise unavailable(
-                "4.3.0", "Upstream authentication impossible, try again later",
-                f"upstream does not offer {wanted} (offered: "
-                f"{' '.join(sorted(offered)) or 'none'})", "AUTH", upstream=self.address)
+            raise self._no_mechanism(offered, "a supported AUTH mechanism")
         assert self.settings.username is not None and self.settings.password is not None
         client = client_for(mechanism, self.settings.username, self.settings.password,
                             self._sasl_cache)
         await self.protocol.authenticate(client)
+        self.authenticated = True
+        self.mechanism = mechanism
+
+    def _no_mechanism(self, offered: frozenset[str], default: str) -> RelayError:
+        """None of the mechanisms we would use (``default``, or the forced one) is
+        offered: the client retries, the log says what the upstream offers."""
+        forced = self.settings.auth_mechanism
+        wanted = f"--relay-auth-mech {forced}" if forced else default
+        return unavailable(
+            "4.3.0", "Upstream authentication impossible, try again later",
+            f"upstream does not offer {wanted} (offered: "
+            f"{' '.join(sorted(offered)) or 'none'})", "AUTH", upstream=self.address)
+
+    async def _authenticate_with_token(self, offered: frozenset[str]) -> None:
+        """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from the upstream's broker
+        (docs/oauth2.md).  No token: ``451 4.7.0``, so the client keeps the message.  A
+        token the upstream refuses is dropped from the broker and ``TokenRejected`` says
+        so: the pool then tries once more, on a new connection, with a new token."""
+        mechanism = choose_token_mechanism(offered, self.settings.auth_mechanism)
+        if mechanism is None:
+            raise self._no_mechanism(offered, "OAUTHBEARER or XOAUTH2")
+        if self._tokens is None:  # a relay built without its brokers: a bug
+            raise unavailable("4.7.0", TOKEN_UNAVAILABLE, "no OAuth2 token broker",
+                              "AUTH", upstream=self.address)
+        try:
+            token = await self._tokens.token()
+        except TokenUnavailable as error:
+            raise unavailable("4.7.0", TOKEN_UNAVAILABLE, f"no OAuth2 token: {error}",
+                              "AUTH", upstream=self.address, kind=Kind.CREDENTIALS
+                              ) from None
+        assert self.settings.username is not None
+        client = token_client_for(mechanism, self.settings.username, token,
+                                  self.settings.host, self.settings.port)
+        try:
+            await self.protocol.authenticate(client)
+        except AuthenticationFailed as error:
+            # The token is all we log in with: whatever the server's words, the token
+            # goes (a revoked or re-scoped token would otherwise be offered again).
+            self._tokens.invalidate(token)
+            status = client.refusal.status if client.refusal is not None else None
+            raise TokenRejected(error.command, error.reply, status) from None
         self.authenticated = True
         self.mechanism = mechanism
 
@@ -323,8 +385,8 @@ class UpstreamSession:
                             self.address)
         return f"RCPT TO:<{address}>".encode("utf-8")
 
-    async def start(self, mail: bytes, rcpts: Sequence[bytes] = (), data: bool = False
-                    ) -> tuple[Reply, list[Reply], Reply | None]:
+    def start(self, mail: bytes, rcpts: Sequence[bytes] = (), data: bool = False
+              ) -> Deferred[tuple[Reply, list[Reply], Reply | None]]:
         """RSET when the connection was used before (RFC 5321 §4.1.1.5), MAIL, the RCPTs
         and optionally DATA: in one flight when the upstream pipelines (RFC 2920), else one
         at a time, stopping after a refused MAIL and sending DATA only when every
@@ -338,11 +400,13 @@ class UpstreamSession:
         reset = self.transactions > 0 or self.needs_reset
         self.transactions += 1
         self.needs_reset = True
-        if self.pipelining:
-            lines = ([b"RSET"] if reset else []) + [mail, *rcpts] + ([b"DATA"] if data else [])
-            names = (["RSET"] if reset else []) + ["MAIL"] + ["RCPT"] * len(rcpts) + (
-                ["DATA"] if data else [])
-            replies = await self.protocol.pipelineAll(lines, names)
+        if not self.pipelining:
+            return Deferred.fromCoroutine(self._start_in_steps(mail, rcpts, data, reset))
+        lines = ([b"RSET"] if reset else []) + [mail, *rcpts] + ([b"DATA"] if data else [])
+        names = (["RSET"] if reset else []) + ["MAIL"] + ["RCPT"] * len(rcpts) + (
+            ["DATA"] if data else [])
+
+        def answered(replies: list[Reply]) -> tuple[Reply, list[Reply], Reply | None]:
             if reset:
                 self._check_reset(replies.pop(0))
             mail_reply = replies[0]
@@ -351,6 +415,12 @@ class UpstreamSession:
             for reply in rcpt_replies:
                 self._check_closing("RCPT", reply)
             return mail_reply, rcpt_replies, replies[-1] if data else None
+        # One flight, one callback: the hot path of every message (no coroutine).
+        return self.protocol.pipelineAll(lines, names).addCallback(answered)
+
+    async def _start_in_steps(self, mail: bytes, rcpts: Sequence[bytes], data: bool,
+                              reset: bool) -> tuple[Reply, list[Reply], Reply | None]:
+        """``start`` toward an upstream without PIPELINING: one command at a time."""
         if reset:
             self._check_reset(await self.protocol.command(b"RSET"))
         mail_reply = await self.protocol.command(mail, "MAIL")
@@ -375,31 +445,39 @@ class UpstreamSession:
             self.protocol.abort()
             raise ServiceClosing(command, reply)
 
-    async def rcpt(self, line: bytes) -> Reply:
-        reply = await self.protocol.command(line, "RCPT")
-        self._check_closing("RCPT", reply)
-        return reply
+    # Each step below is the protocol's Deferred and one callback: they run for every
+    # message, so they are not coroutines.
 
-    async def rcpt_then_data(self, line: bytes) -> tuple[Reply, Reply]:
+    def rcpt(self, line: bytes) -> Deferred[Reply]:
+        return self.protocol.command(line, "RCPT").addCallback(self._closing_or, "RCPT")
+
+    def rcpt_then_data(self, line: bytes) -> Deferred[tuple[Reply, Reply]]:
         """RCPT and DATA in one flight (RFC 2920 §3.1: DATA may end a group), for a client
         that pipelined its DATA behind this RCPT: one round trip less per message.  After a
         354 the protocol refuses every command until the content is sent."""
-        rcpt, data = await self.protocol.pipelineAll([line, b"DATA"], ["RCPT", "DATA"])
-        self._check_closing("RCPT", rcpt)
-        self._check_closing("DATA", data)
-        return rcpt, data
+        def answered(replies: list[Reply]) -> tuple[Reply, Reply]:
+            rcpt, data = replies
+            self._check_closing("RCPT", rcpt)
+            self._check_closing("DATA", data)
+            return rcpt, data
+        return self.protocol.pipelineAll([line, b"DATA"], ["RCPT", "DATA"]).addCallback(
+            answered)
 
-    async def data(self) -> Reply:
-        reply = await self.protocol.command(b"DATA")
-        self._check_closing("DATA", reply)
-        return reply
+    def data(self) -> Deferred[Reply]:
+        return self.protocol.command(b"DATA").addCallback(self._closing_or, "DATA")
 
-    async def content(self, chunks: Any) -> Reply:
+    def content(self, chunks: Any) -> Deferred[Reply]:
         """Stream the content after a 354; the end-of-data reply (any code)."""
-        final = await self.protocol.sendData(chunks)
+        return self.protocol.sendData(chunks).addCallback(self._data_ended)
+
+    def _data_ended(self, final: Reply) -> Reply:
         # RFC 5321 §4.1.1.4: the end of data ends the transaction, whatever the verdict.
         self.needs_reset = False
         return final
+
+    def _closing_or(self, reply: Reply, command: str) -> Reply:
+        self._check_closing(command, reply)
+        return reply
 
     def abandon(self) -> None:
         """The upstream waits for content we must not send (a 354 after refused
@@ -408,8 +486,8 @@ class UpstreamSession:
 
     def close(self) -> Deferred[None]:
         """QUIT (bounded by the command timeout, at most ``QUIT_TIMEOUT``) and disconnect."""
-        if self.idle_timer is not None and self.idle_timer.active():
-            self.idle_timer.cancel()
+        if self.idle_timer is not None:
+            self.idle_timer.stop()
         self.idle_timer = None
         return self.protocol.quit(min(QUIT_TIMEOUT, self.settings.command_timeout))
 

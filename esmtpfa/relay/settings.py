@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 import ipaddress
 import socket
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from esmtpfa.relay.sasl import MECHANISMS
+from esmtpfa.relay.sasl import MECHANISMS, TOKEN_MECHANISMS
+
+if TYPE_CHECKING:
+    from esmtpfa.relay.oauth2 import OAuth2Settings
 
 STARTTLS_MODES = ("opportunistic", "required", "none")
 
@@ -33,6 +36,9 @@ class UpstreamSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0      # RFC 5321 §4.5.3.2: 5 minutes
     data_timeout: float = 600.0         # RFC 5321 §4.5.3.2.6: 10 minutes for the final reply
+    #: Log in with an OAuth2 access token (XOAUTH2 / OAUTHBEARER) for ``username``
+    #: instead of a password; docs/oauth2.md.
+    oauth2: OAuth2Settings | None = None
 
     def __post_init__(self) -> None:
         if self.starttls not in STARTTLS_MODES:
@@ -49,6 +55,19 @@ class UpstreamSettings:
                 raise ValueError(f"unsupported SASL mechanism {self.auth_mechanism!r} "
                                  f"(one of {', '.join(sorted(MECHANISMS))})")
             object.__setattr__(self, "auth_mechanism", mechanism)
+        if self.oauth2 is not None:
+            if not self.username:
+                raise ValueError("an upstream with oauth2 needs a user (the mailbox the "
+                                 "token is for)")
+            if self.password:
+                raise ValueError("an upstream logs in with oauth2 or a password, not both")
+            if self.auth_mechanism and self.auth_mechanism not in TOKEN_MECHANISMS:
+                raise ValueError(f"an oauth2 upstream logs in with "
+                                 f"{' or '.join(sorted(TOKEN_MECHANISMS))}, not "
+                                 f"{self.auth_mechanism}")
+        elif self.auth_mechanism in TOKEN_MECHANISMS:
+            raise ValueError(f"{self.auth_mechanism} needs an oauth2 block (or the "
+                             "--relay-oauth2-* flags): it logs in with a token")
         for name in ("connect_timeout", "command_timeout", "data_timeout"):
             value = float(getattr(self, name))
             if value <= 0:
@@ -66,6 +85,12 @@ class UpstreamSettings:
     @property
     def authenticates(self) -> bool:
         return bool(self.username) and self.password is not None and self.password != ""
+
+    @property
+    def uses_oauth2(self) -> bool:
+        """Logs in with a token from ``relay.oauth2.TokenBroker`` (``authenticates`` is
+        about passwords and stays False for such an upstream)."""
+        return self.oauth2 is not None and bool(self.username)
 
     @property
     def uses_tls(self) -> bool:
@@ -89,10 +114,14 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Fields whose values a repr never shows (``oauth2`` hides its own secrets).
+SECRET_FIELDS = frozenset({"password", "client_secret", "refresh_token"})
+
+
 def redacted(fields: Mapping[str, Any]) -> str:
     """``name=value, …`` for a repr: the password never reaches a log line, a test
     failure or a traceback, even through a repr (docs/design.md §9)."""
-    return ", ".join(f"{name}={'<redacted>' if name == 'password' and value else value!r}"
+    return ", ".join(f"{name}={'<redacted>' if name in SECRET_FIELDS and value else value!r}"
                      for name, value in fields.items())
 
 

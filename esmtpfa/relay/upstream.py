@@ -53,6 +53,7 @@ from esmtpfa.logs import logger
 from esmtpfa.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import (
     REJECTED, IRelay, IRelayTransaction, Kind, Phase, RelayError)
+from esmtpfa.relay.oauth2 import TokenBrokers
 from esmtpfa.relay.pool import OPEN, ClientShares, Lease, ShareTicket, Upstream
 from esmtpfa.relay.protocol import ProtocolViolation, UpstreamError
 from esmtpfa.relay.session import (
@@ -91,7 +92,8 @@ class SMTPRelay:
     """IRelay to one or more upstream smarthosts, tried in order, with pooled sessions."""
 
     def __init__(self, settings: UpstreamSettings | Sequence[UpstreamSettings],
-                 reactor: Any = None, pool: PoolSettings | None = None):
+                 reactor: Any = None, pool: PoolSettings | None = None,
+                 tokens: TokenBrokers | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -101,10 +103,13 @@ class SMTPRelay:
         self._reactor = reactor
         self.pool_settings = pool or PoolSettings()
         sasl_cache: dict = {}
+        #: The token brokers of the upstreams that log in with OAuth2 (docs/oauth2.md),
+        #: made by the caller with their HTTP client; ``close`` stops them.
+        self.tokens = tokens if tokens is not None else TokenBrokers()
         self.upstreams = [
             Upstream(s, self.pool_settings, reactor, client_tls_options(
                 s.tls_server_name, s.ca_cert, s.client_cert, s.client_key, s.skip_verify)
-                if s.uses_tls else None, sasl_cache)
+                if s.uses_tls else None, sasl_cache, self.tokens.get(s.address))
             for s in all_settings]
         self.shares = ClientShares(self.pool_settings.client_cap)
         # per-operation deadlines of minutes, for operations that take milliseconds
@@ -158,6 +163,10 @@ class SMTPRelay:
         if all(u.breaker.open_now() for u in self.upstreams):
             return False, "circuit breaker open for " + ", ".join(
                 u.address for u in self.upstreams)
+        tokens = [(u, u.tokens.readiness()) for u in self.upstreams if u.tokens is not None]
+        failing = [(u, detail) for u, (ok, detail) in tokens if ok is False]
+        if failing and len(failing) == len(self.upstreams):
+            return False, "; ".join(f"{u.address}: {detail}" for u, detail in failing)
         if all(u.pool.exhausted for u in self.upstreams):
             return False, "every upstream connection is busy and messages are waiting"
         live = sum(u.pool.total for u in self.upstreams)
@@ -210,86 +219,34 @@ class SMTPRelay:
         def closed(_: Any) -> None:
             self.deadlines.close()
         return waiter.addCallback(lambda _: DeferredList(
-            [u.pool.close() for u in self.upstreams])).addCallback(closed)
+            [u.pool.close() for u in self.upstreams] + [self.tokens.stop()])
+        ).addCallback(closed)
 
     # -- the search over upstreams --------------------------------------------------------
 
-    async def _on_some_upstream(
+    def _on_some_upstream(
             self, attempt: Callable[[Upstream, UpstreamSession], Awaitable[T]],
             message_id: str, exclude: Sequence[Upstream] = (), fresh: bool = False,
             last: Upstream | None = None,
             ends_search: Callable[[RelayError], bool] = _ends_search,
-            trying: Callable[[Lease | None], None] = lambda lease: None) -> tuple[Lease, T]:
+            trying: Callable[[Lease | None], None] = lambda lease: None
+    ) -> Deferred[tuple[Lease, T]]:
         """Run ``attempt`` on a session of the first upstream that can take it.
 
-        Returns the lease (the caller owns the session from then on) and the attempt's
-        result.  ``attempt`` raises ``RelayError`` or lets the protocol's
-        ``UpstreamError`` through; either way this loop, the lease's only owner while the
-        attempt runs, releases the session, reusable unless the failure broke it.  A
-        pooled session that was already dead is replaced by a fresh one on the same
-        upstream; other failures move on to the next upstream unless ``ends_search``.
-        ``trying`` is told which lease an attempt runs on (and None after), so a deadline
-        can drop that connection.
+        Fires with the lease (the caller owns the session from then on) and the attempt's
+        result.  ``attempt`` (a Deferred, or a coroutine) fails with ``RelayError`` or
+        lets the protocol's ``UpstreamError`` through; either way the search, the lease's
+        only owner while the attempt runs, releases the session, reusable unless the
+        failure broke it.  A pooled session that was already dead is replaced by a fresh
+        one on the same upstream; other failures move on to the next upstream unless
+        ``ends_search``.  ``trying`` is told which lease an attempt runs on (and None
+        after), so a deadline can drop that connection.
         """
-        errors: list[RelayError] = []
-        skipped: list[Upstream] = []
         order = self.upstreams
         if last is not None:  # the one that just failed us: the others first
             order = [u for u in order if u is not last] + [last]
-        for upstream in order:
-            if upstream in exclude:
-                continue
-            if not upstream.breaker.allow():
-                skipped.append(upstream)
-                continue
-            use_fresh = fresh
-            while True:
-                try:
-                    lease = await upstream.lease(fresh=use_fresh)
-                except RelayError as error:
-                    if error.kind in Kind.NEUTRAL:
-                        upstream.breaker.release()  # busy or closing: says nothing about it
-                    else:
-                        upstream.breaker.failure()
-                    self._report(error, message_id)
-                    errors.append(error)
-                    break
-                trying(lease)
-                try:
-                    result = await attempt(upstream, lease.session)
-                except (RelayError, UpstreamError) as failure:
-                    trying(None)
-                    error = relay_error_from(failure, "session", upstream.address)
-                    broken = error.kind in Kind.BROKEN
-                    lease.release(reusable=not broken)
-                    if broken and isinstance(failure, UpstreamError) and lease.reused \
-                            and not use_fresh and not error.outcome_unknown:
-                        # The pooled connection died while idle (upstream restart, idle
-                        # timeout racing our MAIL): not the upstream's failure, not the
-                        # message's.  Same upstream, new connection.
-                        log.info("upstream {upstream}: pooled connection was dead ({detail}); "
-                                 "retrying on a new one", upstream=upstream.address,
-                                 detail=error.detail, message_id=message_id)
-                        use_fresh = True
-                        continue
-                    if broken:
-                        upstream.breaker.failure()
-                    else:
-                        upstream.breaker.success()  # it answered: it is alive
-                    self._report(error, message_id)
-                    if ends_search(error):
-                        raise error from None
-                    errors.append(error)
-                    break
-                except BaseException:
-                    trying(None)
-                    lease.release(reusable=False)
-                    upstream.breaker.release()
-                    raise
-                trying(None)
-                upstream.breaker.success()
-                return lease, result
-        raise self._verdict(errors, skipped)
+        return _Search(self, attempt, message_id, order, exclude, fresh, ends_search,
+                       trying).next_upstream()
 
     def _verdict(self, errors: list[RelayError], skipped: list[Upstream]) -> RelayError:
         """Permanent only when every upstream said so; else the most telling 4xx."""
@@ -336,19 +293,127 @@ class SMTPRelay:
             detail=f" ({error.describe()})" if error else "",
             reason=error.reason if error else None)
 
-    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
-        token = object()
-        self._in_flight.add(token)
+    def _track(self, operation: object) -> None:
+        """An operation is in progress: ``close`` waits for it (``_settled``)."""
+        self._in_flight.add(operation)
 
-        def done(result: Any) -> Any:
-            self._in_flight.discard(token)
-            if not self._in_flight:
-                waiters, self._idle = self._idle, []
-                for waiter in waiters:
-                    waiter.callback(None)
-            return result
-        d.addBoth(done)
-        return d
+    def _settled(self, operation: object) -> None:
+        """The operation's caller got its answer."""
+        self._in_flight.discard(operation)
+        if not self._in_flight:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+
+class _Search:
+    """One search over the upstreams (``SMTPRelay._on_some_upstream``) as one chain of
+    callbacks.
+
+    It runs for every message (the first RCPT opens the upstream transaction through
+    it), so it is not a coroutine: with an idle pooled session at hand, the lease and
+    the attempt are direct calls, and the verdict is a callback on the attempt's own
+    Deferred (the upstream's replies, the one truly asynchronous step).  A failure
+    returns the next attempt's Deferred, which Twisted chains in.  The decisions are
+    those of the module doc ("Failover"), made from ``Kind`` and ``Phase`` only.
+    """
+
+    __slots__ = ("_relay", "_attempt", "_message_id", "_order", "_exclude", "_fresh",
+                 "_ends_search", "_trying", "_errors", "_skipped")
+
+    def __init__(self, relay: SMTPRelay, attempt: Callable[..., Any], message_id: str,
+                 order: Sequence[Upstream], exclude: Sequence[Upstream], fresh: bool,
+                 ends_search: Callable[[RelayError], bool],
+                 trying: Callable[[Lease | None], None]):
+        self._relay = relay
+        self._attempt = attempt
+        self._message_id = message_id
+        self._order = iter(order)
+        self._exclude = exclude
+        self._fresh = fresh
+        self._ends_search = ends_search
+        self._trying = trying
+        self._errors: list[RelayError] = []
+        self._skipped: list[Upstream] = []
+
+    def next_upstream(self) -> Deferred[tuple[Lease, Any]]:
+        for upstream in self._order:
+            if upstream in self._exclude:
+                continue
+            if not upstream.breaker.allow():
+                self._skipped.append(upstream)
+                continue
+            return self._on(upstream, self._fresh)
+        return fail(self._relay._verdict(self._errors, self._skipped))
+
+    def _on(self, upstream: Upstream, fresh: bool) -> Deferred[tuple[Lease, Any]]:
+        """An attempt on ``upstream``: on an idle session at once, else when the pool
+        gives one."""
+        lease = None if fresh else upstream.lease_idle()
+        if lease is not None:
+            return self._leased(lease, upstream, fresh)
+        return upstream.lease(fresh=fresh).addCallbacks(
+            self._leased, self._lease_failed, callbackArgs=(upstream, fresh),
+            errbackArgs=(upstream,))
+
+    def _lease_failed(self, failure: Failure, upstream: Upstream) -> Any:
+        failure.trap(RelayError)
+        error = failure.value
+        if error.kind in Kind.NEUTRAL:
+            upstream.breaker.release()  # busy or closing: says nothing about it
+        else:
+            upstream.breaker.failure()
+        self._relay._report(error, self._message_id)
+        self._errors.append(error)
+        return self.next_upstream()
+
+    def _leased(self, lease: Lease, upstream: Upstream, fresh: bool
+                ) -> Deferred[tuple[Lease, Any]]:
+        self._trying(lease)
+        try:
+            attempt = self._attempt(upstream, lease.session)
+            if not isinstance(attempt, Deferred):
+                attempt = Deferred.fromCoroutine(attempt)
+        except BaseException:
+            attempt = fail()
+        return attempt.addCallbacks(
+            self._succeeded, self._attempt_failed, callbackArgs=(lease, upstream),
+            errbackArgs=(lease, upstream, fresh))
+
+    def _succeeded(self, result: Any, lease: Lease, upstream: Upstream
+                   ) -> tuple[Lease, Any]:
+        self._trying(None)
+        upstream.breaker.success()
+        return lease, result
+
+    def _attempt_failed(self, failure: Failure, lease: Lease, upstream: Upstream,
+                        fresh: bool) -> Any:
+        self._trying(None)
+        if not failure.check(RelayError, UpstreamError):
+            lease.release(reusable=False)
+            upstream.breaker.release()
+            return failure
+        error = relay_error_from(failure.value, "session", upstream.address)
+        broken = error.kind in Kind.BROKEN
+        lease.release(reusable=not broken)
+        if broken and failure.check(UpstreamError) and lease.reused \
+                and not fresh and not error.outcome_unknown:
+            # The pooled connection died while idle (upstream restart, idle timeout
+            # racing our MAIL): not the upstream's failure, not the message's.  Same
+            # upstream, new connection.
+            log.info("upstream {upstream}: pooled connection was dead ({detail}); "
+                     "retrying on a new one", upstream=upstream.address,
+                     detail=error.detail, message_id=self._message_id)
+            return self._on(upstream, True)
+        if broken:
+            upstream.breaker.failure()
+        else:
+            upstream.breaker.success()  # it answered: it is alive
+        self._relay._report(error, self._message_id)
+        if self._ends_search(error):
+            raise error
+        self._errors.append(error)
+        return self.next_upstream()
 
 
 @implementer(IRelayTransaction)
@@ -358,7 +423,7 @@ class UpstreamTransaction:
     def __init__(self, relay: SMTPRelay, envelope: Envelope, message_id: str,
                  connection_id: str, client: tuple[str, ...] = ()):
         self._relay = relay
-        self.envelope = replace(envelope, recipients=())
+        self.envelope = replace(envelope, recipients=()) if envelope.recipients else envelope
         self.message_id = message_id
         self.connection_id = connection_id
         self._client = client
@@ -404,8 +469,10 @@ class UpstreamTransaction:
                                address, data_follows)
 
     def send(self, message: OutboundMessage) -> Deferred[Reply]:
+        # Whatever happens, the transaction is over when send is answered: the session
+        # and the client's share go back then (reusable unless something broke it).
         return self._serialize(self._send, self._relay.pool_settings.data_deadline,
-                               message)
+                               message, last=True)
 
     def abort(self) -> None:
         if self._aborted:
@@ -418,39 +485,56 @@ class UpstreamTransaction:
 
     # -- MAIL with the first RCPT ----------------------------------------------------------
 
-    async def _first(self, address: str, data_follows: bool
-                     ) -> tuple[bytes, Reply, Reply | None]:
+    def _first(self, address: str, data_follows: bool) -> Deferred[Reply]:
         """Open the transaction: [RSET,] MAIL and the first RCPT (and DATA when the client
         pipelined it) in one flight, on the first upstream that takes the MAIL.  A refused
         MAIL is every recipient's answer."""
-        envelope, size = self.envelope, self.envelope.declared_size
         if self._ticket is None and self._client:
-            self._ticket = self._relay.shares.try_acquire(self._client) \
-                or await self._fair_share()
+            ticket = self._relay.shares.try_acquire(self._client)
+            if ticket is None:  # over its share: wait for one of its own messages
 
-        async def attempt(upstream: Upstream, session: UpstreamSession
-                          ) -> tuple[bytes, bytes, Reply, Reply | None]:
+                def shared(ticket: ShareTicket) -> Deferred[Reply]:
+                    self._ticket = ticket
+                    return self._open(address, data_follows)
+                return Deferred.fromCoroutine(self._fair_share()).addCallback(shared)
+            self._ticket = ticket
+        return self._open(address, data_follows)
+
+    def _open(self, address: str, data_follows: bool) -> Deferred[Reply]:
+        envelope, size = self.envelope, self.envelope.declared_size
+
+        def attempt(upstream: Upstream, session: UpstreamSession
+                    ) -> Deferred[tuple[bytes, bytes, Reply, Reply | None]]:
             mail = session.mail_line(envelope, size)
             line = session.rcpt_line(address, b" SMTPUTF8" in mail)
-            mail_reply, replies, data_reply = await session.start(
-                mail, [line], data=data_follows and session.pipelining)
-            _check_mail(mail_reply, upstream)
-            return mail, line, replies[0], data_reply
 
-        try:
-            lease, (mail, line, reply, data_reply) = await self._relay._on_some_upstream(
-                attempt, self.message_id, trying=self._try_on)
-        except RelayError as error:
-            if error.command == "MAIL" or error.kind != Kind.POLICY:
-                self._poisoned = error  # the sender's verdict holds for every recipient
-            self._let_go(reusable=True)  # no session: the client's share goes back
-            raise
-        if self._aborted:
-            lease.release(reusable=True)
-            raise _aborted()
-        self._hold(lease)
-        self._smtputf8 = b" SMTPUTF8" in mail
-        return line, reply, data_reply
+            def started(result: tuple[Reply, list[Reply], Reply | None]
+                        ) -> tuple[bytes, bytes, Reply, Reply | None]:
+                mail_reply, replies, data_reply = result
+                _check_mail(mail_reply, upstream)
+                return mail, line, replies[0], data_reply
+            return session.start(mail, [line], data=data_follows and session.pipelining
+                                 ).addCallback(started)
+
+        def opened(found: tuple[Lease, tuple[bytes, bytes, Reply, Reply | None]]) -> Reply:
+            lease, (mail, line, reply, data_reply) = found
+            if self._aborted:
+                lease.release(reusable=True)
+                raise _aborted()
+            self._hold(lease)
+            self._smtputf8 = b" SMTPUTF8" in mail
+            return self._rcpt_answered(reply, data_reply, line, address)
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(RelayError):
+                error = failure.value
+                if error.command == "MAIL" or error.kind != Kind.POLICY:
+                    self._poisoned = error  # the sender's verdict holds for every recipient
+                self._let_go(reusable=True)  # no session: the client's share goes back
+            return failure
+
+        return self._relay._on_some_upstream(
+            attempt, self.message_id, trying=self._try_on).addCallbacks(opened, refused)
 
     async def _fair_share(self) -> ShareTicket:
         timeout = self._relay.upstreams[0].settings.connect_timeout
@@ -466,37 +550,54 @@ class UpstreamTransaction:
 
     # -- RCPT ------------------------------------------------------------------------------
 
-    async def _add(self, address: str, data_follows: bool) -> Reply:
+    def _add(self, address: str, data_follows: bool) -> Deferred[Reply]:
         if self._poisoned is not None:
-            raise self._poisoned
+            return fail(self._poisoned)
         if self._finished:
-            raise RuntimeError("RCPT after the transaction ended")
+            return fail(RuntimeError("RCPT after the transaction ended"))
         # A refused early DATA does not end the upstream transaction (RFC 5321 §4.1.1.4
         # leaves MAIL in effect): the client may add recipients and try DATA again.
         self._early_data = None
-        data_reply: Reply | None = None
-        if self._lease is None:
-            line, reply, data_reply = await self._first(address, data_follows)
-        else:
-            session, upstream = self._lease.session, self._lease.upstream
-            rcptmax = session.extensions.rcptmax
-            if rcptmax is not None and len(self._accepted) >= rcptmax:
-                # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.
-                return self._refuse(RelayError(
-                    Reply(452, "4.5.3", f"Too many recipients for the upstream server (at "
-                                        f"most {rcptmax} per message), send the rest later"),
-                    REJECTED, "RCPT", None, f"LIMITS RCPTMAX={rcptmax}", upstream.address))
-            line = session.rcpt_line(address, self._smtputf8)
-            try:
-                if data_follows and session.pipelining:
-                    reply, data_reply = await session.rcpt_then_data(line)
-                else:
-                    reply = await session.rcpt(line)
-            except UpstreamError as error:
-                self._relay._report(relay_error_from(error, "session", upstream.address),
-                                    self.message_id)
-                upstream.breaker.failure()
-                reply = await self._replay(error, extra=line)
+        try:
+            if self._lease is None:
+                return self._first(address, data_follows)
+            return self._next_rcpt(address, data_follows)
+        except BaseException:
+            return fail()
+
+    def _next_rcpt(self, address: str, data_follows: bool) -> Deferred[Reply]:
+        """A further RCPT on the session the transaction holds."""
+        session, upstream = self._lease.session, self._lease.upstream
+        rcptmax = session.extensions.rcptmax
+        if rcptmax is not None and len(self._accepted) >= rcptmax:
+            # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.
+            self._refuse(RelayError(
+                Reply(452, "4.5.3", f"Too many recipients for the upstream server (at "
+                                    f"most {rcptmax} per message), send the rest later"),
+                REJECTED, "RCPT", None, f"LIMITS RCPTMAX={rcptmax}", upstream.address))
+        line = session.rcpt_line(address, self._smtputf8)
+        try:
+            if data_follows and session.pipelining:
+                asked = session.rcpt_then_data(line)
+            else:
+                asked = session.rcpt(line).addCallback(lambda reply: (reply, None))
+        except UpstreamError:
+            asked = fail()
+
+        def lost(failure: Failure) -> Deferred[tuple[Reply, Reply | None]]:
+            failure.trap(UpstreamError)
+            error = failure.value
+            self._relay._report(relay_error_from(error, "session", upstream.address),
+                                self.message_id)
+            upstream.breaker.failure()
+            return Deferred.fromCoroutine(self._replay(error, extra=line)).addCallback(
+                lambda reply: (reply, None))
+        return asked.addErrback(lost).addCallback(
+            lambda replies: self._rcpt_answered(replies[0], replies[1], line, address))
+
+    def _rcpt_answered(self, reply: Reply, data_reply: Reply | None, line: bytes,
+                       address: str) -> Reply:
+        """The upstream's verdict on a RCPT (and on a DATA sent with it)."""
         if self._aborted:
             raise _aborted()
         accepted = reply.code in (250, 251)
@@ -532,64 +633,103 @@ class UpstreamTransaction:
 
     # -- DATA -------------------------------------------------------------------------------
 
-    async def _send(self, message: OutboundMessage) -> Reply:
+    def _send(self, message: OutboundMessage) -> Deferred[Reply]:
         try:
-            if self._poisoned is not None:
-                self._finished = True
-                return self._fail(self._poisoned)
-            if self._finished or self._lease is None:
-                raise RuntimeError("send() after the transaction ended")
-            self._finished = True
-            if not self._accepted:
-                return self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
-            if list(message.envelope.recipients) != self.recipients:
-                raise RuntimeError("the message's recipients are not the accepted ones")
-            if _declares_binary(self.envelope) and await deferToThread(_needs_bdat, message):
-                return self._fail(_binary_refusal())
-            tried: list[Upstream] = []
-            eight_bit: list[bool] = []
-            early, self._early_data = self._early_data, None
-            while True:
-                lease = self._lease
-                assert lease is not None
-                # The early DATA reply belongs to the first session (not to a replay).
-                data_reply, early = early, None
-                try:
-                    reply = await self._transmit(lease, message, data_reply, eight_bit)
-                except (RelayError, UpstreamError) as failure:
-                    error = relay_error_from(failure, "session", lease.upstream.address)
-                    if error.kind in Kind.BROKEN:
-                        lease.upstream.breaker.failure()
-                        self._let_go(reusable=False, keep_share=True)
-                    if _ends_search(error):
-                        return self._fail(error)
-                    # Before the final dot, nothing was accepted: a broken connection is
-                    # replayed (same upstream allowed); a 4xx or a missing capability
-                    # moves on to the next upstream with the same recipients.
-                    self._relay._report(error, self.message_id)
-                    broken = error.kind in Kind.BROKEN
-                    if not broken:
-                        tried.append(lease.upstream)
-                        if not [u for u in self._relay.upstreams if u not in tried]:
-                            return self._fail(error)
-                    try:
-                        await self._replay(error, exclude=() if broken else tried)
-                    except RelayError as replay_error:
-                        # No other upstream took it: the first answer is what counts.
-                        return self._fail(replay_error if broken else error)
-                    continue
-                return self._done(reply, lease)
-        finally:
-            # Whatever happened, the transaction is over: the session and the client's
-            # share go back now (reusable unless something broke it on the way).
-            self._end(reusable=True)
+            return self._send_first(message)
+        except BaseException:
+            return fail()
 
-    async def _transmit(self, lease: Lease, message: OutboundMessage,
-                        data_reply: Reply | None, eight_bit: list[bool]) -> Reply:
+    def _send_first(self, message: OutboundMessage) -> Deferred[Reply]:
+        if self._poisoned is not None:
+            self._finished = True
+            self._fail(self._poisoned)
+        if self._finished or self._lease is None:
+            raise RuntimeError("send() after the transaction ended")
+        self._finished = True
+        if not self._accepted:
+            self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
+        if list(message.envelope.recipients) != self.recipients:
+            raise RuntimeError("the message's recipients are not the accepted ones")
+        # The early DATA reply belongs to the first session (not to a replay).
+        early, self._early_data = self._early_data, None
+        eight_bit: list[bool] = []
+        if _declares_binary(self.envelope):
+            def checked(needs_bdat: bool) -> Deferred[Reply]:
+                if needs_bdat:
+                    self._fail(_binary_refusal())
+                return self._send_on(message, early, eight_bit)
+            return deferToThread(_needs_bdat, message).addCallback(checked)
+        return self._send_on(message, early, eight_bit)
+
+    def _send_on(self, message: OutboundMessage, early: Reply | None,
+                 eight_bit: list[bool]) -> Deferred[Reply]:
+        """The first transmission, on the session that took the recipients: callbacks
+        only (this is every message's path); a failure goes on in ``_resend``."""
+        lease = self._lease
+        assert lease is not None
+        try:
+            sending = self._transmit(lease, message, early, eight_bit, checked=False)
+        except (RelayError, UpstreamError):
+            sending = fail()
+
+        def sent(result: Reply | Failure) -> Reply | Deferred[Reply]:
+            # One callback for the end-of-data reply, whatever it is.
+            if not isinstance(result, Failure):
+                try:
+                    final = _final_reply(result, lease.upstream.address)
+                except (RelayError, UpstreamError):
+                    result = Failure()
+                else:
+                    return self._done(final, lease)
+            result.trap(RelayError, UpstreamError)
+            return Deferred.fromCoroutine(
+                self._resend(message, lease, result.value, eight_bit))
+        return sending.addBoth(sent)
+
+    async def _resend(self, message: OutboundMessage, lease: Lease,
+                      failure: RelayError | UpstreamError, eight_bit: list[bool]) -> Reply:
+        """A transmission failed: replay elsewhere and transmit again, or give the
+        client its answer."""
+        tried: list[Upstream] = []
+        while True:
+            error = relay_error_from(failure, "session", lease.upstream.address)
+            if error.kind in Kind.BROKEN:
+                lease.upstream.breaker.failure()
+                self._let_go(reusable=False, keep_share=True)
+            if _ends_search(error):
+                return self._fail(error)
+            # Before the final dot, nothing was accepted: a broken connection is
+            # replayed (same upstream allowed); a 4xx or a missing capability moves on
+            # to the next upstream with the same recipients.
+            self._relay._report(error, self.message_id)
+            broken = error.kind in Kind.BROKEN
+            if not broken:
+                tried.append(lease.upstream)
+                if not [u for u in self._relay.upstreams if u not in tried]:
+                    return self._fail(error)
+            try:
+                await self._replay(error, exclude=() if broken else tried)
+            except RelayError as replay_error:
+                # No other upstream took it: the first answer is what counts.
+                return self._fail(replay_error if broken else error)
+            lease = self._lease
+            assert lease is not None
+            try:
+                reply = await self._transmit(lease, message, None, eight_bit)
+            except (RelayError, UpstreamError) as again:
+                failure = again
+                continue
+            return self._done(reply, lease)
+
+    def _transmit(self, lease: Lease, message: OutboundMessage,
+                  data_reply: Reply | None, eight_bit: list[bool], checked: bool = True
+                  ) -> Deferred[Reply]:
         """DATA (unless it went early), the content and the final reply, on one session.
 
-        Raises ``RelayError`` for a verdict or a capability the upstream lacks, and lets
-        the protocol's ``UpstreamError`` through (its phase says whether the dot left).
+        Raises or fails with ``RelayError`` for a verdict or a capability the upstream
+        lacks, and lets the protocol's ``UpstreamError`` through (its phase says whether
+        the dot left).  Without ``checked`` the end-of-data reply is not checked here:
+        the caller does it (``_final_reply``).
         """
         session, upstream = lease.session, lease.upstream
         limit = session.max_size
@@ -600,27 +740,27 @@ class UpstreamTransaction:
             # Declared 8BITMIME, but this upstream lacks it: only 7-bit content may go
             # (clients declare 8BITMIME for plain ASCII all the time; that must not bounce).
             if not eight_bit:
-                eight_bit.append(await deferToThread(_has_8bit, message))
+                def scanned(has_8bit: bool) -> Deferred[Reply]:
+                    eight_bit.append(has_8bit)
+                    return self._transmit(lease, message, data_reply, eight_bit, checked)
+                return deferToThread(_has_8bit, message).addCallback(scanned)
             if eight_bit[0]:
                 raise eight_bit_unsupported(upstream.address)
         # A session still waiting for content after a refusal here is dropped by its
         # release (the protocol is not ``usable``), never sent a command.
-        data = data_reply if data_reply is not None else await session.data()
+        if data_reply is not None:
+            return self._content(data_reply, session, upstream, message, checked)
+        return session.data().addCallback(self._content, session, upstream, message,
+                                          checked)
+
+    def _content(self, data: Reply, session: UpstreamSession, upstream: Upstream,
+                 message: OutboundMessage, checked: bool) -> Deferred[Reply]:
         if data.code != 354:
             if data.is_positive:
                 raise ProtocolViolation(f"DATA answered {data}, not 354", "DATA")
             raise rejected("DATA", data, upstream=upstream.address)
-        final = await session.content(message.chunks())
-        if final.code == 250:
-            return final
-        if final.is_positive:
-            # Not "accepted" and not a refusal: the outcome is unknown.
-            raise unavailable("4.4.2", "Upstream protocol error after the message was sent; "
-                              "try again later (a duplicate is possible)",
-                              f"end of data answered {final}", "end of data", final,
-                              upstream.address, kind=Kind.PROTOCOL,
-                              phase=Phase.OUTCOME_UNKNOWN)
-        raise rejected("end of data", final, upstream=upstream.address)
+        sent = session.content(message.chunks())
+        return sent.addCallback(_final_reply, upstream.address) if checked else sent
 
     def _done(self, reply: Reply, lease: Lease) -> Reply:
         self._relay.last_accepted = self._relay.reactor.seconds()
@@ -699,15 +839,20 @@ class UpstreamTransaction:
     # -- ownership and deadlines ----------------------------------------------------------------
 
     def _serialize(self, operation: Callable[..., Awaitable[Reply]], deadline: float,
-                   *arguments: Any) -> Deferred[Reply]:
+                   *arguments: Any, last: bool = False) -> Deferred[Reply]:
         """Run one operation at a time; its caller is answered by ``deadline`` at the
         latest, whatever the upstreams do (RFC 5321 §4.5.3.2: the client gives up
-        later than that, so it never retries a message we may still deliver)."""
+        later than that, so it never retries a message we may still deliver).  After
+        the ``last`` operation the transaction ends, whatever its outcome."""
         if self._busy is not None:
             return fail(RuntimeError("one operation at a time on a relay transaction"))
-        inner = Deferred.fromCoroutine(operation(*arguments))
-        if inner.called:  # answered without waiting (a refusal we decided, a replay-free
-            self._after(None)  # error): no timer, no tracking
+        inner = operation(*arguments)
+        if not isinstance(inner, Deferred):
+            inner = Deferred.fromCoroutine(inner)
+        if inner.called and not inner.paused:  # answered without waiting (a refusal we
+            if last:  # decided, a replay-free error): no timer, no tracking
+                self._end(reusable=True)
+            self._after(None)
             return inner
         self._busy = inner
         answer: Deferred[Reply] = Deferred()
@@ -717,15 +862,19 @@ class UpstreamTransaction:
         deadlines.set(self, deadline)
 
         def done(result: Any) -> None:
+            if last:
+                self._end(reusable=True)
             self._busy = self._answer = None
             deadlines.clear(self)
             self._after(result)
+            self._relay._settled(answer)
             if not answer.called:
                 answer.callback(result) if not isinstance(result, Failure) \
                     else answer.errback(result)
             # else: already answered at the deadline; this late outcome was logged
+        self._relay._track(answer)
         inner.addBoth(done)
-        return self._relay._track(answer)
+        return answer
 
     def _after(self, result: Any) -> None:
         if self._aborted:
@@ -752,6 +901,7 @@ class UpstreamTransaction:
         if answer is not None and not answer.called:
             self._relay._log(self.message_id, self.connection_id, "failed", error.reply,
                              error, self.upstream)
+            self._relay._settled(answer)
             answer.errback(error)
 
     def _try_on(self, lease: Lease | None) -> None:
@@ -794,6 +944,19 @@ def _check_mail(reply: Reply, upstream: Upstream) -> None:
     if reply.is_positive:
         raise ProtocolViolation(f"MAIL answered {reply}", "MAIL")
     raise rejected("MAIL", reply, upstream=upstream.address)
+
+
+def _final_reply(final: Reply, upstream: str) -> Reply:
+    """The end-of-data reply: 250 is the message accepted; anything else is raised."""
+    if final.code == 250:
+        return final
+    if final.is_positive:
+        # Not "accepted" and not a refusal: the outcome is unknown.
+        raise unavailable("4.4.2", "Upstream protocol error after the message was sent; "
+                          "try again later (a duplicate is possible)",
+                          f"end of data answered {final}", "end of data", final,
+                          upstream, kind=Kind.PROTOCOL, phase=Phase.OUTCOME_UNKNOWN)
+    raise rejected("end of data", final, upstream=upstream)
 
 
 def _binary_refusal(upstream: str | None = None) -> RelayError:

@@ -109,6 +109,7 @@ class LoopbackHTTPServer:
         else:
             self.port = self.reactor.listenTCP(self._port_number, self.site,
                                                interface=self._interface)
+        self._port_number = self.port.getHost().port  # a restart comes back on it
         return self
 
     @property
