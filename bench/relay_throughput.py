@@ -22,106 +22,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER, PASSWORD = "bench", "bench-password"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The load generator, the sink and the account are shared with the other benchmarks
+# (bench/loadgen.py); the names stay importable from here for hot_path and twisted_floor.
+from loadgen import (  # noqa: E402,F401
+    PASSWORD, PROJECT, USER, Client, esmtpfa_arguments, free_port, load, message_of,
+    start_sink, wait_for_port, write_providers)
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"process exited early: {process.args}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def message_of(size: int) -> bytes:
-    head = b"From: bench@example.com\r\nTo: sink@example.net\r\nSubject: bench\r\n\r\n"
-    line = b"x" * 76 + b"\r\n"
-    body = line * max(1, (size - len(head)) // len(line))
-    return head + body
-
-
-class Client:
-    """One SMTP connection sending messages back to back."""
-
-    def __init__(self, port: int, message: bytes):
-        self.port = port
-        self.message = message + b".\r\n"
-        self.latencies: list[float] = []
-
-    async def reply(self) -> int:
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return int(line[:3])
-
-    async def run(self, count: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert await self.reply() == 220
-        self.writer.write(b"EHLO bench.example\r\n")
-        assert await self.reply() == 250
-        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-        self.writer.write(b"AUTH PLAIN " + token + b"\r\n")
-        code = await self.reply()
-        assert code in (235, 250), code  # smtp-sink answers AUTH with a plain 250
-        for _ in range(count):
-            started = time.perf_counter()
-            self.writer.write(b"MAIL FROM:<bench@example.com>\r\n"
-                              b"RCPT TO:<sink@example.net>\r\nDATA\r\n")
-            codes = [await self.reply() for _ in range(3)]
-            assert codes == [250, 250, 354], codes
-            self.writer.write(self.message)
-            code = await self.reply()
-            assert code == 250, code
-            self.latencies.append(time.perf_counter() - started)
-        self.writer.write(b"QUIT\r\n")
-        await self.reply()
-        self.writer.close()
-
-
-async def load(ports: int | list[int], connections: int, messages: int, size: int) -> dict:
-    message = message_of(size)
-    ports = [ports] if isinstance(ports, int) else ports
-    clients = [Client(ports[i % len(ports)], message) for i in range(connections)]
-    per_client = messages // connections
-    started = time.perf_counter()
-    await asyncio.gather(*(c.run(per_client) for c in clients))
-    elapsed = time.perf_counter() - started
-    latencies = sorted(l for c in clients for l in c.latencies)
-    return {
-        "messages": len(latencies), "seconds": round(elapsed, 3),
-        "msg_per_s": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
-    }
+__all__ = ["PASSWORD", "USER", "esmtpfa_arguments", "message_of", "write_providers"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -169,36 +88,6 @@ async def large_message_rss(port: int, pid: int, size: int) -> dict:
     return {"message_bytes": size, "rss_before_kib": before, "rss_peak_kib": peak,
             "rss_growth_mib": round((peak - before) / 1024, 1),
             "seconds": round(client.latencies[0], 2)}
-
-
-def start_sink(port: int, pipelining: bool = True) -> subprocess.Popen:
-    sink = shutil.which("smtp-sink")
-    if sink is None:
-        raise SystemExit("smtp-sink is missing: apt-get install postfix")
-    args = [sink, "-c"] + ([] if pipelining else ["-p"]) + [f"127.0.0.1:{port}", "1024"]
-    if os.geteuid() == 0:
-        args[1:1] = ["-u", "nobody"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, process)
-    return process
-
-
-def write_providers(workdir: str) -> str:
-    """The benchmark's provider file: one userpass account, tried as a fallback."""
-    config = os.path.join(workdir, "providers.yaml")
-    with open(config, "w") as f:
-        f.write(f"providers:\n- meta: {{name: bench-users, type: userpass, fallback: true}}\n"
-                f"  params: {{username: {USER}, password: {PASSWORD}}}\n")
-    return config
-
-
-def esmtpfa_arguments(port: int, sink_port: int, workdir: str, log_level: str) -> list[str]:
-    """The relay under test: plain listener, the bench account, smtp-sink as upstream."""
-    return ["--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",
-            "--config", write_providers(workdir), "--relay-addr", "127.0.0.1",
-            "--relay-port", str(sink_port), "--relay-starttls", "none",
-            "--log-level", log_level, "--max-message-size", str(200 * 1024 * 1024),
-            "--hostname", "bench.test", "--metrics-port", "0"]
 
 
 def start_esmtpfa(port: int, sink_port: int, workdir: str, log_level: str,

@@ -1,0 +1,609 @@
+#!/usr/bin/env python3
+"""esmtpfa against Postfix and against the ceiling: one command, one run (issue 13).
+
+Run on demand from the repository root (not a test; needs root for the private Postfix,
+and the Debian packages postfix, sasl2-bin and libsasl2-modules)::
+
+    python3 bench/compare.py [--connections 20] [--per-connection 250] [--size 2048]
+                             [--rounds 5] [--workers N] [--modes sequential,pipelined]
+                             [--targets smtp-sink,postfix,esmtpfa-1,esmtpfa-N] [--json F]
+
+The same load generator (``bench/loadgen.py``) drives every target, in two modes:
+
+* ``sequential``: one command at a time, each reply awaited (as smtplib sends);
+* ``pipelined``: MAIL, RCPT and DATA in one write (RFC 2920).
+
+AUTH PLAIN once per connection; by default 20 connections x 250 messages of 2 KB.
+Targets, all started once at the beginning of the run and then measured in turns, all
+forwarding to the same Postfix ``smtp-sink``:
+
+* ``smtp-sink``: the generator straight to the sink, the ceiling of this machine;
+* ``postfix``: a private, queueing Postfix (master, smtpd with Cyrus SASL against a
+  sasldb, cleanup, qmgr, smtp to the sink through ``relayhost``), its own config and
+  queue directories in /tmp, nothing of the system's Postfix used but the binaries
+  (if it cannot be started, e.g. not as root, it is reported as not available);
+* ``esmtpfa-1``: ``twistd -n esmtpfa`` with the default single worker, logging at
+  ``info`` to its standard output, sent to a file (Postfix logs to a file too);
+* ``esmtpfa-N``: the same with ``--workers N`` (default: the number of CPUs).  If the
+  esmtpfa being measured does not know ``--workers`` (it exits at once), the target is
+  reported as not available; the rest of the run goes on.
+
+The targets take turns: each connection's messages are sent in ``--rounds`` slices
+(default 5 x 50), every round runs every target once, and each round starts with another
+target, so a burst of outside load on this shared machine falls on all targets alike.
+The figures merge the rounds (rate over the summed load time; the per-round rates are
+printed too, as a measure of the noise).  A short warm-up per target comes first.
+
+Reported for each target and mode: messages per second, p50 and p99 of the time from
+MAIL to the 250 after the content, and the relay's CPU per delivered message.
+
+CPU is counted over every process of a relay, including processes that started and
+exited during the measurement (Postfix's smtpd, cleanup and smtp come and go; esmtpfa's
+workers may be restarted): each relay is started inside its own cgroup (``cpuacct``),
+and its usage is read before the load and after the last message arrived at the sink
+(for Postfix, whose 250 means "queued", after its queue is empty again).  Where no
+cgroup can be made, the tree under the relay's first process is summed from /proc,
+live processes plus the children they have waited for (``loadgen.tree_cpu_seconds``);
+the script says which method it used, and prints the /proc count next to the cgroup's
+(``proc_tree_cpu_s``) as a cross-check.  ``cpu_by_role_s`` splits esmtpfa's CPU
+between its main process (the supervisor, with workers) and its workers, and
+``machine_pct`` gives the whole machine's busy, idle and steal shares (/proc/stat) while
+each target's load ran: a run with no idle CPU left is bound by the machine, not by
+the relay alone.
+
+Every message carries a unique ``X-Bench-Id`` header; the sink appends every message it
+accepts to one dump file (``smtp-sink -D``), and the script checks that each id
+acknowledged with 250 is there.  If any is missing (after a bounded wait), or a target
+failed during its load, it prints what is missing and exits with status 2 *without*
+printing the figures.
+
+The machine has two cores, shared by the generator, the sink, the relay and whatever
+else runs there: read the ratios measured within the run, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from loadgen import (  # noqa: E402
+    CLK_TCK, PASSWORD, PROJECT, USER, CpuMeter, SinkDump, child_environment,
+    esmtpfa_arguments, free_port, greeting, load, machine_share, machine_ticks, own_cpu,
+    percentile, start_sink, stop, tree_cpu_seconds, twistd_command)
+
+POSTFIX_HOSTNAME = "postfix.test"
+
+
+class Target:
+    """A relay (or the sink itself) the generator is pointed at."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.port = 0
+        self.meter: CpuMeter | None = None
+        self.unavailable: str | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def settle(self, timeout: float) -> None:
+        """Wait until the relay has nothing left to do for what it acknowledged."""
+
+
+class Ceiling(Target):
+    """The sink itself: no relay, no relay CPU."""
+
+    def __init__(self, sink_port: int):
+        super().__init__("smtp-sink")
+        self.port = sink_port
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def wait_for_greeting(port: int, process: subprocess.Popen, timeout: float) -> bytes | None:
+    """The 220 greeting of 127.0.0.1:port, polled; None if ``process`` exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None
+        try:
+            line = greeting(port, timeout=1.0)
+            if line.startswith(b"220"):
+                return line
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered 220 on port {port} within {timeout} s")
+
+
+class Esmtpfa(Target):
+    """``twistd -n esmtpfa`` relaying to the sink, with ``--workers`` when ``workers``."""
+
+    def __init__(self, name: str, sink_port: int, workdir: str, workers: int | None,
+                 log_level: str):
+        super().__init__(name)
+        self.sink_port = sink_port
+        self.workdir = workdir
+        self.workers = workers
+        self.log_level = log_level
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.meter = CpuMeter(self.name)
+        arguments = esmtpfa_arguments(self.port, self.sink_port, self.workdir, self.log_level)
+        arguments += ["--max-connections", "1000", "--max-connections-per-ip", "1000"]
+        if self.workers is not None:
+            arguments += ["--workers", str(self.workers)]
+        output = os.path.join(self.workdir, f"{self.name}.out")
+        with open(output, "wb") as out:
+            self.process = subprocess.Popen(
+                twistd_command(arguments), env=child_environment(),
+                cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=self.meter.preexec)
+        self.meter.adopt(self.process.pid)
+        if wait_for_greeting(self.port, self.process, timeout=60) is None:
+            with open(output, "rb") as f:
+                said = f.read().decode("utf-8", "replace").strip()
+            if self.workers is not None and "workers" in said:
+                self.unavailable = ("esmtpfa refused --workers: "
+                                    + said.splitlines()[-1][:160])
+                return
+            raise RuntimeError(f"{self.name} exited at start:\n{said[-2000:]}")
+
+    def stop(self) -> None:
+        stop(self.process, grace=30)
+        if self.meter is not None:
+            self.meter.close()
+
+
+class Postfix(Target):
+    """A private queueing Postfix with Cyrus SASL, relaying everything to the sink.
+
+    Adapted from ``tests/support/postfix.py`` (same SASL setup: ``saslpasswd2`` into a
+    private sasldb, auxprop) but run as a whole Postfix: ``postfix -c DIR start-fg``
+    keeps ``master`` in the foreground, and master starts smtpd, cleanup, qmgr, smtp
+    and the rest as it needs them.  No service is chrooted (so the SASL plugins and
+    /etc/hosts are reachable).  Everything else is Postfix's defaults, in_flow_delay
+    and connection caching toward the sink included."""
+
+    SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+    QUEUES = ("incoming", "active", "deferred", "hold", "maildrop")
+
+    def __init__(self, sink_port: int):
+        super().__init__("postfix")
+        self.sink_port = sink_port
+        self.directory = ""
+        self.process: subprocess.Popen | None = None
+
+    def _configure(self) -> None:
+        for tool in ("postfix", "saslpasswd2"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is missing: apt-get install postfix sasl2-bin")
+        if os.geteuid() != 0:
+            raise RuntimeError("a private Postfix master must be started as root")
+        d = self.directory = tempfile.mkdtemp(prefix="esmtpfa-compare-postfix-")
+        os.chmod(d, 0o755)
+        for sub in ("queue", "data", "sasl"):
+            os.makedirs(os.path.join(d, sub))
+        with open(os.path.join(d, "main.cf"), "w") as f:
+            f.write(f"""\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = {POSTFIX_HOSTNAME}
+mydomain = test
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+relayhost = [127.0.0.1]:{self.sink_port}
+message_size_limit = 209715200
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+cyrus_sasl_config_path = {d}/sasl
+smtpd_sasl_path = smtpd
+smtpd_sasl_security_options = noanonymous
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+local_recipient_maps =
+alias_maps =
+alias_database =
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+""")
+        with open(os.path.join(d, "master.cf"), "w") as f:
+            f.write(f"127.0.0.1:{self.port} inet n - n - - smtpd\n{self.SERVICES}")
+        with open(os.path.join(d, "sasl", "smtpd.conf"), "w") as f:
+            f.write(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                    f"mech_list: PLAIN LOGIN\nsasldb_path: {d}/sasldb2\n")
+        subprocess.run(["saslpasswd2", "-p", "-c", "-f", os.path.join(d, "sasldb2"),
+                        "-u", POSTFIX_HOSTNAME, USER], input=PASSWORD.encode(), check=True,
+                       timeout=20)
+        account = pwd.getpwnam("postfix")
+        for name in ("sasldb2", "data"):
+            os.chown(os.path.join(d, name), account.pw_uid, account.pw_gid)
+        # Postfix re-reads a configuration file modified in the last second or two.
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf", "sasl/smtpd.conf", "sasldb2"):
+            os.utime(os.path.join(d, name), (past, past))
+        # "check" creates the queue directories with the owners and modes Postfix wants.
+        checked = subprocess.run(["postfix", "-c", d, "check"], capture_output=True,
+                                 timeout=60)
+        if checked.returncode != 0:
+            raise RuntimeError(f"postfix check failed: {self.log()[-2000:]}")
+
+    def start(self) -> None:
+        self.port = free_port()
+        self._configure()
+        self.meter = CpuMeter(self.name)
+        with open(os.path.join(self.directory, "start-fg.out"), "wb") as out:
+            self.process = subprocess.Popen(
+                ["postfix", "-c", self.directory, "start-fg"], stdout=out,
+                stderr=subprocess.STDOUT, preexec_fn=self.meter.preexec,
+                env={"PATH": "/usr/sbin:/usr/bin:/bin"})
+        self.meter.adopt(self.process.pid)
+        if wait_for_greeting(self.port, self.process, timeout=60) is None:
+            raise RuntimeError(f"postfix exited at start: {self.log()[-2000:]}")
+
+    def queued(self) -> int:
+        count = 0
+        for queue in self.QUEUES:
+            for _, _, files in os.walk(os.path.join(self.directory, "queue", queue)):
+                count += len(files)
+        return count
+
+    def settle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.queued() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.directory, "maillog"), "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            subprocess.run(["postfix", "-c", self.directory, "stop"], capture_output=True,
+                           timeout=60)
+            stop(self.process, grace=20)
+        if self.meter is not None:
+            # Daemons that outlived master (they exit on their own soon after).
+            for pid in self.meter.pids():
+                try:
+                    os.kill(pid, 15)
+                except OSError:
+                    pass
+            self.meter.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def cpu_by_role(target: Target) -> dict[str, float]:
+    """CPU seconds of esmtpfa's live processes by role: its first process ("main",
+    the supervisor when there are workers) and the others ("workers").  A diagnosis
+    only: the total (``cpu_s``) is what counts.  Not done for Postfix, where exited
+    children move into their parent's cutime and the split would mislead."""
+    if not isinstance(target, Esmtpfa) or target.meter is None:
+        return {}
+    roles: dict[str, float] = {}
+    for pid in target.meter.pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it just exited
+        role = "main" if pid == target.meter.root else "workers"
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # own + waited-for children
+        roles[role] = roles.get(role, 0.0) + ticks / CLK_TCK
+    return roles
+
+
+def measure(target: Target, sink: SinkDump, args, mode: str, tag: str,
+            messages: int) -> dict:
+    """One load against one target; CPU from before the load until the sink has every
+    acknowledged message and the relay is idle again."""
+    cpu_before = target.meter.seconds() if target.meter else 0.0
+    # The /proc count as well, as a cross-check of the cgroup's (see loadgen.CpuMeter).
+    tree_before = tree_cpu_seconds(target.meter.root) if target.meter else 0.0
+    split_before = cpu_by_role(target)
+    own_before = own_cpu()
+    machine_before = machine_ticks()
+    result = asyncio.run(load(target.port, args.connections, messages, args.size, mode,
+                              tag=tag, collect_errors=True, raw=True))
+    loaded = time.monotonic()
+    result["machine_pct"] = machine_share(machine_before, machine_ticks())
+    if target.meter is not None:
+        result["processes"] = len(target.meter.pids())  # at the end of the load
+    generator_cpu = own_cpu() - own_before
+    acknowledged = result.pop("acknowledged")
+    missing = sink.wait_for(acknowledged, timeout=args.drain_timeout)
+    result["drain_s"] = round(time.monotonic() - loaded, 2)
+    target.settle(timeout=args.drain_timeout)
+    result["acknowledged"] = len(acknowledged)
+    result["delivered"] = len(acknowledged) - len(missing)
+    result["missing"] = missing
+    result["duplicates"] = sum(1 for i in acknowledged if sink.counts.get(i, 0) > 1)
+    result["loadgen_cpu_us_per_msg"] = round(generator_cpu / max(1, len(acknowledged)) * 1e6)
+    if target.meter is not None:
+        relay_cpu = target.meter.seconds() - cpu_before
+        result["cpu_s"] = round(relay_cpu, 3)
+        result["cpu_us_per_msg"] = round(relay_cpu / max(1, result["delivered"]) * 1e6)
+        split_after = cpu_by_role(target)
+        result["cpu_by_role_s"] = {
+            role: round(split_after[role] - split_before.get(role, 0.0), 3)
+            for role in sorted(split_after)}
+        if target.meter.kind != "proc":
+            result["proc_tree_cpu_s"] = round(
+                tree_cpu_seconds(target.meter.root) - tree_before, 3)
+    return result
+
+
+def check(result: dict, target: Target, when: str, failures: list[str]) -> None:
+    """Note what makes the run unreportable: an acknowledged message missing at the
+    sink, or a client that failed."""
+    if result["missing"]:
+        failures.append(f"{target.name} ({when}): {len(result['missing'])} of "
+                        f"{result['acknowledged']} acknowledged messages are missing at "
+                        f"the sink, e.g. {result['missing'][:3]}")
+    if result.get("errors"):
+        failures.append(f"{target.name} ({when}): the load failed: {result['errors']}")
+
+
+def merge(parts: list[dict]) -> dict:
+    """The rounds of one target as one result: rate over the summed load time,
+    percentiles over all latencies, CPU over all delivered messages."""
+    latencies = sorted(x for p in parts for x in p.get("latencies", []))
+    seconds = sum(p["seconds"] for p in parts)
+    merged: dict = {
+        "messages": len(latencies), "seconds": round(seconds, 3),
+        "msg_per_s": round(len(latencies) / seconds, 1) if seconds else 0.0,
+        "rounds_msg_per_s": [round(p.get("msg_per_s", 0)) for p in parts],
+        "p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2) if latencies else None,
+        "acknowledged": sum(p["acknowledged"] for p in parts),
+        "delivered": sum(p["delivered"] for p in parts),
+        "duplicates": sum(p["duplicates"] for p in parts),
+        "drain_s": max(p["drain_s"] for p in parts),
+        "loadgen_cpu_us_per_msg": round(statistics.median(
+            p["loadgen_cpu_us_per_msg"] for p in parts)),
+    }
+    weights = [p["seconds"] for p in parts]
+    merged["machine_pct"] = {  # while the load ran, weighted by the rounds' durations
+        key: round(sum(p["machine_pct"][key] * w for p, w in zip(parts, weights))
+                   / (sum(weights) or 1), 1) for key in parts[0]["machine_pct"]}
+    if "cpu_s" in parts[0]:
+        cpu = sum(p["cpu_s"] for p in parts)
+        merged["cpu_s"] = round(cpu, 3)
+        merged["cpu_us_per_msg"] = round(cpu / max(1, merged["delivered"]) * 1e6)
+        merged["processes"] = max(p["processes"] for p in parts)
+        if "proc_tree_cpu_s" in parts[0]:
+            merged["proc_tree_cpu_s"] = round(sum(p["proc_tree_cpu_s"] for p in parts), 3)
+        roles: dict[str, float] = {}
+        for p in parts:
+            for role, value in p.get("cpu_by_role_s", {}).items():
+                roles[role] = round(roles.get(role, 0.0) + value, 3)
+        if roles:
+            merged["cpu_by_role_s"] = roles
+    return merged
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "n/a"
+
+
+def table(results: dict, targets: list[Target], modes: list[str], workers: int) -> str:
+    lines = ["| mode | target | msg/s | p50 ms | p99 ms | relay CPU µs/msg | delivered "
+             "| relay processes |", "|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        for target in targets:
+            if target.unavailable:
+                lines.append(f"| {mode} | {target.name} | not available | | | | "
+                             f"{target.unavailable} | |")
+                continue
+            r = results[mode][target.name]
+            cpu = r.get("cpu_us_per_msg", "–")
+            lines.append(f"| {mode} | {target.name} | {r['msg_per_s']:,.0f} | {r['p50_ms']} "
+                         f"| {r['p99_ms']} | {cpu} | {r['delivered']}/{r['acknowledged']} "
+                         f"| {r.get('processes', '–')} |")
+    lines += ["", "| mode | ratio | measured | issue-13 target |", "|---|---|---|---|"]
+    n = f"esmtpfa-{workers}"
+    for mode in modes:
+        row = results[mode]
+        e1, pf, sink, en = (row.get("esmtpfa-1"), row.get("postfix"), row.get("smtp-sink"),
+                            row.get(n))
+
+        def get(r, key):
+            return r.get(key) if r else None
+        lines += [
+            f"| {mode} | esmtpfa-1 / postfix, msg/s | "
+            f"{ratio(get(e1, 'msg_per_s'), get(pf, 'msg_per_s'))} | ≥ 2.0 |",
+            f"| {mode} | esmtpfa-1 / postfix, p99 | "
+            f"{ratio(get(e1, 'p99_ms'), get(pf, 'p99_ms'))} | ≤ 0.5 |",
+            f"| {mode} | esmtpfa-1 / postfix, CPU per message | "
+            f"{ratio(get(e1, 'cpu_us_per_msg'), get(pf, 'cpu_us_per_msg'))} | ≤ 0.25 |",
+            f"| {mode} | esmtpfa-1 / smtp-sink (ceiling), msg/s | "
+            f"{ratio(get(e1, 'msg_per_s'), get(sink, 'msg_per_s'))} | |",
+            f"| {mode} | postfix / smtp-sink (ceiling), msg/s | "
+            f"{ratio(get(pf, 'msg_per_s'), get(sink, 'msg_per_s'))} | |",
+        ]
+        if en is not None:
+            lines += [
+                f"| {mode} | {n} / esmtpfa-1, msg/s | "
+                f"{ratio(get(en, 'msg_per_s'), get(e1, 'msg_per_s'))} | ≥ 1.3 (2 workers) |",
+                f"| {mode} | {n} / esmtpfa-1, CPU per message | "
+                f"{ratio(get(en, 'cpu_us_per_msg'), get(e1, 'cpu_us_per_msg'))} | ≤ 1.10 |",
+                f"| {mode} | {n} / postfix, msg/s | "
+                f"{ratio(get(en, 'msg_per_s'), get(pf, 'msg_per_s'))} | |",
+            ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--per-connection", type=int, default=250)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="workers of the esmtpfa-N target (default: CPUs)")
+    parser.add_argument("--modes", default="sequential,pipelined")
+    parser.add_argument("--targets", default="smtp-sink,postfix,esmtpfa-1,esmtpfa-N")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the messages of each connection are sent in this many "
+                             "slices, the targets taking turns (default 5; a remainder "
+                             "of --per-connection / --rounds is not sent)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="messages per connection sent (and checked) before measuring")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="longest wait for acknowledged messages to reach the sink")
+    parser.add_argument("--log-level", default="info", help="esmtpfa's --log-level")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    wanted = args.targets.split(",")
+    command = " ".join(["python3", os.path.relpath(sys.argv[0], PROJECT), *sys.argv[1:]])
+    print(f"command: {command}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; "
+          f"CPUs: {os.cpu_count()}; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+    workdir = tempfile.mkdtemp(prefix="esmtpfa-compare-")
+    os.chmod(workdir, 0o777)  # smtp-sink runs as nobody and appends to its dump here
+    sink_port = free_port()
+    dump = SinkDump(os.path.join(workdir, "sink.dump"))
+    sink_meter = CpuMeter("sink")
+    sink_process = None
+    candidates = [Ceiling(sink_port), Postfix(sink_port),
+                  Esmtpfa("esmtpfa-1", sink_port, workdir, None, args.log_level),
+                  Esmtpfa(f"esmtpfa-{args.workers}", sink_port, workdir, args.workers,
+                          args.log_level)]
+    aliases = {"esmtpfa-N": f"esmtpfa-{args.workers}"}
+    targets = [t for t in candidates if t.name in {aliases.get(w, w) for w in wanted}]
+    results: dict = {mode: {} for mode in modes}
+    failures: list[str] = []
+    try:
+        sink_process = start_sink(sink_port, dump=dump.path, preexec_fn=sink_meter.preexec)
+        sink_meter.adopt(sink_process.pid)
+        for target in targets:
+            try:
+                target.start()
+            except RuntimeError as error:
+                if not isinstance(target, Postfix):
+                    raise  # without esmtpfa there is nothing to compare
+                target.unavailable = str(error).splitlines()[0][:160]
+            state = f"not available ({target.unavailable})" if target.unavailable else \
+                f"port {target.port}"
+            print(f"started {target.name}: {state}", flush=True)
+        method = next((t.meter.kind for t in targets if t.meter), "none")
+        print(f"relay CPU counted with: {method}", flush=True)
+        for mode in modes:
+            running = [t for t in targets if not t.unavailable]
+            for target in running:
+                if args.warmup:
+                    warm = measure(target, dump, args, mode, f"warm.{mode}.{target.name}",
+                                   args.warmup * args.connections)
+                    check(warm, target, f"{mode}, warm-up", failures)
+            slices: dict[str, list[dict]] = {t.name: [] for t in running}
+            for round_ in range(args.rounds):
+                # Interleaved, and each round starts with another target: a burst of
+                # load from outside this benchmark falls on all of them alike.
+                shift = round_ % len(running)
+                for target in running[shift:] + running[:shift]:
+                    part = measure(target, dump, args, mode,
+                                   f"{mode}.{target.name}.r{round_}",
+                                   args.per_connection // args.rounds * args.connections)
+                    check(part, target, f"{mode}, round {round_ + 1}", failures)
+                    slices[target.name].append(part)
+            for target in running:
+                result = merge(slices[target.name])
+                results[mode][target.name] = result
+                print(f"measured {target.name} ({mode}): {result['acknowledged']} "
+                      f"acknowledged, {result['delivered']} found at the sink; msg/s per "
+                      f"round {result['rounds_msg_per_s']}", flush=True)
+    finally:
+        for target in reversed(targets):
+            try:
+                target.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"stopping {target.name}: {e}", file=sys.stderr)
+        stop(sink_process)
+        sink_meter.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    if failures:
+        print("\nREFUSED: no figures are reported, because:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 2
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    print(table(results, targets, modes, args.workers))
+    print()
+    for target in targets:
+        if isinstance(target, Esmtpfa) and target.workers and target.workers > 1 and any(
+                results[m].get(target.name, {}).get("processes") == 1 for m in modes):
+            print(f"note: {target.name} accepted --workers {target.workers} but ran as one "
+                  f"process: its figures are those of a single process")
+    for mode in modes:
+        for name, r in results[mode].items():
+            extra = {k: r[k] for k in ("rounds_msg_per_s", "machine_pct", "seconds",
+                                       "drain_s",
+                                       "duplicates", "cpu_s",
+                                       "proc_tree_cpu_s", "cpu_by_role_s",
+                                       "loadgen_cpu_us_per_msg") if k in r}
+            print(f"{mode:10} {name:12} {extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "results": results,
+                       "unavailable": {t.name: t.unavailable for t in targets
+                                       if t.unavailable}}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
