@@ -8,7 +8,8 @@ the listeners' TLS files (``service.load_tls_options``) and the relay
 ``--check-connect`` one connection is made to each upstream through the relay's own
 session code (greeting, EHLO, STARTTLS, AUTH, QUIT: ``relay.session``) and to each
 identity back end (the LDAP service bind, the JWKS fetch, one request to an HTTP auth
-endpoint, through the providers' own code), all at once, each bounded.
+endpoint, through the providers' own code) and to the shared state (a PING to
+``--state-url`` through the relay's Redis client), all at once, each bounded.
 
 A problem names where it is (the file, the provider entry, the param or flag) and never
 a value from the configuration: params and flags may be secrets.  Startup's messages are
@@ -94,6 +95,7 @@ class Loaded:
 
     providers: list = field(default_factory=list)
     relay: Any = None
+    state: Any = None  # the --state-url, parsed
 
     def stop(self) -> Deferred:
         from esmtpfa.reload import stop_providers
@@ -155,6 +157,18 @@ def check_static(options, reactor, report: Report) -> Loaded:
             report.problem(f"{where}: {error}")
         else:
             report.ok(f"relay: {loaded.relay.description}")
+
+    if options.get("state-url"):
+        from esmtpfa.state.resp import RedisURL
+        try:
+            loaded.state = RedisURL.parse(options["state-url"])
+        except ValueError as error:  # never quotes the URL: it may hold a password
+            report.problem(f"--state-url: {error}")
+        else:
+            report.ok(f"shared state: {loaded.state.redacted} (failing "
+                      f"{options['state-failure']})")
+    if options.get("workers", 1) > 1:
+        report.note(f"{options['workers']} worker processes (docs/workers.md)")
     return loaded
 
 
@@ -194,6 +208,9 @@ def check_connect(loaded: Loaded, reactor, report: Report) -> Deferred:
         probe = _provider_probe(provider, reactor)
         if probe is not None:
             probes.append((f"provider {provider.meta.name!r} ({provider.meta.type})", probe))
+    if loaded.state is not None:
+        probes.append((f"shared state {loaded.state.redacted}",
+                       ensureDeferred(_probe_state(loaded.state, reactor))))
 
     def done(results) -> Deferred:
         for (label, _), (succeeded, value) in zip(probes, results):
@@ -217,6 +234,17 @@ def _reason(failure) -> str:
     if isinstance(error, RelayError):
         return error.describe()
     return str(error) or type(error).__name__
+
+
+async def _probe_state(url, reactor) -> str:
+    """One PING through the relay's own Redis client (AUTH, SELECT, TLS as configured)."""
+    from esmtpfa.state.resp import RedisClient
+    client = RedisClient(url, reactor, timeout=CONNECT_TIMEOUT)
+    try:
+        answer = await client.execute("PING")
+    finally:
+        await client.close()
+    return f"answered {answer.decode() if isinstance(answer, bytes) else answer}"
 
 
 async def _probe_upstream(upstream, reactor) -> str:

@@ -232,3 +232,38 @@ providers:
         self.assertEqual(len(problems), 2, output)
         self.assertTrue(any("provider 'idp' (jwt)" in p for p in problems), output)
         self.assertTrue(any("provider 'scripts' (http_basic)" in p for p in problems), output)
+
+
+class SharedStateTests(CheckConfigCase):
+    """``--state-url``: named (without its password) by --check-config, pinged through the
+    relay's own Redis client by --check-connect (a real redis-server)."""
+
+    PASSWORD = "redis-pass-for-the-check-9c1"
+
+    async def test_redis_answers(self):
+        from tests.support.redis import RedisServer
+        redis = RedisServer(password=self.PASSWORD)
+        await redis.start()
+        self.addCleanup(redis.stop)
+        code, output = await self.check("--check-connect", "--demo",
+                                        env={"STATE_URL": redis.url})
+        self.assertEqual(code, 0, output)
+        self.assertIn(f"shared state redis://127.0.0.1:{redis.port}/0", output)
+        self.assertIn("answered PONG", output)
+        self.assertNotIn(self.PASSWORD, output)
+
+    async def test_a_wrong_password_and_a_bad_url_are_named(self):
+        from tests.support.redis import RedisServer
+        redis = RedisServer(password=self.PASSWORD)
+        await redis.start()
+        self.addCleanup(redis.stop)
+        wrong = redis.url.replace(self.PASSWORD, "not-the-redis-password")
+        code, output = await self.check("--check-connect", "--demo", env={"STATE_URL": wrong})
+        self.assertEqual(code, 1, output)
+        self.assertIn(f"shared state redis://127.0.0.1:{redis.port}/0", output)
+        self.assertNotIn("not-the-redis-password", output)
+        code, output = await self.check("--demo", env={
+            "STATE_URL": "http://user:secret-in-url@example.com/"})
+        self.assertEqual(code, 1, output)
+        self.assertIn("STATE_URL", output)
+        self.assertNotIn("secret-in-url", output)
