@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import urllib.error
-import urllib.request
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
@@ -26,6 +24,7 @@ from tests.faults.harness import RunningRelay, message, new_message_id
 from tests.faults.test_ordinary import delivered
 from tests.support.sink import SmtpSink
 from tests.support.tokenserver import ClientRegistration, TokenServer
+from tests.support.webclient import get_blocking
 
 SECRET = "client-secret-for-the-chain-7f3a"
 MAILBOX = "printer@contoso.example"
@@ -48,14 +47,6 @@ def send(port: int, message_id: str) -> tuple[int, str]:
             return code, text.decode()
     except smtplib.SMTPResponseException as error:
         return error.smtp_code, error.smtp_error.decode()
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 class ChainCase(unittest.TestCase):
@@ -125,7 +116,8 @@ class MechanismTests(ChainCase):
         self.assertEqual(code, 250, text)
         self.assertEqual(self.server.hits, hits)
         self.assert_no_secret_in_logs()
-        status, metrics = await threads.deferToThread(get, self.a.metrics_port, "/metrics")
+        status, metrics = await threads.deferToThread(
+            get_blocking, self.a.metrics_port, "/metrics")
         upstream = f'upstream="127.0.0.1:{self.b.tls_port}"'
         self.assertIn(f'esmtpfa_oauth2_token_refreshes_total{{result="ok",{upstream}}} 1.0',
                       metrics)
@@ -205,6 +197,6 @@ class WrongSecretTests(ChainCase):
         self.assertIn("invalid_client", self.a.log)
         self.assertNotIn("not-the-secret", self.a.log)
         self.assertEqual(delivered(self.sink)[self.message_id], 0)
-        status, body = await threads.deferToThread(get, self.a.metrics_port, "/readyz")
+        status, body = await threads.deferToThread(get_blocking, self.a.metrics_port, "/readyz")
         self.assertEqual(status, 503, body)
         self.assertIn("invalid_client", json.loads(body)["checks"]["upstream"]["detail"])

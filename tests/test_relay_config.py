@@ -268,11 +268,7 @@ class OAuth2ConfigTests(unittest.TestCase):
                          ("private_key_jwt", keys.key_path, keys.cert_path))
 
     def assertRefused(self, text: str, *expected: str, env=None) -> str:
-        with self.assertRaises(ConfigError) as caught:
-            parse_relay_document(text, "relays.yaml", env or {})
-        message = str(caught.exception)
-        for part in expected:
-            self.assertIn(part, message)
+        message = ParseTests.assertRefused(self, text, *expected, env=env)
         for secret in ("s3cret", "r3fresh"):
             self.assertNotIn(secret, message)
         return message

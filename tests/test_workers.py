@@ -28,18 +28,9 @@ from twisted.web.server import Site
 
 from tests.faults.harness import (
     CLIENT, RunningRelay, message, new_message_id, send_fresh, smtp_session)
+from tests.support.webclient import get_blocking
 
 WORKERS = 2
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def metric(text: str, name: str) -> float:
@@ -95,7 +86,7 @@ class WorkersCase(unittest.TestCase):
         raise AssertionError(f"{what} not reached within {seconds} s:\n{self.relay.log}")
 
     def until_serving(self):
-        return self.until(lambda: http_get(self.relay.metrics_port, "/healthz")[0] == 200,
+        return self.until(lambda: get_blocking(self.relay.metrics_port, "/healthz")[0] == 200,
                           what="every worker serving")
 
     def worker_pids(self) -> dict[int, int]:
@@ -122,11 +113,11 @@ class ServingTests(WorkersCase):
         served = {int(slot) for slot in re.findall(
             r"\[worker (\d+) esmtpfa\.smtp#info\] \S+ connect from", self.relay.log)}
         self.assertEqual(served, {1, 2}, "the kernel should spread connections over both")
-        status, text = yield self.in_thread(http_get, self.relay.metrics_port, "/metrics")
+        status, text = yield self.in_thread(get_blocking, self.relay.metrics_port, "/metrics")
         self.assertEqual(status, 200)
         self.assertEqual(metric(text, "esmtpfa_messages_sent_total"), count)
         self.assertEqual(metric(text, "esmtpfa_workers_running"), WORKERS)
-        status, body = yield self.in_thread(http_get, self.relay.metrics_port, "/readyz")
+        status, body = yield self.in_thread(get_blocking, self.relay.metrics_port, "/readyz")
         self.assertEqual(status, 200, body)
         self.assertEqual(json.loads(body)["checks"]["workers"]["detail"],
                          f"{WORKERS} of {WORKERS} workers serving")
@@ -298,7 +289,7 @@ class RestartTests(WorkersCase):
             return lines
         lines = yield self.in_thread(two_new)
         self.assertEqual(lines, [b"220", b"220"], "the dead worker's slots were given back")
-        status, text = yield self.in_thread(http_get, self.relay.metrics_port, "/metrics")
+        status, text = yield self.in_thread(get_blocking, self.relay.metrics_port, "/metrics")
         self.assertEqual(metric(text, "esmtpfa_worker_restarts_total"), 1)
         for sock in mine:
             sock.close()

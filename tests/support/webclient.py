@@ -111,3 +111,18 @@ def metrics(port: int, host: str = "127.0.0.1"):
     response = yield request("GET", f"http://{host}:{port}/metrics")
     assert response.code == 200, response
     return Scrape(response.body.decode("utf-8"))
+
+
+def get_blocking(port: int, path: str, timeout: float = 10.0) -> tuple[int, str]:
+    """``GET http://127.0.0.1:port/path`` from a thread (``deferToThread``), as a probe
+    or an operator's curl would: the status and the body (0 and "" when nothing
+    answers)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError:
+        return 0, ""
