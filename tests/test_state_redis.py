@@ -141,6 +141,11 @@ class RESPTests(unittest.TestCase):
         for hostile in (b"$99999999\r\n", b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
                         b"?\r\n", b":x\r\n", b"$1\r\nabc\r\n"):
             self.assertRaises(ProtocolError, parse, hostile)
+        # the bound holds for a whole reply, not only for each bulk string in it
+        many = b"*3\r\n" + b"$4\r\nxxxx\r\n" * 3
+        self.assertEqual(len(parse(many)[0]), 3)
+        self.assertRaises(ProtocolError, parse, many, 0, 20)
+
 
 
 # -- the ledgers against the in-process ones -----------------------------------------------
@@ -457,6 +462,16 @@ class ClientTests(RedisCase):
         self.assertEqual(server.command("SCRIPT", "FLUSH"), b"+OK\r\n")
         self.assertEqual(await ledger.failed("192.0.2.1", [IDENTITY]), [2])  # NOSCRIPT → EVAL
         self.assertIsNotNone(await ledger.refusal("192.0.2.1", []))
+
+    async def test_a_reply_over_the_bound_drops_the_connection(self):
+        """A reply bigger than ``max_reply`` is never buffered whole: the request fails,
+        the connection is dropped, and the next request works on a new one."""
+        server = await self.start_redis()
+        self.assertEqual(server.command("SET", "big", "x" * 4096), b"+OK\r\n")
+        client = self.client(server.url, max_reply=1024)
+        with self.assertRaises(StateUnavailable):
+            await client.execute("GET", "big")
+        self.assertEqual(await client.execute("STRLEN", "big"), 4096)
 
     async def test_a_stalled_server_costs_one_timeout_per_request(self):
         stalled = StalledRedis().start()

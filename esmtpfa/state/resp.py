@@ -145,10 +145,20 @@ def encode(args: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
-def parse(buffer: bytes | bytearray, start: int = 0, depth: int = 0) -> tuple[Any, int]:
+def parse(buffer: bytes | bytearray, start: int = 0, limit: int = MAX_REPLY
+          ) -> tuple[Any, int]:
     """One reply from ``buffer[start:]``: (value, where the next starts).  Raises
     ``Incomplete`` when more octets are needed, ``ProtocolError`` when it is not RESP2
-    or exceeds the bounds.  An error reply is returned as a ``RedisError`` value."""
+    or is over ``limit`` octets in all (or ``MAX_DEPTH`` deep).  An error reply is
+    returned as a ``RedisError`` value."""
+    value, after = _parse(buffer, start, 0, limit)
+    if after - start > limit:
+        raise ProtocolError(f"a reply of {after - start} octets")
+    return value, after
+
+
+def _parse(buffer: bytes | bytearray, start: int, depth: int, limit: int
+           ) -> tuple[Any, int]:
     end = buffer.find(b"\r\n", start)
     if end < 0:
         raise Incomplete()
@@ -164,7 +174,7 @@ def parse(buffer: bytes | bytearray, start: int = 0, depth: int = 0) -> tuple[An
         size = _integer(line)
         if size < 0:
             return None, after
-        if size > MAX_REPLY:
+        if size > limit:
             raise ProtocolError(f"bulk reply of {size} octets")
         if len(buffer) < after + size + 2:
             raise Incomplete()
@@ -175,11 +185,11 @@ def parse(buffer: bytes | bytearray, start: int = 0, depth: int = 0) -> tuple[An
         count = _integer(line)
         if count < 0:
             return None, after
-        if depth >= MAX_DEPTH or count > MAX_REPLY // 4:
+        if depth >= MAX_DEPTH or count > limit // 4:
             raise ProtocolError("array reply too deep or too long")
         items = []
         for _ in range(count):
-            item, after = parse(buffer, after, depth + 1)
+            item, after = _parse(buffer, after, depth + 1, limit)
             items.append(item)
         return items, after
     raise ProtocolError(f"unknown reply type {bytes(kind)!r}")
@@ -219,7 +229,7 @@ class RESPProtocol(protocol.Protocol):
         start = 0
         while start < len(self._buffer):
             try:
-                value, start = parse(self._buffer, start)
+                value, start = parse(self._buffer, start, self.max_reply)
             except Incomplete:
                 break
             except ProtocolError as error:
