@@ -115,6 +115,19 @@ class JSONLinesObserver:
         self._out.flush()
 
 
+def logs_to_standard_output(server_options: Mapping[str, Any] | None) -> bool:
+    """Whether the server writes its log to standard output: twistd with ``-n`` and no
+    ``--logfile``, or ``--logfile -`` (or no server options at all); twist with its
+    ``--log-file`` on standard output, its default.  With ``--workers`` the workers
+    write theirs there too (esmtpfa.tap)."""
+    if not server_options:
+        return True
+    if "fileLogObserverFactory" in server_options:  # twist: its log goes to "logFile"
+        return server_options.get("logFile") in (sys.stdout, sys.stderr)
+    name = server_options.get("logfile")
+    return name == "-" or (not name and bool(server_options.get("nodaemon")))
+
+
 def twistd_log_file(server_options: Mapping[str, Any] | None) -> IO[str]:
     """Where twistd would write its text log: stdout with ``-n`` and no ``--logfile`` or
     with ``--logfile -``, else the log file (``twistd.log`` by default), rotating like
@@ -124,7 +137,7 @@ def twistd_log_file(server_options: Mapping[str, Any] | None) -> IO[str]:
     name = options.get("logfile")
     if name == "-" and server_options and not options.get("nodaemon"):
         raise SystemExit("Daemons cannot log to stdout, exiting!")  # as twistd says
-    if name == "-" or (not name and (options.get("nodaemon") or not server_options)):
+    if logs_to_standard_output(server_options):
         return sys.stdout
     log_file = LogFile.fromFullPath(name or "twistd.log")
     try:

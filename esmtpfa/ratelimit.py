@@ -239,9 +239,6 @@ class RateLimiter:
         self.max_keys = max_keys
         self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
 
-    def reserve(self, key: str, rates: Rates) -> Reservation:
-        return Reservation(self, key, rates)
-
     def _counter(self, key: str, kind: str, now: float) -> _Counter:
         slot = (key, kind)
         counter = self._counters.get(slot)

@@ -9,9 +9,7 @@ This is the only module that knows every part; each part knows only its seam
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import threading
 from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -41,6 +39,7 @@ from esmtpfa.reload import (
     stop_providers)
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_listeners
 from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
+from esmtpfa.sigterm import SigtermStop
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.state.ledgers import Ledgers
 from esmtpfa.state.redis import ledgers_from_options
@@ -240,7 +239,7 @@ def http_requests_done(channels, deadline: float, clock, every: float = 0.1):
     return loop.start(every, now=True).addCallback(lambda _: None)
 
 
-class RelayService(MultiService):
+class RelayService(SigtermStop, MultiService):
     """The whole relay; ``directory`` is where reloads swap providers in.
 
     A worker of a supervised relay (``esmtpfa.workers``) builds one with ``adopted``:
@@ -475,7 +474,7 @@ class RelayService(MultiService):
             log.info("metrics and health on http://[{addr}]:{port}/metrics (/status "
                      "/healthz /readyz)", addr=listen_address(options["metrics-addr"]),
                      port=options["metrics-port"])
-        self.reactor.callWhenRunning(self._handle_sigterm)
+        self.install_sigterm()
         super().startService()
         for relay in unwrap(self.relay):
             tokens = getattr(relay, "tokens", None)
@@ -492,24 +491,13 @@ class RelayService(MultiService):
 
     #: Set when the service stops (SIGTERM): ``/readyz`` answers 503 from then on.
     draining = False
-    _previous_sigterm = None
 
-    def _handle_sigterm(self) -> None:
-        """SIGTERM is how every rollout and node drain stops the relay: a normal stop,
-        so after the drain the process exits 0 (Twisted's own handler would make twistd
-        kill itself with the signal again).  Installed once the reactor runs, after the
-        reactor's handlers; the previous one comes back at stop.  (A service started
-        inside a running reactor, as tests do, is not yet running here: the host's
-        handler stays.)"""
-        if self.running and threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+    def stopping_already(self) -> bool:
+        return self.draining
 
-    def _sigterm(self, number, frame) -> None:
-        if self.draining:
-            return  # already on its way out
+    def sigterm_received(self) -> None:
         log.info("SIGTERM: draining for up to {grace:g} s, then exiting",
                  grace=self.options["shutdown-grace"])
-        self.reactor.callFromThread(self.reactor.stop)
 
     def stopService(self):
         """SIGTERM (docs/smtp-limits.md, "Shutdown"): out of the load balancer's rotation,
@@ -528,7 +516,7 @@ class RelayService(MultiService):
         d.addBoth(lambda _: self._close_relay(deadline))
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: stop_providers(self.directory.current.providers))
-        d.addBoth(self._restore_sigterm)
+        d.addBoth(self.restore_sigterm)
         return d
 
     def _http_channels(self) -> list:
@@ -537,12 +525,6 @@ class RelayService(MultiService):
         wrappers = getattr(getattr(listener, "factory", None), "protocols", {})
         return [getattr(w.wrappedProtocol, "wrappedProtocol", w.wrappedProtocol)
                 for w in list(wrappers)]
-
-    def _restore_sigterm(self, result):
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
-        return result
 
     def _close_relay(self, deadline: float):
         """Wait for the relay's work in flight (HTTP submissions too) up to the drain's

@@ -64,24 +64,12 @@ class TwistdSupervisor(JSONLogComponent, Supervisor):
     """The relay as twistd runs it with ``--workers`` above 1."""
 
 
-def logs_to_standard_output(server_options) -> bool:
-    """Whether twistd writes its log to standard output (``-n`` without ``--logfile``,
-    or ``--logfile -``; twist's ``--log-file -``, its default): workers write theirs
-    there too."""
-    if server_options is None:
-        return True
-    if "fileLogObserverFactory" in server_options:  # twist: its log goes to "logFile"
-        import sys
-        return server_options.get("logFile") in (sys.stdout, sys.stderr)
-    name = server_options.get("logfile")
-    return name == "-" or (not name and bool(server_options.get("nodaemon")))
-
-
 def makeService(options) -> RelayService:
     if options.get("check-config"):
         from esmtpfa.checkconfig import run
         raise SystemExit(run(options))
     if options["workers"] > 1:
+        from esmtpfa.jsonlog import logs_to_standard_output
         if not logs_to_standard_output(getattr(options, "parent", None)):
             raise SystemExit("--workers: the workers log to standard output, so twistd "
                              "must too: run it with -n (--nodaemon) and no --logfile, or "

@@ -6,7 +6,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, RateSyntaxError
+from esmtpfa.ratelimit import (
+    Exceeded, Limit, RateLimiter, Rates, RateSyntaxError, Reservation)
 
 
 class ParseTests(unittest.TestCase):
@@ -52,7 +53,7 @@ class LimiterTests(unittest.TestCase):
         self.rates = Rates(messages=Limit(3, 60.0), recipients=Limit(5, 60.0))
 
     def send(self, key="corp/alice", recipients=1, accepted=True):
-        reservation = self.limiter.reserve(key, self.rates)
+        reservation = Reservation(self.limiter, key, self.rates)
         settled(reservation.message())
         for _ in range(recipients):
             settled(reservation.recipient())
@@ -83,16 +84,16 @@ class LimiterTests(unittest.TestCase):
         self.assertRaises(Exceeded, self.send)
 
     def test_parallel_transactions_cannot_overshoot(self):
-        held = [self.limiter.reserve("corp/alice", self.rates) for _ in range(3)]
+        held = [Reservation(self.limiter, "corp/alice", self.rates) for _ in range(3)]
         for reservation in held:
             settled(reservation.message())
-        late = self.limiter.reserve("corp/alice", self.rates)
+        late = Reservation(self.limiter, "corp/alice", self.rates)
         self.assertRaises(Exceeded, lambda: settled(late.message()))
         held[0].release()  # one of them failed: its place is free again
         settled(late.message())
 
     def test_recipient_budget(self):
-        reservation = self.limiter.reserve("corp/alice", self.rates)
+        reservation = Reservation(self.limiter, "corp/alice", self.rates)
         settled(reservation.message())
         for _ in range(5):
             settled(reservation.recipient())
@@ -103,7 +104,7 @@ class LimiterTests(unittest.TestCase):
         self.assertRaises(Exceeded, self.send, recipients=1)
 
     def test_settling_twice_counts_once(self):
-        reservation = self.limiter.reserve("corp/alice", self.rates)
+        reservation = Reservation(self.limiter, "corp/alice", self.rates)
         settled(reservation.message())
         reservation.commit()
         reservation.commit()
@@ -122,7 +123,7 @@ class LimiterTests(unittest.TestCase):
         self.assertRaises(Exceeded, self.send)
 
     def test_unlimited_rates_never_refuse(self):
-        reservation = self.limiter.reserve("corp/alice", Rates())
+        reservation = Reservation(self.limiter, "corp/alice", Rates())
         for _ in range(1000):
             settled(reservation.message())
             settled(reservation.recipient())
@@ -132,7 +133,7 @@ class LimiterTests(unittest.TestCase):
     def test_memory_is_bounded(self):
         limiter = RateLimiter(self.clock, max_keys=100)
         for n in range(1000):
-            reservation = limiter.reserve(f"p/user{n}", self.rates)
+            reservation = Reservation(limiter, f"p/user{n}", self.rates)
             settled(reservation.message())
             reservation.commit()
         self.assertLessEqual(len(limiter), 100)

@@ -31,7 +31,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import Claim
-from esmtpfa.auth.throttle import AuthThrottle, LocalLoginLedger, LoginThrottled, delay_steps
+from esmtpfa.auth.throttle import (
+    AuthThrottle, LocalLoginLedger, LoginThrottled, identity_depth)
 from esmtpfa.metrics import RelayMetrics
 from esmtpfa.options import Options
 from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, Reservation
@@ -147,7 +148,6 @@ class RESPTests(unittest.TestCase):
         self.assertRaises(ProtocolError, parse, many, 0, 20)
 
 
-
 # -- the ledgers against the in-process ones -----------------------------------------------
 
 IDENTITY = "office\0alice"
@@ -186,7 +186,7 @@ class LedgerEquivalenceTests(RedisCase):
     async def ledgers(self):
         server = await self.start_redis()
         redis_clock, local_clock = task.Clock(), task.Clock()
-        depth = self.PER_IDENTITY + delay_steps(1.0, 8.0) + 1
+        depth = identity_depth(self.PER_IDENTITY, 8.0)
         state = RedisState(self.client(server.url), clock=redis_clock)
         shared = RedisLoginLedger(state, self.PER_ADDRESS, self.PER_IDENTITY, self.WINDOW,
                                   depth=depth)

@@ -160,11 +160,19 @@ class IdentityDigest:
                                key=self.key).digest()
 
 
-def delay_steps(first_delay: float, max_delay: float) -> int:
-    """How many doublings take ``first_delay`` to ``max_delay``."""
+#: The first delay of a failed login for an identity under attack (then doubling).
+FIRST_DELAY = 1.0
+
+
+def identity_depth(per_identity: int, max_delay: float,
+                   first_delay: float = FIRST_DELAY) -> int:
+    """How many failures of one identity a ledger keeps: enough for the delay to reach
+    its cap (``first_delay`` doubled up to ``max_delay``); more would only cost memory.
+    Every ledger (here, the workers' supervisor, Redis) is sized by this."""
+    steps = 0
     if 0 < first_delay < max_delay:
-        return math.ceil(math.log2(max_delay / first_delay))
-    return 0
+        steps = math.ceil(math.log2(max_delay / first_delay))
+    return per_identity + steps + 1
 
 
 @implementer(ILoginLedger)
@@ -233,7 +241,7 @@ class AuthThrottle:
     """
 
     def __init__(self, per_address: int = 30, per_identity: int = 10, window: float = 600.0,
-                 clock=None, *, first_delay: float = 1.0, max_delay: float = 8.0,
+                 clock=None, *, first_delay: float = FIRST_DELAY, max_delay: float = 8.0,
                  max_keys: int = 100_000, ledger: ILoginLedger | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -241,10 +249,9 @@ class AuthThrottle:
         self.per_identity = per_identity
         self.first_delay, self.max_delay = first_delay, max(max_delay, 0.0)
         if ledger is None:
-            # Deep enough for the delay to reach its cap; more would only cost memory.
             ledger = LocalLoginLedger(
                 per_address, per_identity, window, clock, max_keys=max_keys,
-                depth=per_identity + delay_steps(first_delay, self.max_delay) + 1)
+                depth=identity_depth(per_identity, self.max_delay, first_delay))
         self.ledger = ledger
 
     def refusal(self, peer_host: str, claims: Sequence[Claim]) -> Deferred:
@@ -359,5 +366,5 @@ class ThrottlingChecker:
 
 
 __all__ = ["AuthThrottle", "FailureWindow", "IdentityDigest", "LocalLoginLedger",
-           "LoginThrottled", "ThrottlingChecker", "address_key", "delay_steps",
+           "LoginThrottled", "ThrottlingChecker", "address_key", "identity_depth",
            "identity_text"]

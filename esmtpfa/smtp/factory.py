@@ -34,9 +34,6 @@ class ConnectionLimits:
         self.active = 0
         self.by_ip: Counter[str] = Counter()
 
-    def admit(self, ip: str) -> bool:
-        return self.refusal_now(ip) is None
-
     def refusal(self, ip: str) -> defer.Deferred:
         return defer.succeed(self.refusal_now(ip))
 

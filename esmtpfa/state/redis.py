@@ -33,7 +33,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.auth.throttle import IdentityDigest, delay_steps
+from esmtpfa.auth.throttle import IdentityDigest, identity_depth
 from esmtpfa.logs import logger
 from esmtpfa.ratelimit import Exceeded
 from esmtpfa.state.guard import FailurePolicy, GuardedLoginLedger, GuardedRateLedger
@@ -371,8 +371,7 @@ def ledgers_from_options(options, reactor, observer=None, parent=None):
     login = RedisLoginLedger(
         state, per_address=options["max-auth-failures-per-ip"], per_identity=per_identity,
         window=options["auth-failure-window"],
-        # As AuthThrottle sizes its own: deep enough for the delay to reach its cap.
-        depth=per_identity + delay_steps(1.0, options["auth-failure-max-delay"]) + 1)
+        depth=identity_depth(per_identity, options["auth-failure-max-delay"]))
     rates = RedisRateLedger(state)
     # The client bounds every request by ``timeout``; this only catches what it cannot.
     policy = FailurePolicy(options["state-failure"], reactor, observer=observer,

@@ -48,7 +48,7 @@ def snapshot(families: Iterable[Metric]) -> Snapshot:
             for family in families]
 
 
-def _rule(name: str, kind: str, namespace: str) -> Any:
+def _rule(name: str, namespace: str) -> Any:
     bare = name[len(namespace) + 1:] if namespace and name.startswith(namespace + "_") \
         else name
     if bare in HIGHEST:
@@ -68,7 +68,7 @@ def merge(snapshots: Iterable[Snapshot], namespace: str = "") -> list[Metric]:
             if known is None:
                 known = families[family["name"]] = (family, OrderedDict())
             meta, values = known
-            rule = _rule(family["name"], family["type"], namespace)
+            rule = _rule(family["name"], namespace)
             for name, labels, value in family["samples"]:
                 key = (name, tuple(sorted(labels.items())))
                 if key not in values:
@@ -98,7 +98,7 @@ class RetiredCounts:
             return
         kept = [family for family in last
                 if family["type"] in ("counter", "histogram", "summary")
-                and _rule(family["name"], family["type"], namespace) is None]
+                and _rule(family["name"], namespace) is None]
         # Folded into one snapshot, so restarts never make the list grow.
         self._merged = snapshot(merge([self._merged, kept], namespace))
 

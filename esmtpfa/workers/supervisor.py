@@ -36,10 +36,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa import __version__
-from esmtpfa.auth.throttle import LocalLoginLedger, delay_steps
+from esmtpfa.auth.throttle import LocalLoginLedger, identity_depth
 from esmtpfa.logs import logger, set_level
 from esmtpfa.metrics import CONTENT_TYPE, render
 from esmtpfa.ratelimit import RateLimiter
+from esmtpfa.sigterm import SigtermStop
 from esmtpfa.smtp.factory import ConnectionLimits
 from esmtpfa.transport import write_through
 from esmtpfa.web.health import SHUTTING_DOWN, OkResource
@@ -233,7 +234,7 @@ def _how_it_ended(reason) -> str:
     return f"exited with status {getattr(value, 'exitCode', '?')}"
 
 
-class Supervisor(MultiService):
+class Supervisor(SigtermStop, MultiService):
     """The relay as N workers and the process that keeps them (see the module)."""
 
     stopping = False
@@ -343,21 +344,14 @@ class Supervisor(MultiService):
         self._heartbeat = LoopingCall(lambda: [slot.beat() for slot in self.slots])
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(HEARTBEAT, now=False)
-        self.reactor.callWhenRunning(self._handle_sigterm)
+        self.install_sigterm()
 
-    _previous_sigterm = None
+    def stopping_already(self) -> bool:
+        return self.stopping
 
-    def _handle_sigterm(self) -> None:
-        """As a single process: SIGTERM is a normal stop, and the exit status is 0."""
-        import threading
-        if self.running and threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
-
-    def _sigterm(self, number, frame) -> None:
-        if not self.stopping:
-            log.info("SIGTERM: draining {count} workers for up to {grace:g} s, then "
-                     "exiting", count=self.count, grace=self.options["shutdown-grace"])
-            self.reactor.callFromThread(self.reactor.stop)
+    def sigterm_received(self) -> None:
+        log.info("SIGTERM: draining {count} workers for up to {grace:g} s, then "
+                 "exiting", count=self.count, grace=self.options["shutdown-grace"])
 
     def stopService(self) -> defer.Deferred:
         """Out of rotation (/readyz 503), no new connections, every worker drains."""
@@ -378,18 +372,12 @@ class Supervisor(MultiService):
             return MultiService.stopService(self)
         d.addBoth(done)
         d.addBoth(lambda _: self.reloader.stop())
-        d.addBoth(self._restore_sigterm)
+        d.addBoth(self.restore_sigterm)
         return d
 
     def _kill_all(self) -> None:
         for slot in self.slots:
             slot.kill()
-
-    def _restore_sigterm(self, result):
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
-        return result
 
     # -- what the metrics listener asks -------------------------------------------------------
 
@@ -423,12 +411,12 @@ class Supervisor(MultiService):
 def shared_limits(options: Any, reactor: Any) -> SharedLimits:
     """The supervisor's counts, sized by the same flags as a single process's."""
     per_identity = options["max-auth-failures-per-user"]
-    steps = delay_steps(1.0, options["auth-failure-max-delay"])
     http = HTTPLimits.from_options(options)
     return SharedLimits(
         login=LocalLoginLedger(options["max-auth-failures-per-ip"], per_identity,
                                options["auth-failure-window"], reactor,
-                               depth=per_identity + steps + 1),
+                               depth=identity_depth(
+                                   per_identity, options["auth-failure-max-delay"])),
         rates=RateLimiter(reactor),
         connections={
             SMTP: ConnectionLimits(options["max-connections"],
