@@ -49,6 +49,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.support.ports import free_port
+
 
 # --- a server that counts its connections ---------------------------------------------
 
@@ -93,7 +95,9 @@ class LoopbackHTTPServer:
         self.site = _QuietSite(self.root)
         self.site.server = self
         self._interface = interface
-        self._port_number = port
+        # Never 0: a port the kernel chose could be taken while a test has the server
+        # stopped, and a restart comes back on the same one (tests/support/ports.py).
+        self._port_number = port or free_port(interface)
         self.port = None
         self._tls = tls  # (certificate PEM, key PEM): serve https
         self.connections_made = 0

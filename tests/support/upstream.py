@@ -51,6 +51,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tests.support.ports import free_port
+
 #: What a modern smarthost advertises (besides STARTTLS and AUTH, which follow the config).
 DEFAULT_EXTENSIONS = ("PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8",
                       "ENHANCEDSTATUSCODES")
@@ -183,7 +185,10 @@ class RecordingUpstream:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, port: int = 0) -> "RecordingUpstream":
-        """Listen on ``port`` (0: any free one; a given port: e.g. a restarted upstream)."""
+        """Listen on ``port`` (0: a free one outside the ephemeral range, so that a restart
+        on it cannot find it taken, tests/support/ports.py; a given port: e.g. a restarted
+        upstream)."""
+        port = port or free_port(self.host)
         factory = Factory.forProtocol(lambda: UpstreamProtocol(self))
         factory.noisy = False
         if self.implicit_tls:
