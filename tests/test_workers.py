@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.faults.harness import (
-    CLIENT, RunningRelay, message, new_message_id, send_fresh, smtp_session)
+    CLIENT, RunningRelay, message, new_message_id, send_fresh, send_one, smtp_session)
 from tests.support.webclient import get_blocking
 
 WORKERS = 2
@@ -311,6 +311,46 @@ class HungWorkerTests(WorkersCase):
         yield self.until(lambda: self.worker_pids()[2] != pids[2], what="a new worker 2")
         yield self.until_serving()
         self.assertFalse(alive(pids[2]))
+
+
+class StalledSupervisorTests(WorkersCase):
+    """The supervisor keeps the counts; when it stops answering (SIGSTOP: a stuck reactor,
+    a host swapping), a worker waits for a connection's count no longer than the control
+    channel's call deadline (5 s), then refuses it as a full relay would.  Sessions
+    already open go on delivering, and new connections are served again once the
+    supervisor answers."""
+
+    @defer.inlineCallbacks
+    def test_new_connections_wait_a_bounded_time_and_open_sessions_go_on(self):
+        def open_session():
+            return smtp_session(self.relay.smtp_port)
+        held = yield self.in_thread(open_session)
+        os.kill(self.relay.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(self.relay.pid) and os.kill(self.relay.pid, signal.SIGCONT))
+
+        def knock():
+            started = time.monotonic()
+            sock, line = greeting(self.relay.smtp_port)
+            sock.close()
+            return line, time.monotonic() - started
+        line, waited = yield self.in_thread(knock)
+        self.assertTrue(line.startswith(b"421 4.3.0 "), line)
+        self.assertGreater(waited, 4.0, "refused before the count was even asked?")
+        self.assertLess(waited, 9.0, "the wait for the supervisor is bounded by 5 s")
+
+        mid = new_message_id("stall", 1)
+        code, text = yield self.in_thread(send_one, held, message(mid))
+        self.assertEqual(code, 250, text)
+        os.kill(self.relay.pid, signal.SIGCONT)
+        lines = []
+
+        def knock_again():
+            sock, line = greeting(self.relay.smtp_port)
+            sock.close()
+            lines.append(line)
+            return line.startswith(b"220")
+        yield self.until(knock_again, what="a greeting once the supervisor answers")
+        yield self.in_thread(held.quit)
 
 
 class ShutdownTests(WorkersCase):

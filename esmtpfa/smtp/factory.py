@@ -13,7 +13,8 @@ from esmtpfa.logs import logger
 from esmtpfa.logsummary import RepeatSummary
 from esmtpfa.ids import new_id
 from esmtpfa.smtp.deadlines import client_sweeper
-from esmtpfa.smtp.server import ESMTPServer
+from esmtpfa.replies import Reply
+from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.state.interfaces import IConnectionLedger
 
@@ -92,28 +93,33 @@ class SMTPServerFactory(ServerFactory):
         return self.protocol(self)
 
     def admit(self, session: ESMTPServer) -> defer.Deferred:
-        """Fires with whether the session may go on (it holds a slot when it may).  A
-        session that left before the count answered gives its slot straight back."""
+        """Fires with ``None`` when the session may go on (it then holds a slot), else
+        with the reply that refuses it.  A session that left before the count answered
+        gives its slot straight back."""
         host = session._context.peer_host
 
-        def decided(reason: str | None) -> bool:
+        def decided(reason: str | None) -> Reply | None:
             if reason is not None:
                 self.refusals.record(
                     reason, "{connection_id} refused: {reason} reached for [{peer}]",
                     connection_id=session.id, reason=reason, peer=host)
-                return False
+                return TOO_MANY_CONNECTIONS
             if session._closing:
                 self.limits.release(host)
-                return False
+                return None
             self.sessions.add(session)
-            return True
+            return None
 
-        def unknown(failure) -> bool:
-            # The count could not be kept (its guard already said why): refuse, as a
-            # full relay would; the client retries.
-            log.failure("{connection_id}: counting the connection failed", failure,
-                        connection_id=session.id)
-            return False
+        def unknown(failure) -> Reply:
+            # The count could not be had (workers: the supervisor did not answer within
+            # its call deadline): refuse for now, saying so, and log it once per summary
+            # window, not once per connection of an outage.
+            self.refusals.record(
+                "connection count unavailable",
+                "{connection_id} refused: the connection count could not be had ({error})",
+                connection_id=session.id, error=failure.getErrorMessage() or
+                failure.type.__name__)
+            return COUNT_UNAVAILABLE
         return self.limits.refusal(host).addCallbacks(decided, unknown)
 
     def release(self, session: ESMTPServer) -> bool:

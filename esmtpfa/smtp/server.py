@@ -69,6 +69,9 @@ BAD_CHARACTERS = Reply(500, "5.5.2", "Invalid characters in command")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+#: The connection's count could not be had (workers: the supervisor did not answer):
+#: a local, temporary condition (RFC 3463 X.3.0), not a limit reached.
+COUNT_UNAVAILABLE = Reply(421, "4.3.0", "Connection limits cannot be checked now, try again later")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -175,12 +178,12 @@ class ESMTPServer(Protocol):
             self.transport.pauseProducing()
         admission.addCallback(self._admitted)
 
-    def _admitted(self, admitted: bool) -> None:
+    def _admitted(self, refusal: Reply | None) -> None:
         if self._closing:
             return  # gone while the count was asked: the factory gave the slot back
-        if not admitted:
+        if refusal is not None:
             # Logged (and collapsed when repeated) by the factory: nothing more here.
-            self._reply(TOO_MANY_CONNECTIONS)
+            self._reply(refusal)
             self._close()
             return
         self.transport.resumeProducing()
