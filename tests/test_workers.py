@@ -320,6 +320,8 @@ class StalledSupervisorTests(WorkersCase):
     already open go on delivering, and new connections are served again once the
     supervisor answers."""
 
+    http = True
+
     @defer.inlineCallbacks
     def test_new_connections_wait_a_bounded_time_and_open_sessions_go_on(self):
         def open_session():
@@ -333,10 +335,20 @@ class StalledSupervisorTests(WorkersCase):
             sock, line = greeting(self.relay.smtp_port)
             sock.close()
             return line, time.monotonic() - started
-        line, waited = yield self.in_thread(knock)
+        def knock_http():
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", self.relay.http_port),
+                                          timeout=15) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+                answer = sock.recv(200)
+            return answer, time.monotonic() - started
+        (line, waited), (answer, http_waited) = yield defer.gatherResults(
+            [self.in_thread(knock), self.in_thread(knock_http)])
         self.assertTrue(line.startswith(b"421 4.3.0 "), line)
         self.assertGreater(waited, 4.0, "refused before the count was even asked?")
         self.assertLess(waited, 9.0, "the wait for the supervisor is bounded by 5 s")
+        self.assertEqual(answer, b"", "an HTTP connection is closed as over a cap")
+        self.assertLess(http_waited, 9.0, "the HTTP wait is bounded too")
 
         mid = new_message_id("stall", 1)
         code, text = yield self.in_thread(send_one, held, message(mid))
@@ -351,6 +363,10 @@ class StalledSupervisorTests(WorkersCase):
             return line.startswith(b"220")
         yield self.until(knock_again, what="a greeting once the supervisor answers")
         yield self.in_thread(held.quit)
+        # One line per kind of refusal, not a traceback per connection.
+        self.assertNotIn("Traceback", self.relay.log)
+        self.assertIn("refused: the connection count could not be had", self.relay.log)
+        self.assertIn("closed: the connection count could not be had", self.relay.log)
 
 
 class ShutdownTests(WorkersCase):

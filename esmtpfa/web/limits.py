@@ -122,7 +122,8 @@ class CountedConnection(ProtocolWrapper):
         self.wrappedProtocol.makeConnection(self)
 
     def _unknown(self, failure) -> None:
-        log.failure("counting an HTTP connection failed", failure)
+        self.factory.requests.count_unavailable(
+            self.factory.name, self.host, failure.getErrorMessage() or failure.type.__name__)
         if self.connected:
             self.transport.loseConnection()
 

@@ -64,6 +64,15 @@ class RequestLog:
         self._floods.record("connection cap", "{listener} connection from [{peer}] refused: "
                             "connection limit reached", listener=listener, peer=peer)
 
+    def count_unavailable(self, listener: str, peer: str, error: str) -> None:
+        """A connection closed because its count could not be had (workers: the
+        supervisor did not answer in time); summed up like the floods, since an outage
+        refuses every new connection."""
+        self._floods.record("connection count unavailable",
+                            "{listener} connection from [{peer}] closed: the connection "
+                            "count could not be had ({error})", listener=listener,
+                            peer=peer, error=error)
+
     def stop(self) -> None:
         """Write the counts still pending; the listener stops."""
         self._floods.stop()
