@@ -82,6 +82,9 @@ from loadgen import (  # noqa: E402
     esmtpfa_arguments, free_port, greeting, load, machine_share, machine_ticks, own_cpu,
     percentile, start_sink, stop, tree_cpu_seconds, twistd_command)
 
+sys.path.insert(0, PROJECT)
+from tests.support.postfix import main_cf, settle, write_cyrus_sasl  # noqa: E402
+
 POSTFIX_HOSTNAME = "postfix.test"
 
 
@@ -178,8 +181,8 @@ class Esmtpfa(Target):
 class Postfix(Target):
     """A private queueing Postfix with Cyrus SASL, relaying everything to the sink.
 
-    Adapted from ``tests/support/postfix.py`` (same SASL setup: ``saslpasswd2`` into a
-    private sasldb, auxprop) but run as a whole Postfix: ``postfix -c DIR start-fg``
+    Configured with ``tests/support/postfix.py``'s pieces (the same ``main.cf`` core and
+    SASL setup: ``saslpasswd2`` into a private sasldb, auxprop) but run as a whole Postfix: ``postfix -c DIR start-fg``
     keeps ``master`` in the foreground, and master starts smtpd, cleanup, qmgr, smtp
     and the rest as it needs them.  No service is chrooted (so the SASL plugins and
     /etc/hosts are reachable).  Everything else is Postfix's defaults, in_flow_delay
@@ -227,49 +230,19 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         for sub in ("queue", "data", "sasl"):
             os.makedirs(os.path.join(d, sub))
         with open(os.path.join(d, "main.cf"), "w") as f:
-            f.write(f"""\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = {POSTFIX_HOSTNAME}
-mydomain = test
-mydestination =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
+            f.write(main_cf(d, user="postfix", group="postdrop", hostname=POSTFIX_HOSTNAME,
+                            size_limit=209715200, more=f"""\
 relayhost = [127.0.0.1]:{self.sink_port}
-message_size_limit = 209715200
-smtpd_sasl_auth_enable = yes
-smtpd_sasl_type = cyrus
-cyrus_sasl_config_path = {d}/sasl
-smtpd_sasl_path = smtpd
-smtpd_sasl_security_options = noanonymous
-smtpd_relay_restrictions = permit_sasl_authenticated, reject
-smtpd_recipient_restrictions = permit_sasl_authenticated, reject
-local_recipient_maps =
-alias_maps =
-alias_database =
 smtpd_tls_security_level = none
 smtp_tls_security_level = none
-""")
+"""))
         with open(os.path.join(d, "master.cf"), "w") as f:
             f.write(f"127.0.0.1:{self.port} inet n - n - - smtpd\n{self.SERVICES}")
-        with open(os.path.join(d, "sasl", "smtpd.conf"), "w") as f:
-            f.write(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-                    f"mech_list: PLAIN LOGIN\nsasldb_path: {d}/sasldb2\n")
-        subprocess.run(["saslpasswd2", "-p", "-c", "-f", os.path.join(d, "sasldb2"),
-                        "-u", POSTFIX_HOSTNAME, USER], input=PASSWORD.encode(), check=True,
-                       timeout=20)
+        write_cyrus_sasl(d, POSTFIX_HOSTNAME, {USER: PASSWORD}, ("PLAIN", "LOGIN"))
         account = pwd.getpwnam("postfix")
         for name in ("sasldb2", "data"):
             os.chown(os.path.join(d, name), account.pw_uid, account.pw_gid)
-        # Postfix re-reads a configuration file modified in the last second or two.
-        past = time.time() - 60
-        for name in ("main.cf", "master.cf", "sasl/smtpd.conf", "sasldb2"):
-            os.utime(os.path.join(d, name), (past, past))
+        settle(d, ("main.cf", "master.cf", "sasl/smtpd.conf", "sasldb2"))
         # "check" creates the queue directories with the owners and modes Postfix wants.
         checked = subprocess.run(["postfix", "-c", d, "check"], capture_output=True,
                                  timeout=60)

@@ -36,6 +36,62 @@ ALL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
 SASL_PLUGINS = "/usr/lib/x86_64-linux-gnu/sasl2"
 
 
+def main_cf(directory: str, *, user: str, group: str, hostname: str, size_limit: int,
+            more: str = "") -> str:
+    """A private ``main.cf``: queue, data and log under ``directory``, loopback only, no
+    local delivery, relaying for SASL-authenticated clients only (Cyrus, see
+    ``write_cyrus_sasl``); ``more`` is appended (what the caller's Postfix does with the
+    mail, TLS)."""
+    return f"""\
+compatibility_level = 3.6
+queue_directory = {directory}/queue
+data_directory = {directory}/data
+mail_owner = {user}
+setgid_group = {group}
+myhostname = {hostname}
+mydomain = test
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+maillog_file_prefixes = {directory}
+maillog_file = {directory}/maillog
+message_size_limit = {size_limit}
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+cyrus_sasl_config_path = {directory}/sasl
+smtpd_sasl_path = smtpd
+smtpd_sasl_security_options = noanonymous
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+local_recipient_maps =
+alias_maps =
+alias_database =
+{more}"""
+
+
+def write_cyrus_sasl(directory: str, hostname: str, users: dict[str, str],
+                     mechanisms: tuple[str, ...]) -> None:
+    """``sasl/smtpd.conf`` (auxprop over a private sasldb) and the ``sasldb2`` with
+    ``users``, made by ``saslpasswd2`` in the realm ``hostname``."""
+    os.makedirs(os.path.join(directory, "sasl"), exist_ok=True)
+    with open(os.path.join(directory, "sasl", "smtpd.conf"), "w") as f:
+        f.write(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+                f"mech_list: {' '.join(mechanisms)}\n"
+                f"sasldb_path: {directory}/sasldb2\n")
+    for name, password in users.items():
+        subprocess.run(["saslpasswd2", "-p", "-c", "-f", os.path.join(directory, "sasldb2"),
+                        "-u", hostname, name], input=password.encode(), check=True,
+                       timeout=20)
+
+
+def settle(directory: str, names: tuple[str, ...]) -> None:
+    """Postfix re-reads a configuration file modified within the last second or two
+    ("let it cool down", 300 ms at a time): make ours look settled."""
+    past = time.time() - 60
+    for name in names:
+        os.utime(os.path.join(directory, name), (past, past))
+
+
 def _gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
@@ -118,33 +174,11 @@ class PostfixSubmission:
                    "smtpd_tls_security_level = may\n"
                    "smtpd_tls_session_cache_database =\n")
         with open(os.path.join(d, "main.cf"), "w") as f:
-            f.write(f"""\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = {user}
-setgid_group = {group}
-myhostname = {self.hostname}
-mydomain = test
-mydestination =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-message_size_limit = {self.size_limit}
-smtpd_sasl_auth_enable = yes
-smtpd_sasl_type = cyrus
-cyrus_sasl_config_path = {d}/sasl
-smtpd_sasl_path = smtpd
-smtpd_sasl_security_options = noanonymous
+            f.write(main_cf(d, user=user, group=group, hostname=self.hostname,
+                            size_limit=self.size_limit, more=f"""\
 smtpd_tls_auth_only = {"yes" if self.tls_auth_only else "no"}
-smtpd_relay_restrictions = permit_sasl_authenticated, reject
-smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 smtpd_reject_unlisted_recipient = no
 smtpd_reject_unlisted_sender = no
-local_recipient_maps =
-alias_maps =
-alias_database =
 smtpd_proxy_filter = 127.0.0.1:{self.sink.port}
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
@@ -152,20 +186,9 @@ smtpd_client_message_rate_limit = 0
 smtpd_client_recipient_rate_limit = 0
 smtpd_client_new_tls_session_rate_limit = 0
 smtpd_client_auth_rate_limit = 0
-{tls}""")
-        with open(os.path.join(d, "sasl", "smtpd.conf"), "w") as f:
-            f.write(f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-                    f"mech_list: {' '.join(self.mechanisms)}\n"
-                    f"sasldb_path: {d}/sasldb2\n")
-        for name, password in self.users.items():
-            subprocess.run(["saslpasswd2", "-p", "-c", "-f", os.path.join(d, "sasldb2"),
-                            "-u", self.hostname, name], input=password.encode(), check=True,
-                           timeout=20)
-        # Postfix re-reads a configuration file modified within the last second or two
-        # ("let it cool down", 300 ms at a time): make ours look settled.
-        past = time.time() - 60
-        for name in ("main.cf", "sasl/smtpd.conf", "sasldb2"):
-            os.utime(os.path.join(d, name), (past, past))
+{tls}"""))
+        write_cyrus_sasl(d, self.hostname, self.users, self.mechanisms)
+        settle(d, ("main.cf", "sasl/smtpd.conf", "sasldb2"))
         if os.geteuid() == 0:
             account = pwd.getpwnam(user)
             for root, dirs, files in os.walk(d):
