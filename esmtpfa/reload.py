@@ -546,6 +546,36 @@ def _shielded(d: defer.Deferred) -> defer.Deferred:
     return shield
 
 
+class _StartupSighup:
+    """SIGHUP's handler from ``makeService`` until the reload service starts.
+
+    The listeners accept connections before the reload service is started (twistd binds
+    them in ``privilegedStartService``; the supervisor of ``--workers`` binds its sockets
+    when it is built).  Without a handler, a SIGHUP in that window (``systemctl reload``
+    or a log rotation's postrotate right after a start) would end the process: SIGHUP's
+    default action.  This handler only notes the signal; ``SighupReload.install`` takes
+    over and reloads once for it."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum, frame) -> None:
+        self.received = True
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self)
+
+    def take(self) -> bool:
+        """Whether a SIGHUP came during startup; forgets it."""
+        received, self.received = self.received, False
+        return received
+
+
+#: Installed by ``esmtpfa.tap.makeService`` before any listener is bound.
+startup_sighup = _StartupSighup()
+
+
 class SighupReload:
     """Runs ``callback`` on the reactor thread whenever the process gets SIGHUP.
 
@@ -571,6 +601,9 @@ class SighupReload:
             return
         self._previous = signal.signal(signal.SIGHUP, self._received)
         self._installed = True
+        if self._previous is startup_sighup and startup_sighup.take():
+            log.info("SIGHUP came during startup: reloading now")
+            self._reactor.callFromThread(self._run)
 
     def _received(self, signum, frame) -> None:
         self._reactor.callFromThread(self._run)
@@ -629,4 +662,4 @@ class ReloadService(Service):
 
 __all__ = ["APPLIED", "REFUSED", "UNCHANGED", "ConfigServicePoller", "FileWatcher",
            "ProviderReloader", "ReloadService", "SighupReload", "reactor_threads",
-           "redact_url", "stop_providers"]
+           "redact_url", "startup_sighup", "stop_providers"]

@@ -68,6 +68,9 @@ def makeService(options) -> RelayService:
     if options.get("check-config"):
         from esmtpfa.checkconfig import run
         raise SystemExit(run(options))
+    # From here on a listener may be bound before the reload service takes SIGHUP.
+    from esmtpfa.reload import startup_sighup
+    startup_sighup.install()
     if options["workers"] > 1:
         from esmtpfa.jsonlog import logs_to_standard_output
         if not logs_to_standard_output(getattr(options, "parent", None)):

@@ -250,6 +250,37 @@ class SighupTests(ReloadMixin, unittest.TestCase):
         self.assertIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, None))
 
 
+class StartupSighupTests(unittest.TestCase):
+    """twistd binds the listeners before the reload service starts: a SIGHUP in between
+    (``systemctl reload`` right after a start) must neither end the relay, which is
+    SIGHUP's default action, nor be lost.  CI once lost a relay this way."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_a_sighup_while_starting_is_kept_and_reloaded_once_started(self):
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP,
+                        signal.SIG_DFL if previous is None else previous)
+        events = capture_logs(self)
+        fixture = RelayFixture(self.mktemp(), "--config-poll-interval", "3600",
+                               providers=PROVIDERS)
+        self.addCleanup(fixture.stop)
+
+        def operator_reloads():
+            fixture.write_providers(PROVIDERS + SCRIPTS)
+            # Checked first, so that a regression fails here instead of killing trial.
+            self.assertNotIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, None),
+                             "the listeners are bound and SIGHUP would end the relay")
+            os.kill(os.getpid(), signal.SIGHUP)
+        yield fixture.start(while_starting=operator_reloads)
+        yield until(lambda: "scripts" in [p.meta.name for p in
+                                          fixture.service.directory.current.providers],
+                    timeout=10)
+        self.assertEqual((yield auth(fixture, "scripts", "bot:s3cret")), 235)
+        self.assertIn("SIGHUP came during startup: reloading now", log_text(events))
+
+
 FALLBACK_PROVIDERS = """\
 providers:
 - meta: {{name: remote, type: http_basic, fallback: true}}

@@ -18,7 +18,7 @@ import ssl
 from twisted.internet import defer, threads
 
 from esmtpfa.service import RelayService
-from esmtpfa.tap import Options
+from esmtpfa.tap import Options, makeService
 from tests.support.certs import CertificateAuthority
 from tests.support.rawsmtp import RawSMTP
 from tests.support.upstream import RecordingUpstream
@@ -50,7 +50,10 @@ class RelayFixture:
         self.service: RelayService | None = None
 
     @defer.inlineCallbacks
-    def start(self):
+    def start(self, *, while_starting=None):
+        """Start the relay.  With ``while_starting``, as twistd does: the service from
+        ``makeService``, its listeners bound (``privilegedStartService``), then
+        ``while_starting()``, then ``startService``."""
         if self.upstream is not None and not self.upstream.port:
             yield defer.maybeDeferred(self.upstream.start)
         config = self.config_path
@@ -66,7 +69,12 @@ class RelayFixture:
         options = Options(environ=self.env)
         options.parseOptions(args + self.extra_args)
         self.options = options
-        self.service = RelayService(options)
+        if while_starting is None:
+            self.service = RelayService(options)
+        else:
+            self.service = makeService(options)
+            self.service.privilegedStartService()
+            while_starting()
         self.service.startService()
         ports = yield self.service.listening_ports()
         self.plain_port = ports["plain"].getHost().port
