@@ -16,6 +16,7 @@ from esmtpfa.smtp.deadlines import client_sweeper
 from esmtpfa.replies import Reply
 from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.state.guard import UNAVAILABLE
 from esmtpfa.state.interfaces import IConnectionLedger
 
 log = logger("esmtpfa.smtp")
@@ -113,7 +114,11 @@ class SMTPServerFactory(ServerFactory):
         def unknown(failure) -> Reply:
             # The count could not be had (workers: the supervisor did not answer within
             # its call deadline): refuse for now, saying so, and log it once per summary
-            # window, not once per connection of an outage.
+            # window, not once per connection of an outage.  Anything else is a bug.
+            if not failure.check(*UNAVAILABLE):
+                log.failure("{connection_id}: counting the connection failed", failure,
+                            connection_id=session.id)
+                return COUNT_UNAVAILABLE
             self.refusals.record(
                 "connection count unavailable",
                 "{connection_id} refused: the connection count could not be had ({error})",

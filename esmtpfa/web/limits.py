@@ -24,6 +24,7 @@ from zope.interface import directlyProvides, providedBy
 
 from esmtpfa.logs import logger
 from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.state.guard import UNAVAILABLE
 from esmtpfa.state.interfaces import IConnectionLedger
 from esmtpfa.web.requestlog import RequestLog
 
@@ -122,8 +123,12 @@ class CountedConnection(ProtocolWrapper):
         self.wrappedProtocol.makeConnection(self)
 
     def _unknown(self, failure) -> None:
-        self.factory.requests.count_unavailable(
-            self.factory.name, self.host, failure.getErrorMessage() or failure.type.__name__)
+        if failure.check(*UNAVAILABLE):  # an outage: summed up, not a line per connection
+            self.factory.requests.count_unavailable(
+                self.factory.name, self.host,
+                failure.getErrorMessage() or failure.type.__name__)
+        else:
+            log.failure("counting an HTTP connection failed", failure)
         if self.connected:
             self.transport.loseConnection()
 
