@@ -16,8 +16,9 @@ from esmtpfa.auth.throttle import LocalLoginLedger
 from esmtpfa.metrics import render
 from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter
 from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.state.interfaces import StateUnavailable
 from esmtpfa.workers.control import (
-    MAX_FRAME, ControlChannel, ControlLost, ControlTimeout, RemoteError)
+    CALL_TIMEOUT, MAX_FRAME, ControlChannel, ControlLost, ControlTimeout, RemoteError)
 from esmtpfa.workers.limits import (
     HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
 from esmtpfa.workers.metrics import RetiredCounts, merge, snapshot
@@ -216,6 +217,28 @@ class DeadWorkerTests(unittest.TestCase):
         connections.release("192.0.2.9")
         pump()
         self.assertEqual(self.limits.connections[SMTP].active, 1)
+
+
+class StalledCountTests(unittest.TestCase):
+    """A worker's connections that wait for the supervisor's count hold a descriptor
+    each, for up to the call deadline: they are bounded by the cap itself."""
+
+    def test_no_more_connections_wait_than_the_cap_lets_in(self):
+        left, right, pump, clock = pair()  # the other side never answers
+        connections = RemoteConnections(left, SMTP, 3, 3)
+        waiting = [connections.refusal("192.0.2.1") for _ in range(3)]
+        over = connections.refusal("192.0.2.2")
+        self.assertIn("3 smtp connections already wait",
+                      str(self.failureResultOf(over, StateUnavailable).value))
+        self.assertEqual([d.called for d in waiting], [False] * 3)
+        clock.advance(CALL_TIMEOUT)  # the deadline frees the places
+        for d in waiting:
+            self.failureResultOf(d, ControlTimeout)
+        self.assertEqual(connections.waiting, 0)
+        again = connections.refusal("192.0.2.2")
+        self.assertFalse(again.called, "asked again once places are free")
+        clock.advance(CALL_TIMEOUT)
+        self.failureResultOf(again, ControlTimeout)
 
 
 class WorkersOptionTests(unittest.TestCase):

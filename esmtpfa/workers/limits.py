@@ -27,7 +27,8 @@ from esmtpfa.auth.throttle import LocalLoginLedger
 from esmtpfa.logs import logger
 from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter
 from esmtpfa.smtp.factory import ConnectionLimits
-from esmtpfa.state.interfaces import IConnectionLedger, ILoginLedger, IRateLedger
+from esmtpfa.state.interfaces import (
+    IConnectionLedger, ILoginLedger, IRateLedger, StateUnavailable)
 from esmtpfa.workers.control import ControlChannel
 
 log = logger("esmtpfa.workers")
@@ -147,9 +148,21 @@ class RemoteConnections:
     def __init__(self, channel: ControlChannel, kind: str, total: int, per_ip: int):
         self.channel, self.kind = channel, kind
         self.total, self.per_ip = total, per_ip
+        #: Connections waiting for their count.  Each holds a descriptor for up to the
+        #: call deadline; when the supervisor stalls, a flood must not pile them up
+        #: beyond what the cap would let in anyway.
+        self.waiting = 0
 
     def refusal(self, ip: str) -> defer.Deferred:
-        return self.channel.call("conn.take", kind=self.kind, ip=ip)
+        if self.waiting >= self.total:
+            return defer.fail(StateUnavailable(
+                f"{self.waiting} {self.kind} connections already wait for their count"))
+        self.waiting += 1
+
+        def answered(result: Any) -> Any:
+            self.waiting -= 1
+            return result
+        return self.channel.call("conn.take", kind=self.kind, ip=ip).addBoth(answered)
 
     def release(self, ip: str) -> None:
         self.channel.notify("conn.release", kind=self.kind, ip=ip)
