@@ -9,12 +9,11 @@ HAProxy runs in the foreground as the test's child, and ``stop`` ends it by its 
 from __future__ import annotations
 
 import os
-import socket
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from tests.support.ports import free_port
-from tests.support.processes import Collector, require, terminate
+from tests.support.processes import Collector, require, terminate, until_serving
 
 #: Where the readiness probe connects from.
 PROBE_SOURCE = "127.0.0.200"
@@ -58,7 +57,7 @@ class HAProxy:
 
     @property
     def output(self) -> str:
-        return self._collector.output.decode("utf-8", "replace")
+        return self._collector.text
 
     @defer.inlineCallbacks
     def start(self, timeout: float = 15.0):
@@ -69,19 +68,10 @@ class HAProxy:
             env={"PATH": os.environ.get("PATH", "")})
         deadline = reactor.seconds() + timeout
         for port in self.ports.values():
-            while True:
-                if self._collector.ended.called:
-                    raise AssertionError(f"haproxy exited early:\n{self.output}")
-                try:
-                    # from an address of its own, which no test's limit counts
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2,
-                                                  source_address=(PROBE_SOURCE, 0)):
-                        break
-                except OSError:
-                    if reactor.seconds() > deadline:
-                        raise AssertionError(
-                            f"haproxy did not listen on {port}:\n{self.output}") from None
-                    yield task.deferLater(reactor, 0.1, lambda: None)
+            # from an address of its own, which no test's limit counts
+            yield until_serving("haproxy", port, self._collector, interval=0.1,
+                                timeout=max(deadline - reactor.seconds(), 0.0),
+                                source=PROBE_SOURCE)
 
     @property
     def pid(self) -> int:

@@ -12,6 +12,8 @@ import shutil
 import socket
 import sys
 
+from typing import Callable
+
 from twisted.internet import defer, protocol, reactor, task, utils
 
 from tests.support.ports import free_port
@@ -51,6 +53,35 @@ class Collector(protocol.ProcessProtocol):
     def processEnded(self, reason) -> None:
         self.ended.callback(reason.value.exitCode)
 
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+
+@defer.inlineCallbacks
+def until_serving(name: str, port: int, collector: Collector, *, timeout: float = 10.0,
+                  interval: float = 0.05, source: str | None = None,
+                  probe: Callable[[socket.socket], bool] = lambda sock: True):
+    """Poll until a fresh connection to 127.0.0.1:``port`` is served (``probe`` says so;
+    by default, accepting is enough), trying at least once.  Fails loudly, with the
+    child's output, when the child ends first or ``timeout`` passes."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        if collector.ended.called:
+            raise AssertionError(f"{name} exited early:\n{collector.text}")
+        try:
+            with socket.create_connection(
+                    ("127.0.0.1", port), timeout=0.2,
+                    source_address=None if source is None else (source, 0)) as sock:
+                if probe(sock):
+                    return
+        except OSError:
+            pass
+        if reactor.seconds() >= deadline:
+            raise AssertionError(f"{name} did not answer on {port} within {timeout:g} s:\n"
+                                 f"{collector.text}")
+        yield task.deferLater(reactor, interval, lambda: None)
+
 
 class Twistd:
     """``twistd -n esmtpfa ARGS`` as a child process.
@@ -72,7 +103,7 @@ class Twistd:
 
     @property
     def output(self) -> str:
-        return self._collector.output.decode("utf-8", "replace")
+        return self._collector.text
 
     def start(self) -> None:
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -80,19 +111,9 @@ class Twistd:
         self._process = reactor.spawnProcess(
             self._collector, sys.executable, argv, env=self.env, path=PROJECT)
 
-    @defer.inlineCallbacks
-    def wait_for_port(self, port: int, timeout: float = 20.0):
+    def wait_for_port(self, port: int, timeout: float = 20.0) -> defer.Deferred:
         """Poll until something accepts on 127.0.0.1:port, or fail with the log."""
-        deadline = reactor.seconds() + timeout
-        while reactor.seconds() < deadline:
-            if self._collector.ended.called:
-                raise AssertionError(f"twistd exited early:\n{self.output}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                yield task.deferLater(reactor, 0.1, lambda: None)
-        raise AssertionError(f"twistd did not listen on {port} in {timeout}s:\n{self.output}")
+        return until_serving("twistd", port, self._collector, timeout=timeout, interval=0.1)
 
     def exited(self) -> defer.Deferred:
         """Fires with the exit code when the process ends by itself (bounded)."""

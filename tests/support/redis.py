@@ -13,10 +13,10 @@ import shutil
 import socket
 import tempfile
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 
 from tests.support.ports import free_port
-from tests.support.processes import Collector, require, terminate
+from tests.support.processes import Collector, require, terminate, until_serving
 
 
 class RedisServer:
@@ -71,22 +71,14 @@ class RedisServer:
         self._process = reactor.spawnProcess(self._collector, binary, args,
                                              env={"PATH": os.environ.get("PATH", "")},
                                              path=self.directory)
-        deadline = reactor.seconds() + 10
-        while reactor.seconds() < deadline:
-            if self._collector.ended.called:
-                raise AssertionError(f"redis-server exited:\n{self.output}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    if self.tls is not None:
-                        return self  # accepting; the client under test does the TLS
-                    sock.sendall(b"PING\r\n")
-                    answer = sock.recv(100)
-                    if answer.startswith((b"+PONG", b"-NOAUTH")):
-                        return self
-            except OSError:
-                pass
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        raise AssertionError(f"redis-server did not answer on {self.port}:\n{self.output}")
+
+        def answers(sock: socket.socket) -> bool:
+            if self.tls is not None:
+                return True  # accepting; the client under test does the TLS
+            sock.sendall(b"PING\r\n")
+            return sock.recv(100).startswith((b"+PONG", b"-NOAUTH"))
+        yield until_serving("redis-server", self.port, self._collector, probe=answers)
+        return self
 
     def command(self, *args: str) -> bytes:
         """One command over a blocking socket (a test's look inside); the raw reply."""

@@ -17,10 +17,10 @@ import shutil
 import socket
 import tempfile
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from tests.support.ports import free_port
-from tests.support.processes import Collector, require, terminate
+from tests.support.processes import Collector, require, terminate, until_serving
 
 
 @dataclass
@@ -64,17 +64,12 @@ class SmtpSink:
         args += [f"127.0.0.1:{self.port}", "64"]
         self._protocol = Collector()
         self._process = reactor.spawnProcess(self._protocol, binary, args, env=os.environ)
-        deadline = reactor.seconds() + 10
-        while reactor.seconds() < deadline:
-            if self._protocol.ended.called:
-                raise AssertionError(f"smtp-sink exited: {self._protocol.output.decode()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.recv(100)  # the greeting: it is really serving
-                    return self
-            except OSError:
-                yield task.deferLater(reactor, 0.05, lambda: None)
-        raise AssertionError(f"smtp-sink did not listen on {self.port}")
+
+        def greets(sock: socket.socket) -> bool:
+            sock.recv(100)  # the greeting: it is really serving
+            return True
+        yield until_serving("smtp-sink", self.port, self._protocol, probe=greets)
+        return self
 
     @defer.inlineCallbacks
     def stop(self):
