@@ -9,17 +9,20 @@ its ``/jwks``).  HTTP runs on the real reactor; the broker's notion of time is a
 
 from __future__ import annotations
 
+import json
 import time
 
 import jwt
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
+from twisted.web.resource import Resource
 
 from esmtpfa.metrics import RelayMetrics
 from esmtpfa.relay.oauth2 import (
-    FAILURE_HOLD, MAX_RESPONSE_BYTES, ClientAssertion, OAuth2Settings, TokenBroker,
+    FAILURE_HOLD, MAX_DESCRIPTION, MAX_RESPONSE_BYTES, ClientAssertion, OAuth2Settings, TokenBroker,
     TokenUnavailable, new_token_client, refresh_delay)
+from tests.support.httpservers import LoopbackHTTPServer
 from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.tokenserver import (
@@ -314,6 +317,41 @@ class FailureTests(BrokerTestCase):
             await broker.token()
         self.assertIn("invalid_client", caught.exception.reason)
         self.assertNoSecretAnywhere(str(caught.exception))
+
+    async def test_credentials_the_server_quotes_back_are_redacted(self):
+        """An endpoint that quotes what it was sent: the client secret straddling the
+        point where the description is cut short, and the client assertion (a JWT, a
+        credential until it expires).  Neither reaches the reason or a log line, not
+        even the secret's first characters."""
+        echoed = []
+
+        class Echo(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                form = {k.decode(): v[0].decode() for k, v in request.args.items()}
+                echoed.append(form)
+                quoted = form.get("client_secret") or form.get("client_assertion")
+                request.setResponseCode(400)
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps({"error": "invalid_request", "error_description":
+                                   "x" * (MAX_DESCRIPTION - 6) + " " + quoted}).encode()
+        server = LoopbackHTTPServer({"token": Echo()}).start()
+        self.addCleanup(server.stop)
+        keys = client_key_files(self.mktemp(), "echo", alg="RS256")
+        for settings in (self.settings(token_url=server.url("/token"),
+                                       auth_method="client_secret_post"),
+                         OAuth2Settings(token_url=server.url("/token"), client_id="app",
+                                        private_key=keys.key_path)):
+            with self.assertRaises(TokenUnavailable) as caught:
+                await self.broker(settings).token()
+            # Redacted first, shortened after: what is left of the quote is the marker.
+            self.assertIn("x <reda", caught.exception.reason)
+        self.assertEqual(len(echoed), 2)
+        assertion = echoed[1]["client_assertion"]
+        self.assertTrue(assertion.startswith("eyJ"), "the assertion is a JWT")
+        self.secrets += [SECRET[:5], assertion, assertion.split(".")[2][:8]]
+        self.assertNoSecretAnywhere()
 
     async def test_endpoint_down(self):
         url = f"http://127.0.0.1:{free_port()}/token"  # nothing listens

@@ -474,12 +474,14 @@ class TokenBroker:
         return TokenUnavailable(reason, result)
 
     def _scrub(self, text: str) -> str:
-        text = _safe(text)
+        # Before ``_safe`` shortens the text: a secret cut by the shortening would no
+        # longer match, and its first characters would reach the log.
         for secret in (self.settings.client_secret, self._refresh_token,
                        self.settings.refresh_token):
             if secret and len(secret) >= 4 and secret in text:
                 text = text.replace(secret, "<redacted>")
-        return text
+        # A JWT the server quotes (our client assertion, a token) is a credential too.
+        return _safe(_JWT.sub("<redacted>", text))
 
     def _describe(self, failure: Failure) -> tuple[None, TokenUnavailable]:
         from esmtpfa.providers.httpcheck import BodyTooLarge, describe_failure
@@ -547,6 +549,8 @@ class TokenBroker:
 
 #: RFC 6750 §2.1 b64token: an access token we can put in an AUTH exchange.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")
+#: A JWS in compact form: base64url JSON header ("eyJ" is '{"'), payload, signature.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def _safe(text: str) -> str:
