@@ -194,21 +194,28 @@ class LedgerEquivalenceTests(RedisCase):
                                  local_clock, depth=depth)
         return server, (shared, redis_clock), (local, local_clock)
 
+    async def same_answer(self, ledgers, ask, label: str, advance: float):
+        """``ask`` both ledgers, the in-process one first; both must answer alike.  Then
+        both clocks move on by ``advance``.  Returns the answer."""
+        (shared, redis_clock), (local, local_clock) = ledgers
+        expected = await ask(local)
+        self.assertEqual(await ask(shared), expected, label)
+        local_clock.advance(advance)
+        redis_clock.advance(advance)
+        return expected
+
     @staticmethod
-    async def apply(ledger, operation: str, address: str, who):
-        return await getattr(ledger, operation)(address, who)
+    def login(operation: str, address: str, who):
+        return lambda ledger: getattr(ledger, operation)(address, who)
 
     async def test_the_login_table(self):
-        _, (shared, redis_clock), (local, local_clock) = await self.ledgers()
+        _, *ledgers = await self.ledgers()
         for step, (operation, address, who, advance) in enumerate(LOGIN_TABLE):
-            expected = await self.apply(local, operation, address, who)
-            got = await self.apply(shared, operation, address, who)
-            self.assertEqual(got, expected, f"step {step}: {operation} {address} {who!r}")
-            local_clock.advance(advance)
-            redis_clock.advance(advance)
+            await self.same_answer(ledgers, self.login(operation, address, who),
+                                   f"step {step}: {operation} {address} {who!r}", advance)
 
     async def test_a_random_login_sequence(self):
-        _, (shared, redis_clock), (local, local_clock) = await self.ledgers()
+        _, *ledgers = await self.ledgers()
         rng = random.Random(13)
         addresses = [f"10.1.0.{i}" for i in range(4)] + ["2001:db8::/64"]
         identities = [f"p\0user{i}" for i in range(3)]
@@ -217,12 +224,9 @@ class LedgerEquivalenceTests(RedisCase):
             address = rng.choice(addresses)
             who = (rng.choice(identities) if operation == "succeeded"
                    else rng.sample(identities, rng.randint(0, 2)))
-            expected = await self.apply(local, operation, address, who)
-            got = await self.apply(shared, operation, address, who)
-            self.assertEqual(got, expected, f"step {step}: {operation} {address} {who!r}")
-            advance = rng.choice([0, 0, 0.5, 3, 17.25, 40])
-            local_clock.advance(advance)
-            redis_clock.advance(advance)
+            await self.same_answer(ledgers, self.login(operation, address, who),
+                                   f"step {step}: {operation} {address} {who!r}",
+                                   rng.choice([0, 0, 0.5, 3, 17.25, 40]))
 
     async def rate_ledgers(self):
         server = await self.start_redis()
@@ -235,15 +239,17 @@ class LedgerEquivalenceTests(RedisCase):
         return server, (shared, redis_clock), (RateLimiter(local_clock), local_clock)
 
     @staticmethod
-    async def rate(ledger, operation: str, *args):
-        try:
-            result = await getattr(ledger, operation)(*args)
-        except Exceeded as error:
-            return ("exceeded", error.kind, error.limit, error.retry_after)
-        return ("ok", result)
+    def rate(operation: str, *args):
+        async def ask(ledger):
+            try:
+                result = await getattr(ledger, operation)(*args)
+            except Exceeded as error:
+                return ("exceeded", error.kind, error.limit, error.retry_after)
+            return ("ok", result)
+        return ask
 
     async def test_the_rate_table(self):
-        _, (shared, redis_clock), (local, local_clock) = await self.rate_ledgers()
+        _, *ledgers = await self.rate_ledgers()
         limit = Limit(3, 60.0)
         table = [
             ("take", 1, 0), ("take", 1, 0), ("take", 1, 0), ("take", 1, 0),  # 4th: full
@@ -258,14 +264,11 @@ class LedgerEquivalenceTests(RedisCase):
             advance = rest[-1]
             args = ("alice", "messages", limit, n) + (tuple(rest[:1]) if operation == "give"
                                                       else ())
-            expected = await self.rate(local, operation, *args)
-            got = await self.rate(shared, operation, *args)
-            self.assertEqual(got, expected, f"step {step}: {row}")
-            local_clock.advance(advance)
-            redis_clock.advance(advance)
+            await self.same_answer(ledgers, self.rate(operation, *args), f"step {step}: {row}",
+                                   advance)
 
     async def test_a_random_rate_sequence(self):
-        _, (shared, redis_clock), (local, local_clock) = await self.rate_ledgers()
+        _, *ledgers = await self.rate_ledgers()
         rng = random.Random(11)
         limits = {"messages": Limit(5, 60.0), "recipients": Limit(12, 3600.0)}
         refused = 0
@@ -277,13 +280,10 @@ class LedgerEquivalenceTests(RedisCase):
                 args = ("take", key, kind, limits[kind], n)
             else:
                 args = ("give", key, kind, limits[kind], n, rng.random() < 0.7)
-            expected = await self.rate(local, *args)
-            got = await self.rate(shared, *args)
-            self.assertEqual(got, expected, f"step {step}: {args}")
+            expected = await self.same_answer(
+                ledgers, self.rate(*args), f"step {step}: {args}",
+                round(rng.choice([0, 0, 0.25, 7.5, 31, 95.125, 700]), 3))
             refused += expected[0] == "exceeded"
-            advance = round(rng.choice([0, 0, 0.25, 7.5, 31, 95.125, 700]), 3)
-            local_clock.advance(advance)
-            redis_clock.advance(advance)
         self.assertTrue(30 < refused < 300, refused)  # the sequence did test refusals
 
 
