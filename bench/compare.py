@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""esmtpfa against Postfix and against the ceiling: one command, one run (issue 13).
+"""esmtpfa against Postfix and against the ceiling: one command, one run.
 
 Run on demand from the repository root (not a test; needs root for the private Postfix,
 and the Debian packages postfix, sasl2-bin and libsasl2-modules)::
@@ -26,7 +26,12 @@ forwarding to the same Postfix ``smtp-sink``:
   ``info`` to its standard output, sent to a file (Postfix logs to a file too);
 * ``esmtpfa-N``: the same with ``--workers N`` (default: the number of CPUs).  If the
   esmtpfa being measured does not know ``--workers`` (it exits at once), the target is
-  reported as not available; the rest of the run goes on.
+  reported as not available; the rest of the run goes on;
+* ``esmtpfa-spool``, ``esmtpfa-fallback`` (asked for with ``--targets``): the delivery
+  modes with the file spool in the run's directory (docs/spool.md); ``esmtpfa-amqp``:
+  spool mode on the RabbitMQ of ``--amqp-url``.  Their CPU is counted until the sink has
+  every message, so a spooling relay's background delivery is in its figure, as
+  Postfix's queue manager is in Postfix's.
 
 The targets take turns: each connection's messages are sent in ``--rounds`` slices
 (default 5 x 50), every round runs every target once, and each round starts with another
@@ -141,12 +146,13 @@ class Esmtpfa(Target):
     """``twistd -n esmtpfa`` relaying to the sink, with ``--workers`` when ``workers``."""
 
     def __init__(self, name: str, sink_port: int, workdir: str, workers: int | None,
-                 log_level: str):
+                 log_level: str, extra: list[str] | None = None):
         super().__init__(name)
         self.sink_port = sink_port
         self.workdir = workdir
         self.workers = workers
         self.log_level = log_level
+        self.extra = list(extra or [])
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -156,6 +162,7 @@ class Esmtpfa(Target):
         arguments += ["--max-connections", "1000", "--max-connections-per-ip", "1000"]
         if self.workers is not None:
             arguments += ["--workers", str(self.workers)]
+        arguments += self.extra
         output = os.path.join(self.workdir, f"{self.name}.out")
         with open(output, "wb") as out:
             self.process = subprocess.Popen(
@@ -465,7 +472,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="workers of the esmtpfa-N target (default: CPUs)")
     parser.add_argument("--modes", default="sequential,pipelined")
-    parser.add_argument("--targets", default="smtp-sink,postfix,esmtpfa-1,esmtpfa-N")
+    parser.add_argument("--targets", default="smtp-sink,postfix,esmtpfa-1,esmtpfa-N",
+                        help="also: esmtpfa-spool and esmtpfa-fallback (the delivery modes "
+                             "with the file spool, docs/spool.md), esmtpfa-amqp (spool mode "
+                             "on --amqp-url)")
+    parser.add_argument("--amqp-url", help="the RabbitMQ of the esmtpfa-amqp target")
     parser.add_argument("--rounds", type=int, default=5,
                         help="the messages of each connection are sent in this many "
                              "slices, the targets taking turns (default 5; a remainder "
@@ -494,7 +505,17 @@ def main() -> int:
     candidates = [Ceiling(sink_port), Postfix(sink_port),
                   Esmtpfa("esmtpfa-1", sink_port, workdir, None, args.log_level),
                   Esmtpfa(f"esmtpfa-{args.workers}", sink_port, workdir, args.workers,
-                          args.log_level)]
+                          args.log_level),
+                  Esmtpfa("esmtpfa-spool", sink_port, workdir, None, args.log_level, [
+                      "--delivery-mode", "spool",
+                      "--spool-url", f"file://{workdir}/spool-spool"]),
+                  Esmtpfa("esmtpfa-fallback", sink_port, workdir, None, args.log_level, [
+                      "--delivery-mode", "fallback",
+                      "--spool-url", f"file://{workdir}/spool-fallback"])]
+    if args.amqp_url:
+        candidates.append(Esmtpfa("esmtpfa-amqp", sink_port, workdir, None, args.log_level,
+                                  ["--delivery-mode", "spool", "--spool-url",
+                                   args.amqp_url]))
     aliases = {"esmtpfa-N": f"esmtpfa-{args.workers}"}
     targets = [t for t in candidates if t.name in {aliases.get(w, w) for w in wanted}]
     results: dict = {mode: {} for mode in modes}

@@ -42,6 +42,7 @@ from esmtpfa.ratelimit import Exceeded, RateLimiter, Rates, Reservation
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.interfaces import IMessageDelivery, ITransaction
+from esmtpfa.spool.interfaces import QueuedReply
 from esmtpfa.trace import received_header
 
 log = logger("esmtpfa.delivery")
@@ -182,6 +183,8 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
     def accepted(upstream: Reply) -> Reply:
         try:
             outcome(ACCEPTED)
+            if isinstance(upstream, QueuedReply):  # the spool logged where it went
+                return QueuedReply(250, "2.0.0", upstream.text)
             log.info("{connection_id} message {message_id} from <{sender}> to {count} "
                      "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
                      connection_id=message.connection_id, message_id=message.id,

@@ -176,7 +176,26 @@ class RelayMetrics:
             "oauth2_token_refreshes_total",
             "OAuth2 token requests to an upstream's token endpoint by result (ok, refused, "
             "unavailable, malformed)", ["upstream", "result"])
+        # -- the spool (docs/spool.md, "Operating it") ------------------------------------
+        self.spool_accepted_total = counter(
+            "spool_accepted_total",
+            "Messages stored in the spool, by delivery mode (fallback: the upstream could "
+            "not take it before the final dot)", ["mode"])
+        self.spool_attempts = counter(
+            "spool_delivery_attempts_total",
+            "Delivery attempts of spooled messages by result (delivered, deferred, failed, "
+            "unknown, error)", ["result"])
+        self.spool_bounces = counter(
+            "spool_bounces_total", "Delivery status notifications queued to senders", [])
+        self.spool_holds = counter(
+            "spool_holds_total", "Spooled messages held for an operator", [])
+        for mode in ("spool", "fallback"):
+            self.spool_accepted_total.labels(mode)
+        for result in ("delivered", "deferred", "failed", "unknown", "error"):
+            self.spool_attempts.labels(result)
+        self._spool_stats: list = []  # the latest SpoolStats, when there is a spool
         self._token_deadlines: dict[str, float] = {}  # upstream -> wall time of expiry
+        self.registry.register(_SpoolCollector(self._name, self._spool_stats))
         self.registry.register(_LiveCollector(self._name, providers, connections))
         self.registry.register(_TokenExpiryCollector(self._name, self._token_deadlines))
 
@@ -316,6 +335,20 @@ class RelayMetrics:
 
     # -- exposition --------------------------------------------------------------------------
 
+    # -- esmtpfa.spool: modes.SpoolObserver, runner.RunnerObserver ---------------------
+
+    def spool_accepted(self, mode: str) -> None:
+        self._child(self.spool_accepted_total, mode).inc()
+
+    def spool_attempt(self, result: str) -> None:
+        self._child(self.spool_attempts, result).inc()
+
+    def spool_ended(self, how: str) -> None:
+        (self.spool_bounces if how == "bounced" else self.spool_holds).inc()
+
+    def spool_stats(self, stats) -> None:
+        self._spool_stats[:] = [stats]
+
     def render(self) -> bytes:
         return render(self.registry.collect(), {self._name(n) for n in _UNSUFFIXED_COUNTERS})
 
@@ -345,6 +378,36 @@ class _LiveCollector:
         for listener, count in sorted(self._connections().items()):
             active.add_metric([listener], count)
         yield active
+
+
+class _SpoolCollector:
+    """The spool's gauges from the counts the queue runner last read (every few
+    seconds): messages by state, octets, and the age of the oldest message.  Absent
+    without a spool.  Every worker reads the same spool, so the supervisor keeps the
+    highest of their values (``esmtpfa.workers.metrics``)."""
+
+    def __init__(self, name: Callable[[str], str], latest: list):
+        self._name = name
+        self._latest = latest
+
+    def collect(self):
+        if not self._latest:
+            return
+        stats = self._latest[0]
+        messages = GaugeMetricFamily(
+            self._name("spool_messages"), "Messages in the spool by state (queued, held)",
+            labels=["state"])
+        for state in ("queued", "held"):
+            messages.add_metric([state], stats.messages.get(state, 0))
+        yield messages
+        yield GaugeMetricFamily(self._name("spool_bytes"),
+                                "Octets of message content in the spool",
+                                value=stats.bytes)
+        oldest = stats.oldest_received
+        yield GaugeMetricFamily(
+            self._name("spool_oldest_message_age_seconds"),
+            "Age of the oldest message in the spool (0: empty)",
+            value=max(time.time() - oldest, 0.0) if oldest is not None else 0.0)
 
 
 class _TokenExpiryCollector:

@@ -152,6 +152,44 @@ def parse_state_url(text: str) -> str:
     return text.strip()
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """A positive duration: seconds, or a number with s, m, h or d (``5d``, ``300``)."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration like 300, 90s, 15m, 2h or 5d, "
+                         f"got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)i?b?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A number of octets, or one with K, M, G or T (powers of 1024): ``512M``, ``10G``."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"expected a size like 1048576, 512M or 10G, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_spool_url(text: str) -> str:
+    """``file:///path`` (the embedded spool) or ``amqp://`` / ``amqps://`` (RabbitMQ);
+    the error never repeats the URL, which may hold a password."""
+    value = text.strip()
+    scheme = value.partition("://")[0].lower()
+    if scheme == "file":
+        if not value[len("file://"):].startswith("/"):
+            raise ValueError("a file spool URL names an absolute path: file:///var/lib/...")
+    elif scheme not in ("amqp", "amqps"):
+        raise ValueError("expected a file:///path, amqp:// or amqps:// URL")
+    return value
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -282,6 +320,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("state-url", parse_state_url, None, "STATE_URL", "Redis that keeps the login throttle's and the sending rates' counts for every relay using it, e.g. redis://:PASSWORD@redis:6379/0 or rediss://... (none: each relay counts alone; prefer the environment variable: flags show in ps; docs/shared-state.md)"),
     Setting("state-timeout", parse_seconds, 0.5, "STATE_TIMEOUT", "Seconds one request to --state-url may take, connecting included, before --state-failure applies"),
     Setting("state-failure", choice("open", "closed"), "open", "STATE_FAILURE", "When the shared state (--state-url, or the supervisor of --workers) cannot answer: open (skip the limit for that decision, mail flows) or closed (answer a temporary 4xx); logged and counted either way"),
+    # The durable spool (docs/spool.md)
+    Setting("delivery-mode", choice("passthrough", "fallback", "spool"), "passthrough", "DELIVERY_MODE", "What the client's 250 means: passthrough (the upstream accepted the message), fallback (as passthrough, but a message the upstream cannot take before the final dot is spooled and retried), spool (durably stored, delivered in the background); per provider in its policy"),
+    Setting("spool-url", parse_spool_url, "file:///var/lib/esmtpfa/spool", "SPOOL_URL", "Where the spool keeps messages: file:///path (this host; every worker shares it) or amqp[s]://user:pass@host/vhost (RabbitMQ quorum queues, for replicas; prefer the environment variable: flags show in ps)"),
+    Setting("spool-undeliverable", choice("bounce", "hold"), "bounce", "SPOOL_UNDELIVERABLE", "A spooled message refused permanently or past --spool-lifetime: bounce (an RFC 3464 report to the sender; never for the null sender) or hold (kept for an operator: esmtpfa-queue)"),
+    Setting("spool-max-size", parse_size, 5 << 30, "SPOOL_MAX_SIZE", "Octets the spool may hold (e.g. 5G); past it new messages hear 452 4.3.1"),
+    Setting("spool-min-free", parse_size, 1 << 30, "SPOOL_MIN_FREE", "Free disk space the file spool always leaves (e.g. 1G); below it new messages hear 452 4.3.1"),
+    Setting("spool-retry-min", parse_duration, 300.0, "SPOOL_RETRY_MIN", "First retry of a deferred spooled message (then doubling, Postfix's minimal_backoff_time)"),
+    Setting("spool-retry-max", parse_duration, 4000.0, "SPOOL_RETRY_MAX", "Longest wait between retries (Postfix's maximal_backoff_time)"),
+    Setting("spool-lifetime", parse_duration, 5 * 86400.0, "SPOOL_LIFETIME", "How long a spooled message is retried before it is bounced or held (e.g. 5d; Postfix's maximal_queue_lifetime)"),
+    Setting("spool-concurrency", parse_positive_int, 10, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (half of them at most for one identity)"),
 )
 
 DEMO_PORT = 12525
@@ -428,6 +476,13 @@ class Options(usage.Options):
         if self["proxy-protocol"] and not self["proxy-protocol-trusted"]:
             raise usage.UsageError("--proxy-protocol needs --proxy-protocol-trusted: the "
                                    "networks of the proxies allowed to name clients")
+        if self["spool-retry-min"] > self["spool-retry-max"]:
+            raise usage.UsageError("--spool-retry-min must not exceed --spool-retry-max")
+        if self["delivery-mode"] != "passthrough" or not self.defaulted("spool-url"):
+            from esmtpfa.spool.backends import check_file_spool
+            problem = check_file_spool(self["spool-url"])
+            if problem:
+                raise usage.UsageError(f"--spool-url: {problem}")
         self["relay-upstreams"] = self._upstreams()
         for flag in ("tls-cert", "tls-key", "tls-ca-cert", "http-tls-cert", "http-tls-key",
                      "relay-tls-ca-cert", "relay-tls-cert", "relay-tls-key"):

@@ -32,7 +32,11 @@ from esmtpfa.ratelimit import Rates, RateSyntaxError
 
 #: The keys of a policy block: sender authorization, then sending rates.
 POLICY_KEYS = ("allowed_senders", "sender_attribute", "sender_claim", "check_header_from",
-               "rate", "rate_attribute", "rate_claim")
+               "rate", "rate_attribute", "rate_claim", "delivery", "delivery_attribute",
+               "delivery_claim", "undeliverable")
+#: The delivery modes and the endings of an undeliverable message (docs/spool.md).
+DELIVERY_MODES = ("passthrough", "fallback", "spool")
+ENDINGS = ("bounce", "hold")
 #: The keys that turn sender authorization on.
 SENDER_KEYS = ("allowed_senders", "sender_attribute", "sender_claim")
 
@@ -128,12 +132,27 @@ class Policy:
     senders: SenderRules | None = None
     rate: Rates | None = None
     rate_source: str | None = None
+    #: The provider's delivery mode (None: the relay's ``--delivery-mode``), the
+    #: attribute or claim that may set an identity's own, and the provider's ending for
+    #: undeliverable messages (None: ``--spool-undeliverable``).
+    delivery: str | None = None
+    delivery_source: str | None = None
+    undeliverable: str | None = None
 
     @property
     def identity_attributes(self) -> tuple[str, ...]:
         """What the provider must deliver with the identity (LDAP attribute, JWT claim)."""
         source = self.senders.source if self.senders is not None else None
-        return tuple(name for name in (source, self.rate_source) if name)
+        return tuple(name for name in (source, self.rate_source, self.delivery_source)
+                     if name)
+
+    def delivery_for(self, values: tuple[str, ...], default: str) -> str:
+        """The delivery mode of an identity whose ``delivery_source`` has ``values``: its
+        own when it names a mode, else the provider's, else ``default``.  An unknown
+        value is ignored, as a rate typo is: an IdP typo must not stop mail."""
+        if values and values[0].strip().lower() in DELIVERY_MODES:
+            return values[0].strip().lower()
+        return self.delivery or default
 
     def rates_for(self, values: tuple[str, ...], default: Rates) -> Rates:
         """The rates of an identity whose ``rate_source`` has ``values``: its own where it
@@ -204,6 +223,7 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
         raise ConfigError(f"unknown policy key(s) {', '.join(map(repr, unknown))}; "
                           f"expected {', '.join(map(repr, POLICY_KEYS))}")
     rate, rate_source = _rates(block, provider_type)
+    delivery = _delivery(block, provider_type)
     check = block.get("check_header_from", False)
     if not isinstance(check, bool):
         raise ConfigError("'check_header_from' must be true or false")
@@ -211,7 +231,7 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
         if check:
             raise ConfigError("'check_header_from' needs sender rules ('allowed_senders', "
                               "'sender_attribute' or 'sender_claim')")
-        return Policy(rate=rate, rate_source=rate_source)
+        return Policy(rate=rate, rate_source=rate_source, **delivery)
     found = _patterns(block["allowed_senders"]) if "allowed_senders" in block else {}
     attribute = _source(block, "sender_attribute", provider_type)
     claim = _source(block, "sender_claim", provider_type)
@@ -226,7 +246,25 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
             or rules.user_domains or rules.source):
         raise ConfigError("the policy allows no sender at all ('allowed_senders' is empty); "
                           "remove the sender keys to allow any sender")
-    return Policy(rules, rate=rate, rate_source=rate_source)
+    return Policy(rules, rate=rate, rate_source=rate_source, **delivery)
+
+
+def _delivery(block: Mapping[str, Any], provider_type: str) -> dict[str, Any]:
+    """``delivery`` (a mode), ``delivery_attribute``/``delivery_claim`` (where an
+    identity's own mode is) and ``undeliverable`` (``bounce`` or ``hold``)."""
+    found: dict[str, Any] = {}
+    for key, allowed, field in (("delivery", DELIVERY_MODES, "delivery"),
+                                ("undeliverable", ENDINGS, "undeliverable")):
+        if key in block:
+            value = block[key]
+            if not isinstance(value, str) or value.strip().lower() not in allowed:
+                raise ConfigError(f"{key!r} must be one of {', '.join(allowed)}")
+            found[field] = value.strip().lower()
+    source = (_source(block, "delivery_attribute", provider_type)
+              or _source(block, "delivery_claim", provider_type))
+    if source:
+        found["delivery_source"] = source
+    return found
 
 
 def _rates(block: Mapping[str, Any], provider_type: str) -> tuple[Rates | None, str | None]:

@@ -19,6 +19,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from esmtpfa.logs import logger, set_level
 from esmtpfa import __version__
@@ -41,12 +42,16 @@ from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_list
 from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
 from esmtpfa.sigterm import SigtermStop
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.spool.backends import SPOOL_THREADS, SpoolService, SpoolSettings, open_spool
+from esmtpfa.spool.interfaces import Mode
+from esmtpfa.spool.modes import DeliveryModes
+from esmtpfa.spool.runner import QueueRunner, RetryPolicy
 from esmtpfa.state.ledgers import Ledgers
 from esmtpfa.state.redis import ledgers_from_options
 from esmtpfa.tls import TLSConfigError, server_tls_options
 from esmtpfa.transport import write_through
 from esmtpfa.web.health import (
-    SHUTTING_DOWN, Check, MaildirProbe, RelayProbe, UpstreamProbe)
+    SHUTTING_DOWN, Check, MaildirProbe, RelayProbe, SpoolProbe, UpstreamProbe)
 from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.web.site import metrics_listener, submission_listener
 
@@ -272,11 +277,39 @@ class RelayService(SigtermStop, MultiService):
         for relay in unwrap(self.relay):
             if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
                 relay.observers.append(self.metrics.attempt_failed)
+        self.spool_service = self._spool()
+        self.modes = DeliveryModes(
+            self.relay, self.spool_service and self.spool_service.spool,
+            self.spool_service and self.spool_service.runner,
+            mode=options["delivery-mode"], ending=options["spool-undeliverable"],
+            observer=self.metrics)
         self.portal = self._portal()
         self.limits = self.ledgers.smtp_connections or ConnectionLimits(
             self.settings.max_connections, self.settings.max_connections_per_ip)
         self.reloader = self._reloader()
         self._add_listeners()
+
+    def _spool(self) -> SpoolService | None:
+        """The spool and its queue runner, when a delivery mode needs them: the relay's
+        ``--delivery-mode``, or an explicit ``--spool-url`` for providers whose policy
+        chooses a spooling mode (docs/spool.md)."""
+        options = self.options
+        if options["delivery-mode"] == Mode.PASSTHROUGH and options.defaulted("spool-url"):
+            return None
+        threads = ThreadPool(minthreads=0, maxthreads=SPOOL_THREADS, name="esmtpfa-spool")
+        spool = open_spool(SpoolSettings(
+            options["spool-url"], options["spool-max-size"], options["spool-min-free"],
+            prefetch=options["spool-concurrency"]), self.reactor, threads)
+        runner = QueueRunner(
+            spool, self.relay, clock=self.reactor, threads=threads,
+            hostname=self.settings.hostname, retry=RetryPolicy(
+                options["spool-retry-min"], options["spool-retry-max"],
+                options["spool-lifetime"]),
+            concurrency=options["spool-concurrency"], observer=self.metrics)
+        service = SpoolService(spool, threads, runner, self.reactor,
+                               stop_timeout=self.settings.close_grace)
+        service.setServiceParent(self)
+        return service
 
     @property
     def anonymous_allowed(self) -> bool:
@@ -302,7 +335,8 @@ class RelayService(SigtermStop, MultiService):
                                 rates=rates or RateLimiter(self.reactor),
                                 default_rates=Rates(self.options["rate-messages"],
                                                     self.options["rate-recipients"]))
-        realm = SubmissionRealm(lambda identity: RelayDelivery(identity, self.relay, policy))
+        realm = SubmissionRealm(lambda identity: RelayDelivery(
+            identity, self.modes.relay_for(identity), policy))
         self.throttle = AuthThrottle(
             per_address=self.options["max-auth-failures-per-ip"],
             per_identity=self.options["max-auth-failures-per-user"],
@@ -377,6 +411,13 @@ class RelayService(SigtermStop, MultiService):
                                       limits=HTTPLimits.from_options(options)))
 
     def _upstream_probe(self):
+        probe = self._relay_probe()
+        if self.spool_service is not None and self.modes.mode != Mode.PASSTHROUGH:
+            # The spool takes the mail while the upstream is down: that is its point.
+            return SpoolProbe(self.spool_service.spool, probe)
+        return probe
+
+    def _relay_probe(self):
         entries = self.options["relay-upstreams"]
         if entries:  # the pools and breakers first, the preferred upstream when they know nothing
             from esmtpfa.relay.upstream import SMTPRelay
@@ -446,6 +487,11 @@ class RelayService(SigtermStop, MultiService):
         if self.settings.allow_anonymous:
             log.warn("--allow-anonymous-auth: mail is relayed WITHOUT authentication")
         log.info("relay: {relay}", relay=self.relay.description)
+        if self.spool_service is not None:
+            log.info("delivery mode {mode} (per provider: its policy); spool {spool}, "
+                     "undeliverable mail is {ending}", mode=self.modes.mode,
+                     spool=self.spool_service.spool.description,
+                     ending={"bounce": "bounced", "hold": "held"}[self.modes.ending])
         if options["relay-config"]:
             log.info("relay servers read from {path}; changes to that file take a restart "
                      "(SIGHUP reloads providers only)", path=options["relay-config"])
@@ -513,6 +559,8 @@ class RelayService(SigtermStop, MultiService):
             drain_listeners(self.smtp_factories, self.options["shutdown-grace"],
                             self.reactor),
             http_requests_done(self._http_channels, deadline, self.reactor)]))
+        if self.spool_service is not None:  # no new delivery attempts from the spool
+            d.addBoth(lambda _: self.spool_service.pause())
         d.addBoth(lambda _: self._close_relay(deadline))
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: stop_providers(self.directory.current.providers))

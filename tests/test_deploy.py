@@ -69,7 +69,8 @@ SERVICE_PORTS = {25: "SMTP_PORT", 587: "SMTP_PORT", 465: "SMTP_TLS_PORT",
 #: Modules allowed to read the process environment, and why: the settings table, and
 #: the ``${NAME}`` expansion of the providers document and the relay file (whose names
 #: the operator chooses; .env-sample lists those the shipped ConfigMap uses).
-ENVIRONMENT_READERS = {"esmtpfa/options.py", "esmtpfa/config.py", "esmtpfa/relay/config.py"}
+ENVIRONMENT_READERS = {"esmtpfa/options.py", "esmtpfa/config.py", "esmtpfa/relay/config.py",
+                       "esmtpfa/spool/tool.py"}
 
 #: kubectl's rule for a key of --from-env-file (an environment variable name).
 ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")

@@ -138,6 +138,32 @@ class MaildirProbe:
         return defer.succeed(Check(False, f"Maildir {self._path} is not writable"))
 
 
+class SpoolProbe:
+    """Readiness in the spooling modes: ready while the spool can store a message,
+    whatever the upstream does (taking mail while the upstream is down is the spool's
+    point); the upstream's state is said beside it."""
+
+    def __init__(self, spool: Any, upstream: Any):
+        self._spool = spool
+        self._upstream = upstream
+
+    @property
+    def ttl(self) -> float:
+        return self._upstream.ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:
+        self._upstream.ttl = seconds
+
+    def check(self) -> defer.Deferred:
+        refused = self._spool.accepting()
+        why = refused.detail if refused is not None else "accepting messages"
+
+        def answer(upstream: Check) -> Check:
+            return Check(refused is None, f"spool: {why}; upstream: {upstream.detail}")
+        return self._upstream.check().addCallback(answer)
+
+
 def _text(request, code: int, body: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -196,4 +222,4 @@ class ReadyResource(Resource):
 
 
 __all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "RelayProbe",
-           "SHUTTING_DOWN", "UpstreamProbe"]
+           "SHUTTING_DOWN", "SpoolProbe", "UpstreamProbe"]

@@ -42,6 +42,7 @@ from esmtpfa.replies import SMTPReplyError
 from esmtpfa.smtp.address import valid_mailbox
 from esmtpfa.smtp.data import normalize_line_ends
 from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.spool.interfaces import QueuedReply
 from esmtpfa.web.errors import HTTPError, send_error, send_json
 from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, parse_json
 from esmtpfa.web.login import RETRY_AFTER, HeaderLogin, Login, request_context
@@ -214,7 +215,7 @@ class SubmissionResource(Resource):
                 return
         try:
             submission = await self._parse(request)
-            message_id = await self._deliver(login.avatar, context, submission)
+            message_id, queued = await self._deliver(login.avatar, context, submission)
         except HTTPError as error:
             self._refused(request, error, login.identity)
             return
@@ -222,7 +223,9 @@ class SubmissionResource(Resource):
             login.logout()
         self._log.accepted(request.connection_id, context.peer_host, login.identity,
                            message_id, len(submission.recipients))
-        send_json(request, 202, {"id": message_id})
+        # "queued": the spool holds it (docs/spool.md); without it, the upstream has it.
+        send_json(request, 202, {"id": message_id, "queued": True} if queued
+                  else {"id": message_id})
 
     def _parse(self, request) -> defer.Deferred:
         """Parse inline when small; otherwise read and parse in a thread, which takes
@@ -237,7 +240,7 @@ class SubmissionResource(Resource):
                                  self._settings)
 
     async def _deliver(self, avatar, context: ConnectionContext,
-                       submission: Submission) -> str:
+                       submission: Submission) -> tuple[str, bool]:
         transaction = None
         try:
             transaction = await defer.maybeDeferred(
@@ -251,7 +254,7 @@ class SubmissionResource(Resource):
             except BaseException:
                 transaction.abort()
                 raise
-            await defer.maybeDeferred(transaction.finish)
+            reply = await defer.maybeDeferred(transaction.finish)
         except PolicyRefusal as refusal:
             raise HTTPError(403, refusal.reply.text, reply=refusal.reply) from None
         except RateLimited as limited:
@@ -266,7 +269,7 @@ class SubmissionResource(Resource):
             raise HTTPError(503, "the upstream is unavailable, try again later", reply=reply,
                             headers={b"retry-after": RETRY_AFTER},
                             message_id=message_id) from None
-        return transaction.id
+        return transaction.id, isinstance(reply, QueuedReply)
 
     def _refused(self, request, error: HTTPError, identity: str | None = None) -> None:
         """Log the refusal (once, with the identity when the client logged in) and

@@ -16,7 +16,8 @@ How samples merge (docs/metrics.md, "Workers"):
   (``RetiredCounts``), so sums only grow (by at most what the dead worker counted since
   the last scrape: that much is lost);
 * gauges add up (open connections), except those every worker reports the same way:
-  ``configured_providers`` and the reload timestamp take the highest value,
+  ``configured_providers``, the reload timestamp and the spool's gauges (every worker
+  reads the same spool) take the highest value,
   ``config_last_reload_successful`` and ``oauth2_token_expiry_seconds`` the lowest (one
   worker that failed a reload, or whose token is about to run out, shows);
 * ``config_reloads_total`` takes the highest value: every worker applies every reload,
@@ -33,7 +34,8 @@ from prometheus_client.samples import Sample
 
 #: Metric names (without namespace) merged by highest or lowest value instead of a sum.
 HIGHEST = ("configured_providers", "config_last_reload_success_timestamp_seconds",
-           "config_reloads")
+           "config_reloads", "spool_messages", "spool_bytes",
+           "spool_oldest_message_age_seconds")
 LOWEST = ("config_last_reload_successful", "oauth2_token_expiry_seconds")
 
 #: A family as plain data: name, type, help, then [sample name, labels, value] lists.

@@ -94,6 +94,11 @@ class RunningRelay:
         if self.process is not None:
             await self.process.stop()
 
+    async def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer does; fires once the process is gone."""
+        assert self.process is not None
+        await self.process.kill()
+
     # -- readings from outside the process --------------------------------------------
 
     @property

@@ -32,7 +32,8 @@ def require(tool: str) -> str:
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("SMTP_", "RELAY_", "HTTP_", "PROVIDER_", "METRICS_"))}
+           if not key.startswith(("SMTP_", "RELAY_", "HTTP_", "PROVIDER_", "METRICS_",
+                                  "SPOOL_", "DELIVERY_"))}
     env["PYTHONPATH"] = PROJECT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -125,6 +126,13 @@ class Twistd:
             return
         yield terminate(self._process, self._collector.ended, grace=15)
 
+    def kill(self) -> defer.Deferred:
+        """SIGKILL; fires once the process has ended (bounded)."""
+        if self._process is None or self._collector.ended.called:
+            return defer.succeed(None)
+        self._process.signalProcess("KILL")
+        return self._collector.ended.addTimeout(30, reactor).addBoth(lambda _: None)
+
 
 @defer.inlineCallbacks
 def terminate(process, ended: defer.Deferred, grace: float):
@@ -141,3 +149,16 @@ def run_tool(tool: str, *args: str, env: dict[str, str] | None = None):
     d = utils.getProcessOutputAndValue(require(tool), args, env=child_environment(env),
                                        path=PROJECT)
     return d.addCallback(lambda r: ((r[0] + r[1]).decode("utf-8", "replace"), r[2]))
+
+
+def queue_tool(*args: str, spool_url: str):
+    """``esmtpfa-queue ARGS`` as an operator runs it: the console script installed
+    beside this interpreter (a missing one fails the test), with ``SPOOL_URL`` set."""
+    script = os.path.join(os.path.dirname(sys.executable), "esmtpfa-queue")
+    if not os.path.exists(script):
+        raise AssertionError(f"the esmtpfa-queue console script is not installed beside "
+                             f"{sys.executable}: pip install the project")
+    d = utils.getProcessOutputAndValue(
+        script, args, env=child_environment({"SPOOL_URL": spool_url}), path=PROJECT)
+    return d.addCallback(lambda r: ((r[0] + r[1]).decode("utf-8", "replace"), r[2]))
+

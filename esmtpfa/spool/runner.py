@@ -1,0 +1,468 @@
+"""The queue runner: delivers what the spool holds, through the same upstream relay.
+
+Each attempt goes through ``IRelay`` exactly as a live client's message does (the same
+pool, failover, breakers and OAuth2 broker), as one transaction for the recipients still
+pending: MAIL, a RCPT each, then, for those the upstream took, the content.  What the
+upstream answered is recorded per recipient, so a recipient it accepted is never sent
+again (docs/spool.md, "States").
+
+The guarantee, in order: before the content goes (and so before the final dot can
+leave) the spool records the accepted recipients as started, durably.  A crash from then
+until their verdict is recorded leaves them in an unknown state, held for an operator:
+the relay never sends a message again by its own hand once its dot may have left
+(docs/delivery-guarantee.md; docs/spool.md, "The duplicate window").
+
+Retries back off as Postfix's queue manager does by default: the first after
+``RetryPolicy.minimum`` (300 s), doubling up to ``maximum`` (4,000 s), for at most
+``lifetime`` (5 days).  A permanent refusal, or the end of the lifetime, ends a
+recipient: its message is bounced to the envelope sender (RFC 3464, ``esmtpfa.spool.dsn``)
+or held, as the identity's policy chose when the message was accepted.  A message with
+the null sender is never bounced (RFC 5321 §4.5.5): it is held.
+
+Fairness: at most ``concurrency`` attempts run at once in this process, and at most
+``per_identity`` of them for one identity, so one identity's backlog cannot take every
+attempt; the runner's attempts also count as one client toward the upstream pool's
+share (``--relay-pool-client-share``), so the backlog never starves live clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import time
+from typing import Any, Callable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+
+from esmtpfa.ids import new_id
+from esmtpfa.logs import logger
+from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
+from esmtpfa.replies import Reply
+from esmtpfa.spool.interfaces import (
+    Ending, ISpool, QueuedMessage, Recipient, RecipientState as R, Settlement,
+    SpoolEntry, SpoolStats)
+
+log = logger("esmtpfa.spool.runner")
+
+#: The fair-use key the runner's attempts share toward the upstream pool.
+RUNNER_CLIENT = "spool runner"
+#: Seconds before a message is tried again after an attempt that learnt nothing.
+NEUTRAL_RETRY = 15.0
+#: How often the spool's counts are read for the metrics.
+STATS_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try again, and for how long (Postfix's ``minimal_backoff_time``,
+    ``maximal_backoff_time`` and ``maximal_queue_lifetime`` defaults)."""
+
+    minimum: float = 300.0
+    maximum: float = 4000.0
+    lifetime: float = 5 * 86400.0
+
+    def delay(self, attempts: int) -> float:
+        """The wait after the ``attempts``-th failed attempt (1 for the first)."""
+        return min(self.minimum * 2 ** max(attempts - 1, 0), self.maximum)
+
+
+class RunnerObserver(Protocol):
+    """Told what the runner does (the metrics plug in here)."""
+
+    def spool_attempt(self, result: str) -> None:
+        """One attempt ended: delivered, deferred, failed, unknown or error."""
+
+    def spool_ended(self, how: str) -> None:
+        """A message (or some of its recipients) ended: bounced, held."""
+
+    def spool_stats(self, stats: SpoolStats) -> None:
+        """The spool's counts, read every few seconds."""
+
+
+class _NoObserver:
+    def spool_attempt(self, result: str) -> None:
+        pass
+
+    def spool_ended(self, how: str) -> None:
+        pass
+
+    def spool_stats(self, stats: SpoolStats) -> None:
+        pass
+
+
+#: Results of one attempt, as counted (``spool_delivery_attempts_total{result}``).
+DELIVERED, DEFERRED, FAILED, UNKNOWN, ERROR = (
+    "delivered", "deferred", "failed", "unknown", "error")
+
+
+class Attempt:
+    """One delivery attempt of one claimed message: what happened to each recipient."""
+
+    def __init__(self, message: QueuedMessage):
+        self.message = message
+        self.changes: dict[str, Recipient] = {}
+        self.remote: str | None = None
+        #: The attempt learnt nothing about the message (the pool was busy, the relay
+        #: is closing): it is tried again soon, without backing off.
+        self.neutral = False
+
+    def mark(self, address: str, state: str, reply: Reply | str) -> None:
+        self.changes[address] = Recipient(address, state, str(reply))
+
+    def all(self, addresses: tuple[str, ...] | list[str], state: str,
+            reply: Reply | str) -> None:
+        for address in addresses:
+            self.mark(address, state, reply)
+
+    def states(self) -> dict[str, Recipient]:
+        """Every recipient with this attempt's changes applied."""
+        current = {r.address: r for r in self.message.recipients}
+        current.update(self.changes)
+        return current
+
+    @property
+    def result(self) -> str:
+        states = {r.state for r in self.changes.values()}
+        for state, result in ((R.UNKNOWN, UNKNOWN), (R.FAILED, FAILED),
+                              (R.DELIVERED, DELIVERED)):
+            if state in states:
+                return result
+        return DEFERRED
+
+
+class QueueRunner(Service):
+    """Claims due messages and delivers them (a child service of the relay).
+
+    ``relay`` is the upstream relay (never a spooling mode), ``hostname`` names us in
+    bounces, ``threads`` is the pool for reading stored content, ``clock`` the reactor
+    (``callLater``, ``seconds``) and ``now`` wall-clock time for the stored timestamps.
+    """
+
+    name = "spool-runner"
+
+    def __init__(self, spool: ISpool, relay: IRelay, *, clock: Any, threads: Any,
+                 hostname: str, retry: RetryPolicy = RetryPolicy(),
+                 concurrency: int = 10, per_identity: int | None = None,
+                 poll_interval: float = 1.0, observer: RunnerObserver | None = None,
+                 now: Callable[[], float] = time.time):
+        self.spool = spool
+        self.relay = relay
+        self._clock = clock
+        self._threads = threads
+        self.hostname = hostname
+        self.retry = retry
+        self.concurrency = concurrency
+        self.per_identity = per_identity or max(1, concurrency // 2)
+        self._poll_interval = poll_interval
+        self._observer = observer or _NoObserver()
+        self._now = now
+        self._in_flight: dict[str, str] = {}  # message id -> identity
+        self._claiming = False
+        self._again = False
+        self._loop: LoopingCall | None = None
+        self._stats_loop: LoopingCall | None = None
+        self._kicked: Any = None
+        self._idle: list[defer.Deferred[None]] = []
+
+    # -- the service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.run)
+        self._loop.clock = self._clock
+        self._loop.start(self._poll_interval, now=True).addErrback(
+            lambda f: log.failure("the queue runner stopped", f))
+        self._stats_loop = LoopingCall(self._read_stats)
+        self._stats_loop.clock = self._clock
+        self._stats_loop.start(STATS_INTERVAL, now=True).addErrback(
+            lambda f: log.failure("reading the spool's counts failed", f))
+
+    def pause(self) -> None:
+        """Start no new attempt (the relay drains); those in flight go on."""
+        self.running = False
+        for loop in (self._loop, self._stats_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self._kicked is not None and self._kicked.active():
+            self._kicked.cancel()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """No new attempts; fires once those in flight have ended (the relay's close
+        bounds them: it answers every attempt before it closes)."""
+        self.pause()
+        super().stopService()
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(waiter)
+        self._maybe_idle()
+        return waiter
+
+    def kick(self) -> None:
+        """A message was stored: look for due work now rather than at the next poll."""
+        if self.running and (self._kicked is None or not self._kicked.active()):
+            self._kicked = self._clock.callLater(0, self.run)
+
+    # -- claiming ---------------------------------------------------------------------
+
+    def run(self) -> defer.Deferred[None] | None:
+        """Claim as many due messages as there is room for, and start them."""
+        if not self.running:
+            return None
+        if self._claiming:
+            self._again = True
+            return None
+        free = self.concurrency - len(self._in_flight)
+        if free <= 0:
+            return None
+        self._claiming = True
+        d = self.spool.claim(free, self._busy())
+
+        def claimed(messages: list[QueuedMessage]) -> None:
+            if not self.running:  # paused while claiming: the spool's close releases them
+                return
+            for message in messages:
+                self._start(message)
+
+        def done(_: Any) -> None:
+            self._claiming = False
+            if self._again:  # asked again while this claim ran
+                self._again = False
+                self.kick()
+            self._maybe_idle()
+        d.addCallback(claimed)
+        d.addErrback(lambda f: log.failure("claiming queued messages failed", f))
+        d.addBoth(done)
+        return d
+
+    def _busy(self) -> frozenset[str]:
+        counts: dict[str, int] = {}
+        for identity in self._in_flight.values():
+            counts[identity] = counts.get(identity, 0) + 1
+        return frozenset(i for i, n in counts.items() if n >= self.per_identity)
+
+    def _start(self, message: QueuedMessage) -> None:
+        entry = message.entry
+        self._in_flight[entry.id] = entry.identity
+        d = defer.ensureDeferred(self._attempt(message))
+        d.addErrback(lambda f: log.failure("{message_id}: a delivery attempt failed",
+                                           f, message_id=entry.id))
+
+        def finished(_: Any) -> None:
+            del self._in_flight[entry.id]
+            if self.running:
+                self.kick()
+            self._maybe_idle()
+        d.addBoth(finished)
+
+    def _maybe_idle(self) -> None:
+        """Tell ``stopService``'s waiters once no attempt and no claim is in progress."""
+        if not self._in_flight and not self._claiming and self._idle:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    # -- one attempt ------------------------------------------------------------------
+
+    async def _attempt(self, message: QueuedMessage) -> None:
+        attempt = Attempt(message)
+        try:
+            await self._deliver(attempt)
+        except Exception as error:  # a bug or a spool failure: retry later, said loudly
+            log.failure("{message_id}: delivery attempt failed unexpectedly",
+                        message_id=message.entry.id)
+            for address in message.pending:
+                if address not in attempt.changes:
+                    attempt.mark(address, R.PENDING, f"local error: {error}")
+        await self._settle(attempt)
+
+    async def _deliver(self, attempt: Attempt) -> None:
+        message = attempt.message
+        entry = message.entry
+        pending = message.pending
+        if not pending:
+            return
+        envelope = Envelope(entry.envelope.mail_from, pending, entry.envelope.body,
+                            entry.envelope.smtputf8, entry.envelope.requiretls,
+                            entry.size)
+        try:
+            transaction = await self.relay.begin(
+                envelope, entry.id, entry.connection_id or "spool",
+                (RUNNER_CLIENT, f"identity {entry.identity}"))
+        except RelayError as error:
+            self._whole(attempt, pending, error)
+            return
+        accepted: list[str] = []
+        for index, address in enumerate(pending):
+            try:
+                await transaction.addRecipient(address, index == len(pending) - 1)
+                accepted.append(address)
+            except RelayError as error:
+                if error.kind == Kind.REJECTED and error.command == "RCPT":
+                    attempt.mark(address, R.FAILED if error.permanent else R.PENDING,
+                                 error.upstream_reply or error.reply)
+                    continue
+                transaction.abort()  # the transaction itself failed: nobody was sent
+                self._whole(attempt, pending[index:] + tuple(accepted), error)
+                return
+        if not accepted:
+            transaction.abort()
+            return
+        try:
+            await self.spool.started(message, tuple(accepted))
+        except Exception:
+            transaction.abort()
+            raise
+        attempt.all(accepted, R.STARTED, "")  # from here a crash leaves them unknown
+        content = await self.spool.content(message)
+        outbound = OutboundMessage(
+            Envelope(entry.envelope.mail_from, tuple(accepted), entry.envelope.body,
+                     entry.envelope.smtputf8, entry.envelope.requiretls, entry.size),
+            content, id=entry.id, connection_id=entry.connection_id,
+            identity=entry.identity)
+        try:
+            reply = await transaction.send(outbound)
+        except RelayError as error:
+            attempt.remote = error.upstream
+            if error.outcome_unknown:
+                attempt.all(accepted, R.UNKNOWN, error.describe())
+            else:
+                attempt.all(accepted, R.FAILED if error.permanent else R.PENDING,
+                            error.upstream_reply or error.reply)
+            return
+        finally:
+            content.close()
+        attempt.remote = getattr(transaction, "upstream", None)
+        attempt.all(accepted, R.DELIVERED, reply)
+
+    def _whole(self, attempt: Attempt, addresses: tuple[str, ...], error: RelayError
+               ) -> None:
+        """The transaction failed before any content: every one of ``addresses`` shares
+        the verdict (permanent: failed; else pending)."""
+        attempt.remote = error.upstream
+        attempt.neutral = error.kind in (Kind.BUSY, Kind.CLOSING)
+        attempt.all(addresses, R.FAILED if error.permanent else R.PENDING,
+                    error.upstream_reply or error.reply)
+
+    # -- recording the outcome --------------------------------------------------------
+
+    async def _settle(self, attempt: Attempt) -> None:
+        message = attempt.message
+        entry = message.entry
+        now = self._now()
+        states = attempt.states()
+        pending = [r for r in states.values() if r.state == R.PENDING]
+        expired = bool(pending) and now - message.lifetime_start >= self.retry.lifetime
+        if expired:
+            for r in pending:
+                attempt.mark(r.address, R.FAILED, f"delivery time expired (last reply: "
+                                                  f"{r.reply or 'none'})")
+            states, pending = attempt.states(), []
+        newly_failed = [r for r in attempt.changes.values() if r.state == R.FAILED]
+        unknown = [r for r in states.values() if r.state == R.UNKNOWN]
+        hold = None
+        if unknown:
+            hold = (f"outcome unknown for {len(unknown)} recipient(s): the connection "
+                    f"failed after the message was sent ({unknown[0].reply})")
+        if newly_failed:
+            hold = await self._end_failed(attempt, newly_failed, expired) or hold
+        retry_at = None
+        if hold is None and pending:
+            retry_at = now + (min(self.retry.minimum, NEUTRAL_RETRY) if attempt.neutral
+                              else self.retry.delay(message.attempts + 1))
+        settlement = Settlement(tuple(attempt.changes.values()), retry_at=retry_at,
+                                hold=hold)
+        await self.spool.settle(message, settlement)
+        self._log(attempt, settlement, now)
+
+    async def _end_failed(self, attempt: Attempt, failed: list[Recipient],
+                          expired: bool) -> str | None:
+        """Bounce the failed recipients, or the reason to hold the message."""
+        entry = attempt.message.entry
+        if entry.ending == Ending.HOLD or entry.is_bounce:
+            why = "expired" if expired else f"refused: {failed[0].reply}"
+            self._ended("held")
+            return (f"{len(failed)} recipient(s) undeliverable ({why}); "
+                    + ("a bounce is never bounced" if entry.is_bounce else
+                       "the policy holds undeliverable mail"))
+        try:
+            await self._bounce(attempt, failed, expired)
+        except Exception:
+            log.failure("{message_id}: the bounce could not be queued; holding the "
+                        "message", message_id=entry.id)
+            self._ended("held")
+            return "undeliverable, and its bounce could not be queued"
+        self._ended("bounced")
+        return None
+
+    async def _bounce(self, attempt: Attempt, failed: list[Recipient], expired: bool
+                      ) -> None:
+        from esmtpfa.spool.dsn import build_bounce, original_headers
+        message = attempt.message
+        entry = message.entry
+        content = await self.spool.content(message)
+        try:
+            headers = await deferToThreadPool(
+                self._clock, self._threads, original_headers, content.read_from(0))
+        finally:
+            content.close()
+        now = self._now()
+        body = build_bounce(entry, failed, headers, reporting_mta=self.hostname, now=now,
+                            expired=expired, remote_mta=attempt.remote)
+        sender = entry.envelope.mail_from
+        bounce = SpoolEntry(
+            # 7-bit, but for a non-ASCII sender's own address (dsn: RFC 6532).
+            id=new_id(), envelope=Envelope("", (sender,), smtputf8=not sender.isascii()),
+            identity=entry.identity, ending=Ending.HOLD, received=now, size=len(body),
+            connection_id=entry.connection_id)
+        await self.spool.store(bounce, iter((body,)))
+        log.info("{message_id}: bounce {bounce_id} queued to <{sender}> for {count} "
+                 "recipient(s)", message_id=entry.id, bounce_id=bounce.id, sender=sender,
+                 count=len(failed))
+
+    def _ended(self, how: str) -> None:
+        try:
+            self._observer.spool_ended(how)
+        except Exception:
+            log.failure("reporting a message's end failed")
+
+    def _log(self, attempt: Attempt, settlement: Settlement, now: float) -> None:
+        """One line per attempt, and one per final outcome (docs/logging.md)."""
+        entry = attempt.message.entry
+        result = attempt.result
+        try:
+            self._observer.spool_attempt(result)
+        except Exception:
+            log.failure("reporting a delivery attempt failed")
+        replies = sorted({r.reply for r in attempt.changes.values() if r.reply})
+        fields = dict(message_id=entry.id, identity=entry.identity,
+                      attempt=attempt.message.attempts + 1, result=result,
+                      upstream=attempt.remote, upstream_reply="; ".join(replies) or None,
+                      recipients={r.address: r.state for r in attempt.changes.values()})
+        log.info("{message_id} delivery attempt {attempt} for {identity}: {result}"
+                 " {recipients} {upstream_reply}", **fields)
+        if settlement.hold is not None:
+            log.warn("{message_id} held: {reason}", message_id=entry.id,
+                     reason=settlement.hold, identity=entry.identity)
+        elif settlement.retry_at is not None:
+            log.info("{message_id} deferred: next attempt in {seconds:.0f} s",
+                     message_id=entry.id, seconds=settlement.retry_at - now,
+                     identity=entry.identity)
+        else:
+            states = attempt.states().values()
+            log.info("{message_id} finished: {delivered} delivered, {failed} failed, "
+                     "after {attempts} attempt(s)", message_id=entry.id,
+                     delivered=sum(r.state == R.DELIVERED for r in states),
+                     failed=sum(r.state == R.FAILED for r in states),
+                     attempts=attempt.message.attempts + 1, identity=entry.identity)
+
+    def _read_stats(self) -> defer.Deferred[None]:
+        d = self.spool.stats()
+        d.addCallback(self._observer.spool_stats)
+        d.addErrback(lambda f: log.debug("reading the spool's counts failed: {error}",
+                                         error=f.getErrorMessage()))
+        return d
+
+
+__all__ = ["QueueRunner", "RetryPolicy", "RUNNER_CLIENT"]
