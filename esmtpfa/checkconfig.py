@@ -249,20 +249,17 @@ async def _probe_state(url, reactor) -> str:
 
 async def _probe_upstream(upstream, reactor) -> str:
     """One session as the pool opens them (greeting, EHLO, STARTTLS, AUTH), then QUIT."""
-    from esmtpfa.relay.session import UpstreamSession, endpoint_for, relay_error_from
-    stage, protocol = "connect", None
+    from esmtpfa.relay.session import UpstreamSession, dial
+    # Both fail with a RelayError naming the stage (esmtpfa/relay/errors.py).
+    protocol = await dial(reactor, upstream.settings, upstream.tls_options, upstream.factory)
+    # An OAuth2 upstream: its broker asks the token endpoint first (docs/oauth2.md).
+    session = UpstreamSession(protocol, upstream.settings, upstream.tls_options,
+                              tokens=upstream.tokens)
     try:
-        endpoint = endpoint_for(reactor, upstream.settings, upstream.tls_options)
-        protocol = await endpoint.connect(upstream.factory)
-        stage = "session"
-        # An OAuth2 upstream: its broker asks the token endpoint first (docs/oauth2.md).
-        session = UpstreamSession(protocol, upstream.settings, upstream.tls_options,
-                                  tokens=upstream.tokens)
         await session.open()
-    except Exception as error:
-        if protocol is not None:
-            protocol.abort()
-        raise relay_error_from(error, stage, upstream.address) from None
+    except Exception:
+        protocol.abort()
+        raise
     await session.close()
     return (f"connected, {'TLS' if session.secure else 'no TLS'}, "
             f"{'AUTH ' + session.mechanism if session.mechanism else 'no AUTH'}")

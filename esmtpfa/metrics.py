@@ -400,6 +400,8 @@ class _SpoolCollector:
         for state in ("queued", "held"):
             messages.add_metric([state], stats.messages.get(state, 0))
         yield messages
+        if stats.bytes is None:  # a broker's spool: it does not say cheaply
+            return
         yield GaugeMetricFamily(self._name("spool_bytes"),
                                 "Octets of message content in the spool",
                                 value=stats.bytes)

@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from esmtpfa.message import READ_CHUNK, Envelope, MessageSpool, OutboundMessage
+from esmtpfa.relay.interfaces import Kind, Phase, RelayError
 from esmtpfa.relay.protocol import (
-    MAX_REPLY_LINE, ConnectionLost, DotStuffer, Extensions, ProtocolViolation, ReplyTimeout,
-    SMTPClientFactory, SMTPClientProtocol, UnexpectedReply)
+    MAX_REPLY_LINE, DotStuffer, Extensions, SMTPClientFactory, SMTPClientProtocol)
 from esmtpfa.replies import Reply
 from tests.support.upstream import RecordingUpstream
 
@@ -110,6 +110,24 @@ class ReplyParsingTests(unittest.TestCase):
     def lose(self):
         self.protocol.connectionLost(Failure(ConnectionDone("closed")))
 
+    def failed(self, d: Deferred, kind: str, phase: str = Phase.BEFORE_DOT) -> RelayError:
+        """``d`` failed with a ``RelayError`` of this kind and phase, stated by the
+        protocol itself (no translation above it)."""
+        error = self.failureResultOf(d, RelayError).value
+        self.assertEqual((error.kind, error.phase), (kind, phase))
+        self.assertEqual(error.reply.code, 451)
+        return error
+
+    def lost(self, d: Deferred, phase: str = Phase.BEFORE_DOT) -> RelayError:
+        error = self.failed(d, Kind.UNAVAILABLE, phase)
+        self.assertIn("connection lost", error.detail)
+        return error
+
+    def timed_out(self, d: Deferred, phase: str = Phase.BEFORE_DOT) -> RelayError:
+        error = self.failed(d, Kind.UNAVAILABLE, phase)
+        self.assertRegex(error.detail, "no reply to|stopped reading")
+        return error
+
     def test_greeting_and_multiline_reply(self):
         greeting = self.protocol.greeting()
         self.protocol.dataReceived(b"220 upstream ESMTP\r\n")
@@ -162,16 +180,17 @@ class ReplyParsingTests(unittest.TestCase):
         self.protocol.dataReceived(b"220 ok\r\n")
         d = self.protocol.ehlo("client.test")
         self.protocol.dataReceived(b"421 4.3.2 shutting down\r\n")
-        self.failureResultOf(d, UnexpectedReply)
+        error = self.failed(d, Kind.UNAVAILABLE)
+        self.assertEqual((error.command, error.upstream_reply.code), ("EHLO", 421))
         self.assertNotIn(b"HELO", self.transport.value())
 
     def assertViolation(self, data: bytes):
         d = self.protocol.greeting()
         self.protocol.dataReceived(data)
-        self.failureResultOf(d, ProtocolViolation)
+        self.failed(d, Kind.PROTOCOL)
         self.assertTrue(self.transport.disconnected, "connection not aborted")
         # Later commands fail at once instead of waiting forever.
-        self.failureResultOf(self.protocol.command(b"NOOP"), ProtocolViolation)
+        self.failed(self.protocol.command(b"NOOP"), Kind.PROTOCOL)
 
     def test_garbage_reply(self):
         self.assertViolation(b"HTTP/1.1 400 Bad Request\r\n")
@@ -186,7 +205,7 @@ class ReplyParsingTests(unittest.TestCase):
         self.protocol.dataReceived(b"220 ok\r\n")
         self.protocol.dataReceived(b"421 4.3.2 going away\r\n")
         self.assertTrue(self.transport.disconnected)
-        self.failureResultOf(self.protocol.command(b"NOOP"), ProtocolViolation)
+        self.failed(self.protocol.command(b"NOOP"), Kind.PROTOCOL)
 
     def test_command_injection_refused(self):
         self.protocol.dataReceived(b"220 ok\r\n")
@@ -201,14 +220,13 @@ class ReplyParsingTests(unittest.TestCase):
         single = self.protocol.command(b"NOOP")
         self.lose()
         for d in (group, single):
-            failure = self.failureResultOf(d, ConnectionLost)
-            self.assertFalse(failure.value.after_data)
-        self.failureResultOf(self.protocol.command(b"NOOP"), ConnectionLost)
+            self.lost(d)
+        self.lost(self.protocol.command(b"NOOP"))
 
     def test_connection_loss_before_greeting(self):
         d = self.protocol.greeting()
         self.lose()
-        self.assertEqual(self.failureResultOf(d, ConnectionLost).value.command, "greeting")
+        self.assertEqual(self.lost(d).command, "greeting")
 
     def test_command_timeout(self):
         self.protocol.dataReceived(b"220 ok\r\n")
@@ -216,14 +234,13 @@ class ReplyParsingTests(unittest.TestCase):
         self.clock.advance(9.9)
         self.assertNoResult(d)
         self.clock.advance(0.2)
-        failure = self.failureResultOf(d, ReplyTimeout)
-        self.assertEqual(failure.value.command, "MAIL")
+        self.assertEqual(self.timed_out(d).command, "MAIL")
         self.assertTrue(self.transport.disconnected)
 
     def test_greeting_timeout(self):
         d = self.protocol.greeting()
         self.clock.advance(10.1)
-        self.failureResultOf(d, ReplyTimeout)
+        self.timed_out(d)
 
     def test_each_pipelined_reply_gets_its_own_timeout(self):
         self.protocol.dataReceived(b"220 ok\r\n")
@@ -237,7 +254,7 @@ class ReplyParsingTests(unittest.TestCase):
         self.clock.advance(8)
         self.assertNoResult(second)
         self.clock.advance(3)
-        self.failureResultOf(second, ReplyTimeout)
+        self.timed_out(second)
 
     def start_data(self, content: bytes) -> Deferred:
         self.protocol.dataReceived(b"220 ok\r\n")
@@ -274,8 +291,7 @@ class ReplyParsingTests(unittest.TestCase):
         self.clock.advance(30)  # past the command timeout, within the DATA timeout
         self.assertNoResult(final)
         self.clock.advance(31)
-        failure = self.failureResultOf(final, ReplyTimeout)
-        self.assertTrue(failure.value.after_data)
+        self.timed_out(final, Phase.OUTCOME_UNKNOWN)
 
     def test_stalled_reader_times_out_while_streaming(self):
         final = self.start_data(b"x" * (3 * READ_CHUNK))
@@ -286,23 +302,22 @@ class ReplyParsingTests(unittest.TestCase):
         self.clock.advance(59)
         self.assertNoResult(final)
         self.clock.advance(2)
-        failure = self.failureResultOf(final, ReplyTimeout)
-        self.assertFalse(failure.value.after_data)
+        self.timed_out(final)
         self.assertTrue(self.transport.disconnected)
 
     def test_connection_lost_after_final_dot_says_duplicate_possible(self):
         final = self.start_data(b"hello\r\n")
         self.pump()
         self.lose()
-        failure = self.failureResultOf(final, ConnectionLost)
-        self.assertTrue(failure.value.after_data)
-        self.assertIn("may have accepted", failure.value.detail)
+        error = self.lost(final, Phase.OUTCOME_UNKNOWN)
+        self.assertIn("may have accepted", error.detail)
+        self.assertIn("a duplicate is possible", error.reply.text)
 
     def test_connection_lost_while_streaming(self):
         final = self.start_data(b"x" * (3 * READ_CHUNK))
         self.transport.producer.resumeProducing()
         self.lose()
-        self.assertFalse(self.failureResultOf(final, ConnectionLost).value.after_data)
+        self.lost(final)
 
     def test_early_reply_during_data_stops_streaming(self):
         final = self.start_data(b"x" * (3 * READ_CHUNK))
@@ -319,7 +334,7 @@ class ReplyParsingTests(unittest.TestCase):
         self.protocol.dataReceived(b"220 ok\r\n")
         d = self.protocol.starttls(object())
         self.protocol.dataReceived(b"220 go ahead\r\n250 injected\r\n")
-        self.failureResultOf(d, ProtocolViolation)
+        self.failed(d, Kind.PROTOCOL)
         self.assertTrue(self.transport.disconnected)
 
     def test_auth_login_exchange(self):

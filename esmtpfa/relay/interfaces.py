@@ -1,14 +1,18 @@
 """The seam between accepting a message and delivering it upstream.
 
-One way in, one guarantee (docs/design.md §5: our client's 250 waits for the destination):
-``IRelay.begin`` opens a transaction at the client's MAIL and asks the destination about
-each recipient as the client names it (``IRelayTransaction.addRecipient``), so every RCPT
-is answered with the destination's own verdict; ``send`` hands over the content once the
-client's final dot arrived.  The SMTP server and the HTTP API both use it.
+One way in, one guarantee (docs/design.md, "The relay and the delivery guarantee": our
+client's 250 waits for the destination): ``IRelay.begin`` opens a transaction at the
+client's MAIL and asks the destination about each recipient as the client names it
+(``IRelayTransaction.addRecipient``), so every RCPT is answered with the destination's
+own verdict; ``send`` hands over the content once the client's final dot arrived.  The
+SMTP server and the HTTP API both use it (docs/delivery-guarantee.md, "One path").
 
-Failures are ``RelayError``: what the client is told, whether it is permanent, which
-command broke, the destination's own reply line, and the kind and phase of the failure
-that failover and retry decide from.
+Failures are one type, ``RelayError``: what the client is told, whether it is
+permanent, which command broke, the destination's own reply line, and the kind and phase
+of the failure that failover and retry decide from.  It is built where the failure is
+seen (``relay/errors.py`` has the constructors), never translated afterwards, so its
+kind and phase are stated once (docs/delivery-guarantee.md, "Failures are values: kind
+and phase").
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from esmtpfa.replies import Reply
 
-# RelayError.reason values, used as metric labels (docs/design.md §8: relay failures by reason).
+# RelayError.reason values, used as metric labels (docs/design.md, "Metrics": relay
+# failures by reason).
 REJECTED = "rejected"        # the upstream answered 4xx/5xx to MAIL, RCPT or DATA
 UNAVAILABLE = "unavailable"  # connect, TLS, timeout, upstream AUTH, protocol failure
 
@@ -125,8 +130,10 @@ class RelayError(Exception):
                f"{self.detail or self.reply}{line}{phase}"
 
 
-_KINDS = frozenset({Kind.REJECTED, Kind.POLICY, Kind.UNAVAILABLE, Kind.PROTOCOL, Kind.BUSY,
-                    Kind.CLOSING, Kind.EXPIRED})
+#: Every ``Kind``, read from the class so that a kind added there is never mistaken for
+#: a coarse reason (``RelayError(reply, "credentials")`` is a credentials failure).
+_KINDS = frozenset(value for name, value in vars(Kind).items()
+                   if name.isupper() and isinstance(value, str))
 
 
 class IRelayTransaction(Interface):

@@ -6,7 +6,10 @@ an RSET.  Idle sessions are closed after ``idle_timeout``; a session the upstrea
 while idle leaves the pool at once (the protocol sees the FIN or the ``421``), and one
 that dies in the short window between being taken and used is replaced by the caller
 (``acquire(fresh=True)``) without failing the message.  LIMITS MAILMAX (RFC 9422) retires
-a session once it ran that many transactions.
+a session once it ran that many transactions.  A new session's failure is the
+``RelayError`` of the step that failed (``session.dial``, ``UpstreamSession.open``), passed
+on as it is; the pool only asks once more after the upstream refused our OAuth2 token
+(docs/oauth2.md, "When the upstream refuses a token").
 
 ``CircuitBreaker`` counts consecutive connection-level failures (connect, TLS, greeting,
 AUTH, timeouts, lost connections).  After ``failures`` of them the upstream is skipped for
@@ -22,10 +25,10 @@ from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
 
 from esmtpfa.logs import logger
-from esmtpfa.relay.interfaces import Kind
+from esmtpfa.relay.errors import local_error, unavailable
+from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
-from esmtpfa.relay.session import (
-    TokenRejected, UpstreamSession, endpoint_for, relay_error_from, unavailable)
+from esmtpfa.relay.session import UpstreamSession, dial
 from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
 from esmtpfa.timeouts import Deadline
 
@@ -225,34 +228,37 @@ class SessionPool:
         return Deferred.fromCoroutine(self._connect())
 
     async def _connect(self) -> UpstreamSession:
-        stage = "connect"
+        """A new session; fails with the ``RelayError`` of the step that failed
+        (``session.dial``: the connection; ``UpstreamSession.open``: the set-up)."""
         protocol: SMTPClientProtocol | None = None
         try:
-            endpoint = endpoint_for(self._reactor, self.upstream, self._tls_options)
             for last in (False, True):
-                protocol = await endpoint.connect(self._factory)
-                stage = "session"
+                protocol = await dial(self._reactor, self.upstream, self._tls_options,
+                                      self._factory)
                 session = UpstreamSession(protocol, self.upstream, self._tls_options,
                                           self._sasl_cache, clock=_Monotonic(self._reactor),
                                           tokens=self._tokens)
                 try:
                     await session.open()
                     break
-                except TokenRejected:
-                    if last:
+                except RelayError:
+                    if last or not session.token_refused:
                         raise
                     # The broker dropped the refused token: once more, with a new token
-                    # on a new connection (docs/oauth2.md); the message waits meanwhile.
+                    # on a new connection (docs/oauth2.md, "When the upstream refuses a
+                    # token"); the message waits meanwhile.
                     log.info("upstream {upstream}: our OAuth2 token was refused; trying "
                              "once more with a new one", upstream=self.address)
                     self._track_quit(protocol.quit(1.0))
-                    protocol, stage = None, "connect"
+                    protocol = None
         except Exception as error:
             self._opening -= 1
             if protocol is not None:
                 self._track_quit(protocol.quit(1.0))
             self._dispatch()
-            raise relay_error_from(error, stage, self.address) from None
+            if isinstance(error, RelayError):
+                raise error from None
+            raise local_error(error, "session", self.address) from None  # a bug
         self._opening -= 1
         self.opened += 1
         self.known_max_size = session.max_size or 0
@@ -441,7 +447,7 @@ class Upstream:
         self.settings = settings
         self.tokens = tokens  # its ``oauth2.TokenBroker`` when it logs in with OAuth2
         self.factory = SMTPClientFactory(reactor, settings.command_timeout,
-                                         settings.data_timeout)
+                                         settings.data_timeout, upstream=settings.address)
         self.pool = SessionPool(settings, pool_settings, reactor, tls_options, self.factory,
                                 sasl_cache, tokens)
         self.breaker = CircuitBreaker(pool_settings.breaker_failures,

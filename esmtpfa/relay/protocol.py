@@ -1,9 +1,10 @@
 """The wire side of the upstream SMTP client: replies in, commands and message data out.
 
 We own this code instead of using ``twisted.mail.smtp.ESMTPSender`` because the defects
-that matter for a relay live exactly here (docs/twisted-defects.md, client list): its dot-stuffing
-misses the first line and lines crossing read boundaries (SMTP smuggling toward the
-upstream), it doubles CRs, and its Deferred never fires when the connection is lost.
+that matter for a relay live exactly here (docs/twisted-defects.md, "Client side: what
+the stock `ESMTPSender` gets wrong"): its dot-stuffing misses the first line and lines
+crossing read boundaries (SMTP smuggling toward the upstream), it doubles CRs, and its
+Deferred never fires when the connection is lost.
 
 The protocol knows SMTP syntax, not delivery policy: it sends commands, matches replies to
 them in order (so several can be in flight, RFC 2920), upgrades to TLS (RFC 3207), runs a
@@ -11,6 +12,13 @@ SASL exchange (RFC 4954) and streams one message with correct transparency (RFC 
 §4.5.2).  What to send and what a reply means for the message is decided above it
 (``session.py``: one negotiated session; ``pool.py``: reuse; ``upstream.py``: transactions
 and failover).
+
+Its failures are ``RelayError`` values from the start (``errors.py``): a lost connection,
+a timeout, garbage, a TLS or AUTH failure is stated here, with its kind and its phase,
+because only here is it known whether the final dot had left.  Once it had, every
+failure is ``Phase.OUTCOME_UNKNOWN``: the upstream may have the message, and nobody above
+may send it again (docs/delivery-guarantee.md, "After the final dot: never again by our
+hand").
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.logs import logger
+from esmtpfa.relay.errors import (
+    abandoned, auth_cancelled, auth_refused, connection_failed, protocol_violation,
+    session_refused, starttls_refused, tls_failed)
+from esmtpfa.relay.interfaces import RelayError
 from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
 from esmtpfa.replies import Reply
 from esmtpfa.timeouts import Deadline
@@ -60,55 +72,9 @@ _FORBIDDEN_IN_COMMAND = re.compile(rb"[\r\n\x00]")
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 
 
-# --- errors ------------------------------------------------------------------------------
-
-class UpstreamError(Exception):
-    """The session with the upstream cannot go on; ``command`` is where it broke.
-
-    ``after_data`` is the phase: true when the final dot had left before the failure
-    (lost, timed out, or answered with garbage).  The upstream may then have accepted the
-    message, so sending it again could duplicate it; whoever handles the error must not
-    (docs/delivery-guarantee.md).  The protocol stamps it on every error it raises.
-    """
-
-    def __init__(self, detail: str, command: str | None = None, after_data: bool = False):
-        super().__init__(detail)
-        self.detail = detail
-        self.command = command
-        self.after_data = after_data
-
-
-class ConnectionLost(UpstreamError):
-    """The connection closed before the reply came."""
-
-
-class ReplyTimeout(ConnectionLost):
-    """No reply (or no progress writing DATA) within the timeout; we dropped the link."""
-
-
-class TLSFailure(UpstreamError):
-    """Handshake or certificate verification failed."""
-
-
-class ProtocolViolation(UpstreamError):
-    """The upstream sent something that is not SMTP (or not at this point)."""
-
-
-class UnexpectedReply(UpstreamError):
-    """A well-formed reply that is not the one the step needed (e.g. EHLO and HELO refused)."""
-
-    def __init__(self, command: str, reply: Reply):
-        super().__init__(f"{command}: {reply}", command)
-        self.reply = reply
-
-
-class AuthenticationFailed(UnexpectedReply):
-    """The upstream refused our credentials (RFC 4954 §6: 535, 534, 454 …)."""
-
-
-class AuthenticationAborted(UpstreamError):
-    """We cancelled the SASL exchange (``*``): the server's side of it was not acceptable,
-    e.g. a SCRAM server that could not prove it knows the password."""
+#: How a failure of the connection is stated (``errors.py``): each takes the detail, the
+#: command and the upstream, and ``after_dot`` (the final dot had left).
+_Fault = Callable[..., RelayError]
 
 
 # --- EHLO keywords -----------------------------------------------------------------------
@@ -296,16 +262,19 @@ class _Group:
 
 
 class _Waiter:
-    """One reply we are waiting for (alone, or as a member of a ``_Group``)."""
+    """One reply we are waiting for (alone, or as a member of a ``_Group``).
 
-    __slots__ = ("command", "deferred", "timeout", "after_data", "group")
+    ``after_dot``: this is the end-of-data reply and the final dot has left, so a failure
+    from now on leaves the message's outcome unknown."""
+
+    __slots__ = ("command", "deferred", "timeout", "after_dot", "group")
 
     def __init__(self, command: str, timeout: float, group: _Group | None = None):
         self.command = command
         self.group = group
         self.deferred: Deferred[Reply] | None = Deferred() if group is None else None
         self.timeout = timeout
-        self.after_data = False
+        self.after_dot = False
 
     def complete(self, reply: Reply) -> None:
         if self.group is None:
@@ -372,15 +341,17 @@ class SMTPClientProtocol(Protocol):
     """An SMTP client connection with a Deferred-returning command API.
 
     Replies are matched to commands in FIFO order, so ``pipelineAll`` can put several
-    commands in one write (RFC 2920).  Every pending Deferred fails with an ``UpstreamError`` when
-    the connection is lost, times out or turns to garbage: nothing ever waits forever.
+    commands in one write (RFC 2920).  Every pending Deferred fails with a ``RelayError``
+    when the connection is lost, times out or turns to garbage: nothing ever waits
+    forever.  ``upstream`` (``host:port`` as configured) names the upstream in them.
     """
 
     log = logger("esmtpfa.relay.protocol")
 
     def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-                 data_timeout: float = DEFAULT_DATA_TIMEOUT):
+                 data_timeout: float = DEFAULT_DATA_TIMEOUT, upstream: str | None = None):
         self._reactor = reactor
+        self.upstream = upstream
         self.command_timeout = float(command_timeout)
         self.data_timeout = float(data_timeout)
         self._buffer = b""
@@ -388,7 +359,8 @@ class SMTPClientProtocol(Protocol):
         self._code: int | None = None
         self._waiters: deque[_Waiter] = deque()
         self._timer = Deadline(reactor, self._timedOut)  # for the head waiter's reply
-        self._error: UpstreamError | None = None  # once set, the connection is unusable
+        self._error: RelayError | None = None  # once set, the connection is unusable
+        self._fault: tuple[_Fault, str, str | None] | None = None  # how _error was stated
         self._streamer: _DataStreamer | None = None
         # The upstream answered 354: it reads everything we send as message content until
         # CRLF.CRLF, so no command (RSET, QUIT) may go out; only ``sendData`` or a drop.
@@ -432,23 +404,23 @@ class SMTPClientProtocol(Protocol):
         self._connected = False
         self._timer.stop()
         if self._error is None:
-            self._error = self._lostError(reason)
-        self._failAll(self._error)
+            self._lost(reason)
+        self._failAll()
         waiters, self._disconnected = self._disconnected, []
         for waiter in waiters:
             waiter.callback(None)
 
-    def _lostError(self, reason: Failure) -> UpstreamError:
+    def _lost(self, reason: Failure) -> None:
         head = self._waiters[0] if self._waiters else None
         command = "STARTTLS handshake" if self._handshake is not None else (
             head.command if head else None)
         if reason.check(SSL.Error, VerificationError):
-            return TLSFailure(f"TLS failure: {_describe(reason)}", command)
-        after_data = bool(head and head.after_data)
+            self._setError(tls_failed, f"TLS failure: {_describe(reason)}", command)
+            return
         detail = f"connection lost: {_describe(reason)}"
-        if after_data:
+        if head and head.after_dot:
             detail += " (after the message was sent: the upstream may have accepted it)"
-        return ConnectionLost(detail, command, after_data)
+        self._setError(connection_failed, detail, command)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -508,7 +480,7 @@ class SMTPClientProtocol(Protocol):
             self._violation(f"unsolicited reply: {reply}")
             return
         waiter = self._waiters[0]
-        if self._streamer is not None and not waiter.after_data:
+        if self._streamer is not None and not waiter.after_dot:
             # The upstream answered before our final dot: it gave up on the message.
             # Whatever it said, the DATA state is now unknowable: stop and drop the link.
             self._stopStreaming()
@@ -517,8 +489,8 @@ class SMTPClientProtocol(Protocol):
                 return
             self._waiters.popleft()
             self._cancelTimer()
-            self._error = ProtocolViolation(
-                f"upstream replied during DATA: {reply}", waiter.command)
+            self._setError(protocol_violation, f"upstream replied during DATA: {reply}",
+                           waiter.command)
             waiter.complete(reply)
             self._abort()
             return
@@ -601,18 +573,19 @@ class SMTPClientProtocol(Protocol):
         if reply.code == 250:
             return Extensions.parse(reply)
         if not reply.is_permanent:
-            raise UnexpectedReply("EHLO", reply)
+            raise session_refused("EHLO", reply, self.upstream)
         reply = await self.command(b"HELO " + name.encode("ascii", "replace"))
         if reply.code != 250:
-            raise UnexpectedReply("HELO", reply)
+            raise session_refused("HELO", reply, self.upstream)
         return Extensions.none()
 
     def starttls(self, creator: Any) -> Deferred[Reply]:
         """RFC 3207: STARTTLS, then the handshake; fires once TLS is up.
 
         ``creator`` is an ``IOpenSSLClientConnectionCreator`` (see ``tls.py``).  Fails with
-        ``UnexpectedReply`` when refused, ``TLSFailure`` when the handshake fails.  The
-        caller must send EHLO again and forget the earlier extensions (RFC 3207 §4.2).
+        a ``RelayError`` (``errors.starttls_refused`` when refused, ``errors.tls_failed``
+        when the handshake fails).  The caller must send EHLO again and forget the earlier
+        extensions (RFC 3207 §4.2).
         """
         return Deferred.fromCoroutine(self._starttls(creator))
 
@@ -621,11 +594,11 @@ class SMTPClientProtocol(Protocol):
             raise RuntimeError("STARTTLS must be the only command in flight")
         reply = await self.command(b"STARTTLS")
         if reply.code != 220:
-            raise UnexpectedReply("STARTTLS", reply)
+            raise starttls_refused(reply, self.upstream)
         if self._buffer:
             # Bytes after the 220 arrived in cleartext; treating them as replies received
             # over TLS would let a man in the middle inject them (the client side of the
-            # STARTTLS injection bug, docs/twisted-defects.md server #2).
+            # STARTTLS injection bug, docs/twisted-defects.md, "Server side", #2).
             self._violation("data after the STARTTLS reply, before the TLS handshake")
             raise self._error  # type: ignore[misc]
         handshake: Deferred[None] = Deferred()
@@ -640,8 +613,9 @@ class SMTPClientProtocol(Protocol):
         """RFC 4954 AUTH with a ``sasl.Mechanism`` (or a mechanism name, user and
         password); fires with the 235 reply.
 
-        Fails with ``AuthenticationFailed`` when the server refuses, and with
-        ``AuthenticationAborted`` when we cancel (``*``) because the server's side of the
+        Fails with a ``RelayError``: ``errors.auth_refused`` when the server refuses (the
+        only failure here that carries the upstream's reply, ``upstream_reply``), and
+        ``errors.auth_cancelled`` when we cancel (``*``) because the server's side of the
         exchange was malformed or did not prove itself (SCRAM).  The exchange is never
         logged: it carries the password or what can lead to it.
         """
@@ -669,18 +643,18 @@ class SMTPClientProtocol(Protocol):
             except SASLError as error:
                 # RFC 4954 §4: "*" cancels; the server answers 501.  We give up either way.
                 await self.command(b"*", "AUTH")
-                raise AuthenticationAborted(f"AUTH {mechanism.name} cancelled: {error}",
-                                            "AUTH") from None
+                raise auth_cancelled(f"AUTH {mechanism.name} cancelled: {error}",
+                                     self.upstream) from None
             reply = await self.command(base64.b64encode(response), "AUTH")
         if reply.code != 235:
-            raise AuthenticationFailed("AUTH", reply)
+            raise auth_refused(reply, self.upstream)
         if not mechanism.complete:
             # A 235 before the mechanism finished: for SCRAM the server skipped proving it
             # knows the password (RFC 5802 §5.1 "v="); a success we cannot trust.
             self.abort()
-            raise AuthenticationAborted(
+            raise auth_cancelled(
                 f"AUTH {mechanism.name}: the server reported success before the exchange "
-                "was complete", "AUTH")
+                "was complete", self.upstream)
         return reply
 
     def sendData(self, chunks: Iterator[bytes]) -> Deferred[Reply]:
@@ -718,15 +692,15 @@ class SMTPClientProtocol(Protocol):
         if normalized:
             self.log.warn("repaired bare CR/LF in {count} chunk(s) of message content",
                           count=normalized)
-        self._waiters[0].after_data = True
+        self._waiters[0].after_dot = True
         self.transport.write(tail)
         self._stopStreaming()
         self._restartTimer()
 
     def _streamFailed(self, error: Exception) -> None:
         self._stopStreaming()
-        self._error = UpstreamError(f"reading the message failed: {error}", "DATA")
-        self._failAll(self._error)
+        self._setError(abandoned, f"reading the message failed: {error}", "DATA")
+        self._failAll()
         self._abort()
 
     def _stopStreaming(self) -> None:
@@ -748,7 +722,7 @@ class SMTPClientProtocol(Protocol):
     def outcomePending(self) -> bool:
         """The final dot has left and its reply has not come: the message may be
         accepted already, so failing now leaves its outcome unknown."""
-        return bool(self._waiters and self._waiters[0].after_data)
+        return bool(self._waiters and self._waiters[0].after_dot)
 
     def whenDisconnected(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -761,7 +735,8 @@ class SMTPClientProtocol(Protocol):
     def quit(self, timeout: float = 10.0) -> Deferred[None]:
         """QUIT politely when possible, then close; always fires (never fails).
 
-        After a message was accepted nothing here can change the outcome (docs/design.md §5).
+        After a message was accepted nothing here can change the outcome (docs/design.md,
+        "The relay and the delivery guarantee").
         """
         done = self.whenDisconnected()
         if not self._connected:
@@ -783,7 +758,7 @@ class SMTPClientProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection now, e.g. when message content must not be sent."""
         if self._error is None:
-            self._error = UpstreamError("connection aborted by us")
+            self._setError(abandoned, "connection aborted by us", None)
         self._abort()
 
     def _abort(self) -> None:
@@ -814,36 +789,44 @@ class SMTPClientProtocol(Protocol):
             command, timeout = "STARTTLS handshake", self.command_timeout
         else:
             command, timeout = self._waiters[0].command, self._waiters[0].timeout
-        after_data = bool(self._waiters and self._waiters[0].after_data)
         detail = f"no reply to {command} within {timeout:g} s"
         if self._streamer is not None:
             detail = f"upstream stopped reading message data for {timeout:g} s"
-        if after_data:
+        if self.outcomePending:
             detail += " (after the message was sent: the upstream may have accepted it)"
-        self._error = ReplyTimeout(detail, command, after_data)
+        self._setError(connection_failed, detail, command)
         self._stopStreaming()
-        self._failAll(self._error)
+        self._failAll()
         self._abort()
 
     def _violation(self, detail: str) -> None:
         command = self._waiters[0].command if self._waiters else None
-        self._error = ProtocolViolation(detail, command)
+        self._setError(protocol_violation, detail, command)
         self._stopStreaming()
-        self._failAll(self._error)
+        self._failAll()
         self._abort()
 
-    def _failAll(self, error: UpstreamError) -> None:
+    def _setError(self, fault: _Fault, detail: str, command: str | None) -> None:
+        """The connection is finished: ``fault`` (an ``errors`` constructor) states why,
+        in the phase the message is in now.  Every later command fails with it."""
+        self._fault = (fault, detail, command)
+        self._error = fault(detail, command, self.upstream, after_dot=self.outcomePending)
+
+    def _failAll(self) -> None:
         self._cancelTimer()
-        if self._waiters and self._waiters[0].after_data:
-            # Whatever broke (loss, timeout, garbage, our own abort), it broke after the
-            # final dot: the outcome is unknown, and the error says so.
-            error.after_data = True
+        error = self._error
+        fault, detail, command = self._fault  # type: ignore[misc]  # set with _error
+        if self.outcomePending and not error.outcome_unknown:
+            # The final dot left after the failure was stated (our abort came while the
+            # producer still wrote): whatever broke, the outcome is now unknown.
+            error = self._error = fault(detail, command, self.upstream, after_dot=True)
         waiters, self._waiters = self._waiters, deque()
         handshake, self._handshake = self._handshake, None
         self._streamer = None
         if handshake is not None:
-            handshake.errback(Failure(error if isinstance(error, TLSFailure)
-                                      else TLSFailure(error.detail, "STARTTLS handshake")))
+            handshake.errback(Failure(error if fault is tls_failed
+                                      else tls_failed(detail, "STARTTLS handshake",
+                                                      self.upstream)))
         failure = Failure(error)
         for waiter in waiters:
             waiter.fail(failure)
@@ -855,13 +838,15 @@ class SMTPClientFactory(Factory):
     noisy = False  # one connection per message: "Starting factory" lines would flood the log
 
     def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-                 data_timeout: float = DEFAULT_DATA_TIMEOUT):
+                 data_timeout: float = DEFAULT_DATA_TIMEOUT, upstream: str | None = None):
         self.reactor = reactor
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
+        self.upstream = upstream  # ``host:port`` as configured, named in every error
 
     def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
-        protocol = SMTPClientProtocol(self.reactor, self.command_timeout, self.data_timeout)
+        protocol = SMTPClientProtocol(self.reactor, self.command_timeout, self.data_timeout,
+                                      self.upstream)
         protocol.factory = self
         return protocol
 

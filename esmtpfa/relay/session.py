@@ -1,17 +1,18 @@
-"""One negotiated SMTP session with an upstream, and what its failures mean for our client.
+"""One negotiated SMTP session with an upstream, and how it is reached.
 
 ``UpstreamSession.open()`` runs greeting → EHLO → STARTTLS per policy → EHLO → AUTH;
 after that the session runs mail transactions, one command group at a time, and can be
 reused for the next message (RSET first).  What to do when something fails (another
 upstream, a fresh connection, a replay) is decided in ``upstream.py``; this module only
-says what happened, with one error vocabulary:
+says what happened, and says it once, where it happens: every failure is a
+``RelayError`` built by ``errors.py``'s constructors, here (a refused greeting, a missing
+STARTTLS or AUTH mechanism, the OAuth2 token, a ``421``) or in the protocol below (a lost
+or silent connection, garbage, TLS, a refused AUTH).  Nothing maps errors afterwards
+(docs/delivery-guarantee.md, "Failures are values: kind and phase").
 
-* ``RelayError`` (from ``interfaces``): a verdict for the client, either the upstream's
-  own reply passed through (reason REJECTED) or one we decided (policy, or the mapping of a
-  connection failure by ``relay_error_from``: reason UNAVAILABLE, always ``451``);
-* the protocol's ``UpstreamError`` family: the connection is finished (lost, timed out,
-  TLS, garbage), plus ``ServiceClosing`` for a ``421`` (RFC 5321 §3.8: the server is
-  closing the channel, whatever the command was).
+A ``421`` is the upstream closing the channel (RFC 5321 §3.8) whatever the command was:
+the connection is dropped and the failure is ``Kind.UNAVAILABLE``, never the message's
+verdict.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from twisted.internet.endpoints import (
 
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope
-from esmtpfa.relay.interfaces import REJECTED, Kind, Phase, RelayError
-from esmtpfa.relay.protocol import (
-    AuthenticationAborted, AuthenticationFailed, ConnectionLost, Extensions,
-    ProtocolViolation, SMTPClientProtocol, TLSFailure, UnexpectedReply,
-    UpstreamError)
+from esmtpfa.relay.errors import (
+    TOKEN_UNAVAILABLE, closing, local_error, permanent, session_refused, token_refused,
+    unavailable, unreachable)
+from esmtpfa.relay.interfaces import Kind, RelayError
+from esmtpfa.relay.protocol import Extensions, SMTPClientProtocol
 from esmtpfa.relay.oauth2 import TokenUnavailable
 from esmtpfa.relay.sasl import (
     choose_mechanism, choose_token_mechanism, client_for, token_client_for)
@@ -43,119 +44,21 @@ log = logger("esmtpfa.relay.session")
 QUIT_TIMEOUT = 10.0
 
 
-class ServiceClosing(UpstreamError):
-    """The upstream answered 421: it is closing this connection (RFC 5321 §3.8)."""
-
-    def __init__(self, command: str, reply: Reply):
-        super().__init__(f"{command}: {reply}", command)
-        self.reply = reply
-
-
-class TokenRejected(AuthenticationFailed):
-    """The upstream refused our OAuth2 access token (docs/oauth2.md).  ``status`` is the
-    RFC 7628 error challenge's status when it sent one (never the token)."""
-
-    def __init__(self, command: str, reply: Reply, status: str | None = None):
-        super().__init__(command, reply)
-        self.status = status
-
-
-# --- replies we give our client ---------------------------------------------------------
-
-#: What a client hears when the upstream's token cannot be had or was refused: a
-#: temporary failure of our own credentials (RFC 3463 X.7.0), so it retries.
-TOKEN_UNAVAILABLE = "Upstream credentials unavailable, try again later"
-
-def unavailable(enhanced: str, text: str, detail: str, command: str | None = None,
-                upstream_reply: Reply | None = None, upstream: str | None = None, *,
-                kind: str = Kind.UNAVAILABLE, phase: str = Phase.BEFORE_DOT) -> RelayError:
-    return RelayError(Reply(451, enhanced, text), kind, command, upstream_reply,
-                      detail, upstream, kind=kind, phase=phase)
-
-
-def rejected(command: str, reply: Reply, text: str | None = None,
-             upstream: str | None = None) -> RelayError:
-    """Pass the upstream's verdict through: its code and enhanced code, our prefix."""
-    code = reply.code
-    if code == 421:
-        # 421 means "closing the channel" (RFC 5321 §3.8); from us it would tell our
-        # client that *we* are closing.  The meaning for the message is a 451.
-        code = 451
-    enhanced = reply.enhanced
-    if not enhanced or enhanced[0] != str(code)[0]:
-        enhanced = f"{code // 100}.0.0"  # an inconsistent class digit (RFC 3463 §2)
-    body = text if text is not None else f"upstream: {reply.text}"
-    return RelayError(Reply(code, enhanced, body), REJECTED, command, reply,
-                      text or f"upstream answered {command} with {reply}", upstream,
-                      kind=Kind.REJECTED)
-
-
-def permanent(code: int, enhanced: str, text: str, command: str,
-              upstream: str | None = None) -> RelayError:
-    """A refusal we decide before sending: the upstream could never accept this."""
-    return RelayError(Reply(code, enhanced, text), REJECTED, command, None, text, upstream,
-                      kind=Kind.POLICY)
-
-
-#: The reply for every failure after the final dot: the client keeps the message and
-#: retries, knowing the upstream may already have it (docs/delivery-guarantee.md).
-MAYBE_DELIVERED = ("Upstream connection failed after the message was sent; "
-                   "try again later (a duplicate is possible)")
-
-
-def relay_error_from(error: BaseException, stage: str, upstream: str | None = None
-                     ) -> RelayError:
-    """Map whatever stopped a delivery to a ``RelayError`` with its kind and phase."""
-    if isinstance(error, RelayError):
-        if error.upstream is None:
-            error.upstream = upstream
-        return error
-    if stage == "connect":  # refused, unreachable, DNS, connect timeout
-        return unavailable("4.4.1", "Upstream server unreachable, try again later",
-                           f"cannot connect: {error}", "connect", upstream=upstream)
-    if isinstance(error, UpstreamError) and error.after_data:
-        # Lost, timed out or garbage after the final dot: whatever the kind of failure,
-        # the one thing that matters is that the outcome is unknown.
-        kind = Kind.PROTOCOL if isinstance(error, ProtocolViolation) else Kind.UNAVAILABLE
-        return unavailable("4.4.2", MAYBE_DELIVERED, error.detail, error.command,
-                           upstream=upstream, kind=kind, phase=Phase.OUTCOME_UNKNOWN)
-    if isinstance(error, TokenRejected):
-        why = f" ({error.status})" if error.status else ""
-        return unavailable("4.7.0", TOKEN_UNAVAILABLE,
-                           f"upstream refused our OAuth2 token{why}: {error.reply}", "AUTH",
-                           error.reply, upstream)
-    if isinstance(error, AuthenticationFailed):
-        return unavailable("4.3.0", "Upstream authentication failed, try again later",
-                           f"upstream refused our AUTH: {error.reply}", "AUTH", error.reply,
-                           upstream)
-    if isinstance(error, AuthenticationAborted):
-        return unavailable("4.3.0", "Upstream authentication failed, try again later",
-                           error.detail, "AUTH", upstream=upstream)
-    if isinstance(error, TLSFailure):
-        return unavailable("4.4.2", "TLS with the upstream server failed, try again later",
-                           error.detail, error.command, upstream=upstream)
-    if isinstance(error, ServiceClosing):
-        reply = rejected(error.command or "connection", error.reply).reply
-        return unavailable(reply.enhanced if reply.enhanced.startswith("4.") else "4.4.2",
-                           f"upstream: {error.reply.text}",
-                           f"upstream is closing the connection: {error.reply}",
-                           error.command, error.reply, upstream)
-    if isinstance(error, ConnectionLost):  # includes ReplyTimeout
-        return unavailable("4.4.2", "Upstream connection failed, try again later",
-                           error.detail, error.command, upstream=upstream)
-    if isinstance(error, UnexpectedReply):
-        # The session could not be set up (EHLO/HELO refused): not about the message.
-        return unavailable("4.4.0", "Upstream server refused the session, try again later",
-                           error.detail, error.command, error.reply, upstream)
-    if isinstance(error, UpstreamError):
-        return unavailable("4.4.2", "Upstream protocol error, try again later",
-                           error.detail, error.command, upstream=upstream,
-                           kind=Kind.PROTOCOL)
-    return unavailable("4.3.0", "Local error talking to the upstream, try again later",
-                       f"{type(error).__name__}: {error}", stage, upstream=upstream)
-
-
 # --- connecting -----------------------------------------------------------------------------
+
+def dial(reactor: Any, settings: UpstreamSettings, tls_options: Any, factory: Any
+         ) -> Deferred[SMTPClientProtocol]:
+    """A connection to the upstream, or a ``RelayError`` (``errors.unreachable``)."""
+    try:
+        connecting = endpoint_for(reactor, settings, tls_options).connect(factory)
+    except Exception as error:
+        connecting = Deferred()
+        connecting.errback(error)
+
+    def failed(failure: Any) -> None:
+        raise unreachable(failure.value, settings.address) from None
+    return connecting.addErrback(failed)
+
 
 def endpoint_for(reactor: Any, settings: UpstreamSettings, tls_options: Any) -> Any:
     """IP literals connect directly (``HostnameEndpoint`` would send even those through
@@ -195,6 +98,9 @@ class UpstreamSession:
         self.extensions = Extensions.none()
         self.authenticated = False
         self.mechanism: str | None = None
+        #: The upstream refused our OAuth2 token (the broker dropped it): a new
+        #: connection with a new token may succeed (``pool.SessionPool``).
+        self.token_refused = False
         self.transactions = 0       # MAIL commands sent on this connection (LIMITS MAILMAX)
         self.needs_reset = False    # a transaction was started and not completed
         self.created = clock.monotonic()
@@ -231,13 +137,22 @@ class UpstreamSession:
     # -- setting up ------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Set the session up; fails with a ``RelayError`` (anything else that breaks
+        it is a local error: a bug, or a mechanism we cannot run)."""
+        try:
+            await self._open()
+        except RelayError:
+            raise
+        except Exception as error:
+            raise local_error(error, "session", self.address) from None
+
+    async def _open(self) -> None:
         greeting = await self.protocol.greeting()
         if greeting.code != 220:
             # RFC 5321 §3.1: 554 (or anything but 220) means "no service here"; 421 is
             # "busy, come back later".  Either way, not this connection.
-            raise unavailable("4.4.0", "Upstream server refused the session, try again later",
-                              f"upstream greeting: {greeting}", "greeting", greeting,
-                              self.address)
+            raise session_refused("greeting", greeting, self.address,
+                                  f"upstream greeting: {greeting}")
         name = self.settings.helo_name
         self.extensions = await self.protocol.ehlo(name)
         if not self.settings.implicit_tls:
@@ -256,14 +171,9 @@ class UpstreamSession:
                                   "STARTTLS required but not offered", "STARTTLS",
                                   upstream=self.address)
             return  # opportunistic and not offered: cleartext, as configured
-        try:
-            await self.protocol.starttls(self._tls_options)
-        except UnexpectedReply as error:
-            # Offered but refused.  We do not fall back to cleartext: whoever could make
-            # STARTTLS fail could then read the session.
-            raise unavailable("4.4.2", "TLS with the upstream server failed, try again later",
-                              f"STARTTLS refused: {error.reply}", "STARTTLS", error.reply,
-                              self.address)
+        # Offered but refused fails (``errors.starttls_refused``): we do not fall back to
+        # cleartext, since whoever could make STARTTLS fail could then read the session.
+        await self.protocol.starttls(self._tls_options)
         # RFC 3207 §4.2: forget everything learned before TLS and ask again.
         self.extensions = await self.protocol.ehlo(name)
 
@@ -301,7 +211,7 @@ class UpstreamSession:
     async def _authenticate_with_token(self, offered: frozenset[str]) -> None:
         """XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from the upstream's broker
         (docs/oauth2.md).  No token: ``451 4.7.0``, so the client keeps the message.  A
-        token the upstream refuses is dropped from the broker and ``TokenRejected`` says
+        token the upstream refuses is dropped from the broker and ``token_refused`` says
         so: the pool then tries once more, on a new connection, with a new token."""
         mechanism = choose_token_mechanism(offered, self.settings.auth_mechanism)
         if mechanism is None:
@@ -320,12 +230,15 @@ class UpstreamSession:
                                   self.settings.host, self.settings.port)
         try:
             await self.protocol.authenticate(client)
-        except AuthenticationFailed as error:
+        except RelayError as error:
+            if error.upstream_reply is None:  # not a refusal: lost, cancelled, timed out
+                raise
             # The token is all we log in with: whatever the server's words, the token
             # goes (a revoked or re-scoped token would otherwise be offered again).
             self._tokens.invalidate(token)
+            self.token_refused = True
             status = client.refusal.status if client.refusal is not None else None
-            raise TokenRejected(error.command, error.reply, status) from None
+            raise token_refused(error.upstream_reply, status, self.address) from None
         self.authenticated = True
         self.mechanism = mechanism
 
@@ -392,9 +305,9 @@ class UpstreamSession:
         at a time, stopping after a refused MAIL and sending DATA only when every
         recipient was accepted.
 
-        Returns (MAIL reply, RCPT replies, DATA reply or None).  Raises ``ServiceClosing``
-        for a 421 to RSET or MAIL and the protocol's ``UpstreamError`` when the connection
-        fails.  A 354 to a pipelined DATA after refused recipients is the caller's to
+        Returns (MAIL reply, RCPT replies, DATA reply or None).  Fails with a
+        ``RelayError``: ``errors.closing`` for a 421 to RSET, MAIL or RCPT, the
+        protocol's when the connection fails.  A 354 to a pipelined DATA after refused recipients is the caller's to
         handle (``abandon``); callers look at the MAIL reply first.
         """
         reset = self.transactions > 0 or self.needs_reset
@@ -437,13 +350,13 @@ class UpstreamSession:
         if reply.code != 250:
             self.protocol.abort()
             if reply.code == 421:
-                raise ServiceClosing("RSET", reply)
-            raise UnexpectedReply("RSET", reply)
+                raise closing("RSET", reply, self.address)
+            raise session_refused("RSET", reply, self.address)
 
     def _check_closing(self, command: str, reply: Reply) -> None:
         if reply.code == 421:
             self.protocol.abort()
-            raise ServiceClosing(command, reply)
+            raise closing(command, reply, self.address)
 
     # Each step below is the protocol's Deferred and one callback: they run for every
     # message, so they are not coroutines.

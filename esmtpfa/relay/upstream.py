@@ -6,25 +6,42 @@ tried in order).  Each upstream has a pool of negotiated sessions and a circuit 
 sends MAIL with the first RCPT and each further RCPT as the client names it, so every
 client RCPT is answered with the upstream's verdict for that recipient; ``send`` (at the
 client's final dot) sends DATA and the spooled content, and the client's reply is the
-upstream's.  The SMTP server and the HTTP API both come this way: there is one path.
+upstream's.  The SMTP server and the HTTP API both come this way: there is one path
+(docs/delivery-guarantee.md, "One path").
+
+The transaction's state.  An ``UpstreamTransaction`` is in one ``State`` at a time, and
+moves only along ``_MOVES``: NEW (no upstream transaction) → OPENING (MAIL and the first
+RCPT look for an upstream) → OPEN (MAIL accepted on the session it holds) → SENDING (the
+client's final dot came: DATA, the content, the final reply) → DONE; or FAILED (a
+verdict that answers every later operation: MAIL refused, the transaction could not be
+resumed), or ABORTED (the client gave up, or the operation's deadline passed).  Each
+of those is a decision made once, in ``_move``; a move the table lacks is a bug and
+raises ``IllegalMove``.  Where the final dot is (``Phase``) is the protocol's to know,
+not a state here: it stamps its errors with it.
 
 Ownership.  A session is taken from its pool as a ``Lease`` and has one owner at a time:
-the search over upstreams while an attempt runs, then the transaction.  Attempts never
-give a session back; the owner releases it once, reusable only when the failure (if any)
-left the connection in sync (``Kind.BROKEN`` says which do not).
+the search over upstreams while an attempt runs, then the transaction
+(docs/delivery-guarantee.md, "One owner per session").  Attempts never give a session
+back; the owner releases it once, reusable only when the failure (if any) left the
+connection in sync (``Kind.BROKEN`` says which do not).
 
-Failover.  Failures are ``RelayError`` values with a kind and a phase
-(``interfaces.Kind``, ``interfaces.Phase``), and every decision below is made from those:
+Failover.  ``Failover`` is the search over the upstreams, a collaborator of the relay
+with a small API (``search``, ``verdict``, ``report``).  Failures are ``RelayError``
+values with a kind and a phase, stated where they happened (``errors.py``), and every
+decision is made from those (docs/delivery-guarantee.md, "Before the final dot: try
+elsewhere"):
 
 * ``Phase.OUTCOME_UNKNOWN`` (anything that broke after the final dot left) ends
   everything: the message is never sent again by us, to this upstream or another; the
-  client hears ``451`` with "a duplicate is possible" and decides.
+  client hears ``451`` with "a duplicate is possible" and decides
+  (docs/delivery-guarantee.md, "After the final dot: never again by our hand").
 * the upstream's own ``5xx`` to MAIL or to the end of data is final; a ``4xx`` (or a
   broken connection, a capability it lacks) before the dot moves on to the next upstream;
   a ``4xx`` to a RCPT is that recipient's verdict and goes to the client as it is.
 * ``Kind.EXPIRED``: the operation's deadline passed (``PoolSettings.rcpt_deadline`` and
   ``data_deadline``, inside RFC 5321 §4.5.3.2's client timeouts); the client is answered
-  at once and nothing more is tried.
+  at once and nothing more is tried (docs/delivery-guarantee.md, "Deadlines inside the
+  client's patience").
 
 Replay.  A pooled connection can die between the client's MAIL and its final dot (the
 upstream restarted, timed out an idle client, or closed during DATA).  The transaction
@@ -35,12 +52,14 @@ message some acknowledged recipient would not receive is never given.
 
 Fair use.  A transaction holds a pooled session from its first RCPT to its final reply,
 so each holds a ``ShareTicket`` too: one client address or identity holds at most
-``PoolSettings.client_cap`` sessions at once (docs/delivery-guarantee.md).
+``PoolSettings.client_cap`` sessions at once (docs/delivery-guarantee.md, "Fair use of
+the upstream connections").
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+import enum
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import (
@@ -51,14 +70,12 @@ from zope.interface import implementer
 
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope, OutboundMessage
-from esmtpfa.relay.interfaces import (
-    REJECTED, IRelay, IRelayTransaction, Kind, Phase, RelayError)
+from esmtpfa.relay.errors import (
+    permanent, policy, protocol_violation, rejected, unavailable)
+from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, Phase, RelayError
 from esmtpfa.relay.oauth2 import TokenBrokers
 from esmtpfa.relay.pool import OPEN, ClientShares, Lease, ShareTicket, Upstream
-from esmtpfa.relay.protocol import ProtocolViolation, UpstreamError
-from esmtpfa.relay.session import (
-    QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported, permanent, rejected,
-    relay_error_from, unavailable)
+from esmtpfa.relay.session import QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported
 from esmtpfa.relay.settings import (
     STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)
 from esmtpfa.relay.tls import client_tls_options
@@ -66,8 +83,8 @@ from esmtpfa.smtp.data import has_bare_line_ends
 from esmtpfa.replies import Reply
 from esmtpfa.timeouts import Sweeper
 
-__all__ = ["SMTPRelay", "UpstreamTransaction", "UpstreamSettings", "PoolSettings",
-           "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses", "relay_error_from",
+__all__ = ["SMTPRelay", "UpstreamTransaction", "State", "Failover", "UpstreamSettings",
+           "PoolSettings", "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses",
            "UpstreamSession"]
 
 log = logger("esmtpfa.relay.upstream")
@@ -85,6 +102,10 @@ def _ends_search(error: RelayError) -> bool:
 def _only_unknown_ends_search(error: RelayError) -> bool:
     """A replay moves on even after a 5xx: the transaction stays the client's."""
     return error.outcome_unknown or error.kind == Kind.EXPIRED
+
+
+def _nobody(lease: Lease | None) -> None:
+    pass
 
 
 @implementer(IRelay)
@@ -112,14 +133,17 @@ class SMTPRelay:
                 if s.uses_tls else None, sasl_cache, self.tokens.get(s.address))
             for s in all_settings]
         self.shares = ClientShares(self.pool_settings.client_cap)
+        #: The search over the upstreams, shared by every transaction.
+        self.failover = Failover(self.upstreams)
+        #: Called with every ``RelayError`` of every attempt (metrics: failures by reason);
+        #: the failover's own list, which reports them.
+        self.observers: list[Callable[[RelayError], None]] = self.failover.observers
         # per-operation deadlines of minutes, for operations that take milliseconds
-        self.deadlines = Sweeper(reactor, lambda transaction: transaction._expire())
-        #: Called with every ``RelayError`` of every attempt (metrics: failures by reason).
-        self.observers: list[Callable[[RelayError], None]] = []
+        self.deadlines = Sweeper(reactor, UpstreamTransaction.deadline_passed)
+        #: The operations whose callers wait for an answer: ``close`` waits for them.
+        self.in_flight = InFlight()
         #: The reactor time of the last message an upstream accepted (readiness).
         self.last_accepted: float | None = None
-        self._in_flight: set[object] = set()
-        self._idle: list[Deferred[None]] = []
         self._closed = False
         for s in all_settings:
             if s.authenticates and not s.uses_tls and not s.allow_insecure_auth:
@@ -211,36 +235,78 @@ class SMTPRelay:
         self._closed = True
         for upstream in self.upstreams:
             upstream.pool.close()  # idle sessions QUIT now, busy ones when released
-        waiter: Deferred[None] = Deferred()
-        if self._in_flight:
-            self._idle.append(waiter)
-        else:
-            waiter.callback(None)
         def closed(_: Any) -> None:
             self.deadlines.close()
-        return waiter.addCallback(lambda _: DeferredList(
+        return self.in_flight.idle().addCallback(lambda _: DeferredList(
             [u.pool.close() for u in self.upstreams] + [self.tokens.stop()])
         ).addCallback(closed)
 
-    # -- the search over upstreams --------------------------------------------------------
 
-    def _on_some_upstream(
-            self, attempt: Callable[[Upstream, UpstreamSession], Awaitable[T]],
-            message_id: str, exclude: Sequence[Upstream] = (), fresh: bool = False,
-            last: Upstream | None = None,
-            ends_search: Callable[[RelayError], bool] = _ends_search,
-            trying: Callable[[Lease | None], None] = lambda lease: None
-    ) -> Deferred[tuple[Lease, T]]:
+class InFlight:
+    """The operations whose callers wait for an answer (``SMTPRelay.close`` waits)."""
+
+    __slots__ = ("_operations", "_waiters")
+
+    def __init__(self) -> None:
+        self._operations: set[object] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def track(self, operation: object) -> None:
+        """An operation is in progress: ``idle`` waits for it (``settled``)."""
+        self._operations.add(operation)
+
+    def settled(self, operation: object) -> None:
+        """The operation's caller got its answer."""
+        self._operations.discard(operation)
+        if not self._operations:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no operation is in progress (at once when none is)."""
+        waiter: Deferred[None] = Deferred()
+        if self._operations:
+            self._waiters.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+
+class Failover:
+    """The search over the upstreams: which one takes an attempt, and what the client
+    hears when none does (the module doc, "Failover"; docs/delivery-guarantee.md,
+    "Before the final dot: try elsewhere").
+
+    ``search`` runs an attempt on the first upstream that takes it; ``verdict`` is the
+    answer when none did; ``report`` records one failed attempt (a log line, and the
+    ``observers``: metrics of failures by reason).  The decisions are made from each
+    error's ``Kind`` and ``Phase`` only, never from reply texts.
+    """
+
+    def __init__(self, upstreams: Sequence[Upstream]):
+        self.upstreams = upstreams  # the relay's own list, in its order of preference
+        #: Called with every ``RelayError`` reported.
+        self.observers: list[Callable[[RelayError], None]] = []
+
+    def search(self, attempt: Callable[[Upstream, UpstreamSession], Awaitable[T]],
+               message_id: str, *, exclude: Sequence[Upstream] = (), fresh: bool = False,
+               last: Upstream | None = None,
+               ends_search: Callable[[RelayError], bool] = _ends_search,
+               trying: Callable[[Lease | None], None] = _nobody
+               ) -> Deferred[tuple[Lease, T]]:
         """Run ``attempt`` on a session of the first upstream that can take it.
 
         Fires with the lease (the caller owns the session from then on) and the attempt's
-        result.  ``attempt`` (a Deferred, or a coroutine) fails with ``RelayError`` or
-        lets the protocol's ``UpstreamError`` through; either way the search, the lease's
-        only owner while the attempt runs, releases the session, reusable unless the
-        failure broke it.  A pooled session that was already dead is replaced by a fresh
-        one on the same upstream; other failures move on to the next upstream unless
-        ``ends_search``.  ``trying`` is told which lease an attempt runs on (and None
-        after), so a deadline can drop that connection.
+        result.  ``attempt`` (a Deferred, or a coroutine) fails with ``RelayError``; the
+        search, the lease's only owner while the attempt runs, releases the session,
+        reusable unless the failure broke it.  A pooled session that was already dead is
+        replaced by a fresh one on the same upstream; other failures move on to the next
+        upstream unless ``ends_search``.  ``last`` (the upstream that just failed us) is
+        asked after the others, ``exclude`` not at all, and ``fresh`` skips idle
+        sessions.  ``trying`` is told which lease an attempt runs on (and None after),
+        so a deadline can drop that connection.  Fails with the ``RelayError`` that ends
+        the search, or ``verdict``.
         """
         order = self.upstreams
         if last is not None:  # the one that just failed us: the others first
@@ -248,8 +314,9 @@ class SMTPRelay:
         return _Search(self, attempt, message_id, order, exclude, fresh, ends_search,
                        trying).next_upstream()
 
-    def _verdict(self, errors: list[RelayError], skipped: list[Upstream]) -> RelayError:
-        """Permanent only when every upstream said so; else the most telling 4xx."""
+    def verdict(self, errors: list[RelayError], skipped: list[Upstream]) -> RelayError:
+        """No upstream took it: permanent only when every upstream said so; else the
+        most telling 4xx."""
         transient = [e for e in errors if e.transient]
         if errors and not transient and not skipped:
             return errors[0]
@@ -268,7 +335,8 @@ class SMTPRelay:
                            f"skipped while their circuit breaker is open: {names}",
                            "connect", upstream=skipped[0].address if skipped else None)
 
-    def _report(self, error: RelayError, message_id: str) -> None:
+    def report(self, error: RelayError, message_id: str) -> None:
+        """One failed attempt (or a refusal): the log line, then every observer."""
         log.info("relay attempt failed: message={message_id} {description}",
                  message_id=message_id, description=error.describe(),
                  upstream=error.upstream, command=error.command, reason=error.reason,
@@ -280,35 +348,24 @@ class SMTPRelay:
             except Exception:
                 log.failure("relay failure observer failed")
 
-    def _log(self, message_id: str, connection_id: str, outcome: str, reply: Reply,
-             error: RelayError | None, upstream: str | None = None,
-             tls: bool | None = None, debug: bool = False) -> None:
-        (log.debug if debug else log.info)(
-            "relay {outcome}: message={message_id} connection={connection_id} "
-            "upstream={upstream} tls={tls} reply={reply}{detail}",
-            outcome=outcome, message_id=message_id, connection_id=connection_id,
-            upstream=upstream or (error.upstream if error else None), tls=tls,
-            reply=str(reply), upstream_reply=str(error.upstream_reply) if error and
-            error.upstream_reply else None,
-            detail=f" ({error.describe()})" if error else "",
-            reason=error.reason if error else None)
 
-    def _track(self, operation: object) -> None:
-        """An operation is in progress: ``close`` waits for it (``_settled``)."""
-        self._in_flight.add(operation)
-
-    def _settled(self, operation: object) -> None:
-        """The operation's caller got its answer."""
-        self._in_flight.discard(operation)
-        if not self._in_flight:
-            waiters, self._idle = self._idle, []
-            for waiter in waiters:
-                waiter.callback(None)
+def _log_outcome(message_id: str, connection_id: str, outcome: str, reply: Reply,
+                 error: RelayError | None, upstream: str | None = None,
+                 tls: bool | None = None, debug: bool = False) -> None:
+    """The line that says how a transaction ended (accepted or failed)."""
+    (log.debug if debug else log.info)(
+        "relay {outcome}: message={message_id} connection={connection_id} "
+        "upstream={upstream} tls={tls} reply={reply}{detail}",
+        outcome=outcome, message_id=message_id, connection_id=connection_id,
+        upstream=upstream or (error.upstream if error else None), tls=tls,
+        reply=str(reply), upstream_reply=str(error.upstream_reply) if error and
+        error.upstream_reply else None,
+        detail=f" ({error.describe()})" if error else "",
+        reason=error.reason if error else None)
 
 
 class _Search:
-    """One search over the upstreams (``SMTPRelay._on_some_upstream``) as one chain of
-    callbacks.
+    """One search over the upstreams (``Failover.search``) as one chain of callbacks.
 
     It runs for every message (the first RCPT opens the upstream transaction through
     it), so it is not a coroutine: with an idle pooled session at hand, the lease and
@@ -318,14 +375,14 @@ class _Search:
     those of the module doc ("Failover"), made from ``Kind`` and ``Phase`` only.
     """
 
-    __slots__ = ("_relay", "_attempt", "_message_id", "_order", "_exclude", "_fresh",
+    __slots__ = ("_failover", "_attempt", "_message_id", "_order", "_exclude", "_fresh",
                  "_ends_search", "_trying", "_errors", "_skipped")
 
-    def __init__(self, relay: SMTPRelay, attempt: Callable[..., Any], message_id: str,
+    def __init__(self, failover: Failover, attempt: Callable[..., Any], message_id: str,
                  order: Sequence[Upstream], exclude: Sequence[Upstream], fresh: bool,
                  ends_search: Callable[[RelayError], bool],
                  trying: Callable[[Lease | None], None]):
-        self._relay = relay
+        self._failover = failover
         self._attempt = attempt
         self._message_id = message_id
         self._order = iter(order)
@@ -344,7 +401,7 @@ class _Search:
                 self._skipped.append(upstream)
                 continue
             return self._on(upstream, self._fresh)
-        return fail(self._relay._verdict(self._errors, self._skipped))
+        return fail(self._failover.verdict(self._errors, self._skipped))
 
     def _on(self, upstream: Upstream, fresh: bool) -> Deferred[tuple[Lease, Any]]:
         """An attempt on ``upstream``: on an idle session at once, else when the pool
@@ -363,7 +420,7 @@ class _Search:
             upstream.breaker.release()  # busy or closing: says nothing about it
         else:
             upstream.breaker.failure()
-        self._relay._report(error, self._message_id)
+        self._failover.report(error, self._message_id)
         self._errors.append(error)
         return self.next_upstream()
 
@@ -389,15 +446,16 @@ class _Search:
     def _attempt_failed(self, failure: Failure, lease: Lease, upstream: Upstream,
                         fresh: bool) -> Any:
         self._trying(None)
-        if not failure.check(RelayError, UpstreamError):
+        if not failure.check(RelayError):
             lease.release(reusable=False)
             upstream.breaker.release()
             return failure
-        error = relay_error_from(failure.value, "session", upstream.address)
+        error = failure.value
+        if error.upstream is None:  # an attempt's own refusal: this is where it ran
+            error.upstream = upstream.address
         broken = error.kind in Kind.BROKEN
         lease.release(reusable=not broken)
-        if broken and failure.check(UpstreamError) and lease.reused \
-                and not fresh and not error.outcome_unknown:
+        if broken and lease.reused and not fresh and not error.outcome_unknown:
             # The pooled connection died while idle (upstream restart, idle timeout
             # racing our MAIL): not the upstream's failure, not the message's.  Same
             # upstream, new connection.
@@ -409,11 +467,63 @@ class _Search:
             upstream.breaker.failure()
         else:
             upstream.breaker.success()  # it answered: it is alive
-        self._relay._report(error, self._message_id)
+        self._failover.report(error, self._message_id)
         if self._ends_search(error):
             raise error
         self._errors.append(error)
         return self.next_upstream()
+
+
+class State(enum.Enum):
+    """Where an ``UpstreamTransaction`` is; the moves between them are ``_MOVES``."""
+
+    #: No upstream transaction: before the first RCPT, after a recipient we refused
+    #: before asking anyone (``Kind.POLICY``), or after the upstream answered an early
+    #: DATA with 354 while it had accepted no recipient (that connection was dropped).
+    NEW = "new"
+    #: MAIL and the first RCPT (and DATA, when the client pipelined it) look for an
+    #: upstream that takes them (``Failover.search``), after the client's fair share.
+    OPENING = "opening"
+    #: MAIL accepted on the session the transaction holds; each RCPT goes to it.  A
+    #: replay (the connection broke) stays here: it re-opens the same transaction.
+    OPEN = "open"
+    #: The client's final dot came: DATA, the content, the final reply (and replays).
+    SENDING = "sending"
+    #: ``send`` was answered; the session and the client's share went back.
+    DONE = "done"
+    #: A verdict answers every later operation (``_verdict``): MAIL was refused, or the
+    #: transaction could not be resumed on a new connection.  No session is held.
+    FAILED = "failed"
+    #: The client gave up (``abort``) or the operation's deadline passed
+    #: (``deadline_passed``, then with a verdict too): nothing more is asked upstream,
+    #: and the session goes back once the operation in flight ends.
+    ABORTED = "aborted"
+
+    # Members are singletons, so identity is hash enough; Enum's own ``__hash__`` runs
+    # in Python, and every move looks a state up (several times per message).
+    __hash__ = object.__hash__
+
+
+#: The moves a transaction makes, written once.  ABORTED is reachable from everywhere
+#: (the client may give up at any time) and left never; a verdict found after an abort
+#: is kept, the state stays ABORTED (``_condemn``).
+_MOVES: dict[State, frozenset[State]] = {
+    State.NEW: frozenset({State.OPENING, State.ABORTED}),
+    State.OPENING: frozenset({State.OPEN, State.NEW, State.FAILED, State.ABORTED}),
+    State.OPEN: frozenset({State.NEW, State.SENDING, State.FAILED, State.ABORTED}),
+    State.SENDING: frozenset({State.DONE, State.FAILED, State.ABORTED}),
+    State.DONE: frozenset({State.ABORTED}),
+    State.FAILED: frozenset({State.ABORTED}),
+    State.ABORTED: frozenset(),
+}
+
+#: No more operations may start: a RCPT or a second ``send`` here is the caller's bug.
+_ENDED = frozenset({State.SENDING, State.DONE, State.ABORTED})
+
+
+class IllegalMove(RuntimeError):
+    """A transaction was asked for a move ``_MOVES`` does not have: a bug, never a
+    verdict for the client."""
 
 
 @implementer(IRelayTransaction)
@@ -427,21 +537,26 @@ class UpstreamTransaction:
         self.message_id = message_id
         self.connection_id = connection_id
         self._client = client
+        self._state = State.NEW
+        #: The answer to every later operation once set (FAILED, or ABORTED at the
+        #: deadline): the sender's refusal, or why the transaction could not go on.
+        self._verdict: RelayError | None = None
         self._lease: Lease | None = None
         self._trying: Lease | None = None  # the lease an attempt of ours runs on
         self._ticket: ShareTicket | None = None
         self._upstream: Upstream | None = None  # the last one used (for the logs)
         self._smtputf8 = False
         self._accepted: list[tuple[str, bytes]] = []
-        self._poisoned: RelayError | None = None
         self._replays = 0
         self._busy: Deferred[Any] | None = None
         self._answer: Deferred[Any] | None = None  # what the caller of the busy op holds
         self._deadline = 0.0  # seconds the busy operation was given
         #: The upstream's reply to a DATA sent with the last RCPT (``data_follows``).
         self._early_data: Reply | None = None
-        self._finished = False   # send() started, or abort(): no more commands from us
-        self._aborted = False
+
+    @property
+    def state(self) -> State:
+        return self._state
 
     @property
     def upstream(self) -> str | None:
@@ -460,6 +575,26 @@ class UpstreamTransaction:
     def recipients(self) -> list[str]:
         return [address for address, _ in self._accepted]
 
+    # -- the state --------------------------------------------------------------------------
+
+    def _move(self, to: State) -> None:
+        """The one way the state changes; a move ``_MOVES`` lacks raises."""
+        if to not in _MOVES[self._state]:
+            raise IllegalMove(f"relay transaction {self.message_id}: no move from "
+                              f"{self._state.name} to {to.name}")
+        self._state = to
+
+    def _unless_aborted(self, to: State) -> None:
+        """The move that ends an asynchronous step, unless the client (or the deadline)
+        ended the transaction meanwhile: ABORTED stays."""
+        if self._state is not State.ABORTED:
+            self._move(to)
+
+    def _condemn(self, error: RelayError) -> None:
+        """``error`` answers every later operation."""
+        self._verdict = error
+        self._unless_aborted(State.FAILED)
+
     # -- IRelayTransaction --------------------------------------------------------------
 
     def addRecipient(self, address: str, data_follows: bool = False) -> Deferred[Reply]:
@@ -475,10 +610,9 @@ class UpstreamTransaction:
                                message, last=True)
 
     def abort(self) -> None:
-        if self._aborted:
+        if self._state is State.ABORTED:
             return
-        self._aborted = True
-        self._finished = True
+        self._move(State.ABORTED)
         if self._busy is None:
             self._end(reusable=True)
         # else: the operation in flight lets go of the session when it ends
@@ -489,6 +623,7 @@ class UpstreamTransaction:
         """Open the transaction: [RSET,] MAIL and the first RCPT (and DATA when the client
         pipelined it) in one flight, on the first upstream that takes the MAIL.  A refused
         MAIL is every recipient's answer."""
+        self._move(State.OPENING)
         if self._ticket is None and self._client:
             ticket = self._relay.shares.try_acquire(self._client)
             if ticket is None:  # over its share: wait for one of its own messages
@@ -496,9 +631,15 @@ class UpstreamTransaction:
                 def shared(ticket: ShareTicket) -> Deferred[Reply]:
                     self._ticket = ticket
                     return self._open(address, data_follows)
-                return Deferred.fromCoroutine(self._fair_share()).addCallback(shared)
+                return Deferred.fromCoroutine(self._fair_share()).addCallbacks(
+                    shared, self._not_opened)
             self._ticket = ticket
         return self._open(address, data_follows)
+
+    def _not_opened(self, failure: Failure) -> Failure:
+        """No share in time: no upstream was asked; the next RCPT tries again."""
+        self._unless_aborted(State.NEW)
+        return failure
 
     def _open(self, address: str, data_follows: bool) -> Deferred[Reply]:
         envelope, size = self.envelope, self.envelope.declared_size
@@ -518,10 +659,11 @@ class UpstreamTransaction:
 
         def opened(found: tuple[Lease, tuple[bytes, bytes, Reply, Reply | None]]) -> Reply:
             lease, (mail, line, reply, data_reply) = found
-            if self._aborted:
+            if self._state is State.ABORTED:
                 lease.release(reusable=True)
                 raise _aborted()
             self._hold(lease)
+            self._move(State.OPEN)
             self._smtputf8 = b" SMTPUTF8" in mail
             return self._rcpt_answered(reply, data_reply, line, address)
 
@@ -529,11 +671,15 @@ class UpstreamTransaction:
             if failure.check(RelayError):
                 error = failure.value
                 if error.command == "MAIL" or error.kind != Kind.POLICY:
-                    self._poisoned = error  # the sender's verdict holds for every recipient
+                    self._condemn(error)  # the sender's verdict holds for every recipient
+                else:
+                    self._unless_aborted(State.NEW)  # only this address: no transaction
                 self._let_go(reusable=True)  # no session: the client's share goes back
+            else:
+                self._unless_aborted(State.NEW)
             return failure
 
-        return self._relay._on_some_upstream(
+        return self._relay.failover.search(
             attempt, self.message_id, trying=self._try_on).addCallbacks(opened, refused)
 
     async def _fair_share(self) -> ShareTicket:
@@ -551,17 +697,17 @@ class UpstreamTransaction:
     # -- RCPT ------------------------------------------------------------------------------
 
     def _add(self, address: str, data_follows: bool) -> Deferred[Reply]:
-        if self._poisoned is not None:
-            return fail(self._poisoned)
-        if self._finished:
+        if self._verdict is not None:
+            return fail(self._verdict)
+        if self._state in _ENDED:
             return fail(RuntimeError("RCPT after the transaction ended"))
         # A refused early DATA does not end the upstream transaction (RFC 5321 §4.1.1.4
         # leaves MAIL in effect): the client may add recipients and try DATA again.
         self._early_data = None
         try:
-            if self._lease is None:
-                return self._first(address, data_follows)
-            return self._next_rcpt(address, data_follows)
+            if self._state is State.OPEN:
+                return self._next_rcpt(address, data_follows)
+            return self._first(address, data_follows)
         except BaseException:
             return fail()
 
@@ -570,35 +716,39 @@ class UpstreamTransaction:
         session, upstream = self._lease.session, self._lease.upstream
         rcptmax = session.extensions.rcptmax
         if rcptmax is not None and len(self._accepted) >= rcptmax:
-            # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.
-            self._refuse(RelayError(
+            # RFC 9422 §4.2 / RFC 5321 §4.5.3.1.10: the client sends the rest later.  Our
+            # refusal, before asking the upstream: a policy, not the upstream's verdict.
+            self._refuse(policy(
                 Reply(452, "4.5.3", f"Too many recipients for the upstream server (at "
                                     f"most {rcptmax} per message), send the rest later"),
-                REJECTED, "RCPT", None, f"LIMITS RCPTMAX={rcptmax}", upstream.address))
+                "RCPT", upstream.address, f"LIMITS RCPTMAX={rcptmax}"))
         line = session.rcpt_line(address, self._smtputf8)
         try:
             if data_follows and session.pipelining:
                 asked = session.rcpt_then_data(line)
             else:
                 asked = session.rcpt(line).addCallback(lambda reply: (reply, None))
-        except UpstreamError:
+        except RelayError:
             asked = fail()
 
         def lost(failure: Failure) -> Deferred[tuple[Reply, Reply | None]]:
-            failure.trap(UpstreamError)
+            # Whatever fails here broke the connection (lost, timed out, garbage, 421).
+            failure.trap(RelayError)
             error = failure.value
-            self._relay._report(relay_error_from(error, "session", upstream.address),
-                                self.message_id)
+            self._relay.failover.report(error, self.message_id)
             upstream.breaker.failure()
-            return Deferred.fromCoroutine(self._replay(error, extra=line)).addCallback(
-                lambda reply: (reply, None))
+            # The replay's log names a 421 by the command and the upstream's line.
+            why = f"{error.command}: {error.upstream_reply}" if error.upstream_reply \
+                else None
+            return Deferred.fromCoroutine(self._replay(error, extra=line, why=why)
+                                          ).addCallback(lambda reply: (reply, None))
         return asked.addErrback(lost).addCallback(
             lambda replies: self._rcpt_answered(replies[0], replies[1], line, address))
 
     def _rcpt_answered(self, reply: Reply, data_reply: Reply | None, line: bytes,
                        address: str) -> Reply:
         """The upstream's verdict on a RCPT (and on a DATA sent with it)."""
-        if self._aborted:
+        if self._state is State.ABORTED:
             raise _aborted()
         accepted = reply.code in (250, 251)
         if accepted:
@@ -623,12 +773,13 @@ class UpstreamTransaction:
             log.info("message={message_id}: upstream {upstream} answered DATA with 354 "
                      "although it accepted no recipient; dropping that connection",
                      message_id=self.message_id, upstream=self.upstream)
-            self._let_go(reusable=False)  # the next RCPT opens a new transaction
+            self._let_go(reusable=False)
+            self._move(State.NEW)  # the next RCPT opens a new transaction
             return
         self._early_data = reply
 
     def _refuse(self, error: RelayError) -> Reply:
-        self._relay._report(error, self.message_id)
+        self._relay.failover.report(error, self.message_id)
         raise error
 
     # -- DATA -------------------------------------------------------------------------------
@@ -640,12 +791,11 @@ class UpstreamTransaction:
             return fail()
 
     def _send_first(self, message: OutboundMessage) -> Deferred[Reply]:
-        if self._poisoned is not None:
-            self._finished = True
-            self._fail(self._poisoned)
-        if self._finished or self._lease is None:
+        if self._verdict is not None:
+            self._fail(self._verdict)
+        if self._state is not State.OPEN or self._lease is None:
             raise RuntimeError("send() after the transaction ended")
-        self._finished = True
+        self._move(State.SENDING)
         if not self._accepted:
             self._fail(permanent(554, "5.5.1", "No valid recipients", "DATA"))
         if list(message.envelope.recipients) != self.recipients:
@@ -669,7 +819,7 @@ class UpstreamTransaction:
         assert lease is not None
         try:
             sending = self._transmit(lease, message, early, eight_bit, checked=False)
-        except (RelayError, UpstreamError):
+        except RelayError:
             sending = fail()
 
         def sent(result: Reply | Failure) -> Reply | Deferred[Reply]:
@@ -677,22 +827,21 @@ class UpstreamTransaction:
             if not isinstance(result, Failure):
                 try:
                     final = _final_reply(result, lease.upstream.address)
-                except (RelayError, UpstreamError):
+                except RelayError:
                     result = Failure()
                 else:
                     return self._done(final, lease)
-            result.trap(RelayError, UpstreamError)
+            result.trap(RelayError)
             return Deferred.fromCoroutine(
                 self._resend(message, lease, result.value, eight_bit))
         return sending.addBoth(sent)
 
     async def _resend(self, message: OutboundMessage, lease: Lease,
-                      failure: RelayError | UpstreamError, eight_bit: list[bool]) -> Reply:
+                      error: RelayError, eight_bit: list[bool]) -> Reply:
         """A transmission failed: replay elsewhere and transmit again, or give the
         client its answer."""
         tried: list[Upstream] = []
         while True:
-            error = relay_error_from(failure, "session", lease.upstream.address)
             if error.kind in Kind.BROKEN:
                 lease.upstream.breaker.failure()
                 self._let_go(reusable=False, keep_share=True)
@@ -701,7 +850,7 @@ class UpstreamTransaction:
             # Before the final dot, nothing was accepted: a broken connection is
             # replayed (same upstream allowed); a 4xx or a missing capability moves on
             # to the next upstream with the same recipients.
-            self._relay._report(error, self.message_id)
+            self._relay.failover.report(error, self.message_id)
             broken = error.kind in Kind.BROKEN
             if not broken:
                 tried.append(lease.upstream)
@@ -716,8 +865,8 @@ class UpstreamTransaction:
             assert lease is not None
             try:
                 reply = await self._transmit(lease, message, None, eight_bit)
-            except (RelayError, UpstreamError) as again:
-                failure = again
+            except RelayError as again:
+                error = again
                 continue
             return self._done(reply, lease)
 
@@ -726,10 +875,10 @@ class UpstreamTransaction:
                   ) -> Deferred[Reply]:
         """DATA (unless it went early), the content and the final reply, on one session.
 
-        Raises or fails with ``RelayError`` for a verdict or a capability the upstream
-        lacks, and lets the protocol's ``UpstreamError`` through (its phase says whether
-        the dot left).  Without ``checked`` the end-of-data reply is not checked here:
-        the caller does it (``_final_reply``).
+        Raises or fails with ``RelayError``: a verdict, a capability the upstream lacks,
+        or the connection's failure (its phase says whether the dot left).  Without
+        ``checked`` the end-of-data reply is not checked here: the caller does it
+        (``_final_reply``).
         """
         session, upstream = lease.session, lease.upstream
         limit = session.max_size
@@ -757,7 +906,8 @@ class UpstreamTransaction:
                  message: OutboundMessage, checked: bool) -> Deferred[Reply]:
         if data.code != 354:
             if data.is_positive:
-                raise ProtocolViolation(f"DATA answered {data}, not 354", "DATA")
+                raise protocol_violation(f"DATA answered {data}, not 354", "DATA",
+                                         upstream.address)
             raise rejected("DATA", data, upstream=upstream.address)
         sent = session.content(message.chunks())
         return sent.addCallback(_final_reply, upstream.address) if checked else sent
@@ -766,38 +916,37 @@ class UpstreamTransaction:
         self._relay.last_accepted = self._relay.reactor.seconds()
         # The delivery logs every outcome; this line matters when the way was unusual.
         unusual = bool(self._replays) or lease.upstream is not self._relay.upstreams[0]
-        self._relay._log(self.message_id, self.connection_id, "accepted", reply, None,
-                         lease.upstream.address, lease.session.secure, debug=not unusual)
+        _log_outcome(self.message_id, self.connection_id, "accepted", reply, None,
+                     lease.upstream.address, lease.session.secure, debug=not unusual)
         return reply
 
     def _fail(self, error: RelayError) -> Reply:
-        self._relay._log(self.message_id, self.connection_id, "failed", error.reply, error,
-                         self.upstream)
+        _log_outcome(self.message_id, self.connection_id, "failed", error.reply, error,
+                     self.upstream)
         raise error
 
     # -- replay on a new connection -----------------------------------------------------------
 
-    async def _replay(self, cause: BaseException, extra: bytes | None = None,
-                      exclude: Sequence[Upstream] = ()) -> Reply | None:
+    async def _replay(self, cause: RelayError, extra: bytes | None = None,
+                      exclude: Sequence[Upstream] = (), why: str | None = None
+                      ) -> Reply | None:
         """Re-open the transaction elsewhere: MAIL and every accepted RCPT (plus ``extra``)
         in one flight.  Returns the reply to ``extra``; raises ``RelayError`` (and answers
         the rest of the transaction with it) when that is impossible or the recipients'
-        verdicts changed."""
-        lost = isinstance(cause, UpstreamError) or (
-            isinstance(cause, RelayError) and cause.kind in Kind.BROKEN)
+        verdicts changed.  ``why`` is the log's word for ``cause`` (its detail else)."""
+        lost = cause.kind in Kind.BROKEN
         failed = self._upstream
         self._let_go(reusable=not lost, keep_share=True)  # a new session comes at once
-        if self._aborted:
+        if self._state is State.ABORTED:
             raise _aborted()
         if self._replays >= self._relay.pool_settings.max_replays:
-            return self._poison(relay_error_from(cause, "session", self.upstream),
-                                f"gave up after {self._replays} replays")
+            return self._poison(cause, f"gave up after {self._replays} replays")
         self._replays += 1
         accepted = list(self._accepted)
         lines = [line for _, line in accepted] + ([extra] if extra else [])
         log.info("message={message_id}: re-opening the upstream transaction ({cause}): "
                  "MAIL and {count} RCPT on another connection", message_id=self.message_id,
-                 cause=getattr(cause, "detail", None) or str(cause), count=len(lines))
+                 cause=why or cause.detail or str(cause), count=len(lines))
         envelope, size = self.envelope, self.envelope.declared_size
 
         async def attempt(upstream: Upstream, session: UpstreamSession) -> Reply | None:
@@ -814,13 +963,13 @@ class UpstreamTransaction:
             return replies[-1] if extra else None
 
         try:
-            lease, extra_reply = await self._relay._on_some_upstream(
+            lease, extra_reply = await self._relay.failover.search(
                 attempt, self.message_id, exclude=exclude, fresh=lost,
                 last=failed if lost else None, ends_search=_only_unknown_ends_search,
                 trying=self._try_on)
         except RelayError as error:
             return self._poison(error, "the replay failed")
-        if self._aborted:
+        if self._state is State.ABORTED:
             lease.release(reusable=True)
             raise _aborted()
         self._hold(lease)
@@ -829,12 +978,13 @@ class UpstreamTransaction:
     def _poison(self, error: RelayError, why: str) -> Reply:
         """Answer the rest of this transaction with a 451: the client retries it all."""
         self._let_go(reusable=True)  # no session left: the client's share goes back
-        self._poisoned = unavailable(
+        verdict = unavailable(
             "4.4.2", "Upstream connection lost during the transaction and it could not be "
             "resumed, try again later", f"{why}: {error.describe()}", error.command,
             error.upstream_reply, error.upstream, kind=error.kind)
-        self._relay._report(self._poisoned, self.message_id)
-        raise self._poisoned
+        self._condemn(verdict)
+        self._relay.failover.report(verdict, self.message_id)
+        raise verdict
 
     # -- ownership and deadlines ----------------------------------------------------------------
 
@@ -851,7 +1001,7 @@ class UpstreamTransaction:
             inner = Deferred.fromCoroutine(inner)
         if inner.called and not inner.paused:  # answered without waiting (a refusal we
             if last:  # decided, a replay-free error): no timer, no tracking
-                self._end(reusable=True)
+                self._over()
             self._after(None)
             return inner
         self._busy = inner
@@ -860,28 +1010,36 @@ class UpstreamTransaction:
         self._deadline = deadline
         deadlines = self._relay.deadlines
         deadlines.set(self, deadline)
+        in_flight = self._relay.in_flight
 
         def done(result: Any) -> None:
             if last:
-                self._end(reusable=True)
+                self._over()
             self._busy = self._answer = None
             deadlines.clear(self)
             self._after(result)
-            self._relay._settled(answer)
+            in_flight.settled(answer)
             if not answer.called:
                 answer.callback(result) if not isinstance(result, Failure) \
                     else answer.errback(result)
             # else: already answered at the deadline; this late outcome was logged
-        self._relay._track(answer)
+        in_flight.track(answer)
         inner.addBoth(done)
         return answer
 
     def _after(self, result: Any) -> None:
-        if self._aborted:
+        if self._state is State.ABORTED:
             self._end(reusable=True)
 
-    def _expire(self) -> None:
-        """The operation's deadline passed: answer now, drop the upstream connection."""
+    def _over(self) -> None:
+        """``send`` was answered: the transaction is over, whatever the outcome."""
+        if self._state is State.SENDING:
+            self._move(State.DONE)
+        self._end(reusable=True)
+
+    def deadline_passed(self) -> None:
+        """The operation's deadline passed (``SMTPRelay.deadlines``): answer now, drop
+        the upstream connection."""
         deadline = self._deadline
         lease = self._lease
         unknown = lease is not None and lease.session.protocol.outcomePending
@@ -891,17 +1049,18 @@ class UpstreamTransaction:
             f"no outcome within the {deadline:g} s deadline", "end of data" if unknown
             else None, upstream=self.upstream, kind=Kind.EXPIRED,
             phase=Phase.OUTCOME_UNKNOWN if unknown else Phase.BEFORE_DOT)
-        self._relay._report(error, self.message_id)
-        self._poisoned = error
-        self._aborted = self._finished = True
+        self._relay.failover.report(error, self.message_id)
+        self._verdict = error
+        if self._state is not State.ABORTED:
+            self._move(State.ABORTED)
         for held in (lease, self._trying):
             if held is not None:
                 held.session.protocol.abort()  # the operation in flight fails and ends
         answer = self._answer
         if answer is not None and not answer.called:
-            self._relay._log(self.message_id, self.connection_id, "failed", error.reply,
-                             error, self.upstream)
-            self._relay._settled(answer)
+            _log_outcome(self.message_id, self.connection_id, "failed", error.reply,
+                         error, self.upstream)
+            self._relay.in_flight.settled(answer)
             answer.errback(error)
 
     def _try_on(self, lease: Lease | None) -> None:
@@ -942,7 +1101,7 @@ def _check_mail(reply: Reply, upstream: Upstream) -> None:
     if reply.code == 250:
         return
     if reply.is_positive:
-        raise ProtocolViolation(f"MAIL answered {reply}", "MAIL")
+        raise protocol_violation(f"MAIL answered {reply}", "MAIL", upstream.address)
     raise rejected("MAIL", reply, upstream=upstream.address)
 
 

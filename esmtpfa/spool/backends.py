@@ -68,7 +68,10 @@ def open_spool(settings: SpoolSettings, reactor: Any, threads: ThreadPool) -> IS
         return FileSpool(path, reactor, threads, max_bytes=settings.max_bytes,
                          min_free_bytes=settings.min_free_bytes)
     from esmtpfa.spool.amqp import AMQPSpool
-    return AMQPSpool(settings.url, reactor, prefetch=settings.prefetch)
+    # No queue-length cap from --spool-max-size: a queue's arguments cannot change once
+    # declared, and the broker's own disk and memory alarms (which block publishers:
+    # 451 4.3.0) or an operator's max-length-bytes policy bound it (docs/spool.md).
+    return AMQPSpool(settings.url, reactor, prefetch=settings.prefetch, threads=threads)
 
 
 class SpoolService(Service):

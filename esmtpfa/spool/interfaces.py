@@ -19,12 +19,15 @@ Backends are driven from the reactor thread and answer with Deferreds; the block
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from zope.interface import Attribute, Interface
 
 from esmtpfa.message import Envelope
 from esmtpfa.replies import Reply
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class Mode:
@@ -203,10 +206,11 @@ class QueueSummary:
 
 @dataclass(frozen=True)
 class SpoolStats:
-    """For the metrics: counts by ``MessageState``, bytes, and the oldest message."""
+    """For the metrics: counts by ``MessageState``, bytes, and the oldest message
+    (None where a backend cannot say it cheaply: a broker's queues)."""
 
     messages: dict[str, int]
-    bytes: int
+    bytes: int | None
     oldest_received: float | None
 
 

@@ -59,8 +59,9 @@ def fallback_applies(error: RelayError, *, at_recipient: bool) -> bool:
     that recipient (its words, at RCPT) is the recipient's answer, not an outage."""
     if error.outcome_unknown or error.permanent or error.kind == Kind.CLOSING:
         return False
-    if at_recipient and error.kind == Kind.REJECTED and error.command == "RCPT":
-        return False
+    if at_recipient and error.command == "RCPT" and error.kind in (Kind.REJECTED,
+                                                                    Kind.POLICY):
+        return False  # the upstream's verdict on it, or its RCPTMAX: the client's answer
     return True
 
 

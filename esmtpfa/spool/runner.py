@@ -299,7 +299,9 @@ class QueueRunner(Service):
                 await transaction.addRecipient(address, index == len(pending) - 1)
                 accepted.append(address)
             except RelayError as error:
-                if error.kind == Kind.REJECTED and error.command == "RCPT":
+                if error.command == "RCPT" and error.kind in (Kind.REJECTED, Kind.POLICY):
+                    # That recipient's own answer (the upstream's, or its RCPTMAX):
+                    # the others go on in this transaction.
                     attempt.mark(address, R.FAILED if error.permanent else R.PENDING,
                                  error.upstream_reply or error.reply)
                     continue
@@ -349,7 +351,6 @@ class QueueRunner(Service):
 
     async def _settle(self, attempt: Attempt) -> None:
         message = attempt.message
-        entry = message.entry
         now = self._now()
         states = attempt.states()
         pending = [r for r in states.values() if r.state == R.PENDING]
