@@ -8,8 +8,9 @@ the listeners' TLS files (``service.load_tls_options``) and the relay
 ``--check-connect`` one connection is made to each upstream through the relay's own
 session code (greeting, EHLO, STARTTLS, AUTH, QUIT: ``relay.session``) and to each
 identity back end (the LDAP service bind, the JWKS fetch, one request to an HTTP auth
-endpoint, through the providers' own code) and to the shared state (a PING to
-``--state-url`` through the relay's Redis client), all at once, each bounded.
+endpoint, through the providers' own code), to the shared state (a PING to
+``--state-url`` through the relay's Redis client) and to the spool when a delivery mode
+uses it (opened and counted as the relay opens it), all at once, each bounded.
 
 A problem names where it is (the file, the provider entry, the param or flag) and never
 a value from the configuration: params and flags may be secrets.  Startup's messages are
@@ -96,6 +97,7 @@ class Loaded:
     providers: list = field(default_factory=list)
     relay: Any = None
     state: Any = None  # the --state-url, parsed
+    spool: Any = None  # the --spool-url, when a delivery mode uses it
 
     def stop(self) -> Deferred:
         from esmtpfa.reload import stop_providers
@@ -167,9 +169,30 @@ def check_static(options, reactor, report: Report) -> Loaded:
         else:
             report.ok(f"shared state: {loaded.state.redacted} (failing "
                       f"{options['state-failure']})")
+    if "delivery-mode" in options and (options["delivery-mode"] != "passthrough"
+                                       or not options.defaulted("spool-url")):
+        loaded.spool = _spool_where(options["spool-url"], report, options["delivery-mode"])
     if options.get("workers", 1) > 1:
         report.note(f"{options['workers']} worker processes (docs/workers.md)")
     return loaded
+
+
+def _spool_where(url: str, report: Report, mode: str) -> str | None:
+    """The spool's URL when it parses (its problems were found with the options), with
+    a line saying where it is, never its credentials."""
+    from esmtpfa.spool.backends import file_path
+    path = file_path(url)
+    if path is not None:
+        report.ok(f"spool: {path} (delivery mode {mode}; docs/spool.md)")
+        return url
+    from esmtpfa.spool.amqp import AMQPURL
+    try:
+        where = AMQPURL.parse(url).redacted
+    except ValueError as error:  # never quotes the URL: it may hold a password
+        report.problem(f"--spool-url: {error}")
+        return None
+    report.ok(f"spool: RabbitMQ {where} (delivery mode {mode}; docs/spool.md)")
+    return url
 
 
 def _describe_provider(provider, config) -> str:
@@ -211,6 +234,8 @@ def check_connect(loaded: Loaded, reactor, report: Report) -> Deferred:
     if loaded.state is not None:
         probes.append((f"shared state {loaded.state.redacted}",
                        ensureDeferred(_probe_state(loaded.state, reactor))))
+    if loaded.spool is not None:
+        probes.append(("spool", ensureDeferred(_probe_spool(loaded.spool, reactor))))
 
     def done(results) -> Deferred:
         for (label, _), (succeeded, value) in zip(probes, results):
@@ -245,6 +270,27 @@ async def _probe_state(url, reactor) -> str:
     finally:
         await client.close()
     return f"answered {answer.decode() if isinstance(answer, bytes) else answer}"
+
+
+async def _probe_spool(url: str, reactor) -> str:
+    """Open the spool as the relay does (the file spool's database, or a connection to
+    the broker with its queues declared), read its counts, close it."""
+    from twisted.python.threadpool import ThreadPool
+    from esmtpfa.spool.backends import SpoolSettings, open_spool
+    threads = ThreadPool(minthreads=0, maxthreads=2, name="esmtpfa-check-spool")
+    threads.start()
+    spool = open_spool(SpoolSettings(url, max_bytes=0, min_free_bytes=0), reactor, threads)
+    try:
+        await spool.start()
+        stats = await spool.stats()
+    finally:
+        try:
+            await spool.close()
+        finally:
+            threads.stop()
+    held = stats.messages.get("held", 0)
+    return (f"{spool.description}: {stats.messages.get('queued', 0)} queued, "
+            f"{held} held" + (" (esmtpfa-queue list)" if held else ""))
 
 
 async def _probe_upstream(upstream, reactor) -> str:

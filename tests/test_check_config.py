@@ -267,3 +267,35 @@ class SharedStateTests(CheckConfigCase):
         self.assertEqual(code, 1, output)
         self.assertIn("STATE_URL", output)
         self.assertNotIn("secret-in-url", output)
+
+
+class SpoolCheckTests(CheckConfigCase):
+    """The spool a delivery mode uses: its directory must be writable; with
+    ``--check-connect`` it is opened and counted, and a broker that refuses is named,
+    never its password."""
+
+    async def test_file_spool_is_opened_and_counted(self):
+        spool = os.path.join(self.directory, "spool")
+        code, output = await self.check("--check-connect", "--demo", "--delivery-mode",
+                                        "fallback", "--spool-url", f"file://{spool}")
+        self.assertEqual(code, 0, output)
+        self.assertIn(f"spool: {spool} (delivery mode fallback", output)
+        self.assertIn("0 queued, 0 held", output)
+
+    async def test_unwritable_spool_directory_is_named(self):
+        blocker = self.write("not-a-directory", "a file")
+        code, output = await self.check("--demo", "--delivery-mode", "spool",
+                                        "--spool-url", f"file://{blocker}/spool")
+        self.assertEqual(code, 1, output)
+        self.assertIn("--spool-url: cannot create", output)
+        self.assertNotIn("Traceback", output)
+
+    async def test_broker_that_refuses_is_named_without_its_password(self):
+        closed = free_port()
+        code, output = await self.check(
+            "--check-connect", "--demo", "--delivery-mode", "spool",
+            env={"SPOOL_URL": f"amqp://esmtpfa:broker-SECRET-31@127.0.0.1:{closed}/mail"})
+        self.assertEqual(code, 1, output)
+        self.assertIn(f"spool: RabbitMQ amqp://127.0.0.1:{closed}/mail", output)
+        self.assertIn("PROBLEM  spool", output)
+        self.assertNotIn("broker-SECRET-31", output)

@@ -130,6 +130,12 @@ OWN_SHARED = {"_context"}
 #: with the accessor that replaces each.  Remove an entry once its call is switched; a
 #: use not listed here fails the test.
 PENDING: dict[tuple[str, str], str] = {}
+#: Uses whose name Twisted happens to define too, but that are another library's.
+OTHER_LIBRARIES: dict[tuple[str, str], str] = {
+    ("esmtpfa/spool/amqp.py", "self._impl"):
+        "pika's TwistedProtocolConnection keeps its Connection as _impl "
+        "(esmtpfa/spool/amqp.py, _BrokerProtocol, says why)",
+}
 
 
 def twisted_private_names() -> set[str]:
@@ -181,7 +187,8 @@ class OneModuleTests(unittest.TestCase):
             relative = path.relative_to(PROJECT).as_posix()
             if relative != "esmtpfa/internals.py":
                 new += [f"{relative}: {use}" for use in sorted(private_uses(path, names))
-                        if (relative, use) not in PENDING]
+                        if (relative, use) not in PENDING
+                        and (relative, use) not in OTHER_LIBRARIES]
         self.assertEqual(new, [], "move these into esmtpfa/internals.py")
 
     def test_the_old_module_is_gone(self):

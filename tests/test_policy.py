@@ -616,3 +616,32 @@ class HTTPProviderSessionTests(SessionMixin, unittest.TestCase):
         self.assertTrue(own[-1].startswith(b"250 "), own)
         self.assertEqual(other, [refused_mail("printer8@print.example.com")])
         self.assertNotIn("toner:low", log_text(self.events))
+
+
+class DeliveryModePolicyTests(unittest.TestCase):
+    """``delivery``, ``delivery_attribute``/``delivery_claim`` and ``undeliverable``
+    (docs/spool.md, "Modes"): parsed with the rest of the block, a typo is an error."""
+
+    def test_provider_mode_and_ending(self):
+        policy = parse_policy({"delivery": "Fallback", "undeliverable": "hold"}, "userpass")
+        self.assertEqual((policy.delivery, policy.undeliverable), ("fallback", "hold"))
+        self.assertEqual(policy.delivery_for((), "passthrough"), "fallback")
+        self.assertEqual(parse_policy({}, "userpass").delivery_for((), "spool"), "spool")
+
+    def test_an_identity_chooses_its_own_and_a_typo_is_ignored(self):
+        policy = parse_policy({"delivery": "fallback", "delivery_attribute": "mailMode"},
+                              "ldap")
+        self.assertIn("mailMode", policy.identity_attributes)
+        self.assertEqual(policy.delivery_for(("spool",), "passthrough"), "spool")
+        self.assertEqual(policy.delivery_for(("sppol",), "passthrough"), "fallback")
+        claim = parse_policy({"delivery_claim": "delivery"}, "jwt")
+        self.assertEqual(claim.delivery_for(("passthrough",), "spool"), "passthrough")
+
+    def test_mistakes_name_the_key(self):
+        for block, words in (({"delivery": "queue"}, "'delivery' must be one of"),
+                             ({"undeliverable": "drop"}, "'undeliverable' must be one of"),
+                             ({"delivery_claim": "mode"}, "for jwt providers"),
+                             ({"delivery_attribute": "mode"}, "for ldap providers")):
+            with self.assertRaises(ConfigError) as raised:
+                parse_policy(block, "userpass")
+            self.assertIn(words, str(raised.exception))

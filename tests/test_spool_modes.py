@@ -238,16 +238,36 @@ class SpoolModeTests(SpoolCase):
         self.assertEqual(rows, [(message_id,)])
         # The content was fsync'd (written under tmp/), then the directory it was
         # renamed into; that directory now holds it.
-        written = [p for p in seen_synced if "/tmp/" in p]
-        directories = [p for p in seen_synced if os.path.dirname(p).endswith("/msg")]
+        written = [p for p in seen_synced
+                   if p.startswith(os.path.join(self.spool_dir, "tmp") + os.sep)]
+        directories = [p for p in seen_synced
+                       if os.path.dirname(p) == os.path.join(self.spool_dir, "msg")]
         self.assertEqual(len(written), 1, seen_synced)
         self.assertEqual(len(directories), 1, seen_synced)
         self.assertLess(seen_synced.index(written[0]), seen_synced.index(directories[0]))
         self.assertIn(os.path.basename(written[0]), os.listdir(directories[0]))
 
+    async def test_an_upstream_back_from_its_breaker_gets_the_whole_backlog(self):
+        """While the circuit breaker lets one trial through, the other messages are not
+        tried at all: they learnt nothing and must not wait a whole backoff (here 600 s)
+        for the upstream that just came back."""
+        fixture = self.relay("--spool-retry-min", "600", "--spool-retry-max", "600",
+                             "--relay-breaker-cooldown", "1", start_upstream=False)
+        await fixture.start()
+        for n in range(6):
+            code, text, _ = await fixture.run(send, fixture)
+            self.assertEqual(code, 250, text)
+        fixture.upstream.start(fixture.upstream.port)
+        await pause(1.2)  # the breaker's cooldown passes
+        await self.queue(fixture).flush()
+        await eventually(lambda: len(fixture.upstream.accepted) == 6, timeout=40)
+
     async def test_full_spool_refuses_at_mail(self):
         fixture = self.relay("--spool-max-size", "1")
         await fixture.start()
+        status, body = await fixture.run(readyz, fixture)
+        self.assertEqual(status, 503, body)  # not ready: it cannot store
+        self.assertIn("spool: the spool is full", body["checks"]["upstream"]["detail"])
 
         def script():
             with smtplib.SMTP("127.0.0.1", fixture.plain_port, timeout=30) as client:
@@ -400,3 +420,47 @@ class HTTPSpoolTests(SpoolCase):
         self.assertEqual(status, 202)
         self.assertTrue(body["queued"])
         self.assertTrue(body["id"].startswith("urn:uuid:"))
+
+
+class SpoolOptionTests(unittest.TestCase):
+    """The ``--spool-*`` settings: sizes and durations as operators write them, and a
+    one-line error naming the setting, never a URL's password."""
+
+    def parse(self, *args: str, env: dict | None = None):
+        from esmtpfa.options import Options
+        options = Options(environ=env or {})
+        options.parseOptions(["--config", "/dev/null", *args])
+        return options
+
+    def refused(self, *args: str, env: dict | None = None) -> str:
+        from twisted.python import usage
+        with self.assertRaises(usage.UsageError) as raised:
+            self.parse(*args, env=env)
+        return str(raised.exception)
+
+    def test_defaults_are_postfix_s(self):
+        options = self.parse()
+        self.assertEqual(options["delivery-mode"], "passthrough")
+        self.assertEqual((options["spool-retry-min"], options["spool-retry-max"],
+                          options["spool-lifetime"]), (300.0, 4000.0, 5 * 86400.0))
+        self.assertEqual(options["spool-max-size"], 5 << 30)
+
+    def test_sizes_and_durations(self):
+        spool = os.path.abspath(self.mktemp())
+        options = self.parse("--delivery-mode", "spool", "--spool-url", f"file://{spool}",
+                             "--spool-max-size", "512M", "--spool-lifetime", "2d",
+                             "--spool-retry-min", "90s", "--spool-retry-max", "1h")
+        self.assertEqual(options["spool-max-size"], 512 << 20)
+        self.assertEqual(options["spool-lifetime"], 2 * 86400.0)
+        self.assertEqual((options["spool-retry-min"], options["spool-retry-max"]),
+                         (90.0, 3600.0))
+        self.assertTrue(os.path.isdir(spool))  # made at startup, not at the first message
+
+    def test_mistakes_are_one_line_naming_the_setting(self):
+        self.assertIn("--spool-max-size", self.refused("--spool-max-size", "lots"))
+        self.assertIn("SPOOL_LIFETIME", self.refused(env={"SPOOL_LIFETIME": "forever"}))
+        self.assertIn("--delivery-mode", self.refused("--delivery-mode", "queue"))
+        self.assertIn("must not exceed", self.refused("--spool-retry-min", "2h"))
+        text = self.refused(env={"SPOOL_URL": "ftp://user:spool-SECRET@host/"})
+        self.assertIn("SPOOL_URL", text)
+        self.assertNotIn("spool-SECRET", text)

@@ -42,7 +42,8 @@ class Kind:
     UNAVAILABLE = "unavailable"
     #: The upstream sent something that is not SMTP, or not at this point.
     PROTOCOL = "protocol"
-    #: No session could be had in time: the pool is busy, or this client holds its share.
+    #: No session could be had in time: the pool is busy, this client holds its share,
+    #: or every upstream is skipped while its circuit breaker is open (none was tried).
     BUSY = "busy"
     #: The relay is shutting down.
     CLOSING = "closing"

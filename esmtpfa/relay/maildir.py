@@ -1,9 +1,8 @@
 """Local Maildir delivery: the relay used when no upstream is configured (docs/design.md §5).
 
-Follows the Maildir contract (D. J. Bernstein, "Using maildir format"; Courier's
-maildir(5)): write the whole file under ``tmp/`` with a unique name, fsync it, then link
-it into ``new/`` and fsync the directory, so a reader never sees a partial message and a
-crash never loses an acknowledged one.  The blocking file work runs in a small dedicated
+Follows the Maildir contract (``esmtpfa.durable``): write the whole file under ``tmp/``
+with a unique name, fsync it, then link it into ``new/`` and fsync the directory, so a
+reader never sees a partial message and a crash never loses an acknowledged one.  The blocking file work runs in a small dedicated
 thread pool, never in the reactor thread.
 
 Content is stored exactly as it would have gone upstream (esmtpfa's prefix, then the
@@ -15,7 +14,6 @@ Converting to LF would make this sink a lossy mirror of the upstream path.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import socket
@@ -29,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from esmtpfa.durable import fsync_directory, publish, unlink_quietly
 from esmtpfa.logs import logger
 from esmtpfa.message import OutboundMessage
 from esmtpfa.relay.interfaces import (
@@ -140,11 +139,11 @@ class MaildirRelay:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _publish(tmp, new)
+            publish(tmp, new)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
-        _fsync_directory(os.path.join(self.path, "new"))
+        fsync_directory(os.path.join(self.path, "new"))
         return Reply(250, "2.0.0", f"Delivered to Maildir as {name}")
 
     def _ensureDirectories(self) -> None:
@@ -155,7 +154,7 @@ class MaildirRelay:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 created = True
         if created:
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
 
     def _startPool(self) -> None:
         if not self._pool.started:
@@ -185,36 +184,6 @@ class MaildirRelay:
         else:
             idle.callback(None)
         return idle.addCallback(stop)
-
-
-def _publish(tmp: str, new: str) -> None:
-    """link() refuses to overwrite (the spec's way); rename() where links are unsupported."""
-    try:
-        os.link(tmp, new)
-    except OSError as error:
-        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
-                               errno.EMLINK):
-            raise
-        if os.path.exists(new):
-            raise FileExistsError(errno.EEXIST, "Maildir name collision", new) from error
-        os.rename(tmp, new)
-        return
-    os.unlink(tmp)
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _error(reply: Reply, detail: str) -> RelayError:

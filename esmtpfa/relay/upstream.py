@@ -218,9 +218,11 @@ class SMTPRelay:
             return fail(_closing())
         if all(u.breaker.open_now() for u in self.upstreams):
             names = ", ".join(u.address for u in self.upstreams)
+            # BUSY: no upstream was tried, so the message learnt nothing (a spooled one
+            # is tried again soon, without backing off: docs/spool.md).
             return fail(unavailable("4.4.1", "No upstream server available, try again later",
                                     f"circuit breaker open for {names}", "MAIL",
-                                    upstream=self.upstreams[0].address))
+                                    upstream=self.upstreams[0].address, kind=Kind.BUSY))
         size = envelope.declared_size
         limits = [u.known_max_size for u in self.upstreams]
         if size is not None and all(limits) and size > max(limits):  # None: not known yet
@@ -333,7 +335,8 @@ class Failover:
         names = ", ".join(u.address for u in skipped)
         return unavailable("4.4.1", "No upstream server available, try again later",
                            f"skipped while their circuit breaker is open: {names}",
-                           "connect", upstream=skipped[0].address if skipped else None)
+                           "connect", upstream=skipped[0].address if skipped else None,
+                           kind=Kind.BUSY)
 
     def report(self, error: RelayError, message_id: str) -> None:
         """One failed attempt (or a refusal): the log line, then every observer."""

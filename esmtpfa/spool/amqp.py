@@ -117,7 +117,7 @@ from dataclasses import dataclass, field, replace
 import json
 import time
 from typing import Any, Callable, Iterator
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 import uuid
 import weakref
 
@@ -136,6 +136,7 @@ from esmtpfa.spool.interfaces import (
     IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
     Recipient, RecipientState, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
     SpoolStats)
+from esmtpfa.urls import query_parameters, split_secret_url
 
 log = logger("esmtpfa.spool.amqp")
 
@@ -188,25 +189,12 @@ class AMQPURL:
     @classmethod
     def parse(cls, text: str) -> "AMQPURL":
         """Raises ``ValueError`` with a message that never quotes the URL."""
-        parts = urlsplit(text.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError("expected an amqp:// or amqps:// URL")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            raise ValueError("the port is not a number from 0 to 65535") from None
-        if not host:
-            raise ValueError("the URL names no host")
+        parts, scheme, host, port = split_secret_url(text, ("amqp", "amqps"))
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if "/" in path:
             raise ValueError("the vhost is one path segment: write a / in it as %2F")
         vhost = unquote(path) if path else "/"
-        query = parse_qs(parts.query)
-        unknown = sorted(set(query) - {"heartbeat"})
-        if unknown:
-            raise ValueError(f"unknown URL parameter(s) {', '.join(unknown)} "
-                             f"(known: heartbeat)")
+        query = query_parameters(parts, ("heartbeat",))
         heartbeat = None
         if "heartbeat" in query:
             value = query["heartbeat"][-1]

@@ -78,6 +78,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from esmtpfa.durable import fsync_directory, publish, unlink_quietly
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope
 from esmtpfa.spool.interfaces import (
@@ -300,14 +301,14 @@ class ContentFiles:
             finally:
                 os.close(fd)
             directory = self._subdirectory(name)
-            _publish(tmp, final)
+            publish(tmp, final)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         try:
-            _fsync_directory(directory)
+            fsync_directory(directory)
         except BaseException:
-            _unlink_quietly(final)
+            unlink_quietly(final)
             raise
         return size
 
@@ -332,7 +333,7 @@ class ContentFiles:
         return data[:end + (2 if data.startswith(b"\r\n", end) else 1)]
 
     def remove(self, name: str) -> None:
-        _unlink_quietly(self.location(name))
+        unlink_quietly(self.location(name))
 
     def leftovers(self) -> Iterator[tuple[str, str]]:
         """(name, path) of every file under msg/ and tmp/."""
@@ -360,7 +361,7 @@ class ContentFiles:
                 os.mkdir(directory, 0o700)
             except FileExistsError:
                 pass
-            _fsync_directory(self.msg)
+            fsync_directory(self.msg)
             self._known.add(directory)
         return directory
 
@@ -380,7 +381,7 @@ class HeldLock:
         """Unlink the file while still holding its lock (an owner starting under the same
         name sees its file replaced and makes a new one: ``OwnerLocks.acquire``)."""
         if self._fd is not None:
-            _unlink_quietly(self.path)
+            unlink_quietly(self.path)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -1234,7 +1235,7 @@ class FileSpool:
         removed = 0
         for name, path in leftovers:
             if name not in named and dead[name.partition(".")[2]]:
-                _unlink_quietly(path)
+                unlink_quietly(path)
                 removed += 1
         if removed:
             log.info("spool removed {count} orphaned content file(s) in {path}",
@@ -1501,22 +1502,6 @@ def _collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _publish(tmp: str, final: str) -> None:
-    """Move ``tmp`` to ``final`` unless ``final`` exists: ``link`` refuses to replace
-    (``rename`` would, silently); ``rename`` where the file system has no links."""
-    try:
-        os.link(tmp, final)
-    except OSError as error:
-        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
-                               errno.EMLINK):
-            raise
-        if os.path.exists(final):
-            raise FileExistsError(errno.EEXIST, "content file exists", final) from error
-        os.rename(tmp, final)
-        return
-    os.unlink(tmp)
-
-
 def _make_directory(path: str) -> None:
     """Make ``path`` (and its parents) durably: each new directory's parent is fsync'd."""
     if os.path.isdir(path):
@@ -1528,22 +1513,7 @@ def _make_directory(path: str) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
-    _fsync_directory(parent or ".")
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    fsync_directory(parent or ".")
 
 
 def _rollback_quietly(connection: sqlite3.Connection) -> None:

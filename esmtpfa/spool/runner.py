@@ -452,11 +452,13 @@ class QueueRunner(Service):
                      identity=entry.identity)
         else:
             states = attempt.states().values()
-            log.info("{message_id} finished: {delivered} delivered, {failed} failed, "
-                     "after {attempts} attempt(s)", message_id=entry.id,
+            log.info("{message_id} finished for {identity}: {delivered} delivered, "
+                     "{failed} failed, after {attempts} attempt(s) {recipients}",
+                     message_id=entry.id,
                      delivered=sum(r.state == R.DELIVERED for r in states),
                      failed=sum(r.state == R.FAILED for r in states),
-                     attempts=attempt.message.attempts + 1, identity=entry.identity)
+                     attempts=attempt.message.attempts + 1, identity=entry.identity,
+                     recipients={r.address: r.state for r in states})
 
     def _read_stats(self) -> defer.Deferred[None]:
         d = self.spool.stats()

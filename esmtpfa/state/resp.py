@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import hashlib
 import ipaddress
 from typing import Any, Sequence
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from esmtpfa.logs import logger
 from esmtpfa.state.interfaces import StateUnavailable
+from esmtpfa.urls import query_parameters, split_secret_url
 
 log = logger("esmtpfa.state")
 
@@ -81,24 +82,11 @@ class RedisURL:
     def parse(cls, text: str) -> "RedisURL":
         """Raises ``ValueError`` with a message that never quotes the URL (it may hold a
         password)."""
-        parts = urlsplit(text.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in ("redis", "rediss"):
-            raise ValueError("expected a redis:// or rediss:// URL")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            raise ValueError("the port is not a number from 0 to 65535") from None
-        if not host:
-            raise ValueError("the URL names no host")
+        parts, scheme, host, port = split_secret_url(text, ("redis", "rediss"))
         path = parts.path.strip("/")
         if path and not path.isdigit():
             raise ValueError("the path must be a database number, like /0")
-        query = parse_qs(parts.query)
-        unknown = sorted(set(query) - {"prefix", "ca", "db"})
-        if unknown:
-            raise ValueError(f"unknown URL parameter(s) {', '.join(unknown)} "
-                             f"(known: prefix, ca, db)")
+        query = query_parameters(parts, ("prefix", "ca", "db"))
         db = path or (query.get("db") or ["0"])[-1]
         if not db.isdigit():
             raise ValueError("db must be a number")

@@ -13,7 +13,7 @@ from collections import Counter
 import os
 import re
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from tests.faults.harness import (CLIENT, RunningRelay, message, new_message_id,
@@ -136,3 +136,18 @@ class OrdinaryTrafficTests(unittest.TestCase):
         self.assert_all_accepted_exactly_once(results, sink)
         self.assertIn("[worker 1 ", relay.log)
         self.assertIn("[worker 2 ", relay.log)
+
+    async def test_hundreds_of_messages_through_the_spool(self):
+        """``--delivery-mode spool`` (docs/spool.md): every 250 means stored, and the
+        queue runner delivers each message to smtp-sink exactly once, large ones too."""
+        spool = os.path.abspath(self.mktemp())
+        relay, sink = await self.relay_to_sink(
+            "--delivery-mode", "spool", "--spool-url", f"file://{spool}")
+        results = await self.send_traffic(relay)
+        for _ in range(600):  # bounded: the background delivery catches up
+            if sum(delivered(sink).values()) >= len(self.sent):
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await task.deferLater(reactor, 1.0, lambda: None)  # and nothing more arrives
+        self.assert_all_accepted_exactly_once(results, sink)
+        self.assertTrue(all("Queued as" in text for _, _, text in results))
