@@ -154,6 +154,32 @@ class SubmissionTests(HTTPFixtureMixin, unittest.TestCase):
             self.assertNotIn(forbidden, text)
 
 
+class NulTests(HTTPFixtureMixin, unittest.TestCase):
+    """NUL in ``data`` as SMTP DATA treats it: removed (``normalize``, the default),
+    never passed on, so ``CRLF NUL . CRLF`` cannot end the message at an upstream that
+    drops NULs."""
+
+    @defer.inlineCallbacks
+    def test_nul_is_removed(self):
+        smuggling = b"Subject: x\r\n\r\nhello\r\n\0.\r\nMAIL FROM:<evil@example.com>\r\n"
+        response = yield self.post(document(smuggling))
+        self.assertEqual(response.code, 202, response.body)
+        received = self.upstream.messages[0]
+        self.assertNotIn(b"\0", received.data_raw)
+        self.assertIn(b"hello\r\n..\r\nMAIL FROM:", received.data_raw)
+
+
+class RejectNulTests(HTTPFixtureMixin, unittest.TestCase):
+    fixture_args = ("--bare-line-ends", "reject")
+
+    @defer.inlineCallbacks
+    def test_nul_is_a_400(self):
+        response = yield self.post(document(b"Subject: x\r\n\r\nhello\0\r\n"))
+        self.assertEqual(response.code, 400, response.body)
+        self.assertIn("NUL", response.json()["error"])
+        self.assertNothingRelayed()
+
+
 class BadRequestTests(HTTPFixtureMixin, unittest.TestCase):
     """Every malformed body is a 400 with a JSON error, and nothing is relayed."""
 

@@ -485,6 +485,22 @@ class DataTests(FixtureMixin, unittest.TestCase):
     def test_cr_dot_crlf(self):
         return self._smuggle(b"\r.\r\n").addCallback(self._assert_normalized)
 
+    def test_nul_before_the_dot(self):
+        """``CRLF NUL . CRLF``: an upstream that drops NULs would end the data there and
+        run what follows as a transaction nobody authenticated.  The NUL is removed
+        after unstuffing, so the line stays the content line ``.``, stuffed again."""
+        def check(result):
+            self._assert_normalized(result)
+            received = self.upstream.messages[0]
+            self.assertNotIn(b"\0", received.data_raw)
+            self.assertIn(b"hello\r\n.\r\nMAIL FROM:<evil@example.com>", received.data)
+            self.assertIn(b"hello\r\n..\r\nMAIL FROM:", received.data_raw)
+        return self._smuggle(b"\r\n\0.\r\n").addCallback(check)
+
+    def test_nul_anywhere_is_removed(self):
+        return self._smuggle(b"\r\n.\0\r\n\0").addCallback(
+            lambda result: self.assertNotIn(b"\0", self.upstream.messages[0].data_raw))
+
     def test_size_parameter_and_unknown_parameters(self):
         def script(fixture):
             client = fixture.secure_session()
@@ -595,6 +611,10 @@ class RejectBareLineEndsTests(FixtureMixin, unittest.TestCase):
     def test_bare_lf_message_is_refused_with_5_6_11(self):
         return self.expect_message_refused(
             b"Subject: x\r\n\r\nhello\n.\n" + SMUGGLED, 550, "5.6.11")
+
+    def test_nul_before_the_dot_is_refused_with_5_6_0(self):
+        return self.expect_message_refused(
+            b"Subject: x\r\n\r\nhello\r\n\0.\r\n" + SMUGGLED, 550, "5.6.0")
 
 
 class IdleTimeoutTests(unittest.TestCase):

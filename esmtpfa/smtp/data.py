@@ -6,10 +6,13 @@ body runs as commands (docs/twisted-defects.md server #3, #11).  This reader wor
 with C-speed bytes operations and stays in DATA until the one true end, CRLF.CRLF,
 whatever the content holds.
 
-Smuggling (bare LF / bare CR, e.g. ``\\n.\\n``) is never passed on as it came: per policy
-the message is refused (``reject``) or the bare line ends are rewritten to CRLF
-(``normalize``, as Postfix 3.9's default), so the content we hand on is always clean CRLF
-text whose dots the upstream client stuffs again.
+Smuggling (bare LF / bare CR, e.g. ``\\n.\\n``, or a NUL before the dot, ``\\r\\n\\0.\\r\\n``,
+for an upstream that drops NULs) is never passed on as it came: per policy the message is
+refused (``reject``) or the bare line ends are rewritten to CRLF and NULs removed
+(``normalize``, as Postfix 3.9's default for line ends), so the content we hand on is
+always clean CRLF text without NUL whose dots the upstream client stuffs again.  NULs are
+removed after the transparency dots: ``NUL .`` stays the content line ``.`` (stuffed
+again upstream), never a dot taken away.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ NORMALIZE = "normalize"
 
 BARE_LINE_END = Reply(
     550, "5.6.11", "Message contains bare CR or LF; use CRLF line endings (RFC 5321 §2.3.8)")
+#: NUL has no place in a text message (RFC 5322 §3.5; RFC 5321 §2.3.8 and §4.5.2 allow
+#: it only with BINARYMIME): an upstream that drops NULs would read ``CRLF NUL . CRLF``
+#: as the end of data and what follows as another transaction (SMTP smuggling).
+NUL_CHARACTER = Reply(
+    550, "5.6.0", "Message contains NUL characters, which text messages may not carry "
+                  "(RFC 5322 §3.5)")
 
 
 def message_too_big(limit: int) -> Reply:
@@ -101,7 +110,15 @@ class ContentChecker:
                 self._refuse(BARE_LINE_END)
                 return None
             block = normalize_line_ends(block)
+        if not self._normalize and b"\0" in block:
+            self._refuse(NUL_CHARACTER)
+            return None
         return block
+
+    def _without_nul(self, block: bytes) -> bytes:
+        """``normalize``: content as passed on has no NUL (removed once the
+        transparency dots are, so no dot is mistaken for one)."""
+        return block.replace(b"\0", b"") if b"\0" in block else block
 
 
 class DataReader(ContentChecker):
@@ -165,7 +182,7 @@ class DataReader(ContentChecker):
         # Undo transparency (RFC 5321 §4.5.2): a leading dot is removed from every line.
         if at_line_start and block.startswith(b"."):
             block = block[1:]
-        self._sink(block.replace(b"\r\n.", b"\r\n"))
+        self._sink(self._without_nul(block.replace(b"\r\n.", b"\r\n")))
 
 
 class ChunkReader(ContentChecker):
@@ -208,4 +225,4 @@ class ChunkReader(ContentChecker):
     def _pass(self, block: bytes) -> None:
         block = self._checked(block)
         if block is not None:
-            self._sink(block)
+            self._sink(self._without_nul(block))

@@ -40,7 +40,7 @@ from esmtpfa.delivery import PolicyRefusal, RateLimited
 from esmtpfa.logs import logger
 from esmtpfa.replies import SMTPReplyError
 from esmtpfa.smtp.address import valid_mailbox
-from esmtpfa.smtp.data import normalize_line_ends
+from esmtpfa.smtp.data import REJECT, normalize_line_ends
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.spool.interfaces import QueuedReply
 from esmtpfa.web.errors import HTTPError, send_error, send_json
@@ -112,6 +112,11 @@ def _content(data: Any, settings: ServerSettings) -> bytes:
         raise HTTPError(400, "data is not valid base64") from None
     del compact
     content = normalize_line_ends(raw)
+    if b"\0" in content:  # as SMTP DATA treats it (esmtpfa.smtp.data, NUL_CHARACTER)
+        if settings.bare_line_ends == REJECT:
+            raise HTTPError(400, "data contains NUL characters, which text messages may "
+                                 "not carry (RFC 5322 §3.5)")
+        content = content.replace(b"\0", b"")
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     if len(content) > settings.max_message_size:
