@@ -262,6 +262,28 @@ class SpoolModeTests(SpoolCase):
         await self.queue(fixture).flush()
         await eventually(lambda: len(fixture.upstream.accepted) == 6, timeout=40)
 
+    async def test_content_lost_after_started_keeps_the_message(self):
+        """The content cannot be read once the recipients were recorded as started: the
+        upstream transaction is dropped before any content, and the message stays
+        queued (never forgotten as if it were finished)."""
+        fixture = self.relay("--relay-breaker-cooldown", "1", start_upstream=False)
+        await fixture.start()
+        code, text, _ = await fixture.run(send, fixture)
+        self.assertEqual(code, 250, text)
+        for directory, _, names in os.walk(os.path.join(self.spool_dir, "msg")):
+            for name in names:
+                os.unlink(os.path.join(directory, name))
+        fixture.upstream.start(fixture.upstream.port)
+        await pause(1.2)
+        await self.queue(fixture).flush()
+        await eventually(lambda: any("RCPT" in s.verbs() for s in fixture.upstream.sessions))
+        await pause(1.0)
+        listed = await self.queue(fixture).list()
+        self.assertEqual(len(listed), 1)
+        self.assertEqual([r.state for r in listed[0].recipients], ["pending"])
+        self.assertEqual(fixture.upstream.messages, [])
+        self.flushLoggedErrors()  # the attempt's failure is logged loudly, as it should
+
     async def test_full_spool_refuses_at_mail(self):
         fixture = self.relay("--spool-max-size", "1")
         await fixture.start()

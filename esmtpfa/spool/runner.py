@@ -108,6 +108,9 @@ class Attempt:
         #: The attempt learnt nothing about the message (the pool was busy, the relay
         #: is closing): it is tried again soon, without backing off.
         self.neutral = False
+        #: The content was handed to the upstream transaction: from here its dot may
+        #: leave, so a failure we cannot explain leaves the outcome unknown.
+        self.sending = False
 
     def mark(self, address: str, state: str, reply: Reply | str) -> None:
         self.changes[address] = Recipient(address, state, str(reply))
@@ -269,12 +272,16 @@ class QueueRunner(Service):
         attempt = Attempt(message)
         try:
             await self._deliver(attempt)
-        except Exception as error:  # a bug or a spool failure: retry later, said loudly
+        except Exception as error:  # a bug or a spool failure: said loudly
             log.failure("{message_id}: delivery attempt failed unexpectedly",
                         message_id=message.entry.id)
+            why = f"local error: {error}"
             for address in message.pending:
                 if address not in attempt.changes:
-                    attempt.mark(address, R.PENDING, f"local error: {error}")
+                    attempt.mark(address, R.PENDING, why)
+            for address, recipient in list(attempt.changes.items()):
+                if recipient.state == R.STARTED:  # its dot may have left only if sending
+                    attempt.mark(address, R.UNKNOWN if attempt.sending else R.PENDING, why)
         await self._settle(attempt)
 
     async def _deliver(self, attempt: Attempt) -> None:
@@ -317,12 +324,17 @@ class QueueRunner(Service):
             transaction.abort()
             raise
         attempt.all(accepted, R.STARTED, "")  # from here a crash leaves them unknown
-        content = await self.spool.content(message)
+        try:
+            content = await self.spool.content(message)
+        except Exception:
+            transaction.abort()  # nothing was sent: they go back to pending
+            raise
         outbound = OutboundMessage(
             Envelope(entry.envelope.mail_from, tuple(accepted), entry.envelope.body,
                      entry.envelope.smtputf8, entry.envelope.requiretls, entry.size),
             content, id=entry.id, connection_id=entry.connection_id,
             identity=entry.identity)
+        attempt.sending = True
         try:
             reply = await transaction.send(outbound)
         except RelayError as error:
@@ -352,6 +364,9 @@ class QueueRunner(Service):
     async def _settle(self, attempt: Attempt) -> None:
         message = attempt.message
         now = self._now()
+        for address, recipient in list(attempt.changes.items()):
+            if recipient.state == R.STARTED:  # no verdict came: never sent again by us
+                attempt.mark(address, R.UNKNOWN, recipient.reply or "no verdict recorded")
         states = attempt.states()
         pending = [r for r in states.values() if r.state == R.PENDING]
         expired = bool(pending) and now - message.lifetime_start >= self.retry.lifetime
