@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from tests.faults.harness import RunningRelay, message, send_fresh
 from tests.support.ports import free_port
 from tests.support.processes import queue_tool
+from tests.support.rabbitmq import SharedRabbitMQ
 from tests.support.upstream import RecordingUpstream
 
 QUEUE_ID = re.compile(r"urn:uuid:[0-9a-f-]+")
@@ -136,3 +137,47 @@ class QueueToolTests(unittest.TestCase):
         self.assertNotEqual(code, 0, out)
         self.assertNotIn("s3cret-pass", out)
         self.assertNotIn("Traceback", out)
+
+
+class AMQPQueueToolTests(SharedRabbitMQ, unittest.TestCase):
+    """The same tool on RabbitMQ (docs/spool.md, "RabbitMQ"): messages waiting for
+    their retry are listed and flushed; the broker's password never shows."""
+
+    timeout = 180
+
+    async def test_list_and_flush_on_the_broker(self):
+        upstream = RecordingUpstream()
+        upstream.port = free_port("127.0.0.1")
+        self.addCleanup(upstream.stop)
+        url = self.rabbitmq.url
+        relay = RunningRelay(self.mktemp(), upstream_port=upstream.port, args=[
+            "--delivery-mode", "spool", "--spool-url", url, "--spool-retry-min", "600",
+            "--relay-connect-timeout", "2", "--relay-breaker-cooldown", "1"])
+        await relay.start()
+        self.addCleanup(relay.stop)
+        code, text = await threads.deferToThread(
+            send_fresh, relay.smtp_port, "<amqp-tool@faults.test>",
+            message("<amqp-tool@faults.test>"))
+        self.assertEqual(code, 250, text)
+        queue_id = QUEUE_ID.search(text).group(0)
+        listed: dict = {}
+        for _ in range(100):  # until its first attempt failed and it waits for a retry
+            out, code = await queue_tool("--json", "list", spool_url=url)
+            self.assertEqual(code, 0, out)
+            listed = {entry["id"]: entry for entry in json.loads(out)}
+            if queue_id in listed:
+                break
+            await pause(0.1)
+        self.assertEqual(listed[queue_id]["state"], "queued")
+        self.assertEqual(listed[queue_id]["attempts"], 1)
+        self.assertNotIn(self.rabbitmq.password, out)
+        upstream.start(upstream.port)
+        await pause(1.2)  # the breaker's cooldown
+        out, code = await queue_tool("flush", spool_url=url)
+        self.assertEqual(code, 0, out)
+        for _ in range(150):
+            if upstream.accepted:
+                break
+            await pause(0.1)
+        self.assertEqual(len(upstream.accepted), 1)
+        self.assertIn(queue_id.encode(), upstream.accepted[0].data)

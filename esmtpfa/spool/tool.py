@@ -119,6 +119,11 @@ async def _command(spool: Any, options: ToolOptions, out: Any) -> int:
                 out.write(format_summary(summary) + "\n\n")
             total = sum(s.size for s in summaries)
             out.write(f"-- {total // 1024} KiB in {len(summaries)} message(s)\n")
+            stats = await spool.stats()
+            counted = stats.messages.get("queued", 0) + stats.messages.get("held", 0)
+            if counted > len(summaries):  # RabbitMQ: those due now are counted, not listed
+                out.write(f"-- and {counted - len(summaries)} more due now or being "
+                          f"delivered, which this spool counts but cannot list\n")
         return 0
     if command == "show":
         summary, headers = await spool.show(arguments[0])
