@@ -29,9 +29,15 @@ forwarding to the same Postfix ``smtp-sink``:
   reported as not available; the rest of the run goes on;
 * ``esmtpfa-spool``, ``esmtpfa-fallback`` (asked for with ``--targets``): the delivery
   modes with the file spool in the run's directory (docs/spool.md); ``esmtpfa-amqp``:
-  spool mode on the RabbitMQ of ``--amqp-url``.  Their CPU is counted until the sink has
-  every message, so a spooling relay's background delivery is in its figure, as
-  Postfix's queue manager is in Postfix's.
+  spool mode on the RabbitMQ of ``--amqp-url`` (``bench/rabbitmq_broker.py`` starts a
+  private one).  Their CPU is counted until the sink has every message and the spool is
+  settled again (the file spool's index empty; then, for every spooling target, the
+  relay's CPU quiet), so a spooling relay's background delivery is in its figure, as
+  Postfix's queue manager is in Postfix's.  The broker's own CPU is not in the relay's
+  cgroup: with ``--amqp-broker-pid`` (the PID of ``bench/rabbitmq_broker.py``, or of
+  any process whose tree holds the broker) it is counted from /proc over the same
+  intervals and reported beside it (``broker_cpu_us_per_msg``), idle spinning of the
+  Erlang schedulers included.
 
 The targets take turns: each connection's messages are sent in ``--rounds`` slices
 (default 5 x 50), every round runs every target once, and each round starts with another
@@ -74,6 +80,7 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -101,6 +108,7 @@ class Target:
         self.port = 0
         self.meter: CpuMeter | None = None
         self.unavailable: str | None = None
+        self.broker = False  # the --amqp-broker-pid's CPU is reported beside its own
 
     def start(self) -> None:
         raise NotImplementedError
@@ -146,14 +154,48 @@ class Esmtpfa(Target):
     """``twistd -n esmtpfa`` relaying to the sink, with ``--workers`` when ``workers``."""
 
     def __init__(self, name: str, sink_port: int, workdir: str, workers: int | None,
-                 log_level: str, extra: list[str] | None = None):
+                 log_level: str, extra: list[str] | None = None,
+                 spool_directory: str | None = None, spooling: bool = False):
         super().__init__(name)
         self.sink_port = sink_port
         self.workdir = workdir
         self.workers = workers
         self.log_level = log_level
         self.extra = list(extra or [])
+        self.spool_directory = spool_directory  # a file spool's, to see it empty
+        self.spooling = spooling or spool_directory is not None
         self.process: subprocess.Popen | None = None
+
+    def queued(self) -> int:
+        """Messages in the file spool's index (0 when there is none yet)."""
+        path = os.path.join(self.spool_directory, "queue.sqlite")
+        if not os.path.exists(path):
+            return 0
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return connection.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        except sqlite3.Error:
+            return -1  # busy or being created: look again
+        finally:
+            connection.close()
+
+    def settle(self, timeout: float) -> None:
+        """A spooling relay has more to do once the sink has the message: record the
+        delivery (a commit) and remove the file.  Wait for the file spool's index to be
+        empty, then (any spool) for the relay's CPU to go quiet: under 2 ms in 0.25 s."""
+        if not self.spooling or self.meter is None:
+            return
+        deadline = time.monotonic() + timeout
+        if self.spool_directory is not None:
+            while self.queued() != 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        last = self.meter.seconds()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.meter.seconds()
+            if now - last < 0.002:
+                return
+            last = now
 
     def start(self) -> None:
         self.port = free_port()
@@ -333,6 +375,8 @@ def measure(target: Target, sink: SinkDump, args, mode: str, tag: str,
     tree_before = tree_cpu_seconds(target.meter.root) if target.meter else 0.0
     split_before = cpu_by_role(target)
     own_before = own_cpu()
+    broker = args.broker_pid if target.broker else None
+    broker_before = tree_cpu_seconds(broker) if broker else 0.0
     machine_before = machine_ticks()
     result = asyncio.run(load(target.port, args.connections, messages, args.size, mode,
                               tag=tag, collect_errors=True, raw=True))
@@ -361,6 +405,8 @@ def measure(target: Target, sink: SinkDump, args, mode: str, tag: str,
         if target.meter.kind != "proc":
             result["proc_tree_cpu_s"] = round(
                 tree_cpu_seconds(target.meter.root) - tree_before, 3)
+    if broker:
+        result["broker_cpu_s"] = round(tree_cpu_seconds(broker) - broker_before, 3)
     return result
 
 
@@ -404,6 +450,11 @@ def merge(parts: list[dict]) -> dict:
         merged["processes"] = max(p["processes"] for p in parts)
         if "proc_tree_cpu_s" in parts[0]:
             merged["proc_tree_cpu_s"] = round(sum(p["proc_tree_cpu_s"] for p in parts), 3)
+        if "broker_cpu_s" in parts[0]:
+            broker = sum(p["broker_cpu_s"] for p in parts)
+            merged["broker_cpu_s"] = round(broker, 3)
+            merged["broker_cpu_us_per_msg"] = round(
+                broker / max(1, merged["delivered"]) * 1e6)
         roles: dict[str, float] = {}
         for p in parts:
             for role, value in p.get("cpu_by_role_s", {}).items():
@@ -428,18 +479,60 @@ def table(results: dict, targets: list[Target], modes: list[str], workers: int) 
                 continue
             r = results[mode][target.name]
             cpu = r.get("cpu_us_per_msg", "–")
+            if "broker_cpu_us_per_msg" in r:
+                cpu = f"{cpu} (+ broker {r['broker_cpu_us_per_msg']})"
             lines.append(f"| {mode} | {target.name} | {r['msg_per_s']:,.0f} | {r['p50_ms']} "
                          f"| {r['p99_ms']} | {cpu} | {r['delivered']}/{r['acknowledged']} "
                          f"| {r.get('processes', '–')} |")
-    lines += ["", "| mode | ratio | measured | issue-13 target |", "|---|---|---|---|"]
+    lines += ["", "| mode | ratio | measured | target |", "|---|---|---|---|"]
     n = f"esmtpfa-{workers}"
     for mode in modes:
         row = results[mode]
         e1, pf, sink, en = (row.get("esmtpfa-1"), row.get("postfix"), row.get("smtp-sink"),
                             row.get(n))
+        spool, fallback, amqp = (row.get("esmtpfa-spool"), row.get("esmtpfa-fallback"),
+                                 row.get("esmtpfa-amqp"))
 
         def get(r, key):
             return r.get(key) if r else None
+
+        def with_broker(r):
+            if not r or "cpu_us_per_msg" not in r:
+                return None
+            return r["cpu_us_per_msg"] + r.get("broker_cpu_us_per_msg", 0)
+        spooling = []
+        if spool is not None:
+            spooling += [
+                f"| {mode} | esmtpfa-spool / postfix, msg/s | "
+                f"{ratio(get(spool, 'msg_per_s'), get(pf, 'msg_per_s'))} | ≥ 1.5 |",
+                f"| {mode} | esmtpfa-spool / postfix, CPU per message | "
+                f"{ratio(get(spool, 'cpu_us_per_msg'), get(pf, 'cpu_us_per_msg'))} | ≤ 0.5 |",
+                f"| {mode} | esmtpfa-spool / esmtpfa-1, CPU per message | "
+                f"{ratio(get(spool, 'cpu_us_per_msg'), get(e1, 'cpu_us_per_msg'))} | |",
+                f"| {mode} | esmtpfa-spool / smtp-sink (ceiling), msg/s | "
+                f"{ratio(get(spool, 'msg_per_s'), get(sink, 'msg_per_s'))} | |",
+            ]
+        if fallback is not None:
+            spooling += [
+                f"| {mode} | esmtpfa-fallback / esmtpfa-1, CPU per message | "
+                f"{ratio(get(fallback, 'cpu_us_per_msg'), get(e1, 'cpu_us_per_msg'))} "
+                f"| ≤ 1.05 |",
+                f"| {mode} | esmtpfa-fallback / esmtpfa-1, msg/s | "
+                f"{ratio(get(fallback, 'msg_per_s'), get(e1, 'msg_per_s'))} | |",
+            ]
+        if amqp is not None:
+            spooling += [
+                f"| {mode} | esmtpfa-amqp / postfix, msg/s | "
+                f"{ratio(get(amqp, 'msg_per_s'), get(pf, 'msg_per_s'))} | (reported) |",
+                f"| {mode} | esmtpfa-amqp / postfix, CPU per message (relay) | "
+                f"{ratio(get(amqp, 'cpu_us_per_msg'), get(pf, 'cpu_us_per_msg'))} "
+                f"| (reported) |",
+            ]
+            if "broker_cpu_us_per_msg" in amqp:
+                spooling.append(
+                    f"| {mode} | esmtpfa-amqp / postfix, CPU per message (relay + broker) "
+                    f"| {ratio(with_broker(amqp), get(pf, 'cpu_us_per_msg'))} "
+                    f"| (reported) |")
         lines += [
             f"| {mode} | esmtpfa-1 / postfix, msg/s | "
             f"{ratio(get(e1, 'msg_per_s'), get(pf, 'msg_per_s'))} | ≥ 2.0 |",
@@ -461,6 +554,7 @@ def table(results: dict, targets: list[Target], modes: list[str], workers: int) 
                 f"| {mode} | {n} / postfix, msg/s | "
                 f"{ratio(get(en, 'msg_per_s'), get(pf, 'msg_per_s'))} | |",
             ]
+        lines += spooling
     return "\n".join(lines)
 
 
@@ -477,6 +571,10 @@ def main() -> int:
                              "with the file spool, docs/spool.md), esmtpfa-amqp (spool mode "
                              "on --amqp-url)")
     parser.add_argument("--amqp-url", help="the RabbitMQ of the esmtpfa-amqp target")
+    parser.add_argument("--amqp-broker-pid", dest="broker_pid", type=int,
+                        help="a process whose tree holds that broker (e.g. the PID of "
+                             "bench/rabbitmq_broker.py): its CPU is reported beside the "
+                             "esmtpfa-amqp target's")
     parser.add_argument("--rounds", type=int, default=5,
                         help="the messages of each connection are sent in this many "
                              "slices, the targets taking turns (default 5; a remainder "
@@ -490,7 +588,9 @@ def main() -> int:
     args = parser.parse_args()
     modes = args.modes.split(",")
     wanted = args.targets.split(",")
-    command = " ".join(["python3", os.path.relpath(sys.argv[0], PROJECT), *sys.argv[1:]])
+    shown = [a.replace(args.amqp_url, "amqp://USER:PASSWORD@…") if args.amqp_url else a
+             for a in sys.argv[1:]]  # no broker credentials in the output
+    command = " ".join(["python3", os.path.relpath(sys.argv[0], PROJECT), *shown])
     print(f"command: {command}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; "
           f"CPUs: {os.cpu_count()}; load average before: "
@@ -508,14 +608,18 @@ def main() -> int:
                           args.log_level),
                   Esmtpfa("esmtpfa-spool", sink_port, workdir, None, args.log_level, [
                       "--delivery-mode", "spool",
-                      "--spool-url", f"file://{workdir}/spool-spool"]),
+                      "--spool-url", f"file://{workdir}/spool-spool"],
+                      spool_directory=f"{workdir}/spool-spool"),
                   Esmtpfa("esmtpfa-fallback", sink_port, workdir, None, args.log_level, [
                       "--delivery-mode", "fallback",
-                      "--spool-url", f"file://{workdir}/spool-fallback"])]
+                      "--spool-url", f"file://{workdir}/spool-fallback"],
+                      spool_directory=f"{workdir}/spool-fallback")]
     if args.amqp_url:
-        candidates.append(Esmtpfa("esmtpfa-amqp", sink_port, workdir, None, args.log_level,
-                                  ["--delivery-mode", "spool", "--spool-url",
-                                   args.amqp_url]))
+        amqp = Esmtpfa("esmtpfa-amqp", sink_port, workdir, None, args.log_level,
+                       ["--delivery-mode", "spool", "--spool-url", args.amqp_url],
+                       spooling=True)
+        amqp.broker = True
+        candidates.append(amqp)
     aliases = {"esmtpfa-N": f"esmtpfa-{args.workers}"}
     targets = [t for t in candidates if t.name in {aliases.get(w, w) for w in wanted}]
     results: dict = {mode: {} for mode in modes}
@@ -587,7 +691,7 @@ def main() -> int:
         for name, r in results[mode].items():
             extra = {k: r[k] for k in ("rounds_msg_per_s", "machine_pct", "seconds",
                                        "drain_s",
-                                       "duplicates", "cpu_s",
+                                       "duplicates", "cpu_s", "broker_cpu_s",
                                        "proc_tree_cpu_s", "cpu_by_role_s",
                                        "loadgen_cpu_us_per_msg") if k in r}
             print(f"{mode:10} {name:12} {extra}")

@@ -19,10 +19,12 @@ recipient: its message is bounced to the envelope sender (RFC 3464, ``esmtpfa.sp
 or held, as the identity's policy chose when the message was accepted.  A message with
 the null sender is never bounced (RFC 5321 §4.5.5): it is held.
 
-Fairness: at most ``concurrency`` attempts run at once in this process, and at most
-``per_identity`` of them for one identity, so one identity's backlog cannot take every
-attempt; the runner's attempts also count as one client toward the upstream pool's
-share (``--relay-pool-client-share``), so the backlog never starves live clients.
+Fairness: at most ``concurrency`` attempts run at once in this process, and an identity
+already at ``per_identity`` of them gets more only when no other identity has a due
+message, so one identity's backlog cannot take every attempt from the others, and a
+backlog of one identity alone still uses them all; the runner's attempts also count as
+one client toward the upstream pool's share (``--relay-pool-client-share``), so the
+backlog never starves live clients.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ class QueueRunner(Service):
         if free <= 0:
             return None
         self._claiming = True
-        d = self.spool.claim(free, self._busy())
+        d = defer.ensureDeferred(self._claim(free))
 
         def claimed(messages: list[QueuedMessage]) -> None:
             if not self.running:  # paused while claiming: the spool's close releases them
@@ -238,6 +240,16 @@ class QueueRunner(Service):
         d.addErrback(lambda f: log.failure("claiming queued messages failed", f))
         d.addBoth(done)
         return d
+
+    async def _claim(self, free: int) -> list[QueuedMessage]:
+        """Up to ``free`` due messages, fairly: first of the identities below their
+        share; the slots nobody else wants then go to those at it (the share makes
+        room for others, it never leaves attempts unused while one identity waits)."""
+        busy = self._busy()
+        messages = await self.spool.claim(free, busy)
+        if busy and len(messages) < free and self.running:
+            messages += await self.spool.claim(free - len(messages), frozenset())
+        return messages
 
     def _busy(self) -> frozenset[str]:
         counts: dict[str, int] = {}
