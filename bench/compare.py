@@ -92,7 +92,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loadgen import (  # noqa: E402
     CLK_TCK, PASSWORD, PROJECT, USER, CpuMeter, SinkDump, child_environment,
     esmtpfa_arguments, free_port, greeting, load, machine_share, machine_ticks, own_cpu,
-    percentile, start_sink, stop, tree_cpu_seconds, twistd_command)
+    percentile, start_sink, stop, tree_cpu_seconds, twistd_command, wait_for_spool)
 
 sys.path.insert(0, PROJECT)
 from tests.support.postfix import main_cf, settle, write_cyrus_sasl  # noqa: E402
@@ -220,6 +220,8 @@ class Esmtpfa(Target):
                                     + said.splitlines()[-1][:160])
                 return
             raise RuntimeError(f"{self.name} exited at start:\n{said[-2000:]}")
+        if self.spooling:
+            wait_for_spool(output, self.process)
 
     def stop(self) -> None:
         stop(self.process, grace=30)

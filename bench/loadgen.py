@@ -542,6 +542,23 @@ def write_providers(workdir: str) -> str:
     return config
 
 
+_SPOOL_OPEN = re.compile(rb"\[esmtpfa\.spool#info\] spool .+ open\r?$", re.MULTILINE)
+
+
+def wait_for_spool(log_path: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the relay's log says its spool is open (a broker's connection can take a
+    moment after the port listens, and until then MAIL hears 451)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the relay exited ({process.returncode})")
+        with open(log_path, "rb") as f:
+            if _SPOOL_OPEN.search(f.read()):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the relay's spool did not open within {timeout:g} s")
+
+
 def esmtpfa_arguments(port: int, sink_port: int, workdir: str, log_level: str) -> list[str]:
     """The relay under test: plain listener, the bench account, smtp-sink as upstream."""
     return ["--plain", "--addr", "127.0.0.1", "--port", str(port), "--allow-insecure-auth",

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402
     CLK_TCK, SinkDump, child_environment, esmtpfa_arguments, free_port, load, start_sink, stop,
-    tree_cpu_seconds, twistd_command, wait_for_port)
+    tree_cpu_seconds, twistd_command, wait_for_port, wait_for_spool)
 
 
 def thread_times(pid: int) -> dict[str, tuple[float, float]]:
@@ -183,6 +183,8 @@ def main() -> int:
         if args.backlog:
             return drain(args, workdir, out, relay, port, sink_port, dump, py_spy)
         wait_for_port(port, relay, timeout=60)
+        if args.delivery_mode != "passthrough":
+            wait_for_spool(os.path.join(workdir, "relay.out"), relay)
         warm = asyncio.run(load(port, args.connections, args.connections * 10, args.size,
                                 args.mode, tag="warm"))
         dump.wait_for(warm["acknowledged"], 60)

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from esmtpfa.ratelimit import Limit
 from esmtpfa.smtp.proxy import parse_networks
+from esmtpfa.spool.backends import parse_spool_url
 
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
@@ -175,19 +176,6 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"expected a size like 1048576, 512M or 10G, got {text!r}")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-def parse_spool_url(text: str) -> str:
-    """``file:///path`` (the embedded spool) or ``amqp://`` / ``amqps://`` (RabbitMQ);
-    the error never repeats the URL, which may hold a password."""
-    value = text.strip()
-    scheme = value.partition("://")[0].lower()
-    if scheme == "file":
-        if not value[len("file://"):].startswith("/"):
-            raise ValueError("a file spool URL names an absolute path: file:///var/lib/...")
-    elif scheme not in ("amqp", "amqps"):
-        raise ValueError("expected a file:///path, amqp:// or amqps:// URL")
-    return value
 
 
 def choice(*allowed: str) -> Callable[[str], str]:

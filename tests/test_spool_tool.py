@@ -20,6 +20,7 @@ from tests.support.ports import free_port
 from tests.support.processes import queue_tool
 from tests.support.rabbitmq import SharedRabbitMQ
 from tests.support.upstream import RecordingUpstream
+from tests.support.webclient import get_blocking
 
 QUEUE_ID = re.compile(r"urn:uuid:[0-9a-f-]+")
 
@@ -155,6 +156,12 @@ class AMQPQueueToolTests(SharedRabbitMQ, unittest.TestCase):
             "--relay-connect-timeout", "2", "--relay-breaker-cooldown", "1"])
         await relay.start()
         self.addCleanup(relay.stop)
+        for _ in range(100):  # ready once the broker's connection is up (docs/spool.md)
+            status = await threads.deferToThread(
+                get_blocking, relay.metrics_port, "/readyz")
+            if status[0] == 200:
+                break
+            await pause(0.1)
         code, text = await threads.deferToThread(
             send_fresh, relay.smtp_port, "<amqp-tool@faults.test>",
             message("<amqp-tool@faults.test>"))

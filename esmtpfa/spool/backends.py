@@ -35,6 +35,8 @@ class SpoolSettings:
     max_bytes: int
     min_free_bytes: int
     prefetch: int = 20
+    #: The queue tool's view: stores nothing, leaves the relay's start-up work alone.
+    admin: bool = False
 
 
 def file_path(url: str) -> str | None:
@@ -43,6 +45,19 @@ def file_path(url: str) -> str | None:
     if parts.scheme.lower() != "file":
         return None
     return os.path.abspath(unquote(parts.path))
+
+
+def parse_spool_url(text: str) -> str:
+    """``file:///path`` (the embedded spool) or ``amqp://`` / ``amqps://`` (RabbitMQ);
+    the error never repeats the URL, which may hold a password."""
+    value = text.strip()
+    scheme = value.partition("://")[0].lower()
+    if scheme == "file":
+        if not value[len("file://"):].startswith("/"):
+            raise ValueError("a file spool URL names an absolute path: file:///var/lib/...")
+    elif scheme not in ("amqp", "amqps"):
+        raise ValueError("expected a file:///path, amqp:// or amqps:// URL")
+    return value
 
 
 def check_file_spool(url: str) -> str | None:
@@ -65,6 +80,8 @@ def open_spool(settings: SpoolSettings, reactor: Any, threads: ThreadPool) -> IS
     path = file_path(settings.url)
     if path is not None:
         from esmtpfa.spool.files import FileSpool
+        if settings.admin:
+            return FileSpool.open_for_admin(path, reactor, threads)
         return FileSpool(path, reactor, threads, max_bytes=settings.max_bytes,
                          min_free_bytes=settings.min_free_bytes)
     from esmtpfa.spool.amqp import AMQPSpool

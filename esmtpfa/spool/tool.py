@@ -21,6 +21,7 @@ and never the URL's credentials.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from twisted.internet import defer, task
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from esmtpfa.spool.backends import SPOOL_THREADS, SpoolSettings, open_spool
+from esmtpfa.spool.backends import SPOOL_THREADS, SpoolSettings, open_spool, parse_spool_url
 from esmtpfa.spool.interfaces import QueueSummary, SpoolError, SpoolErrorKind
 
 DEFAULT_URL = "file:///var/lib/esmtpfa/spool"
@@ -65,7 +66,13 @@ class ToolOptions(usage.Options):
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return _second(int(timestamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(second: int) -> str:
+    """One formatting per second shown: a backlog's messages share their seconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
 
 
 def _as_dict(summary: QueueSummary) -> dict[str, Any]:
@@ -96,8 +103,8 @@ def format_summary(summary: QueueSummary) -> str:
 async def run(reactor: Any, options: ToolOptions, url: str, out: Any) -> int:
     threads = ThreadPool(minthreads=0, maxthreads=SPOOL_THREADS, name="esmtpfa-queue")
     threads.start()
-    spool = open_spool(SpoolSettings(url, max_bytes=0, min_free_bytes=0), reactor,
-                       threads)
+    spool = open_spool(SpoolSettings(url, max_bytes=0, min_free_bytes=0, admin=True),
+                       reactor, threads)
     try:
         await spool.start()
         return await _command(spool, options, out)
@@ -157,7 +164,6 @@ def main(argv: Sequence[str] | None = None, environ: Any = None) -> None:
         sys.stderr.write(f"esmtpfa-queue: {error}\n{options}")
         raise SystemExit(2)
     url = options.url(environ)
-    from esmtpfa.options import parse_spool_url
     try:
         parse_spool_url(url)
     except ValueError as error:
