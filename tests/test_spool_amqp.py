@@ -274,6 +274,20 @@ class StoreClaimSettleTests(SpoolCase):
             await spool.settle(message, Settlement())
         self.assertEqual(raised.exception.kind, SpoolErrorKind.CONFLICT)
 
+    async def test_a_watcher_hears_of_each_message_the_broker_hands_over(self):
+        """The runner is told at once (``ISpool.watch``): it claims a message when the
+        broker delivers it, not at its next look a second later."""
+        spool = await self.open_spool()
+        arrived: list[float] = []
+        spool.watch(lambda: arrived.append(reactor.seconds()))
+        self.assertEqual(await spool.claim(1), [])  # starts the consumer
+        await self.store(spool)
+        deadline = reactor.seconds() + 10
+        while not arrived:
+            self.assertLess(reactor.seconds(), deadline, "no watcher was told")
+            await sleep(0.01)
+        self.assertEqual(len(await spool.claim(1)), 1)
+
     async def test_retry_waits_for_its_delay_then_comes_back(self):
         spool = await self.open_spool(retry_delays=(1, 2))
         entry = await self.store(spool, recipients=("a@example.net", "b@example.net"))

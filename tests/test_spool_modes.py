@@ -22,6 +22,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.support.ports import free_port
+from tests.support.rabbitmq import SharedRabbitMQ
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 
@@ -486,3 +487,31 @@ class SpoolOptionTests(unittest.TestCase):
         text = self.refused(env={"SPOOL_URL": "ftp://user:spool-SECRET@host/"})
         self.assertIn("SPOOL_URL", text)
         self.assertNotIn("spool-SECRET", text)
+
+
+class AMQPSpoolModeTests(SharedRabbitMQ, SpoolCase):
+    """``spool`` mode on RabbitMQ, in-process, with a small window (a prefetch and a
+    concurrency of two): thirty messages accepted are all delivered within seconds."""
+
+    timeout = 120
+
+    async def test_delivered_as_the_broker_hands_them_over(self):
+        fixture = RelayFixture(
+            self.mktemp(), "--delivery-mode", "spool", "--spool-url", self.rabbitmq.url,
+            "--spool-concurrency", "2", upstream=RecordingUpstream())
+        self.addCleanup(fixture.stop)
+        await fixture.start()
+
+        async def accepting():
+            status, _ = await fixture.run(readyz, fixture)
+            return status == 200
+        await eventually(accepting)  # the broker's connection is up
+
+        def thirty():
+            with smtplib.SMTP("127.0.0.1", fixture.plain_port, timeout=30) as client:
+                client.starttls(context=fixture.client_context())
+                client.login(USER, PASSWORD)
+                for n in range(30):
+                    client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        await fixture.run(thirty)
+        await eventually(lambda: len(fixture.upstream.accepted) == 30, timeout=5)

@@ -1088,6 +1088,7 @@ class AMQPSpool:
         self._timeout = confirm_timeout
         self._memory = _Recollection(remember)
         self._buffer: list[_Delivery] = []          # received, not claimed (arrival order)
+        self._watchers: list[Callable[[], None]] = []  # told of each message received
         self._claimed: dict[object, _Delivery] = {}  # key -> claimed delivery
         self._disposing: set[_Delivery] = set()      # being published/acked
         self._retries: dict[_Delivery, Any] = {}     # disposal retries waiting
@@ -1289,8 +1290,15 @@ class AMQPSpool:
             self._dispose(delivery, _Disposal(self.topology.retry_for(wait), state))
             return
         self._buffer.append(delivery)
+        for wake in list(self._watchers):  # the runner claims it now, not at its next look
+            wake()
 
     # -- claiming ---------------------------------------------------------------------
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """``callback()`` whenever the broker hands this consumer a message: it can be
+        claimed at once (the runner's own poll would find it up to a second later)."""
+        self._watchers.append(callback)
 
     def claim(self, limit: int, busy: frozenset = frozenset()) -> defer.Deferred:
         """What the consumer has received, up to ``limit``, in arrival order, skipping

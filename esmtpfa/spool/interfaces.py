@@ -253,6 +253,11 @@ class ISpool(Interface):
         claimed message is attempted by no other process until it is settled or its
         owner dies."""
 
+    def watch(callback) -> None:
+        """Call ``callback()`` (no arguments) when messages may have become claimable
+        without this process storing them (a broker delivered one to this consumer), so
+        the runner claims them at once; a backend with nothing to tell ignores it."""
+
     def content(message: QueuedMessage) -> "Deferred":
         """Fires with the ``IContent`` of a claimed message."""
 

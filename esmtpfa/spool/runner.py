@@ -171,11 +171,15 @@ class QueueRunner(Service):
         self._stats_loop: LoopingCall | None = None
         self._kicked: Any = None
         self._idle: list[defer.Deferred[None]] = []
+        self._watching = False
 
     # -- the service ------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        if not self._watching:  # a broker's deliveries are claimed as they arrive
+            self._watching = True
+            self.spool.watch(self.kick)
         self._loop = LoopingCall(self.run)
         self._loop.clock = self._clock
         self._loop.start(self._poll_interval, now=True).addErrback(
