@@ -35,6 +35,21 @@ from loadgen import (  # noqa: E402
     tree_cpu_seconds, twistd_command, wait_for_port, wait_for_spool)
 
 
+def attach(pid: int, py_spy: str, profile: str, out: str, args
+           ) -> tuple[subprocess.Popen, subprocess.Popen | None]:
+    """py-spy recording ``pid`` into ``profile`` (all threads, raw stacks), and with
+    ``--strace`` strace counting its system calls into ``out/strace.txt``."""
+    spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "--threads", "--nonblocking",
+                            "-r", str(args.rate), "-f", "raw", "-o", profile],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracer = None
+    if args.strace:
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid),
+                                   "-o", os.path.join(out, "strace.txt")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return spy, tracer
+
+
 def thread_times(pid: int) -> dict[str, tuple[float, float]]:
     """(user, system) CPU seconds of each live thread of ``pid``, by thread name."""
     times: dict[str, tuple[float, float]] = {}
@@ -97,15 +112,7 @@ def drain(args, workdir, out, relay, port, sink_port, dump, py_spy) -> int:
         wait_for_port(port, relay, timeout=60)
         time.sleep(2.0)
         profile = os.path.join(out, "profile.txt")
-        spy = subprocess.Popen([py_spy, "record", "-p", str(relay.pid), "--threads",
-                                "--nonblocking", "-r", str(args.rate), "-f", "raw",
-                                "-o", profile], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        tracer = None
-        if args.strace:
-            tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(relay.pid),
-                                       "-o", os.path.join(out, "strace.txt")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy, tracer = attach(relay.pid, py_spy, profile, out, args)
         time.sleep(1.0)
         left, before = queued(spool), tree_cpu_seconds(relay.pid)
         threads_before, started = thread_times(relay.pid), time.monotonic()
@@ -189,15 +196,7 @@ def main() -> int:
                                 args.mode, tag="warm"))
         dump.wait_for(warm["acknowledged"], 60)
         profile = os.path.join(out, "profile.txt")
-        spy = subprocess.Popen([py_spy, "record", "-p", str(relay.pid), "--threads",
-                                "--nonblocking", "-r", str(args.rate), "-f", "raw",
-                                "-o", profile], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        tracer = None
-        if args.strace:
-            tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(relay.pid),
-                                       "-o", os.path.join(out, "strace.txt")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy, tracer = attach(relay.pid, py_spy, profile, out, args)
         time.sleep(1.0)
         before = tree_cpu_seconds(relay.pid)
         threads_before = thread_times(relay.pid)

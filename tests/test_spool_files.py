@@ -700,27 +700,26 @@ class ProcessTests(SpoolTestCase):
         self.assertEqual(await spool.claim(1), [])  # never retried on our own
         self.assertFalse(os.path.exists(os.path.join(self.path, "owners", "doomed.lock")))
 
-    async def test_a_killed_owner_before_started_leaves_the_message_due(self) -> None:
-        spool = await self.open(owner="parent")
+    async def claimed_by_a_killed_owner(self, **options: Any) -> tuple[Any, SpoolEntry]:
+        """A spool and a message that a child process claimed and then died with."""
+        spool = await self.open(owner="parent", **options)
         stored = entry()
         await spool.store(stored, iter([CONTENT]))
         child = self.spawn("doomed", "claimed")
         self.assertEqual(await self.line(child), "ready")
         self.assertEqual(await self.line(child), f"claimed {stored.id}")
         await self.kill(child)
+        return spool, stored
+
+    async def test_a_killed_owner_before_started_leaves_the_message_due(self) -> None:
+        spool, stored = await self.claimed_by_a_killed_owner()
         self.assertEqual(await spool.recover(), 1)
         [message] = await spool.claim(1)
         self.assertEqual((message.entry.id, message.pending),
                          (stored.id, stored.envelope.recipients))
 
     async def test_claim_recovers_dead_owners_by_itself(self) -> None:
-        spool = await self.open(owner="parent", recovery_interval=0)
-        stored = entry()
-        await spool.store(stored, iter([CONTENT]))
-        child = self.spawn("doomed", "claimed")
-        self.assertEqual(await self.line(child), "ready")
-        self.assertEqual(await self.line(child), f"claimed {stored.id}")
-        await self.kill(child)
+        spool, stored = await self.claimed_by_a_killed_owner(recovery_interval=0)
         [message] = await spool.claim(1)
         self.assertEqual(message.entry.id, stored.id)
 
