@@ -169,8 +169,7 @@ def check_static(options, reactor, report: Report) -> Loaded:
         else:
             report.ok(f"shared state: {loaded.state.redacted} (failing "
                       f"{options['state-failure']})")
-    if "delivery-mode" in options and (options["delivery-mode"] != "passthrough"
-                                       or not options.defaulted("spool-url")):
+    if "delivery-mode" in options and options.uses_spool():
         loaded.spool = _spool_where(options["spool-url"], report, options["delivery-mode"])
     if options.get("workers", 1) > 1:
         report.note(f"{options['workers']} worker processes (docs/workers.md)")

@@ -184,7 +184,7 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
         try:
             outcome(ACCEPTED)
             if isinstance(upstream, QueuedReply):  # the spool logged where it went
-                return QueuedReply(250, "2.0.0", upstream.text)
+                return upstream
             log.info("{connection_id} message {message_id} from <{sender}> to {count} "
                      "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
                      connection_id=message.connection_id, message_id=message.id,

@@ -317,7 +317,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool-retry-min", parse_duration, 300.0, "SPOOL_RETRY_MIN", "First retry of a deferred spooled message (then doubling, Postfix's minimal_backoff_time)"),
     Setting("spool-retry-max", parse_duration, 4000.0, "SPOOL_RETRY_MAX", "Longest wait between retries (Postfix's maximal_backoff_time)"),
     Setting("spool-lifetime", parse_duration, 5 * 86400.0, "SPOOL_LIFETIME", "How long a spooled message is retried before it is bounced or held (e.g. 5d; Postfix's maximal_queue_lifetime)"),
-    Setting("spool-concurrency", parse_positive_int, 10, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (half of them at most for one identity)"),
+    Setting("spool-concurrency", parse_positive_int, 10, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (one identity gets at most half of them while others have mail waiting)"),
 )
 
 DEMO_PORT = 12525
@@ -383,6 +383,11 @@ class Options(usage.Options):
         for flag in ("http-addr", "metrics-addr"):  # loopback only, like the SMTP listener
             if self[flag] == "":
                 self[flag] = "127.0.0.1"
+
+    def uses_spool(self) -> bool:
+        """Whether the relay opens a spool: a spooling ``--delivery-mode``, or an
+        explicit ``--spool-url`` for providers whose policy chooses one (docs/spool.md)."""
+        return self["delivery-mode"] != "passthrough" or not self.defaulted("spool-url")
 
     def defaulted(self, flag: str) -> bool:
         setting = next(s for s in SETTINGS if s.flag == flag)
@@ -466,7 +471,7 @@ class Options(usage.Options):
                                    "networks of the proxies allowed to name clients")
         if self["spool-retry-min"] > self["spool-retry-max"]:
             raise usage.UsageError("--spool-retry-min must not exceed --spool-retry-max")
-        if self["delivery-mode"] != "passthrough" or not self.defaulted("spool-url"):
+        if self.uses_spool():
             from esmtpfa.spool.backends import check_file_spool
             problem = check_file_spool(self["spool-url"])
             if problem:

@@ -294,7 +294,7 @@ class RelayService(SigtermStop, MultiService):
         ``--delivery-mode``, or an explicit ``--spool-url`` for providers whose policy
         chooses a spooling mode (docs/spool.md)."""
         options = self.options
-        if options["delivery-mode"] == Mode.PASSTHROUGH and options.defaulted("spool-url"):
+        if not options.uses_spool():
             return None
         threads = ThreadPool(minthreads=0, maxthreads=SPOOL_THREADS, name="esmtpfa-spool")
         spool = open_spool(SpoolSettings(

@@ -12,13 +12,15 @@ import re
 
 from esmtpfa.replies import Reply, SMTPReplyError
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
+#: The local part's grammar (RFC 5322 §3.4.1, with RFC 6532 §3.2's UTF-8): a dot-atom or
+#: a quoted-string.  Also what the spool's bounces check a sender against (spool.dsn).
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
+DOT_ATOM = rf"{ATEXT}+(?:\.{ATEXT}+)*"
+QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]"
-_MAILBOX = re.compile(rf"^(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})$")
+_MAILBOX = re.compile(rf"^(?:{DOT_ATOM}|{QUOTED_STRING})@(?:{_DOMAIN}|{_LITERAL})$")
 _SOURCE_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010FFFF]+))?$")
 

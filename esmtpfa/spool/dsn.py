@@ -38,6 +38,7 @@ import re
 import secrets
 from typing import Iterable, Sequence
 
+from esmtpfa.smtp.address import DOT_ATOM, QUOTED_STRING
 from esmtpfa.spool.interfaces import Recipient, SpoolEntry
 
 #: RFC 5322 §2.1.1: no line may be longer than 998 octets; the policy folds only past
@@ -69,11 +70,8 @@ _ENHANCED = re.compile(r"[ -]([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 # RFC 5322 §3.4.1 addr-spec with RFC 6532 §3.2's UTF-8 (any non-ASCII printable
 # character), as the ``To:`` field will show the sender: a dot-atom or quoted-string
 # local part, a dot-atom domain or a domain literal.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"
-_ADDR_SPEC = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOT_ATOM}|{_LITERAL})")
+_ADDR_SPEC = re.compile(rf"(?:{DOT_ATOM}|{QUOTED_STRING})@(?:{DOT_ATOM}|{_LITERAL})")
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 

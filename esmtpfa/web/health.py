@@ -98,28 +98,35 @@ class _QuietFactory(Factory):
     protocol = Protocol
 
 
-class RelayProbe:
+class _Wrapping:
+    """A probe that asks another one: ``ttl`` (how long an answer is kept) is the inner
+    probe's, which is the one that caches."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    @property
+    def ttl(self) -> float:
+        return self._inner.ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:
+        self._inner.ttl = seconds
+
+
+class RelayProbe(_Wrapping):
     """Readiness from what the relay knows (``SMTPRelay.readiness``), probing only when
     it knows nothing: a probing load balancer never costs the smarthost a connection
     while mail is flowing."""
 
     def __init__(self, relay: Any, fallback: UpstreamProbe):
+        super().__init__(fallback)
         self._relay = relay
-        self._fallback = fallback
-
-    @property
-    def ttl(self) -> float:
-        """How long the fallback probe's answer is kept."""
-        return self._fallback.ttl
-
-    @ttl.setter
-    def ttl(self, seconds: float) -> None:
-        self._fallback.ttl = seconds
 
     def check(self) -> defer.Deferred:
         ready, detail = self._relay.readiness()
         if ready is None:
-            return self._fallback.check()
+            return self._inner.check()
         return defer.succeed(Check(ready, detail))
 
 
@@ -138,22 +145,14 @@ class MaildirProbe:
         return defer.succeed(Check(False, f"Maildir {self._path} is not writable"))
 
 
-class SpoolProbe:
+class SpoolProbe(_Wrapping):
     """Readiness in the spooling modes: ready while the spool can store a message,
     whatever the upstream does (taking mail while the upstream is down is the spool's
     point); the upstream's state is said beside it."""
 
     def __init__(self, spool: Any, upstream: Any):
+        super().__init__(upstream)
         self._spool = spool
-        self._upstream = upstream
-
-    @property
-    def ttl(self) -> float:
-        return self._upstream.ttl
-
-    @ttl.setter
-    def ttl(self, seconds: float) -> None:
-        self._upstream.ttl = seconds
 
     def check(self) -> defer.Deferred:
         refused = self._spool.accepting()
@@ -161,7 +160,7 @@ class SpoolProbe:
 
         def answer(upstream: Check) -> Check:
             return Check(refused is None, f"spool: {why}; upstream: {upstream.detail}")
-        return self._upstream.check().addCallback(answer)
+        return self._inner.check().addCallback(answer)
 
 
 def _text(request, code: int, body: str) -> bytes:
