@@ -14,8 +14,8 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
    list`` on an empty directory creates the database and directories as a relay would),
    then filled in bulk: one SQLite transaction with ``esmtpfa.spool.files``'
    ``message_row``/``recipient_rows``/``INSERT_MESSAGE``/``INSERT_RECIPIENT`` (as
-   ``tests/test_spool_files.py`` does), and one content file per message under
-   ``msg/xx/`` (written without an fsync each, then one ``sync``): a ``Received:``
+   ``tests/test_spool_files.py`` does), with each message's content where the relay
+   keeps it (the index up to 64 KiB, else a file under ``msg/xx/``): a ``Received:``
    line, a unique ``X-Bench-Id`` header and the same body as ``bench/loadgen.py``'s
    messages of ``--size`` octets.  Every message is due now, one recipient, spread
    round-robin over ``--identities`` identities (the runner gives one identity at most
@@ -93,10 +93,12 @@ def queue_tool(spool: str, arguments: list[str], output: str) -> dict:
 
 
 def fill(spool: str, count: int, size: int, identities: int) -> list[str]:
-    """``count`` due messages into the (created) spool; their bench ids."""
+    """``count`` due messages into the (created) spool, as the relay stores them: the
+    content in the index (``contents``) up to ``files.INLINE_LIMIT``, else a file under
+    ``msg/xx/`` (without an fsync each, then one ``sync``); their bench ids."""
     body = Messages(size, "x").body  # the generator's body, without its own id line
     now = time.time()
-    bench_ids, messages, recipients = [], [], []
+    bench_ids, messages, recipients, contents = [], [], [], []
     msg = os.path.join(spool, "msg")
     made: set[str] = set()
     for i in range(count):
@@ -104,13 +106,17 @@ def fill(spool: str, count: int, size: int, identities: int) -> list[str]:
         bench_id = f"backlog.{i}"
         content = (f"Received: from bench.example (backlog) by bench.test; id "
                    f"{message_id}\r\nX-Bench-Id: {bench_id}\r\n").encode() + body
-        name = message_id[len("urn:uuid:"):].replace("-", "") + ".bulk"
-        directory = os.path.join(msg, name[:2])
-        if directory not in made:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            made.add(directory)
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(content)
+        if len(content) <= files.INLINE_LIMIT:
+            name = files.INLINE
+            contents.append((message_id, content))
+        else:
+            name = message_id[len("urn:uuid:"):].replace("-", "") + ".bulk"
+            directory = os.path.join(msg, name[:2])
+            if directory not in made:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                made.add(directory)
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(content)
         received = now - count + i  # oldest first, all due now
         entry = SpoolEntry(message_id, Envelope("bench@example.com", ("sink@example.net",)),
                            f"bench-users/bench{i % identities}", "bounce", received,
@@ -125,6 +131,7 @@ def fill(spool: str, count: int, size: int, identities: int) -> list[str]:
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(files.INSERT_MESSAGE, messages)
         connection.executemany(files.INSERT_RECIPIENT, recipients)
+        connection.executemany(files.INSERT_CONTENT, contents)
         connection.execute("COMMIT")
     finally:
         connection.close()

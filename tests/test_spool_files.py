@@ -87,6 +87,9 @@ def listing(directory: str) -> list[str]:
 
 class SpoolTestCase(unittest.TestCase):
     timeout = 60
+    #: Where these tests' content goes: 0 puts every message in a file of its own (the
+    #: path of large messages); the subclasses named Inline… keep it in the index.
+    inline_limit = 0
 
     def setUp(self) -> None:
         self.path = os.path.join(self.mktemp(), "spool")
@@ -97,6 +100,7 @@ class SpoolTestCase(unittest.TestCase):
     async def open(self, **options: Any) -> FileSpool:
         options.setdefault("max_bytes", 10**9)
         options.setdefault("min_free_bytes", 0)
+        options.setdefault("inline_limit", self.inline_limit)
         spool = FileSpool(self.path, reactor, self.pool, **options)
         self.addCleanup(spool.close)
         await spool.start()
@@ -255,6 +259,149 @@ class RoundTripTests(SpoolTestCase):
         second = await spool.claim(3)
         self.assertEqual([m.entry.id for m in first + second], [e.id for e in stored])
         self.assertEqual(await spool.claim(0), [])
+
+
+class InlineRoundTripTests(RoundTripTests):
+    """The same round trips, with the content kept in the index (the default for
+    messages up to ``INLINE_LIMIT``; the 200 KB one of ``test_content_reads_back…``
+    still goes to a file)."""
+
+    inline_limit = files.INLINE_LIMIT
+
+
+class InlineContentTests(SpoolTestCase):
+    """Small messages: content and rows in one unit of work, one commit for a batch."""
+
+    inline_limit = files.INLINE_LIMIT
+
+    def rows(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """What another process reading the database sees (committed rows only)."""
+        connection = sqlite3.connect(os.path.join(self.path, files.DATABASE), timeout=10)
+        try:
+            return connection.execute(sql, parameters).fetchall()
+        finally:
+            connection.close()
+
+    async def test_durable_at_the_commit_without_a_file(self) -> None:
+        spool = await self.open()
+        events: list[str] = []
+        real_fsync, real_commit = os.fsync, spool.committer.commit
+
+        def fsync(fd: int) -> None:
+            events.append("fsync")
+            real_fsync(fd)
+
+        def commit(connection: sqlite3.Connection) -> None:
+            real_commit(connection)
+            events.append("committed")
+        self.patch(os, "fsync", fsync)
+        self.patch(spool.committer, "commit", commit)
+        stored = entry()
+        d = spool.store(stored, chunked(CONTENT))
+        d.addCallback(lambda _: events.append("stored"))
+        await d
+        # No file and no fsync of ours: the commit (the WAL's fsync) is the durable step,
+        # and the client's 250 waits for it.
+        self.assertEqual(events, ["committed", "stored"])
+        self.assertEqual(self.content_files() + self.tmp_files(), [])
+        self.assertEqual(self.rows("SELECT data FROM contents WHERE message_id = ?",
+                                   (stored.id,)), [(CONTENT,)])
+
+    async def test_a_batch_of_stores_is_one_commit(self) -> None:
+        spool = await self.open()
+        real_commit = spool.committer.commit
+
+        def slow_commit(connection: sqlite3.Connection) -> None:
+            time.sleep(0.02)  # a slow disk: the other stores queue up meanwhile
+            real_commit(connection)
+        self.patch(spool.committer, "commit", slow_commit)
+        await spool.store(entry(), iter([CONTENT]))  # the first has a commit to itself
+        before = spool.committer.commits
+        await gatherResults([spool.store(entry(), iter([CONTENT])) for _ in range(40)])
+        self.assertLessEqual(spool.committer.commits - before, 3)
+        self.assertEqual(self.content_files(), [])
+
+    async def test_larger_content_goes_to_a_file(self) -> None:
+        spool = await self.open(inline_limit=len(CONTENT))
+        small, large = entry(), entry(content=CONTENT + b"x\r\n")
+        await spool.store(small, iter([CONTENT]))
+        await spool.store(large, iter([CONTENT + b"x\r\n"]))
+        self.assertEqual(len(self.content_files()), 1)
+        self.assertEqual(self.rows("SELECT message_id FROM contents"), [(small.id,)])
+        for message in await spool.claim(2):
+            content = await spool.content(message)
+            self.addCleanup(content.close)
+            expected = CONTENT if message.entry.id == small.id else CONTENT + b"x\r\n"
+            self.assertEqual(b"".join(content.read_from(0, 10)), expected)
+
+    async def test_finished_messages_leave_no_content(self) -> None:
+        spool = await self.open()
+        await spool.store(entry(), iter([CONTENT]))
+        [message] = await spool.claim(1)
+        await spool.started(message, message.pending)
+        await spool.settle(message, Settlement(
+            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),)))
+        self.assertEqual(self.rows("SELECT COUNT(*) FROM contents"), [(0,)])
+        stored = entry()
+        await spool.store(stored, iter([CONTENT]))
+        await spool.delete(stored.id)
+        self.assertEqual(self.rows("SELECT COUNT(*) FROM contents"), [(0,)])
+
+    async def test_a_message_id_stored_twice_keeps_the_first(self) -> None:
+        spool = await self.open()
+        message_id = "urn:uuid:0f0e0d0c-0b0a-0908-0706-050403020100"
+        await spool.store(entry(message_id=message_id), iter([CONTENT]))
+        await self.failure(spool.store(entry(message_id=message_id, content=b"other\r\n"),
+                                       iter([b"other\r\n"])),
+                           SpoolErrorKind.UNAVAILABLE, Phase.STORE)
+        [message] = await spool.claim(1)
+        content = await spool.content(message)
+        self.assertEqual(b"".join(content.read_from()), CONTENT)
+
+    async def test_the_free_disk_floor(self) -> None:
+        spool = await self.open(min_free_bytes=10**18)
+        await self.failure(spool.store(entry(), iter([CONTENT])),
+                           SpoolErrorKind.FULL, Phase.STORE)
+        self.assertEqual(self.rows("SELECT COUNT(*) FROM messages"), [(0,)])
+
+    async def test_show_reads_the_headers_from_the_index(self) -> None:
+        spool = await self.open()
+        stored = entry()
+        await spool.store(stored, iter([CONTENT]))
+        summary, headers = await spool.show(stored.id)
+        self.assertEqual((summary.id, headers), (stored.id, HEADERS))
+
+    async def test_a_version_1_spool_is_upgraded(self) -> None:
+        """A spool written by the relay before content could be kept in the index."""
+        spool = await self.open(inline_limit=0)
+        kept = entry()
+        await spool.store(kept, iter([CONTENT]))
+        await spool.close()
+        connection = sqlite3.connect(os.path.join(self.path, files.DATABASE),
+                                     isolation_level=None)
+        connection.execute("DROP TABLE contents")
+        connection.execute("PRAGMA user_version = 1")
+        connection.close()
+        spool = await self.open()
+        await spool.store(entry(), iter([CONTENT]))
+        claimed = await spool.claim(2)
+        self.assertEqual(len(claimed), 2)
+        for message in claimed:
+            content = await spool.content(message)
+            self.addCleanup(content.close)
+            self.assertEqual(b"".join(content.read_from()), CONTENT)
+        self.assertEqual(self.rows("PRAGMA user_version"), [(files.SCHEMA_VERSION,)])
+
+    async def test_a_newer_spool_is_refused(self) -> None:
+        spool = await self.open()
+        await spool.close()
+        connection = sqlite3.connect(os.path.join(self.path, files.DATABASE),
+                                     isolation_level=None)
+        connection.execute(f"PRAGMA user_version = {files.SCHEMA_VERSION + 1}")
+        connection.close()
+        newer = FileSpool(self.path, reactor, self.pool, max_bytes=10**9, min_free_bytes=0)
+        error = await self.failure(newer.start(), SpoolErrorKind.UNAVAILABLE, Phase.OPEN)
+        self.assertIn(f"version {files.SCHEMA_VERSION + 1}", str(error))
 
 
 class DurabilityTests(SpoolTestCase):

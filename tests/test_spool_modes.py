@@ -28,6 +28,8 @@ from tests.support.upstream import RecordingUpstream
 
 MESSAGE = (b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: spooled\r\n"
            b"Message-ID: <m1@example.com>\r\n\r\nHello through the spool.\r\n")
+#: Larger than the file spool keeps in its index (``files.INLINE_LIMIT``): a file of its own.
+LARGE = MESSAGE + (b"x" * 76 + b"\r\n") * 1000
 QUEUED = re.compile(r"2\.0\.0 Queued as (urn:uuid:[0-9a-f-]+)")
 
 
@@ -209,10 +211,36 @@ class SpoolModeTests(SpoolCase):
         await self.queue(fixture).release(held[0].id)
         await eventually(lambda: upstream.accepted)
 
+    async def test_the_250_comes_after_the_commit_of_content_and_rows(self):
+        """Durable means durable: when the client reads its 250 for a small message,
+        its content and its rows are committed together (another connection to the
+        database sees both), and no file was written for it."""
+        fixture = self.relay(start_upstream=False)
+        await fixture.start()
+
+        def send_and_look():
+            code, text, _ = send(fixture)
+            database = sqlite3.connect(
+                f"file:{os.path.join(self.spool_dir, 'queue.sqlite')}?mode=ro", uri=True)
+            try:
+                rows = database.execute(
+                    "SELECT id, data FROM messages JOIN contents "
+                    "ON contents.message_id = messages.id").fetchall()
+            finally:
+                database.close()
+            return code, text, rows
+        code, text, rows = await fixture.run(send_and_look)
+        self.assertEqual(code, 250, text)
+        [(message_id, data)] = rows
+        self.assertEqual(message_id, QUEUED.search(text).group(1))
+        self.assertTrue(data.endswith(MESSAGE), data[-200:])
+        self.assertEqual([names for _, _, names in os.walk(self.spool_dir + "/msg")
+                          if names], [])
+
     async def test_the_250_comes_after_the_fsync_and_the_commit(self):
-        """Durable means durable: when the client reads its 250, the message file and
-        its directory were fsync'd and the queue's row is committed (another
-        connection to the database sees it)."""
+        """Durable means durable: when the client reads its 250 for a large message,
+        the message file and its directory were fsync'd and the queue's row is
+        committed (another connection to the database sees it)."""
         fixture = self.relay(start_upstream=False)
         await fixture.start()
         synced: list[str] = []
@@ -224,7 +252,7 @@ class SpoolModeTests(SpoolCase):
         self.patch(os, "fsync", recording_fsync)
 
         def send_and_look():
-            code, text, _ = send(fixture)
+            code, text, _ = send(fixture, content=LARGE)
             seen_synced = list(synced)  # what was fsync'd when the reply arrived
             database = sqlite3.connect(
                 f"file:{os.path.join(self.spool_dir, 'queue.sqlite')}?mode=ro", uri=True)
@@ -269,7 +297,7 @@ class SpoolModeTests(SpoolCase):
         queued (never forgotten as if it were finished)."""
         fixture = self.relay("--relay-breaker-cooldown", "1", start_upstream=False)
         await fixture.start()
-        code, text, _ = await fixture.run(send, fixture)
+        code, text, _ = await fixture.run(lambda: send(fixture, content=LARGE))  # a file
         self.assertEqual(code, 250, text)
         for directory, _, names in os.walk(os.path.join(self.spool_dir, "msg")):
             for name in names:

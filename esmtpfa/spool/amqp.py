@@ -1163,7 +1163,10 @@ class AMQPSpool:
 
     # -- storing ----------------------------------------------------------------------
 
-    def store(self, entry: SpoolEntry, chunks: Iterator[bytes]) -> defer.Deferred:
+    def store(self, entry: SpoolEntry, chunks: Iterator[bytes],
+              claim: bool = False) -> defer.Deferred:
+        """Never claims at once (``claim`` is ignored): the broker hands the message to a
+        consumer, and ``watch`` tells the runner when it does."""
         storing = defer.ensureDeferred(self._store(entry, chunks))
         self._stores.add(storing)
         return storing.addBoth(_passing(self._stores.discard, storing))

@@ -2,10 +2,15 @@
 
 Layout of the spool directory (docs/spool.md)::
 
-    queue.sqlite (+ -wal, -shm)   the state: one row per message, one per recipient
+    queue.sqlite (+ -wal, -shm)   the state: one row per message, one per recipient,
+                                  and the content of small messages
     tmp/<name>                    content being written (never read)
-    msg/<2 hex>/<name>            content of every queued or held message
+    msg/<2 hex>/<name>            content of every larger queued or held message
     owners/<owner>.lock           one per open FileSpool, flock'd for its lifetime
+
+Content of at most ``INLINE_LIMIT`` octets is a row of ``contents``: stored in the same
+unit of work as the message's rows, it is durable at the batch's one commit, and a
+batch of small messages costs one fsync in all.  Larger content gets a file.
 
 A content file's ``<name>`` is ``<hex>.<owner>``: the message id's 32 hex digits (random
 ones for an id that is not a ``urn:uuid:``), so an operator finds the file of a message;
@@ -14,7 +19,7 @@ names per directory, not one directory of 100,000).  The owner part says whose s
 made it: a file no row names is removed only when its writer is dead (a live writer may
 be between its rename and its commit).
 
-**Durability** (docs/spool.md, "The guarantee"): ``store`` writes the content to
+**Durability** (docs/spool.md, "The guarantee"): for a file, ``store`` writes the content to
 ``tmp/`` (``O_EXCL``), fsyncs it, renames it into ``msg/``, fsyncs that directory (and
 ``msg/`` when the subdirectory is new), and only then inserts the rows and commits
 (``journal_mode=WAL``, ``synchronous=FULL``: the commit is an fsync of the WAL).  A crash
@@ -69,7 +74,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -91,8 +96,19 @@ log = logger("esmtpfa.spool.files")
 T = TypeVar("T")
 
 DATABASE = "queue.sqlite"
-#: ``PRAGMA user_version`` of the schema below; another version is refused at ``start``.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the schema below; an older one is brought up to it at
+#: ``start`` (version 1 lacked ``contents``), a newer one is refused.
+SCHEMA_VERSION = 2
+#: Content of at most this many octets is kept in the index (``contents``), not in a file
+#: of its own: one commit, one fsync of the WAL for a whole batch of stores, makes
+#: content and state durable together, where a file costs two fsyncs of its own (the
+#: file, its directory) for each message.  Most submitted mail (alerts, notifications,
+#: replies) is a few kilobytes; a scan or an attachment goes to a file, so that the WAL
+#: and the memory of a claim stay small (docs/spool.md, "Where content is kept").
+INLINE_LIMIT = 64 * 1024
+#: ``messages.content`` of a message whose content is in ``contents``: no file is named
+#: by it (the orphan scan only looks for file names).
+INLINE = ""
 #: Units of work committed in one transaction at most (stores, starts, settlements...).
 MAX_BATCH = 256
 #: How long a writer waits for another process's transaction (milliseconds).
@@ -146,6 +162,12 @@ SCHEMA = (
         claimed_by     TEXT,
         claimed_at     REAL
     )""",
+    # The content of small messages (``INLINE_LIMIT``), kept apart from ``messages`` so
+    # that the scans of the queue (claim, list) do not read it.
+    """CREATE TABLE IF NOT EXISTS contents (
+        message_id TEXT PRIMARY KEY,
+        data       BLOB NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS recipients (
         message_id TEXT NOT NULL,
         position   INTEGER NOT NULL,
@@ -168,6 +190,7 @@ INSERT_MESSAGE = (
     "INSERT INTO messages (id, state, sender, body, smtputf8, requiretls, declared_size, "
     "identity, ending, received, size, connection_id, content, attempts, next_attempt, "
     "lifetime_start) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)")
+INSERT_CONTENT = "INSERT INTO contents (message_id, data) VALUES (?, ?)"
 INSERT_RECIPIENT = ("INSERT INTO recipients (message_id, position, address, state, reply) "
                     "VALUES (?, ?, ?, 'pending', '')")
 
@@ -221,11 +244,14 @@ def default_owner() -> str:
 
 @dataclass(frozen=True)
 class ClaimToken:
-    """``QueuedMessage.token`` of this backend: whose claim, from when, and the file."""
+    """``QueuedMessage.token`` of this backend: whose claim, from when, and the content:
+    a file's name, or ``INLINE`` and the octets themselves (read with the claim, so
+    that delivering needs no read of its own)."""
 
     owner: str
     claimed_at: float
     content: str
+    data: bytes | None = field(default=None, repr=False)
 
 
 # -- content files ------------------------------------------------------------------------
@@ -255,6 +281,38 @@ class ContentFile:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+@implementer(IContent)
+class InlineContent:
+    """Content kept in the index, already in memory: ``read_from`` never blocks."""
+
+    def __init__(self, data: bytes):
+        self._data: memoryview | None = memoryview(data)
+        self.size = len(data)
+
+    def read_from(self, offset: int = 0, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        position = offset
+        while position < self.size:
+            if self._data is None:
+                raise ValueError("read from closed content")
+            chunk = bytes(self._data[position:position + chunk_size])
+            position += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._data = None
+
+
+def header_section(data: bytes) -> bytes:
+    """The header section of ``data`` (up to and without the blank line)."""
+    if data.startswith(b"\r\n") or data.startswith(b"\n"):
+        return b""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return data
+    end = min(ends)
+    return data[:end + (2 if data.startswith(b"\r\n", end) else 1)]
 
 
 class ContentFiles:
@@ -323,14 +381,7 @@ class ContentFiles:
     def headers(self, name: str, limit: int = HEADER_LIMIT) -> bytes:
         """The header section (up to and without the blank line), at most ``limit``."""
         with open(self.location(name), "rb") as f:
-            data = f.read(limit)
-        if data.startswith(b"\r\n") or data.startswith(b"\n"):
-            return b""
-        ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
-        if not ends:
-            return data
-        end = min(ends)
-        return data[:end + (2 if data.startswith(b"\r\n", end) else 1)]
+            return header_section(f.read(limit))
 
     def remove(self, name: str) -> None:
         unlink_quietly(self.location(name))
@@ -691,7 +742,7 @@ class QueueState:
 
     def create(self, tx: Transaction) -> None:
         version = tx.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version > SCHEMA_VERSION:
             raise SpoolError(SpoolErrorKind.UNAVAILABLE, Phase.OPEN,
                              f"the spool's schema is version {version}, this relay "
                              f"knows version {SCHEMA_VERSION}")
@@ -704,6 +755,24 @@ class QueueState:
     def insert(self, tx: Transaction, entry: SpoolEntry, content: str, size: int) -> None:
         tx.execute(INSERT_MESSAGE, message_row(entry, content, size, self.clock()))
         tx.connection.executemany(INSERT_RECIPIENT, recipient_rows(entry))
+
+    def insert_inline(self, tx: Transaction, entry: SpoolEntry, data: bytes) -> None:
+        """Rows and content in one unit: durable at the batch's one commit."""
+        self.insert(tx, entry, INLINE, len(data))
+        tx.execute(INSERT_CONTENT, (entry.id, data))
+
+    def claim_stored(self, tx: Transaction, entry: SpoolEntry, content: str, size: int,
+                     data: bytes | None) -> QueuedMessage:
+        """The message just inserted, claimed by us in the same unit: what ``claim``
+        would hand out for it, built from what is in hand rather than read back."""
+        now = self.clock()
+        tx.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?",
+                   (self.owner, now, entry.id))
+        if entry.size != size:
+            entry = replace(entry, size=size)
+        return QueuedMessage(entry, tuple(Recipient(a) for a in entry.envelope.recipients),
+                             attempts=0, lifetime_start=entry.received,
+                             token=ClaimToken(self.owner, now, content, data))
 
     # claim
 
@@ -757,8 +826,12 @@ class QueueState:
                               bool(row[4]), bool(row[5]), row[6]),
             identity=row[7], ending=row[8], received=row[9], size=row[10],
             connection_id=row[11])
+        data = None
+        if row[12] == INLINE:
+            data = tx.execute("SELECT data FROM contents WHERE message_id = ?",
+                              (message_id,)).fetchone()[0]
         return QueuedMessage(entry, recipients, attempts=row[13], lifetime_start=row[15],
-                             token=ClaimToken(row[18], row[19], row[12]))
+                             token=ClaimToken(row[18], row[19], row[12], data))
 
     # started, settle
 
@@ -832,7 +905,10 @@ class QueueState:
         orphan file (removed at the next start), never a row without its content."""
         tx.execute("DELETE FROM recipients WHERE message_id = ?", (message_id,))
         tx.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        tx.after_commit(lambda: self.files.remove(content))
+        if content == INLINE:
+            tx.execute("DELETE FROM contents WHERE message_id = ?", (message_id,))
+        else:
+            tx.after_commit(lambda: self.files.remove(content))
 
     # recovery
 
@@ -1092,14 +1168,15 @@ class FileSpool:
     Beyond the interfaces: ``owner`` (the name in ``claimed_by`` and ``owners/``: by
     default ``<host>.<pid>.<random>``), ``recover()`` (look for dead owners now),
     ``committer`` (its ``commits``, ``units`` and ``largest_batch`` say how well
-    writes are grouped), and the keyword arguments ``recovery_interval``, ``max_batch``
-    and ``clock`` (wall-clock time, for the tests of the lease).
+    writes are grouped), and the keyword arguments ``recovery_interval``, ``max_batch``,
+    ``inline_limit`` and ``clock`` (wall-clock time, for the tests of the lease).
     """
 
     def __init__(self, path: str, reactor: Any, threadpool: ThreadPool, *, max_bytes: int,
                  min_free_bytes: int, owner: str | None = None, claim_lease: float = 900.0,
                  recovery_interval: float = RECOVERY_INTERVAL, max_batch: int = MAX_BATCH,
-                 clock: Callable[[], float] = time.time, clean_orphans: bool = True):
+                 clock: Callable[[], float] = time.time, clean_orphans: bool = True,
+                 inline_limit: int = INLINE_LIMIT):
         self.path = os.path.abspath(path)
         #: Whether ``start`` removes orphaned content files: the relay's job; the queue
         #: tool leaves it to the relay (on 100,000 messages it is half a second).
@@ -1110,6 +1187,9 @@ class FileSpool:
                              f"'-' only (it names a file)")
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        #: Content up to this size is stored in the index, larger in a file (0: always
+        #: a file).
+        self.inline_limit = inline_limit
         self._reactor = reactor
         self._pool = threadpool
         self._clock = clock
@@ -1305,7 +1385,8 @@ class FileSpool:
     # -- ISpool
 
     @_when_open(Phase.STORE)
-    def store(self, entry: SpoolEntry, chunks: Iterator[bytes]) -> Deferred[None]:
+    def store(self, entry: SpoolEntry, chunks: Iterator[bytes],
+              claim: bool = False) -> Deferred[QueuedMessage | None]:
         self._maybe_refresh()
         after = self._bytes + self._reserved + entry.size
         if after > self.max_bytes:
@@ -1314,35 +1395,64 @@ class FileSpool:
                                    f"of {self.max_bytes}"))
         reserved = max(entry.size, 0)
         self._reserved += reserved
-        d = deferToThreadPool(self._reactor, self._pool, self._write_content, entry, chunks)
-        d.addCallback(self._insert, entry)
+        if 0 <= entry.size <= self.inline_limit:
+            d = self.committer.submit(
+                lambda tx: self._insert_inline(tx, entry, chunks, claim))
+            d.addCallback(self._stored)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._write_content, entry,
+                                  chunks)
+            d.addCallback(self._insert, entry, claim)
 
         def unreserve(result: Any) -> Any:
             self._reserved -= reserved
             return result
         return self._track(d.addBoth(unreserve).addErrback(_as_spool_error, Phase.STORE))
 
-    def _write_content(self, entry: SpoolEntry, chunks: Iterator[bytes]) -> tuple[str, int]:
-        """In the pool: the free-disk floor, then the durable file."""
+    def _check_free_disk(self, entry: SpoolEntry) -> None:
+        """In the pool: refuse what would take the disk below its floor."""
         free = self._free_disk()
         if free - entry.size < self.min_free_bytes:
             raise SpoolError(SpoolErrorKind.FULL, Phase.STORE,
                              f"free disk space is {free} bytes: {entry.size} more would "
                              f"pass the floor of {self.min_free_bytes}")
+
+    def _insert_inline(self, tx: Transaction, entry: SpoolEntry, chunks: Iterator[bytes],
+                       claim: bool) -> tuple[int, QueuedMessage | None]:
+        """In the committer's batch: content and rows, durable at its commit."""
+        self._check_free_disk(entry)
+        data = b"".join(chunks)
+        self._state.insert_inline(tx, entry, data)
+        claimed = self._state.claim_stored(tx, entry, INLINE, len(data), data) \
+            if claim else None
+        return len(data), claimed
+
+    def _stored(self, stored: tuple[int, QueuedMessage | None]) -> QueuedMessage | None:
+        size, claimed = stored
+        self._bytes += size
+        return claimed
+
+    def _write_content(self, entry: SpoolEntry, chunks: Iterator[bytes]) -> tuple[str, int]:
+        """In the pool: the free-disk floor, then the durable file."""
+        self._check_free_disk(entry)
         name = self._files.new_name(entry.id)
         return name, self._files.write(name, chunks)
 
-    def _insert(self, written: tuple[str, int], entry: SpoolEntry) -> Deferred[None]:
+    def _insert(self, written: tuple[str, int], entry: SpoolEntry,
+                claim: bool) -> Deferred[QueuedMessage | None]:
         name, size = written
-        d = self.committer.submit(lambda tx: self._state.insert(tx, entry, name, size))
 
-        def stored(_: Any) -> None:
-            self._bytes += size
+        def insert(tx: Transaction) -> tuple[int, QueuedMessage | None]:
+            self._state.insert(tx, entry, name, size)
+            claimed = self._state.claim_stored(tx, entry, name, size, None) \
+                if claim else None
+            return size, claimed
+        d = self.committer.submit(insert)
 
         def not_stored(failure: Failure) -> Deferred[Any]:
             removed = deferToThreadPool(self._reactor, self._pool, self._files.remove, name)
             return removed.addBoth(lambda _: failure)
-        return d.addCallbacks(stored, not_stored)
+        return d.addCallbacks(self._stored, not_stored)
 
     @_when_open(Phase.CLAIM)
     def claim(self, limit: int,
@@ -1353,8 +1463,11 @@ class FileSpool:
         return self._write(Phase.CLAIM, lambda tx: self._state.claim(tx, limit, busy))
 
     @_when_open(Phase.CLAIM)
-    def content(self, message: QueuedMessage) -> Deferred[ContentFile]:
-        return self._read(Phase.CLAIM, self._files.open, _token(message).content)
+    def content(self, message: QueuedMessage) -> Deferred[IContent]:
+        token = _token(message)
+        if token.content == INLINE and token.data is not None:
+            return succeed(InlineContent(token.data))
+        return self._read(Phase.CLAIM, self._files.open, token.content)
 
     @_when_open(Phase.START)
     def started(self, message: QueuedMessage,
@@ -1396,11 +1509,15 @@ class FileSpool:
     def _show(self, message_id: str) -> tuple[QueueSummary, bytes]:
         with self._readers.connection() as connection:
             found = QueueState.summaries(connection, message_id)
-            row = connection.execute("SELECT content FROM messages WHERE id = ?",
-                                     (message_id,)).fetchone()
+            row = connection.execute(
+                "SELECT content, substr(data, 1, ?) FROM messages LEFT JOIN contents "
+                "ON contents.message_id = messages.id WHERE id = ?",
+                (HEADER_LIMIT, message_id)).fetchone()
         if not found or row is None:
             raise SpoolError(SpoolErrorKind.NOT_FOUND, Phase.ADMIN,
                              f"{message_id}: no such message")
+        if row[0] == INLINE:
+            return found[0], header_section(row[1] or b"")
         try:
             headers = self._files.headers(row[0])
         except FileNotFoundError:  # deleted between the query and the read

@@ -236,10 +236,16 @@ class ISpool(Interface):
     def start() -> "Deferred":
         """Open the storage (create it when missing); fails with ``SpoolError``."""
 
-    def store(entry: SpoolEntry, chunks: Iterator[bytes]) -> "Deferred":
-        """Keep a message: fires (with None) only once content and state are on stable
-        storage; fails with ``SpoolError`` (``FULL``: refuse with 452 4.3.1).  ``chunks``
-        is read in the backend's own thread."""
+    def store(entry: SpoolEntry, chunks: Iterator[bytes], claim: bool = False
+              ) -> "Deferred":
+        """Keep a message: fires only once content and state are on stable storage;
+        fails with ``SpoolError`` (``FULL``: refuse with 452 4.3.1).  ``chunks`` is read
+        in the backend's own thread.
+
+        With ``claim`` (this process's runner has a free attempt for it), the backend
+        may store the message already claimed by this process and fire with its
+        ``QueuedMessage``, as ``claim`` would hand it out: the runner starts it without
+        looking for it.  Otherwise, and always without ``claim``, it fires with None."""
 
     def accepting() -> "SpoolError | None":
         """None when ``store`` can take a message now; else why not, as the error a

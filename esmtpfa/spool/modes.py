@@ -31,7 +31,8 @@ from esmtpfa.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, RelayError
 from esmtpfa.replies import Reply
 from esmtpfa.spool.interfaces import (
-    Ending, ISpool, Mode, QueuedReply, SpoolEntry, SpoolError, SpoolErrorKind)
+    Ending, ISpool, Mode, QueuedMessage, QueuedReply, SpoolEntry, SpoolError,
+    SpoolErrorKind)
 
 log = logger("esmtpfa.spool")
 
@@ -45,10 +46,21 @@ class SpoolObserver(Protocol):
         """A message was stored: ``mode`` is ``spool`` or ``fallback``."""
 
 
+class Reserved(Protocol):
+    """An attempt of the runner set aside for the message being stored."""
+
+    def use(self, message: QueuedMessage | None) -> None: ...
+
+    def release(self) -> None: ...
+
+
 class Kicker(Protocol):
-    """The queue runner, told that a message is waiting."""
+    """The queue runner: told that a message is waiting, or asked for an attempt to
+    hand a message straight over to (the runner's "Hand-over")."""
 
     def kick(self) -> None: ...
+
+    def reserve(self, identity: str) -> Reserved | None: ...
 
 
 def fallback_applies(error: RelayError, *, at_recipient: bool) -> bool:
@@ -100,21 +112,28 @@ class Spooler:
         if mode == Mode.FALLBACK:
             text += " (upstream unavailable, delivery will be retried)"
 
-        def stored(_: Any) -> Reply:
+        reservation = self._runner.reserve(entry.identity)
+
+        def stored(claimed: QueuedMessage | None) -> Reply:
             log.info("{connection_id} message {message_id} for {identity} queued "
                      "({mode}{why}), {count} recipient(s), {size} bytes",
                      connection_id=message.connection_id, message_id=message.id,
                      identity=message.identity, mode=mode,
                      why=f": {why}" if why else "", count=len(entry.envelope.recipients),
                      size=entry.size, recipients=list(entry.envelope.recipients))
+            if reservation is not None:  # first: nothing below may keep it
+                reservation.use(claimed)
+            else:
+                self._runner.kick()
             try:
                 self._observer.spool_accepted(mode)
             except Exception:  # an observer bug must not change what the client is told
                 log.failure("reporting a spooled message failed")
-            self._runner.kick()
             return QueuedReply(250, "2.0.0", text)
 
         def failed(failure: Failure) -> Failure:
+            if reservation is not None:
+                reservation.release()
             if failure.check(SpoolError):
                 log.error("{connection_id} message {message_id} could not be queued: "
                           "{error}", connection_id=message.connection_id,
@@ -122,7 +141,7 @@ class Spooler:
                 return Failure(_store_error(failure.value))
             return failure
         try:
-            d = self.spool.store(entry, message.chunks())
+            d = self.spool.store(entry, message.chunks(), claim=reservation is not None)
         except Exception:
             d = fail()
         return d.addCallbacks(stored, failed)

@@ -25,10 +25,26 @@ message, so one identity's backlog cannot take every attempt from the others, an
 backlog of one identity alone still uses them all; the runner's attempts also count as
 one client toward the upstream pool's share (``--relay-pool-client-share``), so the
 backlog never starves live clients.
+
+Claiming ahead: besides the messages it is delivering, the runner holds up to
+``prefetch`` more claimed and waiting, so that when an attempt ends the next one starts
+at once, and the claim that makes up for it commits while attempts run (a backlog
+drains at the rate of the attempts, not of the claims in between).  They count toward
+their identity's share like attempts; a crash or a stop leaves them due again.
+
+Hand-over: a message stored by this process while the runner has a free attempt and
+the queue has nothing due waiting for it is stored already claimed (``ISpool.store``'s
+``claim``) and started at once, as Postfix's queue manager takes a message from its
+incoming queue: no poll, no search of the queue, no claim of its own.  The attempt is
+reserved before the store (``reserve``), so the hand-over never runs more than
+``concurrency`` attempts; and once the queue may hold due messages (a poll found work,
+or a message was stored without a reservation), free attempts go to the queue first
+until a claim comes back short, so fresh mail never overtakes what waits.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 import time
 from typing import Any, Callable, Protocol
@@ -55,6 +71,26 @@ RUNNER_CLIENT = "spool runner"
 NEUTRAL_RETRY = 15.0
 #: How often the spool's counts are read for the metrics.
 STATS_INTERVAL = 5.0
+
+
+class Reservation:
+    """One attempt of the runner set aside for a message being stored: ``use`` starts
+    the stored message in it, ``release`` gives it back; whichever comes first, once."""
+
+    def __init__(self, runner: "QueueRunner", identity: str):
+        self._runner: QueueRunner | None = runner
+        self.identity = identity
+
+    def use(self, message: QueuedMessage | None) -> None:
+        """The store fired: start ``message`` (None: the spool did not claim it, so the
+        runner looks for it in the queue)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner._reservation_ended(self, message)
+
+    def release(self) -> None:
+        """The store failed: the attempt is free again."""
+        self.use(None)
 
 
 @dataclass(frozen=True)
@@ -151,6 +187,7 @@ class QueueRunner(Service):
     def __init__(self, spool: ISpool, relay: IRelay, *, clock: Any, threads: Any,
                  hostname: str, retry: RetryPolicy = RetryPolicy(),
                  concurrency: int = 10, per_identity: int | None = None,
+                 prefetch: int | None = None,
                  poll_interval: float = 1.0, observer: RunnerObserver | None = None,
                  now: Callable[[], float] = time.time):
         self.spool = spool
@@ -161,6 +198,12 @@ class QueueRunner(Service):
         self.retry = retry
         self.concurrency = concurrency
         self.per_identity = per_identity or max(1, concurrency // 2)
+        #: Messages claimed ahead, waiting for an attempt to end (``_ready``): the next
+        #: attempt starts when one ends, not a claim's commit later.  Half the
+        #: attempts: enough to cover the ends that come while a claim commits, few
+        #: enough that a newly due identity waits behind no more than that.
+        self.prefetch = max(1, concurrency // 2) if prefetch is None else prefetch
+        self._ready: deque[QueuedMessage] = deque()
         self._poll_interval = poll_interval
         self._observer = observer or _NoObserver()
         self._now = now
@@ -172,6 +215,13 @@ class QueueRunner(Service):
         self._kicked: Any = None
         self._idle: list[defer.Deferred[None]] = []
         self._watching = False
+        self._reserved: dict[str, int] = {}  # identity -> attempts reserved
+        #: Settlements submitted and not yet recorded: their attempts are over (the
+        #: upstream connection is free), so they hold no attempt of ``concurrency``.
+        self._settling: set[defer.Deferred[None]] = set()
+        #: Whether the last claim came back short (nothing more was due): only then are
+        #: stored messages handed over directly, so that they never overtake the queue.
+        self._queue_drained = False
 
     # -- the service ------------------------------------------------------------------
 
@@ -180,7 +230,7 @@ class QueueRunner(Service):
         if not self._watching:  # a broker's deliveries are claimed as they arrive
             self._watching = True
             self.spool.watch(self.kick)
-        self._loop = LoopingCall(self.run)
+        self._loop = LoopingCall(self._poll)
         self._loop.clock = self._clock
         self._loop.start(self._poll_interval, now=True).addErrback(
             lambda f: log.failure("the queue runner stopped", f))
@@ -210,35 +260,88 @@ class QueueRunner(Service):
 
     def kick(self) -> None:
         """A message was stored: look for due work now rather than at the next poll."""
+        self._queue_drained = False
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self.running and (self._kicked is None or not self._kicked.active()):
             self._kicked = self._clock.callLater(0, self.run)
+
+    def _poll(self) -> defer.Deferred[None] | None:
+        """Retries come due with time: the queue goes first until a claim is short."""
+        self._queue_drained = False
+        return self.run()
+
+    # -- the hand-over ----------------------------------------------------------------
+
+    def reserve(self, identity: str) -> Reservation | None:
+        """An attempt for a message of ``identity`` about to be stored, or None when it
+        should wait in the queue: no attempt free, the identity at its share, or the
+        queue may hold due messages that came first."""
+        if not (self.running and self._queue_drained) or self._claiming or self._ready:
+            return None
+        if self._free() <= 0 or self._count(identity) >= self.per_identity:
+            return None
+        self._reserved[identity] = self._reserved.get(identity, 0) + 1
+        return Reservation(self, identity)
+
+    def _reservation_ended(self, reservation: Reservation,
+                           message: QueuedMessage | None) -> None:
+        identity = reservation.identity
+        left = self._reserved[identity] - 1
+        if left:
+            self._reserved[identity] = left
+        else:
+            del self._reserved[identity]
+        if message is None:
+            self.kick()
+        elif self.running:
+            self._start(message)
+        # Paused meanwhile: the message stays claimed by us until the spool's close
+        # releases our claims (it is due again then, nothing having been sent).
+        self._maybe_idle()
+
+    def _free(self) -> int:
+        return self.concurrency - len(self._in_flight) - sum(self._reserved.values())
+
+    def _count(self, identity: str) -> int:
+        return (sum(1 for i in self._in_flight.values() if i == identity)
+                + sum(1 for m in self._ready if m.entry.identity == identity)
+                + self._reserved.get(identity, 0))
+
+    def _start_ready(self) -> None:
+        """Start what was claimed ahead, as far as attempts are free."""
+        while self._ready and self.running and self._free() > 0:
+            self._start(self._ready.popleft())
 
     # -- claiming ---------------------------------------------------------------------
 
     def run(self) -> defer.Deferred[None] | None:
-        """Claim as many due messages as there is room for, and start them."""
+        """Start what was claimed ahead, then claim as many due messages as there is
+        room for (free attempts, and ``prefetch`` ahead), and start them."""
         if not self.running:
             return None
+        self._start_ready()
         if self._claiming:
             self._again = True
             return None
-        free = self.concurrency - len(self._in_flight)
-        if free <= 0:
+        wanted = self._free() + self.prefetch - len(self._ready)
+        if wanted <= 0:
             return None
         self._claiming = True
-        d = defer.ensureDeferred(self._claim(free))
+        d = defer.ensureDeferred(self._claim(wanted))
 
         def claimed(messages: list[QueuedMessage]) -> None:
-            if not self.running:  # paused while claiming: the spool's close releases them
-                return
-            for message in messages:
-                self._start(message)
+            self._queue_drained = len(messages) < wanted
+            # Paused meanwhile: they stay claimed, and the spool's close releases them.
+            self._ready.extend(messages)
+            self._start_ready()
 
         def done(_: Any) -> None:
             self._claiming = False
             if self._again:  # asked again while this claim ran
                 self._again = False
-                self.kick()
+                self._schedule()
             self._maybe_idle()
         d.addCallback(claimed)
         d.addErrback(lambda f: log.failure("claiming queued messages failed", f))
@@ -256,8 +359,11 @@ class QueueRunner(Service):
         return messages
 
     def _busy(self) -> frozenset[str]:
-        counts: dict[str, int] = {}
+        counts = dict(self._reserved)
         for identity in self._in_flight.values():
+            counts[identity] = counts.get(identity, 0) + 1
+        for message in self._ready:
+            identity = message.entry.identity
             counts[identity] = counts.get(identity, 0) + 1
         return frozenset(i for i, n in counts.items() if n >= self.per_identity)
 
@@ -270,14 +376,16 @@ class QueueRunner(Service):
 
         def finished(_: Any) -> None:
             del self._in_flight[entry.id]
-            if self.running:
-                self.kick()
+            self._start_ready()  # what was claimed ahead takes the attempt at once
+            if self.running and not self._queue_drained:
+                self._schedule()  # the queue may hold more: claim it ahead
             self._maybe_idle()
         d.addBoth(finished)
 
     def _maybe_idle(self) -> None:
         """Tell ``stopService``'s waiters once no attempt and no claim is in progress."""
-        if not self._in_flight and not self._claiming and self._idle:
+        if not self._in_flight and not self._claiming and not self._reserved \
+                and not self._settling and self._idle:
             waiters, self._idle = self._idle, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -405,8 +513,24 @@ class QueueRunner(Service):
                               else self.retry.delay(message.attempts + 1))
         settlement = Settlement(tuple(attempt.changes.values()), retry_at=retry_at,
                                 hold=hold)
-        await self.spool.settle(message, settlement)
-        self._log(attempt, settlement, now)
+        # The attempt ends here, before its settlement is recorded: the upstream is done
+        # with it, and the claim that fills its place then goes into the same commit
+        # as the settlement (the committer keeps their order, so that claim never sees
+        # the message as it was).  Until recorded the message stays claimed by us: a
+        # crash meanwhile leaves it as a crash during the attempt would.
+        d = self.spool.settle(message, settlement)
+        self._settling.add(d)
+
+        def recorded(_: Any) -> None:
+            self._log(attempt, settlement, now)
+
+        def done(_: Any) -> None:
+            self._settling.discard(d)
+            self._maybe_idle()
+        d.addCallbacks(recorded, lambda f: log.failure(
+            "{message_id}: recording a delivery attempt failed", f,
+            message_id=message.entry.id))
+        d.addBoth(done)
 
     async def _end_failed(self, attempt: Attempt, failed: list[Recipient],
                           expired: bool) -> str | None:
@@ -460,7 +584,10 @@ class QueueRunner(Service):
             log.failure("reporting a message's end failed")
 
     def _log(self, attempt: Attempt, settlement: Settlement, now: float) -> None:
-        """One line per attempt, and one per final outcome (docs/logging.md)."""
+        """One line per attempt, which says what follows it: the next attempt, or the
+        final outcome (docs/spool.md, "Logs").  An attempt that ends the message is
+        its final line too, so a message delivered at once costs one line here, not
+        two; a hold adds a warning of its own, for the operator who must act on it."""
         entry = attempt.message.entry
         result = attempt.result
         try:
@@ -468,28 +595,26 @@ class QueueRunner(Service):
         except Exception:
             log.failure("reporting a delivery attempt failed")
         replies = sorted({r.reply for r in attempt.changes.values() if r.reply})
-        fields = dict(message_id=entry.id, identity=entry.identity,
-                      attempt=attempt.message.attempts + 1, result=result,
-                      upstream=attempt.remote, upstream_reply="; ".join(replies) or None,
-                      recipients={r.address: r.state for r in attempt.changes.values()})
+        number = attempt.message.attempts + 1
+        if settlement.hold is not None:
+            then = "held"
+        elif settlement.retry_at is not None:
+            then = f"deferred: next attempt in {settlement.retry_at - now:.0f} s"
+        else:
+            states = attempt.states().values()
+            then = (f"finished: {sum(r.state == R.DELIVERED for r in states)} delivered, "
+                    f"{sum(r.state == R.FAILED for r in states)} failed, after "
+                    f"{number} attempt(s)")
         log.info("{message_id} delivery attempt {attempt} for {identity}: {result}"
-                 " {recipients} {upstream_reply}", **fields)
+                 " {recipients} {upstream_reply}; {then}",
+                 message_id=entry.id, identity=entry.identity, attempt=number,
+                 result=result, upstream=attempt.remote,
+                 upstream_reply="; ".join(replies) or None,
+                 recipients={r.address: r.state for r in attempt.changes.values()},
+                 then=then)
         if settlement.hold is not None:
             log.warn("{message_id} held: {reason}", message_id=entry.id,
                      reason=settlement.hold, identity=entry.identity)
-        elif settlement.retry_at is not None:
-            log.info("{message_id} deferred: next attempt in {seconds:.0f} s",
-                     message_id=entry.id, seconds=settlement.retry_at - now,
-                     identity=entry.identity)
-        else:
-            states = attempt.states().values()
-            log.info("{message_id} finished for {identity}: {delivered} delivered, "
-                     "{failed} failed, after {attempts} attempt(s) {recipients}",
-                     message_id=entry.id,
-                     delivered=sum(r.state == R.DELIVERED for r in states),
-                     failed=sum(r.state == R.FAILED for r in states),
-                     attempts=attempt.message.attempts + 1, identity=entry.identity,
-                     recipients={r.address: r.state for r in states})
 
     def _read_stats(self) -> defer.Deferred[None]:
         d = self.spool.stats()
