@@ -16,7 +16,10 @@ What is used, and by whom:
    ``tcp.Port`` (its ``transport`` class attribute) and ``tcp.Connector`` (its
    ``_makeTransport`` hook) and relies on their constructors' signatures; it reads
    ``FileDescriptor``'s private send queue (``_tempDataBuffer``, ``dataBuffer``,
-   ``offset``) and ``_writeDisconnected`` to know that nothing is queued; and it calls
+   ``offset``, ``_tempDataLen``) and ``_writeDisconnected`` to know that nothing is
+   queued, and how much is; it overrides ``writeSomeData`` (which ``doWrite`` calls)
+   to note when queued output last moved, for the write-stall deadline
+   (``output_waiting_since``, used by ``esmtpfa.smtp.server``); and it calls
    ``twisted.internet._newtls.startTLS`` with its own "bypass" class, so that TLS
    ciphertext is written through too.  Splitting it would only spread the internals
    over two modules.
@@ -82,12 +85,13 @@ def _queue_empty(transport: Any) -> bool:
 
 def _write(transport: Any, data: bytes) -> None:
     """``FileDescriptor.write`` that tries ``send()`` first when it cannot reorder data."""
+    empty = _queue_empty(transport)
     if (data and transport.connected and not transport.disconnecting
             and not transport._writeDisconnected
             # a pull producer is driven by doWrite; a streaming one is only paused and
             # resumed by the buffer's size, which a write that left at once did not grow
             and (transport.producer is None or transport.streamingProducer)
-            and _queue_empty(transport)):
+            and empty):
         try:
             sent = transport.socket.send(data)
         except OSError:  # EAGAIN; or an error that doWrite will report as connectionLost
@@ -96,22 +100,54 @@ def _write(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     FileDescriptor.write(transport, data)
+    _began_waiting(transport, empty)
+
+
+def _write_sequence(transport: Any, iovec: Any) -> None:
+    """``FileDescriptor.writeSequence``, noting when output begins to wait."""
+    empty = _queue_empty(transport)
+    FileDescriptor.writeSequence(transport, iovec)
+    _began_waiting(transport, empty)
+
+
+def _began_waiting(transport: Any, was_empty: bool) -> None:
+    if was_empty and not _queue_empty(transport):  # the kernel is full: output waits
+        transport._output_moved = transport.reactor.seconds()
 
 
 class _DirectWrites(FileDescriptor):
     """What the STARTTLS layer writes ciphertext through (its "bypass" class)."""
 
     write = _write
+    writeSequence = _write_sequence
 
 
 class _WriteThrough:
-    """Mixed into ``tcp.Server`` and ``tcp.Client``."""
+    """Mixed into ``tcp.Server`` and ``tcp.Client``.
+
+    It also notes when queued output last moved (``output_waiting_since``): when a write
+    had to queue, and whenever ``doWrite`` got the kernel to take more of the queue.  A
+    peer that reads nothing lets nothing move, however long the output waits."""
+
+    _output_moved = 0.0  # when output began to wait, or last left the queue
+
+    def writeSomeData(self, data: Any) -> Any:
+        sent = super().writeSomeData(data)  # type: ignore[misc]
+        if isinstance(sent, int) and sent > 0:
+            self._output_moved = self.reactor.seconds()  # type: ignore[attr-defined]
+        return sent
 
     def write(self, data: bytes) -> None:
         if self.TLS:  # type: ignore[attr-defined]  # STARTTLS: encrypt, then _DirectWrites
             super().write(data)  # type: ignore[misc]
         else:
             _write(self, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self.TLS:  # type: ignore[attr-defined]
+            super().writeSequence(iovec)  # type: ignore[misc]
+        else:
+            _write_sequence(self, iovec)
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
         if _start_tls is None:  # pragma: no cover  (check() refuses such a Twisted)
@@ -180,6 +216,19 @@ class WriteThroughReactor:
             return self._reactor.adoptStreamConnection(fileDescriptor, addressFamily,
                                                        factory)
         return _UNIXServer._fromConnectedSocket(fileDescriptor, factory, self._reactor)
+
+
+def output_waiting_since(transport: Any) -> float | None:
+    """When the queued output of a write-through ``transport`` last moved (or began to
+    wait); None when nothing waits, or for any other transport (nothing is known)."""
+    if not isinstance(transport, _WriteThrough) or _queue_empty(transport):
+        return None
+    return transport._output_moved
+
+
+def output_waiting(transport: Any) -> int:
+    """Octets queued in ``transport`` that the kernel has not taken yet."""
+    return (len(transport.dataBuffer) - transport.offset) + transport._tempDataLen
 
 
 # -- 2. twisted.web ---------------------------------------------------------------------
@@ -349,9 +398,18 @@ def _check_write_through() -> None:
                  "FileDescriptor.write no longer queues in _tempDataBuffer")
         server.write(b"three")
         _require(received() == b"", "a write overtook bytes already queued")
+        _require(output_waiting(server) == len(b"twothree"),
+                 "FileDescriptor's dataBuffer, offset and _tempDataLen no longer count "
+                 "what is queued")
+        server._output_moved = -1.0
+        _require(output_waiting_since(server) == -1.0,
+                 "queued output is no longer seen as waiting")
         server.doWrite()
         _require(received() == b"twothree" and _queue_empty(server),
                  "FileDescriptor.doWrite no longer empties the queue it was given")
+        _require(server._output_moved == reactor.seconds()
+                 and output_waiting_since(server) is None,
+                 "FileDescriptor.doWrite no longer sends through writeSomeData")
         server.startTLS(CertificateOptions(), normal=False)  # we are the TLS client
         _require(server.TLS is True, "startTLS no longer sets transport.TLS")
         hello = received()
@@ -530,5 +588,6 @@ def checked() -> bool:
 
 __all__ = ["CHANNEL_HOOKS", "PROXY_V2_SIGNATURE", "REQUEST_HOOKS", "TESTED_TWISTED",
            "ProxyHeaderInvalid", "TwistedChanged", "parse_proxy_header",
-           "WriteThroughReactor", "check", "checked", "listening_service", "port_of",
+           "WriteThroughReactor", "check", "checked", "listening_service",
+           "output_waiting", "output_waiting_since", "port_of",
            "request_gone", "request_version", "take_expect_continue", "twisted_version"]

@@ -1,13 +1,17 @@
 """The relay's Prometheus metrics (docs/design.md §8), one ``CollectorRegistry`` per ``RelayService``.
 
 The original esmtpfa's metric names, types and label names are kept, so its dashboards
-keep working; what they count is defined in ``docs/metrics.md``.  Two things differ on
+keep working; what they count is defined in ``docs/metrics.md``.  Three things differ on
 purpose:
 
+* **no addresses by default** — who mails whom is private, and ``/metrics`` is read by
+  whoever can reach it, without authentication.  The original's address-labelled series
+  (``ADDRESS_SERIES``) are not even registered unless ``address_labels`` is above zero
+  (``--metrics-address-labels``); the per-address detail is in the log lines;
 * **bounded labels** — a label value never comes straight from client input.  Provider
   labels are configured provider names (or ``none`` / ``anonymous``), never the AUTH
-  username; ``from``/``to`` labels are addresses of *authenticated* senders, the first
-  ``address_labels`` distinct values of each, and ``other`` after that;
+  username; opted-in ``from``/``to`` labels are addresses of *authenticated* senders,
+  the first ``address_labels`` distinct values of each, and ``other`` after that;
 * **no stale series** — ``configured_providers`` and the active-connection gauge are read
   from the live objects at scrape time, so a removed provider's series disappears.
 
@@ -53,6 +57,9 @@ SERIES_CACHE = 4096
 
 #: Counters the original exposed without the ``_total`` suffix (Go client style).
 _UNSUFFIXED_COUNTERS = ("mail_from_to",)
+#: The original's series labelled with envelope addresses: served only on opt-in.
+ADDRESS_SERIES = ("bytes_sent_from_address_total", "bytes_sent_to_address_total",
+                  "mail_from_to")
 
 
 class BoundedLabels:
@@ -90,7 +97,7 @@ class RelayMetrics:
     def __init__(self, namespace: str = "esmtpfa", *,
                  providers: Callable[[], ProviderSet] = ProviderSet,
                  connections: Callable[[], Mapping[str, int]] = dict,
-                 upstream: str = "", address_labels: int = 100):
+                 upstream: str = "", address_labels: int = 0):
         self.namespace = namespace
         self.upstream = upstream
         self.registry = CollectorRegistry()
@@ -117,19 +124,25 @@ class RelayMetrics:
         self.bytes_sent = counter(
             "bytes_sent_total", "Octets of messages the upstream accepted, by provider",
             ["provider"])
-        self.bytes_from = counter(
-            "bytes_sent_from_address_total",
-            "Octets of messages the upstream accepted, by provider and sender",
-            ["provider", "from"])
-        self.bytes_to = counter(
-            "bytes_sent_to_address_total",
-            "Octets of messages the upstream accepted, by provider and recipient",
-            ["provider", "to"])
         self.messages_sent = counter(
             "messages_sent_total", "Messages the upstream accepted, by provider", ["provider"])
-        self.mail_from_to = counter(
-            "mail_from_to", "Sender/recipient pairs of relayed messages (status 1: accepted)",
-            ["from", "to", "status"])
+        #: The address-labelled series (``ADDRESS_SERIES``), or None: not registered.
+        self.bytes_from: Counter | None = None
+        self.bytes_to: Counter | None = None
+        self.mail_from_to: Counter | None = None
+        if address_labels > 0:
+            self.bytes_from = counter(
+                "bytes_sent_from_address_total",
+                "Octets of messages the upstream accepted, by provider and sender",
+                ["provider", "from"])
+            self.bytes_to = counter(
+                "bytes_sent_to_address_total",
+                "Octets of messages the upstream accepted, by provider and recipient",
+                ["provider", "to"])
+            self.mail_from_to = counter(
+                "mail_from_to",
+                "Sender/recipient pairs of relayed messages (status 1: accepted)",
+                ["from", "to", "status"])
         self.upstream_duration = Histogram(
             "smtp_server_request_duration_seconds",
             "Time the upstream took to accept or refuse a message (status 1: accepted)",
@@ -159,8 +172,14 @@ class RelayMetrics:
         self.state_errors = counter(
             "state_errors_total",
             "Decisions of the login throttle and sending rates made without the shared "
-            "state (--state-url) because it did not answer, by operation and the "
-            "--state-failure policy applied (open, closed)", ["operation", "outcome"])
+            "state (--state-url) because it did not answer or was degraded, by operation "
+            "and the --state-failure policy applied (open: this process's own counts "
+            "decided; closed: refused temporarily)", ["operation", "outcome"])
+        self.state_degraded_gauge = Gauge(
+            "state_degraded",
+            "1 while the shared state (--state-url) is degraded: not answering, so "
+            "decisions are made without it (see state_errors_total), else 0",
+            namespace=namespace, registry=self.registry)
         self.config_reloads = counter(
             "config_reloads_total", "Provider configuration reloads by source and result",
             ["source", "result"])
@@ -256,8 +275,9 @@ class RelayMetrics:
 
     def relayed(self, identity, envelope: Envelope, size: int, outcome: str,
                 seconds: float) -> None:
-        key = (outcome, identity.provider, identity.via == "anonymous",
-               envelope.mail_from, envelope.recipients)
+        key: tuple = (outcome, identity.provider, identity.via == "anonymous")
+        if self.mail_from_to is not None:  # the addresses decide the series too
+            key += (envelope.mail_from, envelope.recipients)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= SERIES_CACHE:
@@ -281,6 +301,13 @@ class RelayMetrics:
         child = self._child
         counted = [child(self.relay_outcomes, outcome)]
         duration = child(self.upstream_duration, self.upstream, status)
+        sized = []
+        if accepted:
+            provider = identity.provider
+            counted.append(child(self.messages_sent, provider))
+            sized.append(child(self.bytes_sent, provider))
+        if self.mail_from_to is None:  # no address series: nothing below applies
+            return duration, tuple(counted), tuple(sized)
         authenticated = identity.via != "anonymous"
         sender = self._address(self._from, envelope.mail_from, authenticated)
         recipients = [self._address(self._to, rcpt, authenticated)
@@ -288,14 +315,10 @@ class RelayMetrics:
         for recipient in recipients:
             pair = (sender, recipient) if self._pairs.admit((sender, recipient)) else (OTHER, OTHER)
             counted.append(child(self.mail_from_to, pair[0], pair[1], status))
-        sized = []
         if accepted:
-            provider = identity.provider
-            counted.append(child(self.messages_sent, provider))
-            sized.append(child(self.bytes_sent, provider))
-            sized.append(child(self.bytes_from, provider, sender))
+            sized.append(child(self.bytes_from, identity.provider, sender))
             for recipient in recipients:
-                sized.append(child(self.bytes_to, provider, recipient))
+                sized.append(child(self.bytes_to, identity.provider, recipient))
         return duration, tuple(counted), tuple(sized)
 
     def policy_rejected(self, identity, reason: str) -> None:
@@ -314,6 +337,10 @@ class RelayMetrics:
         """The shared state did not answer; labels come from a closed set (the guard's
         operations; open or closed)."""
         self._child(self.state_errors, operation, outcome).inc()
+
+    def state_degraded(self, degraded: bool) -> None:
+        """The shared state became degraded (its breaker opened), or answers again."""
+        self.state_degraded_gauge.set(1 if degraded else 0)
 
     @staticmethod
     def _address(bound: BoundedLabels, address: str, authenticated: bool) -> str:
@@ -471,4 +498,4 @@ def render(families: Iterable, unsuffixed: set[str] = frozenset()) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-__all__ = ["CONTENT_TYPE", "NONE", "OTHER", "RelayMetrics", "render"]
+__all__ = ["ADDRESS_SERIES", "CONTENT_TYPE", "NONE", "OTHER", "RelayMetrics", "render"]

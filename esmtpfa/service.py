@@ -95,6 +95,8 @@ def server_settings(options) -> ServerSettings:
         close_grace=options["close-grace"],
         command_timeout=options["command-timeout"],
         min_data_rate=options["min-data-rate"],
+        write_stall_timeout=options["write-stall-timeout"],
+        send_buffer=options["client-send-buffer"],
         allow_insecure_auth=options["allow-insecure-auth"],
         allow_anonymous=options["allow-anonymous-auth"],
         smtputf8=options["enable-smtp-utf8"],

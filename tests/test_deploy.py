@@ -70,7 +70,10 @@ SERVICE_PORTS = {25: "SMTP_PORT", 587: "SMTP_PORT", 465: "SMTP_TLS_PORT",
 #: the ``${NAME}`` expansion of the providers document and the relay file (whose names
 #: the operator chooses; .env-sample lists those the shipped ConfigMap uses).
 ENVIRONMENT_READERS = {"esmtpfa/options.py", "esmtpfa/config.py", "esmtpfa/relay/config.py",
-                       "esmtpfa/spool/tool.py"}
+                       "esmtpfa/spool/tool.py",
+                       # passes its environment on to the workers it starts, with the
+                       # directory of their counts added; reads no setting from it
+                       "esmtpfa/workers/supervisor.py"}
 
 #: kubectl's rule for a key of --from-env-file (an environment variable name).
 ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")

@@ -16,6 +16,7 @@ import os
 import resource
 import select
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -324,13 +325,20 @@ class ConnectionCapTests(HardeningFixture, unittest.TestCase):
     def closed_at_once(self, sock: socket.socket) -> bool:
         return read_until_closed(sock, 1)[1]
 
+    def busy(self, source: str = "127.0.0.1") -> socket.socket:
+        """A logged-in client in the middle of its body: nothing a cap may close."""
+        sock = self.connect(source=source)
+        sock.sendall(head(1000, GOOD) + b"[")
+        return sock
+
     @defer.inlineCallbacks
     def test_per_address_and_total_caps_close_at_once_and_smtp_still_answers(self):
         def scenario():
-            held = [self.connect() for _ in range(3)]
+            held = [self.busy() for _ in range(3)]
             over_ip = self.connect()
             results = {"over_ip": self.closed_at_once(over_ip)}
-            held += [self.connect(source="127.0.0.2") for _ in range(2)]
+            held += [self.busy(source="127.0.0.2") for _ in range(2)]
+            time.sleep(0.5)  # the relay reads the heads and logs the clients in
             results["over_total"] = self.closed_at_once(self.connect(source="127.0.0.3"))
             results["held_open"] = not any(read_until_closed(s, 0.1)[1] for s in held)
             smtp = socket.create_connection(("127.0.0.1", self.fixture.plain_port), timeout=10)
@@ -579,6 +587,105 @@ class TLSDeadlineTests(HTTPSFixture, unittest.TestCase):
 
 
 # -- 4. bounded JSON -----------------------------------------------------------------------
+
+# -- 4. near the cap: silent connections give way ------------------------------------------
+
+def read_response(sock: socket.socket, limit: float = 10) -> bytes:
+    """One HTTP answer with a ``Content-Length``, leaving the connection open."""
+    received, deadline = b"", time.monotonic() + limit
+    while time.monotonic() < deadline:
+        head_, found, body = received.partition(b"\r\n\r\n")
+        if found:
+            length = next((int(line.split(b":")[1]) for line in head_.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(body) >= length:
+                return received
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    raise AssertionError(f"no whole answer within {limit} s: {received[:300]!r}")
+
+
+class NearTheCapTests(HTTPSFixture, unittest.TestCase):
+    """Idle connections that fill the HTTPS listener's cap keep nobody out: at the cap a
+    new connection closes the oldest one waiting for a request that never logged in,
+    and near the cap a new connection gets ``HTTP_BUSY_TIMEOUT`` for its TLS handshake
+    and first byte (docs/http-limits.md, "Near the cap")."""
+
+    scheme = "https"
+    env = {"HTTP_MAX_CONNECTIONS": "12", "HTTP_MAX_CONNECTIONS_PER_IP": "4",
+           # long deadlines: here only the cap itself may close a squatter
+           "HTTP_HEADER_TIMEOUT": "30", "HTTP_BUSY_TIMEOUT": "30"}
+
+    def tls(self, source: str = "127.0.0.1") -> ssl.SSLSocket:
+        context = ssl.create_default_context(cafile=self.ca.cert_path)
+        sock = context.wrap_socket(self.connect(source=source), server_hostname="relay.test")
+        self.sockets.append(sock)
+        return sock
+
+    def squat(self, count: int) -> list[socket.socket]:
+        """``count`` TCP connections that never start TLS, four per address."""
+        return [self.connect(source=f"127.0.0.{10 + i // 4}") for i in range(count)]
+
+    @defer.inlineCallbacks
+    def test_squatters_at_the_cap_give_way_to_a_real_client(self):
+        body = json.dumps(document()).encode()
+        keep_alive = yield threads.deferToThread(self.tls)
+        answer = yield threads.deferToThread(
+            lambda: keep_alive.sendall(head(len(body), GOOD) + body) or
+            read_response(keep_alive))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 202 "), answer[:300])
+        squatters = yield threads.deferToThread(self.squat, 11)
+        yield self.until(lambda: self.listener().limits.active == 12, 10)
+
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(body)
+        started = time.monotonic()
+        output, _ = yield run_tool(
+            "curl", "--silent", "--show-error", "--max-time", "5",
+            "--cacert", os.path.abspath(self.ca.cert_path), "--user", f"{USER}:{PASSWORD}",
+            "-H", "Content-Type: application/json", "--data-binary", f"@{path}",
+            "--write-out", "\nstatus=%{http_code}\n", self.url)
+        seconds = time.monotonic() - started
+        self.assertIn("status=202", output)
+        self.assertLess(seconds, 3, "the real client waited for a squatter to time out")
+
+        def afterwards():
+            # the oldest squatter made room; the logged-in client kept its connection
+            closed = [read_until_closed(sock, 0.2)[1] for sock in squatters]
+            keep_alive.sendall(head(len(body), GOOD) + body)
+            return closed, read_response(keep_alive)
+
+        closed, again = yield threads.deferToThread(afterwards)
+        self.assertEqual(closed, [True] + [False] * 10)
+        self.assertTrue(again.startswith(b"HTTP/1.1 202 "), again[:300])
+        self.assertEqual(len(self.upstream.messages), 3)
+
+
+class BusyDeadlineTests(HTTPSFixture, unittest.TestCase):
+    env = {"HTTP_MAX_CONNECTIONS": "8", "HTTP_MAX_CONNECTIONS_PER_IP": "8",
+           "HTTP_HEADER_TIMEOUT": "10", "HTTP_BUSY_TIMEOUT": "1", "HTTP_CLOSE_GRACE": "1"}
+
+    @defer.inlineCallbacks
+    def test_tls_and_first_byte_deadline_tightens_near_the_cap(self):
+        def scenario():
+            quiet = [self.connect() for _ in range(5)]  # 5 of 8: under three quarters
+            time.sleep(0.3)
+            probe = self.connect()  # the 6th: three quarters
+            started = time.monotonic()
+            closed = read_until_closed(probe, 4)[1]
+            seconds = time.monotonic() - started
+            return closed, seconds, [read_until_closed(s, 0.05)[1] for s in quiet]
+
+        closed, seconds, quiet_closed = yield threads.deferToThread(scenario)
+        self.assertTrue(closed, "a silent connection near the cap kept 10 s")
+        self.assertLess(seconds, 3)
+        self.assertEqual(quiet_closed, [False] * 5, "the quiet listener's connections "
+                                                   "lost their 10 s")
+
 
 class JSONBoundTests(HardeningFixture, unittest.TestCase):
     timeout = 120

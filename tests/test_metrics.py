@@ -9,9 +9,12 @@ that survives its provider, fails a test.
 from __future__ import annotations
 
 import base64
+import glob
+import os
 
 from twisted.internet import defer
 from twisted.trial import unittest
+import yaml
 
 from tests.support.httpservers import until
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
@@ -91,7 +94,79 @@ class MetricsMixin:
         return f"127.0.0.1:{self.fixture.upstream.port}"
 
 
+#: The original's series labelled with mail addresses: served only on opt-in.
+ADDRESS_FAMILIES = ("bytes_sent_from_address", "bytes_sent_to_address", "mail_from_to")
+#: What the original's dashboards ask for: the address series back.
+OPT_IN = ("--metrics-address-labels", "100")
+
+
+class PrivateByDefaultTests(MetricsMixin, unittest.TestCase):
+    """With default settings ``/metrics`` names nobody: who mails whom is private, and
+    anyone who reaches the listener reads it."""
+
+    @defer.inlineCallbacks
+    def test_no_address_is_served_after_smtp_and_http_submissions(self):
+        yield self.login_and_send(sender="ceo@corp.example",
+                                  recipients=("lawyer@firm.example",))
+        response = yield self.http_post(sender="ceo@corp.example",
+                                        to=("lawyer@firm.example",))
+        self.assertEqual(response.code, 202, response.body)
+        self.fixture.upstream.rcpt_replies["gone@firm.example"] = "550 5.1.1 No such user"
+        yield self.http_post(sender="ceo@corp.example", to=("gone@firm.example",))
+        scrape = yield self.scrape()
+        self.assertEqual(scrape.value(f"{NS}_messages_sent_total", provider="office"), 2)
+        for text in ("@", "ceo", "lawyer", "corp.example", "firm.example", USER):
+            self.assertNotIn(text, scrape.text)
+        for name in ADDRESS_FAMILIES:
+            self.assertNotIn(f"{NS}_{name}", scrape.families)
+
+    def test_default_listener_is_loopback(self):
+        from esmtpfa.tap import Options
+        options = Options(environ={"METRICS_ADDR": ""})  # empty: unset, as in the original
+        options.parseOptions([])
+        self.assertEqual(options["metrics-addr"], "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_relay_started_without_an_address_serves_metrics_on_loopback_only(self):
+        from esmtpfa.service import RelayService
+        from esmtpfa.tap import Options
+        directory = self.fixture.directory
+        options = Options(environ={})
+        options.parseOptions(["--config", self.fixture.config_path, "--metrics-port", "0",
+                              "--maildir", directory + "/maildir-2"])
+        service = RelayService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        ports = yield service.listening_ports()
+        self.assertEqual(ports["metrics"].getHost().host, "127.0.0.1")
+
+
+class ManifestTests(unittest.TestCase):
+    """Kubernetes probes the pod IP: a manifest that exposes the metrics port must move
+    the listener off its loopback default."""
+
+    def test_every_manifest_with_a_metrics_port_listens_beyond_loopback(self):
+        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "deploy")
+        checked = 0
+        for path in sorted(glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True)):
+            with open(path, encoding="utf-8") as f:
+                documents = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
+            for document in documents:
+                pod = document.get("spec", {}).get("template", {}).get("spec", {})
+                for container in pod.get("containers", []):
+                    if not any(port.get("name") == "metrics"
+                               for port in container.get("ports", [])):
+                        continue
+                    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                    self.assertIn(env.get("METRICS_ADDR"), ("0.0.0.0", "::"), path)
+                    checked += 1
+        self.assertGreaterEqual(checked, 2)
+
+
 class OriginalMetricsTests(MetricsMixin, unittest.TestCase):
+    fixture_args = OPT_IN
+
     @defer.inlineCallbacks
     def test_every_original_metric_with_its_name_type_and_labels(self):
         yield self.login_and_send()
@@ -276,7 +351,7 @@ class AddressBoundTests(MetricsMixin, unittest.TestCase):
 
 
 class AnonymousAddressTests(MetricsMixin, unittest.TestCase):
-    fixture_args = ("--http-allow-anonymous",)
+    fixture_args = ("--http-allow-anonymous", *OPT_IN)
 
     @defer.inlineCallbacks
     def test_anonymous_submissions_never_label_addresses(self):

@@ -10,8 +10,9 @@ Everything talks to a real ``redis-server`` started on a loopback port
 * the client: AUTH with a user and a password, the database from the URL, ``NOSCRIPT``
   after a script flush, a stalled server bounded by the timeout, a dead one failing
   fast, reconnecting when it is back, the password never in a repr or a log line;
-* the failure policy: open answers as if nothing were counted, closed answers 4xx;
-  either way a log line (collapsed when repeated) and ``state_errors_total``;
+* the failure policy: open answers from this process's own counts, closed answers 4xx;
+  either way a log line (once when Redis becomes degraded) and ``state_errors_total``
+  (more in ``tests.test_state_resilience``);
 * two real relays (``twistd``) with ``--state-url`` to one Redis share one rate and one
   login budget; with Redis killed a fail-open relay relays and counts it, a fail-closed
   one answers 4xx, never 5xx; a stalled Redis costs at most ``--state-timeout`` per step.
@@ -533,24 +534,33 @@ class FailurePolicyTests(RedisCase):
                 for family in metrics.registry.collect() if family.name.endswith("state_errors")
                 for sample in family.samples if sample.name.endswith("_total")}
 
-    async def test_open_answers_as_if_nothing_were_counted(self):
+    async def test_open_answers_from_this_process_counts(self):
+        """No Redis: the limits still hold, counted in this process alone (each decision
+        counted in the metric), and the log says so once, not once per call."""
         metrics = RelayMetrics("esmtpfa")
         events = observe_logs(self)
         login, rates = self.dead_ledgers("open", metrics)
         self.assertIsNone(await login.refusal("192.0.2.1", [IDENTITY]))
-        self.assertEqual(await login.failed("192.0.2.1", [IDENTITY]), [])
+        self.assertEqual(await login.failed("192.0.2.1", [IDENTITY]), [1])
         self.assertIsNone(await login.succeeded("192.0.2.1", IDENTITY))
         self.assertIsNone(await rates.take("k", "messages", Limit(1, 60.0), 1))
+        with self.assertRaises(Exceeded):   # the budget of one, counted here
+            await rates.take("k", "messages", Limit(1, 60.0), 1)
         self.assertIsNone(await rates.give("k", "messages", Limit(1, 60.0), 1, True))
-        self.assertIsNone(await login.refusal("192.0.2.1", [IDENTITY]))
+        for _ in range(2):
+            self.assertEqual(await login.failed("192.0.2.1", []), [])
+        self.assertEqual(await login.refusal("192.0.2.1", [IDENTITY]),
+                         "too many failed logins from this address")
         self.assertEqual(self.errors(metrics), {
-            ("login_refusal", "open"): 2.0, ("login_failed", "open"): 1.0,
-            ("login_succeeded", "open"): 1.0, ("rate_take", "open"): 1.0,
-            ("rate_give", "open"): 1.0})
-        said = [e for e in events if "shared state unavailable" in e.get("log_template", "")]
-        # the second refusal within the minute is counted, not logged again
-        self.assertEqual(len(said), 5)
-        self.assertIn("unthrottled", said[0]["consequence"])
+            ("login_refusal", "open"): 2.0, ("login_failed", "open"): 3.0,
+            ("login_succeeded", "open"): 1.0, ("rate_take", "open"): 2.0})
+        blips = [e for e in events
+                 if "shared state unavailable" in e.get("log_template", "")]
+        # the first failures, before the breaker opens, one line each; then one line
+        degraded = [e for e in events if "is degraded" in e.get("log_template", "")]
+        self.assertEqual(len(blips), 2)
+        self.assertIn("own failure counts decide", blips[0]["consequence"])
+        self.assertEqual(len(degraded), 1)
 
     async def test_closed_refuses_temporarily(self):
         metrics = RelayMetrics("esmtpfa")

@@ -17,6 +17,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -295,22 +296,93 @@ class RestartTests(WorkersCase):
             sock.close()
 
 
+def greeting_times(port: int, count: int, patience: float) -> list[float | None]:
+    """Seconds each of ``count`` new connections, opened at once, waited for its 220
+    (None: no greeting within ``patience`` seconds)."""
+    results: list[float | None] = [None] * count
+
+    def one(index: int) -> None:
+        started = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
+                if sock.recv(200).startswith(b"220"):
+                    results[index] = time.monotonic() - started
+        except OSError:
+            pass
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(patience + 5)
+    return results
+
+
 class HungWorkerTests(WorkersCase):
-    timeout = 150
+    """A worker whose reactor does not run (SIGSTOP here, a loop in real life)."""
 
     @defer.inlineCallbacks
-    def test_a_worker_that_stops_answering_is_killed_and_replaced(self):
-        """SIGSTOP freezes a worker as a stuck reactor would: its clients hang, but the
-        supervisor's heartbeat notices within about 30 s and replaces it."""
+    def test_new_clients_go_around_a_stopped_worker_which_is_soon_replaced(self):
+        """The other worker greets every new client at once, and the supervisor kills
+        the stopped one within seconds (its own clients wait no longer than that)."""
         pids = self.worker_pids()
         os.kill(pids[2], signal.SIGSTOP)
+        stopped = time.monotonic()
         self.addCleanup(lambda: alive(pids[2]) and os.kill(pids[2], signal.SIGKILL))
+        waits = yield self.in_thread(greeting_times, self.relay.smtp_port, 20, 3.0)
+        self.assertEqual([wait for wait in waits if wait is None or wait > 2.0], [],
+                         f"every new client is greeted within 2 s: {waits}")
         yield self.until(lambda: re.search(
-            rf"worker 2 \(pid {pids[2]}\) has not answered for 30 s: killing it",
-            self.relay.log), 60, what="the hung worker killed")
+            rf"worker 2 \(pid {pids[2]}\) has not answered for 5 s: killing it",
+            self.relay.log), 15, what="the stopped worker killed")
+        self.assertLess(time.monotonic() - stopped, 9.0, "killed within seconds")
         yield self.until(lambda: self.worker_pids()[2] != pids[2], what="a new worker 2")
         yield self.until_serving()
         self.assertFalse(alive(pids[2]))
+
+    @defer.inlineCallbacks
+    def test_a_worker_busy_for_two_seconds_is_not_killed(self):
+        """A reactor held for a while (a burst of work) is not a hung one."""
+        pids = self.worker_pids()
+        os.kill(pids[2], signal.SIGSTOP)
+        try:
+            yield task.deferLater(reactor, 2.0, lambda: None)
+        finally:
+            os.kill(pids[2], signal.SIGCONT)
+        yield task.deferLater(reactor, 5.0, lambda: None)  # the kill would be in by now
+        self.assertNotIn("has not answered", self.relay.log)
+        self.assertTrue(alive(pids[2]))
+        self.assertEqual(self.worker_pids(), pids)
+
+
+class KilledWorkerCountTests(WorkersCase):
+    @defer.inlineCallbacks
+    def test_what_a_killed_worker_counted_is_kept(self):
+        """SIGKILL right after the 250s, with no scrape since: the relay's
+        ``messages_sent_total`` still counts every message a client was told was
+        accepted."""
+        _, text = yield self.in_thread(get_blocking, self.relay.metrics_port, "/metrics")
+        self.assertEqual(metric(text, "esmtpfa_messages_sent_total"), 0)
+        client = yield self.in_thread(smtp_session, self.relay.smtp_port)
+        port = client.sock.getsockname()[1]
+        found = yield self.until(lambda: re.search(
+            rf"\[worker (\d) esmtpfa\.smtp#info\] \S+ connect from \[127\.0\.0\.1\]:{port} ",
+            self.relay.log), what="the worker of the session")
+        pid = self.worker_pids()[int(found.group(1))]
+
+        def send_then_kill():
+            codes = [send_one(client, message(new_message_id("k", n)))[0]
+                     for n in range(7)]
+            os.kill(pid, signal.SIGKILL)
+            client.close()
+            return codes
+        codes = yield self.in_thread(send_then_kill)
+        self.assertEqual(codes, [250] * 7)
+        yield self.until(lambda: re.search(rf"\(pid {pid}\) was killed by SIGKILL",
+                                           self.relay.log), what="the death logged")
+        yield self.until_serving()
+        _, text = yield self.in_thread(get_blocking, self.relay.metrics_port, "/metrics")
+        self.assertEqual(metric(text, "esmtpfa_messages_sent_total"), 7)
+        self.assertEqual(metric(text, 'esmtpfa_relay_outcomes_total{reason="accepted"}'), 7)
 
 
 class StalledSupervisorTests(WorkersCase):

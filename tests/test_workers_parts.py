@@ -283,3 +283,96 @@ class WorkersOptionTests(unittest.TestCase):
     def test_the_arguments_are_kept_for_the_workers(self):
         options = self.parse("--workers", "2", "--port", "2525")
         self.assertEqual(options.arguments, ["--workers", "2", "--port", "2525"])
+
+
+class StubProcess:
+    """A worker process as the slot sees it: the signals it was sent."""
+
+    def __init__(self):
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class HeartbeatTests(unittest.TestCase):
+    """The supervisor pings every ``HEARTBEAT`` seconds and kills a worker that missed
+    ``MISSED_HEARTBEATS`` answers in a row; a worker that answers late now and then, as
+    a busy one does, is left alone."""
+
+    def run_for(self, seconds: float, answering) -> list[str]:
+        """Beat for ``seconds`` of a ``Clock``; the worker answers whenever
+        ``answering(now)`` is true.  The signals the worker was sent."""
+        from esmtpfa.workers.supervisor import HEARTBEAT, WorkerSlot
+        supervisor, _, pump, clock = pair(right_handlers={"ping": lambda: True})
+        slot = WorkerSlot(None, 1)
+        slot.running, slot.channel, slot.process = True, supervisor, StubProcess()
+        step = HEARTBEAT / 10
+        for tick in range(1, round(seconds / step) + 1):
+            clock.advance(step)
+            if tick % 10 == 0:
+                slot.beat()
+            if answering(clock.seconds()):
+                pump()
+        return slot.process.signals
+
+    def test_a_worker_stalled_for_over_a_second_at_a_time_is_not_killed(self):
+        # Its reactor runs one and a half seconds in every three.
+        self.assertEqual(self.run_for(60, lambda now: now % 3 >= 1.5), [])
+
+    def test_a_worker_silent_for_five_seconds_is_killed(self):
+        from esmtpfa.workers.supervisor import HEARTBEAT, MISSED_HEARTBEATS
+        self.assertEqual(HEARTBEAT * MISSED_HEARTBEATS, 5.0, "docs/workers.md says 5 s")
+        self.assertEqual(self.run_for(14.9, lambda now: now < 10), [])
+        self.assertEqual(self.run_for(16.5, lambda now: now < 10), ["KILL"])
+
+
+#: A worker's counts, then its end: SIGKILL right after the increments.
+COUNT_THEN_DIE = """
+import os, signal
+from esmtpfa.metrics import RelayMetrics
+metrics = RelayMetrics("esmtpfa")
+metrics.checked("corp", "password", "accepted", 0.05)
+for _ in range(3):
+    metrics.messages_sent.labels("corp").inc()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+class CountFilesTests(unittest.TestCase):
+    """A worker's counts live in files of prometheus_client's multiprocess mode, which
+    the supervisor reads when the worker is gone."""
+
+    def test_the_counts_of_a_killed_process_are_read_and_add_up_with_the_live(self):
+        import os
+        import subprocess
+        import sys
+
+        from esmtpfa.metrics import RelayMetrics
+        from esmtpfa.workers.metrics import CountFiles
+        files = CountFiles.create()
+        self.addCleanup(files.remove)
+        self.assertEqual(os.stat(files.path).st_mode & 0o777, 0o700)
+        child = subprocess.run([sys.executable, "-c", COUNT_THEN_DIE], check=False,
+                               env=dict(os.environ, **files.environment()), timeout=60)
+        self.assertEqual(child.returncode, -9)
+        pid = int(next(name for name in os.listdir(files.path)
+                       if name.startswith("counter_"))[len("counter_"):-len(".db")])
+        dead = files.counts_of(pid)
+        # A live worker's snapshot of the same counts, from an in-memory registry.
+        live = RelayMetrics("esmtpfa")
+        live.checked("corp", "password", "accepted", 0.05)
+        for _ in range(3):
+            live.messages_sent.labels("corp").inc()
+        text = render(merge([snapshot(live.registry.collect()), dead], "esmtpfa")).decode()
+        self.assertIn('esmtpfa_messages_sent_total{provider="corp"} 6.0', text)
+        self.assertIn('esmtpfa_auth_successes_total{provider="corp"} 2.0', text)
+        self.assertIn('esmtpfa_auth_duration_seconds_count{outcome="accepted",'
+                      'provider="corp"} 2.0', text)
+        self.assertIn('esmtpfa_auth_duration_seconds_bucket{le="0.05",outcome="accepted",'
+                      'provider="corp"} 2.0', text)
+        # The same series, not a second one beside each: the files name them alike.
+        self.assertEqual(text.count("esmtpfa_messages_sent_total{"), 1)
+        files.forget(pid)
+        self.assertEqual(os.listdir(files.path), [])
+        self.assertEqual(files.counts_of(pid), [])

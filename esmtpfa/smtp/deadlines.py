@@ -26,6 +26,12 @@ for ever.  So the bytes a client sends never restart its clock.  What restarts i
 While the client waits for *our* answer (a login being checked, a recipient judged by
 the upstream) nothing runs: that time is ours, and the relay bounds it separately.
 
+Beside the stage runs one more deadline, about the other direction: ``WriteStall``.  A
+client that sends commands and never reads their replies fills the kernel's send buffer
+of its socket and then our transport's queue; it is aborted when that output has not
+moved for ``write_stall_timeout``, whatever its stage (``docs/smtp-limits.md``, "Clients
+that do not read").  A client that reads keeps its output moving and never meets it.
+
 Every session of a listener keeps its due time in the listener's ``timeouts.Sweeper``:
 a stage moves the deadline back and forth at every command, and in a reactor's timer
 heap each move *sooner* would be a linear search.  In the sweeper it is a dict update,
@@ -52,9 +58,13 @@ class Stage(enum.Enum):
     DATA = "message data"
 
 
+def _fire(owner: ClientDeadline | WriteStall) -> None:
+    owner.fire()
+
+
 def client_sweeper(clock: IReactorTime) -> Sweeper:
-    """The sweeper one listener's ``ClientDeadline``s share."""
-    return Sweeper(clock, ClientDeadline.fire, RESOLUTION)
+    """The sweeper one listener's ``ClientDeadline``s and ``WriteStall``s share."""
+    return Sweeper(clock, _fire, RESOLUTION)
 
 
 class ClientDeadline:
@@ -126,4 +136,49 @@ class ClientDeadline:
         self._expired(self._stage)
 
 
-__all__ = ["ClientDeadline", "RESOLUTION", "Stage", "client_sweeper"]
+class WriteStall:
+    """Ends a connection whose queued output has not moved for ``seconds``.
+
+    ``waiting_since()`` says when the output waiting for the client last moved (or began
+    to wait), or None when nothing waits (``esmtpfa.transport.output_waiting_since``).
+    ``check()`` is called after each write; it arms the deadline when output waits.
+    When the deadline comes, output that moved meanwhile earns another ``seconds`` from
+    its last move, output that drained disarms it, and output that has not moved calls
+    ``stalled()``, once.  Nothing runs per byte: a write that leaves at once (the usual
+    case) costs one call to ``waiting_since``.
+    """
+
+    __slots__ = ("_clock", "_seconds", "_stalled", "_sweeper", "_waiting_since")
+
+    def __init__(self, sweeper: Sweeper, clock: IReactorTime, seconds: float,
+                 waiting_since: Callable[[], float | None], stalled: Callable[[], None]):
+        self._clock = clock
+        self._sweeper = sweeper
+        self._seconds = seconds
+        self._waiting_since = waiting_since
+        self._stalled = stalled
+
+    def check(self) -> None:
+        """Output was written: arm the deadline if some of it waits."""
+        if self._seconds <= 0 or self._sweeper.armed(self):
+            return
+        since = self._waiting_since()
+        if since is not None:
+            self._sweeper.set(self, max(0.0, since + self._seconds - self._clock.seconds()))
+
+    def stop(self) -> None:
+        self._sweeper.clear(self)
+
+    def fire(self) -> None:
+        """Called by the sweeper when the allowance since the last check ran out."""
+        since = self._waiting_since()
+        if since is None:
+            return  # the client read everything: disarmed until output waits again
+        left = since + self._seconds - self._clock.seconds()
+        if left > 0:  # it moved meanwhile: its allowance counts from the last move
+            self._sweeper.set(self, left)
+            return
+        self._stalled()
+
+
+__all__ = ["RESOLUTION", "ClientDeadline", "Stage", "WriteStall", "client_sweeper"]

@@ -21,6 +21,7 @@ import time
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -39,7 +40,9 @@ from esmtpfa.smtp import sasl
 from esmtpfa.smtp.address import PathArgument, parse_path_argument
 from esmtpfa.smtp.data import ChunkReader, DataReader
 from esmtpfa.smtp.interfaces import IMessageDelivery
-from esmtpfa.smtp.deadlines import ClientDeadline, Stage
+from esmtpfa.smtp.deadlines import ClientDeadline, Stage, WriteStall
+from esmtpfa.transport import (
+    connection_of, limit_send_buffer, output_waiting, output_waiting_since)
 
 log = logger("esmtpfa.smtp")
 
@@ -118,6 +121,11 @@ class ESMTPServer(Protocol):
     read them, it pauses the session, which stops executing commands and stops reading
     the socket until the replies drain.  A client that pipelines and never reads thus
     costs a bounded amount of memory and ends by its deadline (finding 4).
+
+    What it costs in the kernel is bounded too (``docs/smtp-limits.md``, "Clients that
+    do not read"): the socket's send buffer is fixed at ``send_buffer`` octets instead of
+    growing to megabytes, and output that has not moved for ``write_stall_timeout``
+    (``deadlines.WriteStall``) ends the connection, long before its stage would.
     """
 
     def __init__(self, factory):
@@ -152,6 +160,11 @@ class ESMTPServer(Protocol):
         self._context = ConnectionContext(connection_id=self.id, protocol="smtp")
         self._deadline = ClientDeadline(factory.deadlines, factory.reactor, self.settings,
                                         self.timeoutConnection)
+        #: The TCP connection under any wrappers (set by connectionMade).
+        self._connection: FileDescriptor | None = None
+        self._stall = WriteStall(factory.deadlines, factory.reactor,
+                                 self.settings.write_stall_timeout,
+                                 self._output_waiting_since, self.writeStalled)
         self._abort_call = None  # the bounded grace of a close in progress
         self._draining = False  # the relay shuts down: no new transaction (drain())
         self._finishing = False  # the message is with the relay, its verdict awaited
@@ -159,6 +172,8 @@ class ESMTPServer(Protocol):
     # -- connection ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._connection = connection_of(self.transport)
+        limit_send_buffer(self.transport, self.settings.send_buffer)
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self._context = self._context.evolve(
             peer_host=getattr(peer, "host", ""), peer_port=getattr(peer, "port", 0),
@@ -221,6 +236,7 @@ class ESMTPServer(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._deadline.stop()
+        self._stall.stop()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -246,6 +262,20 @@ class ESMTPServer(Protocol):
             return
         self._reply(TIMEOUTS[stage])
         self._close()
+
+    def _output_waiting_since(self) -> float | None:
+        return output_waiting_since(self._connection)
+
+    def writeStalled(self) -> None:
+        """The client has read none of our waiting replies for ``write_stall_timeout``
+        seconds: abort (a 421 would only queue behind them)."""
+        connection = self._connection
+        log.info("{connection_id} write stall: client read nothing for {seconds:g} s "
+                 "with {octets} octets waiting, aborting", connection_id=self.id,
+                 seconds=self.settings.write_stall_timeout,
+                 octets=0 if connection is None else output_waiting(connection))
+        self._closing = True
+        self._abort()
 
     # -- shutdown (the factory's drain; docs/smtp-limits.md, "Shutdown") ---------------
 
@@ -311,6 +341,7 @@ class ESMTPServer(Protocol):
             self._out = []
             self._held = 0
             self.transport.write(data)
+            self._stall.check()
 
     def _reply(self, reply: Reply) -> None:
         self._write(reply.to_bytes())

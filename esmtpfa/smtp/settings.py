@@ -28,6 +28,12 @@ class ServerSettings:
     #: Octets per second message data must average beyond ``command_timeout``
     #: (Postfix's smtpd_min_data_rate has the same default).
     min_data_rate: int = 500
+    #: Seconds replies may wait, unread, in a full send buffer before the connection is
+    #: aborted (0: never); a client that reads never meets it (docs/smtp-limits.md).
+    write_stall_timeout: float = 30.0
+    #: SO_SNDBUF of client sockets, in octets (0: the kernel's own sizing): several
+    #: times the largest burst of replies one pipelined command group gets.
+    send_buffer: int = 16 * 1024
     allow_insecure_auth: bool = False
     allow_anonymous: bool = False
     smtputf8: bool = False

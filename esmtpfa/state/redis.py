@@ -18,15 +18,20 @@ still see one timeline, and timestamps in a list stay in order.  Tests may pass 
 
 Every key expires: failure lists one window after their last failure, rate windows two
 windows after their last use, reservations ``RESERVATION_TTL`` after the last one.  The
-one exception is the identity digest's key (16 random octets, made once by whichever
-relay comes first): changing it would re-key every identity under the relays' feet.
+one exception is the identity digest's key (16 random octets, made by whichever relay
+comes first).  Every script carries the key its relay uses and checks it against the
+stored one before it counts anything (``_DIGEST_CHECK``): a Redis that lost it (restarted
+empty) gets it back from the first relay that asks, and a relay whose key differs from
+the stored one is told to fetch it again instead of counting apart.  So the relays of
+one Redis always count under one key, whichever of them asks first after a restart
+(docs/shared-state.md, "When Redis restarts").
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -38,7 +43,7 @@ from esmtpfa.logs import logger
 from esmtpfa.ratelimit import Exceeded
 from esmtpfa.state.guard import FailurePolicy, GuardedLoginLedger, GuardedRateLedger
 from esmtpfa.state.interfaces import ILoginLedger, IRateLedger, StateUnavailable
-from esmtpfa.state.resp import RedisClient, RedisURL, Script
+from esmtpfa.state.resp import RedisClient, RedisError, RedisURL, Script
 
 log = logger("esmtpfa.state")
 
@@ -49,7 +54,27 @@ log = logger("esmtpfa.state")
 RESERVATION_TTL = 900
 
 # -- Lua --------------------------------------------------------------------------------
-# ARGV[1] is the time: "" for the server's TIME (production), else seconds as text.
+# Every ledger script starts with _DIGEST_CHECK: KEYS[1] is the digest key's key and
+# ARGV[1] the key this relay digests identities with.  It then sees its own keys and
+# arguments from 1, as written below: ARGV[1] is the time, "" for the server's TIME
+# (production), else seconds as text.
+
+#: The error code of a script whose relay holds another digest key than Redis does.
+REKEY = "ESMTPFA-REKEY"
+
+# Missing (Redis restarted empty, or the key was deleted): this relay's key is put back,
+# so every relay that survived the restart keeps counting where it did.  Different (a
+# relay that never had a key made a new one first): nothing is counted, the relay
+# fetches the stored key and asks again.
+_DIGEST_CHECK = """
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  redis.call('SET', KEYS[1], ARGV[1])
+elseif stored ~= ARGV[1] then
+  return redis.error_reply('""" + REKEY + """ the identity digest key in Redis is another')
+end
+local KEYS, ARGV = {unpack(KEYS, 2)}, {unpack(ARGV, 2)}
+"""
 
 _CLOCK = """
 local now, stamp
@@ -78,7 +103,7 @@ end
 
 # KEYS: address, then (identity, pair) for each identity.  ARGV: now, window,
 # per_address, per_identity.  Returns 0 (asked), 1 (address refused), 2 (identity).
-LOGIN_REFUSAL = Script(_CLOCK + _RECENT + """
+LOGIN_REFUSAL = Script(_DIGEST_CHECK + _CLOCK + _RECENT + """
 if recent(KEYS[1]) >= tonumber(ARGV[3]) then return 1 end
 local per_identity = tonumber(ARGV[4])
 for i = 2, #KEYS, 2 do
@@ -89,7 +114,7 @@ return 0
 
 # KEYS as LOGIN_REFUSAL.  ARGV: now, window, ttl_ms, depth of address, identity, pair
 # lists.  Returns each identity's failures within the window, this one included.
-LOGIN_FAILED = Script(_CLOCK + _RECENT + """
+LOGIN_FAILED = Script(_DIGEST_CHECK + _CLOCK + _RECENT + """
 local ttl = tonumber(ARGV[3])
 local function push(key, depth)
   recent(key)
@@ -109,7 +134,7 @@ return counts
 
 # KEYS: identity, pair.  ARGV: now, window.  The pair's failures are taken back from
 # the identity's, each once; the pair is forgotten.
-LOGIN_SUCCEEDED = Script(_CLOCK + _RECENT + """
+LOGIN_SUCCEEDED = Script(_DIGEST_CHECK + _CLOCK + _RECENT + """
 if recent(KEYS[2]) > 0 then
   for _, stamp in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     redis.call('LREM', KEYS[1], 1, stamp)
@@ -156,7 +181,7 @@ end
 
 # KEYS: counter, reservations.  ARGV: now, window, count, n, reservation ttl.
 # Returns {1} (reserved) or {0, retry_after as text}.
-RATE_TAKE = Script(_CLOCK + _COUNTER + """
+RATE_TAKE = Script(_DIGEST_CHECK + _CLOCK + _COUNTER + """
 local limit, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 local reserved = held()
 local estimate = prev * (1.0 - (now - start) / window) + cur + reserved
@@ -181,7 +206,7 @@ return answer
 """)
 
 # KEYS: counter, reservations.  ARGV: now, window, n, count (1: they count), ttl.
-RATE_GIVE = Script(_CLOCK + _COUNTER + """
+RATE_GIVE = Script(_DIGEST_CHECK + _CLOCK + _COUNTER + """
 local n = tonumber(ARGV[3])
 held()
 local left = n
@@ -211,11 +236,13 @@ return redis.call('GET', KEYS[1])
 
 class RedisState:
     """What the Redis ledgers of one relay share: the client, the key prefix, the
-    identity digest (its key fetched once from Redis and cached), the time source."""
+    identity digest (its key fetched from Redis, cached, and checked by every script),
+    the time source."""
 
     def __init__(self, client: RedisClient, *, prefix: str = "", clock=None):
         self.client = client
         self.prefix = "esmtpfa:" + (prefix + ":" if prefix else "")
+        self.digest_key = self.prefix + "digest-key"
         self.clock = clock
         self._digest: IdentityDigest | None = None
         self._waiters: list[defer.Deferred] = []
@@ -227,16 +254,40 @@ class RedisState:
             ) -> defer.Deferred:
         return self.client.evalsha(script, keys, args)
 
+    def call(self, script: Script, keys: Callable[[IdentityDigest], Sequence[str]],
+             args: Sequence) -> defer.Deferred:
+        """Run a ledger script (one that starts with ``_DIGEST_CHECK``) on the keys
+        ``keys(digest)`` names.  When Redis holds another digest key than ours, ours is
+        dropped, the stored one fetched, and the script run once more with it."""
+        def run(digest: IdentityDigest) -> defer.Deferred:
+            return self.run(script, [self.digest_key, *keys(digest)],
+                            [digest.key.hex(), *args])
+
+        def rekey(failure: Failure, used: IdentityDigest):
+            failure.trap(RedisError)
+            if failure.value.code != REKEY:
+                return failure
+            if self._digest is used:
+                self._digest = None
+                log.info("the identity digest key in Redis is not the one this relay "
+                         "had (another relay made it after Redis lost it): using the "
+                         "stored one")
+            return self.digest().addCallback(run)
+
+        def first(digest: IdentityDigest) -> defer.Deferred:
+            return run(digest).addErrback(rekey, digest)
+        return self.digest().addCallback(first)
+
     def digest(self) -> defer.Deferred:
         """Fires with the ``IdentityDigest`` whose key every relay on this Redis uses:
-        the first relay's random key (``SET NX``), fetched once and cached.  A failed
-        fetch is tried again by the next operation."""
+        the stored key, or this relay's random one when none is stored (``SET NX``),
+        fetched once and cached.  A failed fetch is tried again by the next operation."""
         if self._digest is not None:
             return defer.succeed(self._digest)
         waiter: defer.Deferred = defer.Deferred()
         self._waiters.append(waiter)
         if len(self._waiters) == 1:
-            self.run(DIGEST_KEY, [self.prefix + "digest-key"], [os.urandom(16).hex()]
+            self.run(DIGEST_KEY, [self.digest_key], [os.urandom(16).hex()]
                      ).addCallback(self._fetched).addBoth(self._answer_waiters)
         return waiter
 
@@ -282,26 +333,22 @@ class RedisLoginLedger:
         return keys
 
     def refusal(self, address: str, identities: Sequence[str]) -> defer.Deferred:
-        def ask(digest):
-            return self.state.run(LOGIN_REFUSAL, self._keys(digest, address, identities),
-                                  [self.state.now(), self.window, self.per_address,
-                                   self.per_identity])
-        return self.state.digest().addCallback(ask).addCallback(_REFUSALS.__getitem__)
+        return self.state.call(
+            LOGIN_REFUSAL, lambda digest: self._keys(digest, address, identities),
+            [self.state.now(), self.window, self.per_address, self.per_identity]
+        ).addCallback(_REFUSALS.__getitem__)
 
     def failed(self, address: str, identities: Sequence[str]) -> defer.Deferred:
-        def count(digest):
-            return self.state.run(LOGIN_FAILED, self._keys(digest, address, identities),
-                                  [self.state.now(), self.window, self.ttl_ms,
-                                   self.address_depth, self.identity_depth,
-                                   self.pair_depth])
-        return self.state.digest().addCallback(count).addCallback(
-            lambda counts: [int(n) for n in counts])
+        return self.state.call(
+            LOGIN_FAILED, lambda digest: self._keys(digest, address, identities),
+            [self.state.now(), self.window, self.ttl_ms, self.address_depth,
+             self.identity_depth, self.pair_depth]
+        ).addCallback(lambda counts: [int(n) for n in counts])
 
     def succeeded(self, address: str, identity: str) -> defer.Deferred:
-        def forget(digest):
-            keys = self._keys(digest, address, [identity])[1:]
-            return self.state.run(LOGIN_SUCCEEDED, keys, [self.state.now(), self.window])
-        return self.state.digest().addCallback(forget).addCallback(lambda _: None)
+        return self.state.call(
+            LOGIN_SUCCEEDED, lambda digest: self._keys(digest, address, [identity])[1:],
+            [self.state.now(), self.window]).addCallback(lambda _: None)
 
 
 _REFUSALS = {
@@ -325,23 +372,20 @@ class RedisRateLedger:
         return [base, base + ":held"]
 
     def take(self, key: str, kind: str, limit, n: int) -> defer.Deferred:
-        def ask(digest):
-            return self.state.run(RATE_TAKE, self._keys(digest, key, kind),
-                                  [self.state.now(), float(limit.window), limit.count, int(n),
-                                   self.reservation_ttl])
-
         def answered(reply):
             if int(reply[0]) == 1:
                 return None
             raise Exceeded(kind, limit, float(reply[1]))
-        return self.state.digest().addCallback(ask).addCallback(answered)
+        return self.state.call(
+            RATE_TAKE, lambda digest: self._keys(digest, key, kind),
+            [self.state.now(), float(limit.window), limit.count, int(n),
+             self.reservation_ttl]).addCallback(answered)
 
     def give(self, key: str, kind: str, limit, n: int, count: bool) -> defer.Deferred:
-        def settle(digest):
-            return self.state.run(RATE_GIVE, self._keys(digest, key, kind),
-                                  [self.state.now(), float(limit.window), int(n),
-                                   1 if count else 0, self.reservation_ttl])
-        return self.state.digest().addCallback(settle).addCallback(lambda _: None)
+        return self.state.call(
+            RATE_GIVE, lambda digest: self._keys(digest, key, kind),
+            [self.state.now(), float(limit.window), int(n), 1 if count else 0,
+             self.reservation_ttl]).addCallback(lambda _: None)
 
 
 class _StateService(Service):
@@ -373,17 +417,20 @@ def ledgers_from_options(options, reactor, observer=None, parent=None):
         window=options["auth-failure-window"],
         depth=identity_depth(per_identity, options["auth-failure-max-delay"]))
     rates = RedisRateLedger(state)
-    # The client bounds every request by ``timeout``; this only catches what it cannot.
+    # One decision waits at most ``timeout`` in all, however many round trips it needs
+    # (the digest key's fetch, a script's source after NOSCRIPT): the client bounds each
+    # request, the policy the decision.
     policy = FailurePolicy(options["state-failure"], reactor, observer=observer,
-                           timeout=2 * timeout + 1.0)
+                           timeout=timeout, store=f"Redis at {url.redacted}")
     if parent is not None:
         _StateService(client, policy).setServiceParent(parent)
     log.info("login throttle and sending rates shared through Redis at {url} (timeout "
              "{timeout:g} s, failing {policy})", url=url.redacted, timeout=timeout,
              policy=options["state-failure"])
-    return GuardedLoginLedger(login, policy), GuardedRateLedger(rates, policy)
+    return (GuardedLoginLedger(login, policy, depth=login.identity_depth),
+            GuardedRateLedger(rates, policy))
 
 
 __all__ = ["LOGIN_FAILED", "LOGIN_REFUSAL", "LOGIN_SUCCEEDED", "RATE_GIVE", "RATE_TAKE",
-           "RESERVATION_TTL", "RedisLoginLedger", "RedisRateLedger", "RedisState",
+           "REKEY", "RESERVATION_TTL", "RedisLoginLedger", "RedisRateLedger", "RedisState",
            "ledgers_from_options"]

@@ -8,6 +8,8 @@ instead, set when the phase starts and never moved by incoming data:
 
 * the request head must be complete ``header_timeout`` seconds after the connection
   opened (TLS handshake included) or, on a kept-alive connection, after its first byte;
+  near the listener's cap, a new connection's TLS handshake and first byte must come
+  within ``busy_timeout`` (``web/limits.py``);
 * the body must keep up with ``min_body_rate`` after a ``body_timeout`` allowance;
 * a kept-alive connection may stay silent ``idle_timeout`` seconds between requests, and
   a client that does not read an answer gets as long before the connection ends;
@@ -36,6 +38,7 @@ from esmtpfa import internals
 from esmtpfa.ids import new_id
 from esmtpfa.logs import logger
 from esmtpfa.timeouts import Deadline
+from esmtpfa.transport import limit_send_buffer
 from esmtpfa.web.errors import HTTPError, raw_response, send_error
 
 log = logger("esmtpfa.web")
@@ -77,6 +80,10 @@ class GuardedChannel(HTTPChannel):
     _body_received = 0
     _drain_left = 0
     _drain_all = False
+    _connected_at = 0.0
+    _first_byte = False  # any byte of a request has arrived on this connection
+    #: A request on this connection logged in: it is a client's, not a squatter's.
+    logged_in = False
 
     # -- phases ----------------------------------------------------------------------
 
@@ -84,8 +91,10 @@ class GuardedChannel(HTTPChannel):
         self.connection_id = new_id()
         self._clock = self.site.reactor
         self._deadline = Deadline(self._clock, self._expired)
+        limit_send_buffer(self.transport, self.site.send_buffer)  # docs/smtp-limits.md
+        self._connected_at = self._clock.seconds()
         super().connectionMade()
-        self._enter(Phase.HEAD, self.site.limits.header_timeout)
+        self._enter(Phase.HEAD, self.site.limits.first_byte_timeout(self.site.load()))
 
     def _enter(self, phase: Phase, seconds: float | None = None) -> None:
         self._phase = phase
@@ -111,6 +120,17 @@ class GuardedChannel(HTTPChannel):
         """Who the current request logged in as (for log lines); None here."""
         return None
 
+    @property
+    def evictable(self) -> bool:
+        """Waiting for a request, and no request of it ever logged in: what a listener
+        at its cap may close for a new connection (``web/limits.py``)."""
+        return self._phase in (Phase.HEAD, Phase.IDLE) and not self.logged_in
+
+    def evicted(self) -> None:
+        """The listener gave this connection's slot to a newer one: abort (it was
+        waiting for a request, so no answer is cut short)."""
+        self.abort(f"{self._phase.value}: closed for a new connection at the cap")
+
     def dataReceived(self, data: bytes) -> None:
         if self._phase in ENDING:
             self._drop(data)
@@ -119,6 +139,12 @@ class GuardedChannel(HTTPChannel):
             self._enter(Phase.HEAD, self.site.limits.header_timeout)
         if self._phase is Phase.HEAD:
             self._head_started = True
+            if not self._first_byte:
+                # The first byte ends the first-byte deadline; the head still has to
+                # be complete ``header_timeout`` after the connection opened.
+                self._first_byte = True
+                self._enter(Phase.HEAD, self._connected_at +
+                            self.site.limits.header_timeout - self._clock.seconds())
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -272,9 +298,12 @@ class GuardedChannel(HTTPChannel):
         elif phase is Phase.HEAD and self._head_started:
             self.refuse(HTTPError(408, f"request head not received within "
                                        f"{self.site.limits.header_timeout:g} s"), drain=0)
+        elif phase is Phase.HEAD:  # nothing at all came (or no TLS handshake)
+            self.site.request_log.closed(self.connection_id, self.peer, phase.value)
+            # Nothing was written, so nothing is lost by an abort, and the slot is free
+            # now rather than after a TLS close that waits for the handshake.
+            self.abort("nothing received in time")
         else:
-            if phase is Phase.HEAD:  # nothing at all came (or no TLS handshake)
-                self.site.request_log.closed(self.connection_id, self.peer, phase.value)
             self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:

@@ -10,6 +10,20 @@ The caps are also held to a share of the process's open-file limit
 (``RLIMIT_NOFILE``): each HTTP listener gets at most ``1 / DESCRIPTOR_SHARE`` of it
 whatever the flags say, so the two HTTP listeners together can never take more than a
 quarter of the descriptors, and SMTP keeps the rest.
+
+A cap full of silent connections must not keep a real client out, and holding it must
+cost an attacker more than it costs the relay (docs/http-limits.md, "Near the cap").
+Two rules, both on the count of this process's own connections on the listener:
+
+* **busy**: once a listener holds ``BUSY_SHARE`` of its cap, a new connection gets
+  ``busy_timeout`` instead of ``header_timeout`` for its TLS handshake and the first
+  byte of its request (``HTTPLimits.first_byte_timeout``);
+* **at the cap**: a new connection over the total cap closes the oldest connection
+  that is waiting for a request and never logged in (``GuardedChannel.evictable``),
+  and takes its slot.  RFC 9112 (section "Persistence") lets a server close an idle
+  connection at any time; a client retries on a new one.  The per-address cap still
+  refuses: closing one of an address's connections for another of the same address
+  gains nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +44,15 @@ from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")
 
+#: The ledgers' reason for a connection over the total cap (``ConnectionLimits``).
+TOTAL = "total limit"
+
 #: Each HTTP listener may hold at most this fraction (1/n) of the open-file limit.
 DESCRIPTOR_SHARE = 8
+#: From this share of its cap on, a listener gives new connections ``busy_timeout``
+#: for their first byte: early enough that connections opened meanwhile are short-lived
+#: by the time the cap is reached.
+BUSY_SHARE = 0.75
 
 
 def descriptor_limit() -> int | None:
@@ -49,6 +70,8 @@ class HTTPLimits:
     min_body_rate: float = 4096.0  # octets per second the body must average
     idle_timeout: float = 15.0  # kept alive between requests, or an answer left unread
     close_grace: float = 5.0  # a polite close that has not completed by then is aborted
+    busy_timeout: float = 2.0  # TLS handshake and first byte, near the cap
+
 
     @classmethod
     def from_options(cls, options: Any) -> "HTTPLimits":
@@ -59,7 +82,16 @@ class HTTPLimits:
             body_timeout=options["http-body-timeout"],
             min_body_rate=float(options["http-min-body-rate"]),
             idle_timeout=options["http-idle-timeout"],
-            close_grace=options["http-close-grace"])
+            close_grace=options["http-close-grace"],
+            busy_timeout=options["http-busy-timeout"])
+
+    def first_byte_timeout(self, load: float) -> float:
+        """Seconds a new connection gets for its TLS handshake and first request byte,
+        when its listener holds ``load`` (a share) of its cap.  Under ``BUSY_SHARE`` it
+        is the head deadline itself: a quiet listener treats every client alike."""
+        if load < BUSY_SHARE:
+            return self.header_timeout
+        return min(self.busy_timeout, self.header_timeout)
 
     def body_deadline(self, started: float, received: int) -> float:
         """When a body that started at ``started`` and brought ``received`` octets so far
@@ -97,6 +129,7 @@ class CountedConnection(ProtocolWrapper):
     host = ""
     admitted = True
     decision: Any = None  # the pending answer of a ledger in another process
+    released = False  # its slot was given to another connection (``evict``)
 
     def makeConnection(self, transport) -> None:
         if self.decision is None:
@@ -108,10 +141,14 @@ class CountedConnection(ProtocolWrapper):
         decision, self.decision = self.decision, None
         decision.addCallbacks(self._decided, self._unknown)
 
-    def _decided(self, reason: str | None) -> None:
+    def _decided(self, reason: str | None, may_evict: bool = True) -> None:
         if not self.connected:  # gone while the count was asked
             if reason is None:
                 self.factory.limits.release(self.host)
+            return
+        if reason == TOTAL and may_evict and self.factory.evict_one():
+            self.factory.limits.refusal(self.host).addCallbacks(  # once more, freed
+                self._decided, self._unknown, callbackArgs=(False,))
             return
         if reason is not None:
             self.factory.requests.over_cap(self.factory.name, self.host)
@@ -138,6 +175,25 @@ class CountedConnection(ProtocolWrapper):
         else:
             self.connected = False
 
+    def channel(self) -> Any:
+        """The HTTP channel under this wrapper (and TLS, if any); None before it has
+        one."""
+        protocol = self.wrappedProtocol
+        while protocol is not None and not hasattr(protocol, "evictable"):
+            protocol = getattr(protocol, "wrappedProtocol", None)
+        return protocol
+
+    def evict(self) -> None:
+        """Give this connection's slot up now, and abort it: the slot goes to a new
+        connection at once, not when the abort completes (a reactor turn later)."""
+        self.released = True
+        self.factory.limits.release(self.host)
+        channel = self.channel()
+        if channel is not None:
+            channel.evicted()
+        else:
+            self.transport.abortConnection()
+
 
 class CappedFactory(WrappingFactory):
     """Admits a connection only under the total and per-address caps; others are closed
@@ -160,7 +216,12 @@ class CappedFactory(WrappingFactory):
         if decision.called:
             refused: list = []
             decision.addBoth(refused.append)
-            if refused[0] is not None:  # a reason, or a failure to count
+            if refused[0] == TOTAL and self.evict_one():
+                refused.clear()
+                decision = self.limits.refusal(host)  # once more, with the slot freed
+                if decision.called:
+                    decision.addBoth(refused.append)
+            if refused and refused[0] is not None:  # a reason, or a failure to count
                 self.requests.over_cap(self.name, host)
                 return None
         try:
@@ -177,10 +238,32 @@ class CappedFactory(WrappingFactory):
 
     def unregisterProtocol(self, protocol: CountedConnection) -> None:
         super().unregisterProtocol(protocol)
-        self.limits.release(protocol.host)
+        if not protocol.released:
+            self.limits.release(protocol.host)
+
+    def load(self) -> float:
+        """The share of the total cap this listener's connections in this process hold
+        (with workers each counts its own: a lower bound of the listener's)."""
+        return len(self.protocols) / max(self.limits.total, 1)
+
+    def evict_one(self) -> bool:
+        """Close the oldest connection that waits for a request and never logged in,
+        giving its slot up; False when every connection is at work.  ``protocols`` is
+        kept in the order connections were admitted, so the scan starts at the oldest
+        and, under a flood of silent connections, stops at once."""
+        for protocol in self.protocols:
+            if protocol.released:
+                continue
+            channel = protocol.channel()
+            if channel is not None and channel.evictable:
+                self.requests.evicted(self.name, protocol.host)
+                protocol.evict()
+                return True
+        return False
 
     def logPrefix(self) -> str:
         return self.name
 
 
-__all__ = ["CappedFactory", "DESCRIPTOR_SHARE", "HTTPLimits", "descriptor_limit"]
+__all__ = ["BUSY_SHARE", "DESCRIPTOR_SHARE", "CappedFactory", "HTTPLimits",
+           "descriptor_limit"]

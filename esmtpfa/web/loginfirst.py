@@ -129,6 +129,7 @@ class SubmissionChannel(GuardedChannel):
             login.logout()
             return
         request.logged_in(login)
+        self.logged_in = True
         if self.length is not None and self.length > self.site.max_body:
             self.refuse(self.site.too_large(), drain=DRAIN_AUTHENTICATED)
             return

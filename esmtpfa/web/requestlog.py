@@ -64,6 +64,14 @@ class RequestLog:
         self._floods.record("connection cap", "{listener} connection from [{peer}] refused: "
                             "connection limit reached", listener=listener, peer=peer)
 
+    def evicted(self, listener: str, peer: str) -> None:
+        """A connection waiting for a request was closed for a new one (the cap was
+        reached): a flood's doing, so summed up."""
+        self._floods.record("closed for a new connection", "{listener} connection from "
+                            "[{peer}] closed: the connection limit was reached and it "
+                            "was the oldest waiting for a request", listener=listener,
+                            peer=peer)
+
     def count_unavailable(self, listener: str, peer: str, error: str) -> None:
         """A connection closed because its count could not be had (workers: the
         supervisor did not answer in time); summed up like the floods, since an outage

@@ -32,6 +32,7 @@ from esmtpfa.web.limits import CappedFactory, HTTPLimits
 from esmtpfa.web.login import HeaderLogin
 from esmtpfa.web.loginfirst import SubmissionChannel, SubmissionRequest
 from esmtpfa.web.requestlog import RequestLog
+from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.web.submission import SubmissionResource, body_limit, too_large
 
 #: The metrics listener serves GETs: a body beyond this is refused unread.
@@ -46,6 +47,9 @@ class GuardedSite(Site):
     protocol = GuardedChannel
     requestFactory = GuardedRequest
     noisy = False
+    #: SO_SNDBUF of client sockets (docs/smtp-limits.md, "Clients that do not read");
+    #: the submission listener takes ``--client-send-buffer``.
+    send_buffer = ServerSettings.send_buffer
 
     def __init__(self, resource: Resource, *, limits: HTTPLimits, max_body: int,
                  too_large_message: str, request_log: RequestLog, reactor: Any = None):
@@ -55,6 +59,8 @@ class GuardedSite(Site):
         self.max_body = max_body
         self.too_large_message = too_large_message
         self.request_log = request_log
+        #: The share of its cap the listener holds (set by ``capped``; 0 without caps).
+        self.load: Callable[[], float] = lambda: 0.0
 
     def too_large(self) -> HTTPError:
         return HTTPError(413, self.too_large_message)
@@ -79,8 +85,10 @@ def capped(site: GuardedSite, name: str, tls_options: Any = None,
     ``connections`` when given (a worker's: the supervisor counts for all workers)."""
     factory: Any = site if tls_options is None else TLSMemoryBIOFactory(
         tls_options, False, site)
-    return CappedFactory(factory, connections or site.limits.connection_limits(name),
-                         site.request_log, name)
+    capped_factory = CappedFactory(
+        factory, connections or site.limits.connection_limits(name), site.request_log, name)
+    site.load = capped_factory.load
+    return capped_factory
 
 
 # -- submission ----------------------------------------------------------------------------
@@ -102,10 +110,12 @@ def submission_site(portal, settings, *, allow_anonymous: bool,
     request_log = RequestLog("HTTP submission", reactor)
     resource = SubmissionResource(settings, header_login=header_login,
                                   request_log=request_log)
-    return SubmissionSite(
+    site = SubmissionSite(
         resource, header_login=header_login, limits=limits or HTTPLimits(),
         max_body=body_limit(settings), too_large_message=too_large(settings).message,
         request_log=request_log, reactor=reactor)
+    site.send_buffer = settings.send_buffer
+    return site
 
 
 def submission_listener(portal, settings, *, allow_anonymous: bool, limits: HTTPLimits,

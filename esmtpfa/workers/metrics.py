@@ -2,19 +2,20 @@
 
 Each worker keeps its own registry (``esmtpfa.metrics.RelayMetrics``), live collectors
 included; on a scrape the supervisor asks every worker for a ``snapshot`` (plain data
-over the control channel) and merges them.  Why not prometheus_client's multiprocess
-mode: its values live in files that every increment writes through, its live gauges
-cannot run collectors that read objects at scrape time (providers, open connections),
-and it needs an environment variable set before the library is imported.  Merging a
-few hundred samples per scrape costs less than any of that, and only when scraped.
+over the control channel) and merges them.  The scrape does not read prometheus_client's
+multiprocess files: collectors that read live objects at scrape time (providers, open
+connections) have no file, and the merge rules below need each worker's own values.
+
+What a worker counts must outlive it, even a SIGKILL right after a 250: the supervisor
+starts every worker in prometheus_client's multiprocess mode, in a directory of its own
+(``CountFiles``), so each increment is written to a memory-mapped file, in the kernel's
+page cache the moment it is made.  When a worker dies, the supervisor reads that
+worker's counters and histograms from its files, adds them to what it keeps for the
+retired (``RetiredCounts``) and removes the files.  Sums only grow, and lose nothing.
 
 How samples merge (docs/metrics.md, "Workers"):
 
-* counters and histograms **add up** over workers.  A worker that dies takes its counts
-  with it, which would make the sums go backwards; the supervisor adds the last
-  snapshot it had of that worker to what it keeps for the retired
-  (``RetiredCounts``), so sums only grow (by at most what the dead worker counted since
-  the last scrape: that much is lost);
+* counters and histograms **add up** over workers, the retired included;
 * gauges add up (open connections), except those every worker reports the same way:
   ``configured_providers``, the reload timestamp and the spool's gauges (every worker
   reads the same spool) take the highest value,
@@ -26,10 +27,13 @@ How samples merge (docs/metrics.md, "Workers"):
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import OrderedDict
 from typing import Any, Iterable
 
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 
 #: Metric names (without namespace) merged by highest or lowest value instead of a sum.
@@ -88,6 +92,60 @@ def merge(snapshots: Iterable[Snapshot], namespace: str = "") -> list[Metric]:
     return merged
 
 
+class CountFiles:
+    """The directory where the workers' values live in memory-mapped files
+    (prometheus_client's multiprocess mode), private to one supervisor.
+
+    prometheus_client picks the mode when it is imported, from ``PROMETHEUS_MULTIPROC_DIR``
+    (``environment()``): set for the workers, which the supervisor starts, never for the
+    supervisor itself, whose registry stays in memory.  The files of one process are
+    named ``<kind>_<pid>.db``; the supervisor reads a dead worker's files and removes
+    them before any new worker starts, so a reused pid begins at zero."""
+
+    VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+    #: The kinds of file that hold counters and histograms (gauges are read live).
+    COUNTED = ("counter", "histogram")
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def create(cls) -> CountFiles:
+        """A new, empty directory that only this user may enter."""
+        return cls(tempfile.mkdtemp(prefix="esmtpfa-metrics-"))  # mode 0700
+
+    def environment(self) -> dict[str, str]:
+        return {self.VARIABLE: self.path}
+
+    def counts_of(self, pid: int) -> Snapshot:
+        """What process ``pid`` counted, to its last increment, as a snapshot."""
+        paths = [os.path.join(self.path, f"{kind}_{pid}.db") for kind in self.COUNTED]
+        present = [path for path in paths if os.path.exists(path)]
+        return snapshot(MultiProcessCollector.merge(present, accumulate=True))
+
+    def forget(self, pid: int) -> None:
+        """Remove the files of process ``pid`` (every kind, gauges included)."""
+        suffix = f"_{pid}.db"
+        for name in os.listdir(self.path):
+            if name.endswith(suffix):
+                _remove(os.path.join(self.path, name))
+
+    def remove(self) -> None:
+        for name in os.listdir(self.path):
+            _remove(os.path.join(self.path, name))
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class RetiredCounts:
     """What workers that are gone had counted (counters and histograms only), so the
     merged sums never go backwards when a worker is replaced."""
@@ -108,4 +166,4 @@ class RetiredCounts:
         return self._merged
 
 
-__all__ = ["RetiredCounts", "merge", "snapshot"]
+__all__ = ["CountFiles", "RetiredCounts", "merge", "snapshot"]

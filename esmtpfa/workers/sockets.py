@@ -1,19 +1,26 @@
-"""Listening sockets the supervisor opens once and its workers adopt (docs/workers.md).
+"""Listening sockets the supervisor opens once and every worker adopts (docs/workers.md).
 
-For each listener the supervisor binds one socket per worker slot, all on the same
-address and port with ``SO_REUSEPORT``, and keeps them open for its whole life; worker
-*k* adopts the socket of slot *k* (``IReactorSocket.adoptStreamPort``).  Why this shape:
+For each listener the supervisor binds one socket and keeps it open for its whole life;
+every worker adopts it (``IReactorSocket.adoptStreamPort``) and accepts from it, as
+Postfix's master hands one listening socket to all the processes of a service.  Why this
+shape:
 
-* the kernel spreads new connections over the slots' sockets by a hash of the client's
-  address and port, so the workers share the load evenly without any process handing
-  connections around, and without one worker's accept loop taking a whole burst;
+* a worker that stops accepting (a stuck reactor, SIGSTOP) simply stops taking: the
+  kernel queues every new connection on the one socket and whichever worker runs next
+  accepts it.  With one ``SO_REUSEPORT`` socket per worker the kernel went on sending
+  that worker its share, and those clients waited until it was killed and replaced;
+* a worker takes connections when its reactor is free to, so a busy worker takes fewer;
+  the price is that every worker waiting in ``epoll`` wakes for each new connection and
+  all but one find nothing to accept (Twisted does not ask for ``EPOLLEXCLUSIVE``): a
+  few system calls per worker and connection, for the handful of workers a host has;
 * the supervisor binds, so a port in use, a privileged port or a bad address stops the
-  relay at startup with one message, as with one process, and workers never bind (Linux
-  lets only sockets of the same user join a ``SO_REUSEPORT`` group);
-* a worker that dies leaves its socket open in the supervisor: connections the kernel
-  queued for that slot wait for the restarted worker instead of being reset.
+  relay at startup with one message, as with one process, and workers never bind;
+* a worker that dies takes nothing with it: the socket stays open in the supervisor
+  and the other workers, which accept what it would have.
 
-A worker adopts a socket and closes its inherited copy (adoption duplicates it).
+A worker adopts the socket and closes its inherited copy (adoption duplicates it).  A
+worker that stops listening closes its own copy without ``shutdown()`` (Twisted does not
+shut down an adopted socket), which would stop the listening socket for every process.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from esmtpfa.transport import write_through
 
 log = logger("esmtpfa.workers")
 
-#: Connections the kernel may queue per slot before the worker accepts them.
+#: Connections the kernel may queue before some worker accepts them.
 BACKLOG = 511
 
 
@@ -47,37 +54,31 @@ def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def bind_group(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on ``host``/``port`` in one ``SO_REUSEPORT`` group.
+def bind_listener(host: str, port: int) -> socket.socket:
+    """One listening socket on ``host``/``port`` for every worker to accept from.
 
-    Port 0 takes a free port for the first socket and the same port for the others.
-    On a dual-stack ``::`` the IPv6 sockets accept IPv4 too, as one process's would.
-    Raises ``OSError`` (closing what it opened) when the address cannot be bound."""
+    Port 0 takes a free port.  On a dual-stack ``::`` the socket accepts IPv4 too, as
+    one process's would.  Raises ``OSError`` (closing what it opened) when the address
+    cannot be bound."""
     family = family_of(host)
-    sockets: list[socket.socket] = []
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-            sock.set_inheritable(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)  # every worker's reactor accepts without blocking
+        sock.set_inheritable(True)
     except OSError:
-        for sock in sockets:
-            sock.close()
+        sock.close()
         raise
-    return sockets
+    return sock
 
 
 class AdoptedPort(Service):
-    """A worker's listener: adopts the supervisor's socket for this slot when started,
-    stops accepting when stopped (the drain starts there)."""
+    """A worker's listener: adopts the supervisor's socket when started, stops accepting
+    when stopped (the drain starts there)."""
 
     def __init__(self, reactor: Any, name: str, fd: int, family: socket.AddressFamily,
                  factory: Any):
@@ -112,4 +113,4 @@ class AdoptedPort(Service):
         return defer.maybeDeferred(port.stopListening)
 
 
-__all__ = ["AdoptedPort", "BACKLOG", "ListenerAddress", "bind_group", "family_of"]
+__all__ = ["BACKLOG", "AdoptedPort", "ListenerAddress", "bind_listener", "family_of"]

@@ -3,16 +3,18 @@
 ``twistd esmtpfa --workers N`` runs this service instead of a ``RelayService``
 (docs/workers.md has the whole design).  It:
 
-* binds every mail listener once per worker slot in a ``SO_REUSEPORT`` group
-  (``esmtpfa.workers.sockets``) and starts N workers (``esmtpfa.workers.worker``) with
-  the operator's own arguments, each adopting its slot's sockets;
+* binds every mail listener once (``esmtpfa.workers.sockets``) and starts N workers
+  (``esmtpfa.workers.worker``) with the operator's own arguments, every one adopting
+  and accepting from the same sockets;
 * keeps the relay's limits for all of them (``esmtpfa.workers.limits``): connection
   caps, login throttle, sending rates;
 * runs the reload sources once, for all (``esmtpfa.workers.reload``);
 * serves ``/metrics`` (merged: ``esmtpfa.workers.metrics``), ``/healthz``, ``/readyz``
   and ``/status`` for all workers on the metrics listener;
 * restarts a worker that dies, after a delay that grows while it keeps dying, and logs
-  why it died; the connections the kernel queued for its slot wait for the new one;
+  why it died; meanwhile the other workers accept every new connection;
+* kills a worker that stopped answering (its reactor does not run) within seconds, so
+  the clients it had already accepted are not held for long;
 * on SIGTERM, stops accepting, asks every worker to drain (SIGTERM: each finishes its
   transactions within ``--shutdown-grace``), waits for all, kills any that overstay the
   drain by more than ``EXIT_MARGIN`` seconds, and exits 0.
@@ -24,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -47,9 +50,9 @@ from esmtpfa.web.health import SHUTTING_DOWN, OkResource
 from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.workers.control import ControlChannel
 from esmtpfa.workers.limits import HTTP, SMTP, SharedLimits
-from esmtpfa.workers.metrics import RetiredCounts, merge, snapshot
+from esmtpfa.workers.metrics import CountFiles, RetiredCounts, merge, snapshot
 from esmtpfa.workers.reload import FanOutReloader
-from esmtpfa.workers.sockets import bind_group
+from esmtpfa.workers.sockets import bind_listener
 
 log = logger("esmtpfa.workers")
 
@@ -62,11 +65,18 @@ STABLE_AFTER = 60.0
 EXIT_MARGIN = 10.0
 #: Seconds a scrape or a readiness check waits for the workers.
 ASK_TIMEOUT = 5.0
-#: Every worker is asked to answer every ``HEARTBEAT`` seconds; one that missed
-#: ``MISSED_HEARTBEATS`` answers in a row is hung (its reactor does not run) and killed,
-#: then restarted like a worker that died.
-HEARTBEAT = 10.0
-MISSED_HEARTBEATS = 3
+#: Every worker is asked to answer every ``HEARTBEAT`` seconds, within as long; one that
+#: missed ``MISSED_HEARTBEATS`` answers in a row is hung (its reactor has not run for
+#: that many seconds) and is killed, then restarted like a worker that died.  The
+#: clients it had accepted wait that long at most.  Why 1 s and 5: the ping is answered
+#: by the worker's reactor, so anything that holds the reactor (a burst of handshakes, a
+#: big metrics snapshot, a slow disk under a maildir, a GC pause) delays the answer; such
+#: stalls last milliseconds, a second at the very worst, and a worker busy for a second
+#: misses one or two answers, far from five.  A stall of the supervisor's own reactor
+#: times out the pings it had sent (their deadlines run before their answers are read)
+#: but the next ping is answered: one miss, never five.
+HEARTBEAT = 1.0
+MISSED_HEARTBEATS = 5
 
 #: The mail listeners, whose sockets the workers adopt: (name, flag, address, port).
 MAIL_LISTENERS = (("plain", "plain", "addr", "port"), ("tls", "tls", "addr", "tls-port"),
@@ -84,13 +94,11 @@ class WorkerProcess(ProcessProtocol):
 
 
 class WorkerSlot:
-    """Slot ``number``: its sockets (kept across restarts), its process and channel."""
+    """Slot ``number``: its process and channel, restarted when the process dies."""
 
-    def __init__(self, supervisor: "Supervisor", number: int,
-                 sockets: dict[str, socket.socket]):
+    def __init__(self, supervisor: "Supervisor", number: int):
         self.supervisor = supervisor
         self.number = number
-        self.sockets = sockets
         self.process = None
         self.channel: ControlChannel | None = None
         self.account = None
@@ -121,7 +129,7 @@ class WorkerSlot:
         arguments = [sys.executable, "-m", "esmtpfa.workers.worker",
                      "--slot", str(self.number), "--control-fd", "3"]
         fd = 4
-        for name, sock in self.sockets.items():
+        for name, sock in supervisor.sockets.items():
             child_fds[fd] = sock.fileno()
             arguments += ["--listener", f"{name}={fd}"]
             fd += 1
@@ -129,7 +137,8 @@ class WorkerSlot:
         self.exited = defer.Deferred()
         self.started_at = reactor.seconds()
         self.process = reactor.spawnProcess(
-            WorkerProcess(self), sys.executable, arguments, env=None,  # inherited
+            WorkerProcess(self), sys.executable, arguments,
+            env=supervisor.worker_environment(),
             childFDs=child_fds)
         theirs.close()
         self.pid = self.process.pid
@@ -154,7 +163,7 @@ class WorkerSlot:
         if self.account is not None:
             self.account.close()
             self.account = None
-        supervisor.retired.retire(self.last_metrics, supervisor.namespace)
+        supervisor.retire(self.number, pid, self.last_metrics)
         self.last_metrics = None
         exited, self.exited = self.exited, None
         if exited is not None:
@@ -211,10 +220,6 @@ class WorkerSlot:
                      slot=self.number, pid=self.pid)
             _signal(self.process, "KILL")
 
-    def close_sockets(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
-
 
 def _signal(process: Any, name: str) -> None:
     try:
@@ -250,6 +255,7 @@ class Supervisor(SigtermStop, MultiService):
         self.namespace = options["metrics-namespace"]
         self.limits = shared_limits(options, reactor)
         self.retired = RetiredCounts()
+        self.count_files: CountFiles | None = None  # made when the workers start
         self.registry = CollectorRegistry()
         self.restarts = Counter(
             "worker_restarts", "Workers restarted after they died",
@@ -259,34 +265,33 @@ class Supervisor(SigtermStop, MultiService):
         self._running = Gauge("workers_running", "Worker processes serving now",
                               namespace=self.namespace, registry=self.registry)
         self._running.set_function(lambda: sum(s.running for s in self.slots))
-        self.slots = self._bind()
+        self.sockets = self._bind()
+        self.slots = [WorkerSlot(self, number + 1) for number in range(self.count)]
         self.reloader = self._reload_sources()
         self._listen_metrics()
 
     # -- setup ------------------------------------------------------------------------------
 
-    def _bind(self) -> list[WorkerSlot]:
+    def _bind(self) -> dict[str, socket.socket]:
+        """One socket per mail listener, which every worker accepts from."""
         from twisted.python import usage
         from esmtpfa.service import listen_address
-        groups: dict[str, list[socket.socket]] = {}
+        sockets: dict[str, socket.socket] = {}
         try:
             for name, flag, addr, port in MAIL_LISTENERS:
                 if self.options[flag]:
                     host = listen_address(self.options[addr])
                     try:
-                        groups[name] = bind_group(host, self.options[port], self.count)
+                        sockets[name] = bind_listener(host, self.options[port])
                     except OSError as error:
                         raise usage.UsageError(
                             f"{name} listener [{host}]:{self.options[port]}: "
                             f"{error.strerror or error}") from None
         except BaseException:
-            for sockets in groups.values():
-                for sock in sockets:
-                    sock.close()
+            for sock in sockets.values():
+                sock.close()
             raise
-        return [WorkerSlot(self, number + 1,
-                           {name: sockets[number] for name, sockets in groups.items()})
-                for number in range(self.count)]
+        return sockets
 
     def _reload_sources(self) -> FanOutReloader:
         from esmtpfa.reload import ConfigServicePoller, FileWatcher, ReloadService
@@ -358,8 +363,8 @@ class Supervisor(SigtermStop, MultiService):
         self.stopping = True
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
-        for slot in self.slots:
-            slot.close_sockets()  # the workers' copies keep listening until they drain
+        for sock in self.sockets.values():
+            sock.close()  # the workers' copies keep listening until they drain
         deadline = (self.options["shutdown-grace"] + self.options["close-grace"]
                     + EXIT_MARGIN)
         exits = [slot.terminate() for slot in self.slots]
@@ -372,8 +377,35 @@ class Supervisor(SigtermStop, MultiService):
             return MultiService.stopService(self)
         d.addBoth(done)
         d.addBoth(lambda _: self.reloader.stop())
+        d.addBoth(self._remove_count_files)
         d.addBoth(self.restore_sigterm)
         return d
+
+    def _remove_count_files(self, result: Any) -> Any:
+        if self.count_files is not None:
+            self.count_files.remove()
+        return result
+
+    def worker_environment(self) -> dict[str, str]:
+        """A worker's environment: the supervisor's own, and the directory where the
+        worker keeps its counts (made when the first worker starts)."""
+        if self.count_files is None:
+            self.count_files = CountFiles.create()
+        return dict(os.environ, **self.count_files.environment())
+
+    def retire(self, slot: int, pid: int | None, last: list | None) -> None:
+        """Keep what worker ``pid``, now dead, counted: every increment it made is in
+        its files, whatever killed it.  Should they be unreadable, its last snapshot is
+        kept instead (what it counted since that scrape is then lost), and said."""
+        counts = last
+        if pid is not None and self.count_files is not None:
+            try:
+                counts = self.count_files.counts_of(pid)
+            except (OSError, ValueError, struct.error):
+                log.failure("worker {slot} (pid {pid}): its counts could not be read; "
+                            "keeping those of the last scrape", slot=slot, pid=pid)
+            self.count_files.forget(pid)
+        self.retired.retire(counts, self.namespace)
 
     def _kill_all(self) -> None:
         for slot in self.slots:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 
@@ -33,6 +34,7 @@ class RedisServer:
         self.directory = tempfile.mkdtemp(prefix="esmtpfa-redis-")
         self._process = None
         self._collector: Collector | None = None
+        self._paused = False
 
     @property
     def url(self) -> str:
@@ -101,6 +103,7 @@ class RedisServer:
     @defer.inlineCallbacks
     def stop(self):
         if self._process is not None and self.running:
+            self.resume()  # a stopped process would wait out the grace before SIGKILL
             yield terminate(self._process, self._collector.ended, grace=10)
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -108,6 +111,27 @@ class RedisServer:
         """SIGKILL: an outage, not a shutdown.  Fires once the process is gone."""
         self._process.signalProcess("KILL")
         return self._collector.ended
+
+    @defer.inlineCallbacks
+    def restart(self):
+        """Killed and started again on the same port: empty, as a Redis without
+        persistence (or with its data lost) comes back."""
+        if self.running:
+            yield self.kill()
+        yield self.start()
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its port (the kernel still accepts connections) and
+        answers nothing: a Redis too slow to be of use."""
+        self._process.signalProcess(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT: it answers again, the requests it queued first."""
+        if self._paused and self.running:
+            self._process.signalProcess(signal.SIGCONT)
+        self._paused = False
 
 
 def _encode(args: list[str]) -> bytes:
