@@ -120,6 +120,8 @@ TOTALS_INTERVAL = 5.0
 #: ``accepting`` says no when less room than this is left (under the cap, above the
 #: free-disk floor): no message is smaller (our Received header alone is ~200 octets).
 MESSAGE_ROOM = 1024
+#: Seconds a free-disk reading serves the stores that follow it (less what they store).
+FREE_DISK_AGE = 0.1
 #: ``show`` reads at most this much of the header section.
 HEADER_LIMIT = 64 * 1024
 #: Chunks of ``IContent.read_from``.
@@ -649,8 +651,19 @@ class GroupCommitter:
         transaction = Transaction(connection)
         outcomes: list[tuple[bool, Any]] = []
         try:
-            for work in works:
-                outcomes.append(self._unit(transaction, work))
+            if len(works) == 1:
+                # Alone, a unit needs no SAVEPOINT: if it fails, rolling the whole
+                # transaction back undoes that unit and nothing else.
+                try:
+                    outcomes.append((True, works[0](transaction)))
+                except Exception:
+                    failure = Failure()
+                    _rollback_quietly(connection)
+                    transaction.finish(committed=False)
+                    return [(False, failure)]
+            else:
+                for work in works:
+                    outcomes.append(self._unit(transaction, work))
             self.commit(connection)
         except Exception:
             failure = Failure()
@@ -782,10 +795,12 @@ class QueueState:
         if now - self.last_recovery >= self.recovery_interval:
             self.recover(tx)
         picked = self._pick_fairly(tx, limit, busy, now)
-        tx.connection.executemany(
-            "UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?",
-            [(self.owner, now, message_id) for message_id in picked])
-        return [self._queued(tx, message_id) for message_id in picked]
+        if not picked:
+            return []
+        marks = ", ".join("?" * len(picked))
+        tx.execute(f"UPDATE messages SET claimed_by = ?, claimed_at = ? "
+                   f"WHERE id IN ({marks})", (self.owner, now, *picked))
+        return self._queued(tx, picked)
 
     def _pick_fairly(self, tx: Transaction, limit: int, busy: frozenset[str],
                      now: float) -> list[str]:
@@ -813,25 +828,34 @@ class QueueState:
             cursors = still
         return picked
 
-    def _queued(self, tx: Transaction, message_id: str) -> QueuedMessage:
-        row = tx.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?",
-                         (message_id,)).fetchone()
-        recipients = tuple(Recipient(address, state, reply) for address, state, reply
-                           in tx.execute("SELECT address, state, reply FROM recipients "
-                                         "WHERE message_id = ? ORDER BY position",
-                                         (message_id,)))
-        entry = SpoolEntry(
-            id=row[0],
-            envelope=Envelope(row[2], tuple(r.address for r in recipients), row[3],
-                              bool(row[4]), bool(row[5]), row[6]),
-            identity=row[7], ending=row[8], received=row[9], size=row[10],
-            connection_id=row[11])
-        data = None
-        if row[12] == INLINE:
-            data = tx.execute("SELECT data FROM contents WHERE message_id = ?",
-                              (message_id,)).fetchone()[0]
-        return QueuedMessage(entry, recipients, attempts=row[13], lifetime_start=row[15],
-                             token=ClaimToken(row[18], row[19], row[12], data))
+    def _queued(self, tx: Transaction, message_ids: list[str]) -> list[QueuedMessage]:
+        """The claimed messages, in the order of ``message_ids``: two queries for all
+        of them (rows with their inline content, and the recipients), not three each."""
+        marks = ", ".join("?" * len(message_ids))
+        recipients: dict[str, list[Recipient]] = {}
+        for of, address, state, reply in tx.execute(
+                f"SELECT message_id, address, state, reply FROM recipients "
+                f"WHERE message_id IN ({marks}) ORDER BY message_id, position",
+                message_ids):
+            recipients.setdefault(of, []).append(Recipient(address, state, reply))
+        rows = {row[0]: row for row in tx.execute(
+            f"SELECT {MESSAGE_COLUMNS}, data FROM messages LEFT JOIN contents "
+            f"ON contents.message_id = messages.id WHERE id IN ({marks})", message_ids)}
+        queued = []
+        for message_id in message_ids:
+            row = rows[message_id]
+            held = tuple(recipients.get(message_id, ()))
+            entry = SpoolEntry(
+                id=row[0],
+                envelope=Envelope(row[2], tuple(r.address for r in held), row[3],
+                                  bool(row[4]), bool(row[5]), row[6]),
+                identity=row[7], ending=row[8], received=row[9], size=row[10],
+                connection_id=row[11])
+            data = row[20] if row[12] == INLINE else None
+            queued.append(QueuedMessage(
+                entry, held, attempts=row[13], lifetime_start=row[15],
+                token=ClaimToken(row[18], row[19], row[12], data)))
+        return queued
 
     # started, settle
 
@@ -1209,6 +1233,8 @@ class FileSpool:
         self._bytes = 0
         self._reserved = 0
         self._free: int | None = None
+        self._free_read_at = -math.inf  # time.monotonic() of the last statvfs
+        self._stored_since_free = 0  # octets stored since (pool threads; an estimate)
         self._refreshing = False
         self._refreshed_at = -math.inf
 
@@ -1339,7 +1365,16 @@ class FileSpool:
         stats = os.statvfs(self.path)
         free = stats.f_bavail * stats.f_frsize
         self._free = free
+        self._free_read_at = time.monotonic()
         return free
+
+    def _recent_free_disk(self) -> int:
+        """The free disk as read at most ``FREE_DISK_AGE`` ago, less what was stored
+        since: a store in a batch does not need a ``statvfs`` of its own."""
+        if self._free is None or time.monotonic() - self._free_read_at > FREE_DISK_AGE:
+            self._stored_since_free = 0
+            return self._free_disk()
+        return self._free - self._stored_since_free
 
     def _maybe_refresh(self) -> None:
         """Read the byte total again now and then, off the reactor: other processes
@@ -1411,7 +1446,8 @@ class FileSpool:
 
     def _check_free_disk(self, entry: SpoolEntry) -> None:
         """In the pool: refuse what would take the disk below its floor."""
-        free = self._free_disk()
+        free = self._recent_free_disk()
+        self._stored_since_free += max(entry.size, 0)
         if free - entry.size < self.min_free_bytes:
             raise SpoolError(SpoolErrorKind.FULL, Phase.STORE,
                              f"free disk space is {free} bytes: {entry.size} more would "
