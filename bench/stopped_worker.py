@@ -21,18 +21,18 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.dirname(BENCH))
 
-from loadgen import (
+from loadgen import (  # noqa: E402
     child_environment, free_port, stop, twistd_command, wait_for_port, write_providers)
+from tests.support.rawsmtp import greeting_times  # noqa: E402
 
 #: The longest a greeting is waited for.
 PATIENCE = 60.0
@@ -41,22 +41,8 @@ PATIENCE = 60.0
 def waits(port: int, count: int) -> list[float]:
     """Seconds each of ``count`` simultaneous new connections waited for its greeting
     (``PATIENCE`` when none came)."""
-    results = [PATIENCE] * count
-
-    def one(index: int) -> None:
-        started = time.monotonic()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
-                if sock.recv(200).startswith(b"220"):
-                    results[index] = time.monotonic() - started
-        except OSError:
-            pass
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(PATIENCE + 5)
-    return results
+    return [PATIENCE if wait is None else wait
+            for wait in greeting_times(port, count, PATIENCE)]
 
 
 def served(log_path: str) -> dict[str, int]:

@@ -114,6 +114,16 @@ class SpoolTestCase(unittest.TestCase):
             return error
         self.fail(f"no SpoolError({kind}, {phase})")
 
+    def slow_commits(self, spool: FileSpool, seconds: float) -> None:
+        """A slow disk: each commit takes ``seconds`` more, so the units that arrive
+        meanwhile queue up for the next one."""
+        real_commit = spool.committer.commit
+
+        def slow_commit(connection: sqlite3.Connection) -> None:
+            time.sleep(seconds)
+            real_commit(connection)
+        self.patch(spool.committer, "commit", slow_commit)
+
     def content_files(self) -> list[str]:
         return listing(os.path.join(self.path, "msg"))
 
@@ -309,12 +319,7 @@ class InlineContentTests(SpoolTestCase):
 
     async def test_a_batch_of_stores_is_one_commit(self) -> None:
         spool = await self.open()
-        real_commit = spool.committer.commit
-
-        def slow_commit(connection: sqlite3.Connection) -> None:
-            time.sleep(0.02)  # a slow disk: the other stores queue up meanwhile
-            real_commit(connection)
-        self.patch(spool.committer, "commit", slow_commit)
+        self.slow_commits(spool, 0.02)
         await spool.store(entry(), iter([CONTENT]))  # the first has a commit to itself
         before = spool.committer.commits
         await gatherResults([spool.store(entry(), iter([CONTENT])) for _ in range(40)])
@@ -475,12 +480,7 @@ class DurabilityTests(SpoolTestCase):
     async def test_concurrent_stores_share_commits(self) -> None:
         """Group commit: the stores that arrive while a commit runs go in the next one."""
         spool = await self.open()
-        real_commit = spool.committer.commit
-
-        def slow_commit(connection: sqlite3.Connection) -> None:
-            time.sleep(0.02)  # a slow disk: the other stores queue up meanwhile
-            real_commit(connection)
-        self.patch(spool.committer, "commit", slow_commit)
+        self.slow_commits(spool, 0.02)
         before, units = spool.committer.commits, spool.committer.units
         count = 40
         await gatherResults([spool.store(entry(), iter([CONTENT])) for _ in range(count)])
@@ -491,12 +491,7 @@ class DurabilityTests(SpoolTestCase):
 
     async def test_batches_are_bounded(self) -> None:
         spool = await self.open(max_batch=3)
-        real_commit = spool.committer.commit
-
-        def slow_commit(connection: sqlite3.Connection) -> None:
-            time.sleep(0.01)
-            real_commit(connection)
-        self.patch(spool.committer, "commit", slow_commit)
+        self.slow_commits(spool, 0.01)
         before = spool.committer.commits
         await gatherResults([spool.store(entry(), iter([CONTENT])) for _ in range(12)])
         self.assertEqual(spool.committer.largest_batch, 3)

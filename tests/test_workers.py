@@ -17,7 +17,6 @@ import signal
 import smtplib
 import socket
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +28,7 @@ from twisted.web.server import Site
 
 from tests.faults.harness import (
     CLIENT, RunningRelay, message, new_message_id, send_fresh, send_one, smtp_session)
+from tests.support.rawsmtp import greeting_times
 from tests.support.webclient import get_blocking
 
 WORKERS = 2
@@ -295,26 +295,6 @@ class RestartTests(WorkersCase):
         for sock in mine:
             sock.close()
 
-
-def greeting_times(port: int, count: int, patience: float) -> list[float | None]:
-    """Seconds each of ``count`` new connections, opened at once, waited for its 220
-    (None: no greeting within ``patience`` seconds)."""
-    results: list[float | None] = [None] * count
-
-    def one(index: int) -> None:
-        started = time.monotonic()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
-                if sock.recv(200).startswith(b"220"):
-                    results[index] = time.monotonic() - started
-        except OSError:
-            pass
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(patience + 5)
-    return results
 
 
 class HungWorkerTests(WorkersCase):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import threading
+import time
 
 
 class Closed(Exception):
@@ -100,3 +102,24 @@ class RawSMTP:
 
 def b64(text: str | bytes) -> str:
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def greeting_times(port: int, count: int, patience: float) -> list[float | None]:
+    """Seconds each of ``count`` new connections, opened at once, waited for its 220
+    (None: no greeting within ``patience`` seconds)."""
+    results: list[float | None] = [None] * count
+
+    def one(index: int) -> None:
+        started = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
+                if sock.recv(200).startswith(b"220"):
+                    results[index] = time.monotonic() - started
+        except OSError:
+            pass
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(patience + 5)
+    return results
