@@ -276,11 +276,13 @@ def _load_json(text: str, source: str, limits: DocumentLimits, root: str) -> Any
 
 
 def _check_tree(document: Any, source: str, limits: DocumentLimits, root: str) -> None:
-    """Count the values and depth of a parsed JSON tree, naming where a limit was hit."""
-    values, stack = 0, [(document, (root if isinstance(document, list) else "",))]
+    """Count the values and depth of a parsed JSON tree, naming where a limit was hit.
+    A mapping's key counts as a value, as the YAML loader counts it: the same document
+    meets the same limit in either syntax."""
+    values, stack = 0, [(document, (root if isinstance(document, list) else "",), 1)]
     while stack:
-        node, path = stack.pop()
-        values += 1
+        node, path, count = stack.pop()
+        values += count
         if values > limits.max_values:
             raise DocumentRefused(source, f"more than {limits.max_values} values", VALUES,
                                   _location(path))
@@ -288,10 +290,10 @@ def _check_tree(document: Any, source: str, limits: DocumentLimits, root: str) -
             raise DocumentRefused(source, f"nested deeper than {limits.max_depth} levels",
                                   DEPTH, _location(path))
         if isinstance(node, dict):  # reversed: popped, and so counted, in document order
-            stack.extend((child, (*path, _step(None, key)))
+            stack.extend((child, (*path, _step(None, key)), 2)  # the key, the value
                          for key, child in reversed(node.items()))
         elif isinstance(node, list):
-            stack.extend((node[index], (*path, f"[{index}]"))
+            stack.extend((node[index], (*path, f"[{index}]"), 1)
                          for index in range(len(node) - 1, -1, -1))
 
 

@@ -295,8 +295,10 @@ def parse_proxy_header(header: bytes) -> tuple[Any, Any]:
     try:
         info = parser.parse(header)
     # Twisted lets a few malformed headers through as other errors (a v1 port that is not
-    # a number, an unknown v2 address family): all of them mean "malformed".
-    except (InvalidProxyHeader, ValueError, KeyError, IndexError, struct.error) as error:
+    # a number, an unknown v2 address family, ``ord(b"")`` on a v2 signature with nothing
+    # after it): all of them mean "malformed".
+    except (InvalidProxyHeader, ValueError, KeyError, IndexError, TypeError,
+            struct.error) as error:
         raise ProxyHeaderInvalid(type(error).__name__) from None
     return info.source, info.destination
 

@@ -733,7 +733,7 @@ class DocumentLimitTests(unittest.TestCase):
 
     def test_too_many_json_values(self):
         self.refused(json.dumps({"providers": [0] * 100_001}), documents.DocumentLimits(),
-                     "providers[99998]", "more than 100000 values", documents.VALUES)
+                     "providers[99997]", "more than 100000 values", documents.VALUES)
 
     def test_size_cap_before_any_parsing(self):
         clock = StepClock()

@@ -326,6 +326,18 @@ class HeartbeatTests(unittest.TestCase):
         self.assertEqual(self.run_for(14.9, lambda now: now < 10), [])
         self.assertEqual(self.run_for(16.5, lambda now: now < 10), ["KILL"])
 
+    def test_a_killed_worker_is_logged_once(self):
+        """Pings sent before the kill time out before its end is noticed (two lines, 5 s
+        and 6 s, were seen under load): the operator reads one line per kill."""
+        from twisted.logger import formatEvent
+
+        from tests.support.logcapture import observe_logs
+        events = observe_logs(self)
+        signals = self.run_for(18.5, lambda now: now < 10)
+        kills = [formatEvent(e) for e in events if "killing it" in formatEvent(e)]
+        self.assertEqual(kills, ["worker 1 (pid None) has not answered for 5 s: killing it"])
+        self.assertIn("KILL", signals)
+
 
 #: A worker's counts, then its end: SIGKILL right after the increments.
 COUNT_THEN_DIE = """

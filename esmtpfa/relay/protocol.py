@@ -132,11 +132,13 @@ class Extensions:
 
     @cached_property  # read for every message and every chunk it writes
     def size(self) -> int | None:
-        """RFC 1870: None when SIZE is not offered, 0 when offered without a limit."""
+        """RFC 1870: None when SIZE is not offered, 0 when offered without a limit.
+        The limit is ASCII digits: ``str.isdigit`` alone also takes ``²`` (which
+        ``int()`` refuses) and other scripts' digits, which are no usable limit."""
         if "SIZE" not in self.keywords:
             return None
         value = self.keywords["SIZE"].split(" ", 1)[0]
-        return int(value) if value.isdigit() else 0
+        return int(value) if value.isascii() and value.isdigit() else 0
 
     @property
     def enhancedstatuscodes(self) -> bool:

@@ -20,7 +20,8 @@ QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e
 _LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]"
-_MAILBOX = re.compile(rf"^(?:{DOT_ATOM}|{QUOTED_STRING})@(?:{_DOMAIN}|{_LITERAL})$")
+# \Z, not $: "$" also matches before a final LF, which would let "a@b\n" pass.
+_MAILBOX = re.compile(rf"^(?:{DOT_ATOM}|{QUOTED_STRING})@(?:{_DOMAIN}|{_LITERAL})\Z")
 _SOURCE_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010FFFF]+))?$")
 

@@ -217,10 +217,12 @@ class ChunkReader(ContentChecker):
             self._tail = self._tail[-1:]
 
     def finish(self) -> None:
-        """The LAST chunk ended: a text body's final line gets its CRLF."""
+        """The LAST chunk ended: a text body's final line gets its CRLF.  One CR at the
+        very end is taken as that CRLF's own; any CR before it is a bare CR like any
+        other (refused, or a line end), never dropped."""
         if self._tail:
             tail, self._tail = self._tail, b""
-            self._pass(tail.rstrip(b"\r") + b"\r\n")
+            self._pass(tail.removesuffix(b"\r") + b"\r\n")
 
     def _pass(self, block: bytes) -> None:
         block = self._checked(block)

@@ -27,6 +27,7 @@ needs:
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Union
@@ -50,6 +51,13 @@ V1_MAX = 107
 V1_SIGNATURE = b"PROXY "
 #: The v2 fixed part: signature, version and command, family, length (section 2.2).
 V2_FIXED = 16
+#: A v1 line as section 2.1 writes it: ``UNKNOWN`` (anything after it ignored), or
+#: exactly two addresses and two decimal ports, single spaces.  Twisted's ``V1Parser``
+#: ignores fields after the ports and reads a port with ``int()``, which also takes
+#: ``+25`` and ``1_0``: a line no proxy writes must not name a client.  The addresses
+#: themselves are checked by ``_checked``.
+_V1_LINE = re.compile(
+    rb"PROXY (?:UNKNOWN(?: .*)?|TCP[46] [^ ]+ [^ ]+ [0-9]{1,5} [0-9]{1,5})\Z", re.DOTALL)
 #: Seconds between summary lines of closed connections (as for refused connections).
 SUMMARY_INTERVAL = 5.0
 
@@ -136,6 +144,9 @@ class HeaderReader:
             if len(buffer) >= V1_MAX:
                 return HeaderProblem("malformed PROXY header", "v1 line longer than 107 octets")
             return None
+        if not _V1_LINE.match(buffer, 0, end):
+            self._buffer = b""
+            return HeaderProblem("malformed PROXY header", "v1 line outside the grammar")
         return self._parsed(buffer[:end], buffer[end + 2:])
 
     def _v2(self, buffer: bytes) -> Header | HeaderProblem | None:

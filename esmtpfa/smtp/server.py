@@ -93,6 +93,14 @@ TIMEOUTS = {
 }
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only (RFC 5321 §4.1.2 Digit, RFC 1870 size-value, RFC 3030
+    chunk-size).  ``str.isdigit`` alone also takes ``²`` (which ``int()`` refuses:
+    a crash) and other scripts' digits (which ``int()`` reads as a number no SMTP peer
+    writes)."""
+    return text.isascii() and text.isdigit()
+
+
 def _mail_params_error(key: str) -> SMTPReplyError:
     return SMTPReplyError(Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}"))
 
@@ -731,7 +739,7 @@ class ESMTPServer(Protocol):
             raise SMTPReplyError(UNKNOWN_PARAMETER)
         for key, value in params.items():
             if key == "SIZE":
-                if not value or not value.isdigit():
+                if not value or not _is_number(value):
                     raise SMTPReplyError(Reply(501, "5.5.4", "SIZE requires a number"))
                 if int(value) > settings.max_message_size:
                     raise SMTPReplyError(Reply(
@@ -849,7 +857,7 @@ class ESMTPServer(Protocol):
 
     def smtp_BDAT(self, argument: str) -> None:
         size, _, last = argument.partition(" ")
-        if not size.isdigit() or last.upper() not in ("", "LAST"):
+        if not _is_number(size) or last.upper() not in ("", "LAST"):
             # Without a chunk size the stream cannot be resynchronized: the octets that
             # follow would be read as commands.  Close instead (RFC 3030 §2).
             self._reply(Reply(501, "5.5.4", "Malformed BDAT command, closing connection"))

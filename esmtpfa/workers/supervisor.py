@@ -208,9 +208,12 @@ class WorkerSlot:
         def missed(_) -> None:
             self.missed += 1
             if self.missed >= MISSED_HEARTBEATS and self.process is not None:
-                log.error("worker {slot} (pid {pid}) has not answered for {seconds:g} s: "
-                          "killing it", slot=self.number, pid=self.pid,
-                          seconds=self.missed * HEARTBEAT)
+                # Pings already sent time out before the kill is noticed (processEnded):
+                # they signal again, harmlessly, but the log says it once.
+                if self.missed == MISSED_HEARTBEATS:
+                    log.error("worker {slot} (pid {pid}) has not answered for {seconds:g} "
+                              "s: killing it", slot=self.number, pid=self.pid,
+                              seconds=self.missed * HEARTBEAT)
                 _signal(self.process, "KILL")
         self.channel.call("ping", timeout=HEARTBEAT).addCallbacks(answered, missed)
 

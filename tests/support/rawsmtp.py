@@ -104,15 +104,19 @@ def b64(text: str | bytes) -> str:
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
 
 
-def greeting_times(port: int, count: int, patience: float) -> list[float | None]:
-    """Seconds each of ``count`` new connections, opened at once, waited for its 220
-    (None: no greeting within ``patience`` seconds)."""
+def greeting_times(port: int, count: int, patience: float,
+                   source: str | None = None) -> list[float | None]:
+    """Seconds each of ``count`` new connections, opened at once (from ``source``, a
+    loopback address, when given), waited for its 220 (None: no greeting within
+    ``patience`` seconds)."""
     results: list[float | None] = [None] * count
 
     def one(index: int) -> None:
         started = time.monotonic()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
+            with socket.create_connection(
+                    ("127.0.0.1", port), timeout=patience,
+                    source_address=None if source is None else (source, 0)) as sock:
                 if sock.recv(200).startswith(b"220"):
                     results[index] = time.monotonic() - started
         except OSError:
