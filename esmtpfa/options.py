@@ -259,6 +259,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-line-length", parse_positive_int, 998, "SMTP_MAX_LINE_LENGTH", "Longest message line, octets without CRLF (RFC 5322: 998)"),
     Setting("bare-line-ends", choice("normalize", "reject"), "normalize", "SMTP_BARE_LINE_ENDS", "Bare CR/LF in DATA: rewrite to CRLF or refuse the message (never passed on)"),
     Setting("max-connections", parse_positive_int, 1000, "SMTP_MAX_CONNECTIONS", "Concurrent SMTP connections"),
+    Setting("listen-backlog", parse_positive_int, 511, "LISTEN_BACKLOG", "Connections the kernel queues on each listening socket (SMTP, HTTP, metrics) until the relay accepts them, capped by net.core.somaxconn: a burst beyond it has its handshakes dropped and waits seconds for a retransmission (docs/smtp-limits.md)"),
     Setting("max-connections-per-ip", parse_positive_int, 50, "SMTP_MAX_CONNECTIONS_PER_IP", "Concurrent SMTP connections per client address"),
     Setting("max-auth-failures", parse_positive_int, 3, "SMTP_MAX_AUTH_FAILURES", "Failed AUTH attempts before the connection is closed"),
     Setting("max-auth-failures-per-ip", parse_positive_int, 30, "AUTH_MAX_FAILURES_PER_IP", "Failed logins (SMTP and HTTP) from one address within --auth-failure-window before its logins are refused (454 / HTTP 429) without asking a provider"),

@@ -75,12 +75,17 @@ def listen_address(addr: str) -> str:
     return "0.0.0.0"
 
 
-def server_endpoint(reactor, addr: str, port: int):
+def server_endpoint(reactor, addr: str, port: int, backlog: int = 511):
+    """A listening endpoint; ``backlog`` is the kernel's queue of connections not yet
+    accepted (``--listen-backlog``): Twisted's default of 50 drops the handshakes of a
+    burst of clients, who then wait seconds to retransmit (docs/smtp-limits.md,
+    "Bursts of connections")."""
     interface = listen_address(addr)
     reactor = write_through(reactor)
     if ":" in interface:
-        return endpoints.TCP6ServerEndpoint(reactor, port, interface=interface)
-    return endpoints.TCP4ServerEndpoint(reactor, port, interface=interface)
+        return endpoints.TCP6ServerEndpoint(reactor, port, backlog=backlog,
+                                            interface=interface)
+    return endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
 
 
 def server_settings(options) -> ServerSettings:
@@ -455,7 +460,7 @@ class RelayService(SigtermStop, MultiService):
             AdoptedPort(self.reactor, name, self.adopted[name],
                         family_of(listen_address(addr)), factory).setServiceParent(self)
             return
-        endpoint = server_endpoint(self.reactor, addr, port)
+        endpoint = server_endpoint(self.reactor, addr, port, self.options["listen-backlog"])
         service = internals.listening_service(endpoint, factory)  # a port in use stops startup
         service.setName(name)
         service.setServiceParent(self)

@@ -54,7 +54,7 @@ def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """One listening socket on ``host``/``port`` for every worker to accept from.
 
     Port 0 takes a free port.  On a dual-stack ``::`` the socket accepts IPv4 too, as
@@ -67,7 +67,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)  # every worker's reactor accepts without blocking
         sock.set_inheritable(True)
     except OSError:

@@ -285,7 +285,8 @@ class Supervisor(SigtermStop, MultiService):
                 if self.options[flag]:
                     host = listen_address(self.options[addr])
                     try:
-                        sockets[name] = bind_listener(host, self.options[port])
+                        sockets[name] = bind_listener(host, self.options[port],
+                                                      self.options["listen-backlog"])
                     except OSError as error:
                         raise usage.UsageError(
                             f"{name} listener [{host}]:{self.options[port]}: "
@@ -323,7 +324,7 @@ class Supervisor(SigtermStop, MultiService):
                 b"readyz": WorkersReadyResource(self)}
         site = health_site(root, reactor=self.reactor, limits=HTTPLimits.from_options(options))
         endpoint = server_endpoint(self.reactor, options["metrics-addr"],
-                                   options["metrics-port"])
+                                   options["metrics-port"], options["listen-backlog"])
         service = internals.listening_service(endpoint, capped(site, "metrics"))
         service.setName("metrics")
         service.setServiceParent(self)
