@@ -8,6 +8,7 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
     python3 bench/spool_backlog.py [--messages 100000] [--size 2048] [--identities 1]
                                    [--connections 20] [--live-messages 10000]
                                    [--spool-concurrency 10] [--relay-pool-size N]
+                                   [--relay-pool-client-share F]
                                    [--json F]
 
 1. **Fill.** A fresh file spool is created by the queue tool itself (``esmtpfa-queue
@@ -187,6 +188,10 @@ def main() -> int:
                         help="the draining relay's --relay-pool-size (default: esmtpfa's, "
                              "20, of which the runner may use half: raise it with "
                              "--spool-concurrency above 10)")
+    parser.add_argument("--relay-pool-client-share", type=float,
+                        help="the draining relay's --relay-pool-client-share (default: "
+                             "esmtpfa's, 0.5; 1 lets the runner, one client of the pool, "
+                             "use all of it)")
     parser.add_argument("--drain-timeout", type=float, default=1800)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -262,6 +267,8 @@ def main() -> int:
                 "--spool-concurrency", str(args.spool_concurrency)]
             if args.relay_pool_size:
                 arguments += ["--relay-pool-size", str(args.relay_pool_size)]
+            if args.relay_pool_client_share:
+                arguments += ["--relay-pool-client-share", str(args.relay_pool_client_share)]
             with open(os.path.join(workdir, "drain.out"), "wb") as out:
                 relay = subprocess.Popen(twistd_command(arguments),
                                          env=child_environment(), cwd=workdir, stdout=out,

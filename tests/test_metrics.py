@@ -411,7 +411,7 @@ class HealthTests(MetricsMixin, unittest.TestCase):
     def test_readyz_without_providers_or_upstream(self):
         self.fixture.write_providers("providers: []\n")
         yield self.fixture.upstream.stop()
-        reload_now(self.fixture)
+        yield reload_now(self.fixture)
         response = yield self.get("/readyz")
         self.assertEqual(response.code, 503)
         checks = response.json()["checks"]
@@ -420,8 +420,10 @@ class HealthTests(MetricsMixin, unittest.TestCase):
         self.assertIn("unreachable", checks["upstream"]["detail"])
 
 
-def reload_now(fixture) -> None:
-    fixture.service.getServiceNamed("reload").reload_now()
+def reload_now(fixture) -> defer.Deferred:
+    """Reload the providers now; fires once the new document is in use (it is parsed
+    in a thread: a check made before that would still see the old one)."""
+    return fixture.service.getServiceNamed("reload").reload_now()
 
 
 class RelayAttemptFailureTests(unittest.TestCase):
