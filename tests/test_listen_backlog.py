@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import threading
-import time
 
 from twisted.internet import reactor, task, threads
 from twisted.trial import unittest
 
 from tests.faults.harness import RunningRelay
 from tests.support.ports import free_port
+from tests.support.rawsmtp import greeting_times
 from esmtpfa.workers.sockets import bind_listener
 
 #: Connections of the burst: more than Twisted's default backlog of 50, fewer than ours.
@@ -37,27 +35,6 @@ def listen_backlog(port: int) -> int:
                            text=True, timeout=10, check=True).stdout.split("\n")
     [line] = [line for line in lines if line.strip()]
     return int(line.split()[2])
-
-
-def burst(port: int, count: int, patience: float) -> list[float | None]:
-    """``count`` connections at once; seconds until each read its ``220`` (None: none
-    within ``patience``)."""
-    results: list[float | None] = [None] * count
-    began = time.monotonic()
-
-    def one(index: int) -> None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=patience) as sock:
-                if sock.recv(100).startswith(b"220"):
-                    results[index] = time.monotonic() - began
-        except OSError:
-            pass
-    clients = [threading.Thread(target=one, args=(n,)) for n in range(count)]
-    for client in clients:
-        client.start()
-    for client in clients:
-        client.join(patience + 5)
-    return results
 
 
 class BacklogTests(unittest.TestCase):
@@ -94,7 +71,8 @@ class BacklogTests(unittest.TestCase):
         resumed = task.deferLater(reactor, STOPPED,
                                   lambda: os.kill(relay.pid, signal.SIGCONT))
         try:
-            waits = await threads.deferToThread(burst, relay.smtp_port, BURST, 15.0)
+            waits = await threads.deferToThread(greeting_times, relay.smtp_port, BURST,
+                                                15.0)
         finally:
             await resumed
         late = sorted(w if w is not None else float("inf") for w in waits

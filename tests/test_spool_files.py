@@ -114,6 +114,15 @@ class SpoolTestCase(unittest.TestCase):
             return error
         self.fail(f"no SpoolError({kind}, {phase})")
 
+    async def deliver_one(self, spool: FileSpool) -> None:
+        """A message stored, claimed, started and settled as delivered to its one
+        recipient: finished, so the spool forgets it."""
+        await spool.store(entry(), iter([CONTENT]))
+        [message] = await spool.claim(1)
+        await spool.started(message, message.pending)
+        await spool.settle(message, Settlement(
+            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),)))
+
     def slow_commits(self, spool: FileSpool, seconds: float) -> None:
         """A slow disk: each commit takes ``seconds`` more, so the units that arrive
         meanwhile queue up for the next one."""
@@ -205,11 +214,7 @@ class RoundTripTests(SpoolTestCase):
 
     async def test_settle_finished_forgets_the_message_and_its_file(self) -> None:
         spool = await self.open()
-        await spool.store(entry(), iter([CONTENT]))
-        [message] = await spool.claim(1)
-        await spool.started(message, message.pending)
-        await spool.settle(message, Settlement(
-            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),)))
+        await self.deliver_one(spool)
         self.assertEqual(await spool.list(), [])
         self.assertEqual(self.content_files(), [])
         stats = await spool.stats()
@@ -341,11 +346,7 @@ class InlineContentTests(SpoolTestCase):
 
     async def test_finished_messages_leave_no_content(self) -> None:
         spool = await self.open()
-        await spool.store(entry(), iter([CONTENT]))
-        [message] = await spool.claim(1)
-        await spool.started(message, message.pending)
-        await spool.settle(message, Settlement(
-            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),)))
+        await self.deliver_one(spool)
         self.assertEqual(self.rows("SELECT COUNT(*) FROM contents"), [(0,)])
         stored = entry()
         await spool.store(stored, iter([CONTENT]))
