@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
-from esmtpfa.relay.pool import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from esmtpfa.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings

@@ -272,12 +272,12 @@ class BreakerTests(unittest.TestCase):
         b = self.breaker
         for _ in range(2):
             self.assertTrue(b.allow())
-            b.failed("timeout")
-        b.succeeded()   # an answer resets the run
+            b.failure("timeout")
+        b.success()   # an answer resets the run
         for _ in range(2):
-            b.failed("timeout")
+            b.failure("timeout")
         self.assertEqual((b.state, self.changes), (CLOSED, []))
-        b.failed("refused")
+        b.failure("refused")
         self.assertEqual((b.state, self.changes), (OPEN, [(True, "refused")]))
         self.assertEqual(b.degraded_since, 0.0)
         self.assertFalse(b.allow())
@@ -285,22 +285,22 @@ class BreakerTests(unittest.TestCase):
     def test_one_probe_after_the_cool_down(self):
         b = self.breaker
         for _ in range(3):
-            b.failed("x")
+            b.failure("x")
         self.clock.advance(4.9)
         self.assertFalse(b.allow())
         self.clock.advance(0.1)
         self.assertTrue(b.allow())     # the probe
         self.assertEqual(b.state, HALF_OPEN)
         self.assertFalse(b.allow())    # the others go around it
-        b.failed("still")              # a failed probe: another cool-down, no new change
+        b.failure("still")              # a failed probe: another cool-down, no new change
         self.assertEqual((b.state, len(self.changes)), (OPEN, 1))
         self.clock.advance(4.0)
         self.assertFalse(b.allow())
         self.clock.advance(1.0)
         self.assertTrue(b.allow())
-        b.released()                   # the probe's caller went away: another may probe
+        b.release()                   # the probe's caller went away: another may probe
         self.assertTrue(b.allow())
-        b.succeeded()
+        b.success()
         self.assertEqual((b.state, b.degraded, b.degraded_since), (CLOSED, False, None))
         self.assertEqual(self.changes, [(True, "x"), (False, "answered")])
         self.assertTrue(b.allow())

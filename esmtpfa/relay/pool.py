@@ -11,19 +11,21 @@ a session once it ran that many transactions.  A new session's failure is the
 on as it is; the pool only asks once more after the upstream refused our OAuth2 token
 (docs/oauth2.md, "When the upstream refuses a token").
 
-``CircuitBreaker`` counts consecutive connection-level failures (connect, TLS, greeting,
-AUTH, timeouts, lost connections).  After ``failures`` of them the upstream is skipped for
-``cooldown`` seconds; then one trial (half-open) decides whether it is back.
+Each upstream's ``CircuitBreaker`` (``esmtpfa.breaker``) counts consecutive
+connection-level failures (connect, TLS, greeting, AUTH, timeouts, lost connections).
+After ``failures`` of them the upstream is skipped for ``cooldown`` seconds; then one
+trial (half-open) decides whether it is back.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
 
+from esmtpfa.breaker import CLOSED, OPEN, CircuitBreaker
 from esmtpfa.logs import logger
 from esmtpfa.relay.errors import local_error, unavailable
 from esmtpfa.relay.interfaces import Kind, RelayError
@@ -33,59 +35,6 @@ from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
 from esmtpfa.timeouts import Deadline
 
 log = logger("esmtpfa.relay.pool")
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-
-
-class CircuitBreaker:
-    def __init__(self, failures: int, cooldown: float, clock: Any,
-                 on_change: Callable[[str, str], None] | None = None):
-        self.threshold = failures
-        self.cooldown = cooldown
-        self._clock = clock
-        self._on_change = on_change
-        self.state = CLOSED
-        self.consecutive = 0
-        self.open_until = 0.0
-        self._probing = False
-
-    def open_now(self) -> bool:
-        """Open and still cooling down (no side effect, unlike ``allow``)."""
-        return self.state == OPEN and self._clock.seconds() < self.open_until
-
-    def allow(self) -> bool:
-        """May a connection be tried now?  In half-open state only one trial at a time."""
-        if self.state == OPEN:
-            if self._clock.seconds() < self.open_until:
-                return False
-            self._set(HALF_OPEN)
-        if self.state == HALF_OPEN:
-            if self._probing:
-                return False
-            self._probing = True
-        return True
-
-    def success(self) -> None:
-        self.consecutive = 0
-        self._probing = False
-        if self.state != CLOSED:
-            self._set(CLOSED)
-
-    def failure(self) -> None:
-        self.consecutive += 1
-        self._probing = False
-        if self.state == HALF_OPEN or self.consecutive >= self.threshold:
-            self.open_until = self._clock.seconds() + self.cooldown
-            self._set(OPEN)
-
-    def release(self) -> None:
-        """A trial that ended without telling anything (e.g. the client went away)."""
-        self._probing = False
-
-    def _set(self, state: str) -> None:
-        previous, self.state = self.state, state
-        if previous != state and self._on_change is not None:
-            self._on_change(previous, state)
 
 
 class SessionPool:

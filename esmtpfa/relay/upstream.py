@@ -68,13 +68,14 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from esmtpfa.breaker import OPEN
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope, OutboundMessage
 from esmtpfa.relay.errors import (
     permanent, policy, protocol_violation, rejected, unavailable)
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, Phase, RelayError
 from esmtpfa.relay.oauth2 import TokenBrokers
-from esmtpfa.relay.pool import OPEN, ClientShares, Lease, ShareTicket, Upstream
+from esmtpfa.relay.pool import ClientShares, Lease, ShareTicket, Upstream
 from esmtpfa.relay.session import QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported
 from esmtpfa.relay.settings import (
     STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)

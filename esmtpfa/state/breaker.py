@@ -10,9 +10,9 @@ answered by ``esmtpfa.state.guard`` at once).  After the cool-down one request i
 through as a probe while the others keep going around it; an answer ends the
 degradation, a failure starts another cool-down.
 
-The states are those of the upstream relay's breaker (``esmtpfa.relay.pool``).  This one
-lives here so that the state layer does not depend on the relay, and it reports only
-what the operator needs: whether the store is degraded, and why it became so.
+The mechanism is ``esmtpfa.breaker``'s, the upstream relay's too; what this one adds is
+what the operator needs: whether the store is degraded, since when, and why it became
+so, told once per degradation rather than at every step in between.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+from esmtpfa.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 
 #: Consecutive requests without an answer before the store is skipped.  A restart or a
 #: failover fails the one or two requests in flight on the lost connection, and the
@@ -37,9 +37,8 @@ FAILURES = 3
 COOLDOWN = 5.0
 
 
-class StateBreaker:
-    """Closed (ask the store), open (do not, until ``cooldown`` has passed), half-open
-    (one probe under way; the rest do not ask).
+class StateBreaker(CircuitBreaker):
+    """The shared state's breaker.
 
     ``on_change(degraded, why)`` is called when the store becomes degraded (the breaker
     opens from closed) and when it answers again, never on the steps in between, so a
@@ -48,65 +47,33 @@ class StateBreaker:
     def __init__(self, clock: IReactorTime, *, failures: int = FAILURES,
                  cooldown: float = COOLDOWN,
                  on_change: Callable[[bool, str], None] | None = None):
-        if failures < 1 or cooldown <= 0:
-            raise ValueError("a breaker needs failures >= 1 and a positive cool-down")
-        self.clock = clock
-        self.failures, self.cooldown = failures, cooldown
-        self.on_change = on_change
-        self.state = CLOSED
-        self.consecutive = 0
-        self.open_until = 0.0
+        super().__init__(failures, cooldown, clock, self._moved)
+        self.on_degraded = on_change
         #: When the store became degraded (the clock's seconds), else None.
         self.degraded_since: float | None = None
-        self._probing = False
+        self._why = ""
 
     @property
     def degraded(self) -> bool:
         return self.state != CLOSED
 
-    def allow(self) -> bool:
-        """May this request go to the store?  Open: no, until the cool-down is over;
-        then one probe at a time."""
-        if self.state == OPEN:
-            if self.clock.seconds() < self.open_until:
-                return False
-            self.state = HALF_OPEN
-        if self.state == HALF_OPEN:
-            if self._probing:
-                return False
-            self._probing = True
-        return True
+    def failure(self, why: str = "") -> None:
+        """A request failed or passed its deadline; ``why`` is said if it degrades the
+        store."""
+        self._why = why
+        super().failure()
 
-    def succeeded(self) -> None:
-        """The store answered (an ``Exceeded`` is an answer too)."""
-        self.consecutive = 0
-        self._probing = False
-        if self.state != CLOSED:
-            self.state = CLOSED
+    def _moved(self, previous: str, state: str) -> None:
+        if previous == CLOSED and state == OPEN:
+            self.degraded_since = self._clock.seconds()
+            self._tell(True, self._why)
+        elif state == CLOSED:
             self.degraded_since = None
-            self._changed(False, "answered")
+            self._tell(False, "answered")
 
-    def failed(self, why: str) -> None:
-        """A request failed or passed its deadline."""
-        self.consecutive += 1
-        probe, self._probing = self._probing, False
-        if self.state == CLOSED and self.consecutive < self.failures:
-            return
-        self.open_until = self.clock.seconds() + self.cooldown
-        if self.state == CLOSED:
-            self.degraded_since = self.clock.seconds()
-            self.state = OPEN
-            self._changed(True, why)
-        elif probe or self.state == HALF_OPEN:
-            self.state = OPEN
-
-    def released(self) -> None:
-        """A request that ended without telling anything (cancelled by its caller)."""
-        self._probing = False
-
-    def _changed(self, degraded: bool, why: str) -> None:
-        if self.on_change is not None:
-            self.on_change(degraded, why)
+    def _tell(self, degraded: bool, why: str) -> None:
+        if self.on_degraded is not None:
+            self.on_degraded(degraded, why)
 
 
 __all__ = ["CLOSED", "COOLDOWN", "FAILURES", "HALF_OPEN", "OPEN", "StateBreaker"]

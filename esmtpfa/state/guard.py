@@ -123,18 +123,18 @@ class FailurePolicy:
             d.addTimeout(self.timeout, self.reactor)
 
         def answered(result):
-            self.breaker.succeeded()
+            self.breaker.success()
             return result
 
         def failed(failure: Failure):
             if not failure.check(*UNAVAILABLE):
                 if failure.check(defer.CancelledError):
-                    self.breaker.released()
+                    self.breaker.release()
                 else:
-                    self.breaker.succeeded()  # an answer, such as Exceeded
+                    self.breaker.success()  # an answer, such as Exceeded
                 return failure
             was_degraded = self.breaker.degraded
-            self.breaker.failed(_why(failure))
+            self.breaker.failure(_why(failure))
             if not was_degraded and not self.breaker.degraded:
                 self._log_blip(operation, failure)  # the transition logs the rest
             self._count(operation)
