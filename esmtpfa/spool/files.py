@@ -1366,13 +1366,13 @@ class FileSpool:
         free = stats.f_bavail * stats.f_frsize
         self._free = free
         self._free_read_at = time.monotonic()
+        self._stored_since_free = 0
         return free
 
     def _recent_free_disk(self) -> int:
         """The free disk as read at most ``FREE_DISK_AGE`` ago, less what was stored
         since: a store in a batch does not need a ``statvfs`` of its own."""
         if self._free is None or time.monotonic() - self._free_read_at > FREE_DISK_AGE:
-            self._stored_since_free = 0
             return self._free_disk()
         return self._free - self._stored_since_free
 

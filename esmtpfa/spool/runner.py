@@ -44,7 +44,7 @@ until a claim comes back short, so fresh mail never overtakes what waits.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 import time
 from typing import Any, Callable, Protocol
@@ -280,7 +280,7 @@ class QueueRunner(Service):
         queue may hold due messages that came first."""
         if not (self.running and self._queue_drained) or self._claiming or self._ready:
             return None
-        if self._free() <= 0 or self._count(identity) >= self.per_identity:
+        if self._free() <= 0 or self._held()[identity] >= self.per_identity:
             return None
         self._reserved[identity] = self._reserved.get(identity, 0) + 1
         return Reservation(self, identity)
@@ -304,10 +304,13 @@ class QueueRunner(Service):
     def _free(self) -> int:
         return self.concurrency - len(self._in_flight) - sum(self._reserved.values())
 
-    def _count(self, identity: str) -> int:
-        return (sum(1 for i in self._in_flight.values() if i == identity)
-                + sum(1 for m in self._ready if m.entry.identity == identity)
-                + self._reserved.get(identity, 0))
+    def _held(self) -> Counter[str]:
+        """Attempts per identity: running, reserved for a store, and claimed ahead (the
+        per-identity share counts all three)."""
+        held = Counter(self._in_flight.values())
+        held.update(self._reserved)
+        held.update(message.entry.identity for message in self._ready)
+        return held
 
     def _start_ready(self) -> None:
         """Start what was claimed ahead, as far as attempts are free."""
@@ -359,13 +362,7 @@ class QueueRunner(Service):
         return messages
 
     def _busy(self) -> frozenset[str]:
-        counts = dict(self._reserved)
-        for identity in self._in_flight.values():
-            counts[identity] = counts.get(identity, 0) + 1
-        for message in self._ready:
-            identity = message.entry.identity
-            counts[identity] = counts.get(identity, 0) + 1
-        return frozenset(i for i, n in counts.items() if n >= self.per_identity)
+        return frozenset(i for i, n in self._held().items() if n >= self.per_identity)
 
     def _start(self, message: QueuedMessage) -> None:
         entry = message.entry
