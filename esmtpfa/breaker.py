@@ -23,7 +23,7 @@ class CircuitBreaker:
             raise ValueError("a breaker needs failures >= 1 and a positive cool-down")
         self.threshold = failures
         self.cooldown = cooldown
-        self._clock = clock
+        self.clock = clock
         self._on_change = on_change
         self.state = CLOSED
         self.consecutive = 0
@@ -32,12 +32,12 @@ class CircuitBreaker:
 
     def open_now(self) -> bool:
         """Open and still cooling down (no side effect, unlike ``allow``)."""
-        return self.state == OPEN and self._clock.seconds() < self.open_until
+        return self.state == OPEN and self.clock.seconds() < self.open_until
 
     def allow(self) -> bool:
         """May a trial be made now?  In half-open state only one at a time."""
         if self.state == OPEN:
-            if self._clock.seconds() < self.open_until:
+            if self.clock.seconds() < self.open_until:
                 return False
             self._set(HALF_OPEN)
         if self.state == HALF_OPEN:
@@ -56,7 +56,7 @@ class CircuitBreaker:
         self.consecutive += 1
         self._probing = False
         if self.state == HALF_OPEN or self.consecutive >= self.threshold:
-            self.open_until = self._clock.seconds() + self.cooldown
+            self.open_until = self.clock.seconds() + self.cooldown
             self._set(OPEN)
 
     def release(self) -> None:

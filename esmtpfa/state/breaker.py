@@ -65,7 +65,7 @@ class StateBreaker(CircuitBreaker):
 
     def _moved(self, previous: str, state: str) -> None:
         if previous == CLOSED and state == OPEN:
-            self.degraded_since = self._clock.seconds()
+            self.degraded_since = self.clock.seconds()
             self._tell(True, self._why)
         elif state == CLOSED:
             self.degraded_since = None
