@@ -7,7 +7,7 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
 
     python3 bench/spool_backlog.py [--messages 100000] [--size 2048] [--identities 1]
                                    [--connections 20] [--live-messages 10000]
-                                   [--spool-concurrency 10] [--relay-pool-size N]
+                                   [--spool-concurrency N] [--relay-pool-size N]
                                    [--relay-pool-client-share F]
                                    [--json F]
 
@@ -183,11 +183,13 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=1)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--live-messages", type=int, default=10_000)
-    parser.add_argument("--spool-concurrency", type=int, default=10)
+    parser.add_argument("--spool-concurrency", type=int,
+                        help="the draining relay's --spool-concurrency (default: "
+                             "esmtpfa's, 20)")
     parser.add_argument("--relay-pool-size", type=int,
                         help="the draining relay's --relay-pool-size (default: esmtpfa's, "
-                             "20, of which the runner may use half: raise it with "
-                             "--spool-concurrency above 10)")
+                             "20: half of it the runner's share, the rest borrowed while "
+                             "no live client wants it)")
     parser.add_argument("--relay-pool-client-share", type=float,
                         help="the draining relay's --relay-pool-client-share (default: "
                              "esmtpfa's, 0.5; 1 lets the runner, one client of the pool, "
@@ -263,8 +265,9 @@ def main() -> int:
             machine = machine_ticks()
             started = time.monotonic()
             arguments = esmtpfa_arguments(free_port(), sink_port, workdir, "info") + [
-                "--delivery-mode", "spool", "--spool-url", f"file://{spool}",
-                "--spool-concurrency", str(args.spool_concurrency)]
+                "--delivery-mode", "spool", "--spool-url", f"file://{spool}"]
+            if args.spool_concurrency:
+                arguments += ["--spool-concurrency", str(args.spool_concurrency)]
             if args.relay_pool_size:
                 arguments += ["--relay-pool-size", str(args.relay_pool_size)]
             if args.relay_pool_client_share:

@@ -12,6 +12,10 @@ endpoint, through the providers' own code), to the shared state (a PING to
 ``--state-url`` through the relay's Redis client) and to the spool when a delivery mode
 uses it (opened and counted as the relay opens it), all at once, each bounded.
 
+Every option and variable that does not parse is one ``PROBLEM`` line naming it
+(``options.OptionsProblems``); the checks after it still run, with such a setting at
+its default, so the report is complete and never a traceback.
+
 A problem names where it is (the file, the provider entry, the param or flag) and never
 a value from the configuration: params and flags may be secrets.  Startup's messages are
 written that way already (``esmtpfa.config``); this module only adds its own labels.
@@ -52,6 +56,10 @@ class Report:
         self.problems.append(text)
         self.out.write(f"PROBLEM  {text}\n")
 
+    def warning(self, text: str) -> None:
+        self.warnings.append(text)
+        self.out.write(f"warning  {text}\n")
+
     def warned(self, event: dict) -> None:
         """Warnings the loaders log (cleartext LDAP, TLS verification off, ...): shown
         here, since twistd has not started its log yet."""
@@ -59,9 +67,7 @@ class Report:
             return
         if not str(event.get("log_namespace", "")).startswith("esmtpfa"):
             return
-        text = formatEvent(event)
-        self.warnings.append(text)
-        self.out.write(f"warning  {text}\n")
+        self.warning(formatEvent(event))
 
     def finish(self) -> int:
         if self.problems:
@@ -111,11 +117,13 @@ class Loaded:
 def check_static(options, reactor, report: Report) -> Loaded:
     """Options, providers, TLS files, relay: each part that can be checked is."""
     from esmtpfa.service import build_relay, load_providers, load_tls_options
-    problem = options.get("check-config-problem")
-    if problem:
-        report.problem(f"options: {problem}")
-    else:
+    problems = options.get("check-config-problems") or []
+    for problem in problems:  # one line each, naming the flag or variable
+        report.problem(problem)
+    if not problems:
         report.ok("options and environment")
+    for line in getattr(options, "overrides", ()):
+        report.warning(line)
     loaded = Loaded()
 
     if options["config-svc"]:

@@ -32,7 +32,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
+from esmtpfa.logs import PLAIN_RECIPIENTS, RecipientLog, logger
 from esmtpfa.auth.selection import Identity
 from esmtpfa.context import ConnectionContext
 from esmtpfa.ids import new_id
@@ -150,6 +150,8 @@ class DeliveryPolicy:
     #: providers whose policy sets none (``--rate-messages``, ``--rate-recipients``).
     rates: RateLimiter | None = field(default=None, compare=False)
     default_rates: Rates = Rates()
+    #: How the message line shows recipients (``--log-recipients``, docs/logging.md).
+    log_recipients: RecipientLog = PLAIN_RECIPIENTS
 
 
 def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
@@ -164,7 +166,8 @@ def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
 
 def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: OutboundMessage,
                   report: Callable[[str], None] | None = None,
-                  where: Callable[[], str | None] = lambda: None) -> defer.Deferred:
+                  where: Callable[[], str | None] = lambda: None,
+                  recipients_shown: RecipientLog = PLAIN_RECIPIENTS) -> defer.Deferred:
     """Hand ``message`` to ``send`` (an open relay transaction's); fires with the reply for
     the client, or fails with ``SMTPReplyError``.  Logs the outcome (with the upstream
     ``where`` names and the duration, as fields for the JSON log), tells ``report``
@@ -185,9 +188,10 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
             outcome(ACCEPTED)
             if isinstance(upstream, QueuedReply):  # the spool logged where it went
                 return upstream
-            log.info("{connection_id} message {message_id} from <{sender}> to {count} "
-                     "recipient(s), {size} bytes, relayed for {identity}: {upstream_reply}",
-                     connection_id=message.connection_id, message_id=message.id,
+            to, shown = recipients_shown.fields(message.envelope.recipients)
+            log.info("{connection_id} message {message_id} from <{sender}> " + to +
+                     ", {size} bytes, relayed for {identity}: {upstream_reply}",
+                     connection_id=message.connection_id, message_id=message.id, **shown,
                      sender=message.envelope.mail_from,
                      count=len(message.envelope.recipients), size=message.size,
                      identity=message.identity, upstream_reply=str(upstream),
@@ -201,8 +205,9 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
             if failure.check(RelayError):
                 error = failure.value
                 outcome(error.reason)
+                _, shown = recipients_shown.fields(message.envelope.recipients)
                 log.info("{connection_id} message {message_id} for {identity} not relayed "
-                         "({reason}): {detail}", connection_id=message.connection_id,
+                         "({reason}): {detail}", **shown, connection_id=message.connection_id,
                          message_id=message.id, identity=message.identity,
                          reason=error.reason, detail=str(error),
                          sender=message.envelope.mail_from,
@@ -246,6 +251,7 @@ class RelayTransaction:
         self._spool = MessageSpool(delivery.policy.spool_memory_limit)
         self._upstream: IRelayTransaction | None = None
         self._too_big: int | None = None
+        self._eight_bit_refused = False  # 8-bit content the only upstream cannot take
         self._reservation = _reservation_for(delivery)
         rules = sender_rules(delivery.identity)
         self._header_from = (HeaderFromScanner()
@@ -377,7 +383,13 @@ class RelayTransaction:
         raise SMTPReplyError(RELAY_ERROR)
 
     def write(self, data: bytes) -> None:
-        if self._too_big is not None:
+        if self._too_big is not None or self._eight_bit_refused:
+            return
+        if not data.isascii() and getattr(self._upstream, "refuses_8bit", False):
+            # Declared 8BITMIME, an upstream without it, and now an 8-bit octet: the
+            # verdict is known (docs/delivery-guarantee.md, "Content the upstream cannot
+            # take").  Nothing more is spooled; the client hears 554 at its final dot.
+            self._eight_bit_refused = True
             return
         if self._header_from is not None:
             self._header_from.feed(data)
@@ -389,6 +401,13 @@ class RelayTransaction:
             self._too_big = limit
 
     def finish(self) -> defer.Deferred:
+        if self._eight_bit_refused:
+            self.abort()
+            log.info("{connection_id} message {message_id} refused: 8-bit content for "
+                     "an upstream without 8BITMIME", message_id=self.id,
+                     connection_id=self._context.connection_id)
+            from esmtpfa.relay.session import eight_bit_unsupported  # the relay's words
+            return defer.fail(SMTPReplyError(eight_bit_unsupported().reply))
         if self._too_big is not None:
             self.abort()
             log.info("{connection_id} message {message_id} refused: larger than the "
@@ -460,7 +479,8 @@ class RelayTransaction:
             delivery.policy.observer.relayed(
                 delivery.identity, envelope, size, outcome, time.monotonic() - started)
         return relay_message(self._upstream.send, message, report,
-                             where=lambda: getattr(self._upstream, "upstream", None))
+                             where=lambda: getattr(self._upstream, "upstream", None),
+                             recipients_shown=delivery.policy.log_recipients)
 
     def abort(self) -> None:
         self._settle(accepted=False)
@@ -494,10 +514,11 @@ class RelayDelivery:
     def policy_refusal(self, reply: Reply, reason: str, connection_id: str,
                        message_id: str | None = None) -> PolicyRefusal:
         """Log and count a policy refusal; the error to answer it with."""
-        log.info("{connection_id} {what}refused for {identity} by its provider's policy "
+        log.info("{connection_id} {what} refused for {identity} by its provider's policy "
                  "({reason}): {reply}", connection_id=connection_id,
-                 what=f"message {message_id} " if message_id else "", identity=self.identity,
-                 reason=reason, reply=str(reply))
+                 what=f"message {message_id}" if message_id else "MAIL FROM",
+                 message_id=message_id, identity=self.identity, reason=reason,
+                 reply=str(reply))
         try:
             self.policy.observer.policy_rejected(self.identity, reason)
         except Exception:  # an observer bug must not change what the client is told

@@ -38,6 +38,10 @@ What is used, and by whom:
    and ``V2Parser.PREFIX`` live in private modules (the package exports only
    ``proxyEndpoint``, whose wrapper starts the wrapped protocol before the header has
    arrived).  ``parse_proxy_header`` is their one caller.
+5. ``twisted.python.log.theLogPublisher._publishPublisher``, swapped for the moment
+   the write-through check opens and closes its own port (``_self_check_unlogged``):
+   ``tcp.Port`` logs "starting on" and "Closed" whatever its factory's ``noisy`` says,
+   and a self-check's port is no news to an operator reading the info log.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from __future__ import annotations
 import inspect
 import socket
 import struct
+from contextlib import contextmanager
 from functools import cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import twisted
 from twisted.application.internet import StreamServerEndpointService
@@ -355,7 +360,39 @@ def _check_signatures() -> None:
              "unix.Server is no longer a tcp.Server (write-through relies on its queue)")
 
 
+@contextmanager
+def _self_check_unlogged() -> Iterator[None]:
+    """No ``twisted.python.log`` line while the self-check's own port starts and stops.
+
+    Only the check's synchronous steps run inside (before the reactor runs), so what
+    it keeps out of the log is the check's own port's lines."""
+    from twisted.python import log as legacy_log
+    publisher = legacy_log.theLogPublisher
+    original = publisher._publishPublisher
+    publisher._publishPublisher = lambda event: None
+    try:
+        yield
+    finally:
+        publisher._publishPublisher = original
+
+
 def _check_write_through() -> None:
+    """The write-through transports, checked on a real port (``_write_through_on_a_port``)
+    without the port's and its factories' log lines."""
+    from twisted.python import log as legacy_log
+    _require(callable(getattr(legacy_log.theLogPublisher, "_publishPublisher", None)),
+             "twisted.python.log.theLogPublisher._publishPublisher is gone")
+    with _self_check_unlogged():
+        _write_through_on_a_port()
+
+
+def _quiet(factory: Any) -> Any:
+    """A factory that logs no "Starting factory" / "Stopping factory" lines."""
+    factory.noisy = False
+    return factory
+
+
+def _write_through_on_a_port() -> None:
     """A real listening port and connection on loopback, driven by hand on a
     ``MemoryReactorClock`` (so it works before the reactor runs): the accepted transport
     must be ours, write through when its queue is empty, queue behind queued bytes, and
@@ -371,7 +408,7 @@ def _check_write_through() -> None:
         def connectionMade(self) -> None:
             accepted.append(self.transport)
 
-    port = _Port(0, Factory.forProtocol(Accepted), 5, "127.0.0.1", reactor)
+    port = _Port(0, _quiet(Factory.forProtocol(Accepted)), 5, "127.0.0.1", reactor)
     port.startListening()
     peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
     peer.setblocking(False)
@@ -420,7 +457,7 @@ def _check_write_through() -> None:
         server.connectionLost(Failure(ConnectionDone()))
 
         connector = _Connector("127.0.0.1", port.getHost().port,
-                               ClientFactory.forProtocol(Protocol), 5, None, reactor)
+                               _quiet(ClientFactory.forProtocol(Protocol)), 5, None, reactor)
         connector.connect()
         _require(type(connector.transport) is _Client,
                  "tcp.Connector.connect no longer builds its transport by _makeTransport")
@@ -433,7 +470,7 @@ def _check_write_through() -> None:
         bound.setblocking(False)
         try:
             listening = _Port._fromListeningDescriptor(
-                reactor, bound.fileno(), socket.AF_INET, Factory.forProtocol(Accepted))
+                reactor, bound.fileno(), socket.AF_INET, _quiet(Factory.forProtocol(Accepted)))
             _require(type(listening) is _Port and listening.transport is _Server,
                      "tcp.Port._fromListeningDescriptor no longer builds its own class")
         finally:
@@ -442,7 +479,7 @@ def _check_write_through() -> None:
         ours.setblocking(False)
         try:
             channel = _UNIXServer._fromConnectedSocket(
-                ours.fileno(), Factory.forProtocol(Accepted), reactor)
+                ours.fileno(), _quiet(Factory.forProtocol(Accepted)), reactor)
             _require(type(channel) is _UNIXServer and _queue_empty(channel),
                      "unix.Server._fromConnectedSocket no longer builds its own class")
             channel.write(b"four")

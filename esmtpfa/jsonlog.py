@@ -44,6 +44,8 @@ def _identity(value: Any) -> Any:
     username = getattr(value, "username", None)
     if isinstance(provider, str) and isinstance(username, str):
         return {"provider": provider, "user": username}
+    if hasattr(value, "provider") and hasattr(value, "username"):  # a failed login's
+        return {"provider": _plain(provider), "user": _plain(username)}  # None: unknown
     if isinstance(value, str) and "/" in value:
         provider, _, username = value.partition("/")
         return {"provider": provider, "user": username}

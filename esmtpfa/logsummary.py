@@ -1,7 +1,7 @@
 """Collapse repeated log events into one summary line per interval, with counts.
 
-A flood of identical events (55,000 refused connections in 15 s wrote 21 MB of log in
-issue 10) must not cost more log than a trickle.  ``RepeatSummary`` logs the first event
+A flood of identical events (55,000 refused connections in 15 s once wrote 21 MB of
+log) must not cost more log than a trickle.  ``RepeatSummary`` logs the first event
 of each reason in full, counts the ones that follow, and writes one line per
 ``interval`` with the count for each reason; after a quiet interval the next event is
 logged in full again.  The clock is a parameter, so tests drive it with ``Clock``.

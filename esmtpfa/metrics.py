@@ -15,23 +15,33 @@ purpose:
 * **no stale series** — ``configured_providers`` and the active-connection gauge are read
   from the live objects at scrape time, so a removed provider's series disappears.
 
-The registry is rendered by ``render()`` rather than ``generate_latest``: the original's
-``mail_from_to`` is a counter *without* the ``_total`` suffix, which prometheus_client
-can only write under a mismatched ``# TYPE`` line, and ``_created`` samples are noise.
+Names follow Prometheus's conventions (``_total`` on every counter, base units): the
+original's ``connections_total``, which counted login verdicts, is ``logins_total``, and
+its ``mail_from_to`` is ``mail_from_to_total``.  Series whose labels are known at start
+(configured providers and upstreams, fixed outcomes, the listeners) exist from the first
+scrape with 0, so ``rate()`` and ``absent()`` work before the first event.
+
+The registry is rendered by ``render()`` rather than ``generate_latest``, which writes
+``_created`` samples (noise here) and no Go-style ``untyped``.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from zope.interface import implementer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from esmtpfa import __version__
 from esmtpfa.auth.selection import VIA_FALLBACK, ProviderSet
 from esmtpfa.logs import logger
 from esmtpfa.message import Envelope
+from esmtpfa.state.interfaces import IConnectionLedger
 
 log = logger("esmtpfa.metrics")
 
@@ -55,11 +65,20 @@ _FALLBACK_STATUS = {"accepted": "1", "rejected": "0", "unavailable": "unavailabl
 #: kept ready; past this many the cache starts over (client input: it must be bounded).
 SERIES_CACHE = 4096
 
-#: Counters the original exposed without the ``_total`` suffix (Go client style).
-_UNSUFFIXED_COUNTERS = ("mail_from_to",)
 #: The original's series labelled with envelope addresses: served only on opt-in.
 ADDRESS_SERIES = ("bytes_sent_from_address_total", "bytes_sent_to_address_total",
-                  "mail_from_to")
+                  "mail_from_to_total")
+
+#: Closed label sets, initialised to 0 at start (``RelayMetrics.initialise``).
+RELAY_OUTCOMES = ("accepted", "rejected", "unavailable", "error")
+RELOAD_SOURCES = ("file", "service")
+TOKEN_RESULTS = ("ok", "refused", "unavailable", "malformed")
+#: Why a connection was refused (``connections_refused_total{reason}``): the ledger's
+#: two limits, or ``unavailable`` when the count could not be had (``--workers``).
+REFUSAL_REASONS = {"total limit": "total_limit", "per-address limit": "per_address_limit"}
+UNAVAILABLE = "unavailable"
+#: Circuit breaker states (``esmtpfa.breaker``), one 0/1 series each.
+BREAKER_STATES = ("closed", "half-open", "open")
 
 
 class BoundedLabels:
@@ -97,10 +116,21 @@ class RelayMetrics:
     def __init__(self, namespace: str = "esmtpfa", *,
                  providers: Callable[[], ProviderSet] = ProviderSet,
                  connections: Callable[[], Mapping[str, int]] = dict,
-                 upstream: str = "", address_labels: int = 0):
+                 upstream: str = "", address_labels: int = 0,
+                 upstreams: Callable[[], Iterable[Any]] = tuple,
+                 http_connections: Callable[[], int] | None = None,
+                 process: bool = True):
         self.namespace = namespace
         self.upstream = upstream
         self.registry = CollectorRegistry()
+        self._providers = providers
+        self._upstreams = upstreams
+        #: Reloads applied since start (the startup load is generation 1): ``/status``.
+        self.config_generation = 0
+        #: Whether the last load attempt succeeded (``/status``).
+        self.config_ok = True
+        #: upstream -> result of its last token request (``/status``).
+        self.token_results: dict[str, str] = {}
         self._from = BoundedLabels(address_labels)
         self._to = BoundedLabels(address_labels)
         self._pairs = BoundedLabels(address_labels)
@@ -111,8 +141,8 @@ class RelayMetrics:
             return Counter(name, doc, labels, namespace=namespace, registry=self.registry)
 
         # -- the original's metrics ------------------------------------------------------
-        self.connections = counter(
-            "connections_total", "Authentication verdicts by provider and status",
+        self.logins = counter(
+            "logins_total", "Login verdicts (SMTP AUTH, HTTP Basic) by provider and status",
             ["provider", "status"])
         self.fallback_connections = counter(
             "fallback_connections_total", "Fallback provider checks by provider and status",
@@ -140,7 +170,7 @@ class RelayMetrics:
                 "Octets of messages the upstream accepted, by provider and recipient",
                 ["provider", "to"])
             self.mail_from_to = counter(
-                "mail_from_to",
+                "mail_from_to_total",
                 "Sender/recipient pairs of relayed messages (status 1: accepted)",
                 ["from", "to", "status"])
         self.upstream_duration = Histogram(
@@ -217,6 +247,34 @@ class RelayMetrics:
         self.registry.register(_SpoolCollector(self._name, self._spool_stats))
         self.registry.register(_LiveCollector(self._name, providers, connections))
         self.registry.register(_TokenExpiryCollector(self._name, self._token_deadlines))
+        #: listener -> [(name, file, key type, notAfter)] of the certificates in use
+        self._certificates: dict[str, list[tuple[str, str, str, float]]] = {}
+        self.registry.register(_CertificateExpiryCollector(self._name, self._certificates))
+        # -- what an operator alerts on (docs/metrics.md, "Operating the relay") ---------
+        self.connections_accepted = counter(
+            "connections_accepted_total",
+            "Client connections admitted under the connection limits, by listener",
+            ["listener"])
+        self.connections_refused = counter(
+            "connections_refused_total",
+            "Client connections refused by the connection limits, by listener and reason "
+            "(total_limit, per_address_limit, unavailable)", ["listener", "reason"])
+        self.tls_failures = counter(
+            "tls_handshake_failures_total",
+            "SMTP connections that ended before their TLS handshake completed (implicit "
+            "TLS, or after STARTTLS), by listener", ["listener"])
+        self.size_refusals = counter(
+            "message_size_refusals_total",
+            "Messages refused for their size (SMTP 552 5.3.4 at MAIL SIZE= or in the "
+            "data, HTTP 413), by listener", ["listener"])
+        Gauge("build_info", "Always 1; the running version in its label", ["version"],
+              namespace=namespace, registry=self.registry).labels(__version__).set(1)
+        self.registry.register(_UpstreamCollector(self._name, upstreams))
+        if http_connections is not None:
+            self.registry.register(_HTTPCollector(self._name, http_connections))
+        if process:  # process_* (unprefixed, as every exporter names them)
+            ProcessCollector(registry=self.registry)
+        self.initialise()
 
     def _child(self, metric, *labels: str):
         """``metric.labels(*labels)``, remembered: the relay updates seven labelled series
@@ -238,14 +296,14 @@ class RelayMetrics:
             self.fallback_connections.labels(provider, _FALLBACK_STATUS[outcome]).inc()
             if outcome != "accepted":
                 return  # not a verdict: the next fallback is asked
-        self.connections.labels(provider, _AUTH_STATUS[outcome]).inc()
+        self.logins.labels(provider, _AUTH_STATUS[outcome]).inc()
         if outcome == "accepted":
             self.auth_successes.labels(provider).inc()
         elif outcome == "rejected":
             self.auth_failures.labels(provider).inc()
 
     def unmatched(self, outcome: str = "rejected") -> None:
-        self.connections.labels(NONE, _AUTH_STATUS[outcome]).inc()
+        self.logins.labels(NONE, _AUTH_STATUS[outcome]).inc()
         if outcome == "rejected":
             self.auth_failures.labels(NONE).inc()
 
@@ -255,11 +313,22 @@ class RelayMetrics:
         """One token request of an upstream's broker (labels: configured upstreams and
         the four results of ``relay.oauth2``)."""
         self._child(self.oauth2_refreshes, upstream, result).inc()
+        self.token_results[upstream] = result
 
     def token_expires_in(self, upstream: str, seconds: float) -> None:
         """The upstream's token now lives ``seconds`` more (0: none).  Kept as a deadline,
         so the gauge counts down between refreshes instead of freezing."""
         self._token_deadlines[upstream] = time.time() + max(seconds, 0.0)
+
+    # -- esmtpfa.certificates.CertificateObserver --------------------------------------------
+
+    def certificates_loaded(self, listener: str, certificates) -> None:
+        """The certificates ``listener`` (``smtp``, ``http``) serves now.  Labels are the
+        certificate's primary name, its file's basename and its key type: public, and
+        bounded by the configuration."""
+        self._certificates[listener] = [
+            (c.name, os.path.basename(c.pair.cert_path), c.key_type, c.not_after)
+            for c in certificates]
 
     # -- delivery.DeliveryObserver ---------------------------------------------------------
 
@@ -350,8 +419,11 @@ class RelayMetrics:
     # -- reload ------------------------------------------------------------------------------
 
     def config_loaded(self) -> None:
+        self.config_generation += 1
         self.config_last_success.set(time.time())
         self.config_last_ok.set(1)
+        self.config_ok = True
+        self.initialise()  # a provider added by the reload starts at 0
 
     def config_reloaded(self, source: str, ok: bool) -> None:
         self.config_reloads.labels(source, "success" if ok else "failure").inc()
@@ -359,6 +431,7 @@ class RelayMetrics:
             self.config_loaded()
         else:
             self.config_last_ok.set(0)
+            self.config_ok = False
 
     # -- exposition --------------------------------------------------------------------------
 
@@ -376,8 +449,109 @@ class RelayMetrics:
     def spool_stats(self, stats) -> None:
         self._spool_stats[:] = [stats]
 
+    def latest_spool_stats(self) -> Any:
+        """The spool's counts the queue runner read last; None without a spool."""
+        return self._spool_stats[0] if self._spool_stats else None
+
+    def token_deadlines(self) -> dict[str, float]:
+        """upstream -> wall time its OAuth2 token expires (only upstreams with OAuth2)."""
+        return dict(self._token_deadlines)
+
     def render(self) -> bytes:
-        return render(self.registry.collect(), {self._name(n) for n in _UNSUFFIXED_COUNTERS})
+        return render(self.registry.collect())
+
+    # -- series that exist before their first event -------------------------------------
+
+    def initialise(self) -> None:
+        """Create, at 0, every series whose labels are known now: an alert on
+        ``rate(x[5m])`` or ``increase()`` needs the series before the first event, and a
+        dashboard should show 0, not "no data".  Called at start and after each load
+        (a new provider's series appear with it); labels are configured names only."""
+        child = self._child
+        names = [provider.meta.name for provider in self._providers().providers]
+        for name in names:
+            for status in _AUTH_STATUS.values():
+                child(self.logins, name, status)
+            for metric in (self.auth_successes, self.auth_failures, self.messages_sent,
+                           self.bytes_sent):
+                child(metric, name)
+        for status in ("invalid", "unavailable"):
+            child(self.logins, NONE, status)
+        child(self.auth_failures, NONE)
+        for reason in RELAY_OUTCOMES:
+            child(self.relay_outcomes, reason)
+        for source in RELOAD_SOURCES:
+            for result in ("success", "failure"):
+                child(self.config_reloads, source, result)
+        for upstream in self._upstreams():
+            if getattr(upstream, "tokens", None) is not None:
+                for result in TOKEN_RESULTS:
+                    child(self.oauth2_refreshes, upstream.address, result)
+
+    def listening(self, listener: str) -> None:
+        """A mail listener exists: its connection counters start at 0."""
+        self._child(self.connections_accepted, listener)
+        for reason in (*REFUSAL_REASONS.values(), UNAVAILABLE):
+            self._child(self.connections_refused, listener, reason)
+        self._child(self.size_refusals, listener)
+        if listener != "http":  # an SMTP listener (plain: STARTTLS; tls: implicit)
+            self._child(self.tls_failures, listener)
+
+    # -- smtp.server and web.site: what a listener refused -------------------------------
+
+    def tls_handshake_failed(self, listener: str) -> None:
+        """A connection of ``listener`` ended inside its TLS handshake."""
+        self._child(self.tls_failures, listener).inc()
+
+    def size_refused(self, listener: str) -> None:
+        """A message of ``listener`` was refused for its size."""
+        self._child(self.size_refusals, listener).inc()
+
+    def admissions(self, ledger: Any, listener: str) -> CountedAdmissions:
+        """``ledger`` (an ``IConnectionLedger``) with its verdicts for ``listener``
+        counted in ``connections_accepted_total`` / ``connections_refused_total``."""
+        self.listening(listener)
+        return CountedAdmissions(ledger, self._child(self.connections_accepted, listener),
+                                 lambda reason: self._child(
+                                     self.connections_refused, listener, reason))
+
+
+@implementer(IConnectionLedger)
+class CountedAdmissions:
+    """An ``IConnectionLedger`` that counts each verdict it passes on: a slot taken is a
+    connection accepted, a limit named is one refused, a ledger that could not answer
+    (the supervisor of ``--workers``, late) is one refused as ``unavailable``."""
+
+    def __init__(self, ledger: Any, accepted: Any, refused: Callable[[str], Any]):
+        self._ledger = ledger
+        self._accepted = accepted
+        self._refused = refused
+
+    @property
+    def total(self) -> int:
+        return self._ledger.total
+
+    @property
+    def per_ip(self) -> int:
+        return self._ledger.per_ip
+
+    def refusal(self, ip: str):
+        return self._ledger.refusal(ip).addBoth(self._count)
+
+    def release(self, ip: str) -> None:
+        self._ledger.release(ip)
+
+    def _count(self, verdict: Any) -> Any:
+        if verdict is None:
+            self._accepted.inc()
+        elif isinstance(verdict, str):
+            self._refused(REFUSAL_REASONS.get(verdict, UNAVAILABLE)).inc()
+        else:  # a Failure: the caller refuses for now; passed on as it came
+            self._refused(UNAVAILABLE).inc()
+        return verdict
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)  # e.g. ConnectionLimits.active, for tests
 
 
 class _LiveCollector:
@@ -405,6 +579,69 @@ class _LiveCollector:
         for listener, count in sorted(self._connections().items()):
             active.add_metric([listener], count)
         yield active
+
+
+class _UpstreamCollector:
+    """Each configured upstream's pool and breaker, read at scrape time: sessions by
+    state (``idle``, ``busy``, ``opening``), messages waiting for one, the pool's size,
+    and the breaker's state as one 0/1 series per state.  Labels are the configured
+    ``host:port``; present from start (at 0) for every upstream."""
+
+    def __init__(self, name: Callable[[str], str], upstreams: Callable[[], Iterable[Any]]):
+        self._name = name
+        self._upstreams = upstreams
+
+    def collect(self):
+        name = self._name
+        sessions = GaugeMetricFamily(
+            name("upstream_pool_sessions"),
+            "Upstream sessions in the pool by state (idle, busy, opening)",
+            labels=["upstream", "state"])
+        waiting = GaugeMetricFamily(
+            name("upstream_pool_waiting"), "Messages waiting for an upstream session",
+            labels=["upstream"])
+        size = GaugeMetricFamily(
+            name("upstream_pool_max_sessions"),
+            "Sessions the pool may hold per upstream (--relay-pool-size)",
+            labels=["upstream"])
+        breaker = GaugeMetricFamily(
+            name("upstream_breaker_state"),
+            "1 for the circuit breaker's current state (closed, half-open, open), else 0",
+            labels=["upstream", "state"])
+        for upstream in self._upstreams():
+            address = upstream.address
+            usage = upstream.pool.usage()
+            for state in ("idle", "busy", "opening"):
+                sessions.add_metric([address, state], usage[state])
+            waiting.add_metric([address], usage["waiting"])
+            size.add_metric([address], upstream.pool.settings.size)
+            current = breaker_state(upstream.breaker)
+            for state in BREAKER_STATES:
+                breaker.add_metric([address, state], 1 if state == current else 0)
+        yield from (sessions, waiting, size, breaker)
+
+
+class _HTTPCollector:
+    """``http_active_connections{listener="http"}``: open HTTP submission connections."""
+
+    def __init__(self, name: Callable[[str], str], count: Callable[[], int]):
+        self._name = name
+        self._count = count
+
+    def collect(self):
+        family = GaugeMetricFamily(self._name("http_active_connections"),
+                                   "Open HTTP submission connections by listener",
+                                   labels=["listener"])
+        family.add_metric(["http"], self._count())
+        yield family
+
+
+def breaker_state(breaker: Any) -> str:
+    """What the breaker does now: an open breaker past its cool-down lets the next
+    message try, so it is reported ``half-open`` (``esmtpfa.breaker``)."""
+    if breaker.state == "open" and not breaker.open_now():
+        return "half-open"
+    return breaker.state
 
 
 class _SpoolCollector:
@@ -461,6 +698,30 @@ class _TokenExpiryCollector:
         yield family
 
 
+class _CertificateExpiryCollector:
+    """``tls_certificate_expiry_seconds``: notAfter minus now for each certificate the
+    listeners serve, computed at scrape time so it counts down between reloads;
+    negative once expired."""
+
+    def __init__(self, name: Callable[[str], str],
+                 certificates: Mapping[str, list[tuple[str, str, str, float]]]):
+        self._name = name
+        self._certificates = certificates
+
+    def collect(self):
+        if not self._certificates:
+            return
+        family = GaugeMetricFamily(
+            self._name("tls_certificate_expiry_seconds"),
+            "Seconds until a certificate the TLS listeners serve expires (notAfter minus "
+            "now; negative once expired)", labels=["listener", "name", "file", "key"])
+        now = time.time()
+        for listener, certificates in sorted(self._certificates.items()):
+            for name, file, key, not_after in certificates:
+                family.add_metric([listener, name, file, key], not_after - now)
+        yield family
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"  # Go's strconv.FormatBool, as the original
 
@@ -475,17 +736,15 @@ def _escape_value(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
-def render(families: Iterable, unsuffixed: set[str] = frozenset()) -> bytes:
-    """Prometheus text format, Go client style: counters named as they were declared."""
+def render(families: Iterable) -> bytes:
+    """Prometheus text format, Go client style: every counter's name ends in ``_total``,
+    ``_created`` samples are left out."""
     out: list[str] = []
     for family in families:
         name, kind = family.name, family.type
         samples = [s for s in family.samples if not s.name.endswith("_created")]
         if kind == "counter":
-            if name in unsuffixed:
-                samples = [s._replace(name=name) for s in samples]
-            else:
-                name += "_total"
+            name += "_total"
         elif kind == "unknown":
             kind = "untyped"
         out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
@@ -498,4 +757,13 @@ def render(families: Iterable, unsuffixed: set[str] = frozenset()) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-__all__ = ["ADDRESS_SERIES", "CONTENT_TYPE", "NONE", "OTHER", "RelayMetrics", "render"]
+__all__ = [
+    "ADDRESS_SERIES",
+    "CONTENT_TYPE",
+    "NONE",
+    "OTHER",
+    "CountedAdmissions",
+    "RelayMetrics",
+    "breaker_state",
+    "render",
+]

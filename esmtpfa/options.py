@@ -20,6 +20,7 @@ from twisted.python import usage
 from esmtpfa.ratelimit import Limit
 from esmtpfa.smtp.proxy import parse_networks
 from esmtpfa.spool.backends import parse_spool_url
+from esmtpfa.tls import parse_cipher_string, parse_min_version
 
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
@@ -95,7 +96,10 @@ def parse_workers(text: str) -> int:
     """A number of worker processes, or ``auto``: one per CPU this process may use."""
     if text.strip().lower() == "auto":
         return usable_cpus()
-    value = parse_positive_int(text)
+    try:
+        value = parse_positive_int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of workers or auto, got {text!r}") from None
     if value > MAX_WORKERS:
         raise ValueError(f"at most {MAX_WORKERS} workers, got {value}")
     return value
@@ -178,6 +182,12 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+def parse_sni_certs(text: str):
+    """``--tls-sni-certs``: (CERT:KEY pairs, directories) (``esmtpfa.certificates``)."""
+    from esmtpfa.certificates import parse_sni_entries
+    return parse_sni_entries(text)
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -196,6 +206,71 @@ class Setting:
     help: str
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a setting's effective value came from: ``--print-config`` shows it, the
+    startup warning and ``--check-config`` name it.
+
+    ``kind`` is ``default``, ``flag`` (the command line), ``environment`` or ``demo``
+    (set by ``--demo``); ``name`` is the flag or variable; ``overrides`` is the flag an
+    environment variable won over (docs/config-loading.md, "Flags and the environment").
+    A variable from systemd's ``EnvironmentFile`` or a Kubernetes Secret is an
+    environment variable: the process cannot tell the two apart.
+    """
+
+    kind: str
+    name: str = ""
+    overrides: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "default":
+            return "default"
+        if self.kind == "environment":
+            return f"env {self.name}" + (f" (overrides {self.overrides})"
+                                         if self.overrides else "")
+        return self.name
+
+
+DEFAULT = Source("default")
+
+#: Flags that choose what ``twistd esmtpfa`` does rather than how the relay behaves:
+#: ``--print-config`` does not list them.
+ACTIONS = frozenset({"check-config", "check-connect", "print-config", "non-default"})
+
+#: The last word of the name of a setting that holds a credential: its value is never
+#: shown (``--print-config``, the override warning), except a ``-key`` setting's that
+#: names an existing file (``--tls-key``: the path is no secret, the key in it is).
+#: URLs are redacted separately.
+SECRET_WORDS = frozenset({"pass", "password", "secret", "token", "key"})
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
+
+
+def is_secret(flag: str) -> bool:
+    return flag.rsplit("-", 1)[-1] in SECRET_WORDS
+
+
+def shown(flag: str, value: Any) -> str:
+    """``value`` as ``--print-config`` writes it, with any credential redacted: a
+    secret setting entirely, the user info of a URL (``redis://:PASSWORD@host``, an
+    ``amqp://user:pass@`` spool), PEM key material wherever it appears."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (list, tuple)):
+        text = ",".join(str(item) for item in value)
+    else:
+        text = str(value)
+    if is_secret(flag) and text and not (flag.endswith("-key") and os.path.isfile(text)):
+        return "(redacted)"
+    if "-----BEGIN" in text:
+        return "(redacted: key material)"
+    return _URL_CREDENTIALS.sub(r"\1(redacted)@", text)
+
+
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 SETTINGS: tuple[Setting, ...] = (
@@ -209,6 +284,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls-cert", str, None, "SMTP_TLS_CERT", "TLS certificate (PEM, may include the chain)"),
     Setting("tls-key", str, None, "SMTP_TLS_KEY", "TLS key (PEM)"),
     Setting("tls-ca-cert", str, None, "SMTP_TLS_CA_CERT", "TLS CA certificate: verify optional client certificates"),
+    # Server certificates and TLS settings (esmtpfa; docs/operations.md, "Certificates")
+    Setting("tls-sni-certs", parse_sni_certs, None, "SMTP_TLS_SNI_CERTS", "More certificates for the SMTP listeners, chosen by the name the client asks for (SNI; exact, then wildcard, else --tls-cert): comma-separated CERT:KEY pairs and directories of NAME.crt (or .pem) with NAME.key; the same names with an RSA and an ECDSA key: the client's capabilities choose"),
+    Setting("tls-poll-interval", parse_seconds, 5.0, "TLS_POLL_INTERVAL", "Seconds between checks of the certificate and key files (symlinks followed: a renewal or a Kubernetes Secret update) for changes; SIGHUP reloads at once"),
+    Setting("tls-min-version", parse_min_version, "1.2", "TLS_MIN_VERSION", "Lowest TLS version the SMTP and HTTP listeners accept: 1.2 or 1.3"),
+    Setting("tls-ciphers", parse_cipher_string, None, "TLS_CIPHERS", "OpenSSL cipher string for TLS 1.2 on the SMTP and HTTP listeners, e.g. ECDHE+AESGCM:ECDHE+CHACHA20 (default: Twisted's; TLS 1.3 suites are not affected)"),
     # SMTP behaviour (original)
     Setting("allow-anonymous-auth", None, False, "SMTP_ALLOW_ANONYMOUS_AUTH", "Allow anonymous authentication (DANGEROUS: relays mail from anyone who can connect)"),
     Setting("allow-insecure-auth", None, False, "SMTP_ALLOW_INSECURE_AUTH", "Allow insecure authentication (AUTH without TLS)"),
@@ -235,6 +315,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("config-svc", parse_http_url, None, "PROVIDER_CONFIG_SERVICE", "Configuration service URL (JSON or YAML; replaces --config)"),
     Setting("log-level", choice(*LOG_LEVELS), "info", "LOG_LEVEL", "Log level"),
     Setting("log-format", choice("text", "json"), "text", "LOG_FORMAT", "Log format: text, or json (one object per line, docs/logging.md)"),
+    Setting("log-recipients", choice("plain", "hash", "omit"), "plain", "LOG_RECIPIENTS", "Recipients on the message line: plain (the addresses, as Postfix's to=<...>), hash (a keyed short hash of each, with --log-recipients-key; docs/logging.md says how to find one) or omit (only their number)"),
+    Setting("log-recipients-key", str, None, "LOG_RECIPIENTS_KEY", "The key of --log-recipients hash (prefer the environment variable: flags show in ps)"),
     Setting("metrics-namespace", parse_namespace, "esmtpfa", "METRICS_NAMESPACE", "Metrics namespace"),
     Setting("metrics-port", parse_port, 9090, "METRICS_PORT", "Metrics port"),
     # Relay (original)
@@ -251,6 +333,8 @@ SETTINGS: tuple[Setting, ...] = (
     # esmtpfa additions
     Setting("check-config", None, False, None, "Check the configuration (providers, TLS files, relay settings), print what was found and exit: 0 when sound"),
     Setting("check-connect", None, False, None, "Like --check-config, and also connect once to each relay server (EHLO, STARTTLS, AUTH) and each identity back end"),
+    Setting("print-config", None, False, None, "Print every setting with its effective value and where it came from (default, flag, env VARIABLE, --demo), credentials redacted, and exit without starting (docs/operations.md, \"Seeing the effective configuration\")"),
+    Setting("non-default", None, False, None, "With --print-config (also -n): only the settings given by a flag, the environment or --demo, like postconf -n"),
     Setting("demo", None, False, "ESMTPFA_DEMO", "Try-out mode: plain listener on 127.0.0.1:12525 with insecure auth, demo user 'demo'/'demo-password', Maildir upstream"),
     Setting("hostname", str, None, "SMTP_HOSTNAME", "Name in the greeting and Received header (default: this host's FQDN)"),
     Setting("maildir", str, "maildir", "MAILDIR", "Maildir used when no relay address is set"),
@@ -321,10 +405,32 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool-retry-min", parse_duration, 300.0, "SPOOL_RETRY_MIN", "First retry of a deferred spooled message (then doubling, Postfix's minimal_backoff_time)"),
     Setting("spool-retry-max", parse_duration, 4000.0, "SPOOL_RETRY_MAX", "Longest wait between retries (Postfix's maximal_backoff_time)"),
     Setting("spool-lifetime", parse_duration, 5 * 86400.0, "SPOOL_LIFETIME", "How long a spooled message is retried before it is bounced or held (e.g. 5d; Postfix's maximal_queue_lifetime)"),
-    Setting("spool-concurrency", parse_positive_int, 10, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (one identity gets at most half of them while others have mail waiting)"),
+    Setting("spool-concurrency", parse_positive_int, 20, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (one identity gets at most half of them while others have mail waiting); beyond the client share they use only the relay connections no live client wants"),
 )
 
 DEMO_PORT = 12525
+
+
+def versions() -> str:
+    """esmtpfa's version from the installed package's metadata (the source tree's
+    ``__version__`` when it is not installed), then Twisted's."""
+    from importlib import metadata
+    import twisted
+    try:
+        mine = metadata.version("esmtpfa")
+    except metadata.PackageNotFoundError:
+        from esmtpfa import __version__ as mine
+    return f"esmtpfa {mine}\nTwisted {twisted.__version__}"
+
+
+def _plain_error(error: ValueError) -> str:
+    """Python's own conversion messages in an operator's words."""
+    text = str(error)
+    if text.startswith("invalid literal for int()"):
+        return f"expected a whole number, got {text.rpartition(': ')[2]}"
+    if text.startswith("could not convert string to float"):
+        return f"expected a number, got {text.rpartition(': ')[2]}"
+    return text
 
 
 def _flag_help(setting: Setting) -> str:
@@ -332,13 +438,26 @@ def _flag_help(setting: Setting) -> str:
     return setting.help + env
 
 
+class OptionsProblems(usage.UsageError):
+    """Every setting whose value did not parse, one line each naming it.  Startup says
+    the first (one line, no ``--help``: ``esmtpfa.tap``); ``--check-config`` lists all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        more = len(self.problems) - 1
+        super().__init__(self.problems[0] + (
+            f" (and {more} more: --check-config lists them)" if more else ""))
+
+
 class Options(usage.Options):
-    """``twistd esmtpfa`` options.  After parsing, ``self[name]`` holds typed values."""
+    """``twistd esmtpfa`` options.  After parsing, ``self[name]`` holds typed values and
+    ``self.sources[name]`` where each came from (``Source``)."""
 
     synopsis = "[options]"
     longdesc = ("esmtpfa: an authenticating SMTP submission relay. Environment variables "
-                "override flags. Nothing listens unless --plain, --tls or --http is given "
-                "(or --demo).")
+                "override flags (a startup warning names each). Nothing listens unless "
+                "--plain, --tls or --http is given (or --demo). --print-config shows what "
+                "is in effect.")
     optFlags = [[s.flag, None, _flag_help(s)] for s in SETTINGS if s.parse is None]
     optParameters = [[s.flag, None, None, _flag_help(s) + (
         f" (default {s.default!r})" if s.default not in (None, "") else "")]
@@ -347,6 +466,20 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None):
         super().__init__()
         self.environ = os.environ if environ is None else environ
+        self.sources: dict[str, Source] = {}
+        self.invalid: set[str] = set()  # settings whose value did not parse
+        #: One line per environment variable that overrode a flag given on the command
+        #: line with another value: logged at startup, shown by --check-config.
+        self.overrides: list[str] = []
+
+    def opt_version(self) -> None:
+        """Print esmtpfa's version (and Twisted's) and exit."""
+        print(versions())
+        sys.exit(0)
+
+    def opt_n(self) -> None:
+        """Same as --non-default."""
+        self["non-default"] = 1
 
     def parseOptions(self, options=None) -> None:
         """Remembers the arguments as given: a supervisor starts its workers with them
@@ -355,38 +488,101 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
+        problems = []
         for setting in SETTINGS:
-            self[setting.flag] = self._resolve(setting)
+            try:
+                self[setting.flag] = self._resolve(setting)
+            except ValueError as error:
+                # Every other setting still resolves, so --check-config can name each
+                # bad one and check the rest with values of the right type.
+                problems.append(str(error))
+                self.invalid.add(setting.flag)
+                self[setting.flag] = setting.default
+        if problems:
+            raise OptionsProblems(problems)
         if self["demo"]:
             self._apply_demo()
         self._validate()
 
     def _resolve(self, setting: Setting) -> Any:
+        """The setting's value, its ``Source`` recorded; a value that does not parse is
+        a ``ValueError`` naming the flag or variable (never quoting a secret: the
+        parsers of secret settings accept any text)."""
+        flag = f"--{setting.flag}"
+        given = self.get(setting.flag)  # the flag's text, a boolean flag's 0/1, or None
+        on_command_line = bool(given) if setting.parse is None else given is not None
         raw_env = self.environ.get(setting.env) if setting.env else None
         if raw_env:  # an empty variable counts as unset, as in the original
-            source, raw = f"environment variable {setting.env}", raw_env
-        else:
-            given = self.get(setting.flag)
-            if setting.parse is None:
-                return bool(given)
-            if given is None:
-                return setting.default
-            source, raw = f"--{setting.flag}", given
+            self.sources[setting.flag] = Source("environment", setting.env or "")
+            value = self._parse(setting, raw_env, f"environment variable {setting.env} "
+                                                  f"({flag})")
+            overrides = ""
+            if on_command_line and self._differs(setting, given, value):
+                overrides = flag
+                self.overrides.append(self._override_line(setting, given, value))
+            self.sources[setting.flag] = Source("environment", setting.env or "", overrides)
+            return value
+        if not on_command_line:
+            self.sources[setting.flag] = DEFAULT
+            return setting.default
+        self.sources[setting.flag] = Source("flag", flag)
+        return True if setting.parse is None else self._parse(setting, given, flag)
+
+    @staticmethod
+    def _parse(setting: Setting, raw: str, where: str) -> Any:
         try:
             return parse_bool(raw) if setting.parse is None else setting.parse(raw)
         except ValueError as error:
-            raise usage.UsageError(f"{source}: {error}") from None
+            raise ValueError(f"{where}: {_plain_error(error)}") from None
+
+    @staticmethod
+    def _differs(setting: Setting, given: Any, value: Any) -> bool:
+        if setting.parse is None:
+            return value is not True
+        try:
+            return setting.parse(given) != value
+        except ValueError:
+            return True
+
+    @staticmethod
+    def _override_line(setting: Setting, given: Any, value: Any) -> str:
+        flag = f"--{setting.flag}"
+        if setting.parse is None or is_secret(setting.flag):
+            return (f"environment variable {setting.env} overrides {flag} given on the "
+                    f"command line (the environment wins: docs/config-loading.md)")
+        return (f"environment variable {setting.env}={shown(setting.flag, value)} "
+                f"overrides {flag} {shown(setting.flag, given)} given on the command line "
+                f"(the environment wins: docs/config-loading.md)")
 
     def _apply_demo(self) -> None:
-        self["plain"] = True
-        self["allow-insecure-auth"] = True
+        demo = Source("demo", "--demo")
+
+        def set_(flag: str, value: Any) -> None:
+            self[flag] = value
+            self.sources[flag] = demo
+        set_("plain", True)
+        set_("allow-insecure-auth", True)
         if self.get("addr") in (None, ""):
-            self["addr"] = "127.0.0.1"
+            set_("addr", "127.0.0.1")
         if self.defaulted("port"):
-            self["port"] = DEMO_PORT
+            set_("port", DEMO_PORT)
         for flag in ("http-addr", "metrics-addr"):  # loopback only, like the SMTP listener
             if self[flag] == "":
-                self[flag] = "127.0.0.1"
+                set_(flag, "127.0.0.1")
+
+    def effective(self, non_default: bool = False) -> list[str]:
+        """``name = value  # source`` for every setting, sorted by name, credentials
+        redacted (``shown``); with ``non_default`` only those set explicitly (a flag,
+        the environment, ``--demo``), even to the default value, as ``postconf -n``
+        shows what main.cf sets."""
+        lines = []
+        for flag in sorted(s.flag for s in SETTINGS if s.flag not in ACTIONS):
+            source = self.sources.get(flag, DEFAULT)
+            if non_default and source.kind == "default":
+                continue
+            value = "(invalid)" if flag in self.invalid else shown(flag, self.get(flag))
+            lines.append(f"{flag} = {value}  # {source}")
+        return lines
 
     def uses_spool(self) -> bool:
         """Whether the relay opens a spool: a spooling ``--delivery-mode``, or an
@@ -455,6 +651,9 @@ class Options(usage.Options):
             raise usage.UsageError(f"--relay-oauth2-*: {error}") from None
 
     def _validate(self) -> None:
+        if self["log-recipients"] == "hash" and not self["log-recipients-key"]:
+            raise usage.UsageError("--log-recipients hash needs --log-recipients-key "
+                                   "(LOG_RECIPIENTS_KEY): the hash is keyed")
         for prefix, what in (("tls", "SMTP TLS"), ("http-tls", "HTTP TLS"),
                              ("relay-tls", "relay client TLS")):
             cert, key = self[prefix + "-cert"], self[prefix + "-key"]

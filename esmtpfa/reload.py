@@ -610,7 +610,7 @@ class SighupReload:
 
     def _run(self) -> None:
         if self._installed:
-            log.info("SIGHUP: reloading the provider configuration")
+            log.info("SIGHUP: reloading the provider configuration and the TLS certificates")
             self._callback()
 
     def uninstall(self) -> None:
@@ -622,21 +622,24 @@ class SighupReload:
 
 class ReloadService(Service):
     """Runs the configuration sources of one relay: the file watcher or the config
-    service poller, and SIGHUP, which reloads whichever is in use at once."""
+    service poller, and SIGHUP, which reloads whichever is in use at once, and calls
+    each of ``also`` (the TLS certificates: ``esmtpfa.certificates``)."""
 
     name = "reload"
 
     def __init__(self, reloader: ProviderReloader, *, reactor: Any,
                  watcher: FileWatcher | None = None,
-                 poller: ConfigServicePoller | None = None):
+                 poller: ConfigServicePoller | None = None,
+                 also: Sequence[Callable[[], Any]] = ()):
         self.reloader = reloader
         self.watcher = watcher
         self.poller = poller
+        self.also = tuple(also)
         self._sighup = SighupReload(reactor, self.reload_now)
 
     def reload_now(self) -> defer.Deferred:
         """Reload from whichever source is in use; fires once that reload is done."""
-        reloads = []
+        reloads = [defer.maybeDeferred(reload) for reload in self.also]
         if self.watcher is not None:
             reloads.append(self.watcher.reload())
         if self.poller is not None:

@@ -21,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from esmtpfa.logs import logger, set_level
+from esmtpfa.logs import RecipientLog, logger, set_level
 from esmtpfa import __version__
 from esmtpfa.auth.realm import SubmissionRealm
 from esmtpfa.auth.throttle import AuthThrottle, ThrottlingChecker
@@ -48,10 +48,13 @@ from esmtpfa.spool.modes import DeliveryModes
 from esmtpfa.spool.runner import QueueRunner, RetryPolicy
 from esmtpfa.state.ledgers import Ledgers
 from esmtpfa.state.redis import ledgers_from_options
-from esmtpfa.tls import TLSConfigError, server_tls_options
+from esmtpfa.certificates import (
+    CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
+from esmtpfa.tls import MIN_VERSIONS, TLSConfigError, TLSPolicy, read_ca_certificates
 from esmtpfa.transport import write_through
 from esmtpfa.web.health import (
-    SHUTTING_DOWN, Check, MaildirProbe, RelayProbe, SpoolProbe, UpstreamProbe)
+    SHUTTING_DOWN, Check, ListenersCheck, MaildirCheck, Readiness, SpoolCheck, TokensCheck)
+from esmtpfa.web.status import RelayStatus
 from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.web.site import metrics_listener, submission_listener
 
@@ -206,14 +209,23 @@ def load_providers(options, reactor) -> ProviderSet:
         raise usage.UsageError(f"provider configuration: {error}") from None
 
 
-def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"):
-    """A listener's TLS options, or None without a certificate."""
+def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"
+                     ) -> CertificateStore | None:
+    """A listener group's certificates (``esmtpfa.certificates``), or None without one.
+    The SMTP listeners also get the ``--tls-sni-certs``; both get the version floor and
+    the ciphers."""
     if not options[prefix + "-cert"]:
         return None
+    extra, directories = (options["tls-sni-certs"] or ((), ())) if prefix == "tls" else ((), ())
     try:
-        return server_tls_options(
-            options[prefix + "-cert"], options[prefix + "-key"],
-            options["tls-ca-cert"] if prefix == "tls" else None)
+        ca = options["tls-ca-cert"] if prefix == "tls" else None
+        policy = TLSPolicy(MIN_VERSIONS[options["tls-min-version"]], options["tls-ciphers"],
+                           read_ca_certificates(ca) if ca else ())
+        sources = CertificateSources(
+            CertificatePair(options[prefix + "-cert"], options[prefix + "-key"]),
+            extra, directories)
+        return CertificateStore(sources, policy, what=what,
+                                listener="smtp" if prefix == "tls" else "http")
     except TLSConfigError as error:
         raise usage.UsageError(f"{what}: {error}") from None
 
@@ -272,18 +284,23 @@ class RelayService(SigtermStop, MultiService):
         self.adopted = adopted
         self.ledgers = ledgers or Ledgers()
         self.settings = server_settings(options)
+        #: ``--log-recipients``, shared by the message line and the spool's attempt line.
+        self.log_recipients = RecipientLog(options["log-recipients"],
+                                           (options["log-recipients-key"] or "").encode())
         self.smtp_factories: list[SMTPServerFactory] = []
         providers = options.get("provider-set") or load_providers(options, reactor)
         self.directory = ProviderDirectory(providers)
         self.metrics = RelayMetrics(
             options["metrics-namespace"], providers=lambda: self.directory.current,
             connections=self._open_connections, upstream=upstream_label(options),
-            address_labels=options["metrics-address-labels"])
+            address_labels=options["metrics-address-labels"], upstreams=self.upstreams,
+            http_connections=lambda: len(self._http_channels()))
         self.relay = build_relay(options, reactor, self.settings.hostname,
                                  observer=self.metrics)
         for relay in unwrap(self.relay):
             if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
                 relay.observers.append(self.metrics.attempt_failed)
+        self.metrics.initialise()  # the upstreams' series, now that they exist
         self.spool_service = self._spool()
         self.modes = DeliveryModes(
             self.relay, self.spool_service and self.spool_service.spool,
@@ -312,7 +329,8 @@ class RelayService(SigtermStop, MultiService):
             hostname=self.settings.hostname, retry=RetryPolicy(
                 options["spool-retry-min"], options["spool-retry-max"],
                 options["spool-lifetime"]),
-            concurrency=options["spool-concurrency"], observer=self.metrics)
+            concurrency=options["spool-concurrency"], observer=self.metrics,
+            log_recipients=self.log_recipients)
         service = SpoolService(spool, threads, runner, self.reactor,
                                stop_timeout=self.settings.close_grace)
         service.setServiceParent(self)
@@ -341,7 +359,8 @@ class RelayService(SigtermStop, MultiService):
                                 observer=self.metrics,
                                 rates=rates or RateLimiter(self.reactor),
                                 default_rates=Rates(self.options["rate-messages"],
-                                                    self.options["rate-recipients"]))
+                                                    self.options["rate-recipients"]),
+                                log_recipients=self.log_recipients)
         realm = SubmissionRealm(lambda identity: RelayDelivery(
             identity, self.modes.relay_for(identity), policy))
         self.throttle = AuthThrottle(
@@ -371,17 +390,21 @@ class RelayService(SigtermStop, MultiService):
                 service_url, reloader, interval=options["config-svc-interval"],
                 timeout=options["config-svc-timeout"], token=options["config-svc-token"],
                 reactor=reactor)
-            ReloadService(reloader, reactor=reactor, poller=poller).setServiceParent(self)
+            ReloadService(reloader, reactor=reactor, poller=poller,
+                          also=[self.reload_certificates]).setServiceParent(self)
         else:
             self.metrics.config_loaded()  # the startup load
             watcher = FileWatcher(os.path.abspath(options["config"]), reloader,
                                   interval=options["config-poll-interval"], reactor=reactor)
-            ReloadService(reloader, reactor=reactor, watcher=watcher).setServiceParent(self)
+            ReloadService(reloader, reactor=reactor, watcher=watcher,
+                          also=[self.reload_certificates]).setServiceParent(self)
         return reloader
 
     def _factory(self, name: str, **kwargs) -> SMTPServerFactory:
         factory = SMTPServerFactory(self.settings, self.portal, name=name,
-                                    limits=self.limits, reactor=self.reactor, **kwargs)
+                                    limits=self.metrics.admissions(self.limits, name),
+                                    reactor=self.reactor, **kwargs)
+        factory.observer = self.metrics  # TLS handshake failures, size refusals
         self.smtp_factories.append(factory)
         return factory
 
@@ -390,7 +413,16 @@ class RelayService(SigtermStop, MultiService):
 
     def _add_listeners(self) -> None:
         options = self.options
-        tls_options = options.get("tls-options") or load_tls_options(options)
+        smtp_tls = options.get("tls-options") or load_tls_options(options)
+        http_tls = options.get("http-tls-options") or load_tls_options(
+            options, "http-tls", "HTTP TLS") if options["http"] else None
+        self.certificates = CertificateWatcher(
+            [store for store in (smtp_tls, http_tls) if store is not None],
+            interval=options["tls-poll-interval"], clock=self.reactor)
+        self.certificates.setServiceParent(self)
+        for store in self.certificates.stores:
+            store.observe(self.metrics.certificates_loaded)
+        tls_options = smtp_tls and smtp_tls.tls
         if options["plain"]:
             factory = self._factory("plain", tls_options=tls_options)
             self._listen("plain", options["addr"], options["port"],
@@ -400,38 +432,55 @@ class RelayService(SigtermStop, MultiService):
             self._listen("tls", options["addr"], options["tls-port"], self._proxied(
                 "tls", TLSMemoryBIOFactory(tls_options, False, factory)))
         if options["http"]:
-            http_tls = options.get("http-tls-options") or load_tls_options(
-                options, "http-tls", "HTTP TLS")
             # caps (outermost, before TLS), then TLS, then the guarded HTTP channel
             listener = submission_listener(
                 self.portal, self.settings, reactor=self.reactor,
                 allow_anonymous=options["http-allow-anonymous"],
-                limits=HTTPLimits.from_options(options), tls_options=http_tls,
-                connections=self.ledgers.http_connections)
+                limits=HTTPLimits.from_options(options), tls_options=http_tls and http_tls.tls,
+                connections=self.metrics.admissions(
+                    self.ledgers.http_connections
+                    or HTTPLimits.from_options(options).connection_limits("http"), "http"),
+                observer=self.metrics)
             self._listen("http", options["http-addr"], options["http-port"], listener)
-        self.upstream_probe = self._upstream_probe()
+        self.readiness = self._readiness()
+        self.status = RelayStatus(
+            self.metrics, self._open_connections, lambda: len(self._http_channels()),
+            self.upstreams, lambda: self.reloader.applied_digest,
+            lambda: len(self.directory.current), lambda: self.draining)
         if self.adopted is not None:
             return  # a worker: the supervisor serves metrics and health for all
         self._listen("metrics", options["metrics-addr"], options["metrics-port"],
-                     metrics_listener(self.metrics, self.providers_ready,
-                                      self.upstream_probe, reactor=self.reactor,
+                     metrics_listener(self.metrics, self.readiness, self.status,
+                                      reactor=self.reactor,
                                       limits=HTTPLimits.from_options(options)))
 
-    def _upstream_probe(self):
-        probe = self._relay_probe()
+    def _readiness(self) -> Readiness:
+        """/readyz: this replica's own state, never the upstream's (docs/metrics.md,
+        "Health"): every replica shares the upstream, so following it would take them
+        all out of the load balancer at once."""
+        checks = [("config", self.providers_ready),
+                  ("listeners", ListenersCheck(lambda: [
+                      s for s in self if s.name in ("plain", "tls", "http")]))]
+        if self.options["relay-upstreams"]:
+            checks.append(("oauth2", TokensCheck(self.upstreams)))
+        else:
+            checks.append(("maildir", MaildirCheck(os.path.abspath(self.options["maildir"]))))
         if self.spool_service is not None and self.modes.mode != Mode.PASSTHROUGH:
-            # The spool takes the mail while the upstream is down: that is its point.
-            return SpoolProbe(self.spool_service.spool, probe)
-        return probe
+            checks.append(("spool", SpoolCheck(self.spool_service.spool)))
+        return Readiness(checks)
 
-    def _relay_probe(self):
-        entries = self.options["relay-upstreams"]
-        if entries:  # the pools and breakers first, the preferred upstream when they know nothing
-            from esmtpfa.relay.upstream import SMTPRelay
-            probe = UpstreamProbe(self.reactor, entries[0].host, entries[0].port)
-            relays = [r for r in unwrap(self.relay) if isinstance(r, SMTPRelay)]
-            return RelayProbe(relays[0], probe) if relays else probe
-        return MaildirProbe(os.path.abspath(self.options["maildir"]))
+    def upstreams(self) -> list:
+        """The configured upstreams (their pools and breakers), for metrics and status."""
+        from esmtpfa.relay.upstream import SMTPRelay
+        relay = getattr(self, "relay", None)  # asked while the relay is being built
+        if relay is None:
+            return []
+        return [u for r in unwrap(relay) if isinstance(r, SMTPRelay) for u in r.upstreams]
+
+    def reload_certificates(self) -> None:
+        """SIGHUP (and, with ``--workers``, the supervisor's word): every certificate
+        file read again; the new ones serve the next handshakes."""
+        self.certificates.reload_now()
 
     def providers_ready(self) -> Check:
         if self.draining:
@@ -488,6 +537,11 @@ class RelayService(SigtermStop, MultiService):
                      interval=options["config-poll-interval"])
             if not providers:
                 log.warn("no providers configured: every AUTH will be refused")
+        for store in self.certificates.stores:
+            store.log_in_use()
+        if self.certificates.stores:
+            log.info("certificate files checked for changes every {interval:g} s and on "
+                     "SIGHUP", interval=options["tls-poll-interval"])
         if options["demo"]:
             log.warn("DEMO MODE: plain listener with AUTH over cleartext; log in as "
                      "{user!r} with the demo password from the README", user=DEMO_USER)

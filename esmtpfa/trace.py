@@ -38,7 +38,7 @@ def _is_address_literal(name: str) -> bool:
     return True
 
 
-def safe_client_name(name: str | None) -> str:
+def safe_client_name(name: str | None, smtputf8: bool = False) -> str:
     """The client's EHLO name (or HTTP Host) as the Received header may carry it.
 
     A valid domain or address literal is kept as the client sent it (RFC 5321 §4.4 asks
@@ -46,14 +46,43 @@ def safe_client_name(name: str | None) -> str:
     ``[A-Za-z0-9._-]`` replaced by ``_``, so a ``;`` (the separator before the date,
     RFC 5322 §3.6.7), a parenthesis, a quote or a bracket cannot change how the header
     parses.  The underscore also marks the name as not a real host name.
+
+    A name with U-labels (``münchen.example``) is kept as it is only in the header of
+    an SMTPUTF8 message (RFC 6531 §3.7.3).  Any other message may travel on to an
+    upstream that offers neither SMTPUTF8 nor 8BITMIME, where raw UTF-8 in a header
+    is not allowed (RFC 5321 §2.3.1, §4.4: the domain is ASCII LDH there), so the name
+    is written as its A-labels (``xn--mnchen-3ya.example``, RFC 5890 §2.3.2.1): the
+    same domain, in the form every ASCII hop understands.  A name that IDNA cannot
+    encode is reduced like any other invalid name.
+
+    The EHLO itself is not refused for a U-label: the name is informational (RFC 5321
+    §4.1.4 forbids refusing a message because it does not verify), and a printer with
+    a non-ASCII host name has no other name to give.
     """
     if not name:
         return "unknown"
     name = name[:MAX_NAME]
-    if (_DOMAIN.match(name) and len(name.encode("utf-8")) <= MAX_NAME) \
-            or _is_address_literal(name):
+    if _is_address_literal(name):
         return name
+    if _DOMAIN.match(name) and len(name.encode("utf-8")) <= MAX_NAME:
+        if name.isascii() or smtputf8:
+            return name
+        encoded = _a_labels(name)
+        if encoded is not None:
+            return encoded
     return _NOT_SAFE.sub("_", name)
+
+
+def _a_labels(name: str) -> str | None:
+    """``name`` in A-labels (IDNA 2008 with the UTS #46 mapping, what resolvers and
+    browsers use), or None when it is not a valid IDN."""
+    import idna  # a dependency of Twisted's (hyperlink)
+    try:
+        encoded = idna.encode(name.rstrip("."), uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    encoded += "." if name.endswith(".") else ""
+    return encoded if len(encoded) <= MAX_NAME and _DOMAIN.match(encoded) else None
 
 
 def _host_as_domain(host: str) -> str:
@@ -95,13 +124,14 @@ def _stamp_now() -> str:
 def received_header(context: ConnectionContext, hostname: str, message_id: str, *,
                     authenticated: bool, smtputf8: bool = False, hide_client: bool = False,
                     now: datetime.datetime | None = None) -> bytes:
-    key = (context.helo, context.http_host, None if hide_client else context.peer_host)
+    key = (context.helo, context.http_host, None if hide_client else context.peer_host,
+           smtputf8)
     source = _sources.get(key)
     if source is None:  # once per client and name, not once per message
         name = context.helo
         if name is None and context.http_host:
             name = _host_as_domain(context.http_host)
-        source = f"from {safe_client_name(name)}"
+        source = f"from {safe_client_name(name, smtputf8)}"
         if not hide_client:
             source += f" ([{context.peer_host}])"
         if len(_sources) >= SOURCES:

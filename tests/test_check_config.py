@@ -299,3 +299,229 @@ class SpoolCheckTests(CheckConfigCase):
         self.assertIn(f"spool: RabbitMQ amqp://127.0.0.1:{closed}/mail", output)
         self.assertIn("PROBLEM  spool", output)
         self.assertNotIn("broker-SECRET-31", output)
+
+
+# -- a bad value for every option ---------------------------------------------------------
+
+#: Values tried, in order, until the option's parser refuses one.  An option whose
+#: parser takes any text (a path, a name, a password) has no bad value of its own: its
+#: problems are found by the checks that use it (a missing file, a relay address).
+CANDIDATES = ("not-a-value", "-1", "0", "99999", "100/week")
+
+
+def bad_values() -> dict:
+    """``{setting: (flag argument or None, environment variable or None, value)}`` for
+    every option of ``esmtpfa.options.SETTINGS`` that has a bad value: a new option is
+    covered without touching this test."""
+    from esmtpfa.options import SETTINGS
+    found = {}
+    for setting in SETTINGS:
+        if setting.parse is None:  # a boolean: only its variable can be given a value
+            if setting.env:
+                found[setting] = (None, setting.env, "maybe")
+            continue
+        for candidate in CANDIDATES:
+            try:
+                setting.parse(candidate)
+            except ValueError:
+                found[setting] = (f"--{setting.flag}={candidate}", setting.env, candidate)
+                break
+    return found
+
+
+class EveryOptionTests(CheckConfigCase):
+    """``--check-config`` with a bad value for each option: exit status 1, one PROBLEM
+    line naming the option, never a traceback (before, the first bad value left the
+    others unparsed and the checks that read them raised TypeError/AttributeError)."""
+
+    def problems(self, output: str) -> list[str]:
+        return [line for line in output.splitlines() if line.startswith("PROBLEM")]
+
+    def assertOneLineEach(self, output: str, names: dict) -> None:
+        self.assertNotIn("Traceback", output)
+        problems = self.problems(output)
+        self.assertEqual(len(problems), len(names), output)
+        for setting, name in names.items():
+            naming = [line for line in problems if f"{name}:" in line or f"{name} (" in line]
+            self.assertEqual(len(naming), 1, f"{setting.flag}: {naming}\n{output}")
+
+    def test_the_sweep_covers_the_options_that_parse(self):
+        from esmtpfa.options import SETTINGS
+        covered = {setting.flag for setting in bad_values()}
+        strict = {s.flag for s in SETTINGS if s.parse not in (None, str)}
+        self.assertEqual(strict - covered, set())
+        self.assertGreater(len(covered), 60)
+
+    async def test_every_flag_bad_at_once(self):
+        values = {s: v for s, v in bad_values().items() if v[0] is not None}
+        code, output = await self.check(*[flag for flag, _, _ in values.values()])
+        self.assertEqual(code, 1, output)
+        self.assertOneLineEach(output, {s: f"--{s.flag}" for s in values})
+
+    async def test_every_environment_variable_bad_at_once(self):
+        values = {s: v for s, v in bad_values().items() if v[1] is not None}
+        code, output = await self.check(env={env: value for _, env, value in values.values()})
+        self.assertEqual(code, 1, output)
+        self.assertOneLineEach(output, {s: f"environment variable {s.env}" for s in values})
+
+    def test_each_option_alone_is_one_problem_and_the_checks_still_run(self):
+        """In process, one option at a time (a twistd each would take minutes): the
+        problem names it, and every check after the options runs on typed values."""
+        import io
+        from esmtpfa import checkconfig
+        from esmtpfa.options import Options, OptionsProblems
+        maildir = os.path.join(self.directory, "maildir")
+        for setting, (flag, env, value) in bad_values().items():
+            for argv, environ in (([flag], {}), ([], {env: value})):
+                if (flag if argv else env) is None:
+                    continue
+                options = Options(environ)
+                with self.assertRaises(OptionsProblems) as caught:
+                    options.parseOptions([*argv, "--maildir", maildir])
+                [problem] = caught.exception.problems
+                self.assertIn(f"--{setting.flag}", problem)
+                options["check-config-problems"] = caught.exception.problems
+                out = io.StringIO()
+                self.assertEqual(checkconfig.run(options, out=out), 1, out.getvalue())
+                self.assertEqual(len(self.problems(out.getvalue())), 1, out.getvalue())
+
+    async def test_what_the_operator_met(self):
+        for args, env, name in (
+                (["--log-level", "verbose"], None, "--log-level"),
+                (["--workers", "two"], None, "--workers"),
+                (["--rate-messages", "100/week"], None, "--rate-messages"),
+                ([], {"SMTP_PORT": "25x"}, "environment variable SMTP_PORT (--port)")):
+            code, output = await self.check(*args, env=env)
+            self.assertEqual(code, 1, output)
+            self.assertNotIn("Traceback", output)
+            [problem] = self.problems(output)
+            self.assertIn(name, problem)
+
+
+def _spawn(argv: list[str], cwd: str, env: dict | None = None):
+    """``twistd ARGV`` in ``cwd``, exactly as written (no -n or --pidfile added)."""
+    import sys
+    from twisted.internet import reactor
+    from tests.support.processes import Collector, child_environment
+    collector = Collector()
+    process = reactor.spawnProcess(
+        collector, sys.executable,
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *argv],
+        env=child_environment(env), path=cwd)
+    return collector, process
+
+
+class BesideARunningRelayTests(CheckConfigCase):
+    """``twistd -n esmtpfa --check-config`` as the docs write it, in the directory of a
+    running relay whose pidfile (twistd.pid, twistd's default) is there: it answered
+    "Another twistd server is running" before, as twistd looked at its pidfile first."""
+
+    async def test_check_and_print_beside_a_relay_with_a_pidfile(self):
+        from twisted.internet import reactor
+        from tests.support.processes import terminate, until_serving
+        port, metrics = free_port(), free_port()
+        common = ["--demo", "--port", str(port), "--metrics-port", str(metrics),
+                  "--maildir", os.path.join(self.directory, "maildir")]
+        relay, process = _spawn(["-n", "esmtpfa", *common], self.directory)
+        self.addCleanup(lambda: terminate(process, relay.ended, grace=15)
+                        if not relay.ended.called else None)
+        await until_serving("relay", port, relay, timeout=20)
+        self.assertTrue(os.path.exists(os.path.join(self.directory, "twistd.pid")))
+        for action, answer in (("--check-config", "configuration ok"),
+                               ("--print-config", f"port = {port}  # --port")):
+            check, _ = _spawn(["-n", "esmtpfa", action, *common], self.directory)
+            code = await check.ended.addTimeout(30, reactor)
+            self.assertEqual(code, 0, check.text)
+            self.assertIn(answer, check.text)
+
+
+# -- --print-config --------------------------------------------------------------------------
+
+class PrintConfigTests(CheckConfigCase):
+    """``--print-config``: every setting, its effective value and its source, like
+    ``postconf``; ``-n`` only the ones not at their default, like ``postconf -n``."""
+
+    async def print_config(self, *args: str, env: dict | None = None) -> tuple[int, str]:
+        process = Twistd(["--print-config", *args], env=env)
+        process.start()
+        self.addCleanup(process.stop)
+        code = await process.exited()
+        return code, process.output
+
+    @staticmethod
+    def parsed(output: str) -> dict[str, tuple[str, str]]:
+        settings = {}
+        for line in output.splitlines():
+            name, _, rest = line.partition(" = ")
+            value, _, source = rest.partition("  # ")
+            settings[name] = (value, source)
+        return settings
+
+    async def test_every_setting_once_with_value_and_source(self):
+        from esmtpfa.options import ACTIONS, SETTINGS
+        code, output = await self.print_config(
+            "--port", "42587", "--log-level", "debug",
+            env={"SMTP_PORT": "42599", "SMTP_MAX_RECIPIENTS": "7"})
+        self.assertEqual(code, 0, output)
+        names = [line.partition(" = ")[0] for line in output.splitlines()]
+        self.assertEqual(names, sorted(s.flag for s in SETTINGS if s.flag not in ACTIONS))
+        settings = self.parsed(output)
+        self.assertEqual(settings["port"], ("42599", "env SMTP_PORT (overrides --port)"))
+        self.assertEqual(settings["log-level"], ("debug", "--log-level"))
+        self.assertEqual(settings["max-recipients"], ("7", "env SMTP_MAX_RECIPIENTS"))
+        self.assertEqual(settings["idle-timeout"], ("300", "default"))
+        self.assertEqual(settings["plain"], ("false", "default"))
+
+    async def test_non_default_only(self):
+        for flag in ("-n", "--non-default"):
+            code, output = await self.print_config(
+                flag, "--port", "2526", "--demo", env={"LOG_LEVEL": "debug"})
+            self.assertEqual(code, 0, output)
+            settings = self.parsed(output)
+            # --metrics-port: the test's own (tests/support/processes.py)
+            self.assertEqual(set(settings), {"port", "log-level", "metrics-port", "demo",
+                                             "plain", "allow-insecure-auth", "addr",
+                                             "http-addr"})
+            self.assertEqual(settings["port"], ("2526", "--port"))
+            self.assertEqual(settings["plain"], ("true", "--demo"))
+
+    async def test_credentials_are_redacted(self):
+        secrets = {"RELAY_PASS": "relay-pass-S1", "LOG_RECIPIENTS_KEY": "hmac-key-S6",
+                   "STATE_URL": "redis://:redis-pw-S2@127.0.0.1:6379/0",
+                   "SPOOL_URL": "amqp://mailer:amqp-pw-S3@127.0.0.1/mail",
+                   "PROVIDER_CONFIG_SERVICE": "https://ops:svc-pw-S4@cfg.example/p.json",
+                   "PROVIDER_CONFIG_SERVICE_TOKEN": "bearer-S5"}
+        code, output = await self.print_config(
+            "--relay-addr", "127.0.0.1:2525", "--relay-user", "mailer",
+            "--log-recipients", "hash", env=secrets)
+        self.assertEqual(code, 0, output)
+        for secret in ("relay-pass-S1", "redis-pw-S2", "amqp-pw-S3", "svc-pw-S4",
+                       "bearer-S5", "hmac-key-S6"):
+            self.assertNotIn(secret, output)
+        settings = self.parsed(output)
+        self.assertEqual(settings["relay-pass"], ("(redacted)", "env RELAY_PASS"))
+        self.assertEqual(settings["state-url"][0], "redis://(redacted)@127.0.0.1:6379/0")
+        self.assertEqual(settings["spool-url"][0], "amqp://(redacted)@127.0.0.1/mail")
+        self.assertEqual(settings["relay-user"], ("mailer", "--relay-user"))
+
+    async def test_a_bad_value_is_named_and_the_status_is_not_zero(self):
+        code, output = await self.print_config(env={"SMTP_PORT": "25x"})
+        self.assertEqual(code, 1, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(self.parsed(output)["port"], ("(invalid)", "env SMTP_PORT"))
+        self.assertIn("esmtpfa: environment variable SMTP_PORT (--port): expected a whole "
+                      "number, got '25x'", output)
+
+
+class VersionTests(CheckConfigCase):
+    async def test_esmtpfa_version_from_the_package_metadata(self):
+        from importlib import metadata
+        import twisted
+        process = Twistd(["--version"])
+        process.start()
+        self.addCleanup(process.stop)
+        code = await process.exited()
+        self.assertEqual(code, 0, process.output)
+        self.assertEqual(process.output.splitlines()[:2],
+                         [f"esmtpfa {metadata.version('esmtpfa')}",
+                          f"Twisted {twisted.__version__}"])

@@ -79,7 +79,8 @@ class DemoModeTests(unittest.TestCase):
         yield run_tool("swaks", *swaks_args(self.port))  # a successful one too
         yield self.relay.stop()
         log = self.relay.output
-        self.assertIn("AUTH PLAIN failed for user", log)
+        self.assertIn("login failed: client=127.0.0.1 reason=bad-password protocol=smtp "
+                      "mechanism=PLAIN identity=demo-userpass/", log)
         self.assertIn("AUTH PLAIN ok as demo-userpass/demo", log)
         for secret in (SECRET, payload, DEMO_PASSWORD, "Zebra-Unicorn"):
             self.assertNotIn(secret, log)

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from esmtpfa import logs
 from esmtpfa.auth.credentials import UserPassword
-from esmtpfa.auth.errors import UnauthorizedLogin
+from esmtpfa.auth.errors import REASONS, UnauthorizedLogin
 from esmtpfa.context import ConnectionContext
 from esmtpfa.jsonlog import JSONLinesObserver
 from esmtpfa.providers.base import ProviderMeta
@@ -189,6 +189,12 @@ class TwistdJSONLogTests(unittest.TestCase):
         self.assertNotIn("lab secret", relay.log)  # the successful login's password
         self.assertTrue(any("fail" in r["event"].lower() or "refus" in r["event"].lower()
                             for r in records), "the failed logins left no line")
+        # One failed-login record each, with the fields fail2ban and a dashboard key on.
+        failed = [r for r in records if "login failed:" in r["event"]]
+        self.assertEqual([(r["level"], r["client"], r["protocol"], r["mechanism"])
+                          for r in failed], [("warn", "127.0.0.1", "smtp", "PLAIN"),
+                                             ("warn", "127.0.0.1", "smtp", "XOAUTH2")])
+        self.assertTrue(all(r["reason"] in REASONS for r in failed), failed)
 
     @staticmethod
     def failed_logins(port: int) -> None:

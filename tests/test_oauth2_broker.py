@@ -59,6 +59,13 @@ class BrokerTestCase(unittest.TestCase):
         self.addCleanup(broker.stop)
         return broker
 
+    async def until(self, condition, limit: float = 5.0) -> None:
+        """Let the real reactor run (HTTP) until ``condition()``, at most ``limit`` s."""
+        deadline = time.monotonic() + limit
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
+            await deferLater(reactor, 0.01, lambda: None)
+
     def assertNoSecretAnywhere(self, *texts: str) -> None:
         """Neither the client secret, a refresh token, nor an access token appears in
         ``texts`` or in any log line so far (debug included)."""
@@ -170,7 +177,9 @@ class GrantTests(BrokerTestCase):
         token = await self.check(broker, "client_secret_basic", sub="alerts@example.com")
         self.assertNotIn(first, self.server.refresh_tokens)  # rotated: the old one is gone
         self.assertEqual(self.server.requests[0].form["refresh_token"], first)
-        self.clock.advance(3600)  # past the refresh time
+        self.clock.advance(3300)  # the refresh time: renewed in the background
+        self.assertEqual(await broker.token(), token)
+        await self.until(lambda: self.server.hits == 2)
         second = await broker.token()
         self.assertNotEqual(second, token)
         self.assertEqual(self.server.requests[1].outcome, "ok")
@@ -203,7 +212,10 @@ class CacheTests(BrokerTestCase):
         self.assertEqual(await broker.token(), token)
         self.assertEqual(self.server.hits, 1)
         self.clock.advance(1)
-        newer = await broker.token()
+        # The refresh time: the renewal starts, but this caller gets the valid token.
+        self.assertEqual(self.successResultOf(broker.token()), token)
+        await self.until(lambda: self.server.hits == 2 and broker.readiness()[0])
+        newer = self.successResultOf(broker.token())
         self.assertNotEqual(newer, token)
         self.assertEqual(self.server.hits, 2)
 
@@ -213,9 +225,34 @@ class CacheTests(BrokerTestCase):
         token = await broker.token()
         self.clock.advance(47)
         self.assertEqual(await broker.token(), token)
+        self.assertEqual(self.server.hits, 1)
         self.clock.advance(1)
-        await broker.token()
-        self.assertEqual(self.server.hits, 2)
+        self.assertEqual(await broker.token(), token)
+        await self.until(lambda: self.server.hits == 2)
+
+    async def test_a_renewal_that_hangs_holds_no_message(self):
+        """A 60-second token, an endpoint that never answers at renewal time (t+48 s):
+        until the token expires every caller gets it at once, and single flight still
+        holds (one renewal request however many callers).  Only past expiry does a
+        caller wait, and no longer than the request's deadline."""
+        self.server.endpoint.lifetime = 60
+        broker = self.broker(timeout=0.5)
+        token = await broker.token()
+        self.server.endpoint.hang = True
+        self.clock.advance(48)
+        for _ in range(5):
+            self.assertEqual(self.successResultOf(broker.token()), token)
+        self.clock.advance(11.9)
+        self.assertEqual(self.successResultOf(broker.token()), token)
+        self.assertEqual(broker.requests, 2)  # the first token, one renewal in flight
+        self.clock.advance(0.1)  # expired: now a caller must wait for the renewal
+        waiting = broker.token()
+        self.assertNoResult(waiting)
+        started = time.monotonic()
+        with self.assertRaises(TokenUnavailable) as caught:
+            await waiting
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIn("timed out", str(caught.exception))
 
     async def test_single_flight(self):
         broker = self.broker()
@@ -276,6 +313,10 @@ class CacheTests(BrokerTestCase):
         await self.until(lambda: self.server.hits == 2 and broker.readiness()[1] != "")
         await self.until(lambda: "last refresh failed" in broker.readiness()[1])
         self.assertEqual(await broker.token(), token)  # 5 minutes left: still used
+        for _ in range(3):  # messages do not hurry the retry: the backoff decides
+            self.clock.advance(FAILURE_HOLD / 2)
+            self.assertEqual(self.successResultOf(broker.token()), token)
+        self.assertEqual(broker.requests, 2)
         ok, detail = broker.readiness()
         self.assertTrue(ok)
         self.assertIn("HTTP 503", detail)
@@ -283,13 +324,6 @@ class CacheTests(BrokerTestCase):
         self.clock.advance(10)  # the retry
         await self.until(lambda: self.server.hits == 3 and "failed" not in broker.readiness()[1])
         self.assertNotEqual(await broker.token(), token)
-
-    async def until(self, condition, limit: float = 5.0) -> None:
-        """Let the real reactor run (HTTP) until ``condition()``, at most ``limit`` s."""
-        deadline = time.monotonic() + limit
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
-            await deferLater(reactor, 0.01, lambda: None)
 
 
 class FailureTests(BrokerTestCase):
@@ -304,7 +338,11 @@ class FailureTests(BrokerTestCase):
         self.assertIn("HTTP 401: invalid_client", error.reason)
         self.assertIn("smtp.example:587", error.reason)
         self.assertEqual(error.result, "refused")
-        self.assertEqual(broker.readiness(), (False, error.reason))
+        self.assertEqual(broker.readiness(), (False, error.detail))
+        # The relay's readiness names the upstream; the broker's text does not repeat it.
+        self.assertEqual(error.detail, str(error))
+        self.assertNotIn("smtp.example:587", error.detail)
+        self.assertEqual(error.reason, f"smtp.example:587: {error.detail}")
         self.assertNoSecretAnywhere(str(error), repr(error), repr(broker),
                                     repr(broker.settings))
         warnings = [e for e in self.logs if "no access token" in e.get("log_text", "")]
@@ -431,6 +469,8 @@ class FailureTests(BrokerTestCase):
         self.assertEqual(await broker.token(), "abc.def")
         self.clock.advance(480)
         self.server.endpoint.raw_body = b'{"access_token": "ghi", "token_type": "Bearer"}'
+        self.assertEqual(await broker.token(), "abc.def")  # renewed in the background
+        await self.until(lambda: self.server.hits == 2 and broker.readiness()[0])
         self.assertEqual(await broker.token(), "ghi")
         self.assertIn("valid for 3600 s", broker.readiness()[1])
 

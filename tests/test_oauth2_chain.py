@@ -52,10 +52,13 @@ def send(port: int, message_id: str) -> tuple[int, str]:
 class ChainCase(unittest.TestCase):
     timeout = 120
     secret = SECRET
+    #: The token server's ``expires_in``.
+    lifetime = 3600
 
     async def start(self, *a_args: str) -> None:
         self.server = TokenServer().start()
         self.addCleanup(self.server.stop)
+        self.server.endpoint.lifetime = self.lifetime
         self.server.register(ClientRegistration("printer-app", secret=SECRET,
                                                 subject="printer-sp"))
         self.sink = SmtpSink(None)
@@ -87,6 +90,14 @@ class ChainCase(unittest.TestCase):
     def assert_delivered_once(self) -> None:
         counts = delivered(self.sink)
         self.assertEqual(counts[self.message_id], 1, counts)
+
+    async def until(self, condition, seconds: float = 20.0):
+        from twisted.internet import reactor, task
+        for _ in range(int(seconds / 0.1)):
+            if condition():
+                return
+            await task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("condition not reached")
 
     def assert_no_secret_in_logs(self) -> None:
         for log in (self.a.log, self.b.log):
@@ -158,13 +169,30 @@ class RefusedTokenTests(ChainCase):
         self.assertIn("OAuth2 token was refused; trying once more with a new one", self.a.log)
         self.assert_no_secret_in_logs()
 
-    async def until(self, condition, seconds: float = 20.0):
-        from twisted.internet import reactor, task
-        for _ in range(int(seconds / 0.1)):
-            if condition():
-                return
-            await task.deferLater(reactor, 0.1, lambda: None)
-        raise AssertionError("condition not reached")
+
+class HangingRenewalTests(ChainCase):
+    """The token endpoint hangs when the token is due for renewal: messages go on with
+    the token that is still valid, without waiting for the endpoint.
+
+    A 10-second token is renewed after 8 s (80% of its life); the endpoint then never
+    answers, so the broker's request hangs until its 10-second deadline.  A message sent
+    in the remaining 2 seconds of the token's life must not wait for that request."""
+
+    lifetime = 10
+
+    async def test_a_hanging_renewal_holds_no_message(self):
+        import time
+        await self.start()
+        await self.until(lambda: self.server.hits >= 1)
+        self.server.endpoint.hang = True
+        await self.until(lambda: self.server.hits >= 2)  # the renewal, now hanging
+        started = time.monotonic()
+        code, text = await self.send("hanging-renewal")
+        elapsed = time.monotonic() - started
+        self.assertEqual(code, 250, text)
+        self.assertLess(elapsed, 1.5, "the message waited for the token endpoint")
+        self.assert_delivered_once()
+        self.assertEqual(self.server.hits, 2)
 
 
 class EndpointDownTests(ChainCase):
@@ -199,4 +227,9 @@ class WrongSecretTests(ChainCase):
         self.assertEqual(delivered(self.sink)[self.message_id], 0)
         status, body = await threads.deferToThread(get_blocking, self.a.metrics_port, "/readyz")
         self.assertEqual(status, 503, body)
-        self.assertIn("invalid_client", json.loads(body)["checks"]["upstream"]["detail"])
+        [detail] = [check["detail"] for check in json.loads(body)["checks"].values()
+                    if "invalid_client" in check["detail"]]
+        # The upstream is named once, in front of the broker's reason.
+        self.assertEqual(detail.count(f"127.0.0.1:{self.b.tls_port}"), 1, detail)
+        self.assertTrue(detail.startswith(f"127.0.0.1:{self.b.tls_port}: token endpoint "
+                                          "answered HTTP 401"), detail)

@@ -281,7 +281,8 @@ class BasicTests(_ServerTestCase):
         self.auth.status, self.auth.hang = None, True
         timeout = yield self.assertFailure(self.login(provider), ProviderUnavailable)
         texts = [str(error), str(timeout)] + [formatEvent(e) for e in events]
-        self.assertTrue(any("HTTP 401: rejected" in text for text in texts))
+        self.assertTrue(any("login refused (rejected): endpoint answered HTTP 401" in text
+                            for text in texts), texts)
         for text in texts:
             for secret in (PASSWORD, "nope", "YWxpY2U6", self.server.url("/auth")):
                 self.assertNotIn(secret, text)

@@ -351,7 +351,10 @@ class VerificationTests(_JWKSTestCase):
                 errors.append(str(error))
         self.assertEqual(len(errors), 3)
         texts = errors + [formatEvent(event) for event in events]
-        self.assertTrue(any("token rejected: wrong issuer" in text for text in texts))
+        self.assertTrue(any("login refused (bad-token): wrong issuer" in text
+                            for text in texts), texts)
+        self.assertTrue(any("login refused (expired-token): expired" in text
+                            for text in texts), texts)
         for token in tokens:
             for part in token.split("."):
                 for text in texts:

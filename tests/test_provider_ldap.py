@@ -28,8 +28,9 @@ from esmtpfa.providers.ldap import LDAPProvider
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.slapd import (
-    PEOPLE, SERVICE_DN, SERVICE_PW, SHARED_MAIL, SHARED_PASSWORD, SharedSlapd, SlapdServer,
-    open_servers)
+    MAIL_GROUP, PEOPLE, POSIX_GROUP, SERVICE_DN, SERVICE_PW, SHARED_MAIL, SHARED_PASSWORD,
+    SharedSlapd, SlapdServer, ldap_provider, open_servers)
+from esmtpfa.auth.errors import BAD_PASSWORD, POLICY, LoginRefused
 from tests.support.logcapture import observe_logs
 
 CTX = ConnectionContext(connection_id="urn:uuid:00000000-0000-0000-0000-000000000000",
@@ -494,6 +495,93 @@ class NotLDAPTests(ProviderHelpers, unittest.TestCase):
         await self.assertUnavailable(p, "alice", "alice-pw")
 
 
+# -- group membership ----------------------------------------------------------------------
+
+class GroupTests(SharedSlapd, ProviderHelpers, unittest.TestCase):
+    """``group_dn``: only the members of a group may log in.  alice and bob are in
+    ``cn=mailusers`` (groupOfNames, ``member``) and ``cn=mailposix`` (posixGroup,
+    ``memberUid``); carol, with her right password, is in neither."""
+
+    async def assertNotInGroup(self, provider, username, password):
+        try:
+            result = await self.login(provider, username, password)
+        except LoginRefused as refusal:
+            self.assertEqual(refusal.kind, POLICY)
+            self.assertIn("not a member of group_dn", refusal.detail)
+            self.assertNotIn(username, refusal.detail)
+            return
+        self.fail(f"{username!r} was accepted as {result!r}")
+
+    async def test_group_of_names(self):
+        p = self.provider(group_dn=MAIL_GROUP)  # member, the default
+        offset = self.slapd.log_size()
+        await self.assertAccepted(p, "alice", "alice-pw")
+        await self.assertAccepted(p, "bob", "bob-pw")
+        await self.assertNotInGroup(p, "carol", "carol-pw")
+        # The group was asked on the service connection, never with a user's rights.
+        log = self.slapd.log_since(offset)
+        searches = re.findall(r'conn=(\d+) op=\d+ SRCH base="cn=mailusers', log)
+        self.assertEqual(len(searches), 3)
+        seen = connections_that(log)
+        for conn in searches:
+            self.assertEqual({op for op in seen[conn] if op.startswith("bind:uid=")}, set())
+
+    async def test_a_wrong_password_is_refused_before_any_group_search(self):
+        p = self.provider(group_dn=MAIL_GROUP)
+        offset = self.slapd.log_size()
+        try:
+            await self.login(p, "carol", "alice-pw")
+        except LoginRefused as refusal:
+            self.assertEqual(refusal.kind, BAD_PASSWORD)
+        else:
+            self.fail("accepted")
+        self.assertNotIn('base="cn=mailusers', self.slapd.log_since(offset))
+
+    async def test_posix_group_by_uid(self):
+        p = self.provider(group_dn=POSIX_GROUP, group_member_attribute="memberUid")
+        await self.assertAccepted(p, "alice", "alice-pw")
+        await self.assertAccepted(p, "ALICE", "alice-pw")  # the entry's uid is looked for
+        await self.assertNotInGroup(p, "carol", "carol-pw")
+
+    async def test_the_wrong_attribute_for_the_group_lets_nobody_in(self):
+        # A posixGroup has no member values: a configuration mistake refuses, never admits.
+        p = self.provider(group_dn=POSIX_GROUP, group_member_attribute="member")
+        await self.assertNotInGroup(p, "alice", "alice-pw")
+
+    async def test_a_group_that_does_not_exist(self):
+        p = self.provider(group_dn="cn=nosuchgroup,ou=groups,dc=example,dc=com")
+        events = observe_logs(self)
+        await self.assertNotInGroup(p, "alice", "alice-pw")
+        self.assertIn("group_dn does not exist", "\n".join(formatEvent(e) for e in events))
+
+    async def test_through_the_relay_a_member_relays_and_carol_gets_535(self):
+        import json
+        from twisted.internet import threads
+        from tests.support.relayfixture import RelayFixture
+        entry = ldap_provider(self.slapd, "corp-ldap")
+        entry["meta"]["fallback"] = True  # log in as plain "alice"
+        entry["params"].update(group_dn=MAIL_GROUP, group_member_attribute="member")
+        fixture = RelayFixture(self.mktemp(), providers=json.dumps({"providers": [entry]}))
+        self.addCleanup(fixture.stop)
+        await fixture.start()
+
+        def login(user: str, password: str) -> tuple[int, int | None]:
+            client = fixture.secure_session()
+            try:
+                code, _ = client.auth_plain(user, password)
+                if code != 235:
+                    return code, None
+                return code, client.send_message(
+                    b"Subject: group\r\n\r\nhello\r\n", "alice@example.com",
+                    ["dave@example.net"])[0]
+            finally:
+                client.close()
+
+        self.assertEqual(await threads.deferToThread(login, "alice", "alice-pw"), (235, 250))
+        self.assertEqual(await threads.deferToThread(login, "carol", "carol-pw"), (535, None))
+        self.assertEqual(len(fixture.upstream.messages), 1)
+
+
 # -- configuration ---------------------------------------------------------------------------
 
 class ConfigTests(unittest.TestCase):
@@ -594,6 +682,20 @@ class ConfigTests(unittest.TestCase):
         p = self.load(enable_tls=True, tls_ca=ca.cert_path, tls_cert=leaf.cert_path,
                       tls_key=leaf.key_path)
         self.assertTrue(p.starttls)
+
+    def test_group_settings(self):
+        p = self.load(group_dn="cn=mail,ou=groups,dc=example,dc=com",
+                      group_member_attribute="uniquemember")
+        self.assertEqual(p.group_member_attribute, "uniqueMember")
+        self.assertEqual(self.load(group_dn="cn=mail,dc=example,dc=com")
+                         .group_member_attribute, "member")
+        self.assertConfigError("'group_member_attribute' must be one of member, uniqueMember, "
+                               "memberUid", group_dn="cn=mail,dc=example,dc=com",
+                               group_member_attribute="memberOf")
+        self.assertConfigError("'group_member_attribute' needs 'group_dn'",
+                               group_member_attribute="member")
+        self.assertConfigError("'group_dn' is not a valid DN", group_dn="not a dn")
+        self.assertConfigError("'group_dn' must be a string", group_dn=["cn=x"])
 
     def test_repr_hides_bind_pass(self):
         p = self.load(bind_user="cn=service,dc=example,dc=com", bind_pass="hunter2")

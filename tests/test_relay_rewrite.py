@@ -26,7 +26,7 @@ class CapturingRelay:
     def __init__(self):
         self.messages: list[OutboundMessage] = []
 
-    def begin(self, envelope, message_id="", connection_id="", client=()):
+    def begin(self, envelope, message_id="", connection_id="", client=(), paced=False):
         return succeed(WholeMessageTransaction(self))
 
     def deliver(self, message):

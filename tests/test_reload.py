@@ -563,7 +563,7 @@ class ConfigServiceStartupTests(unittest.TestCase):
         response = yield request("GET", readyz)
         self.assertEqual(response.code, 503)
         self.assertIn("waiting for the first document",
-                      response.json()["checks"]["providers"]["detail"])
+                      response.json()["checks"]["config"]["detail"])
         self.assertEqual((yield auth(fixture, "svc", "robot:from-the-service")), 535)
         service.status = None
         yield until(lambda: "svc" in fixture.service.directory.current.by_name, timeout=10)

@@ -467,6 +467,27 @@ class DurabilityTests(SpoolTestCase):
         await d
         self.assertEqual(events, ["committed", "started", "committed", "settled"])
 
+    async def test_only_stores_and_starts_pay_the_fsync(self) -> None:
+        """docs/spool.md, "What a power loss costs": claims and settlements are
+        bookkeeping committed without the WAL's fsync; a store and a start never are."""
+        spool = await self.open()
+        modes: list[tuple[str, int]] = []
+        real_commit = spool.committer.commit
+        names = {0: "OFF", 1: "NORMAL", 2: "FULL"}
+
+        def commit(connection: sqlite3.Connection) -> None:
+            mode = connection.execute("PRAGMA synchronous").fetchone()[0]
+            modes.append(names[mode])
+            real_commit(connection)
+        self.patch(spool.committer, "commit", commit)
+        await spool.store(entry(), iter([CONTENT]))
+        [message] = await spool.claim(1)
+        await spool.started(message, message.pending)
+        await spool.settle(message, Settlement(retry_at=time.time() + 60))
+        [message] = await spool.claim(1, frozenset()) or [None]  # not due: nothing
+        await spool.store(entry(), iter([CONTENT]))
+        self.assertEqual(modes, ["FULL", "NORMAL", "FULL", "NORMAL", "NORMAL", "FULL"])
+
     async def test_schema_is_wal_and_synchronous_full(self) -> None:
         spool = await self.open()
         connection = spool._connect()
@@ -895,6 +916,18 @@ class FairnessTests(SpoolTestCase):
         claimed = await spool.claim(10, frozenset({"p/a"}))
         self.assertEqual([m.entry.identity for m in claimed], ["p/b", "p/b"])
         self.assertEqual(await spool.claim(10, frozenset({"p/a", "p/b"})), [])
+
+    async def test_fill_gives_busy_identities_what_nobody_else_takes(self) -> None:
+        """One claim, as the runner makes it: the others first, then the busy ones."""
+        spool = await self.open()
+        now = time.time()
+        bulk_insert(self.path, 50, "p/a", now - 1000, prefix="a")
+        bulk_insert(self.path, 2, "p/b", now - 10, prefix="b")
+        before = spool.committer.commits
+        claimed = await spool.claim(5, frozenset({"p/a"}), fill=True)
+        self.assertEqual([m.entry.identity for m in claimed],
+                         ["p/b", "p/b", "p/a", "p/a", "p/a"])
+        self.assertEqual(spool.committer.commits - before, 1)
 
     async def test_not_yet_due_is_not_claimed(self) -> None:
         spool = await self.open()

@@ -291,6 +291,21 @@ class SpoolModeTests(SpoolCase):
         await self.queue(fixture).flush()
         await eventually(lambda: len(fixture.upstream.accepted) == 6, timeout=40)
 
+    async def test_a_backlog_drains_over_the_connections_nobody_else_wants(self):
+        """docs/spool.md, "Fairness and bounds": with no live client, the runner goes
+        beyond its client share (2 of 4 connections here) to the whole pool."""
+        fixture = self.relay("--relay-pool-size", "4", "--spool-concurrency", "4",
+                             "--relay-breaker-failures", "1000", start_upstream=False)
+        await fixture.start()
+        for n in range(8):
+            code, text, _ = await fixture.run(send, fixture)
+            self.assertEqual(code, 250, text)
+        fixture.upstream.start(fixture.upstream.port)
+        await self.queue(fixture).flush()
+        await eventually(lambda: len(fixture.upstream.accepted) == 8, timeout=30)
+        self.assertGreater(len(fixture.upstream.sessions), 2)  # borrowed beyond the share
+        self.assertLessEqual(len(fixture.upstream.sessions), 4)  # never beyond the pool
+
     async def test_content_lost_after_started_keeps_the_message(self):
         """The content cannot be read once the recipients were recorded as started: the
         upstream transaction is dropped before any content, and the message stays
@@ -318,7 +333,7 @@ class SpoolModeTests(SpoolCase):
         await fixture.start()
         status, body = await fixture.run(readyz, fixture)
         self.assertEqual(status, 503, body)  # not ready: it cannot store
-        self.assertIn("spool: the spool is full", body["checks"]["upstream"]["detail"])
+        self.assertIn("the spool is full", body["checks"]["spool"]["detail"])
 
         def script():
             with smtplib.SMTP("127.0.0.1", fixture.plain_port, timeout=30) as client:

@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from esmtpfa.logs import PLAIN_RECIPIENTS, RecipientLog
 from esmtpfa.message import Envelope
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction
 from esmtpfa.replies import Reply
@@ -64,7 +65,7 @@ class HeldRelay:
         self.on_begin: Any = lambda message_id: None
 
     def begin(self, envelope: Envelope, message_id: str, connection_id: str,
-              client: Any = ()) -> defer.Deferred:
+              client: Any = (), paced: bool = False) -> defer.Deferred:
         self.begun.append(message_id)
         self.on_begin(message_id)
         return defer.succeed(HeldTransaction(self, message_id))
@@ -104,6 +105,12 @@ async def eventually(check: Any, timeout: float = 10.0) -> None:
     raise AssertionError(f"not within {timeout} s")
 
 
+def globalLogPublisher_remove(events: list) -> None:
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.removeObserver(events.append)
+    events.clear()
+
+
 class HandOverTests(unittest.TestCase):
     timeout = 60
 
@@ -124,10 +131,11 @@ class HandOverTests(unittest.TestCase):
             return real_claim(*args, **kwargs)
         self.spool.claim = counting_claim  # type: ignore[method-assign]
 
-    async def runner(self, concurrency: int = 2) -> QueueRunner:
+    async def runner(self, concurrency: int = 2,
+                     log_recipients: RecipientLog = PLAIN_RECIPIENTS) -> QueueRunner:
         runner = QueueRunner(self.spool, self.relay, clock=reactor, threads=self.pool,
                              hostname="relay.example", concurrency=concurrency,
-                             poll_interval=3600)
+                             poll_interval=3600, log_recipients=log_recipients)
         runner.startService()
         self.addCleanup(self.finish_all_then_stop, runner)
         await eventually(lambda: self.claims and not runner._claiming)  # the first poll
@@ -159,6 +167,31 @@ class HandOverTests(unittest.TestCase):
         self.relay.sent[0].finish()
         await self.spool.committer.idle()
         self.assertEqual(await self.spool.list(), [])
+
+    async def test_the_attempt_line_shows_recipients_as_the_operator_chose(self) -> None:
+        """docs/logging.md, "Recipients: a privacy choice": the spool's attempt line
+        follows ``--log-recipients`` as the message line does."""
+        from tests.support.logcapture import capture_logs, observe_logs
+        from twisted.logger import formatEvent
+        capture_logs(self)  # info lines reach the observers
+        for style, key, shown, hidden in (
+                ("hash", b"k", RecipientLog("hash", b"k").hashed("b@example.org"),
+                 "b@example.org"),
+                ("omit", b"", "'delivered': 1", "b@example.org"),
+                ("plain", b"", "b@example.org", "hmac:")):
+            events = observe_logs(self)
+            await self.runner(log_recipients=RecipientLog(style, key))
+            await self.store()
+            await eventually(lambda: [t for t in self.relay.sent if not t.reply.called])
+            for transaction in self.relay.sent:
+                if not transaction.reply.called:
+                    transaction.finish()
+            await self.spool.committer.idle()
+            lines = [line for line in map(formatEvent, events) if "delivery attempt" in line]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn(shown, lines[0])
+            self.assertNotIn(hidden, lines[0])
+            globalLogPublisher_remove(events)
 
     async def test_never_more_attempts_than_the_concurrency(self) -> None:
         runner = await self.runner(concurrency=2)

@@ -547,17 +547,18 @@ class ConfigServiceTests(WorkersCase):
 
 class RefusalTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def test_workers_need_the_log_on_standard_output(self):
+    def test_workers_need_a_log_they_can_write_lines_to(self):
+        """Standard output or twistd's --logfile (tests/test_startup_errors.py), not
+        --syslog."""
         from tests.support.processes import Collector, PROJECT, child_environment
         import sys
         collector = Collector()
-        log_file = os.path.abspath(self.mktemp())
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "--logfile", log_file, "esmtpfa", "--demo",
+                "-n", "--pidfile=", "--syslog", "esmtpfa", "--demo",
                 "--port", "0", "--metrics-port", "0", "--workers", "2"]
         reactor.spawnProcess(collector, sys.executable, argv, env=child_environment(),
                              path=PROJECT)
         code = yield collector.ended.addTimeout(60, reactor)
         self.assertNotEqual(code, 0)
-        self.assertIn("--workers: the workers log to standard output",
+        self.assertIn("--workers: the supervisor writes every worker's log lines",
                       collector.output.decode())

@@ -38,7 +38,9 @@ from esmtpfa.auth.credentials import (
     SubmissionCredentials,
     UserPassword,
 )
-from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.errors import (
+    BAD_PASSWORD, MALFORMED, POLICY, UNKNOWN_USER, Attempted, LoginRefused,
+    ProviderUnavailable, most_telling, reason_of)
 from esmtpfa.providers.base import ConfigError, Principal, Provider
 
 log = logger("esmtpfa.auth")
@@ -52,7 +54,7 @@ VIA_FALLBACK = "fallback"
 class Identity:
     """The avatar id: who logged in, and which provider vouched for them.
 
-    ``username`` is the user the provider vouched for (issue 11 item 1): the login name
+    ``username`` is the user the provider vouched for: the login name
     that reached a user+password provider, a JWT's ``sub``, what an ``http_header``
     endpoint named (or ``sha256:`` and a short fingerprint of the token, never the
     token).  ``dn`` and ``attributes`` are what the provider found that the policy needs
@@ -191,6 +193,20 @@ class Candidate:
     def name(self) -> str:
         return self.provider.meta.name
 
+    def attempted(self, typed_user: str, *, confirmed: bool = False) -> Attempted:
+        """Whom a login to this candidate claims to be, for the failed-login line: the
+        user it asks the provider about, else the one the client typed (a token's
+        ``user=``); none when the client's user was only the provider's name.  A user
+        from the password field is kept out (as ``Claim.label`` keeps it) unless
+        ``confirmed``: the provider knows that user."""
+        user = getattr(self.credentials, "username", None)
+        if user is None and self.via != VIA_USERNAME:
+            user = typed_user
+        claim = self.claim
+        if claim is not None and claim.user_in_secret and not confirmed:
+            return Attempted(self.name, None, from_password_field=True)
+        return Attempted(self.name, user)
+
     @property
     def claim(self) -> Claim | None:
         if isinstance(self.credentials, UserPassword):
@@ -215,6 +231,16 @@ class SelectionPlan:
 
     candidates: tuple[Candidate, ...]
     fallback: bool = False
+    #: The user name the client gave (for the failed-login line; never a secret).
+    username: str = ""
+
+    @property
+    def attempted(self) -> Attempted:
+        """Whom the login claims to be before any provider answered: the single
+        candidate's claim, else the typed user with no provider."""
+        if not self.fallback and len(self.candidates) == 1:
+            return self.candidates[0].attempted(self.username)
+        return Attempted(None, self.username)
 
     @property
     def claims(self) -> tuple[Claim, ...]:
@@ -289,65 +315,81 @@ class ProviderSelector:
         unique = providers.unique_by_domain.get(domain) if domain else None
         if unique is not None:
             return SelectionPlan((Candidate(
-                unique, _as_is(unique, credentials), VIA_UNIQUE_DOMAIN),))
+                unique, _as_is(unique, credentials), VIA_UNIQUE_DOMAIN),),
+                username=credentials.username)
         named = providers.by_name.get(credentials.username)
         if named is not None:
             return SelectionPlan((Candidate(
                 named, _split(named, credentials), VIA_USERNAME,
-                on_domain=_domain_allows(named, credentials)),))
+                on_domain=_domain_allows(named, credentials)),),
+                username=credentials.username)
         return SelectionPlan(tuple(
             Candidate(provider, _as_is(provider, credentials), VIA_FALLBACK)
             for provider in providers.fallbacks if _domain_allows(provider, credentials)),
-            fallback=True)
+            fallback=True, username=credentials.username)
 
     def check(self, plan: SelectionPlan) -> Deferred:
         return ensureDeferred(self._select(plan))
 
     async def _select(self, plan: SelectionPlan) -> Identity:
         if plan.fallback:
-            return await self._try_fallbacks(plan.candidates)
+            return await self._try_fallbacks(plan)
         [candidate] = plan.candidates
         if not candidate.on_domain:
             self._observer.checked(candidate.name, candidate.via, "rejected", 0.0)
-            raise UnauthorizedLogin("provider not available on this domain")
-        return await self._check(candidate.provider, candidate.credentials, candidate.via)
+            raise LoginRefused(POLICY, "provider not available on this domain",
+                               attempted=candidate.attempted(plan.username))
+        return await self._check(candidate, plan.username)
 
-    async def _try_fallbacks(self, candidates: tuple[Candidate, ...]) -> Identity:
+    async def _try_fallbacks(self, plan: SelectionPlan) -> Identity:
         unavailable = None
-        for candidate in candidates:
+        refusals: list[LoginRefused] = []
+        for candidate in plan.candidates:
             try:
-                return await self._check(
-                    candidate.provider, candidate.credentials, candidate.via)
-            except UnauthorizedLogin:
-                continue
+                return await self._check(candidate, plan.username)
+            except LoginRefused as refusal:
+                refusals.append(refusal)
             except ProviderUnavailable as error:
                 unavailable = error
         if unavailable is not None:
             self._observer.unmatched("unavailable")
             raise unavailable  # some fallback could not answer: let the client retry
         self._observer.unmatched()
-        raise UnauthorizedLogin("no provider accepted the credentials")
+        telling = most_telling(refusals)
+        if telling is None:  # no fallback takes this name: nobody knows the user
+            raise LoginRefused(UNKNOWN_USER, "no provider for this user",
+                               attempted=plan.attempted)
+        raise telling
 
-    async def _check(self, provider: Provider, credentials, via: str) -> Identity:
-        name = provider.meta.name
+    async def _check(self, candidate: Candidate, typed_user: str) -> Identity:
+        """Ask one candidate; a refusal or an unavailability says whom it was about
+        (``attempted``) and, for a refusal, why (``kind``)."""
+        provider, credentials = candidate.provider, candidate.credentials
+        name, via = provider.meta.name, candidate.via
+        attempted = candidate.attempted(typed_user)
         if credentials is None:
             self._observer.checked(name, via, "rejected", 0.0)
-            raise UnauthorizedLogin("credentials do not fit the provider type")
+            raise LoginRefused(MALFORMED, "credentials do not fit the provider type",
+                               attempted=attempted)
         started = self._clock()
         try:
             vouched = await provider.requestAvatarId(credentials)
-        except UnauthorizedLogin:
+        except UnauthorizedLogin as error:
             self._observer.checked(name, via, "rejected", self._clock() - started)
-            raise
-        except ProviderUnavailable:
+            reason = reason_of(error)
+            if reason == BAD_PASSWORD:  # the provider knows the user: it may be named
+                attempted = candidate.attempted(typed_user, confirmed=True)
+            raise LoginRefused(reason, str(error), attempted=attempted) from None
+        except ProviderUnavailable as error:
             self._observer.checked(name, via, "unavailable", self._clock() - started)
-            raise
+            raise error.about(attempted) from None
         except CancelledError:
             raise  # the client went away: the login is abandoned, no fallback is asked
         except Exception as error:  # a provider bug must not look like a wrong password
             log.failure("provider {provider} failed unexpectedly", provider=name)
             self._observer.checked(name, via, "unavailable", self._clock() - started)
-            raise ProviderUnavailable(f"provider {name} failed") from error
+            raise ProviderUnavailable(f"provider {name} failed",
+                                      attempted=attempted) from error
         self._observer.checked(name, via, "accepted", self._clock() - started)
         if not isinstance(vouched, Principal):  # a provider that names only the user
             if isinstance(vouched, bytes):

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import ISubmissionCredentials
-from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.errors import THROTTLED, ProviderUnavailable
 from esmtpfa.auth.selection import Claim, IProviderSelection, Identity
 from esmtpfa.logs import logger
 from esmtpfa.state.interfaces import ILoginLedger
@@ -300,6 +300,8 @@ def _identities(claims: Sequence[Claim]) -> list[str]:
 class LoginThrottled(ProviderUnavailable):
     """Refused without asking a provider: too many recent failures (temporary)."""
 
+    kind = THROTTLED
+
 
 def _answer_later(clock, seconds: float, failure: Failure) -> Deferred:
     """A Deferred that fails with ``failure`` after ``seconds``.  Cancelling it (the
@@ -337,7 +339,7 @@ class ThrottlingChecker:
 
         def decided(why: str | None) -> Deferred:
             if why is not None:
-                raise LoginThrottled(why)
+                raise LoginThrottled(why, attempted=plan.attempted)
             return self.checker.check(plan).addCallbacks(accepted, refused)
 
         def accepted(identity: Identity) -> Identity:

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.logger import Logger
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
+from esmtpfa.auth.errors import LoginRefused
 
 if TYPE_CHECKING:
     from esmtpfa.policy import Policy
@@ -108,6 +110,24 @@ class Provider:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.meta.name!r}>"
+
+
+def session_of(credentials: Any) -> str:
+    """The session id of the login ``credentials`` belong to (their connection context,
+    passed in with them through twisted.cred), for a provider's log lines: an operator
+    follows one session from its connect line through the provider to its verdict."""
+    context = getattr(credentials, "context", None)
+    return getattr(context, "connection_id", None) or "-"
+
+
+def refused(log: Logger, label: str, credentials: Any, kind: str,
+            detail: str) -> LoginRefused:
+    """A refusal of ``kind`` (esmtpfa.auth.errors), logged at debug with the session id
+    and the provider's ``detail`` (never a secret); the error to fail the login with."""
+    log.debug("{connection_id} {label}: login refused ({reason}): {detail}",
+              connection_id=session_of(credentials), label=label, reason=kind,
+              detail=detail)
+    return LoginRefused(kind, detail)
 
 
 def require_string(meta: ProviderMeta, params: Mapping[str, Any], key: str) -> str:

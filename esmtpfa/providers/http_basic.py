@@ -20,9 +20,13 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
-from esmtpfa.auth.errors import UnauthorizedLogin
-from esmtpfa.providers.base import IProvider, Principal, ProviderMeta
+from esmtpfa.auth.errors import MALFORMED
+from esmtpfa.logs import logger
+from esmtpfa.providers.base import IProvider, Principal, ProviderMeta, refused, session_of
 from esmtpfa.providers.httpcheck import HTTPAuthChecker, HTTPCheckProvider, has_control_chars
+
+
+log = logger("esmtpfa.providers.http_basic")
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -47,13 +51,15 @@ class HTTPBasicProvider(HTTPCheckProvider):
 
     def requestAvatarId(self, credentials: IUserPasswordCredentials) -> Deferred[Principal]:
         username, password = credentials.username, credentials.password
-        if not username or not password:
-            return fail(UnauthorizedLogin("empty user or password"))
-        if ":" in username:
-            return fail(UnauthorizedLogin("user name contains ':' (RFC 7617 §2)"))
-        if has_control_chars(username) or has_control_chars(password):
-            return fail(UnauthorizedLogin("control characters in user or password"))
-        d = self.checker.check({"Authorization": basic_authorization(username, password)})
+        problem = ("empty user or password" if not username or not password else
+                   "user name contains ':' (RFC 7617 §2)" if ":" in username else
+                   "control characters in user or password"
+                   if has_control_chars(username) or has_control_chars(password) else None)
+        if problem is not None:
+            return fail(refused(log, f"http_basic provider {self.meta.name!r}", credentials,
+                                MALFORMED, problem))
+        d = self.checker.check({"Authorization": basic_authorization(username, password)},
+                               connection_id=session_of(credentials))
         return d.addCallback(lambda _: Principal(username))  # the user the endpoint judged
 
 

@@ -34,9 +34,9 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
 from esmtpfa.logs import logger
-from esmtpfa.auth.errors import UnauthorizedLogin
+from esmtpfa.auth.errors import MALFORMED
 from esmtpfa.providers.base import (
-    ConfigError, IProvider, Principal, ProviderMeta, require_string)
+    ConfigError, IProvider, Principal, ProviderMeta, refused, require_string, session_of)
 from esmtpfa.providers.httpcheck import (
     HTTPAuthChecker,
     HTTPCheckProvider,
@@ -112,20 +112,25 @@ class HTTPHeaderProvider(HTTPCheckProvider):
 
     def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
         token = credentials.token
-        if not token:
-            return fail(UnauthorizedLogin("empty token"))
-        if len(token) > MAX_TOKEN_LENGTH:
-            return fail(UnauthorizedLogin("token too long"))
-        if has_control_chars(token, allow_tab=True):
-            return fail(UnauthorizedLogin("control characters (CR, LF, NUL…) in token"))
-        d = self.checker.check({self.header: token}, capture=self.identity_header)
-        return d.addCallback(self._principal, token)
+        label = f"http_header provider {self.meta.name!r}"
+        problem = ("empty token" if not token else
+                   "token too long" if len(token) > MAX_TOKEN_LENGTH else
+                   "control characters (CR, LF, NUL…) in token"
+                   if has_control_chars(token, allow_tab=True) else None)
+        if problem is not None:
+            return fail(refused(log, label, credentials, MALFORMED, problem))
+        connection_id = session_of(credentials)
+        d = self.checker.check({self.header: token}, capture=self.identity_header,
+                               connection_id=connection_id)
+        return d.addCallback(self._principal, token, connection_id)
 
-    def _principal(self, verdict: Verdict, token: str) -> Principal:
+    def _principal(self, verdict: Verdict, token: str, connection_id: str = "-"
+                   ) -> Principal:
         named = usable_identity(verdict.captured)
         if named is None and self.identity_header is not None:
-            log.info("{label}: the endpoint accepted a token but named no usable user in "
-                     "{header}; the identity is the token's fingerprint",
+            log.info("{connection_id} {label}: the endpoint accepted a token but named no "
+                     "usable user in {header}; the identity is the token's fingerprint",
+                     connection_id=connection_id,
                      label=f"http_header provider {self.meta.name!r}",
                      header=self.identity_header)
         return Principal(named if named is not None else fingerprint(token))

@@ -42,7 +42,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from esmtpfa.logs import logger
-from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
+from esmtpfa.auth.errors import REJECTED, LoginRefused, ProviderUnavailable
 from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta, require_string
 
 log = logger("esmtpfa.providers.httpcheck")
@@ -310,17 +310,19 @@ class HTTPAuthChecker:
         self._pending: set[Deferred] = set()
         self._closed = False
 
-    def check(self, headers: Mapping[str, str], capture: str | None = None
-              ) -> Deferred[Verdict]:
+    def check(self, headers: Mapping[str, str], capture: str | None = None, *,
+              connection_id: str = "-") -> Deferred[Verdict]:
         """Fires with a ``Verdict`` when the status is a success code (with the value of
-        the response header ``capture``); fails with ``UnauthorizedLogin`` or
-        ``ProviderUnavailable`` otherwise."""
+        the response header ``capture``); fails with ``LoginRefused`` (``rejected``: an
+        endpoint says no without saying why) or ``ProviderUnavailable`` otherwise.
+        ``connection_id`` is the session the check is for, for the log lines."""
         d = self._client.request(
             self.method, self.url, headers=dict(headers),
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
         d.addCallback(self._read, capture)
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
-        d.addCallbacks(self._verdict, self._unavailable)
+        d.addCallbacks(self._verdict, self._unavailable, callbackArgs=(connection_id,),
+                       errbackArgs=(connection_id,))
         self._pending.add(d)
         d.addBoth(self._forget, d)
         return d
@@ -335,26 +337,28 @@ class HTTPAuthChecker:
         verdict = Verdict(response.code, _single_header(response, capture))
         return read_body(response, DISCARD_LIMIT, keep=False).addCallback(lambda _: verdict)
 
-    def _verdict(self, verdict: Verdict) -> Verdict:
+    def _verdict(self, verdict: Verdict, connection_id: str = "-") -> Verdict:
         code = verdict.code
         if code in self.success_codes:
             return verdict
         if code >= 500 or code in TEMPORARY_4XX:
-            log.info("{label}: endpoint answered HTTP {code}: unavailable",
-                     label=self._label, code=code)
+            log.info("{connection_id} {label}: endpoint answered HTTP {code}: unavailable",
+                     connection_id=connection_id, label=self._label, code=code)
             raise ProviderUnavailable(f"{self._label}: endpoint answered HTTP {code}")
-        log.debug("{label}: endpoint answered HTTP {code}: rejected",
-                  label=self._label, code=code)
-        raise UnauthorizedLogin(f"{self._label}: endpoint answered HTTP {code}")
+        log.debug("{connection_id} {label}: login refused ({reason}): endpoint answered "
+                  "HTTP {code}", connection_id=connection_id, label=self._label,
+                  reason=REJECTED, code=code)
+        raise LoginRefused(REJECTED, f"{self._label}: endpoint answered HTTP {code}")
 
-    def _unavailable(self, failure: Failure) -> None:
+    def _unavailable(self, failure: Failure, connection_id: str = "-") -> None:
         if self._closed:
             reason = "provider stopped"
         elif failure.check(DeferredTimeout):
             reason = f"timed out after {self.timeout:g} s"
         else:
             reason = describe_failure(failure)
-        log.info("{label}: endpoint unavailable: {reason}", label=self._label, reason=reason)
+        log.info("{connection_id} {label}: endpoint unavailable: {reason}",
+                 connection_id=connection_id, label=self._label, reason=reason)
         raise ProviderUnavailable(f"{self._label}: {reason}")
 
     def close(self) -> Deferred[None]:

@@ -57,9 +57,11 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
 from esmtpfa.logs import logger
-from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
+from esmtpfa.auth.errors import (
+    BAD_TOKEN, EXPIRED_TOKEN, MALFORMED, LoginRefused, ProviderUnavailable)
 from esmtpfa.policy import string_values
-from esmtpfa.providers.base import ConfigError, IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.providers.base import (
+    ConfigError, IProvider, Principal, Provider, ProviderMeta, session_of)
 from esmtpfa.providers.httpcheck import (
     DEFAULT_TIMEOUT,
     describe_failure,
@@ -96,7 +98,12 @@ FIRST_FETCH_RETRY = 5.0
 
 
 class Rejected(Exception):
-    """The token is not acceptable; the text is the reason (no token material)."""
+    """The token is not acceptable; the text is the reason (no token material), the
+    ``kind`` what the failed-login line says (esmtpfa.auth.errors)."""
+
+    def __init__(self, reason: str, kind: str = BAD_TOKEN):
+        super().__init__(reason)
+        self.kind = kind
 
 
 # --- keys -----------------------------------------------------------------------------
@@ -410,7 +417,7 @@ class ClaimRules:
         if exp is None:
             raise Rejected("no 'exp' claim")  # a token that never expires is refused
         if now - self.leeway >= exp:  # RFC 7519 §4.1.4: "on or after" exp
-            raise Rejected("expired")
+            raise Rejected("expired", EXPIRED_TOKEN)
         nbf = _numeric_date(claims, "nbf")
         if nbf is not None and now + self.leeway < nbf:  # §4.1.5
             raise Rejected("not valid yet (nbf)")
@@ -454,23 +461,24 @@ def _b64_json(segment: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(base64url_decode(segment))
     except (ValueError, binascii.Error, RecursionError, UnicodeDecodeError):
-        raise Rejected(f"{what} is not base64url JSON") from None
+        raise Rejected(f"{what} is not base64url JSON", MALFORMED) from None
     if not isinstance(value, dict):
-        raise Rejected(f"{what} is not a JSON object")
+        raise Rejected(f"{what} is not a JSON object", MALFORMED)
     return value
 
 
 def unverified_header(token: str) -> dict[str, Any]:
     """Size, shape and header checks that need no key (RFC 7515 §7.1, RFC 8725 §3.1)."""
     if not isinstance(token, str):
-        raise Rejected("not a compact JWS")
+        raise Rejected("not a compact JWS", MALFORMED)
     if len(token) > MAX_TOKEN_LENGTH:
-        raise Rejected("token too large")
+        raise Rejected("token too large", MALFORMED)
     if not token.isascii():
-        raise Rejected("not a compact JWS")
+        raise Rejected("not a compact JWS", MALFORMED)
     parts = token.split(".")
     if len(parts) != 3 or not all(parts):
-        raise Rejected("not a compact JWS")  # a JWE has five parts; unsigned JWTs end in "."
+        # A JWE has five parts; unsigned JWTs end in ".".
+        raise Rejected("not a compact JWS", MALFORMED)
     header = _b64_json(parts[0], "header")
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
@@ -571,39 +579,44 @@ class JWTProvider(Provider):
 
     def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
         token = credentials.token
+        session = session_of(credentials)
         try:
             header = unverified_header(token)
         except Rejected as rejected:
-            return fail(self._reject(str(rejected), {}))
+            return fail(self._reject(rejected, {}, session))
         kid = header.get("kid")
         self.cache.refresh_if_stale()
         if self.cache.keys is not None:
             candidates = self.cache.keys.candidates(kid)
             if candidates:
-                return self._verify(token, header, candidates)
+                return self._verify(token, header, candidates, session)
         if kid is None and self.cache.keys is not None:
-            return fail(self._reject("no kid and the JWKS has several keys", header))
+            return fail(self._reject(
+                Rejected("no kid and the JWKS has several keys"), header, session))
         d = self.cache.refreshed()
-        return d.addCallback(self._verify_with, token, header)
+        return d.addCallback(self._verify_with, token, header, session)
 
-    def _verify_with(self, keys: KeySet, token: str, header: dict[str, Any]) -> Principal:
+    def _verify_with(self, keys: KeySet, token: str, header: dict[str, Any],
+                     session: str = "-") -> Principal:
         candidates = keys.candidates(header.get("kid"))
         if not candidates:
-            raise self._reject("unknown kid", header)
-        return self._verify(token, header, candidates)  # type: ignore[return-value]
+            raise self._reject(Rejected("unknown kid"), header, session)
+        return self._verify(token, header, candidates, session)  # type: ignore[return-value]
 
     def _verify(self, token: str, header: dict[str, Any],
-                candidates: list[VerificationKey]) -> Deferred[Principal]:
+                candidates: list[VerificationKey], session: str = "-"
+                ) -> Deferred[Principal]:
         try:
             claims = self._verified_claims(token, header, candidates)
         except Rejected as rejected:
-            return fail(self._reject(str(rejected), header))
+            return fail(self._reject(rejected, header, session))
         try:
             self.rules.check(claims, self._clock.seconds())
             user = principal(claims)
         except Rejected as rejected:
-            return fail(self._reject(str(rejected), header, claims))
-        log.debug("{label}: token accepted (kid={kid}, alg={alg}, iss={iss})",
+            return fail(self._reject(rejected, header, session, claims))
+        log.debug("{connection_id} {label}: token accepted (kid={kid}, alg={alg}, "
+                  "iss={iss})", connection_id=session,
                   label=self._label, kid=_short(header.get("kid")), alg=header["alg"],
                   iss=_short(claims.get("iss")))
         return succeed(Principal.of(user, attributes={
@@ -625,13 +638,14 @@ class JWTProvider(Provider):
             return _claims_from(decoded["payload"])
         raise Rejected("bad signature")
 
-    def _reject(self, reason: str, header: Mapping[str, Any],
-                claims: Mapping[str, Any] | None = None) -> UnauthorizedLogin:
-        log.debug("{label}: token rejected: {reason} (kid={kid}, alg={alg}, iss={iss})",
-                  label=self._label, reason=reason, kid=_short(header.get("kid")),
+    def _reject(self, rejected: Rejected, header: Mapping[str, Any], session: str = "-",
+                claims: Mapping[str, Any] | None = None) -> LoginRefused:
+        log.debug("{connection_id} {label}: login refused ({reason}): {detail} (kid={kid}, "
+                  "alg={alg}, iss={iss})", connection_id=session, label=self._label,
+                  reason=rejected.kind, detail=str(rejected), kid=_short(header.get("kid")),
                   alg=_short(header.get("alg")),
                   iss=_short((claims or {}).get("iss")))
-        return UnauthorizedLogin(f"jwt: {reason}")
+        return LoginRefused(rejected.kind, f"jwt: {rejected}")
 
     def stopProvider(self) -> Deferred[None]:
         return self.cache.stop()

@@ -13,6 +13,9 @@ because ldap3 is blocking):
    no search ever runs with a user's rights, and the next Bind resets its identity anyway.
    This costs one round trip per login (measured in ``bench/auth_ldap.py``); rebinding it
    to anonymous afterwards would add a second one for no gain in safety.
+4. with ``group_dn``, the service connection then asks whether the entry is in that
+   group (``_check_group``: ``member``/``uniqueMember`` hold the DN, a posixGroup's
+   ``memberUid`` the entry's ``uid``); a user who is not is refused (kind ``policy``).
 
 Refused before any network call: an empty password (an empty simple bind is an
 *anonymous* bind, RFC 4513 §5.1.2, which servers report as success) and an empty username.
@@ -49,7 +52,6 @@ from typing import Any, Mapping
 import ldap3
 from ldap3.core.exceptions import LDAPException, LDAPResponseTimeoutError, LDAPStartTLSError
 from ldap3.utils.conv import escape_filter_chars
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -57,18 +59,29 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.logs import logger
-from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.errors import (
+    BAD_PASSWORD, MALFORMED, POLICY, REJECTED, UNKNOWN_USER, LoginRefused,
+    ProviderUnavailable)
 from esmtpfa.policy import string_values
 from esmtpfa.providers.base import (
-    ConfigError, IProvider, Principal, Provider, ProviderMeta, require_string)
+    ConfigError, IProvider, Principal, Provider, ProviderMeta, refused, require_string,
+    session_of)
 
 log = logger("esmtpfa.providers.ldap")
 
 PARAMS = frozenset({
     "server", "port", "enable_tls", "ldaps", "tls_ca", "tls_cert", "tls_key",
     "tls_insecure_skip_verify", "bind_user", "bind_pass", "base_dn", "filter_string",
-    "attributes", "timeout", "pool_size",
+    "attributes", "timeout", "pool_size", "group_dn", "group_member_attribute",
 })
+
+#: How a group names its members (``group_member_attribute``): by the member's DN
+#: (groupOfNames, groupOfUniqueNames) or by its ``uid`` (posixGroup, RFC 2307).
+GROUP_MEMBER_ATTRIBUTES = {"member": "member", "uniquemember": "uniqueMember",
+                           "memberuid": "memberUid"}
+DEFAULT_GROUP_MEMBER_ATTRIBUTE = "member"
+#: At most this many of an entry's ``uid`` values are looked for in a posixGroup.
+MAX_UIDS = 8
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 4
@@ -88,6 +101,7 @@ _TEMPORARY_RESULTS = frozenset({
 })
 _SIZE_LIMIT_EXCEEDED = 4
 _NO_SUCH_OBJECT = 32
+_INVALID_CREDENTIALS = 49  # the bind's "wrong password" (RFC 4511 appendix A)
 
 def _is_timeout(error: BaseException) -> bool:
     return isinstance(error, (TimeoutError, socket.timeout, LDAPResponseTimeoutError))
@@ -143,7 +157,20 @@ class _ConnectionFailed(Exception):
 
 
 class _Rejected(Exception):
-    """The credentials are wrong (→ UnauthorizedLogin); the text is for the log."""
+    """The credentials are wrong (→ LoginRefused of ``kind``); the text is for the log."""
+
+    def __init__(self, detail: str, kind: str = UNKNOWN_USER):
+        super().__init__(detail)
+        self.kind = kind
+
+
+class _NotInGroup(_Rejected):
+    """The password is right, but the user is not in ``group_dn``: refused like any
+    refusal (the client hears the same 535), told apart in the log by its kind
+    (``policy``: the configuration's rule said no) and its text."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail, POLICY)
 
 
 class _Unavailable(Exception):
@@ -185,6 +212,7 @@ class LDAPProvider(Provider):
                  tls_insecure_skip_verify: bool = False, bind_user: str | None = None,
                  bind_pass: str | None = None, attributes: list[str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, pool_size: int = DEFAULT_POOL_SIZE,
+                 group_dn: str | None = None, group_member_attribute: str | None = None,
                  reactor=None):
         super().__init__(meta)
         where = f"provider {meta.name!r} (ldap)"
@@ -207,6 +235,8 @@ class LDAPProvider(Provider):
             _check_dn(where, "bind_user", bind_user)
         if tls_key and not tls_cert:
             raise ConfigError(f"{where}: 'tls_key' given without 'tls_cert'")
+        self.group_dn, self.group_member_attribute = _group_settings(
+            where, group_dn, group_member_attribute)
         if isinstance(timeout, bool) or not (
                 isinstance(timeout, (int, float)) and 0 < timeout <= 600):
             raise ConfigError(f"{where}: param 'timeout' must be a number of seconds in (0, 600]")
@@ -298,6 +328,8 @@ class LDAPProvider(Provider):
             attributes=_optional_attributes(where, params),
             timeout=_optional_number(where, params, "timeout", DEFAULT_TIMEOUT),
             pool_size=_optional_int(where, params, "pool_size", DEFAULT_POOL_SIZE),
+            group_dn=_optional_string(where, params, "group_dn"),
+            group_member_attribute=_optional_string(where, params, "group_member_attribute"),
             reactor=reactor,
         )
 
@@ -308,15 +340,15 @@ class LDAPProvider(Provider):
         if isinstance(password, bytes):
             password = password.decode("utf-8", "surrogateescape")
         if not username or not isinstance(username, str):
-            return fail(UnauthorizedLogin("empty username"))
+            return fail(refused(log, self._where, credentials, MALFORMED, "empty username"))
         if not password:
             # An empty simple bind is an anonymous bind: never send it.
-            return fail(UnauthorizedLogin("empty password"))
+            return fail(refused(log, self._where, credentials, MALFORMED, "empty password"))
         if self._stopped:
             return fail(ProviderUnavailable(f"{self._where}: stopped"))
         pool = self._threadpool()
         return deferToThreadPool(self._reactor, pool, self._login, username, password,
-                                 self.identity_attributes)
+                                 self.identity_attributes, session_of(credentials))
 
     def _threadpool(self) -> ThreadPool:
         if self._pool is None:
@@ -379,40 +411,48 @@ class LDAPProvider(Provider):
         return worker
 
     def _login(self, username: str, password: str,
-               wanted: tuple[str, ...] = ()) -> Principal:
+               wanted: tuple[str, ...] = (), connection_id: str = "-") -> Principal:
         """Runs in a pool thread: who logged in (with the ``wanted`` attributes), or
-        raises."""
+        raises.  ``connection_id`` is the session's, for every line logged here."""
         worker = self._worker()
         for attempt in (1, 2):
             try:
-                dn, attributes = self._attempt(worker, username, password, wanted)
+                dn, attributes = self._attempt(worker, username, password, wanted,
+                                               connection_id=connection_id)
             except _ConnectionFailed as failure:
                 worker.close()
                 if attempt == 1 and failure.reused and not failure.timed_out:
-                    log.debug("{where}: connection lost ({why}); retrying on a fresh one",
+                    log.debug("{connection_id} {where}: connection lost ({why}); retrying "
+                              "on a fresh one", connection_id=connection_id,
                               where=self._where, why=str(failure))
                     continue
-                log.warn("{where}: LDAP server {server}:{port} unavailable: {why}",
+                log.warn("{connection_id} {where}: LDAP server {server}:{port} "
+                         "unavailable: {why}", connection_id=connection_id,
                          where=self._where, server=self.server, port=self.port,
                          why=str(failure))
                 raise ProviderUnavailable(
                     f"{self._where}: LDAP server unavailable ({failure})") from None
             except _Unavailable as problem:
-                log.warn("{where}: {why}", where=self._where, why=str(problem))
+                log.warn("{connection_id} {where}: {why}", connection_id=connection_id,
+                         where=self._where, why=str(problem))
                 raise ProviderUnavailable(f"{self._where}: {problem}") from None
             except _Rejected as reason:
-                log.debug("{where}: login rejected: {why}", where=self._where, why=str(reason))
-                raise UnauthorizedLogin(str(reason)) from None
+                log.debug("{connection_id} {where}: login refused ({reason}): {detail}",
+                          connection_id=connection_id, where=self._where,
+                          reason=reason.kind, detail=str(reason))
+                raise LoginRefused(reason.kind, str(reason)) from None
             except Exception as error:  # not transport, not an answer: a bug or a surprise
                 worker.close()
-                log.failure("{where}: unexpected ldap3 error", where=self._where)
+                log.failure("{connection_id} {where}: unexpected ldap3 error",
+                            connection_id=connection_id, where=self._where)
                 raise ProviderUnavailable(
                     f"{self._where}: {type(error).__name__}") from None
             return Principal.of(username, dn, attributes)
         raise AssertionError("unreachable")
 
     def _attempt(self, worker: _WorkerConnections, username: str, password: str,
-                 wanted: tuple[str, ...] = ()) -> tuple[str, dict[str, tuple[str, ...]]]:
+                 wanted: tuple[str, ...] = (), *, connection_id: str = "-"
+                 ) -> tuple[str, dict[str, tuple[str, ...]]]:
         """One search and bind: the entry's DN and the ``wanted`` attribute values."""
         # 1. search with the service connection
         if worker.service is None:
@@ -421,8 +461,10 @@ class LDAPProvider(Provider):
         conn, reused = worker.service, worker.service_uses > 0
         search_filter = self.filter_string.replace("%s", escape_filter_chars(username))
         asked = self._search_attributes
-        if wanted:
+        by_uid = self.group_dn is not None and self.group_member_attribute == "memberUid"
+        if wanted or by_uid:
             asked = [a for a in asked if a != ldap3.NO_ATTRIBUTES] + list(wanted)
+            asked += ["uid"] if by_uid else []
         try:
             conn.search(self.base_dn, search_filter, search_scope=ldap3.SUBTREE,
                         dereference_aliases=ldap3.DEREF_NEVER,
@@ -438,7 +480,8 @@ class LDAPProvider(Provider):
         if code in _TEMPORARY_RESULTS:
             raise _Unavailable(f"search failed: {result.get('description')} ({code})")
         if code == _NO_SUCH_OBJECT:
-            log.warn("{where}: base_dn does not exist on the server", where=self._where)
+            log.warn("{connection_id} {where}: base_dn does not exist on the server",
+                     connection_id=connection_id, where=self._where)
             raise _Rejected("no such user")
         if code not in (_RESULT_SUCCESS, _SIZE_LIMIT_EXCEEDED):
             raise _Unavailable(f"search failed: {result.get('description')} ({code})")
@@ -450,7 +493,9 @@ class LDAPProvider(Provider):
         if not dn:
             raise _Rejected("entry without a DN")
         attributes = _wanted_values(entries[0], wanted)
-        log.debug("{where}: user found as {dn}", where=self._where, dn=dn)
+        uids = _wanted_values(entries[0], ("uid",))["uid"] if by_uid else ()
+        log.debug("{connection_id} {where}: user found as {dn}",
+                  connection_id=connection_id, where=self._where, dn=dn)
 
         # 2. bind as that DN on the user connection
         if worker.user is None:
@@ -469,12 +514,58 @@ class LDAPProvider(Provider):
             conn.password = None  # do not keep the user's password around
         worker.user_uses += 1
         if bound:
+            if self.group_dn is not None:
+                self._check_group(worker, dn, uids, connection_id)
             return dn, attributes
         result = conn.result or {}
         code = result.get("result")
         if code in _TEMPORARY_RESULTS:
             raise _Unavailable(f"user bind failed: {result.get('description')} ({code})")
-        raise _Rejected(f"bind refused: {result.get('description')} ({code})")
+        raise _Rejected(f"bind refused: {result.get('description')} ({code})",
+                        BAD_PASSWORD if code == _INVALID_CREDENTIALS else REJECTED)
+
+    def _check_group(self, worker: _WorkerConnections, dn: str, uids: tuple[str, ...],
+                     connection_id: str) -> None:
+        """After the bind: is the user in ``group_dn``?  Raises ``_NotInGroup`` if not.
+
+        Asked on the service connection, like the search: a user's own rights often do
+        not reach the groups, and no search ever runs with them (see the module's
+        docstring).  Only after a successful bind, so that a wrong password costs no
+        extra round trip and says nothing about groups.  One base-scope search of the
+        group with the member in the filter: the server compares with the attribute's
+        own matching rule (DN normalisation for ``member``/``uniqueMember``), and the
+        answer is one entry or none, whatever the size of the group.
+        """
+        attribute = self.group_member_attribute
+        if attribute == "memberUid":
+            values = uids[:MAX_UIDS]
+            if not values:
+                raise _NotInGroup("not a member of group_dn (the entry has no uid)")
+        else:
+            values = (dn,)
+        terms = "".join(f"({attribute}={escape_filter_chars(v)})" for v in values)
+        group_filter = terms if len(values) == 1 else f"(|{terms})"
+        conn = worker.service
+        try:
+            conn.search(self.group_dn, group_filter, search_scope=ldap3.BASE,
+                        dereference_aliases=ldap3.DEREF_NEVER,
+                        attributes=[ldap3.NO_ATTRIBUTES], size_limit=1,
+                        time_limit=self._receive_timeout)
+        except Exception as error:  # transport failure, or garbage from the peer
+            raise _ConnectionFailed(error, reused=True) from error
+        worker.service_uses += 1
+        result = conn.result or {}
+        code = result.get("result")
+        found = any(r.get("type") == "searchResEntry" for r in (conn.response or ()))
+        conn.response = None
+        if code == _NO_SUCH_OBJECT:
+            log.warn("{connection_id} {where}: group_dn does not exist on the server: "
+                     "nobody can log in", connection_id=connection_id, where=self._where)
+            raise _NotInGroup("not a member of group_dn (the group does not exist)")
+        if code not in (_RESULT_SUCCESS, _SIZE_LIMIT_EXCEEDED):
+            raise _Unavailable(f"group search failed: {result.get('description')} ({code})")
+        if not found:
+            raise _NotInGroup(f"not a member of group_dn ({attribute})")
 
     def _open(self, *, service: bool):
         """A new connected (and TLS-protected) connection; service ones are bound."""
@@ -610,6 +701,22 @@ def _check_filter(where: str, filter_string: str) -> None:
     except Exception as error:
         raise ConfigError(f"{where}: param 'filter_string' is not a valid LDAP filter "
                           f"({error})") from None
+
+
+def _group_settings(where: str, group_dn: str | None, attribute: str | None
+                    ) -> tuple[str | None, str]:
+    """``group_dn`` (a valid DN) and the canonical name of ``group_member_attribute``."""
+    if group_dn is None:
+        if attribute is not None:
+            raise ConfigError(f"{where}: param 'group_member_attribute' needs 'group_dn'")
+        return None, DEFAULT_GROUP_MEMBER_ATTRIBUTE
+    _check_dn(where, "group_dn", group_dn)
+    canonical = GROUP_MEMBER_ATTRIBUTES.get(
+        (attribute or DEFAULT_GROUP_MEMBER_ATTRIBUTE).strip().lower())
+    if canonical is None:
+        raise ConfigError(f"{where}: param 'group_member_attribute' must be one of "
+                          f"{', '.join(GROUP_MEMBER_ATTRIBUTES.values())}")
+    return group_dn, canonical
 
 
 def _check_dn(where: str, key: str, dn: str) -> None:

@@ -11,13 +11,16 @@ import hashlib
 import hmac
 from typing import Any, Mapping
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
+from esmtpfa.auth.errors import BAD_PASSWORD, UNKNOWN_USER
+from esmtpfa.logs import logger
 from esmtpfa.providers.base import (
-    ConfigError, IProvider, Principal, Provider, ProviderMeta, require_string)
+    ConfigError, IProvider, Principal, Provider, ProviderMeta, refused, require_string)
+
+log = logger("esmtpfa.providers.userpass")
 
 PARAMS = frozenset({"username", "password"})
 
@@ -56,7 +59,12 @@ class UserPassProvider(Provider):
         pass_ok = hmac.compare_digest(_digest(credentials.password), self._password_digest)
         if user_ok & pass_ok:
             return succeed(Principal(self.username))  # the login name, as it reached us
-        return fail(UnauthorizedLogin("wrong username or password"))
+        # Which field was wrong goes to the log only (after both compares ran): the
+        # client hears the same refusal either way.
+        kind, detail = ((BAD_PASSWORD, "wrong password") if user_ok
+                        else (UNKNOWN_USER, "no such user"))
+        return fail(refused(log, f"userpass provider {self.meta.name!r}", credentials,
+                            kind, detail))
 
     def __repr__(self) -> str:
         return (f"<UserPassProvider {self.meta.name!r} "

@@ -163,12 +163,14 @@ class IRelayTransaction(Interface):
 class IRelay(Interface):
     description = Attribute("str: where messages go, for the startup log")
 
-    def begin(envelope, message_id, connection_id, client=()) -> Deferred:
+    def begin(envelope, message_id, connection_id, client=(), paced=False) -> Deferred:
         """Open a transaction for ``envelope`` (its recipients are ignored): fires with an
         ``IRelayTransaction`` or fails with ``RelayError`` (the reply to MAIL).
 
         ``client`` holds keys naming who sends (its address, its identity) so that no one
-        of them can take every upstream connection."""
+        of them can take every upstream connection; ``paced`` says the relay itself
+        paces the content (the queue runner's, from local storage), which may then use
+        connections nobody else wants beyond its share."""
 
     def close() -> Deferred:
         """Stop accepting work and close idle upstream connections."""

@@ -84,7 +84,8 @@ class MaildirRelay:
         return f"local Maildir {self.path} (no upstream relay configured)"
 
     def begin(self, envelope: Any, message_id: str = "", connection_id: str = "",
-              client: tuple[str, ...] = ()) -> Deferred[WholeMessageTransaction]:
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred[WholeMessageTransaction]:
         """A Maildir takes every recipient: the whole message is written at the end."""
         if self._closed:
             return fail(_error(Reply(451, "4.3.2", "Relay shutting down, try again later"),

@@ -74,15 +74,21 @@ OK, REFUSED, UNAVAILABLE, MALFORMED = "ok", "refused", "unavailable", "malformed
 
 
 class TokenUnavailable(Exception):
-    """No token could be obtained; ``reason`` is safe to log and holds no secret.
+    """No token could be obtained; the texts are safe to log and hold no secret.
 
-    ``result`` is the metric label: ``refused`` (the server said no: HTTP 4xx with an
-    OAuth error), ``unavailable`` (down, timeout, 5xx, stopped) or ``malformed``.
+    ``detail`` says what went wrong (``token endpoint timed out after 10 s``) and is the
+    exception's text: the callers that report it name the upstream themselves (the
+    session's ``RelayError``, the relay's readiness), so naming it here too would say it
+    twice.  ``reason`` is the detail after the upstream's name, for the broker's own log
+    line.  ``result`` is the metric label: ``refused`` (the server said no: HTTP 4xx
+    with an OAuth error), ``unavailable`` (down, timeout, 5xx, stopped) or ``malformed``.
     """
 
-    def __init__(self, reason: str, result: str = UNAVAILABLE):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, detail: str, result: str = UNAVAILABLE, upstream: str = ""):
+        super().__init__(detail)
+        self.detail = detail
+        self.upstream = upstream
+        self.reason = f"{upstream}: {detail}" if upstream else detail
         self.result = result
 
 
@@ -287,17 +293,29 @@ class TokenBroker:
     # -- what the session calls ----------------------------------------------------------
 
     def token(self) -> Deferred[str]:
-        """A valid access token: the cached one until its refresh time, else a new one
-        (one request shared by every caller).  Fails with ``TokenUnavailable``."""
+        """A valid access token.  Fails with ``TokenUnavailable``.
+
+        While the cached token is valid it is the answer, at once, even past its
+        refresh time, so an endpoint that is slow or hangs at renewal time delays no
+        message (docs/oauth2.md, "The token's life").  The renewal is the background
+        schedule's (``start``, with its backoff after a failure); without one, the
+        first caller past the refresh time starts it, and does not wait for it either.
+        Only a caller with no valid token waits, for the one request every such caller
+        shares, bounded by ``timeout``.
+        """
         if self._stopped:
-            return fail(TokenUnavailable(f"{self.upstream}: token broker stopped"))
+            return fail(self._unavailable("token broker stopped"))
         now = self._clock.seconds()
-        if self._token is not None and now < self._refresh_at:
+        held = self._failure is not None and now - self._failed_at < FAILURE_HOLD
+        if self._token is not None and now < self._expires_at:
+            if (now >= self._refresh_at and self._request is None and not held
+                    and not self._running):
+                self._fetch()  # in the background: its waiters are whoever has no token
+            # ``_fetch`` may have ended at once (a key that cannot sign), and a failure
+            # keeps the token; only a success replaces it, so this is still valid.
             return succeed(self._token)
-        if self._request is None and self._failure is not None \
-                and now - self._failed_at < FAILURE_HOLD:
-            if self._token is not None and now < self._expires_at:
-                return succeed(self._token)  # still good: the refresh failed, not the token
+        if self._request is None and held:
+            assert self._failure is not None
             return fail(self._failure)
         waiter: Deferred[str] = Deferred(self._forget)
         self._waiters.append(waiter)
@@ -321,15 +339,16 @@ class TokenBroker:
 
     def readiness(self) -> tuple[bool | None, str]:
         """For ``/readyz``: (None, …) before the first attempt, (True, …) while a token is
-        valid, (False, reason) when none can be had."""
+        valid, (False, why) when none can be had.  The text does not name the upstream:
+        the relay's readiness, which reports every upstream, puts its name in front."""
         now = self._clock.seconds()
         if self._token is not None and now < self._expires_at:
             detail = f"token valid for {int(self._expires_at - now)} s"
             if self._failure is not None:
-                detail += f"; last refresh failed: {self._failure.reason}"
+                detail += f"; last refresh failed: {self._failure.detail}"
             return True, detail
         if self._failure is not None:
-            return False, self._failure.reason
+            return False, self._failure.detail
         if not self._attempted:
             return None, "no token requested yet"
         if self._request is not None:
@@ -384,9 +403,8 @@ class TokenBroker:
         try:
             body, headers = self._request_parts()
         except Exception as error:  # a key that cannot sign: never quote the error text
-            self._done(None, TokenUnavailable(
-                f"{self.upstream}: cannot build the token request ({type(error).__name__})",
-                MALFORMED))
+            self._done(None, self._unavailable(
+                f"cannot build the token request ({type(error).__name__})", MALFORMED))
             return
         d = self._request = self._client.post(
             self.settings.token_url, data=body, headers=headers, allow_redirects=False,
@@ -438,24 +456,23 @@ class TokenBroker:
         if code != 200:
             return None, self._http_error(code, document)
         if not isinstance(document, dict):
-            return None, TokenUnavailable(
-                f"{self.upstream}: token endpoint answered 200 without a JSON object",
-                MALFORMED)
+            return None, self._unavailable(
+                "token endpoint answered 200 without a JSON object", MALFORMED)
         token = document.get("access_token")
         if not isinstance(token, str) or not _B64TOKEN.match(token):
-            return None, TokenUnavailable(
-                f"{self.upstream}: token response without a usable access_token", MALFORMED)
+            return None, self._unavailable(
+                "token response without a usable access_token", MALFORMED)
         kind = document.get("token_type", "Bearer")
         if not isinstance(kind, str) or kind.lower() != "bearer":
-            return None, TokenUnavailable(
-                f"{self.upstream}: token_type {_safe(str(kind))!r} is not Bearer", MALFORMED)
+            return None, self._unavailable(
+                f"token_type {_safe(str(kind))!r} is not Bearer", MALFORMED)
         lifetime = document.get("expires_in", DEFAULT_LIFETIME)
         if isinstance(lifetime, str) and lifetime.isdigit():
             lifetime = int(lifetime)  # Entra v1 and some others send a string
         if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) \
                 or not 0 < lifetime < 10 ** 8:
-            return None, TokenUnavailable(
-                f"{self.upstream}: token response with a bad expires_in", MALFORMED)
+            return None, self._unavailable("token response with a bad expires_in",
+                                           MALFORMED)
         refresh = document.get("refresh_token")
         return {"token": token, "lifetime": float(lifetime),
                 "refresh_token": refresh if isinstance(refresh, str) and refresh else None,
@@ -464,14 +481,17 @@ class TokenBroker:
     def _http_error(self, code: int, document: Any) -> TokenUnavailable:
         """``HTTP 401: invalid_client (description)``: RFC 6749 §5.2's fields, trimmed
         and scrubbed of anything we sent that is secret."""
-        reason = f"{self.upstream}: token endpoint answered HTTP {code}"
+        detail = f"token endpoint answered HTTP {code}"
         result = UNAVAILABLE if code >= 500 or code in (408, 429) else REFUSED
         if isinstance(document, dict) and isinstance(document.get("error"), str):
-            reason += f": {self._scrub(document['error'])}"
+            detail += f": {self._scrub(document['error'])}"
             description = document.get("error_description")
             if isinstance(description, str) and description:
-                reason += f" ({self._scrub(description)})"
-        return TokenUnavailable(reason, result)
+                detail += f" ({self._scrub(description)})"
+        return self._unavailable(detail, result)
+
+    def _unavailable(self, detail: str, result: str = UNAVAILABLE) -> TokenUnavailable:
+        return TokenUnavailable(detail, result, self.upstream)
 
     def _scrub(self, text: str) -> str:
         # Before ``_safe`` shortens the text: a secret cut by the shortening would no
@@ -488,13 +508,13 @@ class TokenBroker:
         if self._stopped:
             why = "token broker stopped"
         elif failure.check(BodyTooLarge):
-            return None, TokenUnavailable(
-                f"{self.upstream}: token response over {MAX_RESPONSE_BYTES} bytes", MALFORMED)
+            return None, self._unavailable(
+                f"token response over {MAX_RESPONSE_BYTES} bytes", MALFORMED)
         elif describe_failure(failure) == "timed out":
             why = f"token endpoint timed out after {self.timeout:g} s"
         else:
             why = f"token endpoint unreachable ({describe_failure(failure)})"
-        return None, TokenUnavailable(f"{self.upstream}: {why}", UNAVAILABLE)
+        return None, self._unavailable(why, UNAVAILABLE)
 
     def _done(self, grant: dict | None, error: TokenUnavailable | None) -> None:
         self._request = None

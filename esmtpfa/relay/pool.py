@@ -266,6 +266,12 @@ class SessionPool:
         self._quitting.add(d)
         d.addBoth(lambda _: self._quitting.discard(d))
 
+    def usage(self) -> dict[str, int]:
+        """Sessions by state and messages waiting, for ``/status`` and the metrics
+        (read only: nothing here changes the pool)."""
+        return {"idle": len(self._idle), "busy": len(self._busy),
+                "opening": self._opening, "waiting": len(self._waiters)}
+
 
 def _cancel(session: UpstreamSession) -> None:
     if session.idle_timer is not None:
@@ -318,74 +324,111 @@ class ClientShares:
     so neither many connections from one address nor one identity spread over many
     addresses can hold every pooled session.  Over its share a client waits, in order,
     until one of its own messages finishes; the wait is bounded by the caller.
+
+    Work-conserving for paced senders: a transaction the relay paces itself (the queue
+    runner's, whose content is on local storage, so no client can stretch it) may go
+    over its keys' share while fewer than ``room`` tickets are held and nobody waits, so
+    the connections no live client wants are not left idle while a backlog waits.  Such
+    a *borrowed* ticket counts toward ``room`` only, never toward a key's share: a live
+    client that comes later is under its own share at once and waits at most for the
+    next session the pool frees (the pool serves its waiters before anybody new), and
+    the borrower gets no more until the room is free again.  Live clients never borrow:
+    a client that trickles its content could hold a borrowed connection for minutes
+    (docs/delivery-guarantee.md, "Fair use of the upstream connections").
     """
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, room: int | None = None):
         self.cap = cap
+        #: Tickets of all clients together beyond which nobody borrows: the pool's size.
+        self.room = cap if room is None else max(cap, room)
         self._held: dict[str, int] = {}
-        self._waiting: deque[tuple[tuple[str, ...], Deferred[ShareTicket]]] = deque()
+        self._entitled = 0  # tickets within their keys' share
+        self.borrowed = 0   # tickets over it (paced senders only)
+        self._waiting: deque[tuple[tuple[str, ...], bool, Deferred[ShareTicket]]] = deque()
 
     def held(self, key: str) -> int:
         return self._held.get(key, 0)
 
-    def try_acquire(self, keys: tuple[str, ...]) -> "ShareTicket | None":
+    def try_acquire(self, keys: tuple[str, ...], paced: bool = False
+                    ) -> "ShareTicket | None":
         """A ticket now, or None when the client must wait (``acquire``).
 
         Served at once when under its share and nobody waits on one of its keys (who
-        would otherwise be overtaken by its own address or identity for ever)."""
-        if self._fits(keys) and not (self._waiting and any(
-                set(keys) & set(waiting) for waiting, _ in self._waiting)):
+        would otherwise be overtaken by its own address or identity for ever); a paced
+        sender over its share borrows when there is room and nobody waits at all."""
+        if self._waiting:
+            if any(set(keys) & set(waiting) for waiting, _, _ in self._waiting):
+                return None
+            return self._take(keys) if self._fits(keys) else None
+        if self._fits(keys):
             return self._take(keys)
-        return None
+        return self._borrow(keys) if paced and self._has_room() else None
 
-    def acquire(self, keys: tuple[str, ...]) -> Deferred["ShareTicket"]:
-        ticket = self.try_acquire(keys)
+    def acquire(self, keys: tuple[str, ...], paced: bool = False
+                ) -> Deferred["ShareTicket"]:
+        ticket = self.try_acquire(keys, paced)
         if ticket is not None:
             return succeed(ticket)
-        entry: tuple[tuple[str, ...], Deferred[ShareTicket]]
+        entry: tuple[tuple[str, ...], bool, Deferred[ShareTicket]]
         waiter: Deferred[ShareTicket] = Deferred(
             lambda d: self._waiting.remove(entry) if entry in self._waiting else None)
-        entry = (keys, waiter)
+        entry = (keys, paced, waiter)
         self._waiting.append(entry)
         return waiter
 
     def _fits(self, keys: tuple[str, ...]) -> bool:
         return all(self._held.get(key, 0) < self.cap for key in keys)
 
+    def _has_room(self) -> bool:
+        return self._entitled + self.borrowed < self.room
+
     def _take(self, keys: tuple[str, ...]) -> "ShareTicket":
         for key in keys:
             self._held[key] = self._held.get(key, 0) + 1
+        self._entitled += 1
         return ShareTicket(self, keys)
 
-    def _give_back(self, keys: tuple[str, ...]) -> None:
-        for key in keys:
-            left = self._held.get(key, 0) - 1
-            if left > 0:
-                self._held[key] = left
-            else:
-                self._held.pop(key, None)
+    def _borrow(self, keys: tuple[str, ...]) -> "ShareTicket":
+        self.borrowed += 1
+        return ShareTicket(self, keys, borrowed=True)
+
+    def _give_back(self, keys: tuple[str, ...], borrowed: bool) -> None:
+        if borrowed:
+            self.borrowed -= 1
+        else:
+            self._entitled -= 1
+            for key in keys:
+                left = self._held.get(key, 0) - 1
+                if left > 0:
+                    self._held[key] = left
+                else:
+                    self._held.pop(key, None)
         # Serve waiters in order; one that still does not fit lets later ones (other
         # clients) pass, so a client over its share never blocks anybody else.
         for entry in list(self._waiting):
-            waiting_keys, waiter = entry
+            waiting_keys, paced, waiter = entry
             if self._fits(waiting_keys):
                 self._waiting.remove(entry)
                 waiter.callback(self._take(waiting_keys))
+            elif paced and self._has_room():
+                self._waiting.remove(entry)
+                waiter.callback(self._borrow(waiting_keys))
 
 
 class ShareTicket:
     """One message's place in ``ClientShares``; ``release`` acts once."""
 
-    __slots__ = ("_shares", "_keys")
+    __slots__ = ("_shares", "_keys", "borrowed")
 
-    def __init__(self, shares: ClientShares, keys: tuple[str, ...]):
+    def __init__(self, shares: ClientShares, keys: tuple[str, ...], borrowed: bool = False):
         self._shares: ClientShares | None = shares
         self._keys = keys
+        self.borrowed = borrowed
 
     def release(self) -> None:
         shares, self._shares = self._shares, None
         if shares is not None:
-            shares._give_back(self._keys)
+            shares._give_back(self._keys, self.borrowed)
 
 
 class Upstream:

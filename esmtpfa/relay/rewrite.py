@@ -169,11 +169,12 @@ class RelayFromRewriter:
         return f"{self.inner.description}, sender rewritten to {self.relay_from}"
 
     def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
-              client: tuple[str, ...] = ()) -> Deferred["_RewritingTransaction"]:
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred["_RewritingTransaction"]:
         """The upstream transaction opens with R as the sender; the header is rewritten
         when the content is handed over."""
         d = self.inner.begin(self.rewrite_envelope(envelope), message_id, connection_id,
-                             client)
+                             client, paced)
         return d.addCallback(lambda inner: _RewritingTransaction(self, inner))
 
     def rewrite_later(self, message: OutboundMessage) -> Deferred[OutboundMessage]:

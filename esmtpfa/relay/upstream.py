@@ -133,7 +133,7 @@ class SMTPRelay:
                 s.tls_server_name, s.ca_cert, s.client_cert, s.client_key, s.skip_verify)
                 if s.uses_tls else None, sasl_cache, self.tokens.get(s.address))
             for s in all_settings]
-        self.shares = ClientShares(self.pool_settings.client_cap)
+        self.shares = ClientShares(self.pool_settings.client_cap, self.pool_settings.size)
         #: The search over the upstreams, shared by every transaction.
         self.failover = Failover(self.upstreams)
         #: Called with every ``RelayError`` of every attempt (metrics: failures by reason);
@@ -208,10 +208,12 @@ class SMTPRelay:
     # -- IRelay ----------------------------------------------------------------------------
 
     def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
-              client: tuple[str, ...] = ()) -> Deferred["UpstreamTransaction"]:
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred["UpstreamTransaction"]:
         """The upstream transaction; MAIL goes out with the first RCPT (one flight).
 
-        ``client`` names who the message is for fair use (its address and identity).
+        ``client`` names who the message is for fair use (its address and identity);
+        ``paced``: the relay itself paces the content (``ClientShares``).
         Refused at once only when the answer is already known: every upstream is behind
         an open circuit breaker, or the declared size exceeds every upstream's limit.
         """
@@ -231,7 +233,7 @@ class SMTPRelay:
                                   f"({size} > {max(limits)} octets)", "MAIL",
                                   self.upstreams[0].address))
         return succeed(UpstreamTransaction(self, envelope, message_id, connection_id,
-                                           client))
+                                           client, paced))
 
     def close(self) -> Deferred[None]:
         """Refuse new work; fire once every transaction in progress and every QUIT ended."""
@@ -535,12 +537,13 @@ class UpstreamTransaction:
     """One client transaction mirrored on one upstream session (see the module doc)."""
 
     def __init__(self, relay: SMTPRelay, envelope: Envelope, message_id: str,
-                 connection_id: str, client: tuple[str, ...] = ()):
+                 connection_id: str, client: tuple[str, ...] = (), paced: bool = False):
         self._relay = relay
         self.envelope = replace(envelope, recipients=()) if envelope.recipients else envelope
         self.message_id = message_id
         self.connection_id = connection_id
         self._client = client
+        self._paced = paced
         self._state = State.NEW
         #: The answer to every later operation once set (FAILED, or ABORTED at the
         #: deadline): the sender's refusal, or why the transaction could not go on.
@@ -574,6 +577,22 @@ class UpstreamTransaction:
     def max_size(self) -> int | None:
         session = self._session
         return session.max_size if session is not None else None
+
+    @property
+    def refuses_8bit(self) -> bool:
+        """Whether content with an 8-bit octet is already certain to be refused
+        (``554 5.6.3``), so the delivery can stop taking it in
+        (docs/delivery-guarantee.md, "Content the upstream cannot take").
+
+        True only when the envelope declared 8BITMIME (or BINARYMIME), the session this
+        transaction holds lacks 8BITMIME, and no other upstream could be tried instead:
+        with several upstreams, ``send`` moves on to one that may offer it.  Undeclared
+        content is never refused, and declared content is refused for what it holds,
+        never for the declaration (clients declare 8BITMIME for ASCII all the time).
+        """
+        session = self._session
+        return (session is not None and len(self._relay.upstreams) == 1
+                and _declares_8bit(self.envelope) and not session.extensions.eightbitmime)
 
     @property
     def recipients(self) -> list[str]:
@@ -629,7 +648,7 @@ class UpstreamTransaction:
         MAIL is every recipient's answer."""
         self._move(State.OPENING)
         if self._ticket is None and self._client:
-            ticket = self._relay.shares.try_acquire(self._client)
+            ticket = self._relay.shares.try_acquire(self._client, self._paced)
             if ticket is None:  # over its share: wait for one of its own messages
 
                 def shared(ticket: ShareTicket) -> Deferred[Reply]:
@@ -689,7 +708,7 @@ class UpstreamTransaction:
     async def _fair_share(self) -> ShareTicket:
         timeout = self._relay.upstreams[0].settings.connect_timeout
         try:
-            return await self._relay.shares.acquire(self._client).addTimeout(
+            return await self._relay.shares.acquire(self._client, self._paced).addTimeout(
                 timeout, self._relay.reactor)
         except (CancelledError, TimeoutError):
             cap = self._relay.shares.cap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -66,6 +67,8 @@ class SMTPServerFactory(ServerFactory):
 
     protocol = ESMTPServer
     noisy = False  # our own connect/disconnect lines carry the connection id
+    #: Hears ``tls_handshake_failed(name)`` and ``size_refused(name)`` (the metrics).
+    observer: Any = None
 
     def __init__(self, settings: ServerSettings, portal: Portal, *, name: str = "smtp",
                  tls_options=None, implicit_tls: bool = False,

@@ -27,10 +27,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
+from esmtpfa.logs import NO_TLS, logger, tls_session
 from esmtpfa import replies
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.failures import log_failed_login
 from esmtpfa.auth.throttle import LoginThrottled
 from esmtpfa.auth.selection import ANONYMOUS
 from esmtpfa.context import ConnectionContext
@@ -150,6 +151,7 @@ class ESMTPServer(Protocol):
         self._discarding_line = False
         self._closing = False
         self._tls = factory.implicit_tls
+        self._tls_session = NO_TLS  # what the handshake agreed, for the disconnect line
         self._helo: str | None = None
         self._esmtp = False
         self._identity = None
@@ -222,6 +224,7 @@ class ESMTPServer(Protocol):
 
     def handshakeCompleted(self) -> None:
         """``IHandshakeListener``: TLS is up (implicit, or after STARTTLS)."""
+        self._tls_session = tls_session(self.transport)
         if self._deadline.stage is Stage.HANDSHAKE and not self._closing:
             self._deadline.idle()
 
@@ -243,6 +246,7 @@ class ESMTPServer(Protocol):
         """The transport is going away; ``connectionLost`` does the cleaning."""
 
     def connectionLost(self, reason: Failure = None) -> None:
+        in_handshake = self._deadline.stage is Stage.HANDSHAKE  # implicit TLS or STARTTLS
         self._deadline.stop()
         self._stall.stop()
         if self._abort_call is not None and self._abort_call.active():
@@ -258,7 +262,11 @@ class ESMTPServer(Protocol):
             self._logout()
             self._logout = None
         if self.factory.release(self):
-            log.info("{connection_id} disconnect", connection_id=self.id)
+            if in_handshake and self.factory.observer is not None:
+                self.factory.observer.tls_handshake_failed(self.factory.name)
+            log.info("{connection_id} disconnect (tls={tls_version} cipher={tls_cipher})",
+                     connection_id=self.id, tls_version=self._tls_session.version,
+                     tls_cipher=self._tls_session.cipher)
 
     def timeoutConnection(self, stage: Stage = Stage.IDLE) -> None:
         log.info("{connection_id} {stage} timeout", connection_id=self.id, stage=stage.value)
@@ -352,6 +360,9 @@ class ESMTPServer(Protocol):
             self._stall.check()
 
     def _reply(self, reply: Reply) -> None:
+        if reply.enhanced == "5.3.4" and self.factory.observer is not None:
+            # RFC 3463 5.3.4 "message too big for system": SIZE=, DATA and BDAT alike
+            self.factory.observer.size_refused(self.factory.name)
         self._write(reply.to_bytes())
 
     # -- input ----------------------------------------------------------------------
@@ -689,9 +700,7 @@ class ESMTPServer(Protocol):
         def failed(failure: Failure):
             if failure.check(defer.CancelledError) and self._closing:
                 return None  # the client went away while we asked: nobody to answer
-            log.info("{connection_id} AUTH {mechanism} failed for user {user!r}: {why}",
-                     connection_id=self.id, mechanism=mechanism.name,
-                     user=offer.username[:64], why=failure.type.__name__)
+            log_failed_login(context, mechanism.name, failure.value, offer.username)
             if failure.check(UnauthorizedLogin):
                 challenge = mechanism.failure_challenge()
                 if challenge is not None:

@@ -1303,32 +1303,40 @@ class AMQPSpool:
         claimed at once (the runner's own poll would find it up to a second later)."""
         self._watchers.append(callback)
 
-    def claim(self, limit: int, busy: frozenset = frozenset()) -> defer.Deferred:
+    def claim(self, limit: int, busy: frozenset = frozenset(),
+              fill: bool = False) -> defer.Deferred:
         """What the consumer has received, up to ``limit``, in arrival order, skipping
-        ``busy`` identities (module docstring, "Fairness").  While the broker is
-        unreachable there is nothing to claim (``accepting`` says why)."""
+        ``busy`` identities (module docstring, "Fairness"), then with ``fill`` taking
+        theirs for what is left.  While the broker is unreachable there is nothing to
+        claim (``accepting`` says why)."""
         if self._closing:
             return defer.succeed([])
         if not self._consuming:
             self._consuming = True
             if self._link.up:
                 self._start_consumer()
+        taken = self._take(limit, lambda identity: identity not in busy)
+        if not taken and limit > 0 and self._buffer and self._window_full():
+            # Every slot holds a message nobody may take now: one goes to the back.
+            waiting = self._buffer.pop(0)
+            self._dispose(waiting, _Disposal(self.topology.main, waiting.state))
+        if fill and busy and len(taken) < limit:
+            taken += self._take(limit - len(taken), busy.__contains__)
+        return defer.succeed(taken)
+
+    def _take(self, limit: int, eligible: Callable[[str], bool]) -> list[QueuedMessage]:
         taken: list[QueuedMessage] = []
         for delivery in list(self._buffer):
             if len(taken) >= limit:
                 break
-            if delivery.state.entry.identity in busy:
+            if not eligible(delivery.state.entry.identity):
                 continue
             self._buffer.remove(delivery)
             delivery.phase = _Delivery.CLAIMED
             self._claimed[delivery.key] = delivery
             self._memory.note(delivery.copy_id, _Recollection.CLAIMED)
             taken.append(delivery.state.queued(token=delivery))
-        if not taken and limit > 0 and self._buffer and self._window_full():
-            # Every slot holds a message nobody may take now: one goes to the back.
-            waiting = self._buffer.pop(0)
-            self._dispose(waiting, _Disposal(self.topology.main, waiting.state))
-        return defer.succeed(taken)
+        return taken
 
     def _window_full(self) -> bool:
         held_here = len(self._buffer) + len(self._claimed) + len(self._disposing)

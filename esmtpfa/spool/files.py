@@ -25,7 +25,8 @@ be between its rename and its commit).
 (``journal_mode=WAL``, ``synchronous=FULL``: the commit is an fsync of the WAL).  A crash
 between the rename and the commit leaves an orphan file, removed by the next ``start``.
 Finishing a message deletes the rows first and the file after the commit, for the same
-reason.  ``started`` and ``settle`` fire only after their commit.
+reason.  ``started`` and ``settle`` fire only after their commit (claims and settlements
+commit without the fsync: docs/spool.md, "What a power loss costs").
 
 **One writer connection, batches in the given thread pool.**  SQLite lets one writer at a
 time into a database (WAL: readers never block it, writers take turns), so several writer
@@ -569,6 +570,14 @@ class GroupCommitter:
     runs at a time, as a job in the thread pool; it takes up to ``max_batch`` units, runs
     each in a SAVEPOINT (a failing unit is rolled back and fails alone) and commits
     them with one ``COMMIT``: one fsync of the WAL for the whole batch.
+
+    Only a batch with a *durable* unit pays that fsync (``synchronous=FULL``); one of
+    bookkeeping units alone commits with ``synchronous=NORMAL``, which in WAL mode writes
+    the same frames without the fsync.  The WAL is appended in order, so the next
+    durable commit's fsync makes every earlier frame durable too, and only an operating
+    system crash (never a process crash: the frames are in the page cache) can lose the
+    bookkeeping of the last moments before it (docs/spool.md, "What a power loss
+    costs").
     """
 
     def __init__(self, reactor: Any, threadpool: ThreadPool,
@@ -580,18 +589,22 @@ class GroupCommitter:
         self._connect = connect
         self.max_batch = max_batch
         self._connection: sqlite3.Connection | None = None
-        self._queue: deque[tuple[Work, Deferred[Any]]] = deque()
+        self._queue: deque[tuple[Work, Deferred[Any], bool]] = deque()
         self._running = False
+        self._synchronous = "FULL"  # what the connection is set to (FileSpool._connect)
         self._idle: list[Deferred[None]] = []
         #: Transactions committed, the units of work in them, and the most in one
         #: (metrics; the tests check the batching with them).
         self.commits = 0
         self.units = 0
         self.largest_batch = 0
+        self.durable_commits = 0
 
-    def submit(self, work: Work) -> Deferred[Any]:
+    def submit(self, work: Work, durable: bool = True) -> Deferred[Any]:
+        """``work`` committed, fsync'd unless ``durable`` is false (bookkeeping that a
+        crash of the machine may lose: see the class)."""
         d: Deferred[Any] = Deferred()
-        self._queue.append((work, d))
+        self._queue.append((work, d, durable))
         self._next()
         return d
 
@@ -625,8 +638,9 @@ class GroupCommitter:
         batch = [self._queue.popleft() for _ in range(count)]
         self._running = True
         d = deferToThreadPool(self._reactor, self._pool, self._run,
-                              [work for work, _ in batch])
-        d.addBoth(self._finished, [waiter for _, waiter in batch])
+                              [work for work, _, _ in batch],
+                              any(durable for _, _, durable in batch))
+        d.addBoth(self._finished, [waiter for _, waiter, _ in batch])
 
     def _finished(self, outcomes: Any, waiters: list[Deferred[Any]]) -> None:
         if isinstance(outcomes, Failure):  # the job itself could not run
@@ -639,12 +653,17 @@ class GroupCommitter:
         self._running = False
         self._next()
 
-    def _run(self, works: list[Work]) -> list[tuple[bool, Any]]:
+    def _run(self, works: list[Work], durable: bool = True) -> list[tuple[bool, Any]]:
         """In the pool: one transaction for the batch."""
         try:
             if self._connection is None:
                 self._connection = self._connect()
+                self._synchronous = "FULL"
             connection = self._connection
+            synchronous = "FULL" if durable else "NORMAL"
+            if synchronous != self._synchronous:  # only between transactions
+                connection.execute(f"PRAGMA synchronous = {synchronous}")
+                self._synchronous = synchronous
             connection.execute("BEGIN IMMEDIATE")
         except Exception:
             return [(False, Failure())] * len(works)
@@ -671,6 +690,7 @@ class GroupCommitter:
             transaction.finish(committed=False)
             return [(False, failure)] * len(works)
         self.commits += 1
+        self.durable_commits += durable
         self.units += len(works)
         self.largest_batch = max(self.largest_batch, len(works))
         transaction.finish(committed=True)
@@ -789,12 +809,14 @@ class QueueState:
 
     # claim
 
-    def claim(self, tx: Transaction, limit: int,
-              busy: frozenset[str]) -> list[QueuedMessage]:
+    def claim(self, tx: Transaction, limit: int, busy: frozenset[str],
+              fill: bool = False) -> list[QueuedMessage]:
         now = self.clock()
         if now - self.last_recovery >= self.recovery_interval:
             self.recover(tx)
-        picked = self._pick_fairly(tx, limit, busy, now)
+        picked = self._pick_fairly(tx, limit, now, lambda identity: identity not in busy)
+        if fill and busy and len(picked) < limit:
+            picked += self._pick_fairly(tx, limit - len(picked), now, busy.__contains__)
         if not picked:
             return []
         marks = ", ".join("?" * len(picked))
@@ -802,13 +824,13 @@ class QueueState:
                    f"WHERE id IN ({marks})", (self.owner, now, *picked))
         return self._queued(tx, picked)
 
-    def _pick_fairly(self, tx: Transaction, limit: int, busy: frozenset[str],
-                     now: float) -> list[str]:
-        """Round-robin over the identities with due messages, the one with the oldest
-        due message first, oldest first within each: an identity's backlog never
-        starves another's single message (docs/spool.md, "Fairness")."""
+    def _pick_fairly(self, tx: Transaction, limit: int, now: float,
+                     eligible: Callable[[str], bool]) -> list[str]:
+        """Round-robin over the ``eligible`` identities with due messages, the one with
+        the oldest due message first, oldest first within each: an identity's backlog
+        never starves another's single message (docs/spool.md, "Fairness")."""
         due = sorted((first, identity) for identity, first in tx.execute(DUE_IDENTITIES)
-                     if first is not None and first <= now and identity not in busy)
+                     if first is not None and first <= now and eligible(identity))
         # Beyond ``limit`` identities, none would get a message in the first round.
         identities = [identity for _, identity in due[:limit]]
         if not identities:
@@ -1491,12 +1513,15 @@ class FileSpool:
         return d.addCallbacks(self._stored, not_stored)
 
     @_when_open(Phase.CLAIM)
-    def claim(self, limit: int,
-              busy: frozenset = frozenset()) -> Deferred[list[QueuedMessage]]:
+    def claim(self, limit: int, busy: frozenset = frozenset(),
+              fill: bool = False) -> Deferred[list[QueuedMessage]]:
         if limit <= 0:
             return succeed([])
         busy = frozenset(busy)
-        return self._write(Phase.CLAIM, lambda tx: self._state.claim(tx, limit, busy))
+        # Not fsync'd: a claim lost with the machine only leaves its messages due.
+        return self._write(Phase.CLAIM,
+                           lambda tx: self._state.claim(tx, limit, busy, fill),
+                           durable=False)
 
     @_when_open(Phase.CLAIM)
     def content(self, message: QueuedMessage) -> Deferred[IContent]:
@@ -1514,8 +1539,11 @@ class FileSpool:
 
     @_when_open(Phase.SETTLE)
     def settle(self, message: QueuedMessage, settlement: Settlement) -> Deferred[None]:
+        # Not fsync'd: a settlement lost with the machine leaves its message started, so
+        # it is held, never sent again (docs/spool.md, "What a power loss costs").
         d = self._write(Phase.SETTLE,
-                        lambda tx: self._state.settle(tx, message, settlement))
+                        lambda tx: self._state.settle(tx, message, settlement),
+                        durable=False)
         return d.addCallback(self._removed)
 
     @_when_open(Phase.ADMIN)
@@ -1605,8 +1633,9 @@ class FileSpool:
         d = deferToThreadPool(self._reactor, self._pool, function, *args)
         return self._track(d.addErrback(_as_spool_error, phase))
 
-    def _write(self, phase: str, work: Work) -> Deferred[Any]:
-        return self._track(self.committer.submit(work).addErrback(_as_spool_error, phase))
+    def _write(self, phase: str, work: Work, durable: bool = True) -> Deferred[Any]:
+        return self._track(self.committer.submit(work, durable).addErrback(
+            _as_spool_error, phase))
 
     def _track(self, d: Deferred[T]) -> Deferred[T]:
         """Count the work in flight, so that ``close`` can wait for it."""

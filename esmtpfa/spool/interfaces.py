@@ -253,11 +253,12 @@ class ISpool(Interface):
         ``UNAVAILABLE``: closed, or the broker is not connected).  Cheap and
         synchronous: readiness asks it, and MAIL is refused with its reply."""
 
-    def claim(limit: int, busy: frozenset = frozenset()) -> "Deferred":
+    def claim(limit: int, busy: frozenset = frozenset(), fill: bool = False) -> "Deferred":
         """Up to ``limit`` queued messages whose next attempt is due, oldest due first,
-        none of an identity in ``busy``; fires with a list of ``QueuedMessage``.  A
-        claimed message is attempted by no other process until it is settled or its
-        owner dies."""
+        none of an identity in ``busy`` (with ``fill``, what no other identity takes
+        then goes to theirs, in the same claim); fires with a list of
+        ``QueuedMessage``.  A claimed message is attempted by no other process until it
+        is settled or its owner dies."""
 
     def watch(callback) -> None:
         """Call ``callback()`` (no arguments) when messages may have become claimable

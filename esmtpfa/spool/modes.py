@@ -184,7 +184,8 @@ class SpoolRelay:
         return f"spool {self._spooler.spool.description}, delivered in the background"
 
     def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
-              client: tuple[str, ...] = ()) -> Deferred[IRelayTransaction]:
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred[IRelayTransaction]:
         refused = self._spooler.refusal()
         if refused is not None:
             return fail(refused)
@@ -283,7 +284,8 @@ class FallbackRelay:
                 f"{self._spooler.spool.description}")
 
     def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
-              client: tuple[str, ...] = ()) -> Deferred[IRelayTransaction]:
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred[IRelayTransaction]:
         def opened(upstream: IRelayTransaction) -> IRelayTransaction:
             return FallbackTransaction(self._spooler, upstream)
 
@@ -294,7 +296,7 @@ class FallbackRelay:
                     return FallbackTransaction(self._spooler, None,
                                                failure.value.describe())
             return failure
-        return self.inner.begin(envelope, message_id, connection_id, client
+        return self.inner.begin(envelope, message_id, connection_id, client, paced
                                 ).addCallbacks(opened, failed)
 
     def close(self) -> Deferred[None]:

@@ -55,7 +55,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 
 from esmtpfa.ids import new_id
-from esmtpfa.logs import logger
+from esmtpfa.logs import PLAIN_RECIPIENTS, RecipientLog, logger
 from esmtpfa.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
 from esmtpfa.replies import Reply
@@ -189,7 +189,8 @@ class QueueRunner(Service):
                  concurrency: int = 10, per_identity: int | None = None,
                  prefetch: int | None = None,
                  poll_interval: float = 1.0, observer: RunnerObserver | None = None,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time,
+                 log_recipients: RecipientLog = PLAIN_RECIPIENTS):
         self.spool = spool
         self.relay = relay
         self._clock = clock
@@ -207,6 +208,8 @@ class QueueRunner(Service):
         self._poll_interval = poll_interval
         self._observer = observer or _NoObserver()
         self._now = now
+        #: ``--log-recipients``: how the attempt line shows the recipients.
+        self._log_recipients = log_recipients
         self._in_flight: dict[str, str] = {}  # message id -> identity
         self._claiming = False
         self._again = False
@@ -355,11 +358,7 @@ class QueueRunner(Service):
         """Up to ``free`` due messages, fairly: first of the identities below their
         share; the slots nobody else wants then go to those at it (the share makes
         room for others, it never leaves attempts unused while one identity waits)."""
-        busy = self._busy()
-        messages = await self.spool.claim(free, busy)
-        if busy and len(messages) < free and self.running:
-            messages += await self.spool.claim(free - len(messages), frozenset())
-        return messages
+        return await self.spool.claim(free, self._busy(), fill=True)
 
     def _busy(self) -> frozenset[str]:
         return frozenset(i for i, n in self._held().items() if n >= self.per_identity)
@@ -417,7 +416,7 @@ class QueueRunner(Service):
         try:
             transaction = await self.relay.begin(
                 envelope, entry.id, entry.connection_id or "spool",
-                (RUNNER_CLIENT, f"identity {entry.identity}"))
+                (RUNNER_CLIENT, f"identity {entry.identity}"), paced=True)
         except RelayError as error:
             self._whole(attempt, pending, error)
             return
@@ -607,7 +606,8 @@ class QueueRunner(Service):
                  message_id=entry.id, identity=entry.identity, attempt=number,
                  result=result, upstream=attempt.remote,
                  upstream_reply="; ".join(replies) or None,
-                 recipients={r.address: r.state for r in attempt.changes.values()},
+                 recipients=self._log_recipients.states(
+                     {r.address: r.state for r in attempt.changes.values()}),
                  then=then)
         if settlement.hold is not None:
             log.warn("{message_id} held: {reason}", message_id=entry.id,

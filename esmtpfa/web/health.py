@@ -1,36 +1,36 @@
-"""Liveness and readiness (docs/design.md §1): ``/status``, ``/healthz`` and ``/readyz``.
+"""Liveness and readiness (docs/metrics.md, "Health"): ``/healthz`` and ``/readyz``.
 
-``/status`` and ``/healthz`` answer ``200 ok`` whenever the reactor answers at all: a
-process that can serve them is alive.  ``/readyz`` says whether sending mail can work
-right now: providers are loaded (or anonymous submission is allowed) and an upstream
-session can be had (the Maildir is writable when there is no upstream).
+``/healthz`` answers ``200 ok`` whenever the reactor answers at all: a process that can
+serve it is alive.
 
-The relay's own pools and breakers answer that without any I/O: not ready when every
-breaker is open or every pool is exhausted, ready while sessions are open or one was used
-recently (``RelayProbe``).  Only when they know nothing (no message needed a session
-lately) does a TCP probe ask the preferred upstream; it is cached for ``PROBE_CACHE``
-seconds, concurrent probes share one attempt, and it logs nothing when it works.
+``/readyz`` says whether **this replica** can take mail: its listeners are bound, its
+configuration is loaded, and what it keeps itself works (an OAuth2 token can be had
+where an upstream logs in with one, the spool or the Maildir can be written to).  It
+never asks an upstream, and never follows one.  The upstream is shared by every
+replica: were readiness to follow it, every replica would turn unready at once when it
+fails, the load balancer would have nobody left to send clients to, and they would hear
+a refused connection instead of the ``451`` that makes them retry.  Upstream health is
+in ``/status`` and the metrics (``upstream_breaker_state``, ``upstream_pool_*``).
+
+Every check reads state this process keeps (at most a ``stat``), so a probe costs
+nothing, and the answer changes the moment the state does: no cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.application.internet import StreamServerEndpointService
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
+from esmtpfa import internals
 from esmtpfa.logs import logger
 
 log = logger("esmtpfa.web")
-
-PROBE_TIMEOUT = 3.0
-PROBE_CACHE = 30.0
 
 
 @dataclass(frozen=True)
@@ -42,125 +42,105 @@ class Check:
     decisive: bool = False
 
 
-#: What the providers check says from SIGTERM on (docs/smtp-limits.md, "Shutdown").
+#: What the configuration check says from SIGTERM on (docs/smtp-limits.md, "Shutdown").
 SHUTTING_DOWN = Check(False, "shutting down: finishing the sessions in progress, "
                              "accepting no new ones", decisive=True)
 
-
-class UpstreamProbe:
-    """Can a TCP connection to the upstream be opened?  (Cached for ``ttl`` seconds.)"""
-
-    def __init__(self, reactor: Any, host: str, port: int, *,
-                 timeout: float = PROBE_TIMEOUT, ttl: float = PROBE_CACHE):
-        self._reactor = reactor
-        self._host, self._port = host, port
-        self._timeout = timeout
-        self.ttl = ttl
-        self._cached: tuple[float, Check] | None = None
-        self._waiting: list[defer.Deferred] | None = None
-
-    def check(self) -> defer.Deferred:
-        now = self._reactor.seconds()
-        if self._cached is not None and now - self._cached[0] < self.ttl:
-            return defer.succeed(self._cached[1])
-        waiter: defer.Deferred = defer.Deferred()
-        if self._waiting is not None:
-            self._waiting.append(waiter)
-            return waiter
-        self._waiting = [waiter]
-        endpoint = HostnameEndpoint(self._reactor, self._host, self._port,
-                                    timeout=self._timeout)
-        d = endpoint.connect(_QuietFactory())
-        d.addTimeout(self._timeout, self._reactor)
-        d.addCallbacks(self._connected, self._failed)
-        return waiter
-
-    def _connected(self, protocol: Protocol) -> None:
-        protocol.transport.loseConnection()
-        self._done(Check(True, f"{self._host}:{self._port} accepts connections"))
-
-    def _failed(self, failure) -> None:
-        reason = getattr(failure.value, "osError", None) or failure.value
-        detail = str(reason) or type(failure.value).__name__
-        self._done(Check(False, f"{self._host}:{self._port} unreachable: {detail}"))
-
-    def _done(self, check: Check) -> None:
-        self._cached = (self._reactor.seconds(), check)
-        waiting, self._waiting = self._waiting or [], None
-        for waiter in waiting:
-            waiter.callback(check)
+#: A named check of this replica: a callable answering a ``Check`` at once.
+NamedCheck = tuple[str, Callable[[], Check]]
 
 
-class _QuietFactory(Factory):
-    """A probe's factory: no "Starting factory" / "Stopping factory" lines per probe."""
+class Readiness:
+    """This replica's checks, asked in order; the first decisive failure ends the list."""
 
-    noisy = False
-    protocol = Protocol
+    def __init__(self, checks: Iterable[NamedCheck]):
+        self.checks: list[NamedCheck] = list(checks)
 
+    def check(self) -> dict[str, Check]:
+        answers: dict[str, Check] = {}
+        for name, check in self.checks:
+            answer = answers[name] = check()
+            if answer.decisive and not answer.ok:
+                return {name: answer}
+        return answers
 
-class _Wrapping:
-    """A probe that asks another one: ``ttl`` (how long an answer is kept) is the inner
-    probe's, which is the one that caches."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-
-    @property
-    def ttl(self) -> float:
-        return self._inner.ttl
-
-    @ttl.setter
-    def ttl(self, seconds: float) -> None:
-        self._inner.ttl = seconds
-
-
-class RelayProbe(_Wrapping):
-    """Readiness from what the relay knows (``SMTPRelay.readiness``), probing only when
-    it knows nothing: a probing load balancer never costs the smarthost a connection
-    while mail is flowing."""
-
-    def __init__(self, relay: Any, fallback: UpstreamProbe):
-        super().__init__(fallback)
-        self._relay = relay
-
-    def check(self) -> defer.Deferred:
-        ready, detail = self._relay.readiness()
-        if ready is None:
-            return self._inner.check()
-        return defer.succeed(Check(ready, detail))
+    def as_json(self) -> dict[str, Any]:
+        """``{"ready": …, "checks": {name: {"ok", "detail"}}}``, as ``/readyz`` says it."""
+        checks = self.check()
+        return {"ready": all(check.ok for check in checks.values()),
+                "checks": {name: {"ok": check.ok, "detail": check.detail}
+                           for name, check in checks.items()}}
 
 
-class MaildirProbe:
+class ListenersCheck:
+    """Every mail listener of this process is bound (or adopted, in a worker)."""
+
+    def __init__(self, services: Callable[[], Sequence[Any]]):
+        self._services = services
+
+    def __call__(self) -> Check:
+        services = list(self._services())
+        waiting = [s.name for s in services if not _listening(s)]
+        if waiting:
+            return Check(False, "not listening yet: " + ", ".join(waiting))
+        if not services:
+            return Check(True, "no mail listener configured")
+        return Check(True, "listening: " + ", ".join(s.name for s in services))
+
+
+def _listening(service: Any) -> bool:
+    if not service.running:
+        return False
+    if isinstance(service, StreamServerEndpointService):
+        return internals.port_of(service).called
+    return True  # an adopted socket is bound by the supervisor
+
+
+class TokensCheck:
+    """Upstreams that log in with OAuth2 (docs/oauth2.md): ready while at least one
+    upstream can be used — it does not need a token, or its broker has a valid one or
+    has not been refused one yet.  Not ready when every upstream needs a token and none
+    can be had (a wrong client secret, a revoked grant): this replica could not relay."""
+
+    def __init__(self, upstreams: Callable[[], Sequence[Any]]):
+        self._upstreams = upstreams
+
+    def __call__(self) -> Check:
+        upstreams = list(self._upstreams())
+        brokers = [(u, u.tokens.readiness()) for u in upstreams if u.tokens is not None]
+        failing = [(u, detail) for u, (ok, detail) in brokers if ok is False]
+        details = "; ".join(f"{u.address}: {detail}" for u, (_, detail) in brokers)
+        if failing and len(failing) == len(upstreams):
+            return Check(False, details)
+        return Check(True, details or "no upstream logs in with OAuth2")
+
+
+class MaildirCheck:
     """Without an upstream, mail goes to the Maildir: can we write there?"""
 
     def __init__(self, path: str):
         self._path = path
 
-    def check(self) -> defer.Deferred:
+    def __call__(self) -> Check:
         path = self._path
         while not os.path.exists(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)  # created on first delivery: its parent counts
         if os.access(path, os.W_OK | os.X_OK):
-            return defer.succeed(Check(True, f"Maildir {self._path} is writable"))
-        return defer.succeed(Check(False, f"Maildir {self._path} is not writable"))
+            return Check(True, f"Maildir {self._path} is writable")
+        return Check(False, f"Maildir {self._path} is not writable")
 
 
-class SpoolProbe(_Wrapping):
-    """Readiness in the spooling modes: ready while the spool can store a message,
-    whatever the upstream does (taking mail while the upstream is down is the spool's
-    point); the upstream's state is said beside it."""
+class SpoolCheck:
+    """In the spooling modes: the spool can store a message (``Spool.accepting``)."""
 
-    def __init__(self, spool: Any, upstream: Any):
-        super().__init__(upstream)
+    def __init__(self, spool: Any):
         self._spool = spool
 
-    def check(self) -> defer.Deferred:
+    def __call__(self) -> Check:
         refused = self._spool.accepting()
-        why = refused.detail if refused is not None else "accepting messages"
-
-        def answer(upstream: Check) -> Check:
-            return Check(refused is None, f"spool: {why}; upstream: {upstream.detail}")
-        return self._inner.check().addCallback(answer)
+        if refused is None:
+            return Check(True, "the spool accepts messages")
+        return Check(False, f"the spool refuses messages: {refused.detail}")
 
 
 def _text(request, code: int, body: str) -> bytes:
@@ -171,7 +151,7 @@ def _text(request, code: int, body: str) -> bytes:
 
 
 class OkResource(Resource):
-    """``/status`` (the original's) and ``/healthz``: the process is alive."""
+    """``/healthz``: the process is alive."""
 
     isLeaf = True
 
@@ -182,43 +162,37 @@ class OkResource(Resource):
 
 
 class ReadyResource(Resource):
-    """``/readyz``: 200 when mail can flow, 503 with the failing check otherwise."""
+    """``/readyz``: 200 when this replica can take mail, 503 with the failing checks."""
 
     isLeaf = True
 
-    def __init__(self, providers: Callable[[], Check], upstream):
+    def __init__(self, readiness: Readiness):
         super().__init__()
-        self._providers = providers
-        self._upstream = upstream
+        self._readiness = readiness
 
-    def render_GET(self, request):
-        providers = self._providers()
-        if providers.decisive and not providers.ok:
-            request.setResponseCode(503)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"cache-control", b"no-store")
-            return json.dumps({"ready": False, "checks": {"shutdown": {
-                "ok": False, "detail": providers.detail}}}).encode() + b"\n"
-        gone: list[bool] = []  # the client left while we checked: nothing to write to
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = self._upstream.check()
+    def render_GET(self, request) -> bytes:
+        body = self._readiness.as_json()
+        return json_response(request, 200 if body["ready"] else 503, body)
 
-        def answer(upstream: Check) -> None:
-            ready = providers.ok and upstream.ok
-            body = {"ready": ready, "checks": {
-                "providers": {"ok": providers.ok, "detail": providers.detail},
-                "upstream": {"ok": upstream.ok, "detail": upstream.detail}}}
-            if not gone:
-                request.setResponseCode(200 if ready else 503)
-                request.setHeader(b"content-type", b"application/json")
-                request.setHeader(b"cache-control", b"no-store")
-                request.write(json.dumps(body).encode() + b"\n")
-                request.finish()
-
-        d.addCallback(answer)
-        d.addErrback(lambda failure: log.failure("/readyz failed", failure))
-        return NOT_DONE_YET
+    render_HEAD = render_GET
 
 
-__all__ = ["Check", "MaildirProbe", "OkResource", "ReadyResource", "RelayProbe",
-           "SHUTTING_DOWN", "SpoolProbe", "UpstreamProbe"]
+def json_response(request, code: int, body: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode() + b"\n"
+
+
+__all__ = [
+    "SHUTTING_DOWN",
+    "Check",
+    "ListenersCheck",
+    "MaildirCheck",
+    "OkResource",
+    "Readiness",
+    "ReadyResource",
+    "SpoolCheck",
+    "TokensCheck",
+    "json_response",
+]

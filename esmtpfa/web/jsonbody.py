@@ -88,6 +88,41 @@ def check_structure(body: bytes, limits: JSONLimits) -> None:
             raise JSONRefused(f"body has more than {limits.max_values} JSON values")
 
 
+#: RFC 9110 §8.3.1: ``type "/" subtype *( OWS ";" OWS parameter )``, each parameter a
+#: token ``=`` token or quoted-string; type, subtype and parameter names case-insensitive.
+#: Possessive throughout: a refused header costs one pass, whatever its blanks.
+_TOKEN_CHARS = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]++"
+_VALUE = rb"(?:" + _TOKEN_CHARS + rb'|"(?:[^"\\]|\\.)*+")'
+_MEDIA_TYPE = re.compile(rb"[ \t]*+(" + _TOKEN_CHARS + rb"/" + _TOKEN_CHARS + rb")"
+                         rb"((?:[ \t]*+;[ \t]*+(?:" + _TOKEN_CHARS + rb"=" + _VALUE +
+                         rb")?+)*+)[ \t]*+\Z")
+_PARAMETER = re.compile(rb"(" + _TOKEN_CHARS + rb")=(" + _VALUE + rb")")
+
+
+def media_type_problem(values: list[bytes] | None) -> str | None:
+    """Why a request with these ``Content-Type`` field values is no JSON document, or
+    None when it is one: ``application/json``, with at most a UTF-8 ``charset`` (RFC 8259
+    §8.1 allows no other; other parameters mean nothing to JSON and are ignored).
+
+    Refusing the rest is what keeps a web page from submitting with a browser's saved
+    credentials: a cross-site form or ``fetch`` may only send ``text/plain``, form and
+    multipart types without a CORS preflight, which this listener never answers."""
+    if not values:
+        return "Content-Type application/json required"
+    if len(values) > 1:
+        return "more than one Content-Type"
+    match = _MEDIA_TYPE.match(values[0])
+    if match is None:
+        return "malformed Content-Type"
+    if match.group(1).lower() != b"application/json":
+        return "unsupported Content-Type; send application/json"
+    for name, value in _PARAMETER.findall(match.group(2)):
+        if name.lower() == b"charset" and value.strip(b'"').lower() not in (b"utf-8",
+                                                                            b"utf8"):
+            return "JSON is UTF-8 (RFC 8259 §8.1): charset must be utf-8"
+    return None
+
+
 def parse_json(body: bytes, limits: JSONLimits) -> Any:
     """The document in ``body``; ``JSONRefused`` for anything else (never another error:
     a malformed body is the client's fault and gets a 400)."""
@@ -98,4 +133,4 @@ def parse_json(body: bytes, limits: JSONLimits) -> Any:
         raise JSONRefused("body is not valid JSON") from None
 
 
-__all__ = ["JSONLimits", "JSONRefused", "check_structure", "parse_json"]
+__all__ = ["JSONLimits", "JSONRefused", "check_structure", "media_type_problem", "parse_json"]

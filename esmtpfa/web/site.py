@@ -27,11 +27,12 @@ from esmtpfa.metrics import CONTENT_TYPE, RelayMetrics
 from esmtpfa.state.interfaces import IConnectionLedger
 from esmtpfa.web.channel import GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
-from esmtpfa.web.health import Check, OkResource, ReadyResource
+from esmtpfa.web.health import OkResource, Readiness, ReadyResource
 from esmtpfa.web.limits import CappedFactory, HTTPLimits
 from esmtpfa.web.login import HeaderLogin
 from esmtpfa.web.loginfirst import SubmissionChannel, SubmissionRequest
 from esmtpfa.web.requestlog import RequestLog
+from esmtpfa.web.status import RelayStatus, StatusResource
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.web.submission import SubmissionResource, body_limit, too_large
 
@@ -102,12 +103,30 @@ class SubmissionSite(GuardedSite):
         self.header_login = header_login
 
 
+class ObservedRequestLog(RequestLog):
+    """The submission listener's request log, which also tells ``observer`` (the
+    metrics) of each request refused with 413: every refusal, whether the channel saw
+    the body too large or the resource the decoded message, is logged here once."""
+
+    def __init__(self, what: str, clock: Any, observer: Any):
+        super().__init__(what, clock)
+        self._observer = observer
+
+    def refused(self, connection_id: str, peer: str, status: int, reason: str,
+                identity: str | None = None) -> None:
+        if status == 413:
+            self._observer.size_refused("http")
+        super().refused(connection_id, peer, status, reason, identity)
+
+
 def submission_site(portal, settings, *, allow_anonymous: bool,
-                    limits: HTTPLimits | None = None, reactor: Any = None) -> SubmissionSite:
+                    limits: HTTPLimits | None = None, reactor: Any = None,
+                    observer: Any = None) -> SubmissionSite:
     internals.checked()  # fail at startup, not on the first request, if Twisted changed
     reactor = _reactor(reactor)
     header_login = HeaderLogin(portal, allow_anonymous=allow_anonymous)
-    request_log = RequestLog("HTTP submission", reactor)
+    request_log = RequestLog("HTTP submission", reactor) if observer is None else \
+        ObservedRequestLog("HTTP submission", reactor, observer)
     resource = SubmissionResource(settings, header_login=header_login,
                                   request_log=request_log)
     site = SubmissionSite(
@@ -120,10 +139,11 @@ def submission_site(portal, settings, *, allow_anonymous: bool,
 
 def submission_listener(portal, settings, *, allow_anonymous: bool, limits: HTTPLimits,
                         tls_options: Any = None, reactor: Any = None,
-                        connections: IConnectionLedger | None = None) -> CappedFactory:
+                        connections: IConnectionLedger | None = None,
+                        observer: Any = None) -> CappedFactory:
     """What the submission port listens with: caps, then TLS if configured, then HTTP."""
     site = submission_site(portal, settings, allow_anonymous=allow_anonymous,
-                           limits=limits, reactor=reactor)
+                           limits=limits, reactor=reactor, observer=observer)
     return capped(site, "http", tls_options, connections)
 
 
@@ -170,11 +190,12 @@ class Endpoints(Resource):
         return NOT_DONE_YET
 
 
-def metrics_site(metrics: RelayMetrics, providers: Callable[[], Check], upstream,
+def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatus,
                  reactor: Any = None, limits: HTTPLimits | None = None) -> MetricsSite:
-    return health_site({b"metrics": MetricsResource(metrics), b"status": OkResource(),
+    return health_site({b"metrics": MetricsResource(metrics),
+                        b"status": StatusResource(status.document),
                         b"healthz": OkResource(),
-                        b"readyz": ReadyResource(providers, upstream)},
+                        b"readyz": ReadyResource(readiness)},
                        reactor=reactor, limits=limits)
 
 
@@ -189,9 +210,9 @@ def health_site(endpoints: dict[bytes, Resource], reactor: Any = None,
         request_log=RequestLog("HTTP metrics request", reactor), reactor=reactor)
 
 
-def metrics_listener(metrics: RelayMetrics, providers: Callable[[], Check], upstream, *,
+def metrics_listener(metrics: RelayMetrics, readiness: Readiness, status: RelayStatus, *,
                      limits: HTTPLimits, reactor: Any = None) -> CappedFactory:
-    return capped(metrics_site(metrics, providers, upstream, reactor=reactor,
+    return capped(metrics_site(metrics, readiness, status, reactor=reactor,
                                limits=limits), "metrics")
 
 

@@ -8,6 +8,12 @@ upstream accepted the message.  Content is treated as an SMTP client's that decl
 nothing: no ``BODY=`` parameter is added on the client's behalf, so 8-bit content goes
 to the upstream exactly as the same message over SMTP without ``BODY=8BITMIME`` does.
 
+A body must say it is JSON (``Content-Type: application/json``, ``415`` otherwise):
+with Basic credentials a browser remembers, that is what keeps another site's page from
+submitting through its visitors (a cross-site request may carry ``text/plain`` without
+asking first; ``web/jsonbody.py``, ``media_type_problem``).  The API describes itself
+at ``GET /openapi.yaml`` and ``GET /openapi.json`` (``web/openapi.py``), without a login.
+
 What the API adds over SMTP is only syntax checking: the JSON shape, base64, addresses
 (no CR/LF/NUL can reach an SMTP command line) and line endings (bare CR/LF become CRLF;
 JSON content cannot smuggle SMTP commands, so there is nothing to refuse).  Upstream
@@ -44,8 +50,9 @@ from esmtpfa.smtp.data import REJECT, normalize_line_ends
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.spool.interfaces import QueuedReply
 from esmtpfa.web.errors import HTTPError, send_error, send_json
-from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, parse_json
+from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, media_type_problem, parse_json
 from esmtpfa.web.login import RETRY_AFTER, HeaderLogin, Login, request_context
+from esmtpfa.web.openapi import OpenAPIDocument, Representation
 from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")
@@ -178,7 +185,8 @@ def read_and_parse(content: Any, settings: ServerSettings) -> Submission:
 # -- the resource ------------------------------------------------------------------------
 
 class SubmissionResource(Resource):
-    """The whole tree of the submission listener: ``POST /`` and JSON errors elsewhere.
+    """The whole tree of the submission listener: ``POST /``, the API's description, and
+    JSON errors elsewhere.
 
     The client is usually logged in already (``web/loginfirst.py`` does it before the
     body); a request without a body is logged in here, the same way.
@@ -187,10 +195,11 @@ class SubmissionResource(Resource):
     isLeaf = True
 
     def __init__(self, settings: ServerSettings, *, header_login: HeaderLogin,
-                 request_log: RequestLog,
+                 request_log: RequestLog, description: OpenAPIDocument | None = None,
                  defer_to_thread: Callable[..., defer.Deferred] = threads.deferToThread):
         super().__init__()
         self._settings = settings
+        self._description = description or OpenAPIDocument.load()
         self._header_login = header_login
         self._log = request_log
         self._defer_to_thread = defer_to_thread
@@ -198,8 +207,13 @@ class SubmissionResource(Resource):
         self._inline_bytes = json_limits(settings).inline_bytes
 
     def render(self, request):
-        if request.postpath not in ([], [b""]):
-            self._refused(request, HTTPError(404, "not found; submit with POST /"))
+        path = request.postpath
+        described = self._description.get(path[0]) if len(path) == 1 else None
+        if described is not None:
+            self._describe(request, described)
+        elif path not in ([], [b""]):
+            self._refused(request, HTTPError(
+                404, "not found; submit with POST /, described at GET /openapi.yaml"))
         elif request.method != b"POST":
             self._refused(request, HTTPError(405, "method not allowed; use POST",
                                              headers={b"allow": b"POST"}))
@@ -207,6 +221,19 @@ class SubmissionResource(Resource):
             d = defer.ensureDeferred(self._submit(request))
             d.addErrback(self._unexpected, request)
         return NOT_DONE_YET
+
+    def _describe(self, request, described: Representation) -> None:
+        """The API's description: public, like any API's documentation."""
+        if request.method not in (b"GET", b"HEAD"):
+            self._refused(request, HTTPError(405, "method not allowed; use GET",
+                                             headers={b"allow": b"GET, HEAD"}))
+            return
+        request.setHeader(b"content-type", described.content_type)
+        request.setHeader(b"content-length", b"%d" % len(described.body))
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.write(described.body)  # twisted.web drops the body of a HEAD
+        request.finish()
 
     async def _submit(self, request) -> None:
         context = request_context(request, request.connection_id)
@@ -219,6 +246,10 @@ class SubmissionResource(Resource):
                 self._refused(request, error)
                 return
         try:
+            problem = media_type_problem(
+                request.requestHeaders.getRawHeaders(b"content-type"))
+            if problem is not None:  # RFC 9110 §15.5.16
+                raise HTTPError(415, problem, headers={b"accept-post": b"application/json"})
             submission = await self._parse(request)
             message_id, queued = await self._deliver(login.avatar, context, submission)
         except HTTPError as error:

@@ -7,7 +7,8 @@ supervisor or Redis), and answers the supervisor's calls:
 * ``reload``: apply the document the supervisor read (a private snapshot file), through
   the worker's own ``ProviderReloader``, off the reactor thread as always;
 * ``metrics``: a snapshot of the worker's registry (``esmtpfa.workers.metrics``);
-* ``readiness``: the worker's own ``/readyz`` checks (providers, upstream).
+* ``readiness``: the worker's own ``/readyz`` checks (``web.health.Readiness``);
+* ``status``: the worker's ``/status`` document (``web.status``).
 
 When the channel closes, the supervisor is gone: the worker drains as on SIGTERM and
 exits, so no worker outlives its supervisor.
@@ -67,7 +68,8 @@ class WorkerAgent:
         from esmtpfa.service import RelayService
         channel = self.channel = ControlChannel({
             "reload": self.reload, "reload.failed": self.reload_failed,
-            "metrics": self.metrics, "readiness": self.readiness,
+            "certificates.reload": self.reload_certificates,
+            "metrics": self.metrics, "readiness": self.readiness, "status": self.status,
             "ping": lambda: True,
         }, self.reactor, name=f"worker {self.slot}")
         write_through(self.reactor).adoptStreamConnection(
@@ -99,6 +101,11 @@ class WorkerAgent:
         return reloader.load(partial(read_document, path, reloader.limits), source, kind,
                              force=force)
 
+    def reload_certificates(self) -> None:
+        """SIGHUP reached the supervisor: the worker reads its certificates again (it
+        also watches their files itself, as a single process does)."""
+        self.service.reload_certificates()
+
     def reload_failed(self, kind: str, source: str, reason: str) -> None:
         """The supervisor could not even read the document (over the size bound): the
         worker counts and logs the failed reload as a single process would."""
@@ -107,14 +114,12 @@ class WorkerAgent:
     def metrics(self) -> list:
         return snapshot(self.service.metrics.registry.collect())
 
-    def readiness(self) -> defer.Deferred:
-        providers = self.service.providers_ready()
+    def readiness(self) -> dict:
+        return {"checks": self.service.readiness.as_json()["checks"],
+                "draining": self.service.draining}
 
-        def answer(upstream) -> dict:
-            return {"providers": {"ok": providers.ok, "detail": providers.detail},
-                    "upstream": {"ok": upstream.ok, "detail": upstream.detail},
-                    "draining": self.service.draining}
-        return self.service.upstream_probe.check().addCallback(answer)
+    def status(self) -> dict:
+        return self.service.status.document()
 
 
 __all__ = ["WorkerAgent", "worker_ledgers"]

@@ -19,10 +19,16 @@ How samples merge (docs/metrics.md, "Workers"):
 * gauges add up (open connections), except those every worker reports the same way:
   ``configured_providers``, the reload timestamp and the spool's gauges (every worker
   reads the same spool) take the highest value,
-  ``config_last_reload_successful`` and ``oauth2_token_expiry_seconds`` the lowest (one
-  worker that failed a reload, or whose token is about to run out, shows);
+  ``config_last_reload_successful``, ``oauth2_token_expiry_seconds`` and
+  ``tls_certificate_expiry_seconds`` the lowest (one worker that failed a reload, whose
+  token is about to run out, or that still serves an old certificate, shows);
 * ``config_reloads_total`` takes the highest value: every worker applies every reload,
-  so a sum would count each reload once per worker.
+  so a sum would count each reload once per worker;
+* ``process_*`` are not merged at all: they describe one process (its start time, open
+  files, resident memory), so a sum or a maximum would describe none.  Each worker's
+  come labelled ``worker="N"`` (``of_worker``), beside the supervisor's own unlabelled
+  ones; prometheus_client's multiprocess collector, which leaves them out, is not used
+  for scrapes.  A dead worker's are dropped with it: its replacement is a new process.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ from prometheus_client.samples import Sample
 #: Metric names (without namespace) merged by highest or lowest value instead of a sum.
 HIGHEST = ("configured_providers", "config_last_reload_success_timestamp_seconds",
            "config_reloads", "spool_messages", "spool_bytes",
-           "spool_oldest_message_age_seconds")
-LOWEST = ("config_last_reload_successful", "oauth2_token_expiry_seconds")
+           "spool_oldest_message_age_seconds", "build_info")
+#: Families of one process (prometheus_client's ``ProcessCollector``): never merged.
+PROCESS_PREFIX = "process_"
+LOWEST = ("config_last_reload_successful", "oauth2_token_expiry_seconds",
+          "tls_certificate_expiry_seconds")
 
 #: A family as plain data: name, type, help, then [sample name, labels, value] lists.
 Snapshot = list[dict[str, Any]]
@@ -52,6 +61,18 @@ def snapshot(families: Iterable[Metric]) -> Snapshot:
              "samples": [[s.name, s.labels, s.value] for s in family.samples
                          if not s.name.endswith("_created")]}
             for family in families]
+
+
+def of_worker(families: Snapshot, number: int) -> Snapshot:
+    """A worker's snapshot with its ``process_*`` samples labelled ``worker="N"``
+    (``N`` its slot: bounded by ``--workers``), so that no merge adds them up."""
+    labelled = []
+    for family in families:
+        if family["name"].startswith(PROCESS_PREFIX):
+            family = dict(family, samples=[[name, dict(labels, worker=str(number)), value]
+                                           for name, labels, value in family["samples"]])
+        labelled.append(family)
+    return labelled
 
 
 def _rule(name: str, namespace: str) -> Any:
@@ -158,7 +179,8 @@ class RetiredCounts:
             return
         kept = [family for family in last
                 if family["type"] in ("counter", "histogram", "summary")
-                and _rule(family["name"], namespace) is None]
+                and _rule(family["name"], namespace) is None
+                and not family["name"].startswith(PROCESS_PREFIX)]
         # Folded into one snapshot, so restarts never make the list grow.
         self._merged = snapshot(merge([self._merged, kept], namespace))
 
@@ -166,4 +188,4 @@ class RetiredCounts:
         return self._merged
 
 
-__all__ = ["CountFiles", "RetiredCounts", "merge", "snapshot"]
+__all__ = ["CountFiles", "RetiredCounts", "merge", "of_worker", "snapshot"]

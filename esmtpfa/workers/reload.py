@@ -107,6 +107,19 @@ class FanOutReloader:
             out.write(document)
         return path
 
+    def reload_certificates(self) -> defer.Deferred:
+        """SIGHUP: every worker reads its TLS certificates again (each logs what it
+        loaded or refused, as a single process does)."""
+        calls = [channel.call("certificates.reload", timeout=APPLY_TIMEOUT)
+                 for channel in self._workers()]
+
+        def told(results: list) -> None:
+            for ok, result in results:
+                if not ok:
+                    log.warn("a worker did not reload its TLS certificates: {why}",
+                             why=result.getErrorMessage())
+        return defer.DeferredList(calls, consumeErrors=True).addCallback(told)
+
     def catch_up(self, channel: Any) -> defer.Deferred:
         """A worker that just started: give it the latest config service document."""
         if self.snapshot is None:

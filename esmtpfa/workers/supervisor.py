@@ -30,7 +30,7 @@ import struct
 import sys
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from twisted.application.service import MultiService
 from twisted.internet import defer, error as ierror
 from twisted.internet.protocol import Factory, ProcessProtocol
@@ -46,11 +46,12 @@ from esmtpfa.ratelimit import RateLimiter
 from esmtpfa.sigterm import SigtermStop
 from esmtpfa.smtp.factory import ConnectionLimits
 from esmtpfa.transport import write_through
-from esmtpfa.web.health import SHUTTING_DOWN, OkResource
+from esmtpfa.web.health import SHUTTING_DOWN, json_response
 from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.workers.control import ControlChannel
 from esmtpfa.workers.limits import HTTP, SMTP, SharedLimits
-from esmtpfa.workers.metrics import CountFiles, RetiredCounts, merge, snapshot
+from esmtpfa.workers.metrics import (
+    CountFiles, RetiredCounts, merge, of_worker, snapshot)
 from esmtpfa.workers.reload import FanOutReloader
 from esmtpfa.workers.sockets import bind_listener
 
@@ -83,11 +84,52 @@ MAIL_LISTENERS = (("plain", "plain", "addr", "port"), ("tls", "tls", "addr", "tl
                   ("http", "http", "http-addr", "http-port"))
 
 
-class WorkerProcess(ProcessProtocol):
-    """One slot's process: reports its end to the slot."""
+class LogLines:
+    """One output stream of a worker, passed on to the supervisor's log file a whole
+    line at a time, so the lines of different workers never mix within a line, and a
+    rotation (SIGUSR1) of that file takes every worker's lines along."""
 
-    def __init__(self, slot: "WorkerSlot"):
+    #: A worker's "line" longer than this is cut (a runaway write, not a log line).
+    MAX_LINE = 65536
+
+    def __init__(self, sink: Any):
+        self.sink = sink
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        complete, newline, self.partial = (self.partial + data).rpartition(b"\n")
+        if newline:
+            self._write(complete + newline)
+        if len(self.partial) > self.MAX_LINE:
+            self._write(self.partial + b"\n")
+            self.partial = b""
+
+    def close(self) -> None:
+        if self.partial:
+            self._write(self.partial + b"\n")
+            self.partial = b""
+
+    def _write(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.sink.flush()
+
+
+class WorkerProcess(ProcessProtocol):
+    """One slot's process: reports its end to the slot, and passes its standard output
+    and error on to ``sink`` when the supervisor owns the log file (twistd's
+    ``--logfile``); otherwise the worker writes to the standard output it inherited."""
+
+    def __init__(self, slot: "WorkerSlot", sink: Any = None):
         self.slot = slot
+        self.streams = {1: LogLines(sink), 2: LogLines(sink)} if sink is not None else {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD in self.streams:
+            self.streams[childFD].feed(data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD in self.streams:
+            self.streams[childFD].close()
 
     def processEnded(self, reason) -> None:
         self.slot.ended(reason)
@@ -125,7 +167,9 @@ class WorkerSlot:
         write_through(reactor).adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel))
         ours.close()
-        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, 3: theirs.fileno()}
+        sink = supervisor.log_sink
+        child_fds: dict[int, Any] = {0: "w", 1: 1 if sink is None else "r",
+                                     2: 2 if sink is None else "r", 3: theirs.fileno()}
         arguments = [sys.executable, "-m", "esmtpfa.workers.worker",
                      "--slot", str(self.number), "--control-fd", "3"]
         fd = 4
@@ -137,7 +181,7 @@ class WorkerSlot:
         self.exited = defer.Deferred()
         self.started_at = reactor.seconds()
         self.process = reactor.spawnProcess(
-            WorkerProcess(self), sys.executable, arguments,
+            WorkerProcess(self, sink), sys.executable, arguments,
             env=supervisor.worker_environment(),
             childFDs=child_fds)
         theirs.close()
@@ -247,6 +291,9 @@ class Supervisor(SigtermStop, MultiService):
 
     stopping = False
     _heartbeat: LoopingCall | None = None
+    #: The log file the workers' lines go to, when the supervisor owns it (twistd's
+    #: ``--logfile``: esmtpfa.tap); None: the workers inherit standard output.
+    log_sink: Any = None
 
     def __init__(self, options: Any, reactor: Any = None):
         super().__init__()
@@ -268,6 +315,9 @@ class Supervisor(SigtermStop, MultiService):
         self._running = Gauge("workers_running", "Worker processes serving now",
                               namespace=self.namespace, registry=self.registry)
         self._running.set_function(lambda: sum(s.running for s in self.slots))
+        # The supervisor's own process_* (unlabelled); the workers' come labelled by
+        # worker (``workers.metrics.of_worker``).
+        ProcessCollector(registry=self.registry)
         self.sockets = self._bind()
         self.slots = [WorkerSlot(self, number + 1) for number in range(self.count)]
         self.reloader = self._reload_sources()
@@ -276,8 +326,9 @@ class Supervisor(SigtermStop, MultiService):
     # -- setup ------------------------------------------------------------------------------
 
     def _bind(self) -> dict[str, socket.socket]:
-        """One socket per mail listener, which every worker accepts from."""
-        from twisted.python import usage
+        """One socket per mail listener, which every worker accepts from; one that
+        cannot bind is a ``CannotListenError``, as twistd's own ports raise it, so
+        ``esmtpfa.tap`` says it in the same one line."""
         from esmtpfa.service import listen_address
         sockets: dict[str, socket.socket] = {}
         try:
@@ -288,9 +339,8 @@ class Supervisor(SigtermStop, MultiService):
                         sockets[name] = bind_listener(host, self.options[port],
                                                       self.options["listen-backlog"])
                     except OSError as error:
-                        raise usage.UsageError(
-                            f"{name} listener [{host}]:{self.options[port]}: "
-                            f"{error.strerror or error}") from None
+                        raise ierror.CannotListenError(host, self.options[port],
+                                                       error) from None
         except BaseException:
             for sock in sockets.values():
                 sock.close()
@@ -307,11 +357,13 @@ class Supervisor(SigtermStop, MultiService):
                 options["config-svc"], reloader, interval=options["config-svc-interval"],
                 timeout=options["config-svc-timeout"], token=options["config-svc-token"],
                 reactor=reactor)
-            ReloadService(reloader, reactor=reactor, poller=poller).setServiceParent(self)
+            ReloadService(reloader, reactor=reactor, poller=poller,
+                          also=[reloader.reload_certificates]).setServiceParent(self)
         else:
             watcher = FileWatcher(path, reloader, interval=options["config-poll-interval"],
                                   reactor=reactor)
-            ReloadService(reloader, reactor=reactor, watcher=watcher).setServiceParent(self)
+            ReloadService(reloader, reactor=reactor, watcher=watcher,
+                          also=[reloader.reload_certificates]).setServiceParent(self)
         return reloader
 
     def _listen_metrics(self) -> None:
@@ -319,7 +371,8 @@ class Supervisor(SigtermStop, MultiService):
         from esmtpfa.service import server_endpoint
         from esmtpfa.web.site import capped, health_site
         options = self.options
-        root = {b"metrics": MergedMetricsResource(self), b"status": OkResource(),
+        root = {b"metrics": MergedMetricsResource(self),
+                b"status": WorkersStatusResource(self),
                 b"healthz": WorkersHealthResource(self),
                 b"readyz": WorkersReadyResource(self)}
         site = health_site(root, reactor=self.reactor, limits=HTTPLimits.from_options(options))
@@ -435,12 +488,10 @@ class Supervisor(SigtermStop, MultiService):
                 if answer is not None:
                     slot.last_metrics = answer
                 if slot.last_metrics is not None:  # a worker that did not answer in time
-                    snapshots.append(slot.last_metrics)
+                    snapshots.append(of_worker(slot.last_metrics, slot.number))
             snapshots.append(self.retired.snapshot())
             snapshots.append(snapshot(self.registry.collect()))
-            return render(merge(snapshots, self.namespace),
-                          {f"{self.namespace}_mail_from_to" if self.namespace
-                           else "mail_from_to"})
+            return render(merge(snapshots, self.namespace))
         return self.ask_all("metrics").addCallback(merged)
 
 
@@ -541,18 +592,42 @@ class WorkersReadyResource(_Deferred):
             checks["workers"] = {
                 "ok": len(serving) == len(answers),
                 "detail": f"{len(serving)} of {len(answers)} workers serving"}
-            for name in ("providers", "upstream"):
-                failing = [(slot, answer[name]) for slot, answer in answers
-                           if answer is not None and not answer[name]["ok"]]
+            names = [name for _, answer in answers if answer is not None
+                     for name in answer["checks"]]
+            for name in dict.fromkeys(names):  # each worker's checks, in their order
+                failing = [(slot, answer["checks"][name]) for slot, answer in answers
+                           if answer is not None and name in answer["checks"]
+                           and not answer["checks"][name]["ok"]]
                 if failing:
                     slot, check = failing[0]
                     checks[name] = {"ok": False, "detail": f"{slot.name}: {check['detail']}"}
-                elif serving:
-                    first = next(answer for _, answer in answers if answer is not None)
-                    checks[name] = {"ok": True, "detail": first[name]["detail"]}
+                else:
+                    first = next(answer["checks"][name] for _, answer in answers
+                                 if answer is not None and name in answer["checks"])
+                    checks[name] = {"ok": True, "detail": first["detail"]}
             ready = all(check["ok"] for check in checks.values()) and bool(serving)
             return _json(request, 200 if ready else 503, {"ready": ready, "checks": checks})
         return self.answer(request, supervisor.ask_all("readiness"), write)
 
 
-__all__ = ["Supervisor", "WorkerSlot", "shared_limits"]
+class WorkersStatusResource(_Deferred):
+    """``/status``: the supervisor's view (workers serving, draining) and each worker's
+    own document (``web.status``), ``null`` for a worker that did not answer in time."""
+
+    def __init__(self, supervisor: Supervisor):
+        super().__init__()
+        self.supervisor = supervisor
+
+    def render_GET(self, request):
+        supervisor = self.supervisor
+
+        def write(request, answers) -> bytes:
+            return json_response(request, 200, {
+                "version": __version__, "draining": supervisor.stopping,
+                "workers": {"configured": len(answers),
+                            "serving": sum(answer is not None for _, answer in answers)},
+                "by_worker": {str(slot.number): answer for slot, answer in answers}})
+        return self.answer(request, supervisor.ask_all("status"), write)
+
+
+__all__ = ["Supervisor", "WorkerSlot", "WorkersStatusResource", "shared_limits"]

@@ -63,6 +63,12 @@ SERVICE_DN = "cn=service,dc=example,dc=com"
 SERVICE_PW = "servicesecret"
 PEOPLE = "ou=people,dc=example,dc=com"
 SHARED_MAIL = "shared@example.com"
+GROUPS = "ou=groups,dc=example,dc=com"
+#: groupOfNames (``member``: DNs) and posixGroup (``memberUid``: uids) of alice and bob;
+#: carol is in neither.
+MAIL_GROUP = f"cn=mailusers,{GROUPS}"
+POSIX_GROUP = f"cn=mailposix,{GROUPS}"
+GROUP_MEMBERS = ("alice", "bob")
 SHARED_PASSWORD = "shared-pw"
 
 
@@ -243,7 +249,20 @@ userPassword: {ssha(SERVICE_PW)}
 dn: {PEOPLE}
 objectClass: organizationalUnit
 ou: people
-"""]
+
+dn: {GROUPS}
+objectClass: organizationalUnit
+ou: groups
+
+dn: {MAIL_GROUP}
+objectClass: groupOfNames
+cn: mailusers
+""" + "".join(f"member: uid={uid},{PEOPLE}\n" for uid in GROUP_MEMBERS) + f"""
+dn: {POSIX_GROUP}
+objectClass: posixGroup
+cn: mailposix
+gidNumber: 5000
+""" + "".join(f"memberUid: {uid}\n" for uid in GROUP_MEMBERS)]
         for u in self.users:
             rdn_value = u.dn.split(",", 1)[0].split("=", 1)[1]
             cn = rdn_value if u.dn.startswith("cn=") else u.uid
