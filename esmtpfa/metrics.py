@@ -261,8 +261,8 @@ class RelayMetrics:
             "(total_limit, per_address_limit, unavailable)", ["listener", "reason"])
         self.tls_failures = counter(
             "tls_handshake_failures_total",
-            "SMTP connections that ended before their TLS handshake completed (implicit "
-            "TLS, or after STARTTLS), by listener", ["listener"])
+            "Connections that ended before their TLS handshake completed (SMTP: implicit "
+            "TLS, or after STARTTLS; HTTP with TLS), by listener", ["listener"])
         self.size_refusals = counter(
             "message_size_refusals_total",
             "Messages refused for their size (SMTP 552 5.3.4 at MAIL SIZE= or in the "
@@ -494,8 +494,7 @@ class RelayMetrics:
         for reason in (*REFUSAL_REASONS.values(), UNAVAILABLE):
             self._child(self.connections_refused, listener, reason)
         self._child(self.size_refusals, listener)
-        if listener != "http":  # an SMTP listener (plain: STARTTLS; tls: implicit)
-            self._child(self.tls_failures, listener)
+        self._child(self.tls_failures, listener)
 
     # -- smtp.server and web.site: what a listener refused -------------------------------
 

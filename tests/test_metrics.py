@@ -669,6 +669,36 @@ class RefusalSeriesTests(MetricsMixin, unittest.TestCase):
                                       listener="plain"), 1)
 
     @defer.inlineCallbacks
+    def test_tls_handshake_failures_on_the_http_listener(self):
+        """The HTTP API with TLS counts its failed handshakes under ``listener="http"``;
+        a handshake that works counts nothing."""
+        import socket
+        import ssl
+        fixture = RelayFixture(self.mktemp(), "--http")
+        fixture.extra_args += ["--http-tls-cert", fixture.leaf.cert_path,
+                               "--http-tls-key", fixture.leaf.key_path]
+        self.addCleanup(fixture.stop)
+        yield fixture.start()
+
+        def handshakes(fixture):
+            with socket.create_connection(("127.0.0.1", fixture.http_port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n")  # no ClientHello
+                s.recv(1024)
+            with socket.create_connection(("127.0.0.1", fixture.http_port), timeout=10) as s:
+                with fixture.client_context().wrap_socket(
+                        s, server_hostname="relay.test") as secure:
+                    assert isinstance(secure, ssl.SSLSocket)
+        yield fixture.run(handshakes, fixture)
+        name = f"{NS}_tls_handshake_failures_total"
+
+        for _ in range(50):  # the failed connection's close may come a moment later
+            scrape = yield metrics(fixture.metrics_port)
+            if scrape.value(name, listener="http"):
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(scrape.value(name, listener="http"), 1)
+
+    @defer.inlineCallbacks
     def test_size_refusals_over_smtp_and_http(self):
         def too_big(fixture):
             client = fixture.secure_session()

@@ -30,8 +30,10 @@ from io import BytesIO
 import tempfile
 from typing import Any
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from zope.interface import implementer
 from twisted.web.server import Request
 
 from esmtpfa import internals
@@ -65,6 +67,7 @@ class Phase(enum.Enum):
 ENDING = frozenset({Phase.DRAINING, Phase.CLOSING, Phase.CLOSED})
 
 
+@implementer(IHandshakeListener)
 class GuardedChannel(HTTPChannel):
     """An ``HTTPChannel`` with per-phase deadlines, back-pressure and a bounded close."""
 
@@ -84,6 +87,8 @@ class GuardedChannel(HTTPChannel):
     _first_byte = False  # any byte of a request has arrived on this connection
     #: A request on this connection logged in: it is a client's, not a squatter's.
     logged_in = False
+    #: The TLS handshake completed (``handshakeCompleted``; a listener with TLS only).
+    _handshaken = False
 
     # -- phases ----------------------------------------------------------------------
 
@@ -306,7 +311,13 @@ class GuardedChannel(HTTPChannel):
         else:
             self.loseConnection()
 
+    def handshakeCompleted(self) -> None:
+        """``IHandshakeListener``: TLS is up (called only behind a TLS listener)."""
+        self._handshaken = True
+
     def connectionLost(self, reason: Failure) -> None:
+        if getattr(self.site, "tls", False) and not self._handshaken:
+            self.site.request_log.handshake_failed()
         self._phase = Phase.CLOSED
         self._deadline.stop()
         self._unread = None

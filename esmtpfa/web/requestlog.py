@@ -54,6 +54,10 @@ class RequestLog:
         else:
             log.info(text, **fields)
 
+    def handshake_failed(self) -> None:
+        """A connection of a TLS listener ended before its handshake completed (the
+        metrics count it; the connection's own line says why it closed)."""
+
     def closed(self, connection_id: str, peer: str, why: str) -> None:
         """A connection closed without an answer (nothing came before the deadline)."""
         self._floods.record("closed unanswered", "{connection_id} {what} connection from "

@@ -86,6 +86,7 @@ def capped(site: GuardedSite, name: str, tls_options: Any = None,
     ``connections`` when given (a worker's: the supervisor counts for all workers)."""
     factory: Any = site if tls_options is None else TLSMemoryBIOFactory(
         tls_options, False, site)
+    site.tls = tls_options is not None  # its channels count failed handshakes
     capped_factory = CappedFactory(
         factory, connections or site.limits.connection_limits(name), site.request_log, name)
     site.load = capped_factory.load
@@ -117,6 +118,9 @@ class ObservedRequestLog(RequestLog):
         if status == 413:
             self._observer.size_refused("http")
         super().refused(connection_id, peer, status, reason, identity)
+
+    def handshake_failed(self) -> None:
+        self._observer.tls_handshake_failed("http")
 
 
 def submission_site(portal, settings, *, allow_anonymous: bool,
