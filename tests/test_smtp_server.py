@@ -212,6 +212,26 @@ class AUTHTests(FixtureMixin, unittest.TestCase):
             return client.auth_plain(USER, PASSWORD)
         return self.expect_reply(script, 503, "5.5.1")
 
+    def test_auth_after_helo_as_printers_send_it(self):
+        """A scan-to-mail printer's dialect: HELO, then AUTH although nothing was
+        advertised, then the message (Postfix accepts it; so does esmtpfa)."""
+        def script(fixture):
+            client = fixture.connect(implicit_tls=True)
+            helo = client.command("HELO scanner.example")
+            auth = client.auth_plain(USER, PASSWORD)
+            sent = client.send_message(b"Subject: scan\r\n\r\npage 1\r\n",
+                                       "scanner@example.com", ["alice@example.net"])
+            return helo, auth, sent
+        d = self.run_client(script)
+
+        def check(result):
+            helo, auth, sent = result
+            self.assertEqual(helo[0], 250)
+            self.assertEqual((auth[0], auth[1][:5]), (235, "2.7.0"))
+            self.assertEqual(sent[0], 250, sent)
+            self.assertEqual(len(self.upstream.messages), 1)
+        return d.addCallback(check)
+
     def test_plain_success_then_second_auth_refused(self):
         def script(fixture):
             client = fixture.secure_session()

@@ -625,7 +625,10 @@ class ESMTPServer(Protocol):
     # -- AUTH (RFC 4954) --------------------------------------------------------------
 
     def smtp_AUTH(self, argument: str):
-        if not self._esmtp:
+        # After HELO too, as Postfix allows: scan-to-mail printers greet with HELO and
+        # then log in although HELO advertises nothing (RFC 4954 names EHLO, but a
+        # server that refuses them only leaves the device unable to send).
+        if self._helo is None:
             return NEED_HELO
         if self._identity is not None:
             return ALREADY_AUTHENTICATED
