@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scale figures of esmtpfa (issue 13): one subcommand, one figure.
+"""Scale figures of esmtpfa: one subcommand, one figure.
 
 Run on demand from the repository root (not a test)::
 

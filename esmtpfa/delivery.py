@@ -8,7 +8,7 @@ the client's final reply is the relay's verdict, so a ``250`` always means the u
 accepted the message (docs/design.md §5).  Content the client got wrong (too big, bare line ends,
 overlong lines) never reaches the upstream, not even in part.
 
-The identity's policy (issue 11, ``esmtpfa.policy``, ``docs/policy.md``) is enforced here,
+The identity's policy (``esmtpfa.policy``, ``docs/policy.md``) is enforced here,
 for SMTP and HTTP alike: a sender it does not allow is refused at MAIL, before the
 upstream hears of the transaction (``553 5.7.1``); with ``check_header_from`` the From:
 header is collected while the content streams in and checked at the final dot, before any

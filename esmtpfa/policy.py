@@ -1,4 +1,4 @@
-"""Per-provider policy: which sender addresses an identity may use (issue 11, ``docs/policy.md``).
+"""Per-provider policy: which sender addresses an identity may use (``docs/policy.md``).
 
 A provider entry may carry a ``policy`` block beside ``meta`` and ``params``.  This module
 parses it (``parse_policy``, pure: the config loader calls it, in the reload thread too)

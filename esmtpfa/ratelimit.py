@@ -1,4 +1,4 @@
-"""Sending rates per identity: messages and recipients over rolling windows (issue 11).
+"""Sending rates per identity: messages and recipients over rolling windows (docs/policy.md).
 
 A limit reads like ``100/1h``: at most 100 in any hour.  Counting every event of a day
 per identity would cost up to a day's worth of timestamps each; instead each limit keeps

@@ -1,4 +1,4 @@
-"""``twistd esmtpfa --check-config [--check-connect]`` (issue 12, item 6), run as an
+"""``twistd esmtpfa --check-config [--check-connect]``, run as an
 operator runs it: a real ``twistd`` process that must exit by itself, with 0 for a sound
 configuration and non-zero naming the file, entry and key of a problem, never a secret.
 

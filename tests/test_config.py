@@ -677,7 +677,7 @@ def billion_laughs(levels: int = 9) -> str:
 
 
 class DocumentLimitTests(unittest.TestCase):
-    """Issue 10, finding 8: bounded size, values, depth and time; the refusal names the
+    """Bounded size, values, depth and time; the refusal names the
     file, the entry and key the parser had reached, and the bound."""
 
     SOURCE = "conf/providers.yaml"

@@ -149,7 +149,7 @@ def program_variables() -> set[str]:
 
 
 def shutdown_grace() -> float:
-    """The drain deadline: ``--shutdown-grace`` once it exists (issue 12: 25 s)."""
+    """The drain deadline: ``--shutdown-grace`` once it exists (25 s)."""
     return next((s.default for s in SETTINGS if s.flag == "shutdown-grace"), 25.0)
 
 

@@ -1,4 +1,4 @@
-"""The documentation stands on its own (issue 12, items 7 and 8).
+"""The documentation stands on its own.
 
 Design decisions and Twisted pitfalls are cited from ``docs/design.md`` and
 ``docs/twisted-defects.md``, never from documents that are not in the repository; every

@@ -1,4 +1,4 @@
-"""Graceful drain on SIGTERM (issue 12, item 3; docs/smtp-limits.md, "Shutdown").
+"""Graceful drain on SIGTERM (docs/smtp-limits.md, "Shutdown").
 
 Every test runs the relay as operators do (``twistd -n esmtpfa``, ``RunningRelay``) in
 front of a real upstream on loopback (``MisbehavingUpstream``), sends the process a real
@@ -28,7 +28,7 @@ from tests.faults.harness import (
     CLIENT, RunningRelay, message, new_message_id, smtp_session)
 from tests.support import misbehaving as m
 
-#: A message the relay must accept while it shuts down (issue 12: "a 30 MB message").
+#: A message the relay must accept while it shuts down ("a 30 MB message").
 BIG = 30 * 1024 * 1024
 END = b"\r\n.\r\n"
 

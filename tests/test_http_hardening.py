@@ -1,4 +1,4 @@
-"""The HTTP listeners under hostile clients (issue 10, findings 3, 7 and 10).
+"""The HTTP listeners under hostile clients.
 
 Each test runs the whole ``RelayService`` on loopback (``RelayFixture``), or a real
 ``twistd`` where the process's own limits matter, and attacks it with raw sockets, curl
@@ -393,7 +393,7 @@ class DescriptorProcess(Twistd):
 
 class DescriptorBudgetTests(unittest.TestCase):
     """A running ``twistd`` with 256 open files: an HTTP flood must not take the
-    descriptors SMTP needs (issue 10, finding 7)."""
+    descriptors SMTP needs."""
 
     timeout = 90
     FILES = 256

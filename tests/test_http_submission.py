@@ -271,8 +271,8 @@ class SMTPUTF8Tests(HTTPFixtureMixin, unittest.TestCase):
 
 
 class EightBitTests(HTTPFixtureMixin, unittest.TestCase):
-    """Undeclared 8-bit content goes the same way over HTTP as over SMTP (issue 10,
-    finding 10): to an upstream without 8BITMIME, as it came and without ``BODY=``.
+    """Undeclared 8-bit content goes the same way over HTTP as over SMTP: to an
+    upstream without 8BITMIME, as it came and without ``BODY=``.
     The API has no way to declare a body type, so it declares nothing, like an SMTP
     client that sends no ``BODY=`` parameter."""
 

@@ -1,4 +1,4 @@
-"""Structured logs (issue 12, item 5): ``--log-format json`` and ``--log-level`` for every
+"""Structured logs: ``--log-format json`` and ``--log-level`` for every
 module.
 
 The end-to-end case runs a real ``twistd esmtpfa --log-format json`` relaying to a real

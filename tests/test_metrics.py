@@ -603,7 +603,7 @@ def reload_now(fixture) -> defer.Deferred:
 
 
 class RelayAttemptFailureTests(unittest.TestCase):
-    """Issue 5: each failed upstream attempt is counted, even when failover delivers."""
+    """Each failed upstream attempt is counted, even when failover delivers."""
 
     timeout = 30
 

@@ -1,4 +1,4 @@
-"""The OAuth2 token broker (issue 14) against a real token endpoint over real HTTP.
+"""The OAuth2 token broker against a real token endpoint over real HTTP.
 
 The endpoint is ``tests.support.tokenserver`` (twisted.web on loopback: it checks
 client secrets, verifies ``private_key_jwt`` assertions against the registered key or

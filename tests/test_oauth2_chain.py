@@ -1,4 +1,4 @@
-"""OAuth2 toward the upstream, end to end (issue 14; docs/oauth2.md).
+"""OAuth2 toward the upstream, end to end (docs/oauth2.md).
 
 The chain is what the issue describes, every hop a real process or server on loopback:
 

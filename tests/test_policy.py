@@ -1,4 +1,4 @@
-"""Issue 11 items 1 and 2: an identity for every session, and sender authorization from
+"""An identity for every session, and sender authorization from
 each provider's ``policy`` block (``docs/policy.md``).
 
 The rules are unit-tested on ``esmtpfa.policy`` (pure); everything else runs the whole

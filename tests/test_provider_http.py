@@ -303,7 +303,7 @@ class HeaderTests(_ServerTestCase):
     @defer.inlineCallbacks
     def test_accepts_and_sends_whole_token(self):
         user = yield self.bearer(self.header(), username="carol")
-        # issue 11: the endpoint named nobody, so the identity is the token's
+        # the endpoint named nobody, so the identity is the token's
         # fingerprint, never the token nor a name the client chose
         self.assertEqual(user, "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12])
         request = self.auth.requests[0]

@@ -1,4 +1,4 @@
-"""PROXY protocol v1 and v2 on the SMTP listeners, behind a real HAProxy (issue 12, item 4).
+"""PROXY protocol v1 and v2 on the SMTP listeners, behind a real HAProxy.
 
 esmtpfa runs in-process (``RelayFixture``) with ``--proxy-protocol`` and HAProxy's own
 address (127.0.0.1) as the only trusted source; HAProxy (Debian ``haproxy``, a private

@@ -1,4 +1,4 @@
-"""Sending rates per identity (issue 11, item 3): windows driven by a ``Clock``."""
+"""Sending rates per identity: windows driven by a ``Clock``."""
 
 from __future__ import annotations
 

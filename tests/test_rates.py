@@ -1,4 +1,4 @@
-"""Sending rates per identity over SMTP and HTTP (issue 11, items 3 and 5).
+"""Sending rates per identity over SMTP and HTTP.
 
 The windows themselves are tested with a ``Clock`` in ``test_ratelimit``; here the relay
 runs for real (in-process, and once as ``twistd``) and what the client hears is asserted

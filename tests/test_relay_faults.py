@@ -1,4 +1,4 @@
-"""The upstream faults of issue 5, end to end: an SMTP client → esmtpfa (the whole
+"""The upstream faults, end to end: an SMTP client → esmtpfa (the whole
 ``RelayService``) → Postfix's ``smtp-sink`` (or the recording upstream where smtp-sink
 cannot misbehave the right way).
 

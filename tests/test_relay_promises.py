@@ -1,4 +1,4 @@
-"""Issue 10's relay findings, each against a real upstream behind the whole RelayService.
+"""The relay's promises, each against a real upstream behind the whole RelayService.
 
 What a client notices: the replies it gets, and what reached the upstream, how many times.
 Every test here failed before the fix it names (docs/delivery-guarantee.md says why each
@@ -43,7 +43,7 @@ class PromiseTestCase(FaultTestCase):
 
 
 class PoolAfterStreamingTests(PromiseTestCase):
-    """Finding 1: a message streamed through the producer left it registered on a
+    """A message streamed through the producer left it registered on a
     cleartext connection; the next message on that pooled connection failed (451 4.3.0)
     and the slot was never freed (451 4.4.5 for everybody after)."""
 
@@ -81,7 +81,7 @@ class PoolAfterStreamingTests(PromiseTestCase):
 
 
 class NoDuplicatesTests(PromiseTestCase):
-    """Finding 2: after the final dot the outcome is unknown; the relay never sends the
+    """After the final dot the outcome is unknown; the relay never sends the
     message again (it did, three times per client attempt)."""
 
     async def test_garbage_after_the_dot_is_one_copy_and_a_451(self):
@@ -114,7 +114,7 @@ class NoDuplicatesTests(PromiseTestCase):
 
 
 class DeadlineTests(PromiseTestCase):
-    """Finding 9: an upstream that accepts RCPT and never answers DATA kept the client
+    """An upstream that accepts RCPT and never answers DATA kept the client
     waiting attempts × --relay-timeout (900 s by default), past its own patience."""
 
     async def test_data_never_answered(self):
@@ -147,7 +147,7 @@ class DeadlineTests(PromiseTestCase):
 
 
 class FairShareTests(PromiseTestCase):
-    """Finding 5: a session in DATA holds a pooled upstream connection; one client that
+    """A session in DATA holds a pooled upstream connection; one client that
     trickles DATA on many connections could hold them all."""
 
     async def test_one_client_cannot_hold_every_connection(self):
@@ -180,7 +180,7 @@ class FairShareTests(PromiseTestCase):
 
 
 class FirstRecipientTests(PromiseTestCase):
-    """Finding 10: a first recipient the relay's own address check refuses made every
+    """A first recipient the relay's own address check refuses made every
     later, valid recipient of the transaction get 553 naming the first one."""
 
     async def test_later_recipients_get_their_own_verdict(self):
@@ -219,7 +219,7 @@ class _WhereRewritten(RelayFromRewriter):
 
 
 class RewriteOffTheReactorTests(unittest.TestCase):
-    """Finding 5: with --relay-from, a message with about 1 MB of folded header lines
+    """With --relay-from, a message with about 1 MB of folded header lines
     froze the reactor for seconds: the header was parsed in the reactor thread, with a
     copy per continuation line."""
 

@@ -65,7 +65,7 @@ def large_document(size: int = 3_900_000) -> str:
 class ResponsiveWatch:
     """Samples, every 10 ms on the reactor, whether a document is being examined: each
     sample taken while one is proves the reactor ran during the parse, and the longest
-    gap between samples is how long the reactor was held (18 s before issue 10)."""
+    gap between samples is how long the reactor was held (18 s before the fix)."""
 
     def __init__(self, case, reloader):
         self.samples: list[bool] = []
@@ -349,7 +349,7 @@ class FallbackReloadTests(ReloadMixin, unittest.TestCase):
 
 
 class LargeDocumentFileTests(ReloadMixin, unittest.TestCase):
-    """Issue 10, finding 8: a 3.9 MB document is parsed off the reactor, and only once."""
+    """A 3.9 MB document is parsed off the reactor, and only once."""
 
     timeout = 60
 

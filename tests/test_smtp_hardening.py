@@ -1,4 +1,4 @@
-"""Issue 10 hardening of the SMTP server: deadlines that end connections, and a
+"""Hardening of the SMTP server: deadlines that end connections, and a
 Received header that stays parseable whatever the client's EHLO name.
 
 Real listeners on loopback (``RelayFixture``), raw sockets for hostile clients.
@@ -34,7 +34,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 class SilentTLSClientTests(unittest.TestCase):
-    """1,000 silent sockets on the implicit-TLS port refused every client (issue 10 #3)."""
+    """1,000 silent sockets on the implicit-TLS port refused every client."""
 
     timeout = 30
 
@@ -103,8 +103,8 @@ def _trickle(sock: socket.socket, data: bytes, every: float, seconds: float) -> 
 
 
 class SlowClientTests(unittest.TestCase):
-    """A byte every few seconds reset the idle timer for ever, mid-command or mid-DATA
-    (issue 10 #3): the client's clock now runs per command line and by data rate."""
+    """A byte every few seconds reset the idle timer for ever, mid-command or mid-DATA:
+    the client's clock now runs per command line and by data rate."""
 
     timeout = 60
 
@@ -174,7 +174,7 @@ class SlowClientTests(unittest.TestCase):
 
 class BackPressureTests(unittest.TestCase):
     """Clients that pipelined commands and never read their replies took the relay
-    from 54 MB to 528 MB in 30 s (issue 10 #4)."""
+    from 54 MB to 528 MB in 30 s."""
 
     timeout = 60
 
@@ -250,7 +250,7 @@ class ReceivedHeaderTests(unittest.TestCase):
 
 
 class RefusalLogTests(unittest.TestCase):
-    """55,000 refused connections wrote 21 MB of log (issue 10 #10): repeats collapse."""
+    """55,000 refused connections wrote 21 MB of log: repeats collapse."""
 
     timeout = 60
 
@@ -329,7 +329,7 @@ class RepeatSummaryTests(unittest.TestCase):
 
 class RefusedFirstRecipientTests(unittest.TestCase):
     """A first recipient the relay's own address check refuses must not refuse the
-    transaction's later valid recipients (issue 10 #10)."""
+    transaction's later valid recipients."""
 
     timeout = 30
 

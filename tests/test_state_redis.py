@@ -1,4 +1,4 @@
-"""Issue 13 item 2: the login throttle and the sending rates shared through Redis.
+"""The login throttle and the sending rates shared through Redis.
 
 Everything talks to a real ``redis-server`` started on a loopback port
 (``tests.support.redis``).  What is checked:

@@ -202,7 +202,7 @@ class IdentityTests(ThrottleMixin, unittest.TestCase):
     """Failures count per provider + user, never per provider name."""
 
     def test_alices_failures_from_many_addresses_never_refuse_bob(self):
-        # Regression (issue 10, finding 6): the username is the provider's name here.
+        # Regression: the username is the provider's name here.
         self.attack("corp", "alice:guess", peers(10))
         for peer in peers(10) + ["203.0.113.9"]:
             identity = self.accepted_at_once(self.login("corp", "bob:bob-pw", peer))
@@ -250,7 +250,7 @@ class OwnerTests(ThrottleMixin, unittest.TestCase):
     """An attacker's guesses from other addresses never stop the owner."""
 
     def test_attacker_from_other_addresses_never_refuses_the_owner(self):
-        # Regression (issue 10, finding 6).
+        # Regression.
         self.attack("corp", "alice:guess", peers(50))
         identity = self.accepted_at_once(self.login("corp", "alice:alice-pw", "203.0.113.9"))
         self.assertEqual(str(identity), "corp/alice")

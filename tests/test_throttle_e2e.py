@@ -1,4 +1,4 @@
-"""Issue 11 item 4, end to end: the login throttle counts per identity, so an attack on
+"""End to end: the login throttle counts per identity, so an attack on
 one account cannot lock out the other users of its provider.
 
 Everything is real: the whole relay in-process (``RelayFixture``) with the throttle's

@@ -1,4 +1,4 @@
-"""``--workers N`` against real processes (issue 13, item 1; docs/workers.md).
+"""``--workers N`` against real processes (docs/workers.md).
 
 Every test runs ``twistd -n esmtpfa --workers 2`` as an operator would (the fault
 suite's ``RunningRelay``) and reads what users and operators notice: SMTP replies,

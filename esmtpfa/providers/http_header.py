@@ -14,7 +14,7 @@ The header name is fixed by config; it must be a token (RFC 9110 §5.1) and not 
 the fields that frame the request or the connection, which an auth header must not
 override.
 
-Who logged in (issue 11): the endpoint may name the user in a response header, chosen by
+Who logged in (docs/policy.md): the endpoint may name the user in a response header, chosen by
 the optional param ``identity_header`` (``X-Authenticated-User``, say).  Without it, or
 when a success response does not carry exactly one usable value, the identity's user is
 ``sha256:`` and the first 12 hex digits of the token's SHA-256: stable for one token, so

@@ -32,7 +32,7 @@ the last good set per URL survives config reloads (``KeySetStore``).
 Who logged in: the token's ``sub`` (RFC 7519 §4.1.2: the principal, unique per issuer);
 without one, ``preferred_username`` then ``email`` (OIDC Core §5.1).  A token naming no
 principal is refused: every login must be attributable in logs and metrics.  The claims
-the provider's policy names (``sender_claim``, issue 11) go with the identity, as the
+the provider's policy names (``sender_claim``, docs/policy.md) go with the identity, as the
 strings of a string or list claim; nothing else of the token is kept.
 
 Logs carry kid, alg, iss and the reason of a rejection — never the token.

@@ -33,7 +33,7 @@ verified against ``tls_ca`` (system CAs when unset) with ``server`` as the expec
 by OpenSSL itself (``check_hostname``), TLS ≥ 1.2; ``tls_cert``/``tls_key`` is the client
 certificate.  ``tls_insecure_skip_verify`` turns verification off (warned at load).
 
-Who logged in (issue 11): the login name as it reached the provider, the entry's DN, and
+Who logged in (docs/policy.md): the login name as it reached the provider, the entry's DN, and
 the values of the attributes the provider's policy needs (``sender_attribute``), asked
 for in the same search, so the policy costs no extra round trip.  Values that are not
 UTF-8 text are dropped; at most ``policy.MAX_VALUES`` per attribute are kept.

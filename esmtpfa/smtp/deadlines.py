@@ -1,4 +1,4 @@
-"""How long an SMTP client may take, whatever it does with its bytes (issue 10, finding 3).
+"""How long an SMTP client may take, whatever it does with its bytes (docs/smtp-limits.md).
 
 A timer that every received byte pushes back never fires for a client that sends one
 byte every few seconds: it holds its connection slot, and in DATA an upstream session,

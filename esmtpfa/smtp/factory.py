@@ -22,7 +22,7 @@ from esmtpfa.state.interfaces import IConnectionLedger
 
 log = logger("esmtpfa.smtp")
 
-#: Seconds between summary lines of refused connections (issue 10: 55,000 refusals in
+#: Seconds between summary lines of refused connections (a flood of 55,000 refusals in
 #: 15 s wrote 21 MB of log; now the first of each reason, then one line per interval).
 REFUSAL_SUMMARY_INTERVAL = 5.0
 

@@ -117,7 +117,7 @@ class _Chunk:
 class ESMTPServer(Protocol):
     """One SMTP session.  The factory holds settings, the Portal and TLS options.
 
-    Every deadline ends the connection (issue 10, ``docs/smtp-limits.md``): the client's
+    Every deadline ends the connection (``docs/smtp-limits.md``): the client's
     time is measured by stage, not reset by its bytes (``deadlines.ClientDeadline``); a TLS
     handshake that does not finish in time is aborted (nothing can be said to a peer
     without TLS), and every close, polite or not, is followed by ``abortConnection`` when
@@ -129,7 +129,7 @@ class ESMTPServer(Protocol):
     transport holds more unsent replies than its buffer size, because the client does not
     read them, it pauses the session, which stops executing commands and stops reading
     the socket until the replies drain.  A client that pipelines and never reads thus
-    costs a bounded amount of memory and ends by its deadline (finding 4).
+    costs a bounded amount of memory and ends by its deadline.
 
     What it costs in the kernel is bounded too (``docs/smtp-limits.md``, "Clients that
     do not read"): the socket's send buffer is fixed at ``send_buffer`` octets instead of

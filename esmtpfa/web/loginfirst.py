@@ -2,7 +2,7 @@
 
 twisted.web reads a whole body before any resource runs, and spools one over 100 KB to
 a temporary file: an unauthenticated client could make the relay read and store tens
-of megabytes per connection before hearing 401 (issue 10, finding 7).
+of megabytes per connection before hearing 401.
 ``SubmissionChannel`` instead, as soon as the head of a request with a body is in:
 
 1. pauses reading; what already arrived with the head is held (at most ``HOLD_LIMIT``);

@@ -89,7 +89,7 @@ class Submission:
     @property
     def params(self) -> dict[str, str | None]:
         """MAIL parameters the avatar would have got from an SMTP client that declared
-        nothing about its content (issue 10: HTTP and SMTP treat 8-bit alike)."""
+        nothing about its content (HTTP and SMTP treat 8-bit alike)."""
         params: dict[str, str | None] = {"SIZE": str(len(self.content))}
         if self.smtputf8:
             params["SMTPUTF8"] = None

@@ -1,4 +1,4 @@
-"""The bounded fault suite of issue 10 (``docs/fault-suite.md``).
+"""The bounded fault suite (``docs/fault-suite.md``).
 
 Each module runs a real ``twistd esmtpfa`` (``harness.RunningRelay``) against real peers
 on loopback and checks the relay's promise from outside: every message a client was told

@@ -9,9 +9,9 @@ would in production.  What the tests assert is what users and operators notice:
   plus ``GRACE``) and reach the upstream exactly once;
 * the relay ends every hostile connection within its deadline plus ``GRACE``: a TLS
   handshake that never starts, a byte every two seconds in DATA or in a command line, a
-  client that never reads (issue 10, findings 3 and 5);
+  client that never reads;
 * a client that never reads is stopped by back-pressure: the relay takes a bounded
-  amount from it, and its resident memory stays under ``harness.RSS_LIMIT_MIB`` (finding 4);
+  amount from it, and its resident memory stays under ``harness.RSS_LIMIT_MIB``;
 * a flood over the per-address limit is refused at once, with a bounded log.
 
 Short timeouts come from flags so that each scenario ends in seconds.
@@ -80,7 +80,7 @@ class HostileClientTests(ScenarioCase):
     async def test_silent_tls_sockets_end_at_the_handshake_timeout(self):
         """200 sockets on the implicit-TLS port that never send a ClientHello, from 200
         addresses, while at most 150 connections are allowed: they may fill every slot,
-        but only until the handshake timeout (finding 3)."""
+        but only until the handshake timeout."""
         relay, upstream = await self.start("--max-connections", "150")
         crowd = self.crowd(lambda: hostile.Silent(reactor))
         crowd.connect(relay.tls_port, 200, hostile.sources(200))
@@ -101,8 +101,8 @@ class HostileClientTests(ScenarioCase):
     async def test_tricklers_are_cut_and_do_not_starve_the_pool(self):
         """20 clients of one identity (from 20 addresses) trickle DATA one byte every 2 s,
         5 more trickle a command line: with a pool of 20 they held every upstream
-        session and everyone else got 451 4.4.5 (finding 5); and each byte reset the
-        idle timer for ever (finding 3)."""
+        session and everyone else got 451 4.4.5; and each byte reset the
+        idle timer for ever."""
         relay, upstream = await self.start("--relay-pool-size", "20")
         in_data = self.crowd(lambda: hostile.Trickler(
             reactor, user=ATTACKER[0], password=ATTACKER[1], in_data=True))
@@ -135,7 +135,7 @@ class HostileClientTests(ScenarioCase):
 
     async def test_clients_that_never_read_meet_back_pressure(self):
         """3 clients pipeline NOOP/RSET and never read a reply: 3 of them took the relay
-        from 54 MB to 528 MB in 30 s (finding 4).  Each may make the relay take in only
+        from 54 MB to 528 MB in 30 s.  Each may make the relay take in only
         a bounded amount (the kernel's socket buffers and a small allowance), and then
         its stalled connection ends by the idle deadline."""
         relay, upstream = await self.start()

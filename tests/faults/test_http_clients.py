@@ -5,7 +5,7 @@ The relay runs with the HTTP API and short deadlines given as flags
 addresses other than the well-behaved client's 127.0.0.1; the well-behaved client posts
 one message after another (``POST /``, JSON, Basic auth as ``lab:carol:…``, the named
 provider) from a thread, a new connection each time, as a script would.  What the
-tests assert is what users and operators notice (issue 10, findings 3 and 7):
+tests assert is what users and operators notice:
 
 * the well-behaved client is served: every submission gets ``202`` within ``SERVED``
   seconds and reaches the upstream exactly once;
@@ -191,8 +191,7 @@ class HostileHTTPClientTests(ScenarioCase):
         """20 clients send a byte of the request head every 2 s, 10 more send valid
         credentials and then a byte of body every 2 s, and one address opens 30 silent
         connections over a cap of 10: each byte used to push the deadline back, so a
-        slowloris held its connection for ever, and nothing limited how many
-        (finding 7)."""
+        slowloris held its connection for ever, and nothing limited how many."""
         relay, upstream = await self.start()
         heads = self.crowd(lambda: hostile.Dribbler(
             reactor, rest=request_head(length=200, auth=basic(*ATTACKER)), interval=2.0))
@@ -228,7 +227,7 @@ class HostileHTTPClientTests(ScenarioCase):
         """Uploads announced as 30 MB without valid credentials: with nothing sent after
         the head, with the body coming slowly, with a wrong password, some asking
         ``Expect: 100-continue``.  They used to be read and spooled to disk whole before
-        the 401: twenty unfinished ones held 758 MB of temporary files (finding 7)."""
+        the 401: twenty unfinished ones held 758 MB of temporary files."""
         relay, upstream = await self.start()
         temporary: set[str] = set()
         watch = task.LoopingCall(lambda: temporary.update(relay.temporary_files()))
@@ -275,7 +274,7 @@ class HostileHTTPClientTests(ScenarioCase):
 
     async def test_deep_json_is_a_400_and_the_relay_goes_on(self):
         """A logged-in client posts JSON nested 100,000 deep (lists, objects, and a
-        recipient list): it used to get a 500 and a traceback in the log (finding 7);
+        recipient list): it used to get a 500 and a traceback in the log;
         now a 400 with a JSON error, while the well-behaved client keeps being served."""
         relay, upstream = await self.start()
         bodies = {

@@ -1,7 +1,7 @@
 """Scenario A: ordinary traffic through a running relay to Postfix's smtp-sink.
 
 Nothing misbehaves here: every message must get ``250`` and be in smtp-sink's dumps
-exactly once (issue 10, finding 1: with a cleartext upstream hop the pooled producer was
+exactly once (with a cleartext upstream hop the pooled producer was
 never unregistered, so a pool of one stalled on the second message and the default pool
 of twenty after about forty).  A worker stops at its first refusal so that a stalled
 relay costs one pool wait, not one per message.
@@ -27,7 +27,7 @@ RELAY_TIMEOUTS = ("--relay-connect-timeout", "3", "--relay-timeout", "10",
 ORDINARY = 300          # 2 KB messages, over WORKERS sessions at once
 WORKERS = 4
 #: Two chunks (64 KiB each) and more: enough 100 KB ones to use every session of the
-#: default pool twice (finding 1 left one session unusable per such message).
+#: default pool twice (the old producer left one session unusable per such message).
 LARGE = (100 * 1024,) * 45 + (5 * 1024 * 1024,)
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\n]*>)", re.IGNORECASE | re.MULTILINE)
 _DOT = re.compile(r"^\s*[-~]> \.\s*$")
@@ -100,7 +100,7 @@ class OrdinaryTrafficTests(unittest.TestCase):
         self.assertEqual(sum(counts.values()), len(self.sent), "unexpected extra messages")
 
     async def test_swaks_three_times_at_pool_size_one(self):
-        """Finding 1 as the issue tells it: 250, 250, 250, not 250, 451, 451."""
+        """250, 250, 250, not 250, 451, 451."""
         relay, sink = await self.relay_to_sink(env={"RELAY_POOL_SIZE": "1"})
         body = os.path.join(relay.directory, "body.txt")
         with open(body, "w") as f:

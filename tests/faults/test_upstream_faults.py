@@ -6,13 +6,13 @@ Message-ID, goes through a fresh client session.  What the client must notice:
 * a ``4xx`` reply (the upstream never accepted the message, so never ``250``), and,
   when the fault came after the final dot, one that says a duplicate is possible;
 * the reply within the relay's per-message deadline (plus a grace for a loaded machine),
-  never attempts × ``--relay-timeout`` (finding 9; RFC 5321 §4.5.3.2 gives the client
+  never attempts × ``--relay-timeout`` (RFC 5321 §4.5.3.2 gives the client
   five minutes for RCPT and ten for the final dot, and the test shrinks those);
 
 and what the upstream must have seen: the content at most once for that client attempt
-(finding 2: garbage, a 2 MB line or mixed codes after the dot got three copies).  Then an
+(garbage, a 2 MB line or mixed codes after the dot got three copies).  Then an
 ordinary message on a new session must get ``250`` and arrive exactly once: the one
-pooled connection was not left stalled or poisoned by the fault (finding 1).
+pooled connection was not left stalled or poisoned by the fault.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
 from tests.support import misbehaving as m
 
-#: The per-message deadlines across failover attempts (issue 10, "Timeouts").
+#: The per-message deadlines across failover attempts (docs/fault-suite.md).
 DEADLINE = 4.0
 RELAY_ARGS = ("--relay-rcpt-deadline", str(DEADLINE), "--relay-data-deadline", str(DEADLINE),
               "--relay-pool-size", "1", "--relay-connect-timeout", "3",
@@ -71,7 +71,7 @@ class UpstreamFaultTests(unittest.TestCase):
         return self.check_fault(m.STALL_RCPT)
 
     def test_never_answers_data(self):
-        """Finding 9: one bounded wait, not attempts × --relay-timeout."""
+        """One bounded wait, not attempts × --relay-timeout."""
         return self.check_fault(m.STALL_DATA)
 
     def test_stall_after_the_final_dot(self):

@@ -1,5 +1,5 @@
 """A real OAuth2 token endpoint on loopback, for the token broker and the XOAUTH2 /
-OAUTHBEARER relay tests (issue 14).
+OAUTHBEARER relay tests.
 
 Why twisted.web and not npm's ``oidc-provider``: it runs in the test's own reactor (no
 node, npm install or network in CI, no process to start and stop), starts in
