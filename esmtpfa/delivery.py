@@ -40,6 +40,7 @@ from esmtpfa.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMOR
 from esmtpfa.policy import HeaderFromScanner, SenderRules, first_refused, from_addresses
 from esmtpfa.ratelimit import Exceeded, RateLimiter, Rates, Reservation
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
+from esmtpfa.relay.session import eight_bit_unsupported
 from esmtpfa.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.interfaces import IMessageDelivery, ITransaction
 from esmtpfa.spool.interfaces import QueuedReply
@@ -385,7 +386,9 @@ class RelayTransaction:
     def write(self, data: bytes) -> None:
         if self._too_big is not None or self._eight_bit_refused:
             return
-        if not data.isascii() and getattr(self._upstream, "refuses_8bit", False):
+        # The upstream's answer first: it is known per transaction, while a scan of the
+        # chunk would cost every message of every upstream.
+        if getattr(self._upstream, "refuses_8bit", False) and not data.isascii():
             # Declared 8BITMIME, an upstream without it, and now an 8-bit octet: the
             # verdict is known (docs/delivery-guarantee.md, "Content the upstream cannot
             # take").  Nothing more is spooled; the client hears 554 at its final dot.
@@ -406,7 +409,6 @@ class RelayTransaction:
             log.info("{connection_id} message {message_id} refused: 8-bit content for "
                      "an upstream without 8BITMIME", message_id=self.id,
                      connection_id=self._context.connection_id)
-            from esmtpfa.relay.session import eight_bit_unsupported  # the relay's words
             return defer.fail(SMTPReplyError(eight_bit_unsupported().reply))
         if self._too_big is not None:
             self.abort()

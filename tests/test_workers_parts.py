@@ -388,3 +388,30 @@ class CountFilesTests(unittest.TestCase):
         files.forget(pid)
         self.assertEqual(os.listdir(files.path), [])
         self.assertEqual(files.counts_of(pid), [])
+
+
+class WorkerLogLinesTests(unittest.TestCase):
+    """The supervisor passes a worker's output on a whole line at a time, and holds at
+    most ``LogLines.MAX_LINE`` octets of an unfinished one (docs/workers.md)."""
+
+    def setUp(self) -> None:
+        from io import BytesIO
+        from esmtpfa.workers.supervisor import LogLines
+        self.sink = BytesIO()
+        self.lines = LogLines(self.sink)
+
+    def test_lines_pass_whole(self) -> None:
+        self.lines.feed(b"first li")
+        self.assertEqual(self.sink.getvalue(), b"")  # half a line waits
+        self.lines.feed(b"ne\nsecond\nthi")
+        self.assertEqual(self.sink.getvalue(), b"first line\nsecond\n")
+        self.lines.close()
+        self.assertEqual(self.sink.getvalue(), b"first line\nsecond\nthi\n")
+
+    def test_a_runaway_line_is_cut_not_held(self) -> None:
+        chunk = b"x" * 8192
+        for _ in range(100):  # 800 KiB without a newline
+            self.lines.feed(chunk)
+            self.assertLessEqual(len(self.lines.partial), 64 * 1024)
+        self.assertGreater(len(self.sink.getvalue()), 700 * 1024)
+        self.assertTrue(self.sink.getvalue().endswith(b"\n"))

@@ -598,7 +598,6 @@ class GroupCommitter:
         self.commits = 0
         self.units = 0
         self.largest_batch = 0
-        self.durable_commits = 0
 
     def submit(self, work: Work, durable: bool = True) -> Deferred[Any]:
         """``work`` committed, fsync'd unless ``durable`` is false (bookkeeping that a
@@ -690,7 +689,6 @@ class GroupCommitter:
             transaction.finish(committed=False)
             return [(False, failure)] * len(works)
         self.commits += 1
-        self.durable_commits += durable
         self.units += len(works)
         self.largest_batch = max(self.largest_batch, len(works))
         transaction.finish(committed=True)

@@ -316,7 +316,7 @@ class GuardedChannel(HTTPChannel):
         self._handshaken = True
 
     def connectionLost(self, reason: Failure) -> None:
-        if getattr(self.site, "tls", False) and not self._handshaken:
+        if self.site.tls and not self._handshaken:
             self.site.request_log.handshake_failed()
         self._phase = Phase.CLOSED
         self._deadline.stop()

@@ -51,6 +51,8 @@ class GuardedSite(Site):
     #: SO_SNDBUF of client sockets (docs/smtp-limits.md, "Clients that do not read");
     #: the submission listener takes ``--client-send-buffer``.
     send_buffer = ServerSettings.send_buffer
+    #: Behind TLS (set by ``capped``): its channels count the handshakes that fail.
+    tls = False
 
     def __init__(self, resource: Resource, *, limits: HTTPLimits, max_body: int,
                  too_large_message: str, request_log: RequestLog, reactor: Any = None):
@@ -86,7 +88,7 @@ def capped(site: GuardedSite, name: str, tls_options: Any = None,
     ``connections`` when given (a worker's: the supervisor counts for all workers)."""
     factory: Any = site if tls_options is None else TLSMemoryBIOFactory(
         tls_options, False, site)
-    site.tls = tls_options is not None  # its channels count failed handshakes
+    site.tls = tls_options is not None
     capped_factory = CappedFactory(
         factory, connections or site.limits.connection_limits(name), site.request_log, name)
     site.load = capped_factory.load
