@@ -6,14 +6,51 @@ and the Debian packages postfix, sasl2-bin and libsasl2-modules)::
 
     python3 bench/compare.py [--connections 20] [--per-connection 250] [--size 2048]
                              [--rounds 5] [--workers N] [--modes sequential,pipelined]
+                             [--burst 500,1000] [--burst-messages 10] [--generators 2]
                              [--targets smtp-sink,postfix,esmtpfa-1,esmtpfa-N] [--json F]
 
-The same load generator (``bench/loadgen.py``) drives every target, in two modes:
+The same load generator (``bench/loadgen.py``) drives every target, in these modes:
 
 * ``sequential``: one command at a time, each reply awaited (as smtplib sends);
 * ``pipelined``: MAIL, RCPT and DATA in one write (RFC 2920).
 
 AUTH PLAIN once per connection; by default 20 connections x 250 messages of 2 KB.
+Three more workloads, named in ``--modes``, are what many clients really send:
+
+* ``per-message``: a new TCP connection for every message: banner, EHLO, AUTH PLAIN,
+  MAIL, RCPT, DATA, QUIT, one command at a time (an application that opens an smtplib
+  session per mail); ``--connections`` such clients at once, each sending
+  ``--per-connection`` messages, each over its own connection.  The latency is the
+  whole session up to the 250 after the content (QUIT not included);
+* ``per-message-starttls``: the same with STARTTLS (RFC 3207) and a second EHLO before
+  AUTH.  Postfix and esmtpfa then offer STARTTLS with one RSA-2048 certificate, made
+  for the run; the client completes a full handshake on every connection (TLS 1.2 or
+  later, no resumption, the certificate not verified), and the version and cipher
+  negotiated are printed once per target.  smtp-sink offers no STARTTLS: it is not a
+  target of this mode, and the generator's own CPU share (``loadgen_busy_pct``) is
+  the evidence that the generator was not the limit;
+* ``burst``: for each size of ``--burst`` (e.g. ``500,1000``), that many clients
+  connect at once (released together from every generator process), each sending
+  ``--burst-messages`` messages (default 10) on its one connection, commands one at a
+  time.  A client that sees no 220 within ``--banner-timeout`` (30 s) gives up.
+  Reported besides the rate: connections that failed, by kind (banner timeout, a
+  refusal, a reset), the p50/p99 time to banner, and the handshakes the kernel dropped
+  meanwhile because an accept queue was full (``TcpExt ListenOverflows``, counted for
+  the whole machine: a client so dropped waits a second or more for a retransmission,
+  which shows as a banner time near 1, 3 or 7 s).  A failed connection does not void
+  the run (it is what is measured); a message acknowledged and then lost does.
+
+The connection-heavy workloads (``per-message*`` and ``burst``) are driven by
+``--generators`` processes (default 2), so that Python's CPU per connection is not the
+ceiling; the reused-connection modes by one, as before.  Compare the ``smtp-sink``
+rate of a workload with the relays': it must be well above theirs.
+
+For every workload esmtpfa runs with ``--max-connections`` and
+``--max-connections-per-ip`` raised above the largest number of clients at once (every
+client comes from 127.0.0.1), printed at the start with the relay's upstream pool
+settings (``--relay-pool-size``, ``--relay-pool-client-share``) and listen backlog,
+which are left at their defaults.  Postfix runs at its defaults too (at most 100
+``smtpd`` processes, ``default_process_limit``: a larger burst waits for one).
 Targets, all started once at the beginning of the run and then measured in turns, all
 forwarding to the same Postfix ``smtp-sink``:
 
@@ -46,7 +83,8 @@ The figures merge the rounds (rate over the summed load time; the per-round rate
 printed too, as a measure of the noise).  A short warm-up per target comes first.
 
 Reported for each target and mode: messages per second, p50 and p99 of the time from
-MAIL to the 250 after the content, and the relay's CPU per delivered message.
+MAIL to the 250 after the content (from the connect, for ``per-message*``), and the
+relay's CPU per delivered message.
 
 CPU is counted over every process of a relay, including processes that started and
 exited during the measurement (Postfix's smtpd, cleanup and smtp come and go; esmtpfa's
@@ -75,7 +113,6 @@ else runs there: read the ratios measured within the run, not the absolute numbe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import pwd
@@ -91,13 +128,86 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402
     CLK_TCK, PASSWORD, PROJECT, USER, CpuMeter, SinkDump, child_environment,
-    esmtpfa_arguments, free_port, greeting, load, machine_share, machine_ticks, own_cpu,
-    percentile, start_sink, stop, tree_cpu_seconds, twistd_command, wait_for_spool)
+    esmtpfa_arguments, free_port, greeting, insecure_tls_client, listen_overflows,
+    load_in_processes, machine_share, machine_ticks, percentile, raise_nofile, start_sink, stop,
+    tree_cpu_seconds, twistd_command, wait_for_spool)
 
 sys.path.insert(0, PROJECT)
 from tests.support.postfix import main_cf, settle, write_cyrus_sasl  # noqa: E402
 
 POSTFIX_HOSTNAME = "postfix.test"
+REUSED = ("sequential", "pipelined")
+# What esmtpfa's --print-config says of the limits a connection-heavy load meets.
+LIMITS = ("max-connections", "max-connections-per-ip", "listen-backlog", "relay-pool-size",
+          "relay-pool-client-share", "rate-messages", "workers")
+
+
+class Workload:
+    """One mode of ``--modes``: how the generator's clients talk to every target.
+
+    ``clients`` connect at once and each sends ``per_client`` messages per round, over
+    one connection or (``reconnect``) a new connection for each; ``smtp`` is the
+    command style of loadgen's ``Client`` (``sequential`` or ``pipelined``)."""
+
+    def __init__(self, name: str, smtp: str, clients: int, per_client: int,
+                 generators: int = 1, reconnect: bool = False, starttls: bool = False,
+                 burst: bool = False, banner_timeout: float | None = None):
+        self.name = name
+        self.smtp = smtp
+        self.clients = clients
+        self.per_client = per_client
+        self.generators = generators
+        self.reconnect = reconnect
+        self.starttls = starttls
+        self.burst = burst
+        self.banner_timeout = banner_timeout
+
+    def messages(self) -> int:
+        return self.clients * self.per_client
+
+    def refuses(self, target: Target) -> str | None:
+        """Why ``target`` cannot run this workload, or None."""
+        if self.starttls and isinstance(target, Ceiling):
+            return "smtp-sink offers no STARTTLS"
+        return None
+
+    def warm_up(self, connections: int, per_client: int) -> Workload:
+        """A short load of the same kind, not a burst: the relay's pools and code
+        paths warmed before the first measured round."""
+        return Workload(f"warm.{self.name}", self.smtp, connections, per_client,
+                        self.generators, self.reconnect, self.starttls)
+
+
+def workloads(args) -> list[Workload]:
+    """The ``--modes`` asked for, in order; ``burst`` once per ``--burst`` size."""
+    per_round = args.per_connection // args.rounds
+    found: list[Workload] = []
+    for mode in args.modes.split(","):
+        if mode in REUSED:
+            found.append(Workload(mode, mode, args.connections, per_round))
+        elif mode in ("per-message", "per-message-starttls"):
+            found.append(Workload(mode, "sequential", args.connections, per_round,
+                                  args.generators, reconnect=True,
+                                  starttls=mode.endswith("starttls")))
+        elif mode == "burst":
+            for size in args.burst:
+                found.append(Workload(f"burst-{size}", "sequential", size,
+                                      args.burst_messages, args.generators, burst=True,
+                                      banner_timeout=args.banner_timeout))
+        else:
+            raise SystemExit(f"--modes: unknown mode {mode!r} (sequential, pipelined, "
+                             f"per-message, per-message-starttls, burst)")
+    return found
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    """One self-signed RSA-2048 certificate and key for every STARTTLS target."""
+    cert, key = os.path.join(directory, "bench.crt"), os.path.join(directory, "bench.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                    "-days", "2", "-subj", "/CN=bench.test", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    os.chmod(key, 0o600)  # read by esmtpfa and by Postfix's smtpd, both root at start
+    return cert, key
 
 
 class Target:
@@ -155,8 +265,10 @@ class Esmtpfa(Target):
 
     def __init__(self, name: str, sink_port: int, workdir: str, workers: int | None,
                  log_level: str, extra: list[str] | None = None,
-                 spool_directory: str | None = None, spooling: bool = False):
+                 spool_directory: str | None = None, spooling: bool = False,
+                 max_connections: int = 1000):
         super().__init__(name)
+        self.max_connections = max_connections
         self.sink_port = sink_port
         self.workdir = workdir
         self.workers = workers
@@ -201,10 +313,13 @@ class Esmtpfa(Target):
         self.port = free_port()
         self.meter = CpuMeter(self.name)
         arguments = esmtpfa_arguments(self.port, self.sink_port, self.workdir, self.log_level)
-        arguments += ["--max-connections", "1000", "--max-connections-per-ip", "1000"]
+        # Every client comes from 127.0.0.1: the per-address limit as high as the total.
+        limit = str(self.max_connections)
+        arguments += ["--max-connections", limit, "--max-connections-per-ip", limit]
         if self.workers is not None:
             arguments += ["--workers", str(self.workers)]
         arguments += self.extra
+        self.print_limits(arguments)
         output = os.path.join(self.workdir, f"{self.name}.out")
         with open(output, "wb") as out:
             self.process = subprocess.Popen(
@@ -222,6 +337,21 @@ class Esmtpfa(Target):
             raise RuntimeError(f"{self.name} exited at start:\n{said[-2000:]}")
         if self.spooling:
             wait_for_spool(output, self.process)
+
+    def print_limits(self, arguments: list[str]) -> None:
+        """The limits in effect, as the relay itself reports them (``--print-config``):
+        nothing raised without being said."""
+        shown = subprocess.run(twistd_command(arguments + ["--print-config"]),
+                               env=child_environment(), cwd=self.workdir,
+                               capture_output=True, timeout=60, check=False)
+        found = {}
+        for line in shown.stdout.decode("utf-8", "replace").splitlines():
+            key, _, rest = line.partition(" = ")
+            if key.strip() in LIMITS:  # "1000  # --max-connections": value, where from
+                value, _, source = rest.partition("#")
+                found[key.strip()] = f"{value.strip() or '(none)'} ({source.strip()})"
+        print(f"{self.name} limits: " + "; ".join(f"{k} = {found.get(k, '?')}"
+                                                   for k in LIMITS), flush=True)
 
     def stop(self) -> None:
         stop(self.process, grace=30)
@@ -264,9 +394,10 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
     QUEUES = ("incoming", "active", "deferred", "hold", "maildrop")
 
-    def __init__(self, sink_port: int):
+    def __init__(self, sink_port: int, certificate: tuple[str, str] | None = None):
         super().__init__("postfix")
         self.sink_port = sink_port
+        self.certificate = certificate
         self.directory = ""
         self.process: subprocess.Popen | None = None
 
@@ -280,12 +411,17 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         os.chmod(d, 0o755)
         for sub in ("queue", "data", "sasl"):
             os.makedirs(os.path.join(d, sub))
+        if self.certificate is None:
+            tls = "smtpd_tls_security_level = none\n"
+        else:  # STARTTLS offered, as esmtpfa offers it: the same certificate
+            tls = (f"smtpd_tls_security_level = may\n"
+                   f"smtpd_tls_cert_file = {self.certificate[0]}\n"
+                   f"smtpd_tls_key_file = {self.certificate[1]}\n")
         with open(os.path.join(d, "main.cf"), "w") as f:
             f.write(main_cf(d, user="postfix", group="postdrop", hostname=POSTFIX_HOSTNAME,
                             size_limit=209715200, more=f"""\
 relayhost = [127.0.0.1]:{self.sink_port}
-smtpd_tls_security_level = none
-smtp_tls_security_level = none
+{tls}smtp_tls_security_level = none
 """))
         with open(os.path.join(d, "master.cf"), "w") as f:
             f.write(f"127.0.0.1:{self.port} inet n - n - - smtpd\n{self.SERVICES}")
@@ -368,25 +504,31 @@ def cpu_by_role(target: Target) -> dict[str, float]:
     return roles
 
 
-def measure(target: Target, sink: SinkDump, args, mode: str, tag: str,
-            messages: int) -> dict:
+def measure(target: Target, sink: SinkDump, args, workload: Workload, tag: str) -> dict:
     """One load against one target; CPU from before the load until the sink has every
     acknowledged message and the relay is idle again."""
     cpu_before = target.meter.seconds() if target.meter else 0.0
     # The /proc count as well, as a cross-check of the cgroup's (see loadgen.CpuMeter).
     tree_before = tree_cpu_seconds(target.meter.root) if target.meter else 0.0
     split_before = cpu_by_role(target)
-    own_before = own_cpu()
     broker = args.broker_pid if target.broker else None
     broker_before = tree_cpu_seconds(broker) if broker else 0.0
     machine_before = machine_ticks()
-    result = asyncio.run(load(target.port, args.connections, messages, args.size, mode,
-                              tag=tag, collect_errors=True, raw=True))
+    overflows_before = listen_overflows()
+    result = load_in_processes(
+        workload.generators, target.port, workload.clients, workload.messages(),
+        args.size, tag=tag, mode=workload.smtp, login_per_message=workload.reconnect,
+        starttls=insecure_tls_client() if workload.starttls else None,
+        banner_timeout=workload.banner_timeout)
     loaded = time.monotonic()
+    result["listen_overflows"] = listen_overflows() - overflows_before
     result["machine_pct"] = machine_share(machine_before, machine_ticks())
     if target.meter is not None:
         result["processes"] = len(target.meter.pids())  # at the end of the load
-    generator_cpu = own_cpu() - own_before
+    generator_cpu = result.pop("generator_cpu_s")
+    # The generator's processes' CPU over the load's time: near 100 % it is the limit.
+    result["loadgen_busy_pct"] = round(
+        100 * generator_cpu / max(1e-9, result["seconds"] * workload.generators), 1)
     acknowledged = result.pop("acknowledged")
     missing = sink.wait_for(acknowledged, timeout=args.drain_timeout)
     result["drain_s"] = round(time.monotonic() - loaded, 2)
@@ -412,14 +554,20 @@ def measure(target: Target, sink: SinkDump, args, mode: str, tag: str,
     return result
 
 
-def check(result: dict, target: Target, when: str, failures: list[str]) -> None:
+def check(result: dict, target: Target, when: str, failures: list[str],
+          burst: bool = False) -> None:
     """Note what makes the run unreportable: an acknowledged message missing at the
-    sink, or a client that failed."""
+    sink, or a client that failed (except in a burst, where failed connections are
+    what is measured: they are counted and printed instead)."""
     if result["missing"]:
         failures.append(f"{target.name} ({when}): {len(result['missing'])} of "
                         f"{result['acknowledged']} acknowledged messages are missing at "
                         f"the sink, e.g. {result['missing'][:3]}")
-    if result.get("errors"):
+    if result.get("errors") and burst:
+        print(f"  {target.name} ({when}): {sum(result['failed'].values())} of "
+              f"{result['clients']} connections failed: {result['failed']}; "
+              f"e.g. {result['errors'][:3]}", flush=True)
+    elif result.get("errors"):
         failures.append(f"{target.name} ({when}): the load failed: {result['errors']}")
 
 
@@ -440,7 +588,21 @@ def merge(parts: list[dict]) -> dict:
         "drain_s": max(p["drain_s"] for p in parts),
         "loadgen_cpu_us_per_msg": round(statistics.median(
             p["loadgen_cpu_us_per_msg"] for p in parts)),
+        "loadgen_busy_pct": max(p["loadgen_busy_pct"] for p in parts),
+        "clients": sum(p["clients"] for p in parts),
+        "listen_overflows": sum(p["listen_overflows"] for p in parts),
     }
+    banners = sorted(x for p in parts for x in p.get("banners", []))
+    if banners:
+        merged["banner_p50_ms"] = round(statistics.median(banners) * 1000, 2)
+        merged["banner_p99_ms"] = round(percentile(banners, 0.99) * 1000, 2)
+        merged["banner_max_ms"] = round(banners[-1] * 1000, 2)
+    failed: dict[str, int] = {}
+    for p in parts:
+        for kind, count in p.get("failed", {}).items():
+            failed[kind] = failed.get(kind, 0) + count
+    merged["failed"] = failed
+    merged["tls"] = next((p["tls"] for p in parts if "tls" in p), None)
     weights = [p["seconds"] for p in parts]
     merged["machine_pct"] = {  # while the load ran, weighted by the rounds' durations
         key: round(sum(p["machine_pct"][key] * w for p, w in zip(parts, weights))
@@ -475,9 +637,11 @@ def table(results: dict, targets: list[Target], modes: list[str], workers: int) 
              "| relay processes |", "|---|---|---|---|---|---|---|---|"]
     for mode in modes:
         for target in targets:
-            if target.unavailable:
+            reason = target.unavailable or results[mode].get(target.name, {}).get(
+                "unavailable")
+            if reason:
                 lines.append(f"| {mode} | {target.name} | not available | | | | "
-                             f"{target.unavailable} | |")
+                             f"{reason} | |")
                 continue
             r = results[mode][target.name]
             cpu = r.get("cpu_us_per_msg", "–")
@@ -489,7 +653,8 @@ def table(results: dict, targets: list[Target], modes: list[str], workers: int) 
     lines += ["", "| mode | ratio | measured | target |", "|---|---|---|---|"]
     n = f"esmtpfa-{workers}"
     for mode in modes:
-        row = results[mode]
+        first = len(lines)
+        row = {name: r for name, r in results[mode].items() if "unavailable" not in r}
         e1, pf, sink, en = (row.get("esmtpfa-1"), row.get("postfix"), row.get("smtp-sink"),
                             row.get(n))
         spool, fallback, amqp = (row.get("esmtpfa-spool"), row.get("esmtpfa-fallback"),
@@ -557,6 +722,26 @@ def table(results: dict, targets: list[Target], modes: list[str], workers: int) 
                 f"{ratio(get(en, 'msg_per_s'), get(pf, 'msg_per_s'))} | |",
             ]
         lines += spooling
+        if mode not in REUSED:  # the targets were set for the reused-connection modes
+            lines[first:] = [line.rsplit("|", 2)[0] + "| |" for line in lines[first:]]
+    bursts = [m for m in modes if m.startswith("burst-")]
+    if bursts:
+        lines += ["", ("| burst | target | msg/s | connections failed (of) | by kind "
+                       "| banner p50 ms | banner p99 ms | banner max ms "
+                       "| handshakes dropped (listen queue full) |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for mode in bursts:
+            for target in targets:
+                r = results[mode].get(target.name)
+                if target.unavailable or not r or "unavailable" in r:
+                    continue
+                failed = r["failed"]
+                lines.append(
+                    f"| {mode} | {target.name} | {r['msg_per_s']:,.0f} "
+                    f"| {sum(failed.values())} ({r['clients']}) "
+                    f"| {', '.join(f'{k}: {v}' for k, v in failed.items()) or '–'} "
+                    f"| {r.get('banner_p50_ms')} | {r.get('banner_p99_ms')} "
+                    f"| {r.get('banner_max_ms')} | {r['listen_overflows']} |")
     return "\n".join(lines)
 
 
@@ -567,7 +752,21 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="workers of the esmtpfa-N target (default: CPUs)")
-    parser.add_argument("--modes", default="sequential,pipelined")
+    parser.add_argument("--modes", default="sequential,pipelined",
+                        help="comma-separated: sequential, pipelined (reused connections), "
+                             "per-message, per-message-starttls (a connection per "
+                             "message), burst (one per --burst size)")
+    parser.add_argument("--burst", default="500,1000",
+                        type=lambda v: [int(x) for x in v.split(",")],
+                        help="clients connecting at once in the burst mode, "
+                             "comma-separated sizes (default 500,1000)")
+    parser.add_argument("--burst-messages", type=int, default=10,
+                        help="messages each burst client sends on its connection")
+    parser.add_argument("--banner-timeout", type=float, default=30.0,
+                        help="a burst client gives up without a 220 by then (seconds)")
+    parser.add_argument("--generators", type=int, default=2,
+                        help="generator processes for the per-message and burst modes "
+                             "(default 2; the reused-connection modes use one)")
     parser.add_argument("--targets", default="smtp-sink,postfix,esmtpfa-1,esmtpfa-N",
                         help="also: esmtpfa-spool and esmtpfa-fallback (the delivery modes "
                              "with the file spool, docs/spool.md), esmtpfa-amqp (spool mode "
@@ -588,7 +787,13 @@ def main() -> int:
     parser.add_argument("--log-level", default="info", help="esmtpfa's --log-level")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    modes = args.modes.split(",")
+    plan = workloads(args)
+    modes = [w.name for w in plan]
+    most = max(w.clients for w in plan)
+    # Headroom over the largest number of clients at once (a closing connection of the
+    # previous load may still count), never below the 1000 measured until now.
+    max_connections = max(1000, 2 * most)
+    raise_nofile(4 * max_connections + 1024)  # the generator's sockets, and the relays'
     wanted = args.targets.split(",")
     shown = [a.replace(args.amqp_url, "amqp://USER:PASSWORD@…") if args.amqp_url else a
              for a in sys.argv[1:]]  # no broker credentials in the output
@@ -602,24 +807,30 @@ def main() -> int:
     os.chmod(workdir, 0o777)  # smtp-sink runs as nobody and appends to its dump here
     sink_port = free_port()
     dump = SinkDump(os.path.join(workdir, "sink.dump"))
+    certificate = make_certificate(workdir) if any(w.starttls for w in plan) else None
+    tls_arguments = ["--tls-cert", certificate[0], "--tls-key", certificate[1]] \
+        if certificate else []
     sink_meter = CpuMeter("sink")
     sink_process = None
-    candidates = [Ceiling(sink_port), Postfix(sink_port),
-                  Esmtpfa("esmtpfa-1", sink_port, workdir, None, args.log_level),
+    candidates = [Ceiling(sink_port), Postfix(sink_port, certificate),
+                  Esmtpfa("esmtpfa-1", sink_port, workdir, None, args.log_level,
+                          tls_arguments, max_connections=max_connections),
                   Esmtpfa(f"esmtpfa-{args.workers}", sink_port, workdir, args.workers,
-                          args.log_level),
+                          args.log_level, tls_arguments, max_connections=max_connections),
                   Esmtpfa("esmtpfa-spool", sink_port, workdir, None, args.log_level, [
                       "--delivery-mode", "spool",
-                      "--spool-url", f"file://{workdir}/spool-spool"],
-                      spool_directory=f"{workdir}/spool-spool"),
+                      "--spool-url", f"file://{workdir}/spool-spool", *tls_arguments],
+                      spool_directory=f"{workdir}/spool-spool",
+                      max_connections=max_connections),
                   Esmtpfa("esmtpfa-fallback", sink_port, workdir, None, args.log_level, [
                       "--delivery-mode", "fallback",
-                      "--spool-url", f"file://{workdir}/spool-fallback"],
-                      spool_directory=f"{workdir}/spool-fallback")]
+                      "--spool-url", f"file://{workdir}/spool-fallback", *tls_arguments],
+                      spool_directory=f"{workdir}/spool-fallback",
+                      max_connections=max_connections)]
     if args.amqp_url:
         amqp = Esmtpfa("esmtpfa-amqp", sink_port, workdir, None, args.log_level,
-                       ["--delivery-mode", "spool", "--spool-url", args.amqp_url],
-                       spooling=True)
+                       ["--delivery-mode", "spool", "--spool-url", args.amqp_url,
+                        *tls_arguments], spooling=True, max_connections=max_connections)
         amqp.broker = True
         candidates.append(amqp)
     aliases = {"esmtpfa-N": f"esmtpfa-{args.workers}"}
@@ -641,12 +852,22 @@ def main() -> int:
             print(f"started {target.name}: {state}", flush=True)
         method = next((t.meter.kind for t in targets if t.meter), "none")
         print(f"relay CPU counted with: {method}", flush=True)
-        for mode in modes:
-            running = [t for t in targets if not t.unavailable]
+        for workload in plan:
+            mode = workload.name
+            running = []
+            for target in targets:
+                if target.unavailable:
+                    continue
+                reason = workload.refuses(target)
+                if reason:
+                    results[mode][target.name] = {"unavailable": reason}
+                else:
+                    running.append(target)
             for target in running:
                 if args.warmup:
-                    warm = measure(target, dump, args, mode, f"warm.{mode}.{target.name}",
-                                   args.warmup * args.connections)
+                    warm = measure(target, dump, args,
+                                   workload.warm_up(args.connections, args.warmup),
+                                   f"warm.{mode}.{target.name}")
                     check(warm, target, f"{mode}, warm-up", failures)
             slices: dict[str, list[dict]] = {t.name: [] for t in running}
             for round_ in range(args.rounds):
@@ -654,17 +875,20 @@ def main() -> int:
                 # load from outside this benchmark falls on all of them alike.
                 shift = round_ % len(running)
                 for target in running[shift:] + running[:shift]:
-                    part = measure(target, dump, args, mode,
-                                   f"{mode}.{target.name}.r{round_}",
-                                   args.per_connection // args.rounds * args.connections)
-                    check(part, target, f"{mode}, round {round_ + 1}", failures)
+                    part = measure(target, dump, args, workload,
+                                   f"{mode}.{target.name}.r{round_}")
+                    check(part, target, f"{mode}, round {round_ + 1}", failures,
+                          burst=workload.burst)
                     slices[target.name].append(part)
             for target in running:
                 result = merge(slices[target.name])
                 results[mode][target.name] = result
+                tls = f"; TLS {' '.join(result['tls'])}" if result["tls"] else ""
                 print(f"measured {target.name} ({mode}): {result['acknowledged']} "
                       f"acknowledged, {result['delivered']} found at the sink; msg/s per "
-                      f"round {result['rounds_msg_per_s']}", flush=True)
+                      f"round {result['rounds_msg_per_s']}; generator busy "
+                      f"{result['loadgen_busy_pct']} % x {workload.generators}{tls}",
+                      flush=True)
     finally:
         for target in reversed(targets):
             try:
@@ -695,7 +919,8 @@ def main() -> int:
                                        "drain_s",
                                        "duplicates", "cpu_s", "broker_cpu_s",
                                        "proc_tree_cpu_s", "cpu_by_role_s",
-                                       "loadgen_cpu_us_per_msg") if k in r}
+                                       "loadgen_cpu_us_per_msg", "loadgen_busy_pct", "tls",
+                                       "listen_overflows", "unavailable") if r.get(k)}
             print(f"{mode:10} {name:12} {extra}")
     if args.json:
         with open(args.json, "w") as f:

@@ -164,9 +164,9 @@ class Client:
 
 
 def relay_under_test(upstream_port: int, workdir: str, reactor):
-    from esmtpfa.options import Options
-    from esmtpfa.service import RelayService
-    from esmtpfa.logs import set_level
+    from esmtpfa.runtime.options import Options
+    from esmtpfa.runtime.service import RelayService
+    from esmtpfa.common.logs import set_level
 
     options = Options()
     options.parseOptions(esmtpfa_arguments(0, upstream_port, workdir, "info"))
@@ -244,14 +244,14 @@ def measure(messages: int, size: int, profile: str | None) -> dict:
 
 def necessary_pieces(size: int) -> dict[str, float]:
     """Microseconds of each piece of work a relayed message cannot do without."""
-    from esmtpfa.context import ConnectionContext
-    from esmtpfa.ids import new_id
-    from esmtpfa.logs import logger
+    from esmtpfa.common.context import ConnectionContext
+    from esmtpfa.common.ids import new_id
+    from esmtpfa.common.logs import logger
     from esmtpfa.relay.protocol import DotStuffer
-    from esmtpfa.replies import Reply
+    from esmtpfa.common.replies import Reply
     from esmtpfa.smtp.address import parse_path_argument
     from esmtpfa.smtp.data import DataReader
-    from esmtpfa.trace import received_header
+    from esmtpfa.delivery.received import received_header
 
     log = logger("esmtpfa.bench")
     context = ConnectionContext(connection_id="c", protocol="smtp", peer_host="127.0.0.1",

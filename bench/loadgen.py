@@ -12,7 +12,15 @@ test, so it must stay cheap) and speaks two ways:
   as ``smtplib`` and most application clients send.
 
 Either way AUTH PLAIN is done once per connection, unless ``login_per_message`` asks for
-a new connection and a new login for every message (the cost of a login).
+a new connection and a new login for every message (the cost of a login).  With
+``starttls`` the client upgrades each connection (RFC 3207) before AUTH: a full TLS
+handshake per connection, no session resumption, the certificate not verified (the
+benchmark runs on loopback against its own certificate).
+
+Each client measures its time to banner (from the start of the TCP connect to the 220)
+and gives up after ``banner_timeout``; ``load_in_processes`` spreads the clients of one
+load over several generator processes, so that Python's cost per connection does not
+become the ceiling of a connection-heavy workload.
 
 Messages can carry a unique ``X-Bench-Id`` header (``tag``): each message acknowledged
 with 250 is remembered by id, and ``SinkDump`` finds the ids in smtp-sink's dump file,
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import multiprocessing
 import os
 import re
 import resource
@@ -146,16 +155,35 @@ def plain(user: str = USER, password: str = PASSWORD) -> Credentials:
     return lambda _: (user, password)
 
 
+class BannerTimeout(TimeoutError):
+    """No 220 greeting within the client's ``banner_timeout`` (connect included)."""
+
+
+def insecure_tls_client() -> ssl.SSLContext:
+    """TLS 1.2 or later, any certificate: a loopback benchmark against its own
+    self-signed certificate.  The handshake is real (key exchange, the server's
+    signature); only the chain is not checked."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class Client:
     """One SMTP client sending messages back to back.
 
     ``message``: fixed bytes (the old interface) or a ``Messages``.
     ``credentials(i)``: the user and password for the i-th login.
+    ``starttls``: upgrade every connection with STARTTLS before AUTH.
+    ``banner_timeout``: longest wait for the 220, connect included (a burst's measure).
     """
 
     def __init__(self, port: int, message: bytes | Messages, mode: str = "pipelined",
                  credentials: Credentials = plain(), login_per_message: bool = False,
-                 name: str = "c", tls: ssl.SSLContext | None = None, timeout: float = 120.0):
+                 name: str = "c", tls: ssl.SSLContext | None = None, timeout: float = 120.0,
+                 starttls: ssl.SSLContext | None = None,
+                 banner_timeout: float | None = None):
         if isinstance(message, bytes):
             fixed = message + b".\r\n"
             message = Messages(0)
@@ -170,7 +198,11 @@ class Client:
         self.name = name
         self.tls = tls
         self.timeout = timeout
+        self.starttls = starttls
+        self.banner_timeout = banner_timeout
         self.latencies: list[float] = []
+        self.banners: list[float] = []  # seconds from connect() to the 220, each
+        self.negotiated: tuple[str, str] | None = None  # (TLS version, cipher)
         self.acknowledged: list[str] = []
         self.logins = 0
 
@@ -191,15 +223,37 @@ class Client:
         self.writer.write(line)
         return await self.reply()
 
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(
-            "127.0.0.1", self.port, ssl=self.tls, limit=1 << 20)
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = await self.reply()
+    async def banner(self) -> None:
+        """TCP connect (and implicit TLS, with ``tls``) up to the 220 greeting."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.banner_timeout):
+                self.reader, self.writer = await asyncio.open_connection(
+                    "127.0.0.1", self.port, ssl=self.tls, limit=1 << 20)
+                sock = self.writer.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = await self.reply()
+        except TimeoutError:
+            if self.banner_timeout is None:
+                raise
+            raise BannerTimeout(f"no banner within {self.banner_timeout:g} s") from None
         assert code == 220, code
+        self.banners.append(time.perf_counter() - started)
+
+    async def connect(self) -> None:
+        await self.banner()
         code = await self.command(b"EHLO bench.example\r\n")
         assert code == 250, code
+        if self.starttls is not None:
+            # RFC 3207: 220, the handshake, then the session starts over with EHLO.
+            code = await self.command(b"STARTTLS\r\n")
+            assert code == 220, code
+            await self.writer.start_tls(self.starttls, server_hostname="bench.test")
+            if self.negotiated is None:
+                tls = self.writer.get_extra_info("ssl_object")
+                self.negotiated = (tls.version(), tls.cipher()[0])
+            code = await self.command(b"EHLO bench.example\r\n")
+            assert code == 250, code
         user, password = self.credentials(self.logins)
         self.logins += 1
         token = base64.b64encode(f"\0{user}\0{password}".encode())
@@ -258,23 +312,38 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
                                     int(len(sorted_values) * fraction + 0.5) - 1))]
 
 
+def error_kind(error: BaseException) -> str:
+    """A client's failure in a few words, to count alike failures together."""
+    if isinstance(error, BannerTimeout):
+        return "banner timeout"
+    if isinstance(error, AssertionError):
+        return f"unexpected reply {error}"
+    return type(error).__name__
+
+
 async def load(ports: int | list[int], connections: int, messages: int, size: int,
                mode: str = "pipelined", tag: str | None = None,
                login_per_message: bool = False, credentials: Credentials = plain(),
                tls: ssl.SSLContext | None = None, collect_errors: bool = False,
-               raw: bool = False) -> dict:
+               raw: bool = False, starttls: ssl.SSLContext | None = None,
+               banner_timeout: float | None = None) -> dict:
     """``messages`` spread over ``connections`` concurrent clients (round-robin over
     ``ports``); rate and latency percentiles, and the acknowledged ids when ``tag``.
 
     A client that fails (an unexpected reply, a closed connection, a timeout) raises,
-    unless ``collect_errors``: then the result lists the errors under ``errors`` and
-    still carries every id acknowledged before them, so they can be checked too.
-    ``raw`` adds every latency (seconds, sorted), for a caller that merges loads."""
+    unless ``collect_errors``: then the result lists the errors under ``errors``, counts
+    the failed clients by kind under ``failed`` and still carries every id acknowledged
+    before them, so they can be checked too.  ``raw`` adds every latency and every time
+    to banner (seconds, sorted), for a caller that merges loads.  ``started`` and
+    ``ended`` (``time.monotonic``, which every process of the machine shares) let loads
+    run side by side in several processes be merged into one rate."""
     factory = Messages(size, tag)
     ports = [ports] if isinstance(ports, int) else ports
     clients = [Client(ports[i % len(ports)], factory, mode, credentials, login_per_message,
-                      name=str(i), tls=tls) for i in range(connections)]
+                      name=str(i), tls=tls, starttls=starttls,
+                      banner_timeout=banner_timeout) for i in range(connections)]
     per_client = messages // connections
+    started_at = time.monotonic()
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(c.run(per_client) for c in clients),
                                     return_exceptions=True)
@@ -283,7 +352,12 @@ async def load(ports: int | list[int], connections: int, messages: int, size: in
     if errors and not collect_errors:
         raise errors[0]
     latencies = sorted(latency for c in clients for latency in c.latencies)
-    result: dict = {"messages": len(latencies), "seconds": round(elapsed, 3)}
+    result: dict = {"messages": len(latencies), "seconds": round(elapsed, 3),
+                    "started": started_at, "ended": started_at + elapsed,
+                    "clients": connections}
+    negotiated = next((c.negotiated for c in clients if c.negotiated), None)
+    if negotiated:
+        result["tls"] = list(negotiated)
     if latencies:
         result.update({
             "msg_per_s": round(len(latencies) / elapsed, 1),
@@ -294,8 +368,111 @@ async def load(ports: int | list[int], connections: int, messages: int, size: in
         result["acknowledged"] = [i for c in clients for i in c.acknowledged]
     if raw:
         result["latencies"] = latencies
+        result["banners"] = sorted(b for c in clients for b in c.banners)
     if errors:
         result["errors"] = sorted({f"{type(e).__name__}: {e}" for e in errors})
+        failed: dict[str, int] = {}
+        for error in errors:
+            failed[error_kind(error)] = failed.get(error_kind(error), 0) + 1
+        result["failed"] = failed
+    return result
+
+
+def _load_child(pipe, arguments: dict, start_at: float) -> None:
+    """One generator process: its share of the load, and its own CPU, sent back.
+    It starts at ``start_at`` (``time.monotonic``), with its siblings: a burst comes
+    from all of them at once, not from one after the other as they were forked."""
+    before = own_cpu()
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    try:
+        result = asyncio.run(load(**arguments))
+        result["generator_cpu_s"] = own_cpu() - before
+        pipe.send(result)
+    except Exception as error:  # noqa: BLE001 - the parent reports any failure
+        pipe.send({"crashed": f"{type(error).__name__}: {error}"})
+    finally:
+        pipe.close()
+
+
+def load_in_processes(processes: int, port: int, connections: int, messages: int,
+                      size: int, tag: str | None = None, **options) -> dict:
+    """``load`` with its clients spread over ``processes`` forked generator processes
+    started together, merged as one load: the rate over the time from the first start
+    to the last end, percentiles over every latency.  The processes' own CPU is summed
+    under ``generator_cpu_s``.  Each process tags its messages with its own suffix, so
+    the ids stay unique.  One process: run here, no fork.
+
+    Why processes: a connection costs Python's asyncio tens of microseconds of CPU
+    (connect, the protocol objects, a TLS handshake's client half), and with a new
+    connection per message one process can run out of CPU before smtp-sink does."""
+    options = {**options, "raw": True, "collect_errors": True}
+    if processes <= 1:
+        before = own_cpu()
+        result = asyncio.run(load(port, connections, messages, size, tag=tag, **options))
+        result["generator_cpu_s"] = own_cpu() - before
+        return result
+    processes = min(processes, connections)
+    per_client = messages // connections
+    context = multiprocessing.get_context("fork")
+    start_at = time.monotonic() + 0.1 + 0.02 * processes  # after the last fork
+    children = []
+    for k in range(processes):
+        share = connections // processes + (1 if k < connections % processes else 0)
+        receive, send = context.Pipe(duplex=False)
+        arguments = dict(options, ports=port, connections=share,
+                         messages=share * per_client, size=size,
+                         tag=None if tag is None else f"{tag}.g{k}")
+        child = context.Process(target=_load_child, args=(send, arguments, start_at),
+                                daemon=True)
+        child.start()
+        send.close()
+        children.append((child, receive))
+    parts = []
+    for child, receive in children:
+        try:
+            parts.append(receive.recv())
+        except EOFError:
+            parts.append({"crashed": f"generator process {child.pid} exited "
+                                     f"({child.exitcode})"})
+        child.join(timeout=30)
+    crashed = [p["crashed"] for p in parts if "crashed" in p]
+    if crashed:
+        raise RuntimeError(f"a generator process failed: {crashed[0]}")
+    return merge_loads(parts)
+
+
+def merge_loads(parts: list[dict]) -> dict:
+    """Loads that ran side by side as one: see ``load_in_processes``."""
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    started = min(p["started"] for p in parts)
+    ended = max(p["ended"] for p in parts)
+    elapsed = ended - started
+    result: dict = {"messages": len(latencies), "seconds": round(elapsed, 3),
+                    "started": started, "ended": ended,
+                    "clients": sum(p["clients"] for p in parts),
+                    "generator_cpu_s": sum(p["generator_cpu_s"] for p in parts),
+                    "generators": len(parts),
+                    "latencies": latencies,
+                    "banners": sorted(x for p in parts for x in p["banners"])}
+    if latencies:
+        result.update({
+            "msg_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies) * 1000, 2),
+            "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        })
+    if any("acknowledged" in p for p in parts):
+        result["acknowledged"] = [i for p in parts for i in p.get("acknowledged", [])]
+    negotiated = next((p["tls"] for p in parts if "tls" in p), None)
+    if negotiated:
+        result["tls"] = negotiated
+    errors = sorted({e for p in parts for e in p.get("errors", [])})
+    if errors:
+        result["errors"] = errors
+        failed: dict[str, int] = {}
+        for p in parts:
+            for kind, count in p.get("failed", {}).items():
+                failed[kind] = failed.get(kind, 0) + count
+        result["failed"] = failed
     return result
 
 
@@ -430,6 +607,21 @@ def machine_ticks() -> dict[str, int]:
     user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
     return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait,
             "steal": steal}
+
+
+def listen_overflows() -> int:
+    """Handshakes the kernel dropped because a listening socket's accept queue was full
+    (``TcpExt: ListenOverflows`` of /proc/net/netstat; this network namespace, every
+    listener in it).  Such a client waits for a retransmission, one second or more,
+    before it can see a banner: what a burst beyond a listen backlog costs."""
+    try:
+        with open("/proc/net/netstat") as f:
+            rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    except OSError:
+        return 0
+    if len(rows) < 2 or "ListenOverflows" not in rows[0]:
+        return 0
+    return int(rows[1][rows[0].index("ListenOverflows")])
 
 
 def machine_share(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:

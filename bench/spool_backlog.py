@@ -63,7 +63,7 @@ from loadgen import (  # noqa: E402
     wait_for_port)
 
 sys.path.insert(0, PROJECT)
-from esmtpfa.message import Envelope  # noqa: E402
+from esmtpfa.common.message import Envelope  # noqa: E402
 from esmtpfa.spool import files  # noqa: E402
 from esmtpfa.spool.interfaces import SpoolEntry  # noqa: E402
 

@@ -47,7 +47,7 @@ def serve(port: int, upstream_port: int, write_through: bool, logic_us: float) -
 
     tcp_reactor = reactor
     if write_through:
-        from esmtpfa.transport import write_through as wrap
+        from esmtpfa.common.transport import write_through as wrap
         tcp_reactor = wrap(reactor)
 
     class Upstream(Protocol):

@@ -26,24 +26,24 @@ from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa import logs
+from esmtpfa.common import logs
 from esmtpfa.auth.credentials import BearerToken, SubmissionCredentials, UserPassword
 from esmtpfa.auth.errors import (
     BAD_PASSWORD, MALFORMED, POLICY, REASONS, THROTTLED, UNKNOWN_USER, LoginRefused,
     ProviderUnavailable, reason_of)
 from esmtpfa.auth.selection import Identity, ProviderDirectory, ProviderSelector, ProviderSet
-from esmtpfa.auth.throttle import LoginThrottled
-from esmtpfa.context import ConnectionContext
-from esmtpfa.delivery import MAIL_FROM, DeliveryPolicy, RelayDelivery
-from esmtpfa.jsonlog import record
-from esmtpfa.logs import RecipientLog
-from esmtpfa.options import Options
-from esmtpfa.providers.base import ProviderMeta
+from esmtpfa.limits.throttle import LoginThrottled
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.delivery.transaction import MAIL_FROM, DeliveryPolicy, RelayDelivery
+from esmtpfa.common.jsonlog import record
+from esmtpfa.common.logs import RecipientLog
+from esmtpfa.runtime.options import Options
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.jwt import JWTProvider
 from esmtpfa.providers.ldap import LDAPProvider
 from esmtpfa.providers.userpass import UserPassProvider
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.faults.harness import RunningRelay
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.logcapture import capture_logs

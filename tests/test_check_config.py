@@ -311,9 +311,9 @@ CANDIDATES = ("not-a-value", "-1", "0", "99999", "100/week")
 
 def bad_values() -> dict:
     """``{setting: (flag argument or None, environment variable or None, value)}`` for
-    every option of ``esmtpfa.options.SETTINGS`` that has a bad value: a new option is
+    every option of ``esmtpfa.runtime.options.SETTINGS`` that has a bad value: a new option is
     covered without touching this test."""
-    from esmtpfa.options import SETTINGS
+    from esmtpfa.runtime.options import SETTINGS
     found = {}
     for setting in SETTINGS:
         if setting.parse is None:  # a boolean: only its variable can be given a value
@@ -346,7 +346,7 @@ class EveryOptionTests(CheckConfigCase):
             self.assertEqual(len(naming), 1, f"{setting.flag}: {naming}\n{output}")
 
     def test_the_sweep_covers_the_options_that_parse(self):
-        from esmtpfa.options import SETTINGS
+        from esmtpfa.runtime.options import SETTINGS
         covered = {setting.flag for setting in bad_values()}
         strict = {s.flag for s in SETTINGS if s.parse not in (None, str)}
         self.assertEqual(strict - covered, set())
@@ -368,8 +368,8 @@ class EveryOptionTests(CheckConfigCase):
         """In process, one option at a time (a twistd each would take minutes): the
         problem names it, and every check after the options runs on typed values."""
         import io
-        from esmtpfa import checkconfig
-        from esmtpfa.options import Options, OptionsProblems
+        from esmtpfa.runtime import checkconfig
+        from esmtpfa.runtime.options import Options, OptionsProblems
         maildir = os.path.join(self.directory, "maildir")
         for setting, (flag, env, value) in bad_values().items():
             for argv, environ in (([flag], {}), ([], {env: value})):
@@ -458,7 +458,7 @@ class PrintConfigTests(CheckConfigCase):
         return settings
 
     async def test_every_setting_once_with_value_and_source(self):
-        from esmtpfa.options import ACTIONS, SETTINGS
+        from esmtpfa.runtime.options import ACTIONS, SETTINGS
         code, output = await self.print_config(
             "--port", "42587", "--log-level", "debug",
             env={"SMTP_PORT": "42599", "SMTP_MAX_RECIPIENTS": "7"})

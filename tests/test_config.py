@@ -10,13 +10,15 @@ from twisted.internet import defer
 from twisted.internet.defer import succeed
 from twisted.trial import unittest
 
-from esmtpfa import config, documents, providers
+from esmtpfa.config import documents, providers as config
+from esmtpfa import providers
 from esmtpfa.auth.selection import ProviderSet
-from esmtpfa.config import (
+from esmtpfa.config.providers import (
     BuildResult, ConfiguredProviderSet, ProviderConfig, build_providers, expand_env,
     load_provider_file, parse_provider_document)
 from esmtpfa.providers import PROVIDER_TYPES, provider_class
-from esmtpfa.providers.base import ConfigError, ProviderMeta
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.userpass import UserPassProvider
 from tests.support.ports import free_port
 from tests.support.processes import Twistd
@@ -463,7 +465,7 @@ class RegistryTests(unittest.TestCase):
     def test_unloadable(self):
         self.patch(providers, "PROVIDER_TYPES",
                    {"gone": "esmtpfa.providers.does_not_exist.Gone",
-                    "odd": "esmtpfa.context.ConnectionContext",
+                    "odd": "esmtpfa.common.context.ConnectionContext",
                     "typo": "esmtpfa.providers.userpass.UserPasProvider"})
         for name, fragment in [("gone", "could not be loaded"), ("odd", "not a Provider"),
                                ("typo", "could not be loaded")]:

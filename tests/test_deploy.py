@@ -38,8 +38,8 @@ import yaml
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from esmtpfa.config import parse_provider_document
-from esmtpfa.options import SETTINGS, Options
+from esmtpfa.config.providers import parse_provider_document
+from esmtpfa.runtime.options import SETTINGS, Options
 from tests.support.certs import CertificateAuthority
 from tests.support.httpservers import until
 from tests.support.ports import free_port
@@ -69,11 +69,11 @@ SERVICE_PORTS = {25: "SMTP_PORT", 587: "SMTP_PORT", 465: "SMTP_TLS_PORT",
 #: Modules allowed to read the process environment, and why: the settings table, and
 #: the ``${NAME}`` expansion of the providers document and the relay file (whose names
 #: the operator chooses; .env-sample lists those the shipped ConfigMap uses).
-ENVIRONMENT_READERS = {"esmtpfa/options.py", "esmtpfa/config.py", "esmtpfa/relay/config.py",
+ENVIRONMENT_READERS = {"esmtpfa/runtime/options.py", "esmtpfa/config/providers.py", "esmtpfa/relay/config.py",
                        "esmtpfa/spool/tool.py",
                        # passes its environment on to the workers it starts, with the
                        # directory of their counts added; reads no setting from it
-                       "esmtpfa/workers/supervisor.py"}
+                       "esmtpfa/runtime/workers/supervisor.py"}
 
 #: kubectl's rule for a key of --from-env-file (an environment variable name).
 ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
@@ -614,7 +614,7 @@ class ImageTests(unittest.TestCase):
         for path in (".env", ".git/config", "tests/test_deploy.py", ".venv/bin/python",
                      "esmtpfa/__pycache__/options.cpython-311.pyc", "maildir/new/x"):
             self.assertTrue(ignored(path, patterns), path)
-        for path in ("setup.cfg", "pyproject.toml", "README.md", "esmtpfa/options.py",
+        for path in ("setup.cfg", "pyproject.toml", "README.md", "esmtpfa/runtime/options.py",
                      "twisted/plugins/esmtpfa_plugin.py"):
             self.assertFalse(ignored(path, patterns), path)
         # exceptions name top-level entries only (what build_context supports)

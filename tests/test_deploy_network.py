@@ -15,7 +15,7 @@ import yaml
 from twisted.trial import unittest
 
 from esmtpfa.spool import amqp
-from esmtpfa.state import resp
+from esmtpfa.limits import resp
 from tests.test_deploy import DEPLOY, objects, the
 
 #: The oldest release the README supports: the pods' preStop sleep action is on by

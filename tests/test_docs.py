@@ -5,6 +5,8 @@ Design decisions and Twisted pitfalls are cited from ``docs/design.md`` and
 ``docs/`` file a file names, and every relative Markdown link, exists (anchors too); the
 original's settings are all implemented and explained in ``docs/compatibility.md``; and
 every refusal the relay can send is in the operator guide's troubleshooting tables.
+Every source file and module a text names exists, so a module moved to another layer
+leaves no stale path behind.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from esmtpfa.options import SETTINGS
+from esmtpfa.runtime.options import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +65,13 @@ ORIGINAL_SETTINGS = {
 DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w./-]*\w")
 #: A Markdown inline link target: ](target) or ](target "title").
 MD_LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+#: A source file of the package named in any text (``../esmtpfa/…`` from docs/ too).
+SOURCE_PATH = re.compile(r"(?<![\w/.-])(?:\.\./)?(esmtpfa/[\w/]+\.(?:py|yaml))")
+#: A dotted name under esmtpfa in the guides; not a log namespace (``[esmtpfa.smtp#info]``,
+#: ``"namespace":"esmtpfa.delivery"``) nor a file name (``systemd/esmtpfa.service``).
+MODULE_NAME = re.compile(r"(?<![\w.\[\"/-])esmtpfa(?:\.\w+)+")
+#: Dotted names in the guides that are not Python: what else they name.
+NOT_MODULES = {"esmtpfa.queue": "the file spool's RabbitMQ counterpart, a queue (docs/spool.md)"}
 #: Fenced code blocks, whose contents are not Markdown.
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
@@ -149,6 +158,44 @@ class SelfContainedTests(unittest.TestCase):
                         file.read_text("utf-8")):
                     broken.append(f"{where} (no such heading)")
         self.assertEqual(broken, [])
+
+    def test_every_named_source_file_exists(self):
+        """A module moved to another layer (docs/architecture.md, "Layers") leaves no
+        stale path behind in a guide, a docstring, a test or a deployment file."""
+        missing = []
+        for path in repository_files():
+            text = read_text(path)
+            if text is None:
+                continue
+            for match in SOURCE_PATH.finditer(text):
+                if not (ROOT / match.group(1)).exists():
+                    missing.append(f"{path.relative_to(ROOT)}: {match.group(1)}")
+        self.assertEqual(missing, [])
+
+    def test_every_named_module_exists(self):
+        """``esmtpfa.runtime.tap``, ``python -m esmtpfa.runtime.worker``,
+        ``esmtpfa.limits.throttle.LocalLoginLedger``: each dotted name in the guides is a
+        module, or a name in one."""
+        import importlib
+        missing = []
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+            for match in MODULE_NAME.finditer(path.read_text("utf-8")):
+                name = match.group(0)
+                if name in NOT_MODULES:
+                    continue
+                parts = name.split(".")
+                # The longest importable prefix, then attributes of it.
+                for length in range(len(parts), 0, -1):
+                    try:
+                        found: object = importlib.import_module(".".join(parts[:length]))
+                    except ImportError:
+                        continue
+                    for attribute in parts[length:]:
+                        found = getattr(found, attribute, None)
+                    break
+                if found is None:
+                    missing.append(f"{path.relative_to(ROOT)}: {name}")
+        self.assertEqual(missing, [])
 
     def test_the_design_sections_cited_in_the_code_exist(self):
         design = (ROOT / "docs" / "design.md").read_text("utf-8")

@@ -14,7 +14,7 @@ import smtplib
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from esmtpfa.service import DEMO_PASSWORD, DEMO_USER
+from esmtpfa.runtime.service import DEMO_PASSWORD, DEMO_USER
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from esmtpfa.replies import Reply, SMTPReplyError
+from esmtpfa.common.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.address import parse_path_argument, valid_mailbox
 
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")

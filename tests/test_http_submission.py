@@ -17,7 +17,7 @@ import socket
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from esmtpfa.service import DEMO_PASSWORD, DEMO_USER
+from esmtpfa.runtime.service import DEMO_PASSWORD, DEMO_USER
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.web.login import host_name
 from esmtpfa.web.submission import body_limit

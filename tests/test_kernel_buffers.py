@@ -25,7 +25,7 @@ from twisted.trial import unittest
 
 from esmtpfa.smtp.deadlines import RESOLUTION, WriteStall
 from esmtpfa.smtp.settings import ServerSettings
-from esmtpfa.timeouts import Sweeper
+from esmtpfa.common.timeouts import Sweeper
 from tests.support import hostile
 from tests.support.logcapture import observe_logs
 from tests.support.relayfixture import RelayFixture

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from tests.faults.harness import RunningRelay
 from tests.support.ports import free_port
 from tests.support.rawsmtp import greeting_times
-from esmtpfa.workers.sockets import bind_listener
+from esmtpfa.runtime.sockets import bind_listener
 
 #: Connections of the burst: more than Twisted's default backlog of 50, fewer than ours.
 BURST = 200

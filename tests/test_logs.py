@@ -18,12 +18,12 @@ from twisted.internet import reactor, threads
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
-from esmtpfa import logs
+from esmtpfa.common import logs
 from esmtpfa.auth.credentials import UserPassword
 from esmtpfa.auth.errors import REASONS, UnauthorizedLogin
-from esmtpfa.context import ConnectionContext
-from esmtpfa.jsonlog import JSONLinesObserver
-from esmtpfa.providers.base import ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.jsonlog import JSONLinesObserver
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.ldap import LDAPProvider
 from tests.faults.harness import CLIENT, RunningRelay, message, new_message_id, send_fresh

@@ -131,15 +131,15 @@ class PrivateByDefaultTests(MetricsMixin, unittest.TestCase):
             self.assertNotIn(f"{NS}_{name}", scrape.families)
 
     def test_default_listener_is_loopback(self):
-        from esmtpfa.tap import Options
+        from esmtpfa.runtime.tap import Options
         options = Options(environ={"METRICS_ADDR": ""})  # empty: unset, as in the original
         options.parseOptions([])
         self.assertEqual(options["metrics-addr"], "127.0.0.1")
 
     @defer.inlineCallbacks
     def test_relay_started_without_an_address_serves_metrics_on_loopback_only(self):
-        from esmtpfa.service import RelayService
-        from esmtpfa.tap import Options
+        from esmtpfa.runtime.service import RelayService
+        from esmtpfa.runtime.tap import Options
         directory = self.fixture.directory
         options = Options(environ={})
         options.parseOptions(["--config", self.fixture.config_path, "--metrics-port", "0",

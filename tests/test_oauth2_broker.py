@@ -18,7 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from esmtpfa.metrics import RelayMetrics
+from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.relay.oauth2 import (
     FAILURE_HOLD, MAX_DESCRIPTION, MAX_RESPONSE_BYTES, ClientAssertion, OAuth2Settings, TokenBroker,
     TokenUnavailable, new_token_client, refresh_delay)

@@ -1,7 +1,7 @@
 """An identity for every session, and sender authorization from
 each provider's ``policy`` block (``docs/policy.md``).
 
-The rules are unit-tested on ``esmtpfa.policy`` (pure); everything else runs the whole
+The rules are unit-tested on ``esmtpfa.auth.policy`` (pure); everything else runs the whole
 relay (``RelayFixture``) in front of a recording upstream, with the real servers each
 provider talks to: slapd (users with several ``mail`` values and with none), a JWKS
 endpoint (tokens with ``email`` as a string, a list, and none), twisted.web auth
@@ -22,9 +22,9 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import Identity
-from esmtpfa.config import build_providers, parse_provider_document
-from esmtpfa.policy import HeaderFromScanner, from_addresses, parse_policy
-from esmtpfa.providers.base import ConfigError
+from esmtpfa.config.providers import build_providers, parse_provider_document
+from esmtpfa.auth.policy import HeaderFromScanner, from_addresses, parse_policy
+from esmtpfa.common.errors import ConfigError
 from tests.support.httpservers import (
     AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, make_key, mint,
     standard_claims, until)

@@ -1,6 +1,6 @@
-"""Generated input for the config documents: the provider file (``esmtpfa.config``), the
+"""Generated input for the config documents: the provider file (``esmtpfa.config.providers``), the
 relay file (``esmtpfa.relay.config``) and the bounded loader under both
-(``esmtpfa.documents``).
+(``esmtpfa.config.documents``).
 
 A document comes from an operator, a config service or a ConfigMap someone else edits,
 so: any text either parses or fails with ``ConfigError`` (of which ``DocumentRefused``
@@ -18,9 +18,9 @@ import yaml
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from esmtpfa.config import parse_provider_document
-from esmtpfa.documents import DEPTH, VALUES, DocumentLimits, DocumentRefused, load_document
-from esmtpfa.providers.base import ConfigError
+from esmtpfa.config.providers import parse_provider_document
+from esmtpfa.config.documents import DEPTH, VALUES, DocumentLimits, DocumentRefused, load_document
+from esmtpfa.common.errors import ConfigError
 from esmtpfa.relay.config import parse_relay_document
 from tests.test_properties_smtp import PROPERTY
 

@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial import unittest
 
-from esmtpfa import internals
+from esmtpfa.common import internals
 from esmtpfa.smtp.proxy import V1_MAX, V2_FIXED, Header, HeaderProblem, HeaderReader
 from tests.test_properties_smtp import PROPERTY, in_pieces
 

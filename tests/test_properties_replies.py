@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import MAX_REPLY_LINE, Extensions, SMTPClientProtocol, parse_limits
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.test_properties_smtp import HOSTILE_BYTES, NUMBERS, PROPERTY, in_pieces
 
 LINE_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30)

@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
 from esmtpfa.relay import sasl as client
-from esmtpfa.replies import AUTH_CANCELLED, AUTH_MALFORMED, SMTPReplyError
+from esmtpfa.common.replies import AUTH_CANCELLED, AUTH_MALFORMED, SMTPReplyError
 from esmtpfa.smtp import sasl
 from tests.test_properties_smtp import (
     ENHANCED, HOSTILE_BYTES, PASSWORD, PROPERTY, USER, Session, assert_enhanced, in_pieces)

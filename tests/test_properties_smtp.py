@@ -32,7 +32,7 @@ from esmtpfa.auth.credentials import ISubmissionCredentials
 from esmtpfa.auth.realm import SubmissionRealm
 from esmtpfa.auth.selection import Identity
 from esmtpfa.relay.protocol import DotStuffer
-from esmtpfa.replies import Reply, SMTPReplyError
+from esmtpfa.common.replies import Reply, SMTPReplyError
 from esmtpfa.smtp.address import (
     MAX_DOMAIN, MAX_LOCAL, MAX_PATH, SYNTAX, parse_path_argument, valid_mailbox)
 from esmtpfa.smtp.data import NORMALIZE, REJECT, ChunkReader, DataReader, normalize_line_ends

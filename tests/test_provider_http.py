@@ -24,8 +24,9 @@ from esmtpfa.auth.credentials import (
     UserPassword,
 )
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
-from esmtpfa.context import ConnectionContext
-from esmtpfa.providers.base import ConfigError, IProvider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import IProvider, ProviderMeta
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.http_header import HTTPHeaderProvider
 from tests.support.httpservers import (

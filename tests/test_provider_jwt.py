@@ -20,8 +20,9 @@ from zope.interface.verify import verifyObject
 
 from esmtpfa.auth.credentials import BearerToken, IBearerTokenCredentials
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
-from esmtpfa.context import ConnectionContext
-from esmtpfa.providers.base import ConfigError, IProvider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import IProvider, ProviderMeta
 from esmtpfa.providers.jwt import (
     JWTProvider,
     KeySet,

@@ -22,8 +22,9 @@ from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import UserPassword
 from esmtpfa.auth.errors import ProviderUnavailable
-from esmtpfa.context import ConnectionContext
-from esmtpfa.providers.base import ConfigError, ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.ldap import LDAPProvider
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port

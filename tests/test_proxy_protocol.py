@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa.tap import Options
+from esmtpfa.runtime.tap import Options
 from tests.support.haproxy import PROBE_SOURCE, HAProxy
 from tests.support.rawsmtp import RawSMTP
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture

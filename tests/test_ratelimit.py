@@ -6,8 +6,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from esmtpfa.ratelimit import (
-    Exceeded, Limit, RateLimiter, Rates, RateSyntaxError, Reservation)
+from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.auth.sendingrates import Limit, Rates, RateSyntaxError
 
 
 class ParseTests(unittest.TestCase):

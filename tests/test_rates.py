@@ -14,9 +14,9 @@ import ldap3
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from esmtpfa.policy import parse_policy
-from esmtpfa.providers.base import ConfigError
-from esmtpfa.ratelimit import Limit, Rates
+from esmtpfa.auth.policy import parse_policy
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.sendingrates import Limit, Rates
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
 from tests.support.misbehaving import MisbehavingUpstream
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture

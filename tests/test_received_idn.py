@@ -12,8 +12,8 @@ from __future__ import annotations
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from esmtpfa.context import ConnectionContext
-from esmtpfa.trace import received_header, safe_client_name
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.delivery.received import received_header, safe_client_name
 from tests.faults.harness import CLIENT, RunningRelay
 from tests.support.rawsmtp import RawSMTP
 from tests.support.sink import SmtpSink

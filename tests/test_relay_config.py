@@ -9,9 +9,9 @@ from twisted.internet import defer, threads
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa.providers.base import ConfigError
+from esmtpfa.common.errors import ConfigError
 from esmtpfa.relay.config import UpstreamEntry, parse_relay_document
-from esmtpfa.service import build_relay
+from esmtpfa.runtime.service import build_relay
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 from tests.test_relay_options import parse

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.errors import permanent, policy, unavailable
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, Kind, Phase, RelayError
 from esmtpfa.relay.settings import PoolSettings
 from esmtpfa.relay.upstream import (
     _MOVES, IllegalMove, SMTPRelay, State, UpstreamSettings, UpstreamTransaction)
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.upstream import RecordingUpstream
 
 KINDS = (Kind.REJECTED, Kind.POLICY, Kind.UNAVAILABLE, Kind.PROTOCOL, Kind.BUSY,

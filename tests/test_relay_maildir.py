@@ -7,7 +7,7 @@ import os
 from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import UNAVAILABLE, IRelay, RelayError
 from esmtpfa.relay.maildir import MaildirRelay, UniqueNames
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa.options import Options
+from esmtpfa.runtime.options import Options
 from esmtpfa.relay.rewrite import RelayFromRewriter
 from esmtpfa.relay.upstream import SMTPRelay
-from esmtpfa.service import build_relay
+from esmtpfa.runtime.service import build_relay
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.sink import SmtpSink

@@ -13,13 +13,13 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
-from esmtpfa.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from esmtpfa.common.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port

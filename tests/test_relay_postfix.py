@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope
+from esmtpfa.common.message import Envelope
 from esmtpfa.relay.interfaces import REJECTED, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from tests.support.relaying import send_whole

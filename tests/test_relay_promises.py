@@ -13,10 +13,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, WholeMessageTransaction
 from esmtpfa.relay.rewrite import RelayFromRewriter
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.relayfixture import RelayFixture
 from tests.support.relaying import send_whole
 from tests.support.upstream import END_OF_DATA, RAW, RecordingUpstream

@@ -19,11 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from esmtpfa.message import READ_CHUNK, Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import READ_CHUNK, Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import Kind, Phase, RelayError
 from esmtpfa.relay.protocol import (
     MAX_REPLY_LINE, DotStuffer, Extensions, SMTPClientFactory, SMTPClientProtocol)
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.upstream import RecordingUpstream
 
 

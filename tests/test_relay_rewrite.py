@@ -8,11 +8,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, IRelay, RelayError, WholeMessageTransaction
 from esmtpfa.relay.maildir import MaildirRelay
 from esmtpfa.relay.rewrite import HEADER_LIMIT, RelayFromRewriter, display_name, unfold
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.relaying import send_whole
 
 RELAY_FROM = "relay@smarthost.example"

@@ -14,10 +14,10 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, IRelay, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port

@@ -17,8 +17,9 @@ from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.selection import (
     VIA_FALLBACK, VIA_UNIQUE_DOMAIN, VIA_USERNAME, Claim, Identity, ProviderDirectory,
     ProviderSelector, ProviderSet)
-from esmtpfa.context import ConnectionContext, normalize_domain
-from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext, normalize_domain
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import Provider, ProviderMeta
 from esmtpfa.providers.userpass import UserPassProvider
 
 

@@ -12,8 +12,8 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from esmtpfa.context import ConnectionContext
-from esmtpfa.trace import received_header
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.delivery.received import received_header
 from tests.support.relayfixture import RelayFixture
 from tests.support.logcapture import observe_logs
 
@@ -296,7 +296,7 @@ class RepeatSummaryTests(unittest.TestCase):
     def setUp(self):
         from twisted.internet.task import Clock
         from twisted.logger import Logger
-        from esmtpfa.logsummary import RepeatSummary
+        from esmtpfa.common.logsummary import RepeatSummary
         self.events: list[dict] = []
         self.clock = Clock()
         self.summary = RepeatSummary(Logger(observer=self.events.append), "refused",

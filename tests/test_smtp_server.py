@@ -14,7 +14,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import ProviderSet
-from esmtpfa.providers.base import Provider, ProviderMeta
+from esmtpfa.auth.provider import Provider, ProviderMeta
 from tests.support.rawsmtp import b64
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 

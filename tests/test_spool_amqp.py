@@ -36,7 +36,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope
+from esmtpfa.common.message import Envelope
 from esmtpfa.spool.amqp import (
     DUE_SLACK, REDELIVERED, STOPPED, AMQPSpool, AMQPURL, StoredState, Topology)
 from esmtpfa.spool.interfaces import (

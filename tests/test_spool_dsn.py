@@ -18,7 +18,7 @@ import subprocess
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope
+from esmtpfa.common.message import Envelope
 from esmtpfa.spool import dsn
 from esmtpfa.spool.dsn import build_bounce, original_headers
 from esmtpfa.spool.interfaces import Ending, Recipient, RecipientState, SpoolEntry

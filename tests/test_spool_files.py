@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from esmtpfa.message import Envelope
+from esmtpfa.common.message import Envelope
 from esmtpfa.spool import files
 from esmtpfa.spool.files import FileSpool
 from esmtpfa.spool.interfaces import (

@@ -493,7 +493,7 @@ class SpoolOptionTests(unittest.TestCase):
     one-line error naming the setting, never a URL's password."""
 
     def parse(self, *args: str, env: dict | None = None):
-        from esmtpfa.options import Options
+        from esmtpfa.runtime.options import Options
         options = Options(environ=env or {})
         options.parseOptions(["--config", "/dev/null", *args])
         return options

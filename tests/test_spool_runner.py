@@ -17,10 +17,10 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from esmtpfa.logs import PLAIN_RECIPIENTS, RecipientLog
-from esmtpfa.message import Envelope
+from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog
+from esmtpfa.common.message import Envelope
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from esmtpfa.spool.files import FileSpool
 from esmtpfa.spool.interfaces import SpoolEntry
 from esmtpfa.spool.modes import Spooler

@@ -171,7 +171,7 @@ class OverrideWarningTests(StartupCase):
                               if "overrides --" in line]), 2, process.output)
         for secret in (RELAY_SECRET_FLAG, RELAY_SECRET_ENV):
             self.assertNotIn(secret, process.output)
-        # The Twisted self-check (esmtpfa.internals) opened and closed a port of its
+        # The Twisted self-check (esmtpfa.common.internals) opened and closed a port of its
         # own: none of that is news in the info log.
         self.assertNotRegex(process.output, r"\[-\] Factory starting on \d+")
         self.assertNotIn("Starting factory <twisted.internet.protocol", process.output)

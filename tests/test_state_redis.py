@@ -32,16 +32,17 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import Claim
-from esmtpfa.auth.throttle import (
+from esmtpfa.limits.throttle import (
     AuthThrottle, LocalLoginLedger, LoginThrottled, identity_depth)
-from esmtpfa.metrics import RelayMetrics
-from esmtpfa.options import Options
-from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, Reservation
-from esmtpfa.state.guard import (
+from esmtpfa.web.metrics import RelayMetrics
+from esmtpfa.runtime.options import Options
+from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.auth.sendingrates import Limit, Rates
+from esmtpfa.limits.guard import (
     FailurePolicy, GuardedLoginLedger, GuardedRateLedger, StateRefusedLogin, StateRefusedRate)
-from esmtpfa.state.interfaces import StateUnavailable
-from esmtpfa.state.redis import RedisLoginLedger, RedisRateLedger, RedisState
-from esmtpfa.state.resp import (
+from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
+from esmtpfa.limits.resp import (
     Incomplete, ProtocolError, RedisClient, RedisError, RedisURL, parse)
 from tests.faults.harness import (
     CLIENT, RunningRelay, message, new_message_id, send_fresh, send_one, smtp_session)

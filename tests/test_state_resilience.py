@@ -18,15 +18,16 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from esmtpfa.auth.throttle import LocalLoginLedger
-from esmtpfa.metrics import RelayMetrics
-from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter, Rates, Reservation
-from esmtpfa.state.breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker
-from esmtpfa.state.guard import (
+from esmtpfa.limits.throttle import LocalLoginLedger
+from esmtpfa.web.metrics import RelayMetrics
+from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.auth.sendingrates import Limit, Rates
+from esmtpfa.limits.breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker
+from esmtpfa.limits.guard import (
     FailurePolicy, GuardedLoginLedger, GuardedRateLedger, StateRefusedRate)
-from esmtpfa.state.interfaces import StateUnavailable
-from esmtpfa.state.redis import RedisLoginLedger, RedisRateLedger, RedisState
-from esmtpfa.state.resp import RedisClient, RedisURL
+from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
+from esmtpfa.limits.resp import RedisClient, RedisURL
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
 from tests.support.logcapture import observe_logs
 from tests.support.misbehaving import MisbehavingUpstream

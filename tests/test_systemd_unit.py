@@ -31,7 +31,7 @@ import sys
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from esmtpfa.options import SETTINGS
+from esmtpfa.runtime.options import SETTINGS
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.processes import (

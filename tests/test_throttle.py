@@ -24,10 +24,10 @@ from esmtpfa.auth.credentials import (
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.selection import (
     ProviderDirectory, ProviderSelector, ProviderSet)
-from esmtpfa.auth.throttle import (
+from esmtpfa.limits.throttle import (
     AuthThrottle, FailureWindow, LoginThrottled, ThrottlingChecker)
-from esmtpfa.context import ConnectionContext, normalize_domain
-from esmtpfa.providers.base import Provider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext, normalize_domain
+from esmtpfa.auth.provider import Provider, ProviderMeta
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import SharedSlapd, ldap_provider
 from tests.support.logcapture import observe_logs

@@ -24,9 +24,9 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from esmtpfa.certificates import (
+from esmtpfa.common.certificates import (
     CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
-from esmtpfa.tls import TLSPolicy
+from esmtpfa.common.servertls import TLSPolicy
 from tests.support.certs import CertificateAuthority, Leaf
 from tests.support.logcapture import observe_logs
 from tests.support.ports import free_port

@@ -1,4 +1,4 @@
-"""TLS session resumption on the SMTP listeners (docs/workers.md, esmtpfa/tls.py).
+"""TLS session resumption on the SMTP listeners (docs/workers.md, esmtpfa/common/servertls.py).
 
 Applications and printers open a connection per message; without resumption every one
 pays a full handshake.  A real ``ssl`` client connects to the implicit-TLS port, reads

@@ -1,4 +1,4 @@
-"""Write-through TCP transports (``esmtpfa.transport``) on loopback: bytes leave inside
+"""Write-through TCP transports (``esmtpfa.common.transport``) on loopback: bytes leave inside
 ``write()`` when nothing is queued, and the order, producers and closing behave exactly as
 with Twisted's queued transports."""
 
@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from esmtpfa.transport import write_through
+from esmtpfa.common.transport import write_through
 
 BIG = bytes(range(256)) * 32 * 1024  # 8 MiB: far more than the loopback socket buffers
 

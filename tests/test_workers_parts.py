@@ -12,16 +12,17 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from esmtpfa.auth.throttle import LocalLoginLedger
-from esmtpfa.metrics import render
-from esmtpfa.ratelimit import Exceeded, Limit, RateLimiter
+from esmtpfa.limits.throttle import LocalLoginLedger
+from esmtpfa.web.metrics import render
+from esmtpfa.limits.rates import Exceeded, RateLimiter
+from esmtpfa.auth.sendingrates import Limit
 from esmtpfa.smtp.factory import ConnectionLimits
-from esmtpfa.state.interfaces import StateUnavailable
-from esmtpfa.workers.control import (
+from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.runtime.workers.control import (
     CALL_TIMEOUT, MAX_FRAME, ControlChannel, ControlLost, ControlTimeout, RemoteError)
-from esmtpfa.workers.limits import (
+from esmtpfa.runtime.workers.limits import (
     HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
-from esmtpfa.workers.metrics import RetiredCounts, merge, snapshot
+from esmtpfa.runtime.workers.metrics import RetiredCounts, merge, snapshot
 
 
 class ClockReactor(Clock):
@@ -243,7 +244,7 @@ class StalledCountTests(unittest.TestCase):
 
 class WorkersOptionTests(unittest.TestCase):
     def parse(self, *args: str, environ=None):
-        from esmtpfa.options import Options
+        from esmtpfa.runtime.options import Options
         options = Options(environ=environ or {})
         options.parseOptions(list(args))
         return options
@@ -263,7 +264,7 @@ class WorkersOptionTests(unittest.TestCase):
 
     def test_auto_keeps_to_the_containers_cpu_quota(self):
         import os
-        from esmtpfa.options import usable_cpus
+        from esmtpfa.runtime.options import usable_cpus
         cpus = len(os.sched_getaffinity(0))
         v2 = self.mktemp()
         os.makedirs(v2)
@@ -303,7 +304,7 @@ class HeartbeatTests(unittest.TestCase):
     def run_for(self, seconds: float, answering) -> list[str]:
         """Beat for ``seconds`` of a ``Clock``; the worker answers whenever
         ``answering(now)`` is true.  The signals the worker was sent."""
-        from esmtpfa.workers.supervisor import HEARTBEAT, WorkerSlot
+        from esmtpfa.runtime.workers.supervisor import HEARTBEAT, WorkerSlot
         supervisor, _, pump, clock = pair(right_handlers={"ping": lambda: True})
         slot = WorkerSlot(None, 1)
         slot.running, slot.channel, slot.process = True, supervisor, StubProcess()
@@ -321,7 +322,7 @@ class HeartbeatTests(unittest.TestCase):
         self.assertEqual(self.run_for(60, lambda now: now % 3 >= 1.5), [])
 
     def test_a_worker_silent_for_five_seconds_is_killed(self):
-        from esmtpfa.workers.supervisor import HEARTBEAT, MISSED_HEARTBEATS
+        from esmtpfa.runtime.workers.supervisor import HEARTBEAT, MISSED_HEARTBEATS
         self.assertEqual(HEARTBEAT * MISSED_HEARTBEATS, 5.0, "docs/workers.md says 5 s")
         self.assertEqual(self.run_for(14.9, lambda now: now < 10), [])
         self.assertEqual(self.run_for(16.5, lambda now: now < 10), ["KILL"])
@@ -342,7 +343,7 @@ class HeartbeatTests(unittest.TestCase):
 #: A worker's counts, then its end: SIGKILL right after the increments.
 COUNT_THEN_DIE = """
 import os, signal
-from esmtpfa.metrics import RelayMetrics
+from esmtpfa.web.metrics import RelayMetrics
 metrics = RelayMetrics("esmtpfa")
 metrics.checked("corp", "password", "accepted", 0.05)
 for _ in range(3):
@@ -360,8 +361,8 @@ class CountFilesTests(unittest.TestCase):
         import subprocess
         import sys
 
-        from esmtpfa.metrics import RelayMetrics
-        from esmtpfa.workers.metrics import CountFiles
+        from esmtpfa.web.metrics import RelayMetrics
+        from esmtpfa.runtime.workers.metrics import CountFiles
         files = CountFiles.create()
         self.addCleanup(files.remove)
         self.assertEqual(os.stat(files.path).st_mode & 0o777, 0o700)
@@ -396,7 +397,7 @@ class WorkerLogLinesTests(unittest.TestCase):
 
     def setUp(self) -> None:
         from io import BytesIO
-        from esmtpfa.workers.supervisor import LogLines
+        from esmtpfa.runtime.workers.supervisor import LogLines
         self.sink = BytesIO()
         self.lines = LogLines(self.sink)
 

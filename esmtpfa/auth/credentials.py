@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, implementer
 
-from esmtpfa.context import ConnectionContext
+from esmtpfa.common.context import ConnectionContext
 
 
 class ISubmissionCredentials(ICredentials):

@@ -78,7 +78,7 @@ class Attempted:
     password was wrong, which confirms such a user exists.
 
     ``str()`` is ``provider/user`` escaped for a text line; the JSON log reads the
-    attributes (``{"provider": …, "user": …}``, esmtpfa.jsonlog).
+    attributes (``{"provider": …, "user": …}``, esmtpfa.common.jsonlog).
     """
 
     provider: str | None

@@ -19,8 +19,8 @@ must not go blind when an operator quiets the log.
 from __future__ import annotations
 
 from esmtpfa.auth.errors import Attempted, reason_of
-from esmtpfa.context import ConnectionContext
-from esmtpfa.logs import logger
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.logs import logger
 
 log = logger("esmtpfa.auth")
 

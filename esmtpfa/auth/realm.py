@@ -9,7 +9,7 @@ from twisted.cred.portal import IRealm
 from zope.interface import implementer
 
 from esmtpfa.auth.selection import ANONYMOUS, Identity
-from esmtpfa.smtp.interfaces import IMessageDelivery
+from esmtpfa.auth.interfaces import IMessageDelivery
 
 
 @implementer(IRealm)

@@ -30,7 +30,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.auth.credentials import (
     BearerToken,
     IBearerTokenCredentials,
@@ -41,7 +41,8 @@ from esmtpfa.auth.credentials import (
 from esmtpfa.auth.errors import (
     BAD_PASSWORD, MALFORMED, POLICY, UNKNOWN_USER, Attempted, LoginRefused,
     ProviderUnavailable, most_telling, reason_of)
-from esmtpfa.providers.base import ConfigError, Principal, Provider
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import Principal, Provider
 
 log = logger("esmtpfa.auth")
 
@@ -59,7 +60,7 @@ class Identity:
     endpoint named (or ``sha256:`` and a short fingerprint of the token, never the
     token).  ``dn`` and ``attributes`` are what the provider found that the policy needs
     (an LDAP entry's DN and attribute values, JWT claims), as ``(name, values)`` pairs.
-    ``policy`` is the provider's policy when it vouched (``esmtpfa.policy``): a reload
+    ``policy`` is the provider's policy when it vouched (``esmtpfa.auth.policy``): a reload
     applies to the logins after it.  ``str()`` is ``provider/user``, for logs; no field
     holds a secret.
     """

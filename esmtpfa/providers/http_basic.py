@@ -21,8 +21,9 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import MALFORMED
-from esmtpfa.logs import logger
-from esmtpfa.providers.base import IProvider, Principal, ProviderMeta, refused, session_of
+from esmtpfa.common.logs import logger
+from esmtpfa.auth.provider import IProvider, Principal, ProviderMeta
+from esmtpfa.providers.base import refused, session_of
 from esmtpfa.providers.httpcheck import HTTPAuthChecker, HTTPCheckProvider, has_control_chars
 
 

@@ -18,6 +18,9 @@ what must *not* happen:
   TLS failures raise ``ProviderUnavailable`` (SMTP 454: the client retries), never
   ``UnauthorizedLogin`` (535: "your password is wrong").
 
+The client itself (no redirects, no cookies, the pool, the bounded body) is
+``esmtpfa.common.httpclient``, shared with every other outbound HTTP call.
+
 HTTPS certificate verification is Twisted's default (``BrowserLikePolicyForHTTPS``).
 Neither the URL nor any header value appears in logs or exception text: URLs may carry
 API keys in their query, headers carry the credential.
@@ -26,24 +29,21 @@ API keys in their query, headers carry the credential.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
-import ipaddress
 import math
 import re
 from typing import Any, Iterable, Mapping
 
 from hyperlink import URL
-from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import REJECTED, LoginRefused, ProviderUnavailable
-from esmtpfa.providers.base import ConfigError, Provider, ProviderMeta, require_string
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import Provider, ProviderMeta
+from esmtpfa.providers.base import require_string
+from esmtpfa.common.httpclient import describe_failure, new_http_client, read_body, timed_out
 
 log = logger("esmtpfa.providers.httpcheck")
 
@@ -52,28 +52,11 @@ MAX_TIMEOUT = 300.0
 DEFAULT_SUCCESS_CODES = (200,)
 #: A verdict needs no body; read this much at most, then drop the connection.
 DISCARD_LIMIT = 64 * 1024
-#: Persistent connections kept per host: the benchmark's 50 concurrent logins should
-#: not each pay a TCP (and TLS) handshake.
-MAX_PERSISTENT_PER_HOST = 32
-#: Idle pooled connections are closed after this long (many servers drop idle
-#: keep-alive connections after 5–75 s; a stale one costs a retry or a 454).
-CACHED_CONNECTION_TIMEOUT = 30.0
 #: Statuses that say "not now" rather than "no" (RFC 9110 §15.5.9, RFC 6585 §4).
 TEMPORARY_4XX = frozenset({408, 429})
 
 # RFC 9110 §5.6.2: token = 1*tchar
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
-def loopback_host(host: str | None) -> bool:
-    """Whether ``host`` names this machine (``localhost`` or a loopback address): the
-    one place a secret may travel over cleartext HTTP (a sidecar, a test server)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
 
 
 def is_http_token(value: str) -> bool:
@@ -173,100 +156,6 @@ def parse_seconds(meta: ProviderMeta, params: Mapping[str, Any], key: str, defau
         raise _error(meta, f"param {key!r} must be between {minimum:g} and {maximum:g} s"
                            + ("" if allow_zero else " and not zero"))
     return seconds
-
-
-# --- HTTP plumbing --------------------------------------------------------------------
-
-class BodyTooLarge(Exception):
-    """The response body exceeded the limit; the connection was dropped."""
-
-
-class _BoundedBody(Protocol):
-    """Collects (or discards) a response body up to ``limit`` bytes.
-
-    Fires ``finished`` with the bytes (``b""`` when discarding) on a complete body, with
-    ``BodyTooLarge`` past the limit, and with the transport's reason when the body is cut
-    short.  Cancelling ``finished`` (the deadline) closes the connection so a stalled
-    server does not keep a pooled slot.
-    """
-
-    def __init__(self, limit: int, keep: bool):
-        self.finished: Deferred[bytes] = Deferred(self._cancel)
-        self._limit = limit
-        self._keep = keep
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def _cancel(self, _: Deferred) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.transport.stopProducing()
-            self.finished.errback(BodyTooLarge(f"response body over {self._limit} bytes"))
-            return
-        if self._keep:
-            self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
-        if self.finished.called:
-            return
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            # PotentialDataLoss: a body delimited by connection close (HTTP/1.0 style).
-            self.finished.callback(b"".join(self._chunks))
-        else:
-            self.finished.errback(reason)
-
-
-def read_body(response: IResponse, limit: int, keep: bool = True) -> Deferred[bytes]:
-    """The response body, bounded (treq's ``content()`` reads without limit)."""
-    protocol = _BoundedBody(limit, keep)
-    response.deliverBody(protocol)
-    return protocol.finished
-
-
-def new_http_client(reactor, connect_timeout: float) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """A treq client that follows nothing and remembers nothing between requests,
-    over a persistent pool; the caller owns the pool and closes it."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-    pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-    pool.retryAutomatically = True  # idempotent requests on a connection closed under us
-    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
-    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return HTTPClient(agent, cookiejar=no_cookies), pool
-
-
-def timed_out(result: object, timeout: float) -> None:
-    """``addTimeout``'s ``onTimeoutCancel``: whatever the cancellation turned into
-    (Agent wraps it in ``ResponseNeverReceived``), the deadline passed."""
-    raise DeferredTimeout(f"timed out after {timeout:g} s")
-
-
-def describe_failure(failure: Failure) -> str:
-    """A short, credential-free reason for logs and ``ProviderUnavailable`` text."""
-    if failure.check(DeferredTimeout, CancelledError):
-        return "timed out"
-    value = failure.value
-    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived, ResponseFailed…
-    if reasons:
-        return f"{type(value).__name__}: {_exception_name(reasons[0].value)}"
-    return _exception_name(value)
-
-
-def _exception_name(error: BaseException) -> str:
-    if type(error).__module__.startswith("OpenSSL"):
-        # pyOpenSSL's Error carries [(library, function, reason)]: the reason (e.g.
-        # "certificate verify failed") is what an operator needs, and holds no secret.
-        details = error.args[0] if error.args and isinstance(error.args[0], list) else []
-        reason = next((entry[-1] for entry in details
-                       if isinstance(entry, tuple) and entry and entry[-1]), "")
-        return f"TLS failure ({reason})" if reason else "TLS failure"
-    return type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -406,8 +295,7 @@ def has_control_chars(value: str, *, allow_tab: bool = False) -> bool:
 
 
 __all__ = [
-    "BodyTooLarge", "DEFAULT_TIMEOUT", "HTTPAuthChecker", "HTTPCheckProvider", "Verdict",
-    "describe_failure", "has_control_chars", "is_http_token", "new_http_client",
-    "parse_method", "parse_seconds", "parse_success_codes", "parse_url", "read_body",
-    "timed_out",
+    "DEFAULT_TIMEOUT", "HTTPAuthChecker", "HTTPCheckProvider", "Verdict",
+    "has_control_chars", "is_http_token", "parse_method", "parse_seconds",
+    "parse_success_codes", "parse_url",
 ]

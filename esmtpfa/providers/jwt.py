@@ -56,21 +56,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import (
     BAD_TOKEN, EXPIRED_TOKEN, MALFORMED, LoginRefused, ProviderUnavailable)
-from esmtpfa.policy import string_values
-from esmtpfa.providers.base import (
-    ConfigError, IProvider, Principal, Provider, ProviderMeta, session_of)
-from esmtpfa.providers.httpcheck import (
-    DEFAULT_TIMEOUT,
-    describe_failure,
-    loopback_host,
-    new_http_client,
-    parse_seconds,
-    parse_url,
-    read_body,
-    timed_out,
+from esmtpfa.auth.policy import string_values
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.providers.base import session_of
+from esmtpfa.providers.httpcheck import DEFAULT_TIMEOUT, parse_seconds, parse_url
+from esmtpfa.common.httpclient import (
+    describe_failure, loopback_host, new_http_client, read_body, timed_out,
 )
 
 log = logger("esmtpfa.providers.jwt")

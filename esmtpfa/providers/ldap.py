@@ -58,14 +58,14 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import (
     BAD_PASSWORD, MALFORMED, POLICY, REJECTED, UNKNOWN_USER, LoginRefused,
     ProviderUnavailable)
-from esmtpfa.policy import string_values
-from esmtpfa.providers.base import (
-    ConfigError, IProvider, Principal, Provider, ProviderMeta, refused, require_string,
-    session_of)
+from esmtpfa.auth.policy import string_values
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.providers.base import refused, require_string, session_of
 
 log = logger("esmtpfa.providers.ldap")
 

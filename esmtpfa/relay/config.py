@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import os
 from typing import Any, Callable, Mapping
 
-from esmtpfa.config import expand_env, unknown_keys
-from esmtpfa.documents import load_document, read_document
-from esmtpfa.providers.base import ConfigError
+from esmtpfa.config.providers import expand_env, unknown_keys
+from esmtpfa.config.documents import load_document, read_document
+from esmtpfa.common.errors import ConfigError
 from esmtpfa.relay.sasl import MECHANISMS, TOKEN_MECHANISMS
 from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses, redacted
 

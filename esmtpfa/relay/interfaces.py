@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 
 # RelayError.reason values, used as metric labels (docs/design.md, "Metrics": relay
 # failures by reason).

@@ -1,6 +1,6 @@
 """Local Maildir delivery: the relay used when no upstream is configured (docs/design.md §5).
 
-Follows the Maildir contract (``esmtpfa.durable``): write the whole file under ``tmp/``
+Follows the Maildir contract (``esmtpfa.common.durable``): write the whole file under ``tmp/``
 with a unique name, fsync it, then link it into ``new/`` and fsync the directory, so a
 reader never sees a partial message and a crash never loses an acknowledged one.  The blocking file work runs in a small dedicated
 thread pool, never in the reactor thread.
@@ -27,12 +27,12 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from esmtpfa.durable import fsync_directory, publish, unlink_quietly
-from esmtpfa.logs import logger
-from esmtpfa.message import OutboundMessage
+from esmtpfa.common.durable import fsync_directory, publish, unlink_quietly
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import OutboundMessage
 from esmtpfa.relay.interfaces import (
     UNAVAILABLE, IRelay, RelayError, WholeMessageTransaction)
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 
 log = logger("esmtpfa.relay.maildir")
 

@@ -39,8 +39,8 @@ from urllib.parse import quote_plus, urlencode, urlsplit
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
-from esmtpfa.logs import logger
-from esmtpfa.providers.httpcheck import loopback_host
+from esmtpfa.common.logs import logger
+from esmtpfa.common.httpclient import loopback_host
 
 log = logger("esmtpfa.relay.oauth2")
 
@@ -443,7 +443,7 @@ class TokenBroker:
         return urlencode(form).encode("ascii"), headers
 
     def _read(self, response) -> Deferred:
-        from esmtpfa.providers.httpcheck import read_body
+        from esmtpfa.common.httpclient import read_body
         code = response.code
         return read_body(response, MAX_RESPONSE_BYTES).addCallback(lambda body: (code, body))
 
@@ -504,7 +504,7 @@ class TokenBroker:
         return _safe(_JWT.sub("<redacted>", text))
 
     def _describe(self, failure: Failure) -> tuple[None, TokenUnavailable]:
-        from esmtpfa.providers.httpcheck import BodyTooLarge, describe_failure
+        from esmtpfa.common.httpclient import BodyTooLarge, describe_failure
         if self._stopped:
             why = "token broker stopped"
         elif failure.check(BodyTooLarge):
@@ -588,7 +588,7 @@ def new_token_client(reactor, timeout: float = DEFAULT_TIMEOUT):
     """A treq client for token requests: no redirects followed (a secret is never sent
     to a second host), no cookies, a persistent pool.  Returns (client, pool); the
     caller closes the pool (``pool.closeCachedConnections()``) at shutdown."""
-    from esmtpfa.providers.httpcheck import new_http_client
+    from esmtpfa.common.httpclient import new_http_client
     return new_http_client(reactor, timeout)
 
 

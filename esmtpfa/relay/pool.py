@@ -11,7 +11,7 @@ a session once it ran that many transactions.  A new session's failure is the
 on as it is; the pool only asks once more after the upstream refused our OAuth2 token
 (docs/oauth2.md, "When the upstream refuses a token").
 
-Each upstream's ``CircuitBreaker`` (``esmtpfa.breaker``) counts consecutive
+Each upstream's ``CircuitBreaker`` (``esmtpfa.common.breaker``) counts consecutive
 connection-level failures (connect, TLS, greeting, AUTH, timeouts, lost connections).
 After ``failures`` of them the upstream is skipped for ``cooldown`` seconds; then one
 trial (half-open) decides whether it is back.
@@ -25,14 +25,14 @@ from typing import Any
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
 
-from esmtpfa.breaker import CLOSED, OPEN, CircuitBreaker
-from esmtpfa.logs import logger
+from esmtpfa.common.breaker import CLOSED, OPEN, CircuitBreaker
+from esmtpfa.common.logs import logger
 from esmtpfa.relay.errors import local_error, unavailable
 from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
 from esmtpfa.relay.session import UpstreamSession, dial
 from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
-from esmtpfa.timeouts import Deadline
+from esmtpfa.common.timeouts import Deadline
 
 log = logger("esmtpfa.relay.pool")
 

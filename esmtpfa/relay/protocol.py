@@ -39,14 +39,14 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.relay.errors import (
     abandoned, auth_cancelled, auth_refused, connection_failed, protocol_violation,
     session_refused, starttls_refused, tls_failed)
 from esmtpfa.relay.interfaces import RelayError
 from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
-from esmtpfa.replies import Reply
-from esmtpfa.timeouts import Deadline
+from esmtpfa.common.replies import Reply
+from esmtpfa.common.timeouts import Deadline
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
 #: We accept more (long EHLO AUTH lines, verbose texts) but never an unbounded line.

@@ -24,9 +24,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
-from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, IRelay, IRelayTransaction, RelayError
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 
 #: The most header we read from the spool for one message.
 HEADER_LIMIT = 1024 * 1024

@@ -24,8 +24,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 
-from esmtpfa.logs import logger
-from esmtpfa.message import Envelope
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope
 from esmtpfa.relay.errors import (
     TOKEN_UNAVAILABLE, closing, local_error, permanent, session_refused, token_refused,
     unavailable, unreachable)
@@ -35,8 +35,8 @@ from esmtpfa.relay.oauth2 import TokenUnavailable
 from esmtpfa.relay.sasl import (
     choose_mechanism, choose_token_mechanism, client_for, token_client_for)
 from esmtpfa.relay.settings import UpstreamSettings
-from esmtpfa.replies import Reply
-from esmtpfa.transport import write_through
+from esmtpfa.common.replies import Reply
+from esmtpfa.common.transport import write_through
 
 log = logger("esmtpfa.relay.session")
 

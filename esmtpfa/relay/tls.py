@@ -17,7 +17,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 
 log = logger("esmtpfa.relay.tls")
 

@@ -68,9 +68,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.breaker import OPEN
-from esmtpfa.logs import logger
-from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.common.breaker import OPEN
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.errors import (
     permanent, policy, protocol_violation, rejected, unavailable)
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, Phase, RelayError
@@ -80,9 +80,9 @@ from esmtpfa.relay.session import QUIT_TIMEOUT, UpstreamSession, eight_bit_unsup
 from esmtpfa.relay.settings import (
     STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)
 from esmtpfa.relay.tls import client_tls_options
-from esmtpfa.smtp.data import has_bare_line_ends
-from esmtpfa.replies import Reply
-from esmtpfa.timeouts import Sweeper
+from esmtpfa.common.message import has_bare_line_ends
+from esmtpfa.common.replies import Reply
+from esmtpfa.common.timeouts import Sweeper
 
 __all__ = ["SMTPRelay", "UpstreamTransaction", "State", "Failover", "UpstreamSettings",
            "PoolSettings", "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses",

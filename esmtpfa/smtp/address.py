@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import re
 
-from esmtpfa.replies import Reply, SMTPReplyError
+from esmtpfa.common.replies import Reply, SMTPReplyError
 
 #: The local part's grammar (RFC 5322 §3.4.1, with RFC 6532 §3.2's UTF-8): a dot-atom or
 #: a quoted-string.  Also what the spool's bounces check a sender against (spool.dsn).

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from esmtpfa.replies import Reply
+from esmtpfa.common.message import has_bare_line_ends
+from esmtpfa.common.replies import Reply
 
 REJECT = "reject"
 NORMALIZE = "normalize"
@@ -46,11 +47,6 @@ def line_too_long(limit: int) -> Reply:
 def normalize_line_ends(block: bytes) -> bytes:
     """Every bare CR, bare LF and CRLF becomes CRLF."""
     return block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
-def has_bare_line_ends(block: bytes) -> bool:
-    crlf = block.count(b"\r\n")
-    return block.count(b"\n") != crlf or block.count(b"\r") != crlf
 
 
 class ContentChecker:

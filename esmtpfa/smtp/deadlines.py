@@ -45,7 +45,7 @@ from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-from esmtpfa.timeouts import Sweeper
+from esmtpfa.common.timeouts import Sweeper
 
 #: Seconds a client deadline may fire late: one sweep of all a listener's sessions.
 RESOLUTION = 0.5
@@ -140,7 +140,7 @@ class WriteStall:
     """Ends a connection whose queued output has not moved for ``seconds``.
 
     ``waiting_since()`` says when the output waiting for the client last moved (or began
-    to wait), or None when nothing waits (``esmtpfa.transport.output_waiting_since``).
+    to wait), or None when nothing waits (``esmtpfa.common.transport.output_waiting_since``).
     ``check()`` is called after each write; it arms the deadline when output waits.
     When the deadline comes, output that moved meanwhile earns another ``seconds`` from
     its last move, output that drained disarms it, and output that has not moved calls

@@ -10,15 +10,15 @@ from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
-from esmtpfa.logsummary import RepeatSummary
-from esmtpfa.ids import new_id
+from esmtpfa.common.logs import logger
+from esmtpfa.common.logsummary import RepeatSummary
+from esmtpfa.common.ids import new_id
 from esmtpfa.smtp.deadlines import client_sweeper
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
 from esmtpfa.smtp.settings import ServerSettings
-from esmtpfa.state.guard import UNAVAILABLE
-from esmtpfa.state.interfaces import IConnectionLedger
+from esmtpfa.limits.guard import UNAVAILABLE
+from esmtpfa.limits.interfaces import IConnectionLedger
 
 log = logger("esmtpfa.smtp")
 
@@ -30,7 +30,7 @@ REFUSAL_SUMMARY_INTERVAL = 5.0
 @implementer(IConnectionLedger)
 class ConnectionLimits:
     """Total and per-IP connection counts, shared by all listeners of one relay, in this
-    process (the workers' supervisor keeps one for all workers: ``esmtpfa.workers``)."""
+    process (the workers' supervisor keeps one for all workers: ``esmtpfa.runtime.workers``)."""
 
     def __init__(self, total: int, per_ip: int):
         self.total, self.per_ip = total, per_ip

@@ -38,9 +38,9 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
-from esmtpfa import internals
-from esmtpfa.logs import logger
-from esmtpfa.logsummary import RepeatSummary
+from esmtpfa.common import internals
+from esmtpfa.common.logs import logger
+from esmtpfa.common.logsummary import RepeatSummary
 
 log = logger("esmtpfa.smtp")
 

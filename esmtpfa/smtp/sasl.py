@@ -16,7 +16,9 @@ import binascii
 from dataclasses import dataclass
 import json
 
-from esmtpfa.replies import AUTH_CANCELLED, AUTH_INVALID, AUTH_MALFORMED, Reply, SMTPReplyError
+from esmtpfa.common.replies import (
+    AUTH_CANCELLED, AUTH_INVALID, AUTH_MALFORMED, Reply, SMTPReplyError,
+)
 
 #: RFC 4954 §4: a SASL response line may be long (JWTs); we allow 12288 octets.
 MAX_RESPONSE = 12288

@@ -130,13 +130,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
-from esmtpfa.message import Envelope
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope
 from esmtpfa.spool.interfaces import (
     IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
     Recipient, RecipientState, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
     SpoolStats)
-from esmtpfa.urls import query_parameters, split_secret_url
+from esmtpfa.common.urls import query_parameters, split_secret_url
 
 log = logger("esmtpfa.spool.amqp")
 

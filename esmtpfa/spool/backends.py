@@ -18,7 +18,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.spool.interfaces import ISpool
 
 log = logger("esmtpfa.spool")

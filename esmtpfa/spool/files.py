@@ -84,9 +84,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from esmtpfa.durable import fsync_directory, publish, unlink_quietly
-from esmtpfa.logs import logger
-from esmtpfa.message import Envelope
+from esmtpfa.common.durable import fsync_directory, publish, unlink_quietly
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope
 from esmtpfa.spool.interfaces import (
     IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
     Recipient, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from zope.interface import Attribute, Interface
 
-from esmtpfa.message import Envelope
-from esmtpfa.replies import Reply
+from esmtpfa.common.message import Envelope
+from esmtpfa.common.replies import Reply
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred

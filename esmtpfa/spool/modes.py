@@ -26,10 +26,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.logs import logger
-from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, RelayError
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from esmtpfa.spool.interfaces import (
     Ending, ISpool, Mode, QueuedMessage, QueuedReply, SpoolEntry, SpoolError,
     SpoolErrorKind)

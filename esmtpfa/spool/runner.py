@@ -54,11 +54,11 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 
-from esmtpfa.ids import new_id
-from esmtpfa.logs import PLAIN_RECIPIENTS, RecipientLog, logger
-from esmtpfa.message import Envelope, OutboundMessage
+from esmtpfa.common.ids import new_id
+from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
+from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 from esmtpfa.spool.interfaces import (
     Ending, ISpool, QueuedMessage, Recipient, RecipientState as R, Settlement,
     SpoolEntry, SpoolStats)

@@ -36,11 +36,11 @@ from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 from twisted.web.server import Request
 
-from esmtpfa import internals
-from esmtpfa.ids import new_id
-from esmtpfa.logs import logger
-from esmtpfa.timeouts import Deadline
-from esmtpfa.transport import limit_send_buffer
+from esmtpfa.common import internals
+from esmtpfa.common.ids import new_id
+from esmtpfa.common.logs import logger
+from esmtpfa.common.timeouts import Deadline
+from esmtpfa.common.transport import limit_send_buffer
 from esmtpfa.web.errors import HTTPError, raw_response, send_error
 
 log = logger("esmtpfa.web")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from esmtpfa import internals
-from esmtpfa.replies import Reply
+from esmtpfa.common import internals
+from esmtpfa.common.replies import Reply
 
 REASONS = {400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
            405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",

@@ -27,8 +27,8 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.web.resource import Resource
 
-from esmtpfa import internals
-from esmtpfa.logs import logger
+from esmtpfa.common import internals
+from esmtpfa.common.logs import logger
 
 log = logger("esmtpfa.web")
 

@@ -36,10 +36,10 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.smtp.factory import ConnectionLimits
-from esmtpfa.state.guard import UNAVAILABLE
-from esmtpfa.state.interfaces import IConnectionLedger
+from esmtpfa.limits.guard import UNAVAILABLE
+from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")

@@ -29,9 +29,9 @@ from twisted.cred.portal import Portal
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import MALFORMED, LoginRefused, ProviderUnavailable
 from esmtpfa.auth.failures import log_failed_login
-from esmtpfa.auth.throttle import LoginThrottled
-from esmtpfa.context import ConnectionContext
-from esmtpfa.smtp.interfaces import IMessageDelivery
+from esmtpfa.limits.throttle import LoginThrottled
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.auth.interfaces import IMessageDelivery
 from esmtpfa.web.errors import HTTPError
 
 CHALLENGE = b'Basic realm="esmtpfa", charset="UTF-8"'

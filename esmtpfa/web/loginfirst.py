@@ -26,7 +26,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from esmtpfa.logs import logger
+from esmtpfa.common.logs import logger
 from esmtpfa.web.channel import DRAIN_REFUSED, BoundedRequest, GuardedChannel, Phase
 from esmtpfa.web.errors import HTTPError
 from esmtpfa.web.login import Login, request_context

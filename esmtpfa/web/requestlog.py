@@ -7,7 +7,7 @@ access log is off (``GuardedSite.log``); these lines replace it.
 
 Lines about clients that did not log in (failed logins, 408s, connections over a cap)
 are what floods are made of, so they go through ``RepeatSummary``
-(``esmtpfa/logsummary.py``): the first of each kind in an interval in full, then one
+(``esmtpfa/common/logsummary.py``): the first of each kind in an interval in full, then one
 summary line with counts.  A logged-in identity's lines are always written: there are
 few, and each names who to ask.
 """
@@ -19,8 +19,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 
-from esmtpfa.logs import logger
-from esmtpfa.logsummary import RepeatSummary
+from esmtpfa.common.logs import logger
+from esmtpfa.common.logsummary import RepeatSummary
 
 log = logger("esmtpfa.web")
 

@@ -22,9 +22,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from esmtpfa import internals
-from esmtpfa.metrics import CONTENT_TYPE, RelayMetrics
-from esmtpfa.state.interfaces import IConnectionLedger
+from esmtpfa.common import internals
+from esmtpfa.web.metrics import CONTENT_TYPE, RelayMetrics
+from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.web.channel import GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
 from esmtpfa.web.health import OkResource, Readiness, ReadyResource
@@ -208,7 +208,7 @@ def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatu
 def health_site(endpoints: dict[bytes, Resource], reactor: Any = None,
                 limits: HTTPLimits | None = None) -> MetricsSite:
     """The metrics listener's site over ``endpoints`` (a supervisor of workers serves
-    its own: ``esmtpfa.workers.supervisor``)."""
+    its own: ``esmtpfa.runtime.workers.supervisor``)."""
     reactor = _reactor(reactor)
     return MetricsSite(
         Endpoints(endpoints), limits=limits or HTTPLimits(), max_body=METRICS_MAX_BODY,

@@ -24,7 +24,7 @@ from typing import Any
 from twisted.web.resource import Resource
 
 from esmtpfa import __version__
-from esmtpfa.metrics import RelayMetrics, breaker_state
+from esmtpfa.web.metrics import RelayMetrics, breaker_state
 from esmtpfa.web.health import json_response
 
 #: Hex digits of the configuration's SHA-256 shown (as the reload log lines do).

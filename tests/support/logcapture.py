@@ -17,7 +17,7 @@ def observe_logs(case) -> list[dict]:
 def capture_logs(case) -> list[dict]:
     """Every log event emitted until the end of the test ``case``, debug ones included
     (the level is lowered for the test), to prove that no credential reaches a log line."""
-    from esmtpfa import logs
+    from esmtpfa.common import logs
     case.addCleanup(setattr, logs, "_threshold", logs._threshold)
     logs.set_level("debug")
     return observe_logs(case)

@@ -17,8 +17,8 @@ import ssl
 
 from twisted.internet import defer, threads
 
-from esmtpfa.service import RelayService
-from esmtpfa.tap import Options, makeService
+from esmtpfa.runtime.service import RelayService
+from esmtpfa.runtime.tap import Options, makeService
 from tests.support.certs import CertificateAuthority
 from tests.support.rawsmtp import RawSMTP
 from tests.support.upstream import RecordingUpstream

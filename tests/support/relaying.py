@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from esmtpfa.message import OutboundMessage
+from esmtpfa.common.message import OutboundMessage
 from esmtpfa.relay.interfaces import RelayError
-from esmtpfa.replies import Reply
+from esmtpfa.common.replies import Reply
 
 
 async def send_whole(relay: Any, message: OutboundMessage, client: tuple[str, ...] = ()

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 esmtpfa = ServiceMaker(
     "esmtpfa",
-    "esmtpfa.tap",
+    "esmtpfa.runtime.tap",
     "Authenticating SMTP submission relay with federated identity providers",
     "esmtpfa",
 )

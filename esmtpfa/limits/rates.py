@@ -1,0 +1,203 @@
+"""Sending rates per identity: messages and recipients over rolling windows (docs/policy.md).
+
+A limit reads like ``100/1h``: at most 100 in any hour.  Counting every event of a day
+per identity would cost up to a day's worth of timestamps each; instead each limit keeps
+two fixed windows, the current and the previous one, and estimates the rolling count as
+the current window's count plus the previous one's weighted by how much of it still lies
+inside the rolling window.  That costs a few numbers per identity, is exact when traffic
+is even, and errs by at most the previous window's count times the fraction of a window
+elapsed otherwise (the well-known sliding-window-counter estimate).
+
+What is counted is what the upstream accepted.  A transaction *reserves* its message and
+each recipient as the client asks (so parallel transactions of one identity cannot all
+pass a check before any of them counts), then commits the reservation when the upstream
+accepted the message, or releases it when it did not: a refused or failed message costs
+the client nothing.
+
+Memory is bounded: the limiter keeps at most ``max_keys`` identities and forgets the one
+used least recently first (a forgotten identity starts afresh, which errs toward letting
+mail through, never toward losing it: a refusal here is always temporary).
+
+What a limit *is* (``Limit``, ``Rates``, the ``100/1h`` syntax) is part of an identity's
+policy, ``esmtpfa.auth.sendingrates``; this module only counts against it.
+
+The counts live in a ledger (``esmtpfa.limits.interfaces.IRateLedger``): ``RateLimiter``
+keeps them in this process; the workers' supervisor and Redis (``esmtpfa.limits.redis``)
+keep the same counts for several processes, so N workers or N replicas share one budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+import math
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from esmtpfa.common.logs import logger
+from esmtpfa.auth.sendingrates import Limit, Rates
+from esmtpfa.limits.interfaces import IRateLedger
+
+log = logger("esmtpfa.ratelimit")
+
+class _Counter:
+    """Two fixed windows of one limit, plus what is reserved and not yet settled."""
+
+    __slots__ = ("start", "current", "previous", "reserved")
+
+    def __init__(self, start: float):
+        self.start, self.current, self.previous, self.reserved = start, 0, 0, 0
+
+    def roll(self, now: float, window: float) -> None:
+        elapsed = now - self.start
+        if elapsed < window:
+            return
+        windows = int(elapsed // window)
+        self.previous = self.current if windows == 1 else 0
+        self.current = 0
+        self.start += windows * window
+
+    def estimate(self, now: float, window: float) -> float:
+        """Events in the rolling window ending now, reservations included."""
+        self.roll(now, window)
+        inside = 1.0 - (now - self.start) / window
+        return self.previous * inside + self.current + self.reserved
+
+    def retry_after(self, now: float, window: float, limit: int, wanted: int) -> float:
+        """Seconds until ``wanted`` more would fit (at least one second)."""
+        self.roll(now, window)
+        room = limit - self.current - self.reserved - wanted
+        if room < 0 or self.previous == 0:
+            # Only the next window's start can help (and after it, the decay of this one).
+            return max(1.0, self.start + window - now)
+        # previous * (1 - (elapsed + t) / window) <= room
+        elapsed = now - self.start
+        t = window * (1.0 - room / self.previous) - elapsed
+        return max(1.0, math.ceil(t))
+
+
+class Exceeded(Exception):
+    """Over a limit: ``kind`` ("messages" or "recipients"), ``limit``, ``retry_after``."""
+
+    def __init__(self, kind: str, limit: Limit, retry_after: float):
+        super().__init__(f"{kind} rate {limit} reached; retry in {retry_after:.0f} s")
+        self.kind, self.limit, self.retry_after = kind, limit, retry_after
+
+
+class Reservation:
+    """One transaction's place in its identity's budgets: the message and each
+    recipient, reserved as the client asks, then committed or released once.
+
+    The ledger may be another process, so reserving answers with a Deferred.  A
+    reservation that is settled while a ``take`` is still on its way gives that take
+    back when it lands: a client that leaves mid-command costs its identity nothing."""
+
+    __slots__ = ("_ledger", "_key", "_rates", "_recipients", "_message", "_settled")
+
+    def __init__(self, ledger: IRateLedger, key: str, rates: Rates):
+        self._ledger, self._key, self._rates = ledger, key, rates
+        self._recipients = 0
+        self._message = False
+        self._settled = False
+
+    def message(self) -> Deferred:
+        """Reserve the message; fails with ``Exceeded`` when the message rate is full."""
+        if self._message or self._rates.messages is None:
+            return succeed(None)
+
+        def taken(_):
+            if self._settled:
+                self._give("messages", self._rates.messages, 1, False)
+            else:
+                self._message = True
+        return self._ledger.take(self._key, "messages", self._rates.messages, 1
+                                 ).addCallback(taken)
+
+    def recipient(self) -> Deferred:
+        """Reserve one more recipient; fails with ``Exceeded`` when that rate is full."""
+        if self._rates.recipients is None:
+            return succeed(None)
+
+        def taken(_):
+            if self._settled:
+                self._give("recipients", self._rates.recipients, 1, False)
+            else:
+                self._recipients += 1
+        return self._ledger.take(self._key, "recipients", self._rates.recipients, 1
+                                 ).addCallback(taken)
+
+    def drop_recipient(self) -> None:
+        """A recipient reserved and then refused (by the upstream): give its place back."""
+        if self._recipients and not self._settled:
+            self._recipients -= 1
+            self._give("recipients", self._rates.recipients, 1, False)
+
+    def commit(self) -> None:
+        """The upstream accepted the message: what was reserved now counts."""
+        self._settle(count=True)
+
+    def release(self) -> None:
+        """The message did not go: give its reservations back."""
+        self._settle(count=False)
+
+    def _settle(self, count: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._message:
+            self._give("messages", self._rates.messages, 1, count)
+        if self._recipients:
+            self._give("recipients", self._rates.recipients, self._recipients, count)
+
+    def _give(self, kind: str, limit: Limit, n: int, count: bool) -> None:
+        """Settling never waits and never fails the client: what the ledger could not
+        record is logged by the ledger's guard (``esmtpfa.limits.guard``)."""
+        self._ledger.give(self._key, kind, limit, n, count).addErrback(
+            lambda failure: log.failure("settling a {kind} reservation failed",
+                                        failure, kind=kind))
+
+
+@implementer(IRateLedger)
+class RateLimiter:
+    """The counts of every identity's budgets, in this process; time from ``clock``."""
+
+    def __init__(self, clock: IReactorTime, max_keys: int = 100_000):
+        self.clock = clock
+        self.max_keys = max_keys
+        self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
+
+    def _counter(self, key: str, kind: str, now: float) -> _Counter:
+        slot = (key, kind)
+        counter = self._counters.get(slot)
+        if counter is None:
+            counter = self._counters[slot] = _Counter(now)
+            while len(self._counters) > self.max_keys:
+                self._counters.popitem(last=False)
+        else:
+            self._counters.move_to_end(slot)
+        return counter
+
+    def take(self, key: str, kind: str, limit: Limit, n: int) -> Deferred:
+        now = self.clock.seconds()
+        counter = self._counter(key, kind, now)
+        if counter.estimate(now, limit.window) + n > limit.count:
+            return fail(Exceeded(kind, limit,
+                                 counter.retry_after(now, limit.window, limit.count, n)))
+        counter.reserved += n
+        return succeed(None)
+
+    def give(self, key: str, kind: str, limit: Limit, n: int, count: bool) -> Deferred:
+        now = self.clock.seconds()
+        counter = self._counter(key, kind, now)
+        counter.roll(now, limit.window)
+        counter.reserved = max(0, counter.reserved - n)
+        if count:
+            counter.current += n
+        return succeed(None)
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+
+__all__ = ["Exceeded", "RateLimiter", "Reservation"]

@@ -1,0 +1,125 @@
+"""A worker's side of its supervisor: the control channel, the shared ledgers, the relay.
+
+``WorkerAgent`` adopts the control channel the supervisor passed down, builds the same
+``RelayService`` a single process runs (listeners adopted, limits counted by the
+supervisor or Redis), and answers the supervisor's calls:
+
+* ``reload``: apply the document the supervisor read (a private snapshot file), through
+  the worker's own ``ProviderReloader``, off the reactor thread as always;
+* ``metrics``: a snapshot of the worker's registry (``esmtpfa.runtime.workers.metrics``);
+* ``readiness``: the worker's own ``/readyz`` checks (``web.health.Readiness``);
+* ``status``: the worker's ``/status`` document (``web.status``).
+
+When the channel closes, the supervisor is gone: the worker drains as on SIGTERM and
+exits, so no worker outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+import os
+import socket
+from typing import Any, Mapping
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+
+from esmtpfa.config.documents import read_document
+from esmtpfa.common.logs import logger
+from esmtpfa.common.transport import write_through
+from esmtpfa.limits.ledgers import Ledgers
+from esmtpfa.web.limits import HTTPLimits
+from esmtpfa.runtime.workers.control import ControlChannel
+from esmtpfa.runtime.workers.limits import (
+    HTTP, SMTP, RemoteConnections, RemoteLoginLedger, RemoteRateLedger)
+from esmtpfa.runtime.workers.metrics import snapshot
+
+log = logger("esmtpfa.workers")
+
+
+def worker_ledgers(options: Any, channel: ControlChannel) -> Ledgers:
+    """The supervisor counts connections, and logins and rates too (with ``--state-url``
+    the relay service uses Redis for those instead: shared by every replica)."""
+    http = HTTPLimits.from_options(options)
+    return Ledgers(
+        login=RemoteLoginLedger(channel, options["max-auth-failures-per-ip"],
+                                options["max-auth-failures-per-user"],
+                                options["auth-failure-window"]),
+        rates=RemoteRateLedger(channel),
+        smtp_connections=RemoteConnections(channel, SMTP, options["max-connections"],
+                                           options["max-connections-per-ip"]),
+        http_connections=RemoteConnections(channel, HTTP, http.max_connections,
+                                           http.max_connections_per_ip))
+
+
+class WorkerAgent:
+    def __init__(self, reactor: Any, options: Any, *, slot: int, control_fd: int,
+                 listeners: Mapping[str, int]):
+        self.reactor = reactor
+        self.options = options
+        self.slot = slot
+        self.control_fd = control_fd
+        self.listeners = dict(listeners)
+        self.service = None
+        self.channel: ControlChannel | None = None
+        self.exit_code = 0
+
+    def start(self) -> None:
+        from esmtpfa.runtime.service import RelayService
+        channel = self.channel = ControlChannel({
+            "reload": self.reload, "reload.failed": self.reload_failed,
+            "certificates.reload": self.reload_certificates,
+            "metrics": self.metrics, "readiness": self.readiness, "status": self.status,
+            "ping": lambda: True,
+        }, self.reactor, name=f"worker {self.slot}")
+        write_through(self.reactor).adoptStreamConnection(
+            self.control_fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
+        try:
+            socket.close(self.control_fd)  # adoption made its own copy
+        except OSError:
+            pass
+        channel.lost.addCallback(self._supervisor_gone)
+        service = self.service = RelayService(
+            self.options, self.reactor, adopted=self.listeners,
+            ledgers=worker_ledgers(self.options, channel))
+        service.privilegedStartService()
+        service.startService()
+        self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        channel.notify("started", pid=os.getpid())
+
+    def _supervisor_gone(self, _: Any) -> None:
+        if self.reactor.running and not self.service.draining:
+            log.warn("worker {slot}: the supervisor is gone; draining and exiting",
+                     slot=self.slot)
+            self.reactor.stop()
+
+    # -- the supervisor's calls ---------------------------------------------------------------
+
+    def reload(self, path: str, source: str, kind: str, force: bool = False
+               ) -> defer.Deferred:
+        reloader = self.service.reloader
+        return reloader.load(partial(read_document, path, reloader.limits), source, kind,
+                             force=force)
+
+    def reload_certificates(self) -> None:
+        """SIGHUP reached the supervisor: the worker reads its certificates again (it
+        also watches their files itself, as a single process does)."""
+        self.service.reload_certificates()
+
+    def reload_failed(self, kind: str, source: str, reason: str) -> None:
+        """The supervisor could not even read the document (over the size bound): the
+        worker counts and logs the failed reload as a single process would."""
+        self.service.reloader.failed(kind, source, reason)
+
+    def metrics(self) -> list:
+        return snapshot(self.service.metrics.registry.collect())
+
+    def readiness(self) -> dict:
+        return {"checks": self.service.readiness.as_json()["checks"],
+                "draining": self.service.draining}
+
+    def status(self) -> dict:
+        return self.service.status.document()
+
+
+__all__ = ["WorkerAgent", "worker_ledgers"]

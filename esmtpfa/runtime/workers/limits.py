@@ -1,0 +1,212 @@
+"""The relay's limits across its workers: the supervisor keeps the counts (docs/workers.md).
+
+N workers must not give a client N budgets, so with ``--workers`` the counts of every
+limit live in the supervisor (``SharedLimits``): the connection caps of the SMTP
+listeners and of the HTTP API, the login throttle and the sending rates.  A worker asks
+over its control channel (``esmtpfa.runtime.workers.control``) through the ledgers below, which
+implement the same interfaces as the in-process ones (``esmtpfa.limits.interfaces``), so
+the limits' rules run unchanged in the worker.  With ``--state-url`` the throttle and
+the rates go to Redis instead, shared by every replica (``esmtpfa.limits.redis``); the
+connection caps stay here: they guard this host's resources.
+
+The supervisor remembers what each worker holds (connection slots, rate reservations)
+and gives it all back when that worker's channel closes: a worker that dies frees its
+clients' slots at once, and its unsettled reservations cost nobody anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from esmtpfa.limits.throttle import LocalLoginLedger
+from esmtpfa.common.logs import logger
+from esmtpfa.limits.rates import Exceeded, RateLimiter
+from esmtpfa.auth.sendingrates import Limit
+from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.limits.interfaces import (
+    IConnectionLedger, ILoginLedger, IRateLedger, StateUnavailable)
+from esmtpfa.runtime.workers.control import ControlChannel
+
+log = logger("esmtpfa.workers")
+
+SMTP = "smtp"
+HTTP = "http"
+
+
+class SharedLimits:
+    """The supervisor's counts, for all workers (in-process ledgers of its own)."""
+
+    def __init__(self, *, login: LocalLoginLedger, rates: RateLimiter,
+                 connections: dict[str, ConnectionLimits]):
+        self.login = login
+        self.rates = rates
+        self.connections = connections
+
+    def for_worker(self, slot: int) -> "WorkerAccount":
+        return WorkerAccount(self, slot)
+
+
+class WorkerAccount:
+    """What one worker holds in the shared counts, and the control calls it may make."""
+
+    def __init__(self, limits: SharedLimits, slot: int):
+        self.limits = limits
+        self.slot = slot
+        self.slots: Counter[tuple[str, str]] = Counter()
+        self.reserved: Counter[tuple[str, str, int, float]] = Counter()
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "conn.take": self.conn_take, "conn.release": self.conn_release,
+            "login.refusal": self.login_refusal, "login.failed": self.login_failed,
+            "login.succeeded": self.login_succeeded,
+            "rate.take": self.rate_take, "rate.give": self.rate_give,
+        }
+
+    # -- connections ----------------------------------------------------------------------
+
+    def conn_take(self, kind: str, ip: str) -> str | None:
+        reason = self.limits.connections[kind].refusal_now(ip)
+        if reason is None:
+            self.slots[(kind, ip)] += 1
+        return reason
+
+    def conn_release(self, kind: str, ip: str) -> None:
+        slot = (kind, ip)
+        if self.slots[slot] <= 0:
+            self.slots.pop(slot, None)
+            return  # nothing held: a second release must not free another's slot
+        self.slots[slot] -= 1
+        if not self.slots[slot]:
+            del self.slots[slot]
+        self.limits.connections[kind].release(ip)
+
+    # -- login throttle ---------------------------------------------------------------------
+
+    def login_refusal(self, address: str, identities: list[str]) -> str | None:
+        return self.limits.login.refusal_now(address, identities)
+
+    def login_failed(self, address: str, identities: list[str]) -> list[int]:
+        return self.limits.login.failed_now(address, identities)
+
+    def login_succeeded(self, address: str, identity: str) -> None:
+        self.limits.login.succeeded_now(address, identity)
+
+    # -- sending rates ------------------------------------------------------------------------
+
+    def rate_take(self, key: str, kind: str, count: int, window: float, n: int
+                  ) -> dict | None:
+        limit = Limit(count, window)
+        outcome: list = []
+        self.limits.rates.take(key, kind, limit, n).addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):  # the in-process ledger answers at once
+            outcome[0].trap(Exceeded)
+            return {"retry_after": outcome[0].value.retry_after}
+        self.reserved[(key, kind, count, window)] += n
+        return None
+
+    def rate_give(self, key: str, kind: str, count: int, window: float, n: int,
+                  counted: bool) -> None:
+        slot = (key, kind, count, window)
+        n = min(n, self.reserved[slot])
+        if n <= 0:
+            self.reserved.pop(slot, None)
+            return
+        self.reserved[slot] -= n
+        if not self.reserved[slot]:
+            del self.reserved[slot]
+        self.limits.rates.give(key, kind, Limit(count, window), n, counted)
+
+    # -- the worker went away -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Give back everything the worker held (its process is gone)."""
+        slots, self.slots = self.slots, Counter()
+        for (kind, ip), held in slots.items():
+            for _ in range(held):
+                self.limits.connections[kind].release(ip)
+        reserved, self.reserved = self.reserved, Counter()
+        for (key, kind, count, window), n in reserved.items():
+            self.limits.rates.give(key, kind, Limit(count, window), n, False)
+        if slots or reserved:
+            log.info("worker {slot}: gave back {slots} connection slot(s) and {reserved} "
+                     "rate reservation(s) it held", slot=self.slot,
+                     slots=sum(slots.values()), reserved=sum(reserved.values()))
+
+
+# -- the worker's side ------------------------------------------------------------------------
+
+
+@implementer(IConnectionLedger)
+class RemoteConnections:
+    """A worker's connection caps: the supervisor counts for all workers."""
+
+    def __init__(self, channel: ControlChannel, kind: str, total: int, per_ip: int):
+        self.channel, self.kind = channel, kind
+        self.total, self.per_ip = total, per_ip
+        #: Connections waiting for their count.  Each holds a descriptor for up to the
+        #: call deadline; when the supervisor stalls, a flood must not pile them up
+        #: beyond what the cap would let in anyway.
+        self.waiting = 0
+
+    def refusal(self, ip: str) -> defer.Deferred:
+        if self.waiting >= self.total:
+            return defer.fail(StateUnavailable(
+                f"{self.waiting} {self.kind} connections already wait for their count"))
+        self.waiting += 1
+
+        def answered(result: Any) -> Any:
+            self.waiting -= 1
+            return result
+        return self.channel.call("conn.take", kind=self.kind, ip=ip).addBoth(answered)
+
+    def release(self, ip: str) -> None:
+        self.channel.notify("conn.release", kind=self.kind, ip=ip)
+
+
+@implementer(ILoginLedger)
+class RemoteLoginLedger:
+    """A worker's login throttle counts, kept by the supervisor."""
+
+    def __init__(self, channel: ControlChannel, per_address: int, per_identity: int,
+                 window: float):
+        self.channel = channel
+        self.per_address, self.per_identity, self.window = per_address, per_identity, window
+
+    def refusal(self, address: str, identities: list[str]) -> defer.Deferred:
+        return self.channel.call("login.refusal", address=address, identities=identities)
+
+    def failed(self, address: str, identities: list[str]) -> defer.Deferred:
+        return self.channel.call("login.failed", address=address, identities=identities)
+
+    def succeeded(self, address: str, identity: str) -> defer.Deferred:
+        return self.channel.call("login.succeeded", address=address, identity=identity)
+
+
+@implementer(IRateLedger)
+class RemoteRateLedger:
+    """A worker's sending-rate counts, kept by the supervisor."""
+
+    def __init__(self, channel: ControlChannel):
+        self.channel = channel
+
+    def take(self, key: str, kind: str, limit: Limit, n: int) -> defer.Deferred:
+        def answered(refused: dict | None) -> None:
+            if refused is not None:
+                raise Exceeded(kind, limit, float(refused["retry_after"]))
+        return self.channel.call("rate.take", key=key, kind=kind, count=limit.count,
+                                 window=limit.window, n=n).addCallback(answered)
+
+    def give(self, key: str, kind: str, limit: Limit, n: int, count: bool) -> defer.Deferred:
+        self.channel.notify("rate.give", key=key, kind=kind, count=limit.count,
+                            window=limit.window, n=n, counted=count)
+        return defer.succeed(None)
+
+
+__all__ = ["HTTP", "RemoteConnections", "RemoteLoginLedger", "RemoteRateLedger", "SMTP",
+           "SharedLimits", "WorkerAccount"]
