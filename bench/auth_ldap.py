@@ -40,6 +40,7 @@ from twisted.python.threadpool import ThreadPool  # noqa: E402
 from esmtpfa.auth.credentials import UserPassword  # noqa: E402
 from esmtpfa.common.context import ConnectionContext  # noqa: E402
 from esmtpfa.auth.provider import ProviderMeta  # noqa: E402
+from esmtpfa.common.resources import Resources  # noqa: E402
 from esmtpfa.providers.ldap import LDAPProvider  # noqa: E402
 from tests.support.slapd import (  # noqa: E402
     PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer, generated_user)
@@ -99,7 +100,8 @@ def provider_params(slapd: SlapdServer, mode: str, pool_size: int) -> dict:
 
 def make_provider(reactor, slapd, mode, pool_size, cls=LDAPProvider) -> LDAPProvider:
     return cls.from_params(ProviderMeta("bench", "ldap"),
-                                    provider_params(slapd, mode, pool_size), reactor=reactor)
+                           provider_params(slapd, mode, pool_size),
+                           resources=Resources.build(reactor))
 
 
 def provider_check(provider: LDAPProvider):

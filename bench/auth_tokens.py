@@ -33,7 +33,8 @@ from esmtpfa.common.context import ConnectionContext  # noqa: E402
 from esmtpfa.auth.provider import ProviderMeta  # noqa: E402
 from esmtpfa.providers.http_basic import HTTPBasicProvider  # noqa: E402
 from esmtpfa.providers.http_header import HTTPHeaderProvider  # noqa: E402
-from esmtpfa.providers.jwt import JWTProvider, KeySetStore  # noqa: E402
+from esmtpfa.common.resources import Resources  # noqa: E402
+from esmtpfa.providers.jwt import JWTProvider  # noqa: E402
 from tests.support.httpservers import (  # noqa: E402
     JWKSEndpoint,
     LoopbackHTTPServer,
@@ -87,7 +88,7 @@ async def bench_jwt(reactor, total: int, concurrency: int) -> None:
             ProviderMeta(name=f"bench-{alg}", type="jwt"),
             {"jwks_url": server.url("/jwks"), "iss": "https://idp.bench", "aud": "esmtpfa",
              "claims": {"groups": ["mail"]}},
-            reactor=reactor, jwks_store=KeySetStore())
+            resources=Resources.build(reactor))
         tokens = [mint(signing, standard_claims(now, lifetime=3600, iss="https://idp.bench",
                                                 aud="esmtpfa", sub=f"user{i}",
                                                 groups=["mail"]))
@@ -133,10 +134,11 @@ async def bench_http(reactor, total: int, concurrency: int) -> None:
         base = f"http://127.0.0.1:{port}"
         basic = HTTPBasicProvider.from_params(
             ProviderMeta(name="bench-basic", type="http_basic"),
-            {"url": f"{base}/basic"}, reactor=reactor)
+            {"url": f"{base}/basic"}, resources=Resources.build(reactor))
         header = HTTPHeaderProvider.from_params(
             ProviderMeta(name="bench-header", type="http_header"),
-            {"url": f"{base}/header", "header": "X-Token"}, reactor=reactor)
+            {"url": f"{base}/header", "header": "X-Token"},
+            resources=Resources.build(reactor))
 
         async def basic_login(_):
             assert await basic.requestAvatarId(

@@ -363,7 +363,8 @@ class Postfix(Target):
     """A private queueing Postfix with Cyrus SASL, relaying everything to the sink.
 
     Configured with ``tests/support/postfix.py``'s pieces (the same ``main.cf`` core and
-    SASL setup: ``saslpasswd2`` into a private sasldb, auxprop) but run as a whole Postfix: ``postfix -c DIR start-fg``
+    SASL setup: ``saslpasswd2`` into a private sasldb, auxprop) but run as a whole Postfix:
+    ``postfix -c DIR start-fg``
     keeps ``master`` in the foreground, and master starts smtpd, cleanup, qmgr, smtp
     and the rest as it needs them.  No service is chrooted (so the SASL plugins and
     /etc/hosts are reachable).  Everything else is Postfix's defaults, in_flow_delay
@@ -605,7 +606,7 @@ def merge(parts: list[dict]) -> dict:
     merged["tls"] = next((p["tls"] for p in parts if "tls" in p), None)
     weights = [p["seconds"] for p in parts]
     merged["machine_pct"] = {  # while the load ran, weighted by the rounds' durations
-        key: round(sum(p["machine_pct"][key] * w for p, w in zip(parts, weights))
+        key: round(sum(p["machine_pct"][key] * w for p, w in zip(parts, weights, strict=True))
                    / (sum(weights) or 1), 1) for key in parts[0]["machine_pct"]}
     if "cpu_s" in parts[0]:
         cpu = sum(p["cpu_s"] for p in parts)

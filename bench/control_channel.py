@@ -27,10 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, reactor  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
 
-from esmtpfa.limits.throttle import LocalLoginLedger  # noqa: E402
-from esmtpfa.auth.sendingrates import Limit
-from esmtpfa.limits.rates import RateLimiter  # noqa: E402
-from esmtpfa.smtp.factory import ConnectionLimits  # noqa: E402
+from esmtpfa.auth.sendingrates import Limit  # noqa: E402
+from esmtpfa.limits.ledgers import (  # noqa: E402
+    ConnectionLimits, LocalLoginLedger, RateLimiter)
 from esmtpfa.common.transport import write_through  # noqa: E402
 from esmtpfa.runtime.workers.control import ControlChannel  # noqa: E402
 from esmtpfa.runtime.workers.limits import (  # noqa: E402

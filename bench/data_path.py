@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.cred.checkers import AllowAnonymousAccess  # noqa: E402
 from twisted.cred.portal import Portal  # noqa: E402
-from twisted.internet import defer  # noqa: E402
+from twisted.internet import defer, reactor  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.mail import smtp  # noqa: E402
@@ -66,7 +66,7 @@ def esmtpfa_protocol():
                     [AllowAnonymousAccess()])
     settings = ServerSettings(hostname="bench.test", allow_anonymous=True,
                               max_message_size=1 << 30, idle_timeout=3600)
-    return SMTPServerFactory(settings, portal).buildProtocol(PEER)
+    return SMTPServerFactory(settings, portal, reactor=reactor).buildProtocol(PEER)
 
 
 @implementer(smtp.IMessage)

@@ -308,8 +308,8 @@ def target_relays(data: bytes) -> None:
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
-    "address": target_address, "session": target_session, "data": target_data, "dotstuff": target_dotstuff,
-    "sasl": target_sasl, "proxy": target_proxy, "reply": target_reply,
+    "address": target_address, "session": target_session, "data": target_data,
+    "dotstuff": target_dotstuff, "sasl": target_sasl, "proxy": target_proxy, "reply": target_reply,
     "providers": target_providers, "relays": target_relays,
 }
 

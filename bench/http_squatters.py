@@ -32,8 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support.certs import CertificateAuthority
-from tests.support.ports import free_port
+from tests.support.certs import CertificateAuthority  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 PROVIDERS = """\
 providers:

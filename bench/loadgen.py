@@ -155,6 +155,10 @@ def plain(user: str = USER, password: str = PASSWORD) -> Credentials:
     return lambda _: (user, password)
 
 
+#: The default credentials: one user for every message.
+PLAIN = plain()
+
+
 class BannerTimeout(TimeoutError):
     """No 220 greeting within the client's ``banner_timeout`` (connect included)."""
 
@@ -180,7 +184,7 @@ class Client:
     """
 
     def __init__(self, port: int, message: bytes | Messages, mode: str = "pipelined",
-                 credentials: Credentials = plain(), login_per_message: bool = False,
+                 credentials: Credentials = PLAIN, login_per_message: bool = False,
                  name: str = "c", tls: ssl.SSLContext | None = None, timeout: float = 120.0,
                  starttls: ssl.SSLContext | None = None,
                  banner_timeout: float | None = None):
@@ -323,7 +327,7 @@ def error_kind(error: BaseException) -> str:
 
 async def load(ports: int | list[int], connections: int, messages: int, size: int,
                mode: str = "pipelined", tag: str | None = None,
-               login_per_message: bool = False, credentials: Credentials = plain(),
+               login_per_message: bool = False, credentials: Credentials = PLAIN,
                tls: ssl.SSLContext | None = None, collect_errors: bool = False,
                raw: bool = False, starttls: ssl.SSLContext | None = None,
                banner_timeout: float | None = None) -> dict:

@@ -20,7 +20,8 @@ Every figure comes from a real ``twistd -n esmtpfa`` process relaying to Postfix
   raised, and so is RLIMIT_NOFILE (here, inherited by esmtpfa).  At the end every
   connection must still answer NOOP, so none was dropped.
 * ``tls``: TLS handshakes per second on the implicit-TLS (465-style) listener, per
-  worker (the rate divided by the worker processes): each client thread connects, handshakes, reads the 220 greeting, says QUIT and
+  worker (the rate divided by the worker processes): each client thread connects, handshakes, reads
+  the 220 greeting, says QUIT and
   closes, in a loop, for ``--seconds``; ``full`` without a session, ``resumed`` offering
   the session of the previous connection (the figure says how many were really resumed).
   Certificates are generated (``tests/support/certs.py``, ECDSA P-256).
@@ -304,7 +305,7 @@ def cmd_tls(args) -> dict:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"nothing listens on the TLS port {tls_port}")
+                    raise SystemExit(f"nothing listens on the TLS port {tls_port}") from None
                 time.sleep(0.05)
         workers = max(1, len(relay.pids()) - (1 if args.workers and args.workers > 1 else 0))
         for kind in ("full", "resumed"):
@@ -489,7 +490,7 @@ class JwksBackend(Backend):
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.close()
-                    raise SystemExit("the JWKS server did not start")
+                    raise SystemExit("the JWKS server did not start") from None
                 time.sleep(0.05)
         self.url = f"http://127.0.0.1:{port}/jwks.json"
         now = time.time()

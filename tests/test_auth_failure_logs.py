@@ -21,7 +21,7 @@ import re
 import smtplib
 import ssl
 
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
@@ -50,6 +50,7 @@ from tests.support.logcapture import capture_logs
 from tests.support.processes import PROJECT, run_tool
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
 from tests.support.upstream import RecordingUpstream
+from tests.support.resources import resources
 
 FILTER = os.path.join(PROJECT, "deploy", "fail2ban", "filter.d", "esmtpfa.conf")
 SESSION = "urn:uuid:00000000-0000-0000-0000-0000000000f1"
@@ -173,7 +174,7 @@ class ProviderSessionTests(unittest.TestCase):
         provider = JWTProvider.from_params(
             ProviderMeta(name="sso", type="jwt"),
             {"jwks_url": "http://127.0.0.1:9/jwks", "iss": "https://idp.test"},
-            reactor=reactor)
+            resources=resources())
         self.addCleanup(provider.stopProvider)
         del self.events[:]  # the lines about its configuration are no login's
         failure = self.failureResultOf(provider.requestAvatarId(
@@ -188,7 +189,7 @@ class ProviderSessionTests(unittest.TestCase):
         self.addCleanup(server.stop)
         provider = HTTPBasicProvider.from_params(
             ProviderMeta(name="idp-basic", type="http_basic"),
-            {"url": server.url("/auth")}, reactor=reactor)
+            {"url": server.url("/auth")}, resources=resources())
         self.addCleanup(provider.stopProvider)
         with self.assertRaises(LoginRefused) as caught:
             await provider.requestAvatarId(UserPassword("alice", WRONG, CONTEXT))
@@ -202,7 +203,7 @@ class ProviderSessionTests(unittest.TestCase):
             ProviderMeta(name="corp-ldap", type="ldap"),
             {"server": "127.0.0.1", "port": slapd.port, "bind_user": SERVICE_DN,
              "bind_pass": SERVICE_PW, "base_dn": PEOPLE, "timeout": 3,
-             "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}, reactor=reactor)
+             "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}, resources=resources())
         self.addCleanup(provider.stopProvider)
         del self.events[:]  # the lines about its configuration are no login's
         for user, kind in (("alice", BAD_PASSWORD), ("mallory", UNKNOWN_USER)):

@@ -1,4 +1,5 @@
-"""Provider configuration (docs/design.md §3, §4, §7): shapes, ${VAR}, load errors, rebuilds."""
+"""Provider configuration (docs/design.md, "Provider selection", "Provider types" and
+"Configuration, reload and limits"): shapes, ${VAR}, load errors, rebuilds."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.userpass import UserPassProvider
 from tests.support.ports import free_port
 from tests.support.processes import Twistd
+from tests.support.resources import resources
 
 ENV = {"MY_USERNAME": "alice", "MY_PASSWORD": "s3cr3t-Pa55"}
 
@@ -248,7 +250,8 @@ class ExpansionTests(unittest.TestCase):
 
 
 class LoadErrorTests(unittest.TestCase):
-    """Each error names the source, the provider and the problem (docs/design.md §3, §7)."""
+    """Each error names the source, the provider and the problem (docs/design.md,
+    "Provider selection" and "Configuration, reload and limits")."""
 
     def refused(self, text, *fragments, source="conf/providers.yaml", env=ENV) -> str:
         error = self.assertRaises(ConfigError, parse_provider_document, text, source, env)
@@ -484,8 +487,9 @@ class BuildTests(unittest.TestCase):
 
         self.patch(UserPassProvider, "stopProvider", stopProvider)
 
-    def build(self, text, previous=None, env=ENV, **resources) -> BuildResult:
-        return build_providers(parse(text, env=env), previous, **resources)
+    def build(self, text, previous=None, env=ENV, lent=None) -> BuildResult:
+        return build_providers(parse(text, env=env), previous,
+                               resources=lent if lent is not None else resources())
 
     def test_builds_instances(self):
         result = self.build(userpass_yaml("a") + userpass_yaml("b", extra_meta=", fallback: true"))
@@ -557,7 +561,7 @@ class BuildTests(unittest.TestCase):
 
     def test_configs_are_remembered(self):
         configs = parse(userpass_yaml("a"))
-        result = build_providers(configs)
+        result = build_providers(configs, resources=resources())
         self.assertIsInstance(result.providers, ConfiguredProviderSet)
         self.assertEqual(result.providers.configs, tuple(configs))
         self.assertEqual(result.providers.config_by_name["a"], configs[0])
@@ -566,14 +570,14 @@ class BuildTests(unittest.TestCase):
         seen = []
         original = UserPassProvider.from_params.__func__
 
-        def from_params(cls, meta, params, **resources):
+        def from_params(cls, meta, params, *, resources):
             seen.append(resources)
-            return original(cls, meta, params, **resources)
+            return original(cls, meta, params, resources=resources)
 
         self.patch(UserPassProvider, "from_params", classmethod(from_params))
         marker = object()
-        self.build(userpass_yaml("a"), reactor=marker)
-        self.assertEqual(seen, [{"reactor": marker}])
+        self.build(userpass_yaml("a"), lent=marker)
+        self.assertEqual(seen, [marker])
 
     def test_missing_required_param(self):
         error = self.assertRaises(ConfigError, self.build,
@@ -599,13 +603,14 @@ class BuildTests(unittest.TestCase):
         meta = ProviderMeta("dup", "userpass")
         configs = [ProviderConfig.create(meta, {"username": "u", "password": "p"}, "svc", i)
                    for i in range(2)]
-        error = self.assertRaises(ConfigError, build_providers, configs)
+        error = self.assertRaises(ConfigError, build_providers, configs,
+                                  resources=resources())
         self.assertIn("svc: ", str(error))
         self.assertIn("'dup'", str(error))
         self.assertEqual(self.stopped, ["dup", "dup"])
 
     def test_unexpected_exception_hides_its_text(self):
-        def from_params(cls, meta, params, **resources):
+        def from_params(cls, meta, params, *, resources):
             raise ValueError(f"bad value {params['password']}")
 
         self.patch(UserPassProvider, "from_params", classmethod(from_params))
@@ -627,23 +632,26 @@ class LoadFileTests(unittest.TestCase):
         path = self.mktemp()
         with open(path, "w") as file:
             file.write(userpass_yaml("a", password="'${MY_PASSWORD}'"))
-        result = load_provider_file(path, env=ENV)
+        result = load_provider_file(path, env=ENV, resources=resources())
         [provider] = result.providers.providers
         self.assertEqual(provider.meta.name, "a")
-        again = load_provider_file(path, env=ENV, previous=result.providers)
+        again = load_provider_file(path, env=ENV, previous=result.providers,
+                                   resources=resources())
         self.assertIs(again.providers.providers[0], provider)
 
     def test_errors_name_the_path(self):
         path = self.mktemp()
         with open(path, "w") as file:
             file.write(README_JSON)
-        error = self.assertRaises(ConfigError, load_provider_file, path, env={})
+        error = self.assertRaises(ConfigError, load_provider_file, path, env={},
+                                  resources=resources())
         self.assertTrue(str(error).startswith(path + ": "), str(error))
         self.assertIn("'MY_USERNAME'", str(error))
 
     def test_missing_file(self):
         path = self.mktemp()
-        error = self.assertRaises(ConfigError, load_provider_file, path, env=ENV)
+        error = self.assertRaises(ConfigError, load_provider_file, path, env=ENV,
+                                  resources=resources())
         self.assertIn(path, str(error))
         self.assertIn("cannot read", str(error))
 
@@ -775,7 +783,8 @@ class BoundedStartupTests(unittest.TestCase):
 
     def test_oversized_provider_file(self):
         path = self.big_file(userpass_yaml("a"))
-        error = self.assertRaises(ConfigError, load_provider_file, path, env=ENV)
+        error = self.assertRaises(ConfigError, load_provider_file, path, env=ENV,
+                                  resources=resources())
         self.assertEqual(str(error), f"{path}: document refused: larger than 4194304 bytes")
 
     def test_read_stops_one_byte_past_the_cap(self):

@@ -69,8 +69,8 @@ SERVICE_PORTS = {25: "SMTP_PORT", 587: "SMTP_PORT", 465: "SMTP_TLS_PORT",
 #: Modules allowed to read the process environment, and why: the settings table, and
 #: the ``${NAME}`` expansion of the providers document and the relay file (whose names
 #: the operator chooses; .env-sample lists those the shipped ConfigMap uses).
-ENVIRONMENT_READERS = {"esmtpfa/runtime/options.py", "esmtpfa/config/providers.py", "esmtpfa/relay/config.py",
-                       "esmtpfa/spool/tool.py",
+ENVIRONMENT_READERS = {"esmtpfa/runtime/options.py", "esmtpfa/config/providers.py",
+                       "esmtpfa/relay/config.py", "esmtpfa/spool/tool.py",
                        # passes its environment on to the workers it starts, with the
                        # directory of their counts added; reads no setting from it
                        "esmtpfa/runtime/workers/supervisor.py"}

@@ -70,7 +70,8 @@ class DemoModeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_no_credential_reaches_the_log(self):
-        """docs/design.md §9: neither the password nor the AUTH payload, at debug level either."""
+        """docs/design.md, "Identifiers and logs": neither the password nor the AUTH payload, at
+        debug level either."""
         import base64
         payload = base64.b64encode(f"\0{DEMO_USER}\0{SECRET}".encode()).decode()
         yield run_tool("swaks", *swaks_args(self.port, password=SECRET))

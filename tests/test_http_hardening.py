@@ -551,7 +551,7 @@ class DeadlineTests(HardeningFixture, unittest.TestCase):
             while time.monotonic() - started < 20:
                 try:
                     sock.send(requests)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError as error:  # reset by the relay: it aborted
                     return repr(error), time.monotonic() - started, memory_mib() - before
@@ -835,7 +835,7 @@ class LogTests(HardeningFixture, unittest.TestCase):
     def test_401_flood_is_collapsed_without_secrets(self):
         events = capture_logs(self)
         secret = "Zebra-Unicorn-42"
-        for i in range(20):
+        for _ in range(20):
             response = yield post_json(self.url, document(), auth=(USER, secret))
             self.assertEqual(response.code, 401)
             response = yield request("POST", self.url, auth=(USER, secret))  # no body

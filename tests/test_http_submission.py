@@ -1,4 +1,5 @@
-"""The HTTP submission API (docs/design.md §6) over loopback, against a real recording upstream.
+"""The HTTP submission API (docs/design.md, "The HTTP submission API") over loopback, against a real
+recording upstream.
 
 Each test starts the whole ``RelayService`` with ``--http`` and talks to it with treq
 (or a raw socket where the test is about bytes on the wire, or curl as a user would);
@@ -241,7 +242,8 @@ class BadRequestTests(HTTPFixtureMixin, unittest.TestCase):
 
 
 class ThrottleTests(HTTPFixtureMixin, unittest.TestCase):
-    """The throttle sits in front of the providers for HTTP too (docs/design.md §7)."""
+    """The throttle sits in front of the providers for HTTP too (docs/design.md,
+    "Configuration, reload and limits")."""
 
     fixture_args = ("--max-auth-failures-per-ip", "2")
 
@@ -442,7 +444,8 @@ providers:
 
 
 class HostHeaderTests(HTTPFixtureMixin, unittest.TestCase):
-    """The Host header (without port) is the connected domain of docs/design.md §3."""
+    """The Host header (without port) is the connected domain of docs/design.md,
+    "Provider selection"."""
 
     fixture_kwargs = {"providers": UNIQUE_DOMAIN_PROVIDERS}
 

@@ -14,7 +14,7 @@ import io
 import json
 import smtplib
 
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
@@ -31,6 +31,7 @@ from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
 from tests.support.upstream import RecordingUpstream
 from tests.support.logcapture import observe_logs
+from tests.support.resources import resources
 
 PASSWORD = "SECRET-pw-9f3b"
 TOKEN = "SECRET-token-c71e.eyJzdWIiOiJ4In0.sig"
@@ -93,7 +94,7 @@ class ProviderLevelTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
         self.provider = HTTPBasicProvider.from_params(
             ProviderMeta(name="idp-basic", type="http_basic"),
-            {"url": self.server.url("/auth")}, reactor=reactor)
+            {"url": self.server.url("/auth")}, resources=resources())
         self.addCleanup(self.provider.stopProvider)
         self.events = observe_logs(self)
 
@@ -125,7 +126,7 @@ class LDAPLevelTests(unittest.TestCase):
             ProviderMeta(name="corp-ldap", type="ldap"),
             {"server": "127.0.0.1", "port": self.slapd.port, "bind_user": SERVICE_DN,
              "bind_pass": SERVICE_PW, "base_dn": PEOPLE, "timeout": 3,
-             "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}, reactor=reactor)
+             "filter_string": "(&(objectClass=inetOrgPerson)(uid=%s))"}, resources=resources())
         self.addCleanup(self.provider.stopProvider)
         self.events = observe_logs(self)
 

@@ -1,4 +1,4 @@
-"""Metrics (docs/design.md §8) and health, scraped over HTTP like Prometheus does.
+"""Metrics (docs/design.md, "Metrics") and health, scraped over HTTP like Prometheus does.
 
 Real SMTP and HTTP sessions run against the whole relay; ``/metrics`` is fetched over
 loopback and parsed with prometheus_client's text parser; each test asserts the exact
@@ -27,7 +27,7 @@ NS = "esmtpfa"
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
            b"Subject: metrics\r\n\r\nHello\r\n")
 
-#: docs/design.md §8: the original's metrics (family name as parsed, type, label names).
+#: docs/design.md, "Metrics": the original's metrics (family name as parsed, type, label names).
 ORIGINAL = {
     "logins": ("counter", {"provider", "status"}),
     "bytes_sent": ("counter", {"provider"}),

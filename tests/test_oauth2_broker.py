@@ -21,12 +21,13 @@ from twisted.web.resource import Resource
 from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.relay.oauth2 import (
     FAILURE_HOLD, MAX_DESCRIPTION, MAX_RESPONSE_BYTES, ClientAssertion, OAuth2Settings, TokenBroker,
-    TokenUnavailable, new_token_client, refresh_delay)
+    TokenUnavailable, refresh_delay)
 from tests.support.httpservers import LoopbackHTTPServer
 from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.tokenserver import (
     ClientRegistration, StalledServer, TokenServer, client_key_files, thumbprint)
+from tests.support.resources import resources
 
 SECRET = "s3cret-Client-Value"
 WRONG = "wr0ng-Client-Value"
@@ -36,7 +37,7 @@ class BrokerTestCase(unittest.TestCase):
     timeout = 30
 
     def setUp(self):
-        self.client, pool = new_token_client(reactor, 10)
+        self.client, pool = resources().http_client(10)
         self.addCleanup(pool.closeCachedConnections)  # after the server dropped them
         self.server = TokenServer().start()
         self.addCleanup(self.server.stop)

@@ -32,6 +32,7 @@ from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
 from tests.support.logcapture import capture_logs
+from tests.support.resources import resources
 
 NS = "esmtpfa"
 
@@ -176,7 +177,8 @@ class ConfigTests(unittest.TestCase):
         doc = ('[{"meta": {"name": "h", "type": "http_header"}, "params": {"url": '
                '"http://127.0.0.1:1/", "header": "X-Key", "identity_header": "X User"}}]')
         with self.assertRaises(ConfigError) as caught:
-            build_providers(parse_provider_document(doc, "f", env={}))
+            build_providers(parse_provider_document(doc, "f", env={}),
+                            resources=resources())
         self.assertIn("'identity_header' must be an HTTP field name", str(caught.exception))
 
     def doc(self, policy: str) -> str:
@@ -194,22 +196,24 @@ class ConfigTests(unittest.TestCase):
 
     def test_a_changed_policy_makes_a_new_instance_an_unchanged_one_keeps_it(self):
         first = build_providers(parse_provider_document(
-            self.doc("  policy: {allowed_senders: ['{user}@example.com']}\n"), "f", env={}))
+            self.doc("  policy: {allowed_senders: ['{user}@example.com']}\n"), "f", env={}),
+            resources=resources())
         self.addCleanup(lambda: first.providers.by_name["p1"].stopProvider())
         same = build_providers(parse_provider_document(
             self.doc("  policy: {allowed_senders: ['{user}@example.com']}\n"), "f", env={}),
-            previous=first.providers)
+            previous=first.providers, resources=resources())
         self.assertIs(same.providers.by_name["p1"], first.providers.by_name["p1"])
         changed = build_providers(parse_provider_document(
             self.doc("  policy: {allowed_senders: ['@example.com']}\n"), "f", env={}),
-            previous=first.providers)
+            previous=first.providers, resources=resources())
         provider = changed.providers.by_name["p1"]
         self.assertIsNot(provider, first.providers.by_name["p1"])
         self.assertEqual(provider.policy.senders.domains, frozenset({"example.com"}))
 
     def test_a_provider_without_rules_is_announced(self):
         events = capture_logs(self)
-        build_providers(parse_provider_document(self.doc(""), "f", env={}))
+        build_providers(parse_provider_document(self.doc(""), "f", env={}),
+                        resources=resources())
         self.assertIn("provider p1: no sender rules", log_text(events))
 
 

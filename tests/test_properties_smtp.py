@@ -79,7 +79,7 @@ def in_pieces(data: bytes) -> st.SearchStrategy[list[bytes]]:
     """``data`` cut at points hypothesis chooses: network reads split anywhere."""
     return st.lists(st.integers(0, len(data)), max_size=6).map(
         lambda cuts: [data[a:b] for a, b in zip([0, *sorted(cuts)],
-                                                [*sorted(cuts), len(data)])])
+                                                [*sorted(cuts), len(data)], strict=True)])
 
 
 # --- reference models -------------------------------------------------------------------

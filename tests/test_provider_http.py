@@ -1,4 +1,5 @@
-"""http_basic and http_header (docs/design.md §4) against real twisted.web servers on loopback.
+"""http_basic and http_header (docs/design.md, "Provider types") against real twisted.web servers on
+loopback.
 
 What is on the wire is checked on the server side (the exact Authorization / header
 value, how many requests and TCP connections), and every failure mode that must be a
@@ -12,7 +13,7 @@ import hashlib
 import time
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -38,6 +39,7 @@ from tests.support.httpservers import (
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.logcapture import capture_logs
+from tests.support.resources import resources
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000b1", "smtp")
 BASIC = ProviderMeta(name="idp-basic", type="http_basic")
@@ -61,14 +63,14 @@ class _ServerTestCase(unittest.TestCase):
 
     def basic(self, **params) -> HTTPBasicProvider:
         params.setdefault("url", self.server.url("/auth"))
-        provider = HTTPBasicProvider.from_params(BASIC, params, reactor=reactor)
+        provider = HTTPBasicProvider.from_params(BASIC, params, resources=resources())
         self.addCleanup(provider.stopProvider)  # runs before server.stop (LIFO)
         return provider
 
     def header(self, **params) -> HTTPHeaderProvider:
         params.setdefault("url", self.server.url("/auth"))
         params.setdefault("header", "X-Bearer-Token")
-        provider = HTTPHeaderProvider.from_params(HEADER, params, reactor=reactor)
+        provider = HTTPHeaderProvider.from_params(HEADER, params, resources=resources())
         self.addCleanup(provider.stopProvider)
         return provider
 
@@ -351,7 +353,8 @@ class HeaderTests(_ServerTestCase):
 
 class ConfigTests(unittest.TestCase):
     def assertConfigError(self, cls, meta, params, *fragments):
-        error = self.assertRaises(ConfigError, cls.from_params, meta, params, reactor=reactor)
+        error = self.assertRaises(ConfigError, cls.from_params, meta, params,
+                                  resources=resources())
         for fragment in fragments:
             self.assertIn(fragment, str(error))
         return error
@@ -383,14 +386,14 @@ class ConfigTests(unittest.TestCase):
     def test_defaults_and_parsing(self):
         provider = HTTPBasicProvider.from_params(
             BASIC, {"url": "https://x.test/auth", "success_codes": ["200", 204],
-                    "timeout": "2.5", "method": "head"}, reactor=reactor)
+                    "timeout": "2.5", "method": "head"}, resources=resources())
         checker = provider.checker
         self.assertEqual(checker.success_codes, {200, 204})
         self.assertEqual(checker.timeout, 2.5)
         self.assertEqual(checker.method, "HEAD")
         yield provider.stopProvider()
         provider = HTTPBasicProvider.from_params(BASIC, {"url": "http://x.test/"},
-                                                 reactor=reactor, unknown_resource=object())
+                                                 resources=resources())
         self.assertEqual(provider.checker.success_codes, {200})
         self.assertEqual(provider.checker.method, "GET")
         self.assertEqual(provider.checker.timeout, 5.0)

@@ -1,4 +1,5 @@
-"""jwt (docs/design.md §4, RFC 7519/7515/7517, RFC 8725) against a real JWKS endpoint on loopback.
+"""jwt (docs/design.md, "Provider types", RFC 7519/7515/7517, RFC 8725) against a real JWKS endpoint
+on loopback.
 
 Token times are fixed: the provider's clock is a ``task.Clock`` set to ``NOW`` (it also
 times JWKS refreshes, so rate limits are tested by advancing it), while the network
@@ -7,12 +8,13 @@ and the fetch deadline run on the real reactor.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import random
 import string
 
 from cryptography.hazmat.primitives import serialization
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial import unittest
@@ -21,12 +23,12 @@ from zope.interface.verify import verifyObject
 from esmtpfa.auth.credentials import BearerToken, IBearerTokenCredentials
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
 from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.resources import LastGood
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, ProviderMeta
 from esmtpfa.providers.jwt import (
     JWTProvider,
     KeySet,
-    KeySetStore,
     MAX_TOKEN_LENGTH,
     same_value,
 )
@@ -41,6 +43,7 @@ from tests.support.httpservers import (
     until,
 )
 from tests.support.ports import free_port
+from tests.support.resources import resources
 from tests.support.logcapture import capture_logs
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000j1", "smtp")
@@ -81,12 +84,12 @@ class _JWKSTestCase(unittest.TestCase):
         self.jwks = JWKSEndpoint([key("rsa"), key("ec"), key("ed")])
         self.server = LoopbackHTTPServer({"jwks": self.jwks}).start()
         self.addCleanup(self.server.stop)
-        self.store = KeySetStore()
+        self.store = LastGood()
 
-    def provider(self, store: KeySetStore | None = None, **params) -> JWTProvider:
+    def provider(self, store: LastGood | None = None, **params) -> JWTProvider:
         params.setdefault("jwks_url", self.server.url("/jwks"))
-        provider = JWTProvider.from_params(META, params, reactor=reactor, clock=self.clock,
-                                           jwks_store=store or self.store)
+        provider = JWTProvider.from_params(
+            META, params, resources=replace(resources(self.clock), jwks=store or self.store))
         self.addCleanup(provider.stopProvider)
         return provider
 
@@ -174,7 +177,7 @@ class VerificationTests(_JWKSTestCase):
         yield self.rejected(provider, mint(key("rsa"), claims(exp=NOW - 31)), "expired")
         # Within the 30 s leeway.
         yield self.accepted(provider, mint(key("rsa"), claims(exp=NOW - 29)))
-        no_leeway = self.provider(leeway=0, store=KeySetStore())
+        no_leeway = self.provider(leeway=0, store=LastGood())
         yield self.rejected(no_leeway, mint(key("rsa"), claims(exp=NOW)), "expired")
 
     @defer.inlineCallbacks
@@ -261,7 +264,7 @@ class VerificationTests(_JWKSTestCase):
         # And ES384 on a P-256 key is refused by the key's curve.
         self.jwks.keys = [make_key("ES256", "ec-1", private=key("ec").private,
                                    jwk_alg=False)]
-        provider2 = self.provider(store=KeySetStore())
+        provider2 = self.provider(store=LastGood())
         token = compact({"alg": "ES384", "kid": "ec-1"}, claims(), lambda _: b"x" * 96)
         yield self.rejected(provider2, token, "algorithm")
 
@@ -271,7 +274,7 @@ class VerificationTests(_JWKSTestCase):
         self.jwks.keys = [key("ed")]
         yield self.accepted(single, mint(key("ed"), claims(), {"kid": None}))
         self.jwks.keys = [key("ed"), key("ec")]
-        several = self.provider(store=KeySetStore())
+        several = self.provider(store=LastGood())
         yield self.rejected(several, mint(key("ed"), claims(), {"kid": None}), "kid")
 
     @defer.inlineCallbacks
@@ -363,6 +366,21 @@ class VerificationTests(_JWKSTestCase):
 
 
 class JWKSCacheTests(_JWKSTestCase):
+    @defer.inlineCallbacks
+    def test_two_bundles_keep_two_caches(self):
+        """The key sets live in the bundle a provider is given, not in the process: a
+        provider of a second service (its own ``Resources``) fetches for itself, a
+        reload's successor in the same service does not."""
+        token = mint(key("rsa"), claims())
+        yield self.accepted(self.provider(), token)
+        yield self.accepted(self.provider(), token)  # a reload: the same bundle's cache
+        self.assertEqual(self.jwks.fetches, 1)
+        other = JWTProvider.from_params(META, {"jwks_url": self.server.url("/jwks")},
+                                        resources=resources(self.clock))
+        self.addCleanup(other.stopProvider)
+        yield self.accepted(other, token)
+        self.assertEqual(self.jwks.fetches, 2)
+
     @defer.inlineCallbacks
     def test_concurrent_first_logins_share_one_fetch(self):
         provider = self.provider()
@@ -507,8 +525,7 @@ class JWKSCacheTests(_JWKSTestCase):
 
 class ConfigTests(unittest.TestCase):
     def make(self, **params):
-        return JWTProvider.from_params(META, params, reactor=reactor, clock=Clock(),
-                                       jwks_store=KeySetStore())
+        return JWTProvider.from_params(META, params, resources=resources(Clock()))
 
     def assertConfigError(self, fragment: str, **params):
         error = self.assertRaises(ConfigError, self.make, **params)

@@ -5,7 +5,8 @@ client certificates).  slapd's ``stats`` log is the witness for what went over t
 ``ACCEPT`` lines count TCP connections, ``BIND dn=…`` lines show who was bound as, and
 ``SRCH`` lines which connection searched.
 
-Classes that share one slapd use ``tests.support.slapd.SharedSlapd``.  Outage tests get a slapd of their own per test, since they stop and pause it.
+Classes that share one slapd use ``tests.support.slapd.SharedSlapd``.  Outage tests get a slapd of
+their own per test, since they stop and pause it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.support.slapd import (
     SharedSlapd, SlapdServer, ldap_provider, open_servers)
 from esmtpfa.auth.errors import BAD_PASSWORD, POLICY, LoginRefused
 from tests.support.logcapture import observe_logs
+from tests.support.resources import resources
 
 CTX = ConnectionContext(connection_id="urn:uuid:00000000-0000-0000-0000-000000000000",
                         protocol="smtp", peer_host="127.0.0.1")
@@ -54,7 +56,7 @@ class ProviderHelpers:
         }
         params.update(overrides)
         params = {k: v for k, v in params.items() if v is not None}
-        provider = LDAPProvider.from_params(META, params, reactor=reactor)
+        provider = LDAPProvider.from_params(META, params, resources=resources())
         self.addCleanup(provider.stopProvider)
         return provider
 
@@ -593,7 +595,7 @@ class ConfigTests(unittest.TestCase):
         params = dict(self.base)
         params.update(changes)
         params = {k: v for k, v in params.items() if v is not None}
-        provider = LDAPProvider.from_params(META, params, reactor=reactor, other_resource=1)
+        provider = LDAPProvider.from_params(META, params, resources=resources())
         self.addCleanup(provider.stopProvider)
         return provider
 

@@ -1,4 +1,5 @@
-"""userpass (docs/design.md §4): static credentials, constant-time compare, refuses empty config."""
+"""userpass (docs/design.md, "Provider types"): static credentials, constant-time compare, refuses
+empty config."""
 
 from __future__ import annotations
 
@@ -125,5 +126,5 @@ class ConfigTests(unittest.TestCase):
 
     def test_resources_are_ignored(self):
         provider = UserPassProvider.from_params(
-            META, {"username": "u", "password": "p"}, reactor=object(), pool=object())
+            META, {"username": "u", "password": "p"}, resources=object())
         self.assertEqual(provider.meta, META)

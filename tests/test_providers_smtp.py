@@ -1,6 +1,7 @@
 """Every provider type authenticates real SMTP sessions, in every selection mode.
 
-docs/design.md §3's three modes — the username names the provider, the connected domain (TLS SNI)
+The three modes of docs/design.md, "Provider selection" — the username names the provider, the
+connected domain (TLS SNI)
 names a unique-domain provider, or fallback — against the real servers each provider
 talks to: slapd, twisted.web auth endpoints and a JWKS endpoint.  Each session goes on
 to send a message, which must reach the recording upstream.

@@ -6,7 +6,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.limits.ledgers import RateLimiter
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Limit, Rates, RateSyntaxError
 
 
@@ -137,3 +138,73 @@ class LimiterTests(unittest.TestCase):
             settled(reservation.message())
             reservation.commit()
         self.assertLessEqual(len(limiter), 100)
+
+
+class SynchronousTwinTests(unittest.TestCase):
+    """Every in-process ledger answers at once through ``<method>_now`` what its
+    Deferred method fires with (``esmtpfa.limits.ledgers``); the workers' supervisor
+    counts for all its workers through the twins."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.limiter = RateLimiter(self.clock)
+        self.limit = Limit(2, 60.0)
+
+    def test_the_three_in_process_ledgers_have_one_shape(self):
+        from zope.interface.verify import verifyObject
+
+        from esmtpfa.limits.interfaces import (
+            ILocalConnectionLedger, ILocalLoginLedger, ILocalRateLedger)
+        from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger
+        self.assertTrue(verifyObject(ILocalRateLedger, self.limiter))
+        self.assertTrue(verifyObject(ILocalLoginLedger,
+                                     LocalLoginLedger(3, 2, 60.0, self.clock)))
+        self.assertTrue(verifyObject(ILocalConnectionLedger, ConnectionLimits(2, 1)))
+
+    def test_take_now_reserves_then_answers_the_refusal_as_a_value(self):
+        self.assertIsNone(self.limiter.take_now("corp\0alice", "messages", self.limit, 1))
+        self.assertIsNone(self.limiter.take_now("corp\0alice", "messages", self.limit, 1))
+        refused = self.limiter.take_now("corp\0alice", "messages", self.limit, 1)
+        self.assertIsInstance(refused, Exceeded)
+        self.assertEqual((refused.kind, refused.limit, refused.retry_after),
+                         ("messages", self.limit, 60.0))
+        # The Deferred method answers the same, and the refusal reserved nothing.
+        failure = self.failureResultOf(
+            self.limiter.take("corp\0alice", "messages", self.limit, 1), Exceeded)
+        self.assertEqual(failure.value.retry_after, 60.0)
+        self.assertIsNone(self.limiter.take_now("corp\0bob", "messages", self.limit, 2))
+
+    def test_give_now_settles_what_was_reserved(self):
+        for _ in range(2):
+            self.limiter.take_now("corp\0alice", "messages", self.limit, 1)
+        self.limiter.give_now("corp\0alice", "messages", self.limit, 1, False)  # given back
+        self.assertIsNone(self.limiter.take_now("corp\0alice", "messages", self.limit, 1))
+        self.limiter.give_now("corp\0alice", "messages", self.limit, 2, True)  # they count
+        self.assertIsNotNone(self.limiter.take_now("corp\0alice", "messages", self.limit, 1))
+        self.clock.advance(120)  # two windows on: nothing left of them
+        self.assertIsNone(self.limiter.take_now("corp\0alice", "messages", self.limit, 2))
+
+    def test_the_supervisor_counts_through_the_twin(self):
+        """A worker's ``rate.take`` is answered from ``take_now``: the supervisor never
+        digs the answer out of a Deferred (one that has not fired would be lost)."""
+        from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger
+        from esmtpfa.runtime.workers.limits import SharedLimits
+
+        class TwinsOnly(RateLimiter):
+            def take(self, *args):
+                raise AssertionError("the supervisor asked take(), not take_now()")
+
+            def give(self, *args):
+                raise AssertionError("the supervisor asked give(), not give_now()")
+
+        limits = SharedLimits(login=LocalLoginLedger(3, 2, 60.0, self.clock),
+                              rates=TwinsOnly(self.clock),
+                              connections={"smtp": ConnectionLimits(2, 1)})
+        account = limits.for_worker(1)
+        self.assertIsNone(account.rate_take("corp\0alice", "messages", 1, 60.0, 1))
+        self.assertEqual(account.rate_take("corp\0alice", "messages", 1, 60.0, 1),
+                         {"retry_after": 60.0})
+        account.rate_give("corp\0alice", "messages", 1, 60.0, 1, False)
+        self.assertIsNone(account.rate_take("corp\0alice", "messages", 1, 60.0, 1))
+        account.close()  # gives the held reservation back through give_now
+        self.assertIsNone(account.rate_take("corp\0alice", "messages", 1, 60.0, 1))

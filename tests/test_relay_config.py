@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.relay.config import UpstreamEntry, parse_relay_document
 from esmtpfa.runtime.service import build_relay
+from tests.support.resources import resources
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 from tests.test_relay_options import parse
@@ -113,7 +114,7 @@ class OptionTests(unittest.TestCase):
         options = parse("--relay-config", path, "--relay-timeout", "12",
                         "--relay-user", "flag-user", "--relay-pass", "flag-pass",
                         "--relay-tls-server-name", "smtp.example.com", **ENV)
-        relay = build_relay(options, None, "relay.test")
+        relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         first, second, third = [u.settings for u in relay.upstreams]
         self.assertEqual((first.address, first.username, first.password, first.starttls,
@@ -133,7 +134,8 @@ class OptionTests(unittest.TestCase):
     def test_starttls_entry_under_implicit_tls_flag(self):
         path = self.write("relays:\n- {addr: a.example, starttls: required}\n"
                           "- {addr: b.example}\n")
-        relay = build_relay(parse("--relay-config", path, "--relay-tls"), None, "relay.test")
+        relay = build_relay(parse("--relay-config", path, "--relay-tls"), resources(),
+                            "relay.test")
         self.addCleanup(relay.close)
         a, b = [u.settings for u in relay.upstreams]
         self.assertEqual((a.implicit_tls, a.starttls), (False, "required"))
@@ -308,7 +310,7 @@ class OAuth2ConfigTests(unittest.TestCase):
             file.write(OAUTH2_EXAMPLE)
         options = parse("--relay-config", path, "--relay-user", "flag-user",
                         "--relay-pass", "flag-pass", **OAUTH2_ENV)
-        relay = build_relay(options, None, "relay.test")
+        relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         m365, gmail, backup = [u.settings for u in relay.upstreams]
         self.assertTrue(m365.uses_oauth2)
@@ -331,7 +333,7 @@ class OAuth2ConfigTests(unittest.TestCase):
         self.assertEqual((oauth2.client_id, oauth2.client_secret, oauth2.scope),
                          ("app", "flag-s3cret", "https://outlook.office365.com/.default"))
         self.assertNotIn("flag-s3cret", repr(entry))
-        relay = build_relay(options, None, "relay.test")
+        relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         settings = relay.upstreams[0].settings
         self.assertEqual((settings.oauth2, settings.auth_mechanism), (oauth2, "OAUTHBEARER"))
@@ -371,5 +373,5 @@ class OAuth2ConfigTests(unittest.TestCase):
         options = parse("--relay-addr", "a.example", "--relay-user", "u", "--relay-pass", "p",
                         "--relay-auth-mech", "xoauth2")
         with self.assertRaises(ValueError) as caught:
-            build_relay(options, None, "relay.test")
+            build_relay(options, resources(), "relay.test")
         self.assertIn("XOAUTH2 needs an oauth2 block", str(caught.exception))

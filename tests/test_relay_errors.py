@@ -18,6 +18,7 @@ from esmtpfa.relay.upstream import (
     _MOVES, IllegalMove, SMTPRelay, State, UpstreamSettings, UpstreamTransaction)
 from esmtpfa.common.replies import Reply
 from tests.support.upstream import RecordingUpstream
+from tests.support.resources import resources
 
 KINDS = (Kind.REJECTED, Kind.POLICY, Kind.UNAVAILABLE, Kind.PROTOCOL, Kind.BUSY,
          Kind.CLOSING, Kind.EXPIRED, Kind.CREDENTIALS)
@@ -68,7 +69,7 @@ class RcptmaxTests(unittest.TestCase):
         self.addCleanup(upstream.stop)
         relay = SMTPRelay(UpstreamSettings("127.0.0.1", upstream.port, starttls="none",
                                            helo_name="relay.test", connect_timeout=5.0,
-                                           command_timeout=2.0))
+                                           command_timeout=2.0), resources=resources())
         self.addCleanup(relay.close)
         reported: list[RelayError] = []
         relay.observers.append(reported.append)
@@ -100,7 +101,7 @@ class StateTests(unittest.TestCase):
             self.assertIn(State.ABORTED, _MOVES[state], state)
 
     def test_an_illegal_move_is_refused_loudly(self):
-        relay = SMTPRelay(UpstreamSettings("127.0.0.1", 25, starttls="none"))
+        relay = SMTPRelay(UpstreamSettings("127.0.0.1", 25, starttls="none"), resources=resources())
         self.addCleanup(relay.close)
         transaction = UpstreamTransaction(relay, Envelope("a@b.example", ()), "m", "c")
         self.assertIs(transaction.state, State.NEW)
@@ -114,7 +115,7 @@ class StateTests(unittest.TestCase):
         relay = SMTPRelay(UpstreamSettings("127.0.0.1", upstream.port, starttls="none",
                                            helo_name="relay.test", connect_timeout=5.0,
                                            command_timeout=2.0),
-                          pool=PoolSettings(idle_timeout=5.0))
+                          pool=PoolSettings(idle_timeout=5.0), resources=resources())
         self.addCleanup(relay.close)
         return relay
 

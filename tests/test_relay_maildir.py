@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
@@ -26,7 +27,7 @@ class MaildirTests(unittest.TestCase):
 
     def setUp(self):
         self.path = os.path.join(self.mktemp(), "Maildir")  # parent missing too
-        self.relay = MaildirRelay(self.path)
+        self.relay = MaildirRelay(self.path, reactor=reactor)
         self.addCleanup(self.relay.close)
 
     def listing(self, sub: str) -> list[str]:
@@ -78,7 +79,7 @@ class MaildirTests(unittest.TestCase):
         blocker = self.mktemp()
         with open(blocker, "w") as f:
             f.write("a file where the Maildir's parent should be")
-        relay = MaildirRelay(os.path.join(blocker, "Maildir"))
+        relay = MaildirRelay(os.path.join(blocker, "Maildir"), reactor=reactor)
         self.addCleanup(relay.close)
         try:
             await relay.deliver(outbound())

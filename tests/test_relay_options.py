@@ -9,6 +9,7 @@ from esmtpfa.runtime.options import Options
 from esmtpfa.relay.rewrite import RelayFromRewriter
 from esmtpfa.relay.upstream import SMTPRelay
 from esmtpfa.runtime.service import build_relay
+from tests.support.resources import resources
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.sink import SmtpSink
@@ -35,7 +36,7 @@ class OptionTests(unittest.TestCase):
                         "--relay-port", "587",
                         "--relay-user", "u", "--relay-pass", "p", "--relay-auth-mech",
                         "SCRAM-SHA-1", "--relay-pool-size", "4")
-        relay = build_relay(options, None, "relay.test")
+        relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         self.assertIsInstance(relay, SMTPRelay)
         settings = [u.settings for u in relay.upstreams]
@@ -54,7 +55,7 @@ class OptionTests(unittest.TestCase):
                         RELAY_POOL_SIZE="7", RELAY_POOL_IDLE_TIMEOUT="2.5",
                         RELAY_BREAKER_FAILURES="5", RELAY_BREAKER_COOLDOWN="9",
                         RELAY_TLS_SERVER_NAME="smtp.example.com", RELAY_FROM="r@example.com")
-        relay = build_relay(options, None, "relay.test")
+        relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         self.assertIsInstance(relay, RelayFromRewriter)
         inner = relay.inner

@@ -24,6 +24,7 @@ from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.upstream import CLOSE, END_OF_DATA, STALL, RecordingUpstream
+from tests.support.resources import resources
 
 CONTENT = b"From: alice@example.com\r\nSubject: pooled\r\n\r\nHello.\r\n"
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
@@ -68,7 +69,8 @@ class PoolTestCase(unittest.TestCase):
         options.update(settings)
         relay = SMTPRelay([UpstreamSettings("127.0.0.1", u if isinstance(u, int) else u.port,
                                             **options) for u in upstreams],
-                          pool=pool or PoolSettings(idle_timeout=5.0, breaker_cooldown=60.0))
+                          pool=pool or PoolSettings(idle_timeout=5.0, breaker_cooldown=60.0),
+                          resources=resources())
         self.addCleanup(relay.close)
         return relay
 

@@ -15,6 +15,7 @@ from tests.support.certs import CertificateAuthority
 from tests.support.postfix import PostfixSubmission
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.test_relay_upstream import CONTENT, outbound
+from tests.support.resources import resources
 
 PASSWORD_UPSTREAM = "s3cret pencil"
 
@@ -33,7 +34,8 @@ class PostfixTestCase(unittest.TestCase):
         options = dict(username="relayuser", password=password, helo_name="relay.test",
                        starttls="none", allow_insecure_auth=True, command_timeout=10)
         options.update(settings)
-        relay = SMTPRelay(UpstreamSettings("127.0.0.1", server.port, **options))
+        relay = SMTPRelay(UpstreamSettings("127.0.0.1", server.port, **options),
+                          resources=resources())
         self.addCleanup(relay.close)
         return relay
 

@@ -19,6 +19,7 @@ from esmtpfa.relay.rewrite import RelayFromRewriter
 from esmtpfa.common.replies import Reply
 from tests.support.relayfixture import RelayFixture
 from tests.support.relaying import send_whole
+from tests.support.resources import resources
 from tests.support.upstream import END_OF_DATA, RAW, RecordingUpstream
 from tests.test_relay_faults import CONTENT, Client, FaultTestCase
 from zope.interface import implementer
@@ -227,7 +228,7 @@ class RewriteOffTheReactorTests(unittest.TestCase):
 
     async def test_big_header_is_parsed_in_a_thread_and_kept_whole(self):
         inner = _Capture()
-        rewriter = _WhereRewritten(inner, "relay@smarthost.example")
+        rewriter = _WhereRewritten(inner, "relay@smarthost.example", resources=resources())
         folded = b"X-Long: start\r\n" + b" continued\r\n" * 80_000
         content = b"From: Alice <alice@client.example>\r\n" + folded + b"\r\nbody\r\n"
         spool = MessageSpool()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -14,6 +17,7 @@ from esmtpfa.relay.maildir import MaildirRelay
 from esmtpfa.relay.rewrite import HEADER_LIMIT, RelayFromRewriter, display_name, unfold
 from esmtpfa.common.replies import Reply
 from tests.support.relaying import send_whole
+from tests.support.resources import resources
 
 RELAY_FROM = "relay@smarthost.example"
 BODY = b"\r\nHello.\r\nFrom: a line in the body, not a header\r\n\xff\xfe binary-ish\r\n"
@@ -53,7 +57,7 @@ class RewriteTests(unittest.TestCase):
 
     def setUp(self):
         self.inner = CapturingRelay()
-        self.rewriter = RelayFromRewriter(self.inner, RELAY_FROM)
+        self.rewriter = RelayFromRewriter(self.inner, RELAY_FROM, resources=resources())
 
     def rewrite(self, content: bytes, **kwargs) -> OutboundMessage:
         reply = self.successResultOf(Deferred.fromCoroutine(
@@ -145,6 +149,28 @@ class RewriteTests(unittest.TestCase):
         self.assertEqual(message.content_offset, original.index(b"\r\n\r\n") + 2)
         self.assertLess(len(message.prefix), 200)
 
+    async def test_a_large_header_is_rewritten_in_the_bundles_threads(self):
+        """Not in the global reactor's pool: in the threads the bundle lends."""
+        threads = ThreadPool(minthreads=0, maxthreads=1, name="lent-to-the-rewriter")
+        threads.start()
+        self.addCleanup(threads.stop)
+        rewriter = RelayFromRewriter(self.inner, RELAY_FROM,
+                                     resources=resources(threads=threads))
+        ran_in: list[str] = []
+        rewrite = rewriter.rewrite
+
+        def recorded(message):
+            ran_in.append(threading.current_thread().name)
+            return rewrite(message)
+        rewriter.rewrite = recorded
+        small = b"From: Alice <alice@client.example>\r\n" + BODY
+        await send_whole(rewriter, outbound(small))
+        big = small + b"x" * 300_000 + b"\r\n"
+        await send_whole(rewriter, outbound(big))
+        self.assertEqual(len(ran_in), 2)
+        self.assertNotIn("lent-to-the-rewriter", ran_in[0])  # a small one inline
+        self.assertIn("lent-to-the-rewriter", ran_in[1])
+
     def test_esmtpfa_prefix_stays_on_top(self):
         received = b"Received: from client by esmtpfa; id urn:uuid:1\r\n"
         message = self.rewrite(b"From: alice@client.example\r\n" + BODY, prefix=received)
@@ -169,7 +195,7 @@ class RewriteTests(unittest.TestCase):
                                         b"\r\nthis is not a header\r\n")
 
     def test_smtputf8_when_relay_from_needs_it(self):
-        rewriter = RelayFromRewriter(self.inner, "rélay@smarthost.example")
+        rewriter = RelayFromRewriter(self.inner, "rélay@smarthost.example", resources=resources())
         self.successResultOf(Deferred.fromCoroutine(
             send_whole(rewriter, outbound(b"From: a@b.example\r\n" + BODY))))
         self.assertTrue(self.inner.messages[-1].envelope.smtputf8)
@@ -186,7 +212,8 @@ class RewriteTests(unittest.TestCase):
 
     def test_invalid_relay_from(self):
         for bad in ("", "no-at-sign", "a@b\r\nX: y", "<a@b>", "a b@c"):
-            self.assertRaises(ValueError, RelayFromRewriter, self.inner, bad)
+            self.assertRaises(ValueError, RelayFromRewriter, self.inner, bad,
+                              resources=resources())
 
     def test_description_and_close(self):
         self.assertIn(RELAY_FROM, self.rewriter.description)
@@ -221,8 +248,8 @@ class EndToEndTests(unittest.TestCase):
 
     async def test_into_maildir_byte_for_byte(self):
         path = self.mktemp()
-        maildir = MaildirRelay(path)
-        rewriter = RelayFromRewriter(maildir, RELAY_FROM)
+        maildir = MaildirRelay(path, reactor=reactor)
+        rewriter = RelayFromRewriter(maildir, RELAY_FROM, resources=resources())
         self.addCleanup(rewriter.close)
         await send_whole(rewriter, outbound(b"From: Alice <alice@client.example>\r\n" + BODY))
         [name] = os.listdir(os.path.join(path, "new"))

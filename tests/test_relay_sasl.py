@@ -25,6 +25,7 @@ from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.upstream import RecordingUpstream
 from tests.test_relay_upstream import outbound
+from tests.support.resources import resources
 
 
 def b64(data: bytes) -> bytes:
@@ -278,7 +279,7 @@ class RecordingUpstreamAuthTests(unittest.TestCase):
         relay = SMTPRelay(UpstreamSettings(
             "127.0.0.1", upstream.port, server_name="upstream.test", ca_cert=self.ca.cert_path,
             username="relayuser", password=password, helo_name="relay.test",
-            command_timeout=5, **settings))
+            command_timeout=5, **settings), resources=resources())
         self.addCleanup(relay.close)
         return upstream, relay
 

@@ -23,6 +23,7 @@ from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstream
 from tests.support.logcapture import observe_logs
+from tests.support.resources import resources
 
 CONTENT = b"From: alice@example.com\r\nSubject: hello\r\n\r\nHello, Bob.\r\n"
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
@@ -56,7 +57,7 @@ class RelayTestCase(unittest.TestCase):
                        data_timeout=4.0)
         options.update(kwargs)
         settings = UpstreamSettings("127.0.0.1", port or upstream.port, **options)
-        relay = SMTPRelay(settings)
+        relay = SMTPRelay(settings, resources=resources())
         self.addCleanup(relay.close)
         return relay
 

@@ -1,4 +1,5 @@
-"""Hot reload (docs/design.md §7) under a running relay: file edits, SIGHUP, a config service.
+"""Hot reload (docs/design.md, "Configuration, reload and limits") under a running relay: file
+edits, SIGHUP, a config service.
 
 The relay runs in-process on loopback; the provider file is edited on disk, SIGHUP is
 sent to this very process, and the config service is a twisted.web server in the test

@@ -1,4 +1,5 @@
-"""docs/design.md §3, provider selection, end to end through ``ProviderSelector``.
+"""docs/design.md, "Provider selection", provider selection, end to end through
+``ProviderSelector``.
 
 Real ``userpass`` providers plus two in-test types: a token provider (bearer credentials,
 whole secret) and providers that cannot answer.  Every provider records its calls, so the
@@ -422,7 +423,8 @@ class CancellationTests(SelectionMixin, unittest.TestCase):
 
 
 class ProviderSetTests(unittest.TestCase):
-    """The cross-provider rules of docs/design.md §3, enforced on the instances too."""
+    """The cross-provider rules of docs/design.md, "Provider selection", enforced on the instances
+    too."""
 
     def test_duplicate_name(self):
         error = self.assertRaises(ConfigError, ProviderSet, [
@@ -486,7 +488,8 @@ class ObserverTests(unittest.TestCase):
 
 class PlanTests(unittest.TestCase):
     """``plan`` says, before anyone is asked, which providers a login goes to and the user
-    each is asked about: the identities the login throttle counts (docs/design.md §7)."""
+    each is asked about: the identities the login throttle counts (docs/design.md,
+    "Configuration, reload and limits")."""
 
     def setUp(self):
         self.corp = UserPass(meta("corp"), "alice", "pw")

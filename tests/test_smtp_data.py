@@ -66,8 +66,8 @@ class SplitTests(unittest.TestCase):
             # a clean CRLF body whose every line is stuffed as a client must
             lines = body.replace(b"\r", b"").replace(b"\n", b"").split(b".\r")
             text = b"\r\n".join(lines)
-            stuffed = b"".join(b"." + l + b"\r\n" if l.startswith(b".") else l + b"\r\n"
-                               for l in text.split(b"\r\n"))
+            stuffed = b"".join(b"." + line + b"\r\n" if line.startswith(b".") else line + b"\r\n"
+                               for line in text.split(b"\r\n"))
             stream = stuffed + b".\r\nNOOP\r\n"
             cuts = sorted(rng.sample(range(len(stream) + 1), k=min(5, len(stream))))
             content, rest, error = feed_in_pieces(stream, cuts)

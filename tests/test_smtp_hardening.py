@@ -26,7 +26,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         try:
             if sock.recv(65536) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         except OSError:
             return True
@@ -92,7 +92,7 @@ def _trickle(sock: socket.socket, data: bytes, every: float, seconds: float) -> 
         sock.settimeout(every)
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break

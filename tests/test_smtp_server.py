@@ -1,4 +1,5 @@
-"""The SMTP server at the byte level: docs/design.md §1–2 and every server defect of
+"""The SMTP server at the byte level: docs/design.md, "Listeners, TLS and health" and
+"The SMTP session" and every server defect of
 docs/twisted-defects.md.
 
 Each test talks to the real ``RelayService`` over loopback with a raw socket, and where a
@@ -687,7 +688,8 @@ class TokenProvider(Provider):
 
 
 class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
-    """docs/design.md §3 inputs as the server sees them: SNI, EHLO, the SASL mechanism."""
+    """docs/design.md, "Provider selection" inputs as the server sees them: SNI, EHLO, the SASL
+    mechanism."""
 
     def use(self, *providers):
         self.fixture.service.directory.replace(ProviderSet(providers))
@@ -739,7 +741,8 @@ class SelectionOnTheWireTests(FixtureMixin, unittest.TestCase):
         return d.addCallback(check)
 
     def test_oauthbearer_host_selects_unique_domain_without_sni(self):
-        """RFC 7628 §3.1: ``host=`` names the server; docs/design.md §3 uses it when SNI is absent."""
+        """RFC 7628 §3.1: ``host=`` names the server; docs/design.md, "Provider selection" uses it
+        when SNI is absent."""
         self.use(TokenProvider(ProviderMeta(
             "corp-tokens", "jwt", domain="tokens.example", unique_domain_auth=True)))
 
@@ -959,7 +962,8 @@ class BinaryToMaildirTests(unittest.TestCase):
 
 
 class ThrottleTests(FixtureMixin, unittest.TestCase):
-    """docs/design.md §7: failures per username across connections, then no provider is asked."""
+    """docs/design.md, "Configuration, reload and limits": failures per username across connections,
+    then no provider is asked."""
 
     fixture_args = ("--max-auth-failures-per-user", "2", "--max-auth-failures", "5")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import functools
 from email.utils import parsedate_to_datetime
 import os
 import re
@@ -308,7 +309,7 @@ class HostileInputTests(BounceTestMixin, unittest.TestCase):
         self.assertLessEqual(set(message.keys()), ROOT_FIELDS)
         self.assertNotIn(b"\r\nX-Injected", raw.split(b"text/rfc822-headers")[0])
         for block in blocks:
-            for name, value in block.items():  # decoded as a reader would: still clean
+            for value in block.values():  # decoded as a reader would: still clean
                 self.assertNotRegex(str(value), r"[\r\n\x00]")
         return message, parts, blocks
 
@@ -349,7 +350,7 @@ class HostileInputTests(BounceTestMixin, unittest.TestCase):
         # section, as a delimiter line, a closing one and one with transport padding.
         for line in (b"--=_aaaa", b"--=_aaaa--", b"--=_aaaa  ", b"\xff--=_aaaa"):
             tokens = iter(["aaaa", "bbbb"])
-            self.patch(dsn, "_token", lambda: next(tokens))
+            self.patch(dsn, "_token", functools.partial(next, tokens))
             headers = b"Subject: x\r\n" + line + b"\r\nX-After: 1\r\n\r\n"
             raw = bounce(headers=headers)
             message, parts, _ = self.assertNoInjection(raw)
@@ -441,7 +442,7 @@ class PropertyTests(BounceTestMixin, unittest.TestCase):
         self.assertEqual(set(message.keys()) | {"To"}, ROOT_FIELDS)
         if "To" in message:
             self.assertEqual(unescape(raw_fields(message)["To"]), sender)
-        for block, (address, reply) in zip(blocks[1:], recipients):
+        for block, (address, _reply) in zip(blocks[1:], recipients, strict=True):
             fields = raw_fields(block)
             expected = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in address)
             self.assertEqual(final_recipient(fields["Final-Recipient"]), expected)

@@ -182,6 +182,13 @@ class RoundTripTests(SpoolTestCase):
         self.assertEqual(spool.accepting().kind, SpoolErrorKind.UNAVAILABLE)
         await spool.close()
 
+    async def test_watching_a_closed_spool_leaves_nothing_behind(self) -> None:
+        """``watch`` has nothing to tell on a file spool, open or closed: no Deferred,
+        so none that fails unseen ("Unhandled error in Deferred" in the log)."""
+        spool = await self.open()
+        await spool.close()
+        self.assertIsNone(spool.watch(lambda: None))
+
     async def test_store_then_claim_hands_back_the_entry(self) -> None:
         spool = await self.open()
         stored = entry(("bob@example.org", "carol@example.net"))

@@ -283,7 +283,7 @@ class SpoolModeTests(SpoolCase):
         fixture = self.relay("--spool-retry-min", "600", "--spool-retry-max", "600",
                              "--relay-breaker-cooldown", "1", start_upstream=False)
         await fixture.start()
-        for n in range(6):
+        for _ in range(6):
             code, text, _ = await fixture.run(send, fixture)
             self.assertEqual(code, 250, text)
         fixture.upstream.start(fixture.upstream.port)
@@ -297,7 +297,7 @@ class SpoolModeTests(SpoolCase):
         fixture = self.relay("--relay-pool-size", "4", "--spool-concurrency", "4",
                              "--relay-breaker-failures", "1000", start_upstream=False)
         await fixture.start()
-        for n in range(8):
+        for _ in range(8):
             code, text, _ = await fixture.run(send, fixture)
             self.assertEqual(code, 250, text)
         fixture.upstream.start(fixture.upstream.port)
@@ -554,7 +554,7 @@ class AMQPSpoolModeTests(SharedRabbitMQ, SpoolCase):
             with smtplib.SMTP("127.0.0.1", fixture.plain_port, timeout=30) as client:
                 client.starttls(context=fixture.client_context())
                 client.login(USER, PASSWORD)
-                for n in range(30):
+                for _ in range(30):
                     client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
         await fixture.run(thirty)
         await eventually(lambda: len(fixture.upstream.accepted) == 30, timeout=5)

@@ -214,7 +214,7 @@ class HandOverTests(unittest.TestCase):
         fresh = await self.store("p/dave")  # an attempt may be free for an instant here
         for expected in waiting[1:] + [fresh]:
             self.relay.sent[-1].finish()
-            await eventually(lambda: self.relay.sent[-1].message_id == expected)
+            await eventually(lambda expected=expected: self.relay.sent[-1].message_id == expected)
         self.assertEqual([t.message_id for t in self.relay.sent],
                          [first] + waiting + [fresh])
 

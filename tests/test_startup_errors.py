@@ -122,6 +122,12 @@ class BindErrorTests(StartupCase):
              ["--http", "--http-port", str(port), "--http-allow-anonymous"]),
             ("metrics listener (--metrics-addr, --metrics-port)",
              ["--plain", "--metrics-port", str(port)]),
+            ("legacy-plain listener for old devices (--legacy-plain)",
+             ["--plain", "--legacy-plain", f"127.0.0.1:{port}",
+              "--legacy-networks", "127.0.0.0/8"]),
+            ("legacy-tls listener for old devices (--legacy-tls)",
+             ["--plain", "--legacy-tls", f"127.0.0.1:{port}",
+              "--legacy-networks", "127.0.0.0/8", *tls]),
         ]
 
     async def assertOneLine(self, args: list[str], what: str, address: str, port: int):

@@ -32,11 +32,11 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import Claim
-from esmtpfa.limits.throttle import (
-    AuthThrottle, LocalLoginLedger, LoginThrottled, identity_depth)
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
+from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, identity_depth
 from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.runtime.options import Options
-from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Limit, Rates
 from esmtpfa.limits.guard import (
     FailurePolicy, GuardedLoginLedger, GuardedRateLedger, StateRefusedLogin, StateRefusedRate)
@@ -215,6 +215,42 @@ class LedgerEquivalenceTests(RedisCase):
         for step, (operation, address, who, advance) in enumerate(LOGIN_TABLE):
             await self.same_answer(ledgers, self.login(operation, address, who),
                                    f"step {step}: {operation} {address} {who!r}", advance)
+
+    async def test_a_success_takes_back_only_the_failures_its_pair_still_lists(self):
+        """The (identity, address) list keeps ``per_identity`` failures, the identity's
+        more: a success takes back the pair's, and the older ones stay counted."""
+        _, *ledgers = await self.ledgers()
+        table = [("failed", "10.0.0.7", [IDENTITY], 1)] * 3 + [
+            ("failed", "10.0.0.8", [IDENTITY], 1),
+            ("succeeded", "10.0.0.7", IDENTITY, 1),
+            ("refusal", "10.0.0.7", [OTHER], 0),     # the address's budget is not reset
+            ("refusal", "10.0.0.8", [IDENTITY], 0),  # 2 left: still under attack
+            ("failed", "10.0.0.9", [IDENTITY], 0),   # 4 - 2 taken back + 1
+        ]
+        answers = []
+        for step, (operation, address, who, advance) in enumerate(table):
+            answers.append(await self.same_answer(
+                ledgers, self.login(operation, address, who),
+                f"step {step}: {operation} {address} {who!r}", advance))
+        self.assertEqual(answers[-3:], [
+            "too many failed logins from this address",
+            "too many failed logins for this identity, and some from this address", [3]])
+
+    async def test_a_success_whose_failures_the_identity_list_already_dropped(self):
+        """The identity's list keeps ``identity_depth`` failures: a success takes back
+        only those of its pair that are still in it (none here)."""
+        _, *ledgers = await self.ledgers()
+        depth = identity_depth(self.PER_IDENTITY, 8.0)
+        table = [("failed", "10.0.0.7", [IDENTITY], 1)] + [
+            ("failed", f"10.0.1.{n % 3}", [IDENTITY], 1) for n in range(depth)] + [
+            ("succeeded", "10.0.0.7", IDENTITY, 1),
+            ("failed", "10.0.0.9", [IDENTITY], 0),
+        ]
+        for step, (operation, address, who, advance) in enumerate(table):
+            answer = await self.same_answer(
+                ledgers, self.login(operation, address, who),
+                f"step {step}: {operation} {address} {who!r}", advance)
+        self.assertEqual(answer, [depth])
 
     async def test_a_random_login_sequence(self):
         _, *ledgers = await self.ledgers()

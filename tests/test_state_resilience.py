@@ -18,9 +18,9 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from esmtpfa.limits.throttle import LocalLoginLedger
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
 from esmtpfa.web.metrics import RelayMetrics
-from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Limit, Rates
 from esmtpfa.limits.breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker
 from esmtpfa.limits.guard import (
@@ -131,7 +131,7 @@ class RestartTests(RedisCase):
 # -- stalled, dead, back ----------------------------------------------------------------------
 
 class DegradedTests(RedisCase):
-    """Guarded ledgers as ``ledgers_from_options`` builds them (default breaker), over a
+    """Guarded ledgers as ``ledgers_from_settings`` builds them (default breaker), over a
     real Redis that stops answering and then answers again."""
 
     timeout = 90
@@ -163,7 +163,7 @@ class DegradedTests(RedisCase):
         rate refuses; every decision timed."""
         took: list[float] = []
         refusals = []
-        for attempt in range(6):
+        for _ in range(6):
             why = await self.timed(login.refusal("192.0.2.60", [IDENTITY]), took)
             refusals.append(why)
             if why is None:
@@ -171,7 +171,7 @@ class DegradedTests(RedisCase):
         self.assertEqual(refusals[:3], [None] * 3)
         self.assertEqual(refusals[3:], ["too many failed logins from this address"] * 3)
         sent = []
-        for n in range(4):
+        for _ in range(4):
             reservation = Reservation(rates, IDENTITY, Rates(messages=self.MESSAGES))
             try:
                 await self.timed(reservation.message(), took)

@@ -1,4 +1,5 @@
-"""The failed-login throttle (docs/design.md §7, docs/login-throttle.md).
+"""The failed-login throttle (docs/design.md, "Configuration, reload and limits",
+docs/login-throttle.md).
 
 Unit tests drive ``ThrottlingChecker`` in front of the real ``ProviderSelector`` with a
 ``Clock``, so what they see is what a client would: accepted, refused (``535``),
@@ -24,8 +25,8 @@ from esmtpfa.auth.credentials import (
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.selection import (
     ProviderDirectory, ProviderSelector, ProviderSet)
-from esmtpfa.limits.throttle import (
-    AuthThrottle, FailureWindow, LoginThrottled, ThrottlingChecker)
+from esmtpfa.limits.ledgers import FailureWindow
+from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, ThrottlingChecker
 from esmtpfa.common.context import ConnectionContext, normalize_domain
 from esmtpfa.auth.provider import Provider, ProviderMeta
 from tests.support.relayfixture import RelayFixture
@@ -156,7 +157,8 @@ class ThrottleMixin:
         self.lab = Accounts(meta("lab"), {"alice": "lab-pw"})
         self.tokens = Tokens(meta("tokens", fallback=True), {"good-token": "ci-bot"})
         # Positional, as the constructor has always taken them.
-        self.throttle = AuthThrottle(self.per_address, self.per_identity, WINDOW, self.clock)
+        self.throttle = AuthThrottle(self.per_address, self.per_identity, WINDOW,
+                                     clock=self.clock)
         selector = ProviderSelector(ProviderDirectory(ProviderSet(
             [self.corp, self.lab, self.tokens])))
         self.checker = ThrottlingChecker(selector, self.throttle)
@@ -303,7 +305,7 @@ class OwnerTests(ThrottleMixin, unittest.TestCase):
         self.refused(d)
 
     def test_owner_success_takes_back_its_own_failures_not_its_address_budget(self):
-        throttle = self.throttle = AuthThrottle(5, 3, WINDOW, self.clock)
+        throttle = self.throttle = AuthThrottle(5, 3, WINDOW, clock=self.clock)
         self.checker.throttle = throttle
         home = "192.0.2.50"
         self.attack("corp", "alice:typo", [home] * 2)
@@ -390,7 +392,7 @@ class FaultTests(ThrottleMixin, unittest.TestCase):
         self.assertEqual(len(self.throttle.ledger.addresses), 0)
 
     def test_memory_is_bounded(self):
-        throttle = AuthThrottle(30, 3, WINDOW, self.clock, max_keys=100)
+        throttle = AuthThrottle(30, 3, WINDOW, clock=self.clock, max_keys=100)
         self.checker.throttle = throttle
         for i in range(1000):
             self.failureResultOf(self.login(

@@ -372,13 +372,13 @@ class JWTAttackTests(unittest.TestCase):
 
             try:
                 attacks = []
-                for i, (source, token) in enumerate(zip(TOKEN_ATTACKERS, bad)):
+                for i, (source, token) in enumerate(zip(TOKEN_ATTACKERS, bad, strict=True)):
                     replies = session(source).auth_token(mechanisms[i % 2], JWT, token)
                     challenge = (json.loads(base64.b64decode(replies[0][4:]))
                                  if replies[0].startswith(b"334 ") else None)
                     attacks.append(([verdict(line) for line in replies[-1:]], challenge))
                 results = {}
-                for mechanism, source in zip(mechanisms, CLEAN_TOKEN_CLIENTS):
+                for mechanism, source in zip(mechanisms, CLEAN_TOKEN_CLIENTS, strict=True):
                     client = session(source)
                     auth, elapsed = timed(client.auth_token, mechanism, JWT, good)
                     sent = None

@@ -48,7 +48,7 @@ def issue_rsa(ca: CertificateAuthority, name: str, *alt_names: str, filename: st
     """An RSA leaf for ``name`` and ``alt_names`` (the fixture's are ECDSA), valid
     ``days``."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca.cert.subject).public_key(key.public_key())

@@ -12,17 +12,18 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from esmtpfa.limits.throttle import LocalLoginLedger
 from esmtpfa.web.metrics import render
-from esmtpfa.limits.rates import Exceeded, RateLimiter
+from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
+from esmtpfa.limits.rates import Exceeded
 from esmtpfa.auth.sendingrates import Limit
-from esmtpfa.smtp.factory import ConnectionLimits
 from esmtpfa.limits.interfaces import StateUnavailable
 from esmtpfa.runtime.workers.control import (
-    CALL_TIMEOUT, MAX_FRAME, ControlChannel, ControlLost, ControlTimeout, RemoteError)
+    CALL_TIMEOUT, CALLS, CONN_RELEASE, CONN_TAKE, INT, MAX_FRAME, NONE, PING, RATE_TAKE, STR,
+    BadCall, Call, ControlChannel, ControlLost, ControlTimeout, RemoteError, table)
 from esmtpfa.runtime.workers.limits import (
     HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
 from esmtpfa.runtime.workers.metrics import RetiredCounts, merge, snapshot
+from tests.support.logcapture import observe_logs
 
 
 class ClockReactor(Clock):
@@ -32,11 +33,21 @@ class ClockReactor(Clock):
         return reactor.getThreadPool()
 
 
-def pair(left_handlers=None, right_handlers=None, clock=None):
+# The channel itself is tested with calls of its own, declared as the relay's are.
+ADD = Call("add", (("a", INT), ("b", INT)), answer=INT)
+LATER = Call("later", answer=STR)
+BROKEN = Call("broken", answer=INT)
+SLOW = Call("slow", answer=STR + NONE)
+TELL = Call("tell", (("what", STR),), notice=True)
+BIG = Call("big", answer=STR)
+TEST_CALLS = table([ADD, LATER, BROKEN, SLOW, TELL, BIG])
+
+
+def pair(left_handlers=None, right_handlers=None, clock=None, calls=CALLS):
     """Two channels connected back to back through in-memory transports."""
     clock = clock or ClockReactor()
-    left = ControlChannel(left_handlers or {}, clock, name="left")
-    right = ControlChannel(right_handlers or {}, clock, name="right")
+    left = ControlChannel(left_handlers or {}, clock, name="left", calls=calls)
+    right = ControlChannel(right_handlers or {}, clock, name="right", calls=calls)
     left_t, right_t = StringTransport(), StringTransport()
     left.makeConnection(left_t)
     right.makeConnection(right_t)
@@ -57,16 +68,17 @@ def pair(left_handlers=None, right_handlers=None, clock=None):
 
 class ControlChannelTests(unittest.TestCase):
     def test_a_call_is_answered(self):
-        left, right, pump, _ = pair(right_handlers={"add": lambda a, b: a + b})
-        d = left.call("add", a=2, b=3)
+        left, right, pump, _ = pair(right_handlers={ADD: lambda a, b: a + b},
+                                    calls=TEST_CALLS)
+        d = left.call(ADD, a=2, b=3)
         pump()
         self.assertEqual(self.successResultOf(d), 5)
 
     def test_a_deferred_answer_and_a_remote_error(self):
         waiting = defer.Deferred()
         left, right, pump, _ = pair(right_handlers={
-            "later": lambda: waiting, "broken": lambda: 1 / 0})
-        later, broken = left.call("later"), left.call("broken")
+            LATER: lambda: waiting, BROKEN: lambda: 1 / 0}, calls=TEST_CALLS)
+        later, broken = left.call(LATER), left.call(BROKEN)
         pump()
         self.failureResultOf(broken, RemoteError)
         self.assertNoResult(later)
@@ -77,8 +89,9 @@ class ControlChannelTests(unittest.TestCase):
 
     def test_an_unanswered_call_times_out_and_its_late_answer_is_dropped(self):
         waiting = defer.Deferred()
-        left, right, pump, clock = pair(right_handlers={"slow": lambda: waiting})
-        d = left.call("slow", timeout=2.0)
+        left, right, pump, clock = pair(right_handlers={SLOW: lambda: waiting},
+                                        calls=TEST_CALLS)
+        d = left.call(SLOW, timeout=2.0)
         pump()
         clock.advance(2.0)
         self.failureResultOf(d, ControlTimeout)
@@ -87,19 +100,21 @@ class ControlChannelTests(unittest.TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_a_closed_channel_fails_every_waiting_call(self):
-        left, right, pump, clock = pair(right_handlers={"slow": defer.Deferred})
-        d = left.call("slow")
+        left, right, pump, clock = pair(right_handlers={SLOW: defer.Deferred},
+                                        calls=TEST_CALLS)
+        d = left.call(SLOW)
         pump()
         left.connectionLost(None)
         self.failureResultOf(d, ControlLost)
-        self.failureResultOf(left.call("slow"), ControlLost)
+        self.failureResultOf(left.call(SLOW), ControlLost)
         self.assertTrue(left.lost.called)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_notices_need_no_answer(self):
         seen = []
-        left, right, pump, _ = pair(right_handlers={"tell": lambda what: seen.append(what)})
-        left.notify("tell", what="hello")
+        left, right, pump, _ = pair(right_handlers={TELL: lambda what: seen.append(what)},
+                                    calls=TEST_CALLS)
+        left.notify(TELL, what="hello")
         pump()
         self.assertEqual(seen, ["hello"])
 
@@ -116,13 +131,13 @@ class ControlChannelTests(unittest.TestCase):
         """A metrics snapshot can exceed what AMP allows (64 KiB per value)."""
         big = "x" * (300 * 1024)
         ours, theirs = socket.socketpair()
-        left = ControlChannel({}, reactor, name="left")
-        right = ControlChannel({"big": lambda: big}, reactor, name="right")
+        left = ControlChannel({}, reactor, name="left", calls=TEST_CALLS)
+        right = ControlChannel({BIG: lambda: big}, reactor, name="right", calls=TEST_CALLS)
         for sock, channel in ((ours, left), (theirs, right)):
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX,
                                           Factory.forProtocol(lambda c=channel: c))
             sock.close()
-        answer = yield left.call("big")
+        answer = yield left.call(BIG)
         self.assertEqual(answer, big)
         left.transport.loseConnection()
         right.transport.loseConnection()
@@ -220,6 +235,106 @@ class DeadWorkerTests(unittest.TestCase):
         self.assertEqual(self.limits.connections[SMTP].active, 1)
 
 
+class ControlTableTests(unittest.TestCase):
+    """Every call is declared once (``esmtpfa.runtime.workers.control.CALLS``); what the
+    table does not declare fails with a ``BadCall`` that names the call and why, on the
+    side that sends it and again on the side that answers, without a traceback."""
+
+    def setUp(self):
+        clock = Clock()
+        self.limits = SharedLimits(
+            login=LocalLoginLedger(5, 3, 600.0, clock), rates=RateLimiter(clock),
+            connections={SMTP: ConnectionLimits(10, 2), HTTP: ConnectionLimits(10, 2)})
+        self.events = observe_logs(self)
+
+    def channels(self, worker_calls=CALLS):
+        """A worker end built with ``worker_calls`` (another build's table, say) and a
+        supervisor end with the relay's table and the real ``WorkerAccount``."""
+        clock = ClockReactor()
+        worker = ControlChannel({}, clock, name="worker", calls=worker_calls)
+        supervisor = ControlChannel(self.limits.for_worker(1).handlers(), clock,
+                                    name="supervisor")
+        transports = StringTransport(), StringTransport()
+        worker.makeConnection(transports[0])
+        supervisor.makeConnection(transports[1])
+
+        def pump():
+            for _ in range(10):
+                moved = False
+                for src, dst in ((transports[0], supervisor), (transports[1], worker)):
+                    if src.value():
+                        data = src.value()
+                        src.clear()
+                        dst.dataReceived(data)
+                        moved = True
+                if not moved:
+                    return
+        return worker, supervisor, pump, transports[0]
+
+    def test_a_call_missing_an_argument_never_leaves_the_sender(self):
+        worker, _, _, sent = self.channels()
+        d = worker.call(RATE_TAKE, key="corp\0alice", kind="messages", count=1,
+                        window=60.0)
+        self.assertEqual(str(self.failureResultOf(d, BadCall).value),
+                         "worker: rate.take: missing argument 'n'")
+        self.assertEqual(sent.value(), b"")
+        d = worker.call(RATE_TAKE, key="corp\0alice", kind="messages", count="1",
+                        window=60.0, n=1)
+        self.assertEqual(str(self.failureResultOf(d, BadCall).value),
+                         "worker: rate.take: argument 'count' must be int, not str")
+        with self.assertRaises(BadCall) as raised:
+            worker.notify(CONN_RELEASE, kind=SMTP)
+        self.assertEqual(str(raised.exception), "worker: conn.release: missing argument 'ip'")
+        self.assertEqual(str(self.failureResultOf(worker.call(CONN_RELEASE, kind=SMTP,
+                                                              ip="192.0.2.1"), BadCall).value),
+                         "worker: conn.release is a notice, not a call")
+
+    def test_the_answering_side_refuses_what_its_table_does_not_declare(self):
+        """A worker of another build (its own table) asks the supervisor a call it does
+        not know, and one without an argument: each is refused, and said why."""
+        unknown = Call("rate.forget", (("key", STR),))
+        short = Call("conn.take", (("kind", STR),), answer=STR + NONE)
+        worker, _, pump, _ = self.channels(worker_calls=table([unknown, short]))
+        forget, take = worker.call(unknown, key="corp\0alice"), worker.call(short, kind=SMTP)
+        pump()
+        self.assertEqual(str(self.failureResultOf(forget, BadCall).value),
+                         "supervisor: no such call: 'rate.forget'")
+        self.assertEqual(str(self.failureResultOf(take, BadCall).value),
+                         "supervisor: conn.take: missing argument 'ip'")
+        self.assertEqual(self.limits.connections[SMTP].active, 0)  # nothing was counted
+        refusals = [event for event in self.events
+                    if event.get("log_template", "").startswith("{name}: refusing a call")]
+        self.assertEqual([event["why"] for event in refusals],
+                         ["supervisor: no such call: 'rate.forget'",
+                          "supervisor: conn.take: missing argument 'ip'"])
+        self.assertFalse([event for event in self.events if event.get("log_failure")])
+
+    def test_a_declared_call_still_works_and_an_undeclared_notice_is_dropped(self):
+        worker, _, pump, _ = self.channels(
+            worker_calls=table([CONN_TAKE, Call("conn.forget", notice=True)]))
+        worker.notify(worker.calls["conn.forget"])
+        taken = worker.call(CONN_TAKE, kind=SMTP, ip="192.0.2.1")
+        pump()
+        self.assertIsNone(self.successResultOf(taken))
+        self.assertEqual(self.limits.connections[SMTP].active, 1)
+        self.assertIn("supervisor: no such call: 'conn.forget'",
+                      [event.get("why") for event in self.events])
+
+    def test_an_answer_of_the_wrong_type_fails_the_call(self):
+        left, right, pump, _ = pair(right_handlers={ADD: lambda a, b: str(a + b)},
+                                    calls=TEST_CALLS)
+        d = left.call(ADD, a=2, b=3)
+        pump()
+        self.assertEqual(str(self.failureResultOf(d, BadCall).value),
+                         "left: add: the answer must be int, not str")
+
+    def test_a_handler_for_an_undeclared_call_is_refused_at_once(self):
+        with self.assertRaises(ValueError):
+            ControlChannel({Call("conn.take"): lambda: None}, Clock())  # not CALLS' own
+        with self.assertRaises(ValueError):
+            table([CONN_TAKE, Call("conn.take")])
+
+
 class StalledCountTests(unittest.TestCase):
     """A worker's connections that wait for the supervisor's count hold a descriptor
     each, for up to the call deadline: they are bounded by the cap itself."""
@@ -305,7 +420,7 @@ class HeartbeatTests(unittest.TestCase):
         """Beat for ``seconds`` of a ``Clock``; the worker answers whenever
         ``answering(now)`` is true.  The signals the worker was sent."""
         from esmtpfa.runtime.workers.supervisor import HEARTBEAT, WorkerSlot
-        supervisor, _, pump, clock = pair(right_handlers={"ping": lambda: True})
+        supervisor, _, pump, clock = pair(right_handlers={PING: lambda: True})
         slot = WorkerSlot(None, 1)
         slot.running, slot.channel, slot.process = True, supervisor, StubProcess()
         step = HEARTBEAT / 10

@@ -6,7 +6,8 @@ Two layers:
   mechanisms, HTTP Basic) before any provider is chosen: the raw username and secret and
   the connection context.  The ``ProviderSelector`` checker is registered for it.
 * ``IUserPasswordCredentials`` and ``IBearerTokenCredentials`` are what a *provider*
-  checks after selection has split or passed through the secret (docs/design.md §3).  Each provider
+  checks after selection has split or passed through the secret (docs/design.md,
+  "Provider selection").  Each provider
   type is an ``ICredentialsChecker`` for exactly one of them.
 """
 

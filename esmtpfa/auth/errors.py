@@ -73,7 +73,8 @@ class Attempted:
     was asked) and the user as the client typed it.  Never a password or token.
 
     A user taken from the password field (the client named the provider as its user,
-    docs/design.md, "Provider selection", step 2) may be part of a password a client put in the wrong
+    docs/design.md, "Provider selection", step 2) may be part of a password a client put in the
+    wrong
     place, so it is ``None`` (and ``from_password_field``) unless the provider said the
     password was wrong, which confirms such a user exists.
 
@@ -110,7 +111,8 @@ class ProviderUnavailable(Exception):
     """The provider could not give an answer (down, timed out, 5xx).
 
     Temporary by definition: the user's password is not wrong because the IdP is down,
-    so the SMTP server answers ``454 4.7.0`` and the client retries (docs/design.md §2).
+    so the SMTP server answers ``454 4.7.0`` and the client retries (docs/design.md,
+    "The SMTP session").
     """
 
     kind = BACKEND_UNAVAILABLE

@@ -4,7 +4,8 @@ An operator acts on it (docs/logging.md, "Failed logins"): fail2ban bans on it
 (deploy/fail2ban), a human reads whose account is being guessed and why it failed.
 So the line is built for both:
 
-    urn:uuid:… login failed: client=203.0.113.9 reason=bad-password protocol=smtp mechanism=PLAIN identity=corp-ldap/alice
+    urn:uuid:… login failed: client=203.0.113.9 reason=bad-password protocol=smtp mechanism=PLAIN
+    identity=corp-ldap/alice
 
 Everything before ``identity`` is ours (the address from the socket, a reason from
 ``esmtpfa.auth.errors.REASONS``, a mechanism the server knows), and the one part the

@@ -3,7 +3,8 @@
 Shaped like ``twisted.mail.smtp.IMessageDelivery`` but per transaction and chunk-based:
 the protocol opens a transaction at MAIL, offers each RCPT, streams content, and waits
 for the final verdict, so a delivery can decide per recipient and answer DATA only when
-the upstream has spoken (docs/design.md §5).  Any method may return a Deferred; the protocol waits
+the upstream has spoken (docs/design.md, "The relay and the delivery guarantee").  Any method may
+return a Deferred; the protocol waits
 for it before reading the next pipelined command (RFC 2920 keeps replies in order).
 Raise or fail with ``SMTPReplyError`` to refuse with a specific reply.
 """

@@ -9,6 +9,9 @@ and decides, also purely, whether an identity may use an address:
   (``HeaderFromScanner`` collects those addresses while the content streams in, with
   bounded memory).
 
+``envelope_sender`` (``EnvelopeSender``) sets the envelope sender from the identity, for
+devices that cannot send as themselves; the rules above then judge the sender it set.
+
 Without a policy block, or with one that sets none of the sender keys, a provider's
 users may send as anyone: that was the only behaviour before, and it stays the default.
 
@@ -22,10 +25,10 @@ stripped, a quoted local part is compared as written, IDNA forms are not convert
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from email.utils import getaddresses
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.sendingrates import Rates, RateSyntaxError
@@ -33,7 +36,15 @@ from esmtpfa.auth.sendingrates import Rates, RateSyntaxError
 #: The keys of a policy block: sender authorization, then sending rates.
 POLICY_KEYS = ("allowed_senders", "sender_attribute", "sender_claim", "check_header_from",
                "rate", "rate_attribute", "rate_claim", "delivery", "delivery_attribute",
-               "delivery_claim", "undeliverable")
+               "delivery_claim", "undeliverable", "envelope_sender")
+#: The keys of ``envelope_sender`` (the sender set from the identity, for devices), and
+#: when it applies: every message, only a null sender, only a sender the rules refuse.
+ENVELOPE_SENDER_KEYS = ("when", "address", "map", "attribute", "claim", "header")
+SENDER_WHEN = ("always", "empty", "not_allowed")
+#: Where an identity's own sender may come from, and the provider types that have it: an
+#: LDAP attribute, a JWT claim, a header of the HTTP endpoint's answer.
+SOURCE_TYPES = {"attribute": ("ldap",), "claim": ("jwt",),
+                "header": ("http_basic", "http_header")}
 #: The delivery modes and the endings of an undeliverable message (docs/spool.md).
 DELIVERY_MODES = ("passthrough", "fallback", "spool")
 ENDINGS = ("bounce", "hold")
@@ -56,7 +67,13 @@ MAX_FROM_BYTES = 16 * 1024
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _ATTRIBUTE = re.compile(r"(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)\Z")  # RFC 4512 §2.5
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.1 token
 _DOMAIN_CHARS = re.compile(r"[^\s@<>()\[\],;:\"\\]+\Z")
+# A host name's labels (RFC 5321 §4.1.2 Domain), U-labels too (RFC 6531): what a sender
+# that goes into MAIL FROM may have after its "@", nothing that could end the command.
+_HOST = re.compile(r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\u0080-\U0010FFFF-]*"
+                   r"[A-Za-z0-9\u0080-\U0010FFFF])?(?:\.[A-Za-z0-9\u0080-\U0010FFFF]"
+                   r"(?:[A-Za-z0-9\u0080-\U0010FFFF-]*[A-Za-z0-9\u0080-\U0010FFFF])?)*\Z")
 
 
 def is_local_part(text: str) -> bool:
@@ -64,6 +81,17 @@ def is_local_part(text: str) -> bool:
     the only form ``{user}`` expands to, so a user name can never smuggle an ``@``, a
     quote or a space into an address."""
     return bool(_DOT_ATOM.match(text)) and len(text.encode("utf-8", "replace")) <= 64
+
+
+def is_plain_address(text: str) -> bool:
+    """``local@domain`` with a dot-atom local part and a host name (RFC 5321 §4.1.2),
+    at most 254 octets (RFC 5321 §4.5.3.1.3: 256 with the brackets), printable: the
+    only form a sender taken from a directory, a token or the configuration may have,
+    so a value can never carry a space, a bracket or a line end into the upstream's MAIL
+    command, nor a control character into a log line."""
+    local, at, domain = text.rpartition("@")
+    return (bool(at) and text.isprintable() and is_local_part(local)
+            and bool(_HOST.match(domain)) and len(text.encode("utf-8", "replace")) <= 254)
 
 
 def _domain(text: str) -> str:
@@ -123,6 +151,72 @@ class SenderRules:
 
 
 @dataclass(frozen=True)
+class ChosenSender:
+    """What ``EnvelopeSender.choose`` found: the address (None: none usable), and where
+    it came from or why there is none, in words for the log (never a value)."""
+
+    address: str | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class EnvelopeSender:
+    """``envelope_sender``: the envelope sender set from the identity, for devices such
+    as printers that log in with a name that is no address and send ``<>`` or a fixed
+    made-up sender (``docs/policy.md``, "Devices: the sender from the identity").
+
+    The address is looked up in order: ``by_user`` (the ``map``, keyed by the login name
+    without regard to case), the first value of ``source`` (an LDAP attribute, a JWT
+    claim, a header of an HTTP provider's answer), then ``address`` (which may be
+    ``{user}@domain``).  Only the envelope changes; the ``From:`` header is the client's
+    (``--relay-from`` rewrites that).
+    """
+
+    when: str = "always"
+    #: Addresses stay out of reprs, as in logs.
+    address: str | None = dataclass_field(default=None, repr=False)
+    by_user: tuple[tuple[str, str], ...] = dataclass_field(default=(), repr=False)
+    source: str | None = None
+    source_kind: str = ""  # "attribute", "claim" or "header", for the log
+
+    def applies(self, mail_from: str, allowed: Callable[[str], bool]) -> bool:
+        """Whether a transaction whose client sent ``mail_from`` gets the set sender."""
+        if self.when == "empty":
+            return mail_from == ""
+        if self.when == "not_allowed":
+            return not allowed(mail_from)
+        return True
+
+    def choose(self, user: str, values: tuple[str, ...]) -> ChosenSender:
+        """The sender for the identity whose user is ``user`` and whose ``source`` has
+        ``values``.  A value that is not a plain address is no sender (it is never
+        passed on to the upstream), and neither is ``{user}`` for a user that is no
+        valid local part."""
+        folded = user.lower()
+        for name, address in self.by_user:
+            if name == folded:
+                return ChosenSender(address, "map")
+        if self.source is not None:
+            where = f"{self.source_kind} {self.source}"
+            if values:
+                if is_plain_address(values[0].strip()):
+                    return ChosenSender(values[0].strip(), where)
+                return ChosenSender(None, f"{where} is not a plain address")
+            if self.address is None:
+                return ChosenSender(None, f"{where} is missing")
+        if self.address is not None:
+            if not self.address.startswith(USER + "@"):
+                return ChosenSender(self.address, "address")
+            if is_local_part(user):
+                expanded = user + self.address[len(USER):]
+                if is_plain_address(expanded):
+                    return ChosenSender(expanded, "address")
+            return ChosenSender(None, "the login name is no valid local part for "
+                                      f"{USER}")
+        return ChosenSender(None, "no map entry for the login name")
+
+
+@dataclass(frozen=True)
 class Policy:
     """One provider's ``policy`` block.  ``senders`` is None when the block sets no sender
     key: then any sender is allowed, as without a block.  ``rate`` is the provider's own
@@ -138,13 +232,16 @@ class Policy:
     delivery: str | None = None
     delivery_source: str | None = None
     undeliverable: str | None = None
+    #: The envelope sender set from the identity (None: the client's stays).
+    envelope_sender: EnvelopeSender | None = None
 
     @property
     def identity_attributes(self) -> tuple[str, ...]:
         """What the provider must deliver with the identity (LDAP attribute, JWT claim)."""
         source = self.senders.source if self.senders is not None else None
-        return tuple(name for name in (source, self.rate_source, self.delivery_source)
-                     if name)
+        sets = self.envelope_sender.source if self.envelope_sender is not None else None
+        names = (source, self.rate_source, self.delivery_source, sets)
+        return tuple(dict.fromkeys(name for name in names if name))
 
     def delivery_for(self, values: tuple[str, ...], default: str) -> str:
         """The delivery mode of an identity whose ``delivery_source`` has ``values``: its
@@ -231,7 +328,9 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
         if check:
             raise ConfigError("'check_header_from' needs sender rules ('allowed_senders', "
                               "'sender_attribute' or 'sender_claim')")
-        return Policy(rate=rate, rate_source=rate_source, **delivery)
+        return Policy(rate=rate, rate_source=rate_source,
+                      envelope_sender=_envelope_sender(block, provider_type, None),
+                      **delivery)
     found = _patterns(block["allowed_senders"]) if "allowed_senders" in block else {}
     attribute = _source(block, "sender_attribute", provider_type)
     claim = _source(block, "sender_claim", provider_type)
@@ -246,7 +345,105 @@ def parse_policy(block: Any, provider_type: str) -> Policy:
             or rules.user_domains or rules.source):
         raise ConfigError("the policy allows no sender at all ('allowed_senders' is empty); "
                           "remove the sender keys to allow any sender")
-    return Policy(rules, rate=rate, rate_source=rate_source, **delivery)
+    return Policy(rules, rate=rate, rate_source=rate_source,
+                  envelope_sender=_envelope_sender(block, provider_type, rules), **delivery)
+
+
+def _envelope_sender(block: Mapping[str, Any], provider_type: str,
+                     rules: SenderRules | None) -> EnvelopeSender | None:
+    """``envelope_sender``: ``when`` (``always``, ``empty``, ``not_allowed``), and where
+    the address comes from: ``map`` (login name → address), ``attribute`` (ldap),
+    ``claim`` (jwt) or ``header`` (the HTTP providers' answer), ``address`` (fixed, or
+    ``{user}@domain``): at least one.  A fixed
+    address the sender rules could never allow is a mistake found now, not at the first
+    message."""
+    if "envelope_sender" not in block:
+        return None
+    value = block["envelope_sender"]
+    if not isinstance(value, Mapping):
+        raise ConfigError("'envelope_sender' must be a mapping (when, address, map, "
+                          "attribute, claim)")
+    unknown = [key for key in value if key not in ENVELOPE_SENDER_KEYS]
+    if unknown:
+        named = ", ".join(f"'envelope_sender.{key}'" for key in unknown)
+        raise ConfigError(f"unknown key(s) {named}; expected "
+                          f"{', '.join(ENVELOPE_SENDER_KEYS)}")
+    when = value.get("when", "always")
+    if not isinstance(when, str) or when.strip().lower().replace("-", "_") not in SENDER_WHEN:
+        raise ConfigError(f"'envelope_sender.when' must be one of {', '.join(SENDER_WHEN)}")
+    when = when.strip().lower().replace("-", "_")
+    if when == "not_allowed" and rules is None:
+        raise ConfigError("'envelope_sender.when' not_allowed needs sender rules "
+                          "('allowed_senders', 'sender_attribute' or 'sender_claim')")
+    found: dict[str, Any] = {"when": when}
+    if "address" in value:
+        found["address"] = _fixed_sender(value["address"], "envelope_sender.address",
+                                         template=True)
+    if "map" in value:
+        found["by_user"] = _sender_map(value["map"])
+    sources = [kind for kind in SOURCE_TYPES if kind in value]
+    if len(sources) > 1:
+        raise ConfigError("'envelope_sender' takes one of 'attribute', 'claim' and 'header'")
+    for kind in sources:
+        key, wanted = f"envelope_sender.{kind}", SOURCE_TYPES[kind]
+        if provider_type not in wanted:
+            raise ConfigError(f"{key!r} is for {' and '.join(wanted)} providers, not "
+                              f"{provider_type}")
+        name = _name(value[kind], key, _ATTRIBUTE if kind == "attribute" else None)
+        if kind == "header" and not _FIELD_NAME.match(name):
+            raise ConfigError(f"{key!r} {name!r} is not an HTTP field name (RFC 9110 §5.1)")
+        found["source"], found["source_kind"] = name, kind
+    sender = EnvelopeSender(**found)
+    if sender.address is None and not sender.by_user and sender.source is None:
+        raise ConfigError("'envelope_sender' needs 'address', 'map', 'attribute' (ldap), "
+                          "'claim' (jwt) or 'header' (http_basic, http_header)")
+    if rules is not None and rules.source is None:
+        for user, address in sender.by_user:
+            if not rules.allows(address, user):
+                raise ConfigError(f"'envelope_sender.map' {user!r}: {address!r} is not "
+                                  "allowed by the sender rules")
+        fixed = sender.address
+        if (fixed is not None and not fixed.startswith(USER) and not rules.user_domains
+                and not rules.allows(fixed, "")):
+            raise ConfigError(f"'envelope_sender.address' {fixed!r} is not allowed by the "
+                              "sender rules")
+    return sender
+
+
+def _fixed_sender(value: Any, key: str, template: bool = False) -> str:
+    """An address from the configuration, as ``is_plain_address`` wants it (``{user}``
+    as the whole local part when ``template``)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key!r} must be an address")
+    address = value.strip()
+    check = address
+    if template and address.startswith(USER + "@"):
+        check = "user" + address[len(USER):]
+    if not is_plain_address(check):
+        raise ConfigError(f"{key!r} {value!r} is not a plain address (local@domain, a "
+                          "dot-atom local part; '{user}@domain' for the login name)"
+                          if template else
+                          f"{key!r} {value!r} is not a plain address (local@domain, a "
+                          "dot-atom local part)")
+    return address
+
+
+def _sender_map(value: Any) -> tuple[tuple[str, str], ...]:
+    """``map``: login name → address, the names compared without regard to case."""
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError("'envelope_sender.map' must be a non-empty mapping of login "
+                          "name to address")
+    found: dict[str, str] = {}
+    for name, address in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError("'envelope_sender.map': a login name must be a non-empty "
+                              "string")
+        folded = name.strip().lower()
+        if folded in found:
+            raise ConfigError(f"'envelope_sender.map' {name!r}: listed twice (login names "
+                              "compare without regard to case)")
+        found[folded] = _fixed_sender(address, f"envelope_sender.map {name!r}")
+    return tuple(found.items())
 
 
 def _delivery(block: Mapping[str, Any], provider_type: str) -> dict[str, Any]:
@@ -448,7 +645,8 @@ def first_refused(rules: SenderRules, addresses: Sequence[str], user: str,
 
 
 __all__ = [
-    "ANY", "HeaderFromScanner", "MAX_FROM_BYTES", "NULL_SENDER", "POLICY_KEYS", "Policy",
-    "SENDER_KEYS", "SenderRules", "USER", "first_refused", "from_addresses",
-    "is_local_part", "parse_policy", "split_address", "string_values",
+    "ANY", "ChosenSender", "ENVELOPE_SENDER_KEYS", "EnvelopeSender", "HeaderFromScanner",
+    "MAX_FROM_BYTES", "NULL_SENDER", "POLICY_KEYS", "Policy",
+    "SENDER_KEYS", "SENDER_WHEN", "SenderRules", "USER", "first_refused", "from_addresses",
+    "is_local_part", "is_plain_address", "parse_policy", "split_address", "string_values",
 ]

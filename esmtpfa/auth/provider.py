@@ -1,4 +1,5 @@
-"""What every provider type is: a twisted.cred checker plus the meta config of docs/design.md §3.
+"""What every provider type is: a twisted.cred checker plus the meta config of docs/design.md,
+"Provider selection".
 
 A provider *type* (userpass, ldap, jwt, …) is a class; a configured provider is an
 instance.  Each class declares which credentials it checks through the ordinary
@@ -22,15 +23,17 @@ the policy needs the provider to deliver with the user (an LDAP attribute, a JWT
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
+from esmtpfa.common.context import domain_key
 
 if TYPE_CHECKING:
+    from esmtpfa.common.resources import Resources
     from esmtpfa.auth.policy import Policy
 
 
@@ -41,6 +44,20 @@ class ProviderMeta:
     domain: str | None = None  # normalized with context.normalize_domain
     fallback: bool = False
     unique_domain_auth: bool = False
+    #: The relay's own domains a login name may carry (``domain_key`` form): a login
+    #: ``printer@relay.example.com`` reaches the provider as ``printer`` (docs/policy.md,
+    #: "Login names with the relay's domain").
+    login_domains: tuple[str, ...] = ()
+
+    def login_name(self, user: str) -> str:
+        """``user`` without a trailing ``@`` and one of ``login_domains``; any other
+        name as it is.  Only that exact domain: a subdomain, or another domain, is a
+        different login that the provider judges as typed."""
+        if self.login_domains:
+            local, at, domain = user.rpartition("@")
+            if at and local and domain_key(domain) in self.login_domains:
+                return local
+        return user
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,8 @@ class Provider:
     """
 
     credentialInterfaces: tuple = (IUserPasswordCredentials,)
+    if TYPE_CHECKING:  # each type's own, for the credentials it declares
+        requestAvatarId: Callable[[Any], Deferred[Principal]]
     #: Set by the config loader (``esmtpfa.config.providers``); None: no policy, any sender.
     policy: "Policy | None" = None
 
@@ -91,12 +110,23 @@ class Provider:
         return self.policy.identity_attributes if self.policy is not None else ()
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], **resources) -> "Provider":
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: "Resources") -> "Provider":
+        """A provider from its entry's ``params``; ``resources`` is what the process
+        lends it (reactor, clock, HTTP clients, threads, the JWKS cache:
+        ``esmtpfa.common.resources``), never taken from a global."""
         raise NotImplementedError
 
     @property
+    def probe_subject(self) -> str:
+        """What ``probe()`` reaches, for ``--check-connect`` (the types with a back end
+        provide ``esmtpfa.common.probe.IProbe``)."""
+        return f"provider {self.meta.name!r} ({self.meta.type})"
+
+    @property
     def needs_password(self) -> bool:
-        """True for user+password providers (docs/design.md §3: first-colon split by name)."""
+        """True for user+password providers (docs/design.md, "Provider selection": first-colon split
+        by name)."""
         return IUserPasswordCredentials in self.credentialInterfaces
 
     def stopProvider(self) -> Deferred:

@@ -1,4 +1,5 @@
-"""Provider selection (docs/design.md §3) as the one credentials checker the Portal knows.
+"""Provider selection (docs/design.md, "Provider selection") as the one credentials checker the
+Portal knows.
 
 The order is exact and is the contract with users:
 
@@ -8,6 +9,10 @@ The order is exact and is the contract with users:
    for user+password providers; if it rejects, no fallback is tried;
 3. else the ``fallback`` providers are tried in config order, each once, as-is;
 4. else the login is rejected.
+
+A user+password provider with ``login_domains`` is asked about ``printer`` when the
+client typed ``printer@relay.example.com`` (``ProviderMeta.login_name``), whichever step
+chose it; the throttle then counts both spellings as one claim.
 
 A provider with a ``domain`` (and no ``unique_domain_auth``) is only considered for
 clients whose connected domain equals it.
@@ -92,12 +97,14 @@ class Claim:
     it goes to and the user that provider is asked about.
 
     The login throttle counts failures per claim, never per provider name, so that one
-    account's attacker never locks out another account (docs/design.md §7).
+    account's attacker never locks out another account (docs/design.md,
+    "Configuration, reload and limits").
 
     ``user`` is None for token providers (jwt, http_header): a token names its user only
     once it verifies, so a refused token has nobody to count against but its client's
     address.  ``user_in_secret`` says the user came out of the password field (the
-    provider-name convention, docs/design.md §3 step 2): a client that got the convention wrong may
+    provider-name convention, docs/design.md, "Provider selection", step 2): a client that got the
+    convention wrong may
     have put part of its password there, so that user is kept out of logs and reprs.
     """
 
@@ -223,7 +230,8 @@ class Candidate:
 
 @dataclass(frozen=True, repr=False)
 class SelectionPlan:
-    """The providers one login asks, decided from one snapshot (docs/design.md §3).
+    """The providers one login asks, decided from one snapshot (docs/design.md,
+    "Provider selection").
 
     ``fallback`` False: the single candidate decides (unique domain, or named by the
     username).  True: each candidate is asked in order until one accepts.  An empty plan
@@ -280,7 +288,8 @@ def _as_is(provider: Provider, credentials: ISubmissionCredentials):
     if provider.needs_password:
         if credentials.bearer:
             return None  # a bearer token is no password
-        return UserPassword(credentials.username, credentials.secret, credentials.context)
+        return UserPassword(provider.meta.login_name(credentials.username),
+                            credentials.secret, credentials.context)
     return BearerToken(credentials.secret, credentials.context, credentials.username)
 
 
@@ -294,7 +303,7 @@ def _split(provider: Provider, credentials: ISubmissionCredentials):
     user, colon, password = credentials.secret.partition(":")
     if not colon:
         return None
-    return UserPassword(user, password, credentials.context)
+    return UserPassword(provider.meta.login_name(user), password, credentials.context)
 
 
 @implementer(IProviderSelection)

@@ -107,7 +107,7 @@ class Certificate:
         return self.names[0] if self.names else "-"
 
     def describe(self) -> str:
-        expiry = datetime.datetime.fromtimestamp(self.not_after, datetime.timezone.utc)
+        expiry = datetime.datetime.fromtimestamp(self.not_after, datetime.UTC)
         return (f"names {', '.join(self.names) or '(none)'}, {self.key_type} key, "
                 f"notAfter {expiry:%Y-%m-%d %H:%M:%S} UTC")
 
@@ -180,6 +180,14 @@ class CertificateSources:
         return tuple(_file_state(path) for path in paths), tuple(listings)
 
 
+def _floor(policy: TLSPolicy) -> dict[str, Any]:
+    """The version floor as ``CertificateOptions`` takes it: raising above Twisted's
+    TLS 1.2 and lowering below it (the legacy listeners only) are separate arguments."""
+    if policy.below_tls12:
+        return {"insecurelyLowerMinimumTo": policy.min_version}
+    return {"raiseMinimumTo": policy.min_version}
+
+
 def _file_state(path: str) -> tuple:
     try:
         st = os.stat(path)
@@ -215,7 +223,7 @@ class ContextSet:
         self._wildcard: dict[str, SSL.Context] = {}
         self.default = self._context(groups[0], policy, sni=len(groups) > 1)
         contexts = [self.default] + [self._context(g, policy) for g in groups[1:]]
-        for group, context in zip(groups, contexts):
+        for group, context in zip(groups, contexts, strict=True):
             for name in group[0].names:  # the first listed wins a name
                 if name.startswith("*."):
                     self._wildcard.setdefault(name[2:], context)
@@ -234,7 +242,7 @@ class ContextSet:
         options = ssl.CertificateOptions(
             privateKey=first.key, certificate=first.chain[0],
             extraCertChain=list(first.chain[1:]) if len(group) == 1 else [],
-            raiseMinimumTo=policy.min_version, enableSessionTickets=True, **extra)
+            enableSessionTickets=True, **extra, **_floor(policy))
         context = options.getContext()
         if policy.ciphers:
             context.set_cipher_list(policy.ciphers.encode("ascii"))

@@ -1,7 +1,8 @@
 """What esmtpfa knows about the client at the moment it authenticates or submits.
 
 The same snapshot is carried by SMTP credentials, HTTP credentials and outbound messages,
-so provider selection (docs/design.md §3) and the Received header read one source of truth.
+so provider selection (docs/design.md, "Provider selection") and the Received header read one source
+of truth.
 """
 
 from __future__ import annotations
@@ -10,11 +11,28 @@ from dataclasses import dataclass, replace
 
 
 def normalize_domain(name: str | None) -> str | None:
-    """Case-insensitive, trailing dot ignored (docs/design.md §3); empty means unknown."""
+    """Case-insensitive, trailing dot ignored (docs/design.md, "Provider selection"); empty means
+    unknown."""
     if not name:
         return None
     name = name.strip().rstrip(".").lower()
     return name or None
+
+
+def domain_key(name: str) -> str | None:
+    """``name`` as a key that two spellings of one domain share: ``normalize_domain``,
+    then IDNA 2008 A-labels with the UTS #46 mapping (``bücher.example`` and
+    ``xn--bcher-kva.example`` are one key).  None for what is no valid domain name."""
+    normalized = normalize_domain(name)
+    if normalized is None:
+        return None
+    if normalized.isascii():
+        return normalized
+    import idna  # a dependency of Twisted's (hyperlink)
+    try:
+        return idna.encode(normalized, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,26 @@ one), and a failure described without the URL or any header (both may hold secre
 
 from __future__ import annotations
 
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookiejar import DefaultCookiePolicy
 import ipaddress
 
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
+
+from esmtpfa.common.transport import IStreamTransport
 
 #: Persistent connections kept per host: the benchmark's 50 concurrent logins should
 #: not each pay a TCP (and TLS) handshake.
 MAX_PERSISTENT_PER_HOST = 32
 #: Idle pooled connections are closed after this long (many servers drop idle
 #: keep-alive connections after 5–75 s; a stale one costs a retry or a 454).
-CACHED_CONNECTION_TIMEOUT = 30.0
+CACHED_CONNECTION_TIMEOUT = 30
 
 
 def loopback_host(host: str | None) -> bool:
@@ -53,6 +56,8 @@ class _BoundedBody(Protocol):
     server does not keep a pooled slot.
     """
 
+    transport: IStreamTransport  # the response's: it can stop producing
+
     def __init__(self, limit: int, keep: bool):
         self.finished: Deferred[bytes] = Deferred(self._cancel)
         self._limit = limit
@@ -75,7 +80,7 @@ class _BoundedBody(Protocol):
         if self._keep:
             self._chunks.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -100,7 +105,7 @@ def new_http_client(reactor, connect_timeout: float) -> tuple[HTTPClient, HTTPCo
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     pool.retryAutomatically = True  # idempotent requests on a connection closed under us
     agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
-    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return HTTPClient(agent, cookiejar=no_cookies), pool
 
 
@@ -118,7 +123,7 @@ def describe_failure(failure: Failure) -> str:
     reasons = getattr(value, "reasons", None)  # ResponseNeverReceived, ResponseFailed…
     if reasons:
         return f"{type(value).__name__}: {_exception_name(reasons[0].value)}"
-    return _exception_name(value)
+    return _exception_name(value) if value is not None else "unknown error"
 
 
 def _exception_name(error: BaseException) -> str:

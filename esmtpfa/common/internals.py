@@ -21,8 +21,13 @@ What is used, and by whom:
    to note when queued output last moved, for the write-stall deadline
    (``output_waiting_since``, used by ``esmtpfa.smtp.server``); and it calls
    ``twisted.internet._newtls.startTLS`` with its own "bypass" class, so that TLS
-   ciphertext is written through too.  Splitting it would only spread the internals
-   over two modules.
+   ciphertext is written through too.  After that call, on the server side, it
+   replaces the TLS layer's write aggregator (``BufferingTLSTransport._aggregator``, and
+   the instance ``write`` bound to it) so that each reply is encrypted and sent at
+   once, and keeps the ``zope.interface`` declarations ``startTLS`` makes so they are
+   computed once per process rather than per connection (docs/performance.md, "The
+   cost of a STARTTLS connection").  Splitting it would only spread the internals over
+   two modules.
 2. ``twisted.web`` (used by ``esmtpfa.web.channel``): ``HTTPChannel._version`` holds the
    request's HTTP version when ``allHeadersReceived`` runs (RFC 9110 §10.1.1 ignores
    ``Expect: 100-continue`` from HTTP/1.0), and ``allHeadersReceived`` answers
@@ -50,7 +55,7 @@ import inspect
 import socket
 import struct
 from contextlib import contextmanager
-from functools import cache
+from functools import cache, partial
 from typing import Any, Callable, Iterator
 
 import twisted
@@ -58,10 +63,13 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import directlyProvides, providedBy
+from zope.interface.declarations import Provides
 
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -70,7 +78,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 try:  # STARTTLS on a TCP transport; check() reports it if it moved
     from twisted.internet._newtls import startTLS as _start_tls
 except ImportError:  # pragma: no cover
-    _start_tls = None
+    _start_tls = None  # type: ignore[assignment]  # a Twisted without it: check() says so
 
 #: Verified from the first (inclusive) to the second (exclusive) (major, minor) version;
 #: setup.cfg's ``twisted[tls] >= 26.10, < 27`` says the same.
@@ -154,15 +162,70 @@ class _WriteThrough:
         else:
             _write_sequence(self, iovec)
 
+    #: Whether the application above writes whole batches itself, so that the TLS
+    #: layer may encrypt and send each write at once (``_write_at_once``).
+    _writes_batched = False
+
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
         if _start_tls is None:  # pragma: no cover  (check() refuses such a Twisted)
-            super().startTLS(ctx, normal)  # type: ignore[misc]
-        else:
-            _start_tls(self, ctx, normal, _DirectWrites)
+            super().startTLS(ctx, normal)
+            return
+        _start_tls(self, ctx, normal, _DirectWrites)
+        _keep_declarations(self)
+        if self._writes_batched:
+            _write_at_once(self.protocol)  # type: ignore[attr-defined]
+
+
+#: The ``zope.interface`` declarations ``startTLS`` makes for each connection, kept.
+_KEPT_DECLARATIONS: dict[tuple[type, type], tuple[Any, ...]] = {}
+
+
+def _keep_declarations(transport: Any) -> None:
+    """Keep alive the per-instance interface declarations ``startTLS`` makes.
+
+    ``startTLS`` declares ``ISSLTransport`` on the transport, and the TLS layer's
+    ``makeConnection`` declares on itself, one ``directlyProvides`` after the other,
+    each interface the transport provides.  ``zope.interface`` shares such declarations
+    between instances through a cache of *weak* references: when the connection goes, so
+    do they, and the next connection computes them again (a resolution order each,
+    about a tenth of a millisecond of CPU per STARTTLS).  Held here, one set per pair of
+    classes, they are computed once per process."""
+    tls = transport.protocol
+    key = (type(transport), type(tls))
+    if key not in _KEPT_DECLARATIONS:
+        _KEPT_DECLARATIONS[key] = (transport.__provides__, *(
+            Provides(type(tls), interface) for interface in providedBy(tls.transport)))
+
+
+class _WritesAtOnce:
+    """Stands in for the STARTTLS layer's write aggregator: each write is encrypted and
+    sent now.  Twisted's aggregator holds small writes for a turn of the reactor (a timed
+    call per write, and the ciphertext of one reply in a second ``send``); an
+    application that gathers its own writes gains nothing from it."""
+
+    def __init__(self, write: Callable[[bytes], object]):
+        self.write = write
+
+    def flush(self) -> None:
+        """Nothing is held."""
+
+    def close(self) -> None:
+        """Nothing is scheduled."""
+
+
+def _write_at_once(tls: Any) -> None:
+    """Make a ``BufferingTLSTransport`` write without aggregating: its ``write`` is an
+    instance attribute bound to its ``_aggregator`` (set in its ``__init__``), and the
+    aggregator's ``flush`` and ``close`` are what ``loseConnection`` and
+    ``connectionLost`` call."""
+    tls._aggregator = _WritesAtOnce(partial(TLSMemoryBIOProtocol.write, tls))
+    tls.write = tls._aggregator.write
 
 
 class _Server(_WriteThrough, tcp.Server):
-    pass
+    #: The SMTP server gathers the replies to what one read brought into one write
+    #: (``ESMTPServer._flush``), and is the one server protocol that starts TLS.
+    _writes_batched = True
 
 
 class _Client(_WriteThrough, tcp.Client):
@@ -277,7 +340,9 @@ def listening_service(endpoint: Any, factory: Any) -> StreamServerEndpointServic
 
 def port_of(service: StreamServerEndpointService) -> defer.Deferred:
     """Fires with the service's listening port once it listens (after ``startService``)."""
-    return service._waitingForPort
+    waiting = service._waitingForPort
+    assert waiting is not None, "port_of() before startService()"
+    return waiting
 
 
 # -- 4. twisted.protocols.haproxy ---------------------------------------------------------
@@ -386,6 +451,23 @@ def _check_write_through() -> None:
         _write_through_on_a_port()
 
 
+def _check_tls_aggregator(clock: Any) -> None:
+    """What ``_write_at_once`` replaces: the TLS layer ``startTLS`` builds (the
+    factory's ``protocol``) holds its writes in ``_aggregator`` (``write``, ``flush``,
+    ``close``), and its ``write`` is an instance attribute bound to the aggregator's."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.ssl import CertificateOptions
+    factory = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol),
+                                  clock)
+    tls = factory.protocol(factory, Protocol(), False)
+    aggregator = getattr(tls, "_aggregator", None)
+    _require(all(callable(getattr(aggregator, name, None))
+                 for name in ("write", "flush", "close")),
+             "the STARTTLS layer no longer aggregates its writes in _aggregator")
+    _require(vars(tls).get("write") == getattr(aggregator, "write", None),
+             "the STARTTLS layer's write is no longer its aggregator's write")
+
+
 def _quiet(factory: Any) -> Any:
     """A factory that logs no "Starting factory" / "Stopping factory" lines."""
     factory.noisy = False
@@ -449,8 +531,17 @@ def _write_through_on_a_port() -> None:
         _require(server._output_moved == reactor.seconds()
                  and output_waiting_since(server) is None,
                  "FileDescriptor.doWrite no longer sends through writeSomeData")
+        _check_tls_aggregator(reactor)
         server.startTLS(CertificateOptions(), normal=False)  # we are the TLS client
         _require(server.TLS is True, "startTLS no longer sets transport.TLS")
+        layer = server.protocol
+        _require(isinstance(layer, TLSMemoryBIOProtocol)
+                 and layer.write == layer._aggregator.write,
+                 "_newtls.startTLS no longer puts its TLS layer in transport.protocol")
+        kept = _KEPT_DECLARATIONS.get((type(server), type(layer)), ())
+        _require(ISSLTransport.providedBy(server)
+                 and kept[:1] == (vars(server).get("__provides__"),),
+                 "startTLS no longer declares ISSLTransport on the transport")
         hello = received()
         _require(hello[:1] == b"\x16", "_newtls.startTLS no longer writes the TLS "
                                       "handshake through its bypass class at once")

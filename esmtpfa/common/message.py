@@ -1,7 +1,8 @@
 """The unit the relay moves: an envelope plus a spooled, already-normalized message.
 
 Content is spooled (memory up to a threshold, then an anonymous temporary file) so the
-memory a message costs is bounded whatever its size (docs/design.md §5).  Everything written here has
+memory a message costs is bounded whatever its size (docs/design.md,
+"The relay and the delivery guarantee").  Everything written here has
 CRLF line endings, no bare CR or LF and no dot-stuffing: the SMTP server removed the
 transparency dots, the upstream client adds them again.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import tempfile
-from typing import Iterator
+from typing import IO, Iterator
 
 from esmtpfa.common.ids import new_id
 
@@ -43,7 +44,7 @@ class MessageSpool:
     def __init__(self, memory_limit: int = SPOOL_MEMORY_LIMIT):
         self._limit = memory_limit
         self._chunks: list[bytes] = []
-        self._file = None  # the temporary file, once past the limit
+        self._file: IO[bytes] | None = None  # the temporary file, once past the limit
         self._closed = False
         self.size = 0
 

@@ -25,6 +25,8 @@ import socket
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import (
+    IConsumer, IPushProducer, ISystemHandle, ITLSTransport)
 from twisted.internet.posixbase import PosixReactorBase
 
 from esmtpfa.common import internals
@@ -90,5 +92,17 @@ def output_waiting(connection: FileDescriptor) -> int:
     return internals.output_waiting(connection)
 
 
-__all__ = ["connection_of", "limit_send_buffer", "output_waiting", "output_waiting_since",
-           "write_through"]
+class IStreamTransport(ITLSTransport, IPushProducer, IConsumer, ISystemHandle):
+    """What the sessions use of a connection's transport: TCP (peer, host, abort, the
+    socket), STARTTLS, and flow control both ways (pausing the peer, registering a
+    producer).
+
+    Twisted's TCP and TLS transports, and the wrappers above them, provide all of it,
+    but ``Protocol.transport`` is typed as an optional bare ``ITransport``.  A protocol
+    class says what it is connected to with ``transport: IStreamTransport`` (for the
+    type checker only: nothing checks it at run time, and before ``makeConnection`` the
+    attribute is still None, as it is for any protocol)."""
+
+
+__all__ = ["IStreamTransport", "connection_of", "limit_send_buffer", "output_waiting",
+           "output_waiting_since", "write_through"]

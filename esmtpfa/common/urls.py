@@ -7,6 +7,17 @@ from __future__ import annotations
 from typing import Iterable
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
+from hyperlink import URL
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info, query or fragment: those may carry credentials."""
+    try:
+        parsed = URL.from_text(url)
+    except Exception:
+        return "<config service>"
+    return parsed.replace(userinfo="", query=(), fragment="").to_text()
+
 
 def split_secret_url(text: str, schemes: tuple[str, ...]
                      ) -> tuple[SplitResult, str, str, int | None]:

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 from yaml.composer import Composer
@@ -138,6 +138,11 @@ class _BoundedComposer(Composer):
     * depth is counted on the way down, and the deadline checked at every node.
     """
 
+    if TYPE_CHECKING:  # from the event source it is mixed with: Parser or CParser
+        def peek_event(self) -> Any: ...
+        def check_event(self, *choices: Any) -> bool: ...
+        def dispose(self) -> None: ...
+
     _WEIGHT = "_esmtpfa_weight"
 
     def __init__(self, source: str, limits: DocumentLimits, root: str):
@@ -203,7 +208,7 @@ class _BoundedLoader(_BoundedComposer, _StrictConstructor, Resolver):
     subclass's ``EVENTS`` (libyaml's parser or PyYAML's own); the composer and the
     constructor are PyYAML's Python code either way, so the limits hold alike."""
 
-    EVENTS: type
+    EVENTS: Any  # the event source's class, run on the same instance
 
     def __init__(self, text: str, source: str, limits: DocumentLimits, root: str):
         self.EVENTS.__init__(self, text)
@@ -231,7 +236,7 @@ class _PythonLoader(_BoundedLoader, _PythonEvents):
 
 
 try:
-    from yaml.cyaml import CParser
+    from yaml._yaml import CParser  # where yaml.cyaml gets it
 except ImportError:  # pragma: no cover  (PyYAML built without libyaml)
     _LOADER: type[_BoundedLoader] = _PythonLoader
 else:
@@ -248,8 +253,9 @@ def _yaml_error(error: yaml.YAMLError) -> str:
     # Never str(error): a MarkedYAMLError quotes the source line, which may be a secret.
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or type(error).__name__
-    if getattr(error, "context", None):
-        problem = f"{error.context}: {problem}"
+    context = getattr(error, "context", None)
+    if context:
+        problem = f"{context}: {problem}"
     if mark is None:
         return f"malformed YAML: {problem}"
     return f"malformed YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
@@ -262,8 +268,10 @@ def _load_json(text: str, source: str, limits: DocumentLimits, root: str) -> Any
         result = dict(pairs)
         if len(result) != len(pairs):
             seen = set()
-            duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-            raise ConfigError(f"{source}: malformed JSON: duplicate key {duplicate!r}")
+            for key, _ in pairs:
+                if key in seen:
+                    raise ConfigError(f"{source}: malformed JSON: duplicate key {key!r}")
+                seen.add(key)
         return result
 
     try:
@@ -279,7 +287,9 @@ def _check_tree(document: Any, source: str, limits: DocumentLimits, root: str) -
     """Count the values and depth of a parsed JSON tree, naming where a limit was hit.
     A mapping's key counts as a value, as the YAML loader counts it: the same document
     meets the same limit in either syntax."""
-    values, stack = 0, [(document, (root if isinstance(document, list) else "",), 1)]
+    values = 0
+    stack: list[tuple[Any, tuple[str, ...], int]] = [
+        (document, (root if isinstance(document, list) else "",), 1)]
     while stack:
         node, path, count = stack.pop()
         values += count

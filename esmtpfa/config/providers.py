@@ -1,4 +1,5 @@
-"""Provider configuration (docs/design.md §3, §4, §7): parse and expand, then build.
+"""Provider configuration (docs/design.md, "Provider selection", "Provider types" and
+"Configuration, reload and limits"): parse and expand, then build.
 
 Parsing is pure (text + environment → ``ProviderConfig`` values), so a reload is checked
 completely before anything is swapped in.  Building reuses every instance whose
@@ -27,18 +28,20 @@ from typing import Any, Iterable, Mapping, Sequence
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 
 from esmtpfa.auth.selection import ProviderSet
-from esmtpfa.common.context import normalize_domain
+from esmtpfa.common.context import domain_key, normalize_domain
 from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits, load_document, read_document
 from esmtpfa.common.logs import logger
 from esmtpfa.auth.policy import POLICY_KEYS, Policy, parse_policy
 from esmtpfa.providers import PROVIDER_TYPES, known_types, provider_class
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.provider import Provider, ProviderMeta
+from esmtpfa.common.resources import Resources
 
 log = logger("esmtpfa.config")
 
 ITEM_KEYS = ("meta", "params", "policy")
-META_KEYS = ("name", "type", "domain", "fallback", "unique_domain_auth")
+META_KEYS = ("name", "type", "domain", "fallback", "unique_domain_auth", "login_domains")
 
 # `$${` is a literal `${`; `${NAME}` a variable; a `${` that is neither is an error.
 _REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[^{}]*)\}|\$\{")
@@ -222,6 +225,30 @@ def _domain(meta: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
     return domain
 
 
+def _login_domains(meta: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, ...]:
+    """``meta.login_domains``: a domain or a list of them, the relay's own names that a
+    login name may end in (docs/policy.md, "Login names with the relay's domain")."""
+    value = meta.get("login_domains")
+    if value is None:
+        return ()
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(
+            isinstance(name, str) for name in names):
+        raise ConfigError("meta.login_domains must be a domain or a non-empty list of "
+                          "domains")
+    keys: list[str] = []
+    for name in names:
+        try:
+            expanded = expand_env(name, env)
+        except ConfigError as error:
+            raise ConfigError(f"meta.login_domains: {error}") from None
+        key = domain_key(expanded)
+        if key is None or _NOT_IN_DOMAIN.search(key) or "@" in key:
+            raise ConfigError(f"meta.login_domains {name!r} is not a domain name")
+        keys.append(key)
+    return tuple(dict.fromkeys(keys))
+
+
 def _parse_item(item: Any, index: int, source: str, env: Mapping[str, str]) -> ProviderConfig:
     def error(problem: str, name: str | None = None) -> ConfigError:
         return ConfigError(f"{source}: {_who(name, index)}: {problem}")
@@ -251,7 +278,8 @@ def _parse_item(item: Any, index: int, source: str, env: Mapping[str, str]) -> P
         provider_meta = ProviderMeta(
             name=name, type=type_name, domain=_domain(meta, env),
             fallback=_optional_bool(meta, "fallback"),
-            unique_domain_auth=_optional_bool(meta, "unique_domain_auth"))
+            unique_domain_auth=_optional_bool(meta, "unique_domain_auth"),
+            login_domains=_login_domains(meta, env))
         params = item.get("params")
         if params is None:
             params = {}
@@ -286,15 +314,13 @@ def _policy(block: Any, type_name: str, env: Mapping[str, str], error, name: str
         raise error(f"policy: {problem}", name) from None
 
 
-@dataclass(frozen=True)
-class _MetaOnly:
+class _MetaOnly(Provider):
     """Stands in for a provider: ``ProviderSet`` needs only ``meta`` to check its rules."""
-
-    meta: ProviderMeta
 
 
 def _check_cross_rules(configs: Sequence[ProviderConfig], source: str) -> None:
-    """Duplicate names and shared unique domains (docs/design.md §3), before anything is created.
+    """Duplicate names and shared unique domains (docs/design.md, "Provider selection"), before
+    anything is created.
 
     The rules are ``ProviderSet``'s own, so they live in one place.
     """
@@ -336,10 +362,14 @@ def _located(config: ProviderConfig, message: str) -> str:
     return f"{config.where}: {message}"
 
 
-def _create(config: ProviderConfig, resources: Mapping[str, Any]) -> Provider:
+def _create(config: ProviderConfig, resources: Resources) -> Provider:
     try:
-        provider = provider_class(config.meta.type).from_params(
-            config.meta, config.params, **resources)
+        cls = provider_class(config.meta.type)
+        if config.meta.login_domains and (
+                IUserPasswordCredentials not in cls.credentialInterfaces):
+            raise ConfigError("meta.login_domains is for providers that check a user "
+                              f"and a password, not {config.meta.type}")
+        provider = cls.from_params(config.meta, config.params, resources=resources)
         # Before anyone can use the instance: the policy never changes on a live one.
         provider.policy = config.policy
         if config.policy.senders is None:
@@ -355,11 +385,15 @@ def _create(config: ProviderConfig, resources: Mapping[str, Any]) -> Provider:
 
 
 def build_providers(configs: Iterable[ProviderConfig],
-                    previous: ProviderSet | None = None, **resources) -> BuildResult:
-    """Instantiate ``configs``, keeping ``previous`` instances whose config is unchanged.
+                    previous: ProviderSet | None = None, *,
+                    resources: Resources) -> BuildResult:
+    """Instantiate ``configs``, keeping ``previous`` instances whose config is unchanged;
+    the new ones take what they use from ``resources`` (docs/architecture.md,
+    "Resources").
 
     On error nothing changes: the instances created so far are stopped and the previous
-    set stays as it is, so a failed reload keeps the last good config (docs/design.md §7).
+    set stays as it is, so a failed reload keeps the last good config (docs/design.md,
+    "Configuration, reload and limits").
     """
     configs = list(configs)
     old_configs = getattr(previous, "config_by_name", {})
@@ -390,11 +424,13 @@ def build_providers(configs: Iterable[ProviderConfig],
 
 
 def load_provider_file(path: str | os.PathLike, env: Mapping[str, str] | None = None,
-                       previous: ProviderSet | None = None, **resources) -> BuildResult:
+                       previous: ProviderSet | None = None, *,
+                       resources: Resources) -> BuildResult:
     """Read, parse and build a provider file in one step."""
     source = os.fspath(path)
     data = read_document(source)
-    return build_providers(parse_provider_document(data, source, env), previous, **resources)
+    return build_providers(parse_provider_document(data, source, env), previous,
+                           resources=resources)
 
 
 __all__ = [

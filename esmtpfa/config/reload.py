@@ -1,4 +1,5 @@
-"""Hot reload of the provider configuration (docs/design.md §7): file changes, SIGHUP, config service.
+"""Hot reload of the provider configuration (docs/design.md, "Configuration, reload and limits"):
+file changes, SIGHUP, config service.
 
 Every source ends in ``ProviderReloader.load``, which parses and builds the whole new
 set *before* touching the live one, so a reload either swaps in a complete, valid set or
@@ -37,9 +38,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from hyperlink import URL
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -49,6 +49,9 @@ from esmtpfa.config.documents import (
     BYTES, DEFAULT_LIMITS, DocumentLimits, DocumentRefused, read_document)
 from esmtpfa.common.logs import logger
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.httpclient import new_http_client
+from esmtpfa.common.resources import HTTPClientFactory, Resources
+from esmtpfa.common.urls import redact_url
 from esmtpfa.auth.provider import Provider
 
 log = logger("esmtpfa.reload")
@@ -83,26 +86,6 @@ class _NoObserver:
 
 #: Runs ``function(*args)`` off the reactor thread; a Deferred with its result.
 ThreadRunner = Callable[..., defer.Deferred]
-
-
-def reactor_threads(reactor: Any) -> ThreadRunner:
-    """The reactor's own thread pool: stopped (after its running jobs) with the reactor.
-
-    Parsing is serialized by the reloader, so configuration never holds more than one of
-    its threads, and every job ends within ``DocumentLimits.max_seconds``.
-    """
-    def run(function: Callable[..., Any], *args: Any) -> defer.Deferred:
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
-    return run
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info, query or fragment: those may carry credentials."""
-    try:
-        parsed = URL.from_text(url)
-    except Exception:
-        return "<config service>"
-    return parsed.replace(userinfo="", query=(), fragment="").to_text()
 
 
 def _digest(data: bytes) -> str:
@@ -164,7 +147,7 @@ class ProviderReloader:
     order they were asked for and configuration holds at most one thread.
     """
 
-    def __init__(self, directory: ProviderDirectory, *, reactor: Any,
+    def __init__(self, directory: ProviderDirectory, *, resources: Resources,
                  env: dict[str, str] | None = None,
                  extra: Sequence[ProviderConfig] = (),
                  observer: ReloadObserver | None = None,
@@ -172,12 +155,13 @@ class ProviderReloader:
                  limits: DocumentLimits = DEFAULT_LIMITS,
                  run_in_thread: ThreadRunner | None = None):
         self._directory = directory
-        self._reactor = reactor
+        self._resources = resources
+        self._reactor = resources.reactor
         self._env = env
         self._extra = tuple(extra)  # always appended (the --demo provider)
         self._observer = observer or _NoObserver()
         self._limits = limits
-        self._run_in_thread = run_in_thread or reactor_threads(reactor)
+        self._run_in_thread = run_in_thread or resources.in_thread
         self._lock = defer.DeferredLock()
         self.grace = grace
         self._retiring: dict[Any, tuple[tuple[Provider, ...], Any]] = {}
@@ -253,7 +237,8 @@ class ProviderReloader:
     def _apply(self, examined: Examined, source: str, kind: str) -> str:
         try:
             result = build_providers([*examined.configs, *self._extra],
-                                     previous=self._directory.current, reactor=self._reactor)
+                                     previous=self._directory.current,
+                                     resources=self._resources)
         except ConfigError as error:
             return self._refuse(examined.digest, kind, source, str(error))
         except Exception:
@@ -432,8 +417,10 @@ class ConfigServicePoller:
     """
 
     def __init__(self, url: str, reloader: ProviderReloader, *, interval: float,
-                 timeout: float, token: str | None, reactor: Any):
-        from esmtpfa.common.httpclient import new_http_client
+                 timeout: float, token: str | None, reactor: Any,
+                 http_client: HTTPClientFactory | None = None):
+        """``http_client`` (``Resources.http_client``) makes the client; without it,
+        one over ``reactor`` with the same hygiene (``esmtpfa.common.httpclient``)."""
         self.url = url
         self.source = redact_url(url)
         self._reloader = reloader
@@ -441,7 +428,7 @@ class ConfigServicePoller:
         self._timeout = timeout
         self._token = token
         self._reactor = reactor
-        self._client, self._pool = new_http_client(reactor, timeout)
+        self._client, self._pool = (http_client or partial(new_http_client, reactor))(timeout)
         self._etag: bytes | None = None
         self._last_modified: bytes | None = None
         self._refused = False  # the document the validators describe was refused
@@ -472,8 +459,9 @@ class ConfigServicePoller:
             self._inflight = None
         return self._inflight.addBoth(done)
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json, application/yaml;q=0.9, */*;q=0.1"}
+    def _headers(self) -> dict[bytes | str, bytes | str]:
+        headers: dict[bytes | str, bytes | str] = {
+            "Accept": "application/json, application/yaml;q=0.9, */*;q=0.1"}
         if self._etag is not None:
             headers["If-None-Match"] = self._etag.decode("latin-1")
         if self._last_modified is not None:
@@ -538,7 +526,7 @@ def _shielded(d: defer.Deferred) -> defer.Deferred:
     """A Deferred with ``d``'s result whose cancellation leaves ``d`` running: stopping a
     poll must not cancel a parse that holds the reloader's lock (it ends by itself within
     its deadline, and ``ProviderReloader.stop`` waits for it)."""
-    shield = defer.Deferred()
+    shield: defer.Deferred = defer.Deferred()
 
     def forward(result):
         if not shield.called:
@@ -588,7 +576,7 @@ class SighupReload:
     thread, where Python cannot set handlers, SIGHUP is not available.
     """
 
-    def __init__(self, reactor: Any, callback: Callable[[], None]):
+    def __init__(self, reactor: Any, callback: Callable[[], object]):
         self._reactor = reactor
         self._callback = callback
         self._previous: Any = None
@@ -665,5 +653,5 @@ class ReloadService(Service):
 
 
 __all__ = ["APPLIED", "REFUSED", "UNCHANGED", "ConfigServicePoller", "FileWatcher",
-           "ProviderReloader", "ReloadService", "SighupReload", "reactor_threads",
+           "ProviderReloader", "ReloadService", "SighupReload",
            "redact_url", "startup_sighup", "stop_providers"]

@@ -1,6 +1,7 @@
 """The ``Received:`` trace header esmtpfa adds to every message (RFC 5321 §4.4).
 
-It carries the message's ``urn:uuid`` id (docs/design.md §9) so a message found at the upstream
+It carries the message's ``urn:uuid`` id (docs/design.md, "Identifiers and logs") so a message found
+at the upstream
 can be matched to our logs; with ``hide_client`` the client's address is left out
 (a privacy option for submission relays).
 """
@@ -16,7 +17,8 @@ import time
 from esmtpfa.common.context import ConnectionContext
 
 #: RFC 5321 §4.1.2 Domain: LDH labels (U-labels too, for SMTPUTF8 clients, RFC 6531).
-_LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
+_LABEL = (r"[A-Za-z0-9\u0080-\U0010FFFF]"
+          r"(?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?")
 _DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
 #: What an invalid name is reduced to: characters that are safe in any header parser.
 _NOT_SAFE = re.compile(r"[^A-Za-z0-9._-]")

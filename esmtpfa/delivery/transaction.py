@@ -5,7 +5,8 @@ about every RCPT as the client names it, so each recipient is answered with the 
 verdict and refused ones are simply not part of the message.  The content is spooled
 (bounded memory) until the client's final dot, then handed over with the Received header;
 the client's final reply is the relay's verdict, so a ``250`` always means the upstream
-accepted the message (docs/design.md §5).  Content the client got wrong (too big, bare line ends,
+accepted the message (docs/design.md, "The relay and the delivery guarantee").  Content the client
+got wrong (too big, bare line ends,
 overlong lines) never reaches the upstream, not even in part.
 
 The identity's policy (``esmtpfa.auth.policy``, ``docs/policy.md``) is enforced here,
@@ -13,7 +14,8 @@ for SMTP and HTTP alike: a sender it does not allow is refused at MAIL, before t
 upstream hears of the transaction (``553 5.7.1``); with ``check_header_from`` the From:
 header is collected while the content streams in and checked at the final dot, before any
 content goes upstream (``550 5.7.1``).  Both raise ``PolicyRefusal``, which the HTTP API
-answers with 403.
+answers with 403.  A policy's ``envelope_sender`` sets the sender at MAIL, before that
+check (``RelayDelivery._set_sender``).
 
 Sending rates per identity (``esmtpfa.limits.rates``) are enforced here too: the message is
 reserved at MAIL and each recipient at RCPT, counted once the upstream accepted the
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import time
 from typing import Callable, Protocol
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,8 +39,10 @@ from esmtpfa.auth.selection import Identity
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.ids import new_id
 from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMORY_LIMIT
-from esmtpfa.auth.policy import HeaderFromScanner, SenderRules, first_refused, from_addresses
-from esmtpfa.limits.rates import Exceeded, RateLimiter, Reservation
+from esmtpfa.auth.policy import (
+    EnvelopeSender, HeaderFromScanner, SenderRules, first_refused, from_addresses)
+from esmtpfa.limits.ledgers import RateLimiter
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Rates
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.relay.session import eight_bit_unsupported
@@ -154,6 +158,9 @@ class DeliveryPolicy:
     default_rates: Rates = Rates()
     #: How the message line shows recipients (``--log-recipients``, docs/logging.md).
     log_recipients: RecipientLog = PLAIN_RECIPIENTS
+    #: Runs a large From: header's parse off the reactor (``Resources.in_thread``);
+    #: None: parsed inline, as a small one always is.
+    in_thread: Callable[..., defer.Deferred] | None = field(default=None, compare=False)
 
 
 def envelope_from_params(mail_from: str, recipients, params: dict) -> Envelope:
@@ -204,8 +211,8 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
 
     def failed(failure: Failure):
         try:
-            if failure.check(RelayError):
-                error = failure.value
+            error = failure.value
+            if isinstance(error, RelayError):
                 outcome(error.reason)
                 _, shown = recipients_shown.fields(message.envelope.recipients)
                 log.info("{connection_id} message {message_id} for {identity} not relayed "
@@ -299,7 +306,7 @@ class RelayTransaction:
         """Who sends, for the relay's fair use of its upstream connections: the client's
         address, and its identity when it logged in."""
         identity = self._delivery.identity
-        keys = (f"address {self._context.peer_host}",)
+        keys: tuple[str, ...] = (f"address {self._context.peer_host}",)
         if identity.via != "anonymous":
             keys += (f"identity {identity}",)
         return keys
@@ -313,8 +320,9 @@ class RelayTransaction:
             return defer.succeed(None)
 
         def exceeded(failure: Failure):
-            failure.trap(Exceeded)
             exceeded = failure.value
+            if not isinstance(exceeded, Exceeded):
+                return failure
             delivery = self._delivery
             log.info("{connection_id} message {message_id} for {identity}: {kind} rate "
                      "limit reached ({limit}), retry in {seconds:.0f} s",
@@ -362,7 +370,8 @@ class RelayTransaction:
         """A relay verdict at MAIL or RCPT: logged, reported (the observer sees every
         refusal the client hears, with the recipient it was about), and answered."""
         delivery = self._delivery
-        outcome = failure.value.reason if failure.check(RelayError) else ERROR
+        error = failure.value
+        outcome = error.reason if isinstance(error, RelayError) else ERROR
         try:
             delivery.policy.observer.relayed(
                 delivery.identity, envelope_from_params(self._mail_from, recipients,
@@ -371,8 +380,7 @@ class RelayTransaction:
         except Exception:  # an observer bug must not change what the client is told
             log.failure("{message_id}: reporting the relay outcome failed",
                         message_id=self.id)
-        if failure.check(RelayError):
-            error = failure.value
+        if isinstance(error, RelayError):
             log.info("{connection_id} message {message_id} for {identity}: {command} "
                      "{what} refused ({reason}): {reply}",
                      connection_id=self._context.connection_id, message_id=self.id,
@@ -442,8 +450,9 @@ class RelayTransaction:
             return self._header_refused(Reply(
                 550, "5.7.1", "The From: header is too long to be checked"))
         values = scanner.values()
-        if scanner.size > INLINE_FROM_BYTES:
-            d = threads.deferToThread(from_addresses, values)
+        in_thread = self._delivery.policy.in_thread
+        if scanner.size > INLINE_FROM_BYTES and in_thread is not None:
+            d = in_thread(from_addresses, values)
         else:
             d = defer.succeed(from_addresses(values))
         return d.addCallback(self._header_checked)
@@ -454,6 +463,8 @@ class RelayTransaction:
                 550, "5.7.1", "The message has no From: address that can be checked"))
         identity = self._delivery.identity
         rules = sender_rules(identity)
+        if rules is None:  # no sender rules (the scanner runs only under them)
+            return None
         refused = first_refused(rules, addresses, identity.username,
                                 identity.values(rules.source))
         if refused is None:
@@ -468,6 +479,9 @@ class RelayTransaction:
             reply, HEADER_FROM, self._context.connection_id, self.id))
 
     def _relay(self) -> defer.Deferred:
+        upstream = self._upstream
+        if upstream is None:  # aborted while the From: header was checked: client gone
+            return defer.fail(SMTPReplyError(RELAY_ERROR))
         delivery = self._delivery
         envelope = self._envelope
         envelope = Envelope(envelope.mail_from, tuple(self._recipients), envelope.body,
@@ -481,7 +495,7 @@ class RelayTransaction:
             self._settle(accepted=outcome == ACCEPTED)
             delivery.policy.observer.relayed(
                 delivery.identity, envelope, size, outcome, time.monotonic() - started)
-        return relay_message(self._upstream.send, message, report,
+        return relay_message(upstream.send, message, report,
                              where=lambda: getattr(self._upstream, "upstream", None),
                              recipients_shown=delivery.policy.log_recipients)
 
@@ -507,12 +521,60 @@ class RelayDelivery:
         nothing of it)."""
         identity = self.identity
         rules = sender_rules(identity)
-        if rules is not None and not rules.allows(
+        setter = getattr(getattr(identity, "policy", None), "envelope_sender", None)
+        if setter is not None:
+            try:
+                mail_from, params = self._set_sender(setter, rules, context, mail_from,
+                                                     params)
+            except PolicyRefusal as refusal:
+                return defer.fail(refusal)
+        elif rules is not None and not rules.allows(
                 mail_from, identity.username, identity.values(rules.source)):
             return defer.fail(self.policy_refusal(Reply(
                 553, "5.7.1", f"Sender address <{_shown(mail_from)}> is not allowed for "
                               f"this login"), MAIL_FROM, context.connection_id))
         return RelayTransaction(self, context, mail_from, params).open()
+
+    def _set_sender(self, setter: EnvelopeSender, rules: SenderRules | None,
+                    context: ConnectionContext, mail_from: str, params: dict
+                    ) -> tuple[str, dict]:
+        """The envelope sender the policy's ``envelope_sender`` sets (docs/policy.md,
+        "Devices: the sender from the identity"), and the params to go with it.
+
+        The sender rules judge the sender that leaves, after the change: that is the
+        address the world sees, and it keeps a wrong map entry or a directory value
+        from sending as someone the rules never allowed.  No usable address is a
+        refusal (``550 5.7.1``), never the device's own sender passed on; the reply
+        says what is missing, not what was found."""
+        identity = self.identity
+        own = identity.values(rules.source) if rules is not None else ()
+        if not setter.applies(mail_from, lambda address: rules is None or rules.allows(
+                address, identity.username, own)):
+            chosen = None
+        else:
+            chosen = setter.choose(identity.username, identity.values(setter.source))
+            if chosen.address is None:
+                log.info("{connection_id} MAIL FROM refused for {identity}: its policy "
+                         "sets the envelope sender, and {problem}",
+                         connection_id=context.connection_id, identity=identity,
+                         problem=chosen.origin)
+                raise self.policy_refusal(Reply(
+                    550, "5.7.1", "No sender address is set for this login"),
+                    MAIL_FROM, context.connection_id)
+            log.info("{connection_id} MAIL FROM <{original}> set to <{sender}> for "
+                     "{identity} by its policy (from the {origin})",
+                     connection_id=context.connection_id, original=_shown(mail_from),
+                     sender=chosen.address, identity=identity, origin=chosen.origin)
+            mail_from = chosen.address
+            if not mail_from.isascii():  # RFC 6531 §3.4: a UTF-8 sender needs SMTPUTF8
+                params = {**params, "SMTPUTF8": True}
+        if rules is not None and not rules.allows(mail_from, identity.username, own):
+            text = (f"Sender address <{_shown(mail_from)}> is not allowed for this login"
+                    if chosen is None else
+                    "The sender address set for this login is not allowed by its policy")
+            raise self.policy_refusal(Reply(553, "5.7.1", text), MAIL_FROM,
+                                      context.connection_id)
+        return mail_from, params
 
     def policy_refusal(self, reply: Reply, reason: str, connection_id: str,
                        message_id: str | None = None) -> PolicyRefusal:

@@ -31,10 +31,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.errors import ProviderUnavailable
-from esmtpfa.limits.throttle import LocalLoginLedger
 from esmtpfa.common.logs import logger
 from esmtpfa.common.logsummary import RepeatSummary
-from esmtpfa.limits.rates import RateLimiter
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
 from esmtpfa.common.replies import Reply, SMTPReplyError
 from esmtpfa.limits.breaker import COOLDOWN, FAILURES, StateBreaker
 from esmtpfa.limits.interfaces import ILoginLedger, IRateLedger, StateUnavailable
@@ -186,7 +185,7 @@ class FailurePolicy:
 
 
 def _why(failure: Failure) -> str:
-    return str(failure.value)[:200] or failure.type.__name__
+    return str(failure.value)[:200] or type(failure.value).__name__
 
 
 #: What each operation does without its state: (open, closed).
@@ -288,6 +287,7 @@ class GuardedRateLedger:
         if not self._held_here[slot]:
             del self._held_here[slot]
         if here:
+            assert self.fallback is not None  # only the fallback holds reservations here
             self.fallback.give(key, kind, limit, here, count)
         if here == n:
             return defer.succeed(None)

@@ -5,15 +5,33 @@ workers' supervisor (``esmtpfa.runtime.workers``) or Redis (``esmtpfa.limits.red
 in-process ledgers answer with Deferreds that have already fired, so a single process
 pays no more than a call.  A ledger that cannot answer fails with ``StateUnavailable``;
 what the relay does then is the operator's choice (``esmtpfa.limits.guard``).
+
+The in-process ledgers (``esmtpfa.limits.ledgers``) also answer at once, through one
+synchronous twin per method, ``<method>_now`` (``ILocalLoginLedger``,
+``ILocalRateLedger``, ``ILocalConnectionLedger``): the workers' supervisor counts for all
+its workers through them.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from zope.interface import Attribute, Interface
+
+from esmtpfa.auth.sendingrates import Limit
 
 
 class StateUnavailable(Exception):
     """The shared state could not be read or written in time (down, slow, refused)."""
+
+
+class Exceeded(Exception):
+    """Over a sending rate: ``kind`` ("messages" or "recipients"), ``limit``,
+    ``retry_after`` (seconds).  A rate ledger's refusal, whichever ledger it is."""
+
+    def __init__(self, kind: str, limit: Limit, retry_after: float):
+        super().__init__(f"{kind} rate {limit} reached; retry in {retry_after:.0f} s")
+        self.kind, self.limit, self.retry_after = kind, limit, retry_after
 
 
 class ILoginLedger(Interface):
@@ -29,11 +47,11 @@ class ILoginLedger(Interface):
     per_identity = Attribute("failures against one identity that put it under attack")
     window = Attribute("the sliding window, in seconds")
 
-    def refusal(address: str, identities: list[str]):
+    def refusal(address: str, identities: Sequence[str]):
         """Deferred: why a login from ``address`` claiming ``identities`` is refused
         before any provider is asked, or None."""
 
-    def failed(address: str, identities: list[str]):
+    def failed(address: str, identities: Sequence[str]):
         """Deferred: count one failed login; fires with each identity's failures within
         the window, this one included (in the order given)."""
 
@@ -47,8 +65,8 @@ class IRateLedger(Interface):
     reservations (``esmtpfa.limits.rates``)."""
 
     def take(key: str, kind: str, limit, n: int):
-        """Deferred: reserve ``n`` under ``limit`` (an ``esmtpfa.auth.sendingrates.Limit``), or
-        fail with ``esmtpfa.limits.rates.Exceeded``."""
+        """Deferred: reserve ``n`` under ``limit`` (an ``esmtpfa.auth.sendingrates.Limit``),
+        or fail with ``Exceeded``."""
 
     def give(key: str, kind: str, limit, n: int, count: bool):
         """Deferred: settle ``n`` reserved: they count (``count``) or are given back."""
@@ -69,4 +87,39 @@ class IConnectionLedger(Interface):
         """Free a slot that ``refusal`` gave."""
 
 
-__all__ = ["IConnectionLedger", "ILoginLedger", "IRateLedger", "StateUnavailable"]
+# -- the in-process ledgers' synchronous twins ------------------------------------------------
+
+
+class ILocalLoginLedger(ILoginLedger):
+    """A login ledger in this process: each method also answers at once."""
+
+    def refusal_now(address: str, identities: list[str]) -> str | None:
+        """What ``refusal`` fires with."""
+
+    def failed_now(address: str, identities: list[str]) -> list[int]:
+        """What ``failed`` fires with."""
+
+    def succeeded_now(address: str, identity: str) -> None:
+        """What ``succeeded`` does."""
+
+
+class ILocalRateLedger(IRateLedger):
+    """A rate ledger in this process: each method also answers at once."""
+
+    def take_now(key: str, kind: str, limit, n: int) -> Exceeded | None:
+        """Reserve and answer None; or, reserving nothing, answer the ``Exceeded`` that
+        ``take`` fails with (a value, not raised)."""
+
+    def give_now(key: str, kind: str, limit, n: int, count: bool) -> None:
+        """What ``give`` does."""
+
+
+class ILocalConnectionLedger(IConnectionLedger):
+    """A connection ledger in this process: ``refusal`` also answers at once."""
+
+    def refusal_now(ip: str) -> str | None:
+        """What ``refusal`` fires with (taking the slot when None)."""
+
+
+__all__ = ["Exceeded", "IConnectionLedger", "ILocalConnectionLedger", "ILocalLoginLedger",
+           "ILocalRateLedger", "ILoginLedger", "IRateLedger", "StateUnavailable"]

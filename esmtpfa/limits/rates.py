@@ -22,67 +22,20 @@ What a limit *is* (``Limit``, ``Rates``, the ``100/1h`` syntax) is part of an id
 policy, ``esmtpfa.auth.sendingrates``; this module only counts against it.
 
 The counts live in a ledger (``esmtpfa.limits.interfaces.IRateLedger``): ``RateLimiter``
-keeps them in this process; the workers' supervisor and Redis (``esmtpfa.limits.redis``)
-keep the same counts for several processes, so N workers or N replicas share one budget.
+(``esmtpfa.limits.ledgers``, where the two windows are counted: ``_Counter``) keeps them
+in this process; the workers' supervisor and Redis (``esmtpfa.limits.redis``) keep the
+same counts for several processes, so N workers or N replicas share one budget.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-import math
-
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
+from twisted.internet.defer import Deferred, succeed
 
 from esmtpfa.common.logs import logger
 from esmtpfa.auth.sendingrates import Limit, Rates
-from esmtpfa.limits.interfaces import IRateLedger
+from esmtpfa.limits.interfaces import Exceeded, IRateLedger
 
 log = logger("esmtpfa.ratelimit")
-
-class _Counter:
-    """Two fixed windows of one limit, plus what is reserved and not yet settled."""
-
-    __slots__ = ("start", "current", "previous", "reserved")
-
-    def __init__(self, start: float):
-        self.start, self.current, self.previous, self.reserved = start, 0, 0, 0
-
-    def roll(self, now: float, window: float) -> None:
-        elapsed = now - self.start
-        if elapsed < window:
-            return
-        windows = int(elapsed // window)
-        self.previous = self.current if windows == 1 else 0
-        self.current = 0
-        self.start += windows * window
-
-    def estimate(self, now: float, window: float) -> float:
-        """Events in the rolling window ending now, reservations included."""
-        self.roll(now, window)
-        inside = 1.0 - (now - self.start) / window
-        return self.previous * inside + self.current + self.reserved
-
-    def retry_after(self, now: float, window: float, limit: int, wanted: int) -> float:
-        """Seconds until ``wanted`` more would fit (at least one second)."""
-        self.roll(now, window)
-        room = limit - self.current - self.reserved - wanted
-        if room < 0 or self.previous == 0:
-            # Only the next window's start can help (and after it, the decay of this one).
-            return max(1.0, self.start + window - now)
-        # previous * (1 - (elapsed + t) / window) <= room
-        elapsed = now - self.start
-        t = window * (1.0 - room / self.previous) - elapsed
-        return max(1.0, math.ceil(t))
-
-
-class Exceeded(Exception):
-    """Over a limit: ``kind`` ("messages" or "recipients"), ``limit``, ``retry_after``."""
-
-    def __init__(self, kind: str, limit: Limit, retry_after: float):
-        super().__init__(f"{kind} rate {limit} reached; retry in {retry_after:.0f} s")
-        self.kind, self.limit, self.retry_after = kind, limit, retry_after
 
 
 class Reservation:
@@ -150,7 +103,7 @@ class Reservation:
         if self._recipients:
             self._give("recipients", self._rates.recipients, self._recipients, count)
 
-    def _give(self, kind: str, limit: Limit, n: int, count: bool) -> None:
+    def _give(self, kind: str, limit: Limit | None, n: int, count: bool) -> None:
         """Settling never waits and never fails the client: what the ledger could not
         record is logged by the ledger's guard (``esmtpfa.limits.guard``)."""
         self._ledger.give(self._key, kind, limit, n, count).addErrback(
@@ -158,46 +111,4 @@ class Reservation:
                                         failure, kind=kind))
 
 
-@implementer(IRateLedger)
-class RateLimiter:
-    """The counts of every identity's budgets, in this process; time from ``clock``."""
-
-    def __init__(self, clock: IReactorTime, max_keys: int = 100_000):
-        self.clock = clock
-        self.max_keys = max_keys
-        self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
-
-    def _counter(self, key: str, kind: str, now: float) -> _Counter:
-        slot = (key, kind)
-        counter = self._counters.get(slot)
-        if counter is None:
-            counter = self._counters[slot] = _Counter(now)
-            while len(self._counters) > self.max_keys:
-                self._counters.popitem(last=False)
-        else:
-            self._counters.move_to_end(slot)
-        return counter
-
-    def take(self, key: str, kind: str, limit: Limit, n: int) -> Deferred:
-        now = self.clock.seconds()
-        counter = self._counter(key, kind, now)
-        if counter.estimate(now, limit.window) + n > limit.count:
-            return fail(Exceeded(kind, limit,
-                                 counter.retry_after(now, limit.window, limit.count, n)))
-        counter.reserved += n
-        return succeed(None)
-
-    def give(self, key: str, kind: str, limit: Limit, n: int, count: bool) -> Deferred:
-        now = self.clock.seconds()
-        counter = self._counter(key, kind, now)
-        counter.roll(now, limit.window)
-        counter.reserved = max(0, counter.reserved - n)
-        if count:
-            counter.current += n
-        return succeed(None)
-
-    def __len__(self) -> int:
-        return len(self._counters)
-
-
-__all__ = ["Exceeded", "RateLimiter", "Reservation"]
+__all__ = ["Exceeded", "Reservation"]

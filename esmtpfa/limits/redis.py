@@ -3,7 +3,8 @@
 
 Each operation is one Lua script: one round trip, atomic in Redis, so two relays never
 both pass a check that only one of them should.  The scripts keep exactly the rules of
-the in-process ledgers (``LocalLoginLedger``, ``RateLimiter``):
+the in-process ledgers (``LocalLoginLedger``, ``RateLimiter``; each such rule, and the
+test that holds both alike, is listed in ``esmtpfa.limits.ledgers``):
 
 * failed logins are Redis lists of timestamps in time order, one per address, identity
   and (identity, address), trimmed to the same depths, expired by the same window;
@@ -31,19 +32,21 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.limits.throttle import IdentityDigest, identity_depth
+from esmtpfa.limits.ledgers import IdentityDigest
+from esmtpfa.limits.throttle import identity_depth
 from esmtpfa.common.logs import logger
-from esmtpfa.limits.rates import Exceeded
+from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.limits.guard import FailurePolicy, GuardedLoginLedger, GuardedRateLedger
-from esmtpfa.limits.interfaces import ILoginLedger, IRateLedger, StateUnavailable
+from esmtpfa.limits.interfaces import Exceeded, ILoginLedger, IRateLedger, StateUnavailable
 from esmtpfa.limits.resp import RedisClient, RedisError, RedisURL, Script
+from esmtpfa.limits.settings import StateSettings, ThrottleSettings
 
 log = logger("esmtpfa.state")
 
@@ -234,6 +237,7 @@ return redis.call('GET', KEYS[1])
 """)
 
 
+@implementer(IProbe)
 class RedisState:
     """What the Redis ledgers of one relay share: the client, the key prefix, the
     identity digest (its key fetched from Redis, cached, and checked by every script),
@@ -250,6 +254,17 @@ class RedisState:
     def now(self) -> str:
         return "" if self.clock is None else repr(float(self.clock.seconds()))
 
+    @property
+    def probe_subject(self) -> str:
+        return f"shared state {self.client.url.redacted}"
+
+    def probe(self) -> defer.Deferred:
+        """One PING through the ledgers' own client (AUTH, SELECT, TLS as configured)."""
+        d = self.client.execute("PING")
+        d.addCallback(lambda answer: ProbeResult.passed(
+            f"answered {answer.decode() if isinstance(answer, bytes) else answer}"))
+        return d.addErrback(ProbeResult.from_failure)
+
     def run(self, script: Script, keys: Sequence[str | bytes], args: Sequence
             ) -> defer.Deferred:
         return self.client.evalsha(script, keys, args)
@@ -265,7 +280,7 @@ class RedisState:
 
         def rekey(failure: Failure, used: IdentityDigest):
             failure.trap(RedisError)
-            if failure.value.code != REKEY:
+            if cast(RedisError, failure.value).code != REKEY:
                 return failure
             if self._digest is used:
                 self._digest = None
@@ -400,37 +415,37 @@ class _StateService(Service):
         return self.client.close()
 
 
-def ledgers_from_options(options, reactor, observer=None, parent=None):
-    """The (login, rate) ledgers ``--state-url`` asks for, guarded by ``--state-failure``;
-    (None, None) without a state URL (the relay then counts in this process).  With
-    ``parent`` (a MultiService), the connection is closed when it stops."""
-    text = options.get("state-url")
-    if not text:
+def ledgers_from_settings(state: StateSettings, throttle: ThrottleSettings, reactor,
+                          observer=None, parent=None):
+    """The (login, rate) ledgers ``state.url`` (``--state-url``) asks for, guarded by
+    ``state.failure`` (``--state-failure``); (None, None) without a state URL (the relay
+    then counts in this process).  With ``parent`` (a MultiService), the connection is
+    closed when it stops."""
+    if not state.url:
         return None, None
-    url = RedisURL.parse(text)
-    timeout = options["state-timeout"]
+    url = RedisURL.parse(state.url)
+    timeout = state.timeout
     client = RedisClient(url, reactor, timeout=timeout)
-    state = RedisState(client, prefix=url.prefix)
-    per_identity = options["max-auth-failures-per-user"]
+    shared = RedisState(client, prefix=url.prefix)
+    per_identity = throttle.per_identity
     login = RedisLoginLedger(
-        state, per_address=options["max-auth-failures-per-ip"], per_identity=per_identity,
-        window=options["auth-failure-window"],
-        depth=identity_depth(per_identity, options["auth-failure-max-delay"]))
-    rates = RedisRateLedger(state)
+        shared, per_address=throttle.per_address, per_identity=per_identity,
+        window=throttle.window, depth=identity_depth(per_identity, throttle.max_delay))
+    rates = RedisRateLedger(shared)
     # One decision waits at most ``timeout`` in all, however many round trips it needs
     # (the digest key's fetch, a script's source after NOSCRIPT): the client bounds each
     # request, the policy the decision.
-    policy = FailurePolicy(options["state-failure"], reactor, observer=observer,
+    policy = FailurePolicy(state.failure, reactor, observer=observer,
                            timeout=timeout, store=f"Redis at {url.redacted}")
     if parent is not None:
         _StateService(client, policy).setServiceParent(parent)
     log.info("login throttle and sending rates shared through Redis at {url} (timeout "
              "{timeout:g} s, failing {policy})", url=url.redacted, timeout=timeout,
-             policy=options["state-failure"])
+             policy=state.failure)
     return (GuardedLoginLedger(login, policy, depth=login.identity_depth),
             GuardedRateLedger(rates, policy))
 
 
 __all__ = ["LOGIN_FAILED", "LOGIN_REFUSAL", "LOGIN_SUCCEEDED", "RATE_GIVE", "RATE_TAKE",
            "REKEY", "RESERVATION_TTL", "RedisLoginLedger", "RedisRateLedger", "RedisState",
-           "ledgers_from_options"]
+           "ledgers_from_settings"]

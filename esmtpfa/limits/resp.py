@@ -28,14 +28,15 @@ from collections import deque
 from dataclasses import dataclass, field
 import hashlib
 import ipaddress
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer, endpoints, protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from esmtpfa.common.logs import logger
+from esmtpfa.common.transport import IStreamTransport
 from esmtpfa.limits.interfaces import StateUnavailable
 from esmtpfa.common.urls import query_parameters, split_secret_url
 
@@ -93,7 +94,8 @@ class RedisURL:
         prefix = (query.get("prefix") or [""])[-1]
         if len(prefix) > 64 or any(not c.isprintable() or c.isspace() for c in prefix):
             raise ValueError("prefix must be up to 64 printable characters without spaces")
-        ca = (query.get("ca") or [None])[-1]
+        cas = query.get("ca")
+        ca = cas[-1] if cas else None
         if ca and scheme != "rediss":
             raise ValueError("ca= needs a rediss:// URL")
         username = unquote(parts.username) if parts.username else None
@@ -192,6 +194,8 @@ def _integer(line: bytes) -> int:
 
 class RESPProtocol(protocol.Protocol):
     """One connection: requests written at once, replies matched to them in order."""
+
+    transport: IStreamTransport
 
     def __init__(self, max_reply: int = MAX_REPLY):
         self.max_reply = max_reply
@@ -354,7 +358,7 @@ class RedisClient:
 
         def unknown(failure: Failure):
             failure.trap(RedisError)
-            if failure.value.code != "NOSCRIPT":
+            if cast(RedisError, failure.value).code != "NOSCRIPT":
                 return failure
             return self.execute("EVAL", script.source, *call)
         return self.execute("EVALSHA", script.sha, *call).addErrback(unknown)
@@ -382,6 +386,7 @@ class RedisClient:
         if self._endpoint is not None:
             return self._endpoint
         url = self.url
+        endpoint: IStreamClientEndpoint
         try:
             # An address needs no resolver (whose thread pool may be slow to start).
             version = ipaddress.ip_address(url.host).version
@@ -424,7 +429,7 @@ class RedisClient:
 
         def unwrap(failure: Failure):
             failure.trap(defer.FirstError)
-            return failure.value.subFailure
+            return cast(defer.FirstError, failure.value).subFailure
 
         try:
             endpoint = self._make_endpoint()

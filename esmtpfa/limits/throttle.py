@@ -1,4 +1,5 @@
-"""Failed-login throttling per identity and per client address (docs/design.md §7).
+"""Failed-login throttling per identity and per client address (docs/design.md,
+"Configuration, reload and limits").
 
 The per-connection limit stops one session from guessing for ever; this module stops a
 client that reconnects, and an account attacked from many addresses, without ever letting
@@ -22,18 +23,14 @@ an attacker refuse the account's owner.  The design and the reasons for it are i
 
 from __future__ import annotations
 
-from array import array
-from bisect import bisect_right
-from collections import OrderedDict
-import hashlib
 import ipaddress
 import math
-import os
-from typing import Hashable, Iterable, Sequence
+from typing import Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -42,6 +39,7 @@ from esmtpfa.auth.errors import THROTTLED, ProviderUnavailable
 from esmtpfa.auth.selection import Claim, IProviderSelection, Identity
 from esmtpfa.common.logs import logger
 from esmtpfa.limits.interfaces import ILoginLedger
+from esmtpfa.limits.ledgers import LocalLoginLedger
 
 log = logger("esmtpfa.auth")
 
@@ -64,79 +62,6 @@ def address_key(host: str) -> str:
     return str(ip)
 
 
-class FailureWindow:
-    """Recent failures per key, in a sliding window and in bounded memory.
-
-    Each key keeps at most ``depth`` timestamps (an ``array`` of doubles: 8 octets each),
-    and at most ``max_keys`` keys are kept: the key whose last failure is the oldest is
-    forgotten first.  Reading never refreshes a key, so only failures keep one alive.
-    """
-
-    def __init__(self, limit: int, window: float, clock, max_keys: int = 100_000,
-                 depth: int | None = None):
-        self.limit, self.window, self.clock, self.max_keys = limit, window, clock, max_keys
-        self.depth = max(limit, depth or 0, 1)
-        self._failures: OrderedDict[Hashable, array] = OrderedDict()
-
-    def _recent(self, key: Hashable) -> array | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        expired = bisect_right(times, self.clock.seconds() - self.window)
-        if expired:
-            del times[:expired]
-        if not times:
-            del self._failures[key]
-            return None
-        return times
-
-    def count(self, key: Hashable) -> int:
-        """Failures of ``key`` within the window (at most ``depth``)."""
-        times = self._recent(key)
-        return 0 if times is None else len(times)
-
-    def blocked(self, key: Hashable) -> bool:
-        return self.count(key) >= self.limit
-
-    def failed(self, key: Hashable) -> float:
-        """Count one failure now; return its timestamp (to ``forget`` it later)."""
-        now = self.clock.seconds()
-        times = self._recent(key)
-        if times is None:
-            times = self._failures[key] = array("d")
-        else:
-            self._failures.move_to_end(key)
-        times.append(now)
-        if len(times) > self.depth:
-            del times[0]
-        while len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
-        return now
-
-    def times(self, key: Hashable) -> tuple[float, ...]:
-        times = self._recent(key)
-        return () if times is None else tuple(times)
-
-    def forget(self, key: Hashable, stamps: Iterable[float]) -> None:
-        """Take these failures (timestamps from ``failed``) back, each once."""
-        times = self._failures.get(key)
-        if times is None:
-            return
-        for stamp in stamps:
-            try:
-                times.remove(stamp)
-            except ValueError:
-                pass  # already expired, or pushed out past ``depth``
-        if not times:
-            del self._failures[key]
-
-    def clear(self, key: Hashable) -> None:
-        self._failures.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-
 def identity_text(claim: Claim) -> str | None:
     """What a ledger counts an identity under, before its keyed digest, or None for a
     token claim.  The user is case-folded: providers (LDAP, most IdPs) match users
@@ -144,20 +69,6 @@ def identity_text(claim: Claim) -> str | None:
     if claim.user is None:
         return None
     return f"{claim.provider}\0{claim.user.strip().casefold()}"
-
-
-class IdentityDigest:
-    """A keyed digest of an identity: a user that came out of the password field
-    (``Claim.user_in_secret``) is never kept as typed, and every key has the same small
-    size however long the username a client sent.  Ledgers shared by several processes
-    share the key (the supervisor's, or one kept in Redis)."""
-
-    def __init__(self, key: bytes | None = None):
-        self.key = key if key is not None else os.urandom(16)
-
-    def __call__(self, identity: str) -> bytes:
-        return hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16,
-                               key=self.key).digest()
 
 
 #: The first delay of a failed login for an identity under attack (then doubling).
@@ -175,58 +86,6 @@ def identity_depth(per_identity: int, max_delay: float,
     return per_identity + steps + 1
 
 
-@implementer(ILoginLedger)
-class LocalLoginLedger:
-    """The throttle's counts in this process (bounded ``FailureWindow`` tables)."""
-
-    def __init__(self, per_address: int, per_identity: int, window: float, clock, *,
-                 depth: int | None = None, max_keys: int = 100_000,
-                 digest: IdentityDigest | None = None):
-        self.per_address, self.per_identity, self.window = per_address, per_identity, window
-        self.digest = digest or IdentityDigest()
-        self.addresses = FailureWindow(per_address, window, clock, max_keys)
-        self.identities = FailureWindow(per_identity, window, clock, max_keys,
-                                        depth=max(depth or 0, per_identity + 1))
-        # (identity, address) → that address's recent failures against that identity.
-        self.pairs = FailureWindow(1, window, clock, max_keys, depth=per_identity)
-
-    def refusal(self, address: str, identities: Sequence[str]) -> Deferred:
-        return succeed(self.refusal_now(address, identities))
-
-    def refusal_now(self, address: str, identities: Sequence[str]) -> str | None:
-        if self.addresses.blocked(address):
-            return "too many failed logins from this address"
-        for identity in identities:
-            key = self.digest(identity)
-            if (self.identities.count(key) >= self.per_identity
-                    and self.pairs.count((key, address))):
-                return "too many failed logins for this identity, and some from this address"
-        return None
-
-    def failed(self, address: str, identities: Sequence[str]) -> Deferred:
-        return succeed(self.failed_now(address, identities))
-
-    def failed_now(self, address: str, identities: Sequence[str]) -> list[int]:
-        self.addresses.failed(address)
-        counts = []
-        for identity in identities:
-            key = self.digest(identity)
-            self.identities.failed(key)
-            self.pairs.failed((key, address))
-            counts.append(self.identities.count(key))
-        return counts
-
-    def succeeded(self, address: str, identity: str) -> Deferred:
-        self.succeeded_now(address, identity)
-        return succeed(None)
-
-    def succeeded_now(self, address: str, identity: str) -> None:
-        key = self.digest(identity)
-        pair = (key, address)
-        self.identities.forget(key, self.pairs.times(pair))
-        self.pairs.clear(pair)
-
-
 class AuthThrottle:
     """One per relay, shared by every SMTP listener and the HTTP API.
 
@@ -241,10 +100,9 @@ class AuthThrottle:
     """
 
     def __init__(self, per_address: int = 30, per_identity: int = 10, window: float = 600.0,
-                 clock=None, *, first_delay: float = FIRST_DELAY, max_delay: float = 8.0,
-                 max_keys: int = 100_000, ledger: ILoginLedger | None = None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 *, clock: IReactorTime, first_delay: float = FIRST_DELAY,
+                 max_delay: float = 8.0, max_keys: int = 100_000,
+                 ledger: ILoginLedger | None = None):
         self.clock = clock
         self.per_identity = per_identity
         self.first_delay, self.max_delay = first_delay, max(max_delay, 0.0)
@@ -265,7 +123,8 @@ class AuthThrottle:
                  if (text := identity_text(claim)) is not None]
 
         def counted(counts: list[int]) -> float:
-            for (claim, _), count in zip(named, counts):
+            # No counts at all when the shared state is closed (``guard``): nothing to warn.
+            for (claim, _), count in zip(named, counts, strict=False):
                 if count == self.per_identity:
                     log.warn("{identity}: {count} failed logins within {window:.0f} s; its "
                              "failed logins are now answered late, and refused from "
@@ -322,7 +181,7 @@ class ThrottlingChecker:
     """Decorates provider selection: plan, decide, then ask; count the outcome.
 
     The plan says whom the login claims to be before anyone is asked, so the decision
-    needs no knowledge of the selection rules (docs/design.md §3).
+    needs no knowledge of the selection rules (docs/design.md, "Provider selection").
     """
 
     credentialInterfaces = (ISubmissionCredentials,)
@@ -367,6 +226,5 @@ class ThrottlingChecker:
         return throttle.refusal(peer_host, claims).addCallback(decided)
 
 
-__all__ = ["AuthThrottle", "FailureWindow", "IdentityDigest", "LocalLoginLedger",
-           "LoginThrottled", "ThrottlingChecker", "address_key", "identity_depth",
-           "identity_text"]
+__all__ = ["AuthThrottle", "LoginThrottled", "ThrottlingChecker", "address_key",
+           "identity_depth", "identity_text"]

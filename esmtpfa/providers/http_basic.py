@@ -1,4 +1,5 @@
-"""The ``http_basic`` provider: an HTTP endpoint judges ``user:password`` (docs/design.md §4).
+"""The ``http_basic`` provider: an HTTP endpoint judges ``user:password`` (docs/design.md,
+"Provider types").
 
 The relay sends ``Authorization: Basic base64(user ":" password)`` (RFC 7617 §2, UTF-8
 as in §2.1's ``charset``) and the endpoint's status is the verdict; see ``httpcheck``
@@ -23,6 +24,7 @@ from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import MALFORMED
 from esmtpfa.common.logs import logger
 from esmtpfa.auth.provider import IProvider, Principal, ProviderMeta
+from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, session_of
 from esmtpfa.providers.httpcheck import HTTPAuthChecker, HTTPCheckProvider, has_control_chars
 
@@ -46,11 +48,12 @@ class HTTPBasicProvider(HTTPCheckProvider):
         super().__init__(meta, checker)
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *, reactor=None,
-                    **_: Any) -> "HTTPBasicProvider":
-        return cls(meta, cls.checker_from_params(meta, params, reactor))
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: Resources) -> "HTTPBasicProvider":
+        return cls(meta, cls.checker_from_params(meta, params, resources=resources))
 
-    def requestAvatarId(self, credentials: IUserPasswordCredentials) -> Deferred[Principal]:
+    # Twisted's ICredentialsChecker says bytes; the relay's realm takes a Principal.
+    def requestAvatarId(self, credentials: IUserPasswordCredentials) -> Deferred[Principal]:  # type: ignore[override]
         username, password = credentials.username, credentials.password
         problem = ("empty user or password" if not username or not password else
                    "user name contains ':' (RFC 7617 §2)" if ":" in username else
@@ -60,8 +63,10 @@ class HTTPBasicProvider(HTTPCheckProvider):
             return fail(refused(log, f"http_basic provider {self.meta.name!r}", credentials,
                                 MALFORMED, problem))
         d = self.checker.check({"Authorization": basic_authorization(username, password)},
-                               connection_id=session_of(credentials))
-        return d.addCallback(lambda _: Principal(username))  # the user the endpoint judged
+                               connection_id=session_of(credentials),
+                               keep=self.identity_attributes)
+        # the user the endpoint judged, and the response headers the policy names
+        return d.addCallback(lambda verdict: Principal(username, attributes=verdict.kept))
 
 
 __all__ = ["HTTPBasicProvider", "basic_authorization"]

@@ -1,4 +1,5 @@
-"""The ``http_header`` provider: an HTTP endpoint judges an opaque token (docs/design.md §4).
+"""The ``http_header`` provider: an HTTP endpoint judges an opaque token (docs/design.md,
+"Provider types").
 
 The client's whole secret goes, unchanged, into the configured header (``header:
 X-Bearer-Token`` → ``X-Bearer-Token: <token>``); the endpoint's status is the verdict
@@ -37,6 +38,7 @@ from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import MALFORMED
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, Principal, ProviderMeta
+from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, require_string, session_of
 from esmtpfa.providers.httpcheck import (
     HTTPAuthChecker,
@@ -54,7 +56,8 @@ FORBIDDEN_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "connection", "keep-alive",
     "proxy-connection", "te", "trailer", "upgrade", "expect",
 })
-#: docs/design.md §2: AUTH lines up to 12288 octets; a header longer than that is not a token.
+#: docs/design.md, "The SMTP session": AUTH lines up to 12288 octets; a header longer than that is
+#: not a token.
 MAX_TOKEN_LENGTH = 12288
 #: The longest user name taken from ``identity_header`` (longer ones are not used).
 MAX_IDENTITY_LENGTH = 256
@@ -101,17 +104,19 @@ class HTTPHeaderProvider(HTTPCheckProvider):
         self.identity_header = identity_header
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *, reactor=None,
-                    **_: Any) -> "HTTPHeaderProvider":
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: Resources) -> "HTTPHeaderProvider":
         header = _header_param(meta, params, "header", required=True)
+        assert header is not None  # required: None was refused
         if header.lower() in FORBIDDEN_HEADERS:
             raise ConfigError(f"provider {meta.name!r} ({meta.type}): param 'header' "
                               f"cannot be {header!r}")
         identity_header = _header_param(meta, params, "identity_header", required=False)
-        return cls(meta, cls.checker_from_params(meta, params, reactor), header,
+        return cls(meta, cls.checker_from_params(meta, params, resources=resources), header,
                    identity_header)
 
-    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
+    # Twisted's ICredentialsChecker says bytes; the relay's realm takes a Principal.
+    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:  # type: ignore[override]
         token = credentials.token
         label = f"http_header provider {self.meta.name!r}"
         problem = ("empty token" if not token else
@@ -122,7 +127,7 @@ class HTTPHeaderProvider(HTTPCheckProvider):
             return fail(refused(log, label, credentials, MALFORMED, problem))
         connection_id = session_of(credentials)
         d = self.checker.check({self.header: token}, capture=self.identity_header,
-                               connection_id=connection_id)
+                               connection_id=connection_id, keep=self.identity_attributes)
         return d.addCallback(self._principal, token, connection_id)
 
     def _principal(self, verdict: Verdict, token: str, connection_id: str = "-"
@@ -134,7 +139,8 @@ class HTTPHeaderProvider(HTTPCheckProvider):
                      connection_id=connection_id,
                      label=f"http_header provider {self.meta.name!r}",
                      header=self.identity_header)
-        return Principal(named if named is not None else fingerprint(token))
+        return Principal(named if named is not None else fingerprint(token),
+                         attributes=verdict.kept)
 
 
 __all__ = ["FORBIDDEN_HEADERS", "HTTPHeaderProvider", "fingerprint", "usable_identity"]

@@ -1,6 +1,7 @@
 """What the HTTP providers share: one bounded HTTP request whose status is the verdict.
 
-``http_basic`` and ``http_header`` (docs/design.md §4) both ask a remote endpoint "is this
+``http_basic`` and ``http_header`` (docs/design.md, "Provider types") both ask a remote endpoint
+"is this
 credential good?" and read only the status code.  Getting that right is mostly about
 what must *not* happen:
 
@@ -35,15 +36,20 @@ from typing import Any, Iterable, Mapping
 
 from hyperlink import URL
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import REJECTED, LoginRefused, ProviderUnavailable
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import Provider, ProviderMeta
 from esmtpfa.providers.base import require_string
-from esmtpfa.common.httpclient import describe_failure, new_http_client, read_body, timed_out
+from esmtpfa.common.httpclient import describe_failure, read_body, timed_out
+from esmtpfa.common.probe import IProbe, ProbeResult
+from esmtpfa.common.resources import Resources
+from esmtpfa.common.urls import redact_url
 
 log = logger("esmtpfa.providers.httpcheck")
 
@@ -165,6 +171,9 @@ class Verdict:
 
     code: int
     captured: str | None = None
+    #: The headers the policy names (``Provider.identity_attributes``), as
+    #: ``Principal`` attributes: each present exactly once, as one value.
+    kept: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _single_header(response: IResponse, name: str | None) -> str | None:
@@ -186,29 +195,30 @@ class HTTPAuthChecker:
     """One configured endpoint: sends a request with the caller's headers and turns the
     status into a verdict.  Owns its connection pool (``close()`` on provider stop)."""
 
-    def __init__(self, reactor, url: str, *, method: str = "GET",
+    def __init__(self, url: str, *, resources: Resources, method: str = "GET",
                  success_codes: Iterable[int] = DEFAULT_SUCCESS_CODES,
                  timeout: float = DEFAULT_TIMEOUT, label: str = "http"):
-        self._reactor = reactor
+        self._reactor = resources.reactor
         self.url = url
         self.method = method
         self.success_codes = frozenset(success_codes)
         self.timeout = timeout
         self._label = label
-        self._client, self._pool = new_http_client(reactor, timeout)
+        self._client, self._pool = resources.http_client(timeout)
         self._pending: set[Deferred] = set()
         self._closed = False
 
     def check(self, headers: Mapping[str, str], capture: str | None = None, *,
-              connection_id: str = "-") -> Deferred[Verdict]:
+              connection_id: str = "-", keep: Iterable[str] = ()) -> Deferred[Verdict]:
         """Fires with a ``Verdict`` when the status is a success code (with the value of
         the response header ``capture``); fails with ``LoginRefused`` (``rejected``: an
         endpoint says no without saying why) or ``ProviderUnavailable`` otherwise.
         ``connection_id`` is the session the check is for, for the log lines."""
-        d = self._client.request(
-            self.method, self.url, headers=dict(headers),
+        sent: dict[bytes | str, bytes | str] = {name: value for name, value in headers.items()}
+        d: Deferred[Any] = self._client.request(  # a Verdict, once the callbacks ran
+            self.method, self.url, headers=sent,
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
-        d.addCallback(self._read, capture)
+        d.addCallback(self._read, capture, tuple(keep))
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
         d.addCallbacks(self._verdict, self._unavailable, callbackArgs=(connection_id,),
                        errbackArgs=(connection_id,))
@@ -220,10 +230,13 @@ class HTTPAuthChecker:
         self._pending.discard(d)
         return result
 
-    def _read(self, response: IResponse, capture: str | None) -> Deferred[Verdict]:
+    def _read(self, response: IResponse, capture: str | None,
+              keep: tuple[str, ...] = ()) -> Deferred[Verdict]:
         # Wait for the whole body: a verdict on a half-sent response is no verdict, and
         # a fully read response is what lets the pool reuse the connection.
-        verdict = Verdict(response.code, _single_header(response, capture))
+        kept = tuple((name, (value,)) for name in keep
+                     if (value := _single_header(response, name)) is not None)
+        verdict = Verdict(response.code, _single_header(response, capture), kept)
         return read_body(response, DISCARD_LIMIT, keep=False).addCallback(lambda _: verdict)
 
     def _verdict(self, verdict: Verdict, connection_id: str = "-") -> Verdict:
@@ -259,6 +272,7 @@ class HTTPAuthChecker:
         return self._pool.closeCachedConnections()
 
 
+@implementer(IProbe)
 class HTTPCheckProvider(Provider):
     """Base of the providers whose verdict is an HTTP status (http_basic, http_header)."""
 
@@ -267,17 +281,24 @@ class HTTPCheckProvider(Provider):
         self.checker = checker
 
     @staticmethod
-    def checker_from_params(meta: ProviderMeta, params: Mapping[str, Any],
-                            reactor=None) -> HTTPAuthChecker:
+    def checker_from_params(meta: ProviderMeta, params: Mapping[str, Any], *,
+                            resources: Resources) -> HTTPAuthChecker:
         url = parse_url(meta, params)
         method = parse_method(meta, params)
         codes = parse_success_codes(meta, params)
         timeout = parse_seconds(meta, params, "timeout", DEFAULT_TIMEOUT)
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
-        return HTTPAuthChecker(reactor, url, method=method, success_codes=codes,
+        return HTTPAuthChecker(url, resources=resources, method=method, success_codes=codes,
                                timeout=timeout, label=f"{meta.type} provider {meta.name!r}")
+
+    def probe(self) -> Deferred[ProbeResult]:
+        """One request without credentials: a "yes" or a "no" both mean the endpoint
+        is there and answering; only "cannot tell" (``ProviderUnavailable``) fails."""
+        answered = ProbeResult.passed(f"endpoint {redact_url(self.checker.url)} answered")
+        d = self.checker.check({})
+        d.addCallback(lambda _: answered)
+        d.addErrback(lambda failure: failure.trap(UnauthorizedLogin) and answered)
+        d.addErrback(ProbeResult.from_failure)
+        return d
 
     def stopProvider(self) -> Deferred[None]:
         return self.checker.close()

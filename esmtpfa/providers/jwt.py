@@ -1,9 +1,11 @@
-"""The ``jwt`` provider: a signed JWT (RFC 7519) checked against the IdP's JWKS (docs/design.md §4).
+"""The ``jwt`` provider: a signed JWT (RFC 7519) checked against the IdP's JWKS (docs/design.md,
+"Provider types").
 
 Verification follows the JWT BCP (RFC 8725) and trusts nothing in the token before the
 signature is checked:
 
-1. size (≤ 12 KiB, docs/design.md §2) and shape (compact JWS, RFC 7515 §7.1: three segments);
+1. size (≤ 12 KiB, docs/design.md, "The SMTP session") and shape (compact JWS, RFC 7515 §7.1: three
+   segments);
 2. header ``alg`` must be asymmetric — RS*/PS*/ES*/EdDSA.  ``none`` and HS* are refused
    *before* any key is looked up (RFC 8725 §2.1, §3.1): an HS256 token "signed" with the
    RSA public key as HMAC secret never reaches a verifier;
@@ -27,7 +29,7 @@ a background refresh and is checked with the cached keys; an unknown ``kid`` tri
 refresh the login waits for.  Refreshes are rate-limited to one per
 ``min_refresh_interval`` (1,000 tokens with random kids cost one fetch), concurrent
 logins share the one fetch in flight, a failed refresh keeps the last good key set, and
-the last good set per URL survives config reloads (``KeySetStore``).
+the last good set per URL survives config reloads (``Resources.jwks``).
 
 Who logged in: the token's ``sub`` (RFC 7519 §4.1.2: the principal, unique per issuer);
 without one, ``preferred_username`` then ``email`` (OIDC Core §5.1).  A token naming no
@@ -65,8 +67,11 @@ from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
 from esmtpfa.providers.base import session_of
 from esmtpfa.providers.httpcheck import DEFAULT_TIMEOUT, parse_seconds, parse_url
 from esmtpfa.common.httpclient import (
-    describe_failure, loopback_host, new_http_client, read_body, timed_out,
+    describe_failure, loopback_host, read_body, timed_out,
 )
+from esmtpfa.common.probe import IProbe, ProbeResult
+from esmtpfa.common.resources import LastGood, Resources
+from esmtpfa.common.urls import redact_url
 
 log = logger("esmtpfa.providers.jwt")
 
@@ -83,7 +88,10 @@ _OKP_CURVES = {"Ed25519": "EdDSA", "Ed448": "EdDSA"}  # X25519/X448 are ECDH, no
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3
 
-MAX_TOKEN_LENGTH = 12 * 1024  # docs/design.md §2: AUTH lines up to 12288 octets
+#: What the JWKS request asks for (typed as treq wants its headers).
+ACCEPT_JWKS: dict[bytes | str, bytes | str] = {
+    "Accept": "application/jwk-set+json, application/json"}
+MAX_TOKEN_LENGTH = 12 * 1024  # docs/design.md, "The SMTP session": AUTH lines up to 12288 octets
 MAX_JWKS_BYTES = 1024 * 1024
 DEFAULT_LEEWAY = 30.0
 DEFAULT_REFRESH_INTERVAL = 300.0
@@ -198,44 +206,28 @@ class KeySet:
         return len(self.keys)
 
 
-class KeySetStore:
-    """The last good key set per JWKS URL, shared by the successive provider instances
-    that config reloads create, so a reload neither refetches nor loses the cache."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[KeySet, float]] = {}
-
-    def get(self, url: str) -> tuple[KeySet, float] | None:
-        return self._entries.get(url)
-
-    def put(self, url: str, keys: KeySet, fetched_at: float) -> None:
-        self._entries[url] = (keys, fetched_at)
-
-
-DEFAULT_STORE = KeySetStore()
-
-
 # --- the JWKS cache -------------------------------------------------------------------
 
 class JWKSCache:
     """The key set of one JWKS URL: fetched with treq, cached, refreshed without storms.
 
-    ``clock`` (``IReactorTime``) times the refreshes; ``reactor`` carries the network
-    and the fetch deadline.  They are the same object outside tests.
+    From ``resources``: ``clock`` times the refreshes, the reactor carries the network
+    and the fetch deadline, ``http_client`` makes the client, and ``jwks`` keeps
+    the last good key set per URL, shared by the successive provider instances that
+    reloads create, so a reload neither refetches nor loses the cache.
     """
 
-    def __init__(self, url: str, *, reactor, clock, refresh_interval: float,
-                 min_refresh_interval: float, timeout: float,
-                 store: KeySetStore = DEFAULT_STORE, label: str = "jwt"):
+    def __init__(self, url: str, *, resources: Resources, refresh_interval: float,
+                 min_refresh_interval: float, timeout: float, label: str = "jwt"):
         self.url = url
-        self._reactor = reactor
-        self._clock = clock
+        self._reactor = resources.reactor
+        self._clock = resources.clock
         self.refresh_interval = refresh_interval
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
-        self._store = store
+        self._store: LastGood[KeySet] = resources.jwks
         self._label = label
-        self._client, self._pool = new_http_client(reactor, timeout)
+        self._client, self._pool = resources.http_client(timeout)
         self.keys: KeySet | None = None
         self.fetched_at = -math.inf
         self._last_attempt = -math.inf
@@ -244,7 +236,7 @@ class JWKSCache:
         self._waiters: list[Deferred] = []
         self._stopped = False
         self.fetches = 0  # attempts, for tests and metrics
-        cached = store.get(url)
+        cached = self._store.get(url)
         if cached is not None:
             self.keys, self.fetched_at = cached
 
@@ -296,7 +288,7 @@ class JWKSCache:
         log.debug("{label}: fetching JWKS ({why})", label=self._label, why=why)
         d = self._client.request(
             "GET", self.url,
-            headers={"Accept": "application/jwk-set+json, application/json"},
+            headers=ACCEPT_JWKS,
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
         d.addCallback(self._read)
         d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
@@ -368,7 +360,7 @@ def same_value(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     return False
@@ -514,7 +506,7 @@ def _is_loopback(url: str) -> bool:
     return loopback_host(URL.from_text(url).host)
 
 
-@implementer(IProvider)
+@implementer(IProvider, IProbe)
 class JWTProvider(Provider):
     """Accepts a bearer JWT signed by a key of the configured JWKS."""
 
@@ -529,12 +521,11 @@ class JWTProvider(Provider):
         self._label = f"{meta.type} provider {meta.name!r}"
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *, reactor=None,
-                    clock=None, jwks_store: KeySetStore | None = None,
-                    **_: Any) -> "JWTProvider":
-        """Resources: ``reactor`` (network and deadlines), ``clock`` (an
-        ``IReactorTime`` for token times and refresh timing; the reactor by default),
-        ``jwks_store`` (where the last good key sets live across reloads)."""
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: Resources) -> "JWTProvider":
+        """From ``resources``: the reactor (network), the clock (token times, refresh
+        timing, deadlines), the HTTP client, and the JWKS cache (the last good key
+        sets, kept across reloads)."""
         url = parse_url(meta, params, "jwks_url")
         rules = ClaimRules(
             iss=_optional_string(meta, params, "iss"),
@@ -553,10 +544,6 @@ class JWTProvider(Provider):
             raise ConfigError(f"provider {meta.name!r} ({meta.type}): min_refresh_interval "
                               f"must not exceed refresh_interval")
         timeout = parse_seconds(meta, params, "timeout", DEFAULT_TIMEOUT)
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
-        clock = clock if clock is not None else reactor
         label = f"{meta.type} provider {meta.name!r}"
         if url.lower().startswith("http:") and not _is_loopback(url):
             log.warn("{label}: jwks_url is plain http: keys can be replaced in transit",
@@ -566,13 +553,12 @@ class JWTProvider(Provider):
             # 7519 §4.1.3 and RFC 8725 §3.9 want it checked: say so once.
             log.info("{label}: no 'aud' configured: tokens for any audience of this "
                      "issuer are accepted", label=label)
-        cache = JWKSCache(url, reactor=reactor, clock=clock, refresh_interval=refresh,
-                          min_refresh_interval=min_refresh, timeout=timeout,
-                          store=jwks_store if jwks_store is not None else DEFAULT_STORE,
-                          label=label)
-        return cls(meta, cache, rules, clock)
+        cache = JWKSCache(url, resources=resources, refresh_interval=refresh,
+                          min_refresh_interval=min_refresh, timeout=timeout, label=label)
+        return cls(meta, cache, rules, resources.clock)
 
-    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:
+    # Twisted's ICredentialsChecker says bytes; the relay's realm takes a Principal.
+    def requestAvatarId(self, credentials: IBearerTokenCredentials) -> Deferred[Principal]:  # type: ignore[override]
         token = credentials.token
         session = session_of(credentials)
         try:
@@ -642,6 +628,15 @@ class JWTProvider(Provider):
                   iss=_short((claims or {}).get("iss")))
         return LoginRefused(rejected.kind, f"jwt: {rejected}")
 
+    def probe(self) -> Deferred[ProbeResult]:
+        """One JWKS fetch, as a login with an unknown kid makes it."""
+        where = redact_url(str(self.cache.url))
+        d = self.cache.refreshed()
+        d.addCallback(lambda keys: ProbeResult.passed(
+            f"JWKS fetched from {where}: {len(keys)} key(s)"))
+        d.addErrback(ProbeResult.from_failure)
+        return d
+
     def stopProvider(self) -> Deferred[None]:
         return self.cache.stop()
 
@@ -658,7 +653,7 @@ def _claims_from(payload: bytes) -> dict[str, Any]:
 
 
 __all__ = [
-    "ALLOWED_ALGORITHMS", "ClaimRules", "DEFAULT_STORE", "JWKSCache", "JWTProvider",
-    "KeySet", "KeySetStore", "MAX_TOKEN_LENGTH", "Rejected", "VerificationKey",
+    "ALLOWED_ALGORITHMS", "ClaimRules", "JWKSCache", "JWTProvider",
+    "KeySet", "MAX_TOKEN_LENGTH", "Rejected", "VerificationKey",
     "key_from_jwk", "principal", "same_value", "unverified_header",
 ]

@@ -1,4 +1,5 @@
-"""The ``ldap`` provider: search the user with a service account, then bind as them (docs/design.md §4).
+"""The ``ldap`` provider: search the user with a service account, then bind as them (docs/design.md,
+"Provider types").
 
 Flow of one login (all of it in a worker thread of the provider's own thread pool,
 because ldap3 is blocking):
@@ -65,6 +66,8 @@ from esmtpfa.auth.errors import (
 from esmtpfa.auth.policy import string_values
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.common.probe import IProbe, ProbeResult
+from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, require_string, session_of
 
 log = logger("esmtpfa.providers.ldap")
@@ -199,7 +202,7 @@ class _WorkerConnections:
         self.service_uses = self.user_uses = 0
 
 
-@implementer(IProvider)
+@implementer(IProvider, IProbe)
 class LDAPProvider(Provider):
     """Search-then-bind LDAP authentication on pooled, persistent ldap3 connections."""
 
@@ -213,12 +216,12 @@ class LDAPProvider(Provider):
                  bind_pass: str | None = None, attributes: list[str] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, pool_size: int = DEFAULT_POOL_SIZE,
                  group_dn: str | None = None, group_member_attribute: str | None = None,
-                 reactor=None):
+                 resources: Resources):
         super().__init__(meta)
         where = f"provider {meta.name!r} (ldap)"
-        if reactor is None:
-            from twisted.internet import reactor
-        self._reactor = reactor
+        # Only the reactor: the binds run in this provider's own pool of ``pool_size``
+        # threads, each holding its connections (thread-local), not in a shared pool.
+        self._reactor = resources.reactor
 
         if "://" in server:
             raise ConfigError(f"{where}: param 'server' must be a host name or address, "
@@ -303,8 +306,8 @@ class LDAPProvider(Provider):
     # -- configuration ---------------------------------------------------------------
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *, reactor=None,
-                    **_: Any) -> "LDAPProvider":
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: Resources) -> "LDAPProvider":
         where = f"provider {meta.name!r} (ldap)"
         unknown = sorted(set(params) - PARAMS)
         if unknown:
@@ -330,7 +333,7 @@ class LDAPProvider(Provider):
             pool_size=_optional_int(where, params, "pool_size", DEFAULT_POOL_SIZE),
             group_dn=_optional_string(where, params, "group_dn"),
             group_member_attribute=_optional_string(where, params, "group_member_attribute"),
-            reactor=reactor,
+            resources=resources,
         )
 
     # -- twisted.cred ----------------------------------------------------------------
@@ -349,6 +352,20 @@ class LDAPProvider(Provider):
         pool = self._threadpool()
         return deferToThreadPool(self._reactor, pool, self._login, username, password,
                                  self.identity_attributes, session_of(credentials))
+
+    def probe(self) -> Deferred[ProbeResult]:
+        """The service connection a login's search uses: connect, TLS, bind as
+        ``bind_user`` (or none, for an anonymous search), in this provider's pool."""
+        if self._stopped:
+            return succeed(ProbeResult.failed(f"{self._where}: stopped"))
+        d = deferToThreadPool(self._reactor, self._threadpool(), self._probe_bind)
+        return d.addCallbacks(ProbeResult.passed, ProbeResult.from_failure)
+
+    def _probe_bind(self) -> str:
+        _discard(self._open(service=True))
+        how = "bound as bind_user" if self.bind_user else "connected (anonymous search)"
+        scheme = "LDAPS" if self.ldaps else "StartTLS" if self.starttls else "plain LDAP"
+        return f"{self.server}:{self.port} ({scheme}) {how}"
 
     def _threadpool(self) -> ThreadPool:
         if self._pool is None:

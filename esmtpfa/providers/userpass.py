@@ -1,4 +1,4 @@
-"""userpass: one static user and password from the config (docs/design.md §4).
+"""userpass: one static user and password from the config (docs/design.md, "Provider types").
 
 The comparison is constant-time in what it reveals: both fields are always compared, and
 what is compared are SHA-256 digests, so neither an early exit nor a length difference
@@ -45,8 +45,8 @@ class UserPassProvider(Provider):
         self._password_digest = _digest(password)
 
     @classmethod
-    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any],
-                    **resources) -> "UserPassProvider":
+    def from_params(cls, meta: ProviderMeta, params: Mapping[str, Any], *,
+                    resources: Any = None) -> "UserPassProvider":
         unknown = sorted(set(params) - PARAMS)
         if unknown:  # a typo must not pass silently
             raise ConfigError(f"provider {meta.name!r} (userpass): unknown param(s) "

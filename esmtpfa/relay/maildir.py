@@ -1,8 +1,10 @@
-"""Local Maildir delivery: the relay used when no upstream is configured (docs/design.md §5).
+"""Local Maildir delivery: the relay used when no upstream is configured (docs/design.md,
+"The relay and the delivery guarantee").
 
 Follows the Maildir contract (``esmtpfa.common.durable``): write the whole file under ``tmp/``
 with a unique name, fsync it, then link it into ``new/`` and fsync the directory, so a
-reader never sees a partial message and a crash never loses an acknowledged one.  The blocking file work runs in a small dedicated
+reader never sees a partial message and a crash never loses an acknowledged one.  The blocking file
+work runs in a small dedicated
 thread pool, never in the reactor thread.
 
 Content is stored exactly as it would have gone upstream (esmtpfa's prefix, then the
@@ -63,13 +65,13 @@ class UniqueNames:
 
 @implementer(IRelay)
 class MaildirRelay:
-    """IRelay that delivers into a Maildir; fires with ``250 2.0.0 Delivered to Maildir as <name>``."""
+    """IRelay that delivers into a Maildir; fires with ``250 2.0.0 Delivered to Maildir as
+    <name>``."""
 
-    def __init__(self, path: str, reactor: Any = None, threads: int = 2,
+    def __init__(self, path: str, *, reactor: Any, threads: int = 2,
                  hostname: str | None = None):
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
+        # Its own pool of ``threads``: a slow disk's fsyncs must not hold the threads
+        # that scan messages (``Resources.threads``), nor the other way round.
         self.path = os.path.abspath(path)
         self._reactor = reactor
         self._names = UniqueNames(hostname)

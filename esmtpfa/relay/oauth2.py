@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.httpclient import loopback_host
+from esmtpfa.common.resources import Resources
 
 log = logger("esmtpfa.relay.oauth2")
 
@@ -246,7 +247,8 @@ def _b64url(data: bytes) -> str:
 class TokenBroker:
     """The access token of one upstream: obtained, cached, refreshed.
 
-    ``http_client`` is a treq ``HTTPClient`` (``new_token_client``), ``clock`` times the
+    ``http_client`` is a treq ``HTTPClient`` (``Resources.http_client``: no redirect
+    followed, so a secret is never sent to a second host; no cookies), ``clock`` times the
     cache and the background refresh; ``upstream`` (the upstream's ``host:port``) names
     it in logs, reasons and metric labels; ``reactor`` (default: ``clock``) carries the
     request deadline.  They are the same object outside tests, where a ``Clock`` can
@@ -584,14 +586,6 @@ def _timed_out(result: object, timeout: float) -> None:
     raise DeferredTimeout(f"timed out after {timeout:g} s")
 
 
-def new_token_client(reactor, timeout: float = DEFAULT_TIMEOUT):
-    """A treq client for token requests: no redirects followed (a secret is never sent
-    to a second host), no cookies, a persistent pool.  Returns (client, pool); the
-    caller closes the pool (``pool.closeCachedConnections()``) at shutdown."""
-    from esmtpfa.common.httpclient import new_http_client
-    return new_http_client(reactor, timeout)
-
-
 class TokenBrokers:
     """The brokers of one relay's OAuth2 upstreams, by upstream address, sharing one
     HTTP client; ``stop`` stops them and closes that client's connections."""
@@ -601,14 +595,16 @@ class TokenBrokers:
         self._pool = pool
 
     @classmethod
-    def for_upstreams(cls, upstreams, reactor, observer: TokenObserver | None = None
-                      ) -> "TokenBrokers":
-        """A broker for each upstream that logs in with OAuth2 (``uses_oauth2``)."""
+    def for_upstreams(cls, upstreams, *, resources: Resources,
+                      observer: TokenObserver | None = None) -> "TokenBrokers":
+        """A broker for each upstream that logs in with OAuth2 (``uses_oauth2``), all
+        over one client from ``resources.http_client``."""
         wanted = [settings for settings in upstreams if settings.uses_oauth2]
         if not wanted:
             return cls()
-        client, pool = new_token_client(reactor)
-        return cls({settings.address: TokenBroker(settings.oauth2, client, reactor,
+        client, pool = resources.http_client(DEFAULT_TIMEOUT)
+        return cls({settings.address: TokenBroker(settings.oauth2, client, resources.clock,
+                                                  reactor=resources.reactor,
                                                   observer=observer,
                                                   upstream=settings.address)
                     for settings in wanted}, pool)

@@ -23,10 +23,12 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import (
-    CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
+    CancelledError, Deferred, DeferredList, TimeoutError, ensureDeferred, fail, succeed)
+from zope.interface import implementer
 
 from esmtpfa.common.breaker import CLOSED, OPEN, CircuitBreaker
 from esmtpfa.common.logs import logger
+from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.relay.errors import local_error, unavailable
 from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
@@ -431,11 +433,20 @@ class ShareTicket:
             shares._give_back(self._keys, self.borrowed)
 
 
+def _probe_failed(failure: Any) -> ProbeResult:
+    """A relay error in its own words (stage and reply, never a credential)."""
+    if failure.check(RelayError):
+        return ProbeResult.failed(failure.value.describe())
+    return ProbeResult.from_failure(failure)
+
+
+@implementer(IProbe)
 class Upstream:
     """One configured upstream: its settings, its pool and its breaker."""
 
     def __init__(self, settings: UpstreamSettings, pool_settings: PoolSettings, reactor: Any,
                  tls_options: Any, sasl_cache: dict, tokens: Any = None):
+        self._reactor = reactor
         self.settings = settings
         self.tokens = tokens  # its ``oauth2.TokenBroker`` when it logs in with OAuth2
         self.factory = SMTPClientFactory(reactor, settings.command_timeout,
@@ -455,6 +466,31 @@ class Upstream:
     def known_max_size(self) -> int | None:
         """SIZE from the last session's EHLO: None unknown, 0 no limit."""
         return self.pool.known_max_size
+
+    @property
+    def probe_subject(self) -> str:
+        return f"upstream {self.address}"
+
+    def probe(self) -> Deferred[ProbeResult]:
+        """One session as the pool opens them (greeting, EHLO, STARTTLS, AUTH, and an
+        OAuth2 token first when it logs in with one: docs/oauth2.md), then QUIT.  The
+        session is the probe's own: the pool and its breaker are left as they were."""
+        return ensureDeferred(self._probe()).addCallbacks(ProbeResult.passed,
+                                                           _probe_failed)
+
+    async def _probe(self) -> str:
+        # Both fail with a RelayError naming the stage (esmtpfa/relay/errors.py).
+        protocol = await dial(self._reactor, self.settings, self.tls_options, self.factory)
+        session = UpstreamSession(protocol, self.settings, self.tls_options,
+                                  tokens=self.tokens)
+        try:
+            await session.open()
+        except Exception:
+            protocol.abort()
+            raise
+        await session.close()
+        return (f"connected, {'TLS' if session.secure else 'no TLS'}, "
+                f"{'AUTH ' + session.mechanism if session.mechanism else 'no AUTH'}")
 
     def lease(self, fresh: bool = False) -> Deferred[Lease]:
         """A session of this upstream, owned by the caller until ``Lease.release``."""

@@ -47,6 +47,7 @@ from esmtpfa.relay.interfaces import RelayError
 from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
 from esmtpfa.common.replies import Reply
 from esmtpfa.common.timeouts import Deadline
+from esmtpfa.common.transport import IStreamTransport
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
 #: We accept more (long EHLO AUTH lines, verbose texts) but never an unbounded line.
@@ -280,12 +281,14 @@ class _Waiter:
 
     def complete(self, reply: Reply) -> None:
         if self.group is None:
+            assert self.deferred is not None  # a lone command has its own
             self.deferred.callback(reply)
         else:
             self.group.add(reply)
 
     def fail(self, failure: Failure) -> None:
         if self.group is None:
+            assert self.deferred is not None  # a lone command has its own
             self.deferred.errback(failure)
         else:
             self.group.fail(failure)
@@ -348,6 +351,7 @@ class SMTPClientProtocol(Protocol):
     forever.  ``upstream`` (``host:port`` as configured) names the upstream in them.
     """
 
+    transport: IStreamTransport
     log = logger("esmtpfa.relay.protocol")
 
     def __init__(self, reactor: IReactorTime, command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
@@ -571,7 +575,8 @@ class SMTPClientProtocol(Protocol):
         return Deferred.fromCoroutine(self._ehlo(name))
 
     async def _ehlo(self, name: str) -> Extensions:
-        reply = await self.command(b"EHLO " + name.encode("idna" if not name.isascii() else "ascii"))
+        encoding = "ascii" if name.isascii() else "idna"
+        reply = await self.command(b"EHLO " + name.encode(encoding))
         if reply.code == 250:
             return Extensions.parse(reply)
         if not reply.is_permanent:
@@ -755,7 +760,11 @@ class SMTPClientProtocol(Protocol):
             self.transport.loseConnection()
             # A TLS close_notify exchange can wait on a silent peer: bound it.
             timer = self._reactor.callLater(5.0, self._abort)
-            self._disconnected.append(Deferred().addBoth(lambda _: timer.active() and timer.cancel()))
+
+            def closed(_: object) -> None:
+                if timer.active():
+                    timer.cancel()
+            self._disconnected.append(Deferred().addBoth(closed))
 
     def abort(self) -> None:
         """Drop the connection now, e.g. when message content must not be sent."""
@@ -773,6 +782,7 @@ class SMTPClientProtocol(Protocol):
         self._waiters.append(waiter)
         if len(self._waiters) == 1 and self._connected and self._handshake is None:
             self._armTimer()
+        assert waiter.deferred is not None  # a lone command, not one of a group
         return waiter.deferred
 
     def _armTimer(self) -> None:
@@ -817,6 +827,7 @@ class SMTPClientProtocol(Protocol):
     def _failAll(self) -> None:
         self._cancelTimer()
         error = self._error
+        assert error is not None  # _setError came first
         fault, detail, command = self._fault  # type: ignore[misc]  # set with _error
         if self.outcomePending and not error.outcome_unknown:
             # The final dot left after the failure was stated (our abort came while the

@@ -1,4 +1,5 @@
-"""``-relay-from R``: send every message as R, keep the author reachable (docs/design.md §5).
+"""``-relay-from R``: send every message as R, keep the author reachable (docs/design.md,
+"The relay and the delivery guarantee").
 
 Smarthosts often accept only their own sender address (SPF/DMARC alignment, account
 policy).  This wrapper makes the envelope sender R (RFC 5321 §4.1.1.2) and the ``From:``
@@ -21,9 +22,10 @@ import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
+from esmtpfa.common.probe import IProbeGroup, probes_of
+from esmtpfa.common.resources import Resources
 from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, IRelay, IRelayTransaction, RelayError
 from esmtpfa.common.replies import Reply
@@ -154,19 +156,26 @@ def fold(line: bytes, width: int = FOLD_AT) -> bytes:
     return CRLF.join(out)
 
 
-@implementer(IRelay)
+@implementer(IRelay, IProbeGroup)
 class RelayFromRewriter:
-    """Wraps another IRelay; rewrites sender and ``From:`` before handing the message on."""
+    """Wraps another IRelay; rewrites sender and ``From:`` before handing the message on.
 
-    def __init__(self, inner: Any, relay_from: str):
+    A large message's header is rewritten in ``resources.threads``, off the reactor."""
+
+    def __init__(self, inner: Any, relay_from: str, *, resources: Resources):
         if not _ADDRESS.match(relay_from) or not relay_from.isprintable():
             raise ValueError(f"-relay-from must be a plain address, not {relay_from!r}")
         self.inner = inner
         self.relay_from = relay_from
+        self._resources = resources
 
     @property
     def description(self) -> str:
         return f"{self.inner.description}, sender rewritten to {self.relay_from}"
+
+    def probes(self) -> list:
+        """The wrapped relay's (the rewrite has no back end of its own)."""
+        return probes_of(self.inner)
 
     def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
               client: tuple[str, ...] = (), paced: bool = False
@@ -181,7 +190,7 @@ class RelayFromRewriter:
         """``rewrite``, in a thread unless the message is small."""
         if _content_size(message) <= INLINE_LIMIT:
             return maybeDeferred(self.rewrite, message)
-        return deferToThread(self.rewrite, message)
+        return self._resources.in_thread(self.rewrite, message)
 
     def rewrite_envelope(self, envelope: Envelope) -> Envelope:
         return replace(envelope, mail_from=self.relay_from,

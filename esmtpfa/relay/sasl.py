@@ -7,7 +7,8 @@ the initial response (or None to wait for a challenge), ``respond(challenge)`` a
 client is satisfied.  For SCRAM that means the server proved that it knows the password
 too (RFC 5802 §5.1 ``v=``): a server that says 235 without that proof is not trusted.
 
-The order of preference is the one of docs/design.md §5 and mox's smtpclient: SCRAM-SHA-256, then
+The order of preference is the one of docs/design.md, "The relay and the delivery guarantee" and
+mox's smtpclient: SCRAM-SHA-256, then
 SCRAM-SHA-1, CRAM-MD5, PLAIN, LOGIN.  Channel binding (the ``-PLUS`` variants) is not
 offered: the GS2 header says so (``n,,``), which RFC 5802 allows.
 
@@ -36,7 +37,7 @@ import re
 import stringprep
 import unicodedata
 
-#: Strongest first (docs/design.md §5).
+#: Strongest first (docs/design.md, "The relay and the delivery guarantee").
 PREFERENCE = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
 #: Bearer-token mechanisms, preferred first: OAUTHBEARER is the standard (RFC 7628),
 #: XOAUTH2 the older form that Microsoft 365 and Gmail both accept.
@@ -250,7 +251,7 @@ class Scram(Mechanism):
         without_proof = f"c={channel},r={nonce}".encode("ascii")
         auth_message = self._client_first_bare + b"," + server_first + b"," + without_proof
         signature = _hmac(self._hash, stored_key, auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
         server_key = _hmac(self._hash, salted, b"Server Key")
         self._server_signature = _hmac(self._hash, server_key, auth_message)
         return without_proof + b",p=" + base64.b64encode(proof)

@@ -307,7 +307,8 @@ class UpstreamSession:
 
         Returns (MAIL reply, RCPT replies, DATA reply or None).  Fails with a
         ``RelayError``: ``errors.closing`` for a 421 to RSET, MAIL or RCPT, the
-        protocol's when the connection fails.  A 354 to a pipelined DATA after refused recipients is the caller's to
+        protocol's when the connection fails.  A 354 to a pipelined DATA after refused recipients is
+        the caller's to
         handle (``abandon``); callers look at the MAIL reply first.
         """
         reset = self.transactions > 0 or self.needs_reset

@@ -1,4 +1,5 @@
-"""How to reach the upstream smarthosts (flags ``-relay-*``, docs/design.md §5) and how to pool them."""
+"""How to reach the upstream smarthosts (flags ``-relay-*``, docs/design.md,
+"The relay and the delivery guarantee") and how to pool them."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ SECRET_FIELDS = frozenset({"password", "client_secret", "refresh_token"})
 
 def redacted(fields: Mapping[str, Any]) -> str:
     """``name=value, …`` for a repr: the password never reaches a log line, a test
-    failure or a traceback, even through a repr (docs/design.md §9)."""
+    failure or a traceback, even through a repr (docs/design.md, "Identifiers and logs")."""
     return ", ".join(f"{name}={'<redacted>' if name in SECRET_FIELDS and value else value!r}"
                      for name, value in fields.items())
 

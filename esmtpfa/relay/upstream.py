@@ -60,17 +60,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 import enum
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar, cast
 
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.breaker import OPEN
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope, OutboundMessage
+from esmtpfa.common.probe import IProbeGroup
+from esmtpfa.common.resources import Resources
 from esmtpfa.relay.errors import (
     permanent, policy, protocol_violation, rejected, unavailable)
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, Phase, RelayError
@@ -109,16 +110,19 @@ def _nobody(lease: Lease | None) -> None:
     pass
 
 
-@implementer(IRelay)
+@implementer(IRelay, IProbeGroup)
 class SMTPRelay:
-    """IRelay to one or more upstream smarthosts, tried in order, with pooled sessions."""
+    """IRelay to one or more upstream smarthosts, tried in order, with pooled sessions.
 
-    def __init__(self, settings: UpstreamSettings | Sequence[UpstreamSettings],
-                 reactor: Any = None, pool: PoolSettings | None = None,
+    From ``resources``: the reactor (connections, deadlines) and the threads that scan
+    a large message (8-bit, BDAT) off the reactor.
+    """
+
+    def __init__(self, settings: UpstreamSettings | Sequence[UpstreamSettings], *,
+                 resources: Resources, pool: PoolSettings | None = None,
                  tokens: TokenBrokers | None = None):
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
+        reactor = resources.reactor
+        self.resources = resources
         all_settings = [settings] if isinstance(settings, UpstreamSettings) else list(settings)
         if not all_settings:
             raise ValueError("no upstream configured")
@@ -155,6 +159,10 @@ class SMTPRelay:
     @property
     def reactor(self) -> Any:
         return self._reactor
+
+    def probes(self) -> list[Upstream]:
+        """Each upstream, in failover order (``--check-connect``)."""
+        return list(self.upstreams)
 
     @property
     def settings(self) -> UpstreamSettings:
@@ -227,8 +235,8 @@ class SMTPRelay:
                                     f"circuit breaker open for {names}", "MAIL",
                                     upstream=self.upstreams[0].address, kind=Kind.BUSY))
         size = envelope.declared_size
-        limits = [u.known_max_size for u in self.upstreams]
-        if size is not None and all(limits) and size > max(limits):  # None: not known yet
+        limits = [u.known_max_size or 0 for u in self.upstreams]
+        if size is not None and all(limits) and size > max(limits):  # 0: not known (yet)
             return fail(permanent(552, "5.3.4", f"Message too big for the upstream server "
                                   f"({size} > {max(limits)} octets)", "MAIL",
                                   self.upstreams[0].address))
@@ -421,7 +429,7 @@ class _Search:
 
     def _lease_failed(self, failure: Failure, upstream: Upstream) -> Any:
         failure.trap(RelayError)
-        error = failure.value
+        error = cast(RelayError, failure.value)  # trapped above
         if error.kind in Kind.NEUTRAL:
             upstream.breaker.release()  # busy or closing: says nothing about it
         else:
@@ -456,7 +464,7 @@ class _Search:
             lease.release(reusable=False)
             upstream.breaker.release()
             return failure
-        error = failure.value
+        error = cast(RelayError, failure.value)  # checked above
         if error.upstream is None:  # an attempt's own refusal: this is where it ran
             error.upstream = upstream.address
         broken = error.kind in Kind.BROKEN
@@ -692,7 +700,7 @@ class UpstreamTransaction:
 
         def refused(failure: Failure) -> Failure:
             if failure.check(RelayError):
-                error = failure.value
+                error = cast(RelayError, failure.value)
                 if error.command == "MAIL" or error.kind != Kind.POLICY:
                     self._condemn(error)  # the sender's verdict holds for every recipient
                 else:
@@ -736,6 +744,7 @@ class UpstreamTransaction:
 
     def _next_rcpt(self, address: str, data_follows: bool) -> Deferred[Reply]:
         """A further RCPT on the session the transaction holds."""
+        assert self._lease is not None  # the transaction is OPEN: it holds a lease
         session, upstream = self._lease.session, self._lease.upstream
         rcptmax = session.extensions.rcptmax
         if rcptmax is not None and len(self._accepted) >= rcptmax:
@@ -746,6 +755,7 @@ class UpstreamTransaction:
                                     f"most {rcptmax} per message), send the rest later"),
                 "RCPT", upstream.address, f"LIMITS RCPTMAX={rcptmax}"))
         line = session.rcpt_line(address, self._smtputf8)
+        asked: Deferred[Any]  # (the RCPT reply, the DATA reply or None)
         try:
             if data_follows and session.pipelining:
                 asked = session.rcpt_then_data(line)
@@ -757,14 +767,15 @@ class UpstreamTransaction:
         def lost(failure: Failure) -> Deferred[tuple[Reply, Reply | None]]:
             # Whatever fails here broke the connection (lost, timed out, garbage, 421).
             failure.trap(RelayError)
-            error = failure.value
+            error = cast(RelayError, failure.value)  # trapped above
             self._relay.failover.report(error, self.message_id)
             upstream.breaker.failure()
             # The replay's log names a 421 by the command and the upstream's line.
             why = f"{error.command}: {error.upstream_reply}" if error.upstream_reply \
                 else None
+            # With ``extra`` the replay answers with that line's Reply, never None.
             return Deferred.fromCoroutine(self._replay(error, extra=line, why=why)
-                                          ).addCallback(lambda reply: (reply, None))
+                                          ).addCallback(lambda reply: (cast(Reply, reply), None))
         return asked.addErrback(lost).addCallback(
             lambda replies: self._rcpt_answered(replies[0], replies[1], line, address))
 
@@ -831,7 +842,7 @@ class UpstreamTransaction:
                 if needs_bdat:
                     self._fail(_binary_refusal())
                 return self._send_on(message, early, eight_bit)
-            return deferToThread(_needs_bdat, message).addCallback(checked)
+            return self._relay.resources.in_thread(_needs_bdat, message).addCallback(checked)
         return self._send_on(message, early, eight_bit)
 
     def _send_on(self, message: OutboundMessage, early: Reply | None,
@@ -856,7 +867,7 @@ class UpstreamTransaction:
                     return self._done(final, lease)
             result.trap(RelayError)
             return Deferred.fromCoroutine(
-                self._resend(message, lease, result.value, eight_bit))
+                self._resend(message, lease, cast(RelayError, result.value), eight_bit))
         return sending.addBoth(sent)
 
     async def _resend(self, message: OutboundMessage, lease: Lease,
@@ -884,8 +895,9 @@ class UpstreamTransaction:
             except RelayError as replay_error:
                 # No other upstream took it: the first answer is what counts.
                 return self._fail(replay_error if broken else error)
-            lease = self._lease
-            assert lease is not None
+            held = self._lease
+            assert held is not None
+            lease = held
             try:
                 reply = await self._transmit(lease, message, None, eight_bit)
             except RelayError as again:
@@ -915,7 +927,8 @@ class UpstreamTransaction:
                 def scanned(has_8bit: bool) -> Deferred[Reply]:
                     eight_bit.append(has_8bit)
                     return self._transmit(lease, message, data_reply, eight_bit, checked)
-                return deferToThread(_has_8bit, message).addCallback(scanned)
+                return self._relay.resources.in_thread(_has_8bit, message).addCallback(
+                    scanned)
             if eight_bit[0]:
                 raise eight_bit_unsupported(upstream.address)
         # A session still waiting for content after a refusal here is dropped by its
@@ -979,7 +992,8 @@ class UpstreamTransaction:
                                 "MAIL", upstream.address)
             mail_reply, replies, _ = await session.start(mail, lines)
             _check_mail(mail_reply, upstream)
-            for (address, _), reply in zip(accepted, replies):
+            # ``replies`` ends with the extra line's, when there is one.
+            for (address, _), reply in zip(accepted, replies, strict=False):
                 if reply.code not in (250, 251):
                     raise rejected("RCPT", reply, f"upstream now rejects <{address}>, "
                                    f"accepted before: {reply.text}", upstream.address)
@@ -992,7 +1006,8 @@ class UpstreamTransaction:
                 trying=self._try_on)
         except RelayError as error:
             return self._poison(error, "the replay failed")
-        if self._state is State.ABORTED:
+        # abort() may have run during the search: mypy narrowed _state before the await.
+        if self._state is State.ABORTED:  # type: ignore[comparison-overlap]
             lease.release(reusable=True)
             raise _aborted()
         self._hold(lease)
@@ -1011,7 +1026,8 @@ class UpstreamTransaction:
 
     # -- ownership and deadlines ----------------------------------------------------------------
 
-    def _serialize(self, operation: Callable[..., Awaitable[Reply]], deadline: float,
+    def _serialize(self, operation: Callable[..., Deferred[Reply] | Coroutine[Any, Any, Reply]],
+                   deadline: float,
                    *arguments: Any, last: bool = False) -> Deferred[Reply]:
         """Run one operation at a time; its caller is answered by ``deadline`` at the
         latest, whatever the upstreams do (RFC 5321 §4.5.3.2: the client gives up
@@ -1019,9 +1035,9 @@ class UpstreamTransaction:
         the ``last`` operation the transaction ends, whatever its outcome."""
         if self._busy is not None:
             return fail(RuntimeError("one operation at a time on a relay transaction"))
-        inner = operation(*arguments)
-        if not isinstance(inner, Deferred):
-            inner = Deferred.fromCoroutine(inner)
+        started = operation(*arguments)
+        inner = (started if isinstance(started, Deferred)
+                 else Deferred.fromCoroutine(started))
         if inner.called and not inner.paused:  # answered without waiting (a refusal we
             if last:  # decided, a replay-free error): no timer, no tracking
                 self._over()

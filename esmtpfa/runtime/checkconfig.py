@@ -28,9 +28,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
+
+from esmtpfa.runtime.settings import settings_of
 
 #: Longest any one --check-connect probe may take, whatever the configured timeouts.
 CONNECT_TIMEOUT = 30.0
@@ -84,15 +86,17 @@ def run(options, reactor=None, out: IO[str] | None = None) -> int:
     if reactor is None:
         from twisted.internet import reactor
     report = Report(out or sys.stdout)
-    globalLogPublisher.addObserver(report.warned)
+    # Twisted's annotation wants an ILogObserver provider; any callable of an event is one.
+    globalLogPublisher.addObserver(report.warned)  # type: ignore[arg-type]
     try:
-        loaded = check_static(options, reactor, report)
-        if options.get("check-connect"):
+        from esmtpfa.common.resources import Resources
+        loaded = check_static(options, Resources.build(reactor), report)
+        if settings_of(options).actions.check_connect:
             _run_reactor(reactor, lambda: check_connect(loaded, reactor, report))
         else:
             loaded.stop()
     finally:
-        globalLogPublisher.removeObserver(report.warned)
+        globalLogPublisher.removeObserver(report.warned)  # type: ignore[arg-type]
     return report.finish()
 
 
@@ -114,10 +118,14 @@ class Loaded:
         return d
 
 
-def check_static(options, reactor, report: Report) -> Loaded:
-    """Options, providers, TLS files, relay: each part that can be checked is."""
+def check_static(options, resources, report: Report) -> Loaded:
+    """Options, providers, TLS files, relay: each part that can be checked is, built
+    with ``resources`` (``esmtpfa.common.resources``) as the relay builds them.
+    ``options`` are the parsed options: their ``settings`` (a refused value stands at
+    its default), ``problems`` and ``overrides``."""
     from esmtpfa.runtime.service import build_relay, load_providers, load_tls_options
-    problems = options.get("check-config-problems") or []
+    settings = settings_of(options)
+    problems = getattr(options, "problems", None) or []
     for problem in problems:  # one line each, naming the flag or variable
         report.problem(problem)
     if not problems:
@@ -126,61 +134,67 @@ def check_static(options, reactor, report: Report) -> Loaded:
         report.warning(line)
     loaded = Loaded()
 
-    if options["config-svc"]:
+    if settings.providers.service_url:
         from esmtpfa.config.reload import redact_url
-        report.note(f"providers come from the config service {redact_url(options['config-svc'])} "
+        report.note("providers come from the config service "
+                    f"{redact_url(settings.providers.service_url)} "
                     "(not fetched by --check-config)")
     else:
         try:
-            providers = load_providers(options, reactor)
+            providers = load_providers(settings.providers, resources)
         except usage.UsageError as error:
             report.problem(str(error))
         except Exception as error:  # options that did not resolve (reported above)
             report.problem(f"providers not checked: {type(error).__name__}")
         else:
             loaded.providers = list(providers.providers)
-            source = os.path.abspath(options["config"]) if os.path.exists(
-                options["config"]) else "no provider file"
+            path = settings.providers.config
+            source = os.path.abspath(path) if os.path.exists(path) else "no provider file"
             report.ok(f"providers ({source}): {len(loaded.providers)} loaded")
             configs = getattr(providers, "config_by_name", {})
             for provider in loaded.providers:
                 report.note(_describe_provider(provider, configs.get(provider.meta.name)))
 
-    for prefix, what in (("tls", "SMTP TLS"), ("http-tls", "HTTP TLS")):
-        if not options.get(prefix + "-cert"):
+    for prefix, what, listener, tls in (
+            ("tls", "SMTP TLS", "smtp", settings.smtp.tls),
+            ("http-tls", "HTTP TLS", "http", settings.http.tls)):
+        if not tls.cert:
             continue
-        if not all(os.path.isfile(options[prefix + end] or "") for end in ("-cert", "-key")):
+        if not all(os.path.isfile(path or "") for path in (tls.cert, tls.key)):
             continue  # reported with the options
         try:
-            load_tls_options(options, prefix, what)
+            load_tls_options(tls, what, listener)
         except usage.UsageError as error:
             report.problem(f"{str(error)} (--{prefix}-cert, --{prefix}-key)")
         else:
-            report.ok(f"{what}: certificate {options[prefix + '-cert']} and its key")
+            report.ok(f"{what}: certificate {tls.cert} and its key")
 
-    if "relay-upstreams" in options:
+    relay = settings.relay
+    if relay.upstreams is not None:  # None: the options stopped before the relay
         try:
-            loaded.relay = build_relay(options, reactor, options["hostname"] or "localhost")
+            loaded.relay = build_relay(settings, resources,
+                                       settings.smtp.hostname or "localhost")
         except Exception as error:  # a relay file entry or client TLS file that fails
-            where = f"--relay-config {options['relay-config']}" if options[
-                "relay-config"] else "relay settings (--relay-*)"
+            where = (f"--relay-config {relay.config_file}" if relay.config_file
+                     else "relay settings (--relay-*)")
             report.problem(f"{where}: {error}")
         else:
             report.ok(f"relay: {loaded.relay.description}")
 
-    if options.get("state-url"):
+    if settings.state.url:
         from esmtpfa.limits.resp import RedisURL
         try:
-            loaded.state = RedisURL.parse(options["state-url"])
+            loaded.state = RedisURL.parse(settings.state.url)
         except ValueError as error:  # never quotes the URL: it may hold a password
             report.problem(f"--state-url: {error}")
         else:
             report.ok(f"shared state: {loaded.state.redacted} (failing "
-                      f"{options['state-failure']})")
-    if "delivery-mode" in options and options.uses_spool():
-        loaded.spool = _spool_where(options["spool-url"], report, options["delivery-mode"])
-    if options.get("workers", 1) > 1:
-        report.note(f"{options['workers']} worker processes (docs/workers.md)")
+                      f"{settings.state.failure})")
+    delivery = settings.delivery
+    if delivery.uses_spool:
+        loaded.spool = _spool_where(delivery.spool.url, report, delivery.mode)
+    if settings.process.workers > 1:
+        report.note(f"{settings.process.workers} worker processes (docs/workers.md)")
     return loaded
 
 
@@ -225,131 +239,44 @@ def _run_reactor(reactor, work: Callable[[], Deferred]) -> None:
 
 
 def check_connect(loaded: Loaded, reactor, report: Report) -> Deferred:
-    probes: list[tuple[str, Deferred]] = []
-    if loaded.relay is not None:
-        from esmtpfa.relay.upstream import SMTPRelay
-        from esmtpfa.runtime.service import unwrap
-        for relay in unwrap(loaded.relay):
-            if isinstance(relay, SMTPRelay):
-                for upstream in relay.upstreams:
-                    probes.append((f"upstream {upstream.address}",
-                                   ensureDeferred(_probe_upstream(upstream, reactor))))
-    for provider in loaded.providers:
-        probe = _provider_probe(provider, reactor)
-        if probe is not None:
-            probes.append((f"provider {provider.meta.name!r} ({provider.meta.type})", probe))
+    """Every component with a back end asked at once through its own ``probe()``
+    (``esmtpfa.common.probe``), each bounded by ``CONNECT_TIMEOUT``; one line each, in
+    the order upstreams, providers, shared state, spool."""
+    from esmtpfa.common.probe import probes_of
+    components = [*probes_of(loaded.relay),
+                  *(probe for provider in loaded.providers for probe in probes_of(provider))]
+    closing: list[Callable[[], Deferred]] = []
     if loaded.state is not None:
-        probes.append((f"shared state {loaded.state.redacted}",
-                       ensureDeferred(_probe_state(loaded.state, reactor))))
+        from esmtpfa.limits.redis import RedisState
+        from esmtpfa.limits.resp import RedisClient
+        client = RedisClient(loaded.state, reactor, timeout=CONNECT_TIMEOUT)
+        closing.append(client.close)
+        components.append(RedisState(client))
     if loaded.spool is not None:
-        probes.append(("spool", ensureDeferred(_probe_spool(loaded.spool, reactor))))
+        from esmtpfa.spool.backends import SpoolCheck
+        components.append(SpoolCheck(loaded.spool, reactor))
+
+    def bounded(component) -> Deferred:
+        d = component.probe().addTimeout(CONNECT_TIMEOUT, reactor)
+        return d.addErrback(_no_answer)
 
     def done(results) -> Deferred:
-        for (label, _), (succeeded, value) in zip(probes, results):
-            if succeeded:
-                report.ok(f"{label}: {value}")
+        for component, result in zip(components, results, strict=True):
+            line = f"{component.probe_subject}: {result.detail}"
+            if result.ok:
+                report.ok(line)
             else:
-                report.problem(f"{label}: {_reason(value)}")
-        return loaded.stop()
-
-    for _, d in probes:
-        d.addTimeout(CONNECT_TIMEOUT, reactor)
-    return DeferredList([d for _, d in probes], consumeErrors=True).addCallback(done)
-
-
-def _reason(failure) -> str:
-    from twisted.internet.defer import TimeoutError as DeferredTimeout
-    from esmtpfa.relay.interfaces import RelayError
-    error = failure.value
-    if isinstance(error, DeferredTimeout):
-        return f"no answer within {CONNECT_TIMEOUT:g} s"
-    if isinstance(error, RelayError):
-        return error.describe()
-    return str(error) or type(error).__name__
-
-
-async def _probe_state(url, reactor) -> str:
-    """One PING through the relay's own Redis client (AUTH, SELECT, TLS as configured)."""
-    from esmtpfa.limits.resp import RedisClient
-    client = RedisClient(url, reactor, timeout=CONNECT_TIMEOUT)
-    try:
-        answer = await client.execute("PING")
-    finally:
-        await client.close()
-    return f"answered {answer.decode() if isinstance(answer, bytes) else answer}"
-
-
-async def _probe_spool(url: str, reactor) -> str:
-    """Open the spool as the relay does (the file spool's database, or a connection to
-    the broker with its queues declared), read its counts, close it."""
-    from twisted.python.threadpool import ThreadPool
-    from esmtpfa.spool.backends import SpoolSettings, open_spool
-    threads = ThreadPool(minthreads=0, maxthreads=2, name="esmtpfa-check-spool")
-    threads.start()
-    spool = open_spool(SpoolSettings(url, max_bytes=0, min_free_bytes=0), reactor, threads)
-    try:
-        await spool.start()
-        stats = await spool.stats()
-    finally:
-        try:
-            await spool.close()
-        finally:
-            threads.stop()
-    held = stats.messages.get("held", 0)
-    return (f"{spool.description}: {stats.messages.get('queued', 0)} queued, "
-            f"{held} held" + (" (esmtpfa-queue list)" if held else ""))
-
-
-async def _probe_upstream(upstream, reactor) -> str:
-    """One session as the pool opens them (greeting, EHLO, STARTTLS, AUTH), then QUIT."""
-    from esmtpfa.relay.session import UpstreamSession, dial
-    # Both fail with a RelayError naming the stage (esmtpfa/relay/errors.py).
-    protocol = await dial(reactor, upstream.settings, upstream.tls_options, upstream.factory)
-    # An OAuth2 upstream: its broker asks the token endpoint first (docs/oauth2.md).
-    session = UpstreamSession(protocol, upstream.settings, upstream.tls_options,
-                              tokens=upstream.tokens)
-    try:
-        await session.open()
-    except Exception:
-        protocol.abort()
-        raise
-    await session.close()
-    return (f"connected, {'TLS' if session.secure else 'no TLS'}, "
-            f"{'AUTH ' + session.mechanism if session.mechanism else 'no AUTH'}")
-
-
-def _provider_probe(provider, reactor) -> Deferred | None:
-    """The back end of one provider, asked the way a login asks it; None when it has
-    none (userpass)."""
-    from esmtpfa.providers.httpcheck import HTTPCheckProvider
-    from esmtpfa.providers.jwt import JWTProvider
-    from esmtpfa.providers.ldap import LDAPProvider
-    from esmtpfa.config.reload import redact_url
-    if isinstance(provider, LDAPProvider):
-        return _probe_ldap(provider)
-    if isinstance(provider, JWTProvider):
-        return provider.cache.refreshed().addCallback(
-            lambda keys: f"JWKS fetched from {redact_url(str(provider.cache.url))}: {len(keys)} key(s)")
-    if isinstance(provider, HTTPCheckProvider):
-        # No credentials: a "yes" or a "no" means the endpoint is there and answering.
-        from esmtpfa.auth.errors import UnauthorizedLogin
-        answered = f"endpoint {redact_url(str(provider.checker.url))} answered"
-        d = provider.checker.check({})
-        d.addCallback(lambda _: answered)
-        d.addErrback(lambda failure: failure.trap(UnauthorizedLogin) and answered)
+                report.problem(line)
+        d = loaded.stop()
+        for close in closing:
+            d.addBoth(lambda _, close=close: close())
         return d
-    return None
+
+    return gatherResults([bounded(component) for component in components]).addCallback(done)
 
 
-def _probe_ldap(provider) -> Deferred:
-    """The service connection a login's search uses: connect, TLS, bind as bind_user."""
-    from twisted.internet.threads import deferToThread
-    from esmtpfa.providers import ldap
-
-    def bind() -> str:
-        conn = provider._open(service=True)
-        ldap._discard(conn)
-        how = "bound as bind_user" if provider.bind_user else "connected (anonymous search)"
-        scheme = "LDAPS" if provider.ldaps else "StartTLS" if provider.starttls else "plain LDAP"
-        return f"{provider.server}:{provider.port} ({scheme}) {how}"
-    return deferToThread(bind)
+def _no_answer(failure) -> Any:
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+    from esmtpfa.common.probe import ProbeResult
+    failure.trap(DeferredTimeout)
+    return ProbeResult.failed(f"no answer within {CONNECT_TIMEOUT:g} s")

@@ -21,6 +21,9 @@ from esmtpfa.auth.sendingrates import Limit
 from esmtpfa.smtp.proxy import parse_networks
 from esmtpfa.spool.backends import parse_spool_url
 from esmtpfa.common.servertls import parse_cipher_string, parse_min_version
+from esmtpfa.common.servertls import LEGACY_CIPHERS, legacy_cipher_string
+from esmtpfa.smtp.devices import LegacyProfile, parse_listen_address
+from esmtpfa.runtime.settings import DEFAULT, Source, Settings
 
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
@@ -206,32 +209,6 @@ class Setting:
     help: str
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a setting's effective value came from: ``--print-config`` shows it, the
-    startup warning and ``--check-config`` name it.
-
-    ``kind`` is ``default``, ``flag`` (the command line), ``environment`` or ``demo``
-    (set by ``--demo``); ``name`` is the flag or variable; ``overrides`` is the flag an
-    environment variable won over (docs/config-loading.md, "Flags and the environment").
-    A variable from systemd's ``EnvironmentFile`` or a Kubernetes Secret is an
-    environment variable: the process cannot tell the two apart.
-    """
-
-    kind: str
-    name: str = ""
-    overrides: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "default":
-            return "default"
-        if self.kind == "environment":
-            return f"env {self.name}" + (f" (overrides {self.overrides})"
-                                         if self.overrides else "")
-        return self.name
-
-
-DEFAULT = Source("default")
 
 #: Flags that choose what ``twistd esmtpfa`` does rather than how the relay behaves:
 #: ``--print-config`` does not list them.
@@ -289,6 +266,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls-poll-interval", parse_seconds, 5.0, "TLS_POLL_INTERVAL", "Seconds between checks of the certificate and key files (symlinks followed: a renewal or a Kubernetes Secret update) for changes; SIGHUP reloads at once"),
     Setting("tls-min-version", parse_min_version, "1.2", "TLS_MIN_VERSION", "Lowest TLS version the SMTP and HTTP listeners accept: 1.2 or 1.3"),
     Setting("tls-ciphers", parse_cipher_string, None, "TLS_CIPHERS", "OpenSSL cipher string for TLS 1.2 on the SMTP and HTTP listeners, e.g. ECDHE+AESGCM:ECDHE+CHACHA20 (default: Twisted's; TLS 1.3 suites are not affected)"),
+    # Legacy listeners for old printers and scanners (esmtpfa; docs/devices.md)
+    Setting("legacy-plain", parse_listen_address, None, "SMTP_LEGACY_PLAIN", "Listener for old devices, ADDR:PORT (e.g. 192.168.10.5:2525): STARTTLS with TLS 1.0 and up (cleartext only without --tls-cert), served only to --legacy-networks"),
+    Setting("legacy-tls", parse_listen_address, None, "SMTP_LEGACY_TLS", "Implicit-TLS listener for old devices, ADDR:PORT: TLS 1.0 and up, served only to --legacy-networks; needs --tls-cert"),
+    Setting("legacy-networks", parse_networks, None, "SMTP_LEGACY_NETWORKS", "Networks the legacy listeners serve, comma-separated (required with them); others hear 554 5.7.1"),
+    Setting("legacy-cleartext-auth-networks", parse_networks, None, "SMTP_LEGACY_CLEARTEXT_AUTH_NETWORKS", "Networks whose clients may log in without TLS on the legacy listeners: private address space inside --legacy-networks (default: none)"),
+    Setting("legacy-tls-ciphers", legacy_cipher_string, LEGACY_CIPHERS, "SMTP_LEGACY_TLS_CIPHERS", "OpenSSL cipher string of the legacy listeners, run at security level 0 (@SECLEVEL=0), which TLS 1.0 and 1.1 need"),
     # SMTP behaviour (original)
     Setting("allow-anonymous-auth", None, False, "SMTP_ALLOW_ANONYMOUS_AUTH", "Allow anonymous authentication (DANGEROUS: relays mail from anyone who can connect)"),
     Setting("allow-insecure-auth", None, False, "SMTP_ALLOW_INSECURE_AUTH", "Allow insecure authentication (AUTH without TLS)"),
@@ -450,8 +433,10 @@ class OptionsProblems(usage.UsageError):
 
 
 class Options(usage.Options):
-    """``twistd esmtpfa`` options.  After parsing, ``self[name]`` holds typed values and
-    ``self.sources[name]`` where each came from (``Source``)."""
+    """``twistd esmtpfa`` options.  Parsing ends with ``self.settings``, the typed and
+    frozen ``Settings`` every other module reads (``esmtpfa.runtime.settings``); the
+    values by flag name (``self[name]``) and their sources (``self.sources``) are this
+    module's working state."""
 
     synopsis = "[options]"
     longdesc = ("esmtpfa: an authenticating SMTP submission relay. Environment variables "
@@ -471,6 +456,16 @@ class Options(usage.Options):
         #: One line per environment variable that overrode a flag given on the command
         #: line with another value: logged at startup, shown by --check-config.
         self.overrides: list[str] = []
+        #: Every value that did not parse or did not fit, one line each (empty when
+        #: sound): ``--check-config`` reports them.
+        self.problems: list[str] = []
+        #: The typed, frozen settings, built when the options are parsed; nothing
+        #: outside this module reads ``self[name]`` (docs/config-loading.md, "The
+        #: settings object").
+        self.settings: Settings | None = None
+        #: What startup loads while parsing, so that a bad file is a one-line error:
+        #: the provider set and the certificate stores (``esmtpfa.runtime.tap``).
+        self.preloaded: Any = None
 
     def opt_version(self) -> None:
         """Print esmtpfa's version (and Twisted's) and exit."""
@@ -498,11 +493,20 @@ class Options(usage.Options):
                 problems.append(str(error))
                 self.invalid.add(setting.flag)
                 self[setting.flag] = setting.default
-        if problems:
-            raise OptionsProblems(problems)
-        if self["demo"]:
-            self._apply_demo()
-        self._validate()
+        try:
+            if problems:
+                raise OptionsProblems(problems)
+            if self["demo"]:
+                self._apply_demo()
+            self._validate()
+        except usage.UsageError as error:
+            self.problems = list(getattr(error, "problems", [str(error)]))
+            raise
+        finally:
+            # Built even when a value was refused (its default stands in, a relay left
+            # unresolved is None): --check-config checks the rest, --print-config
+            # shows every row.
+            self.settings = self._settings()
 
     def _resolve(self, setting: Setting) -> Any:
         """The setting's value, its ``Source`` recorded; a value that does not parse is
@@ -575,14 +579,9 @@ class Options(usage.Options):
         redacted (``shown``); with ``non_default`` only those set explicitly (a flag,
         the environment, ``--demo``), even to the default value, as ``postconf -n``
         shows what main.cf sets."""
-        lines = []
-        for flag in sorted(s.flag for s in SETTINGS if s.flag not in ACTIONS):
-            source = self.sources.get(flag, DEFAULT)
-            if non_default and source.kind == "default":
-                continue
-            value = "(invalid)" if flag in self.invalid else shown(flag, self.get(flag))
-            lines.append(f"{flag} = {value}  # {source}")
-        return lines
+        if self.settings is None:
+            self.settings = self._settings()
+        return self.settings.effective(non_default)
 
     def uses_spool(self) -> bool:
         """Whether the relay opens a spool: a spooling ``--delivery-mode``, or an
@@ -592,6 +591,140 @@ class Options(usage.Options):
     def defaulted(self, flag: str) -> bool:
         setting = next(s for s in SETTINGS if s.flag == flag)
         return self[flag] == setting.default
+
+    def _settings(self) -> Settings:
+        """The typed settings (``esmtpfa.runtime.settings``): the only place that reads
+        the table's values by flag name."""
+        import socket
+        from esmtpfa.auth.sendingrates import Rates
+        from esmtpfa.limits.settings import StateSettings, ThrottleSettings
+        from esmtpfa.relay.settings import PoolSettings
+        from esmtpfa.runtime import settings as typed
+        from esmtpfa.smtp.settings import ServerSettings
+        from esmtpfa.spool.backends import SpoolSettings
+        from esmtpfa.spool.runner import RetryPolicy
+        from esmtpfa.web.limits import HTTPLimits
+        server = ServerSettings(
+            hostname=self["hostname"] or socket.getfqdn(),
+            max_message_size=self["max-message-size"],
+            max_recipients=self["max-recipients"],
+            max_line_length=self["max-line-length"],
+            max_auth_failures=self["max-auth-failures"],
+            idle_timeout=self["idle-timeout"],
+            tls_handshake_timeout=self["tls-handshake-timeout"],
+            close_grace=self["close-grace"],
+            command_timeout=self["command-timeout"],
+            min_data_rate=self["min-data-rate"],
+            write_stall_timeout=self["write-stall-timeout"],
+            send_buffer=self["client-send-buffer"],
+            allow_insecure_auth=self["allow-insecure-auth"],
+            allow_anonymous=self["allow-anonymous-auth"],
+            smtputf8=self["enable-smtp-utf8"],
+            binarymime=self["enable-binary-mime"],
+            requiretls=self["enable-require-tls"],
+            bare_line_ends=self["bare-line-ends"],
+            max_connections=self["max-connections"],
+            max_connections_per_ip=self["max-connections-per-ip"],
+            hide_client_in_received=self["received-hide-client"])
+        tls_policy = dict(min_version=self["tls-min-version"], ciphers=self["tls-ciphers"],
+                          poll_interval=self["tls-poll-interval"])
+        smtp = typed.SMTPSettings(
+            plain=self["plain"], tls_enabled=self["tls"], addr=self["addr"],
+            port=self["port"], tls_port=self["tls-port"], hostname=self["hostname"],
+            server=server,
+            tls=typed.TLSSettings(cert=self["tls-cert"], key=self["tls-key"],
+                                  ca_cert=self["tls-ca-cert"],
+                                  sni_certs=self["tls-sni-certs"], **tls_policy),
+            proxy_protocol=self["proxy-protocol"],
+            proxy_trusted=self["proxy-protocol-trusted"], legacy=self._legacy())
+        http = typed.HTTPSettings(
+            enabled=self["http"], addr=self["http-addr"], port=self["http-port"],
+            tls=typed.TLSSettings(cert=self["http-tls-cert"], key=self["http-tls-key"],
+                                  **tls_policy),
+            allow_anonymous=self["http-allow-anonymous"],
+            limits=HTTPLimits(
+                max_connections=self["http-max-connections"],
+                max_connections_per_ip=self["http-max-connections-per-ip"],
+                header_timeout=self["http-header-timeout"],
+                body_timeout=self["http-body-timeout"],
+                min_body_rate=float(self["http-min-body-rate"]),
+                idle_timeout=self["http-idle-timeout"],
+                close_grace=self["http-close-grace"],
+                busy_timeout=self["http-busy-timeout"]))
+        upstreams = self.get("relay-upstreams")  # set by _validate, from the --relay-* rows
+        relay = typed.RelaySettings(
+            upstreams=None if upstreams is None else tuple(upstreams),
+            defaults=dict(
+                implicit_tls=self["relay-tls"], starttls=self["relay-starttls"],
+                ca_cert=self["relay-tls-ca-cert"],
+                client_cert=self["relay-tls-cert"], client_key=self["relay-tls-key"],
+                skip_verify=self["relay-tls-skip-verify"],
+                server_name=self["relay-tls-server-name"],
+                username=self["relay-user"], password=self["relay-pass"],
+                auth_mechanism=self["relay-auth-mech"],
+                allow_insecure_auth=self["relay-allow-insecure-auth"],
+                connect_timeout=self["relay-connect-timeout"],
+                command_timeout=self["relay-timeout"],
+                data_timeout=self["relay-data-timeout"]),
+            pool=PoolSettings(
+                size=self["relay-pool-size"],
+                idle_timeout=self["relay-pool-idle-timeout"],
+                breaker_failures=self["relay-breaker-failures"],
+                breaker_cooldown=self["relay-breaker-cooldown"],
+                rcpt_deadline=self["relay-rcpt-deadline"],
+                data_deadline=self["relay-data-deadline"],
+                client_share=self["relay-pool-client-share"]),
+            maildir=self["maildir"], relay_from=self["relay-from"],
+            config_file=self["relay-config"])
+        delivery = typed.DeliverySettings(
+            mode=self["delivery-mode"], undeliverable=self["spool-undeliverable"],
+            spool=SpoolSettings(self["spool-url"], self["spool-max-size"],
+                                self["spool-min-free"], prefetch=self["spool-concurrency"]),
+            retry=RetryPolicy(self["spool-retry-min"], self["spool-retry-max"],
+                              self["spool-lifetime"]),
+            concurrency=self["spool-concurrency"],
+            spool_url_given=not self.defaulted("spool-url"))
+        return typed.Settings(
+            smtp=smtp, http=http,
+            metrics=typed.MetricsSettings(
+                addr=self["metrics-addr"], port=self["metrics-port"],
+                namespace=self["metrics-namespace"],
+                address_labels=self["metrics-address-labels"]),
+            relay=relay,
+            throttle=ThrottleSettings(
+                per_address=self["max-auth-failures-per-ip"],
+                per_identity=self["max-auth-failures-per-user"],
+                window=self["auth-failure-window"],
+                max_delay=self["auth-failure-max-delay"]),
+            rates=Rates(self["rate-messages"], self["rate-recipients"]),
+            state=StateSettings(url=self["state-url"] or None,
+                                timeout=self["state-timeout"],
+                                failure=self["state-failure"]),
+            delivery=delivery,
+            providers=typed.ProviderSettings(
+                config=self["config"], config_given=not self.defaulted("config"),
+                service_url=self["config-svc"],
+                poll_interval=self["config-poll-interval"],
+                service_interval=self["config-svc-interval"],
+                service_timeout=self["config-svc-timeout"],
+                service_token=self["config-svc-token"], demo=bool(self["demo"])),
+            logging=typed.LoggingSettings(
+                level=self["log-level"], format=self["log-format"],
+                recipients=self["log-recipients"],
+                recipients_key=self["log-recipients-key"]),
+            process=typed.ProcessSettings(
+                workers=self["workers"], listen_backlog=self["listen-backlog"],
+                shutdown_grace=self["shutdown-grace"]),
+            actions=typed.Actions(
+                check_config=bool(self["check-config"] or self["check-connect"]),
+                check_connect=bool(self["check-connect"]),
+                print_config=bool(self["print-config"]),
+                non_default=bool(self["non-default"])),
+            demo=bool(self["demo"]),
+            table={flag: typed.Sourced(
+                "(invalid)" if flag in self.invalid else shown(flag, self.get(flag)),
+                self.sources.get(flag, DEFAULT))
+                for flag in (s.flag for s in SETTINGS if s.flag not in ACTIONS)})
 
     def _upstreams(self) -> list:
         """Where messages go (``UpstreamEntry`` list; empty: the local Maildir)."""
@@ -620,6 +753,14 @@ class Options(usage.Options):
                     parse_upstream_addresses(self["relay-addr"], self["relay-port"])]
         except ValueError as error:
             raise usage.UsageError(f"--relay-addr: {error}") from None
+
+    def _legacy(self) -> LegacyProfile:
+        """The ``--legacy-*`` settings (docs/devices.md)."""
+        return LegacyProfile(
+            plain=self["legacy-plain"], tls=self["legacy-tls"],
+            networks=self["legacy-networks"] or (),
+            cleartext_auth=self["legacy-cleartext-auth-networks"] or (),
+            ciphers=self["legacy-tls-ciphers"])
 
     def _oauth2_overrides(self) -> dict:
         """``{"oauth2": OAuth2Settings}`` from the ``--relay-oauth2-*`` flags, or {}."""
@@ -669,6 +810,9 @@ class Options(usage.Options):
                                        "the token is for")
         elif bool(self["relay-user"]) != bool(self["relay-pass"]):
             raise usage.UsageError("--relay-user and --relay-pass go together")
+        problem = self._legacy().problem(certificate=bool(self["tls-cert"]))
+        if problem:
+            raise usage.UsageError(problem)
         if self["proxy-protocol"] and not self["proxy-protocol-trusted"]:
             raise usage.UsageError("--proxy-protocol needs --proxy-protocol-trusted: the "
                                    "networks of the proxies allowed to name clients")

@@ -8,6 +8,7 @@ This is the only module that knows every part; each part knows only its seam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import os
 import socket
 from typing import Mapping
@@ -30,39 +31,43 @@ from esmtpfa.config.providers import ProviderConfig, build_providers, parse_prov
 from esmtpfa.config.documents import read_document
 from esmtpfa.common import internals
 from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery
-from esmtpfa.limits.rates import RateLimiter
-from esmtpfa.auth.sendingrates import Rates
+from esmtpfa.limits.ledgers import RateLimiter
 from esmtpfa.common.ids import new_id
 from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.resources import Resources
 from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.relay.interfaces import IRelay
 from esmtpfa.config.reload import (
     ConfigServicePoller, FileWatcher, ProviderReloader, ReloadService, redact_url,
     stop_providers)
+from esmtpfa.smtp.devices import LegacyProfile, NetworkGate, Networks
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_listeners
 from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
 from esmtpfa.runtime.sigterm import SigtermStop
-from esmtpfa.smtp.settings import ServerSettings
-from esmtpfa.spool.backends import SPOOL_THREADS, SpoolService, SpoolSettings, open_spool
+from esmtpfa.runtime.settings import (
+    ProviderSettings, RelaySettings, TLSSettings, settings_of)
+from esmtpfa.spool.backends import SPOOL_THREADS, SpoolService, open_spool
 from esmtpfa.spool.interfaces import Mode
 from esmtpfa.spool.modes import DeliveryModes
-from esmtpfa.spool.runner import QueueRunner, RetryPolicy
+from esmtpfa.spool.runner import QueueRunner
 from esmtpfa.limits.ledgers import Ledgers
-from esmtpfa.limits.redis import ledgers_from_options
+from esmtpfa.limits.redis import ledgers_from_settings
 from esmtpfa.common.certificates import (
     CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
 from esmtpfa.common.servertls import MIN_VERSIONS, TLSConfigError, TLSPolicy, read_ca_certificates
+from esmtpfa.common.servertls import legacy_policy
 from esmtpfa.common.transport import write_through
 from esmtpfa.web.health import (
     SHUTTING_DOWN, Check, ListenersCheck, MaildirCheck, Readiness, SpoolCheck, TokensCheck)
 from esmtpfa.web.status import RelayStatus
-from esmtpfa.web.limits import HTTPLimits
 from esmtpfa.web.site import metrics_listener, submission_listener
 
 log = logger("esmtpfa")
 
 DEMO_USER = "demo"
+#: The listeners that serve clients: /readyz wants them up, a drain stops them first.
+SERVING_LISTENERS = frozenset({"plain", "tls", "legacy-plain", "legacy-tls", "http"})
 DEMO_PASSWORD = "demo-password"
 
 
@@ -93,72 +98,28 @@ def server_endpoint(reactor, addr: str, port: int, backlog: int = 511):
     return endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
 
 
-def server_settings(options) -> ServerSettings:
-    return ServerSettings(
-        hostname=options["hostname"] or socket.getfqdn(),
-        max_message_size=options["max-message-size"],
-        max_recipients=options["max-recipients"],
-        max_line_length=options["max-line-length"],
-        max_auth_failures=options["max-auth-failures"],
-        idle_timeout=options["idle-timeout"],
-        tls_handshake_timeout=options["tls-handshake-timeout"],
-        close_grace=options["close-grace"],
-        command_timeout=options["command-timeout"],
-        min_data_rate=options["min-data-rate"],
-        write_stall_timeout=options["write-stall-timeout"],
-        send_buffer=options["client-send-buffer"],
-        allow_insecure_auth=options["allow-insecure-auth"],
-        allow_anonymous=options["allow-anonymous-auth"],
-        smtputf8=options["enable-smtp-utf8"],
-        binarymime=options["enable-binary-mime"],
-        requiretls=options["enable-require-tls"],
-        bare_line_ends=options["bare-line-ends"],
-        max_connections=options["max-connections"],
-        max_connections_per_ip=options["max-connections-per-ip"],
-        hide_client_in_received=options["received-hide-client"],
-    )
-
-
-def build_relay(options, reactor, hostname: str, observer=None) -> IRelay:
-    """The relay the options describe; ``observer`` (the metrics) hears about OAuth2
-    token refreshes."""
+def build_relay(settings, resources: Resources, hostname: str, observer=None) -> IRelay:
+    """The relay ``settings`` (``Settings`` or the parsed options) describe, saying
+    ``hostname`` in EHLO; ``observer`` (the metrics) hears about OAuth2 token
+    refreshes.  An entry that does not make an ``UpstreamSettings`` is a ValueError."""
     from esmtpfa.relay.maildir import MaildirRelay
     from esmtpfa.relay.oauth2 import TokenBrokers
-    from esmtpfa.relay.upstream import PoolSettings, SMTPRelay, UpstreamSettings
+    from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 
-    entries = options["relay-upstreams"]
-    if entries:
-        defaults = dict(
-            implicit_tls=options["relay-tls"],
-            starttls=options["relay-starttls"],
-            ca_cert=options["relay-tls-ca-cert"],
-            client_cert=options["relay-tls-cert"], client_key=options["relay-tls-key"],
-            skip_verify=options["relay-tls-skip-verify"],
-            server_name=options["relay-tls-server-name"],
-            username=options["relay-user"], password=options["relay-pass"],
-            auth_mechanism=options["relay-auth-mech"],
-            allow_insecure_auth=options["relay-allow-insecure-auth"],
-            helo_name=hostname,
-            connect_timeout=options["relay-connect-timeout"],
-            command_timeout=options["relay-timeout"],
-            data_timeout=options["relay-data-timeout"])
+    config = settings_of(settings).relay
+    if config.upstreams:
+        defaults = {**config.defaults, "helo_name": hostname}
         upstreams = [UpstreamSettings(host=entry.host, port=entry.port,
                                       **_entry_settings(defaults, entry.overrides))
-                     for entry in entries]
-        relay = SMTPRelay(upstreams, reactor=reactor, pool=PoolSettings(
-            size=options["relay-pool-size"],
-            idle_timeout=options["relay-pool-idle-timeout"],
-            breaker_failures=options["relay-breaker-failures"],
-            breaker_cooldown=options["relay-breaker-cooldown"],
-            rcpt_deadline=options["relay-rcpt-deadline"],
-            data_deadline=options["relay-data-deadline"],
-            client_share=options["relay-pool-client-share"]),
-            tokens=TokenBrokers.for_upstreams(upstreams, reactor, observer))
+                     for entry in config.upstreams]
+        relay = SMTPRelay(upstreams, resources=resources, pool=config.pool,
+                          tokens=TokenBrokers.for_upstreams(
+                              upstreams, resources=resources, observer=observer))
     else:
-        relay = MaildirRelay(os.path.abspath(options["maildir"]))
-    if options["relay-from"]:
+        relay = MaildirRelay(os.path.abspath(config.maildir), reactor=resources.reactor)
+    if config.relay_from:
         from esmtpfa.relay.rewrite import RelayFromRewriter
-        relay = RelayFromRewriter(relay, options["relay-from"])
+        relay = RelayFromRewriter(relay, config.relay_from, resources=resources)
     return relay
 
 
@@ -172,6 +133,17 @@ def _entry_settings(defaults: dict, overrides) -> dict:
     if settings["implicit_tls"]:
         settings["starttls"] = "none"
     return settings
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """What ``twistd esmtpfa`` loads while it parses the options, so that a bad provider
+    file or certificate is a one-line startup error (``esmtpfa.runtime.tap``): the
+    relay then uses these rather than reading the files again."""
+
+    providers: ProviderSet | None = None
+    smtp_tls: CertificateStore | None = None
+    http_tls: CertificateStore | None = None
 
 
 def unwrap(relay: IRelay):
@@ -188,53 +160,69 @@ def demo_config() -> ProviderConfig:
                                  source="--demo")
 
 
-def extra_configs(options) -> list[ProviderConfig]:
-    return [demo_config()] if options["demo"] else []
+def extra_configs(providers: ProviderSettings) -> list[ProviderConfig]:
+    return [demo_config()] if providers.demo else []
 
 
-def load_providers(options, reactor) -> ProviderSet:
+def load_providers(providers: ProviderSettings, resources: Resources) -> ProviderSet:
     """The startup provider set; any problem is a UsageError naming file and provider.
 
     With ``--config-svc`` the service is the source of providers and the file is not
     read: the first document arrives once the relay runs (``/readyz`` waits for it).
     """
-    path = options["config"]
+    path = providers.config
     configs: list[ProviderConfig] = []
     try:
-        if not options["config-svc"] and os.path.exists(path):
+        if not providers.service_url and os.path.exists(path):
             # Before the reactor runs: synchronous, within the same DocumentLimits.
             configs = parse_provider_document(read_document(path), path)
-        elif not options["config-svc"] and not options.defaulted("config"):
+        elif not providers.service_url and providers.config_given:
             raise ConfigError(f"no such file: {path}")
-        return build_providers([*configs, *extra_configs(options)], reactor=reactor).providers
+        return build_providers([*configs, *extra_configs(providers)],
+                               resources=resources).providers
     except ConfigError as error:
         raise usage.UsageError(f"provider configuration: {error}") from None
 
 
-def load_tls_options(options, prefix: str = "tls", what: str = "SMTP TLS"
+def load_tls_options(tls: TLSSettings, what: str = "SMTP TLS", listener: str = "smtp"
                      ) -> CertificateStore | None:
     """A listener group's certificates (``esmtpfa.common.certificates``), or None without one.
-    The SMTP listeners also get the ``--tls-sni-certs``; both get the version floor and
-    the ciphers."""
-    if not options[prefix + "-cert"]:
+    The SMTP listeners also have the ``--tls-sni-certs`` and ``--tls-ca-cert``; both get
+    the version floor and the ciphers."""
+    if not tls.cert:
         return None
-    extra, directories = (options["tls-sni-certs"] or ((), ())) if prefix == "tls" else ((), ())
+    extra, directories = tls.sni_certs or ((), ())
     try:
-        ca = options["tls-ca-cert"] if prefix == "tls" else None
-        policy = TLSPolicy(MIN_VERSIONS[options["tls-min-version"]], options["tls-ciphers"],
-                           read_ca_certificates(ca) if ca else ())
-        sources = CertificateSources(
-            CertificatePair(options[prefix + "-cert"], options[prefix + "-key"]),
-            extra, directories)
-        return CertificateStore(sources, policy, what=what,
-                                listener="smtp" if prefix == "tls" else "http")
+        policy = TLSPolicy(MIN_VERSIONS[tls.min_version], tls.ciphers,
+                           read_ca_certificates(tls.ca_cert) if tls.ca_cert else ())
+        sources = CertificateSources(CertificatePair(tls.cert, tls.key or ""),
+                                     extra, directories)
+        return CertificateStore(sources, policy, what=what, listener=listener)
     except TLSConfigError as error:
         raise usage.UsageError(f"{what}: {error}") from None
 
 
-def upstream_label(options) -> str:
+def load_legacy_tls(tls: TLSSettings, legacy: LegacyProfile) -> CertificateStore | None:
+    """The legacy listeners' certificates: the SMTP listeners' files, in contexts of
+    their own at TLS 1.0 and up (docs/devices.md); None without a legacy listener or a
+    certificate (``--legacy-plain`` then speaks no TLS)."""
+    if not (tls.cert and legacy.listeners):
+        return None
+    extra, directories = tls.sni_certs or ((), ())
+    try:
+        policy = legacy_policy(legacy.ciphers, read_ca_certificates(tls.ca_cert)
+                               if tls.ca_cert else ())
+        sources = CertificateSources(CertificatePair(tls.cert, tls.key or ""),
+                                     extra, directories)
+        return CertificateStore(sources, policy, what="SMTP legacy TLS",
+                                listener="smtp-legacy")
+    except (TLSConfigError, ValueError) as error:
+        raise usage.UsageError(f"SMTP legacy TLS: {error}") from None
+
+
+def upstream_label(relay: RelaySettings) -> str:
     """The ``server`` label of the upstream duration metric: where messages go."""
-    entries = options["relay-upstreams"]
+    entries = relay.upstreams
     if not entries:
         return "maildir"
     from esmtpfa.relay.settings import host_port
@@ -282,22 +270,31 @@ class RelayService(SigtermStop, MultiService):
             from twisted.internet import reactor
         self.id = new_id()
         self.reactor = reactor
+        #: What every part is lent (docs/architecture.md, "Resources"): the bundle the
+        #: options' preload built, so parse-time providers and the rest share it.
+        self.resources: Resources = getattr(options, "resources", None) or Resources.build(
+            reactor)
+        #: The parsed options (twistd's own are their ``parent``), or the ``Settings``.
         self.options = options
+        #: Every setting, typed (``esmtpfa.runtime.settings``).
+        self.config = config = settings_of(options)
+        #: What parsing already loaded (``esmtpfa.runtime.tap``), if anything.
+        self.preloaded: Preloaded = getattr(options, "preloaded", None) or Preloaded()
         self.adopted = adopted
         self.ledgers = ledgers or Ledgers()
-        self.settings = server_settings(options)
+        self.settings = config.smtp.server
         #: ``--log-recipients``, shared by the message line and the spool's attempt line.
-        self.log_recipients = RecipientLog(options["log-recipients"],
-                                           (options["log-recipients-key"] or "").encode())
+        self.log_recipients = RecipientLog(config.logging.recipients,
+                                           (config.logging.recipients_key or "").encode())
         self.smtp_factories: list[SMTPServerFactory] = []
-        providers = options.get("provider-set") or load_providers(options, reactor)
+        providers = self.preloaded.providers or load_providers(config.providers, self.resources)
         self.directory = ProviderDirectory(providers)
         self.metrics = RelayMetrics(
-            options["metrics-namespace"], providers=lambda: self.directory.current,
-            connections=self._open_connections, upstream=upstream_label(options),
-            address_labels=options["metrics-address-labels"], upstreams=self.upstreams,
+            config.metrics.namespace, providers=lambda: self.directory.current,
+            connections=self._open_connections, upstream=upstream_label(config.relay),
+            address_labels=config.metrics.address_labels, upstreams=self.upstreams,
             http_connections=lambda: len(self._http_channels()))
-        self.relay = build_relay(options, reactor, self.settings.hostname,
+        self.relay = build_relay(config, self.resources, self.settings.hostname,
                                  observer=self.metrics)
         for relay in unwrap(self.relay):
             if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
@@ -307,7 +304,7 @@ class RelayService(SigtermStop, MultiService):
         self.modes = DeliveryModes(
             self.relay, self.spool_service and self.spool_service.spool,
             self.spool_service and self.spool_service.runner,
-            mode=options["delivery-mode"], ending=options["spool-undeliverable"],
+            mode=config.delivery.mode, ending=config.delivery.undeliverable,
             observer=self.metrics)
         self.portal = self._portal()
         self.limits = self.ledgers.smtp_connections or ConnectionLimits(
@@ -319,19 +316,15 @@ class RelayService(SigtermStop, MultiService):
         """The spool and its queue runner, when a delivery mode needs them: the relay's
         ``--delivery-mode``, or an explicit ``--spool-url`` for providers whose policy
         chooses a spooling mode (docs/spool.md)."""
-        options = self.options
-        if not options.uses_spool():
+        delivery = self.config.delivery
+        if not delivery.uses_spool:
             return None
         threads = ThreadPool(minthreads=0, maxthreads=SPOOL_THREADS, name="esmtpfa-spool")
-        spool = open_spool(SpoolSettings(
-            options["spool-url"], options["spool-max-size"], options["spool-min-free"],
-            prefetch=options["spool-concurrency"]), self.reactor, threads)
+        spool = open_spool(delivery.spool, self.reactor, threads)
         runner = QueueRunner(
             spool, self.relay, clock=self.reactor, threads=threads,
-            hostname=self.settings.hostname, retry=RetryPolicy(
-                options["spool-retry-min"], options["spool-retry-max"],
-                options["spool-lifetime"]),
-            concurrency=options["spool-concurrency"], observer=self.metrics,
+            hostname=self.settings.hostname, retry=delivery.retry,
+            concurrency=delivery.concurrency, observer=self.metrics,
             log_recipients=self.log_recipients)
         service = SpoolService(spool, threads, runner, self.reactor,
                                stop_timeout=self.settings.close_grace)
@@ -340,12 +333,14 @@ class RelayService(SigtermStop, MultiService):
 
     @property
     def anonymous_allowed(self) -> bool:
-        return self.settings.allow_anonymous or self.options["http-allow-anonymous"]
+        return self.settings.allow_anonymous or self.config.http.allow_anonymous
 
     def _portal(self) -> Portal:
-        if self.options["state-url"]:  # shared by every replica: Redis wins
-            login, rates = ledgers_from_options(
-                self.options, self.reactor, observer=self.metrics, parent=self)
+        config = self.config
+        if config.state.url:  # shared by every replica: Redis wins
+            login, rates = ledgers_from_settings(
+                config.state, config.throttle, self.reactor, observer=self.metrics,
+                parent=self)
         else:  # a worker's supervisor, or (None) this process
             login, rates = self.ledgers.login, self.ledgers.rates
             if login is not None or rates is not None:
@@ -353,23 +348,23 @@ class RelayService(SigtermStop, MultiService):
                 # operator's --state-failure decides, as for Redis (esmtpfa.limits.guard).
                 from esmtpfa.limits.guard import (
                     FailurePolicy, GuardedLoginLedger, GuardedRateLedger)
-                policy = FailurePolicy(self.options["state-failure"], self.reactor,
+                policy = FailurePolicy(config.state.failure, self.reactor,
                                        observer=self.metrics)
                 login = login and GuardedLoginLedger(login, policy)
                 rates = rates and GuardedRateLedger(rates, policy)
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
                                 observer=self.metrics,
                                 rates=rates or RateLimiter(self.reactor),
-                                default_rates=Rates(self.options["rate-messages"],
-                                                    self.options["rate-recipients"]),
-                                log_recipients=self.log_recipients)
+                                default_rates=config.rates,
+                                log_recipients=self.log_recipients,
+                                in_thread=self.resources.in_thread)
         realm = SubmissionRealm(lambda identity: RelayDelivery(
             identity, self.modes.relay_for(identity), policy))
         self.throttle = AuthThrottle(
-            per_address=self.options["max-auth-failures-per-ip"],
-            per_identity=self.options["max-auth-failures-per-user"],
-            window=self.options["auth-failure-window"], clock=self.reactor,
-            max_delay=self.options["auth-failure-max-delay"],
+            per_address=config.throttle.per_address,
+            per_identity=config.throttle.per_identity,
+            window=config.throttle.window, clock=self.reactor,
+            max_delay=config.throttle.max_delay,
             ledger=login)
         checkers = [ThrottlingChecker(
             ProviderSelector(self.directory, observer=self.metrics), self.throttle)]
@@ -379,32 +374,34 @@ class RelayService(SigtermStop, MultiService):
         return Portal(realm, checkers)
 
     def _reloader(self) -> ProviderReloader:
-        """Hot reload (docs/design.md §7): the config service when set, else the file."""
-        options, reactor = self.options, self.reactor
-        service_url = options["config-svc"]
+        """Hot reload (docs/design.md, "Configuration, reload and limits"): the config service when
+        set, else the file."""
+        providers, reactor = self.config.providers, self.reactor
+        service_url = providers.service_url
         reloader = ProviderReloader(
-            self.directory, reactor=reactor, extra=extra_configs(options),
+            self.directory, resources=self.resources, extra=extra_configs(providers),
             observer=self.metrics, loaded=not service_url)
         if self.adopted is not None:
             return reloader  # a worker: its supervisor watches and tells it (reload())
         if service_url:
             poller = ConfigServicePoller(
-                service_url, reloader, interval=options["config-svc-interval"],
-                timeout=options["config-svc-timeout"], token=options["config-svc-token"],
-                reactor=reactor)
+                service_url, reloader, interval=providers.service_interval,
+                timeout=providers.service_timeout, token=providers.service_token,
+                reactor=reactor, http_client=self.resources.http_client)
             ReloadService(reloader, reactor=reactor, poller=poller,
                           also=[self.reload_certificates]).setServiceParent(self)
         else:
             self.metrics.config_loaded()  # the startup load
-            watcher = FileWatcher(os.path.abspath(options["config"]), reloader,
-                                  interval=options["config-poll-interval"], reactor=reactor)
+            watcher = FileWatcher(os.path.abspath(providers.config), reloader,
+                                  interval=providers.poll_interval, reactor=reactor)
             ReloadService(reloader, reactor=reactor, watcher=watcher,
                           also=[self.reload_certificates]).setServiceParent(self)
         return reloader
 
-    def _factory(self, name: str, **kwargs) -> SMTPServerFactory:
+    def _factory(self, name: str, ledger=None, **kwargs) -> SMTPServerFactory:
         factory = SMTPServerFactory(self.settings, self.portal, name=name,
-                                    limits=self.metrics.admissions(self.limits, name),
+                                    limits=self.metrics.admissions(ledger or self.limits,
+                                                                   name),
                                     reactor=self.reactor, **kwargs)
         factory.observer = self.metrics  # TLS handshake failures, size refusals
         self.smtp_factories.append(factory)
@@ -414,36 +411,38 @@ class RelayService(SigtermStop, MultiService):
         return {factory.name: len(factory.sessions) for factory in self.smtp_factories}
 
     def _add_listeners(self) -> None:
-        options = self.options
-        smtp_tls = options.get("tls-options") or load_tls_options(options)
-        http_tls = options.get("http-tls-options") or load_tls_options(
-            options, "http-tls", "HTTP TLS") if options["http"] else None
+        config = self.config
+        smtp, http = config.smtp, config.http
+        smtp_tls = self.preloaded.smtp_tls or load_tls_options(smtp.tls)
+        http_tls = self.preloaded.http_tls or load_tls_options(
+            http.tls, "HTTP TLS", "http") if http.enabled else None
+        legacy_tls = load_legacy_tls(smtp.tls, smtp.legacy)
         self.certificates = CertificateWatcher(
-            [store for store in (smtp_tls, http_tls) if store is not None],
-            interval=options["tls-poll-interval"], clock=self.reactor)
+            [store for store in (smtp_tls, http_tls, legacy_tls) if store is not None],
+            interval=smtp.tls.poll_interval, clock=self.reactor)
         self.certificates.setServiceParent(self)
         for store in self.certificates.stores:
             store.observe(self.metrics.certificates_loaded)
         tls_options = smtp_tls and smtp_tls.tls
-        if options["plain"]:
+        if smtp.plain:
             factory = self._factory("plain", tls_options=tls_options)
-            self._listen("plain", options["addr"], options["port"],
-                         self._proxied("plain", factory))
-        if options["tls"]:
+            self._listen("plain", smtp.addr, smtp.port, self._proxied("plain", factory))
+        if smtp.tls_enabled:
             factory = self._factory("tls", tls_options=tls_options, implicit_tls=True)
-            self._listen("tls", options["addr"], options["tls-port"], self._proxied(
+            self._listen("tls", smtp.addr, smtp.tls_port, self._proxied(
                 "tls", TLSMemoryBIOFactory(tls_options, False, factory)))
-        if options["http"]:
+        self._add_legacy_listeners(smtp.legacy, legacy_tls)
+        if http.enabled:
             # caps (outermost, before TLS), then TLS, then the guarded HTTP channel
             listener = submission_listener(
-                self.portal, self.settings, reactor=self.reactor,
-                allow_anonymous=options["http-allow-anonymous"],
-                limits=HTTPLimits.from_options(options), tls_options=http_tls and http_tls.tls,
+                self.portal, self.settings, resources=self.resources,
+                allow_anonymous=http.allow_anonymous,
+                limits=http.limits, tls_options=http_tls and http_tls.tls,
                 connections=self.metrics.admissions(
                     self.ledgers.http_connections
-                    or HTTPLimits.from_options(options).connection_limits("http"), "http"),
+                    or http.limits.connection_limits("http"), "http"),
                 observer=self.metrics)
-            self._listen("http", options["http-addr"], options["http-port"], listener)
+            self._listen("http", http.addr, http.port, listener)
         self.readiness = self._readiness()
         self.status = RelayStatus(
             self.metrics, self._open_connections, lambda: len(self._http_channels()),
@@ -451,10 +450,40 @@ class RelayService(SigtermStop, MultiService):
             lambda: len(self.directory.current), lambda: self.draining)
         if self.adopted is not None:
             return  # a worker: the supervisor serves metrics and health for all
-        self._listen("metrics", options["metrics-addr"], options["metrics-port"],
+        self._listen("metrics", config.metrics.addr, config.metrics.port,
                      metrics_listener(self.metrics, self.readiness, self.status,
-                                      reactor=self.reactor,
-                                      limits=HTTPLimits.from_options(options)))
+                                      reactor=self.reactor, limits=http.limits))
+
+    def _add_legacy_listeners(self, legacy: LegacyProfile, store) -> None:
+        """The listeners for old devices (docs/devices.md): only their networks, TLS 1.0
+        and up, cleartext AUTH where the profile allows it.  No PROXY header: devices
+        connect directly, and the network check must see their own addresses."""
+        tls_options = store and store.tls
+        gate = NetworkGate(self.limits, Networks(legacy.networks))
+        cleartext = Networks(legacy.cleartext_auth) if legacy.cleartext_auth else None
+        for name, address in legacy.listeners.items():
+            implicit = name == "legacy-tls"
+            factory = self._factory(name, ledger=gate, tls_options=tls_options,
+                                    implicit_tls=implicit, cleartext_auth=cleartext)
+            self._listen(name, address.host, address.port,
+                         TLSMemoryBIOFactory(tls_options, False, factory)
+                         if implicit else factory)
+
+    def _log_legacy(self, legacy: LegacyProfile) -> None:
+        """One warning per legacy listener, naming it and who it serves."""
+        cleartext = (f"cleartext AUTH from {Networks(legacy.cleartext_auth)}"
+                     if legacy.cleartext_auth else "AUTH only over TLS")
+        tls = ("TLS 1.0 and 1.1 allowed" if self.config.smtp.tls.cert
+               else "no TLS (no --tls-cert)")
+        for name, address in legacy.listeners.items():
+            log.warn("SMTP {name} listener on [{addr}]:{port} for old devices: {tls}, "
+                     "only from {networks}; {cleartext} (docs/devices.md)",
+                     name=name, addr=listen_address(address.host), port=address.port,
+                     tls=tls, networks=Networks(legacy.networks), cleartext=cleartext)
+        public = legacy.public_networks() if legacy.listeners else []
+        if public:
+            log.warn("--legacy-networks includes public address space ({networks}): "
+                     "prefer a printer VLAN", networks=Networks(tuple(public)))
 
     def _readiness(self) -> Readiness:
         """/readyz: this replica's own state, never the upstream's (docs/metrics.md,
@@ -462,11 +491,11 @@ class RelayService(SigtermStop, MultiService):
         all out of the load balancer at once."""
         checks = [("config", self.providers_ready),
                   ("listeners", ListenersCheck(lambda: [
-                      s for s in self if s.name in ("plain", "tls", "http")]))]
-        if self.options["relay-upstreams"]:
+                      s for s in self if s.name in SERVING_LISTENERS]))]
+        if self.config.relay.upstreams:
             checks.append(("oauth2", TokensCheck(self.upstreams)))
         else:
-            checks.append(("maildir", MaildirCheck(os.path.abspath(self.options["maildir"]))))
+            checks.append(("maildir", MaildirCheck(os.path.abspath(self.config.relay.maildir))))
         if self.spool_service is not None and self.modes.mode != Mode.PASSTHROUGH:
             checks.append(("spool", SpoolCheck(self.spool_service.spool)))
         return Readiness(checks)
@@ -499,10 +528,10 @@ class RelayService(SigtermStop, MultiService):
     def _proxied(self, name: str, factory):
         """With ``--proxy-protocol``, the PROXY header is read first, outside TLS: a proxy
         sends it before the client's TLS handshake (docs/smtp-limits.md)."""
-        if not self.options["proxy-protocol"]:
+        if not self.config.smtp.proxy_protocol:
             return factory
         return ProxyProtocolFactory(
-            factory, trusted=TrustedProxies(self.options["proxy-protocol-trusted"]),
+            factory, trusted=TrustedProxies(self.config.smtp.proxy_trusted),
             timeout=self.settings.tls_handshake_timeout, name=name, reactor=self.reactor)
 
     def _listen(self, name: str, addr: str, port: int, factory) -> None:
@@ -511,40 +540,43 @@ class RelayService(SigtermStop, MultiService):
             AdoptedPort(self.reactor, name, self.adopted[name],
                         family_of(listen_address(addr)), factory).setServiceParent(self)
             return
-        endpoint = server_endpoint(self.reactor, addr, port, self.options["listen-backlog"])
+        endpoint = server_endpoint(self.reactor, addr, port,
+                                   self.config.process.listen_backlog)
         service = internals.listening_service(endpoint, factory)  # a port in use stops startup
         service.setName(name)
         service.setServiceParent(self)
 
     def startService(self) -> None:
-        options = self.options
-        set_level(options["log-level"])
+        config = self.config
+        providers_from = config.providers
+        set_level(config.logging.level)
         log.info("esmtpfa {version} starting, server id {id}", version=__version__, id=self.id)
         providers = self.directory.current.providers
         log.info("{count} provider(s): {names}", count=len(providers),
                  names=", ".join(f"{p.meta.name} ({p.meta.type})" for p in providers) or "none")
         if self.adopted is not None:
             log.info("providers: reloaded when the supervisor says so (it watches "
-                     "{source})", source=redact_url(options["config-svc"]) if
-                     options["config-svc"] else os.path.abspath(options["config"]))
-        elif options["config-svc"]:
+                     "{source})", source=redact_url(providers_from.service_url) if
+                     providers_from.service_url else os.path.abspath(providers_from.config))
+        elif providers_from.service_url:
             log.info("providers come from the config service {url}, polled every {interval:g} s "
-                     "(--config is not read)", url=redact_url(options["config-svc"]),
-                     interval=options["config-svc-interval"])
-            if options["config-svc-token"] and options["config-svc"].lower().startswith("http:"):
+                     "(--config is not read)", url=redact_url(providers_from.service_url),
+                     interval=providers_from.service_interval)
+            if (providers_from.service_token
+                    and providers_from.service_url.lower().startswith("http:")):
                 log.warn("--config-svc-token is sent over cleartext HTTP")
         else:
             log.info("providers come from {path}, checked for changes every {interval:g} s "
-                     "and on SIGHUP", path=os.path.abspath(options["config"]),
-                     interval=options["config-poll-interval"])
+                     "and on SIGHUP", path=os.path.abspath(providers_from.config),
+                     interval=providers_from.poll_interval)
             if not providers:
                 log.warn("no providers configured: every AUTH will be refused")
         for store in self.certificates.stores:
             store.log_in_use()
         if self.certificates.stores:
             log.info("certificate files checked for changes every {interval:g} s and on "
-                     "SIGHUP", interval=options["tls-poll-interval"])
-        if options["demo"]:
+                     "SIGHUP", interval=config.smtp.tls.poll_interval)
+        if config.demo:
             log.warn("DEMO MODE: plain listener with AUTH over cleartext; log in as "
                      "{user!r} with the demo password from the README", user=DEMO_USER)
         if self.settings.allow_anonymous:
@@ -555,25 +587,28 @@ class RelayService(SigtermStop, MultiService):
                      "undeliverable mail is {ending}", mode=self.modes.mode,
                      spool=self.spool_service.spool.description,
                      ending={"bounce": "bounced", "hold": "held"}[self.modes.ending])
-        if options["relay-config"]:
+        if config.relay.config_file:
             log.info("relay servers read from {path}; changes to that file take a restart "
-                     "(SIGHUP reloads providers only)", path=options["relay-config"])
-        if not (options["plain"] or options["tls"] or options["http"]):
+                     "(SIGHUP reloads providers only)", path=config.relay.config_file)
+        listeners = {listener.name: listener for listener in config.listeners()}
+        if not any(listeners[name].enabled for name in ("plain", "tls", "http")) and (
+                not config.smtp.legacy.listeners):
             log.warn("no listener enabled (--plain, --tls, --http): nothing accepts mail")
         for name in ("plain", "tls"):
-            if options[name]:
-                port = options["port"] if name == "plain" else options["tls-port"]
+            if listeners[name].enabled:
                 log.info("SMTP {name} listener on [{addr}]:{port}", name=name,
-                         addr=listen_address(options["addr"]), port=port)
-        if options["proxy-protocol"]:
+                         addr=listen_address(listeners[name].addr),
+                         port=listeners[name].port)
+        self._log_legacy(config.smtp.legacy)
+        if config.smtp.proxy_protocol:
             log.info("SMTP connections start with a PROXY header, accepted from {networks}",
-                     networks=TrustedProxies(options["proxy-protocol-trusted"]))
-        if options["http"]:
-            secure = bool(options["http-tls-cert"])
+                     networks=TrustedProxies(config.smtp.proxy_trusted))
+        if config.http.enabled:
+            secure = bool(config.http.tls.cert)
             log.info("HTTP submission listener on {scheme}://[{addr}]:{port}/",
                      scheme="https" if secure else "http",
-                     addr=listen_address(options["http-addr"]), port=options["http-port"])
-            if options["http-allow-anonymous"]:
+                     addr=listen_address(config.http.addr), port=config.http.port)
+            if config.http.allow_anonymous:
                 log.warn("--http-allow-anonymous: HTTP submissions without credentials are "
                          "relayed WITHOUT authentication")
             if not secure:
@@ -581,8 +616,8 @@ class RelayService(SigtermStop, MultiService):
                          "in cleartext")
         if self.adopted is None:
             log.info("metrics and health on http://[{addr}]:{port}/metrics (/status "
-                     "/healthz /readyz)", addr=listen_address(options["metrics-addr"]),
-                     port=options["metrics-port"])
+                     "/healthz /readyz)", addr=listen_address(config.metrics.addr),
+                     port=config.metrics.port)
         self.install_sigterm()
         super().startService()
         for relay in unwrap(self.relay):
@@ -596,7 +631,7 @@ class RelayService(SigtermStop, MultiService):
         services = [s for s in self if isinstance(s, StreamServerEndpointService)]
         waits = [internals.port_of(s) for s in services]
         names = [s.name for s in services]
-        return gatherResults(waits).addCallback(lambda ports: dict(zip(names, ports)))
+        return gatherResults(waits).addCallback(lambda ports: dict(zip(names, ports, strict=True)))
 
     #: Set when the service stops (SIGTERM): ``/readyz`` answers 503 from then on.
     draining = False
@@ -606,7 +641,7 @@ class RelayService(SigtermStop, MultiService):
 
     def sigterm_received(self) -> None:
         log.info("SIGTERM: draining for up to {grace:g} s, then exiting",
-                 grace=self.options["shutdown-grace"])
+                 grace=self.config.process.shutdown_grace)
 
     def stopService(self):
         """SIGTERM (docs/smtp-limits.md, "Shutdown"): out of the load balancer's rotation,
@@ -615,12 +650,12 @@ class RelayService(SigtermStop, MultiService):
         The metrics listener serves ``/readyz`` until the end."""
         from twisted.internet.defer import gatherResults, maybeDeferred
         self.draining = True
-        deadline = self.reactor.seconds() + self.options["shutdown-grace"]
-        listeners = [s for s in self if s.name in ("plain", "tls", "http")]
+        grace = self.config.process.shutdown_grace
+        deadline = self.reactor.seconds() + grace
+        listeners = [s for s in self if s.name in SERVING_LISTENERS]
         d = gatherResults([maybeDeferred(s.stopService) for s in listeners])
         d.addBoth(lambda _: gatherResults([
-            drain_listeners(self.smtp_factories, self.options["shutdown-grace"],
-                            self.reactor),
+            drain_listeners(self.smtp_factories, grace, self.reactor),
             http_requests_done(self._http_channels, deadline, self.reactor)]))
         if self.spool_service is not None:  # no new delivery attempts from the spool
             d.addBoth(lambda _: self.spool_service.pause())

@@ -23,6 +23,9 @@ class SigtermStop:
     nothing); ``sigterm_received`` logs what the stop will do."""
 
     _previous_sigterm: Any = None
+    #: From the service this is mixed into (``RelayService``, ``Supervisor``).
+    reactor: Any
+    running: int
 
     def stopping_already(self) -> bool:
         raise NotImplementedError

@@ -26,23 +26,16 @@ from twisted.python import usage
 from esmtpfa.runtime import options as _options
 from esmtpfa.common.logs import logger
 from esmtpfa.runtime.service import (
+    Preloaded,
     RelayService,
     listen_address,
     load_providers,
     load_tls_options,
 )
+from esmtpfa.runtime.settings import Settings, settings_of
 from esmtpfa.runtime.workers.supervisor import Supervisor
 
 log = logger("esmtpfa")
-
-#: Each listener as an operator knows it: its service name, what it is, the flags that
-#: place it (the address flag, the port flag).
-LISTENERS = {
-    "plain": ("SMTP listener", "addr", "port"),
-    "tls": ("submissions (implicit TLS) listener", "addr", "tls-port"),
-    "http": ("HTTP listener", "http-addr", "http-port"),
-    "metrics": ("metrics listener", "metrics-addr", "metrics-port"),
-}
 
 
 class Options(_options.Options):
@@ -58,41 +51,43 @@ class Options(_options.Options):
             raise SystemExit(f"esmtpfa: {error}{hint}") from None
 
     def postOptions(self) -> None:
-        if self.get("print-config") or self.get("check-config") or self.get("check-connect"):
-            # Every problem is collected instead of stopping at the first.
-            problems: list[str] = []
-            try:
-                super().postOptions()
-            except _options.OptionsProblems as error:
-                problems = error.problems
-            except usage.UsageError as error:
-                problems = [str(error)]
-            if self.get("print-config"):
-                raise SystemExit(print_config(self, problems))
-            self["check-config"] = True  # --check-connect implies it
-            self["check-config-problems"] = problems
+        try:
+            super().postOptions()
+        except usage.UsageError:
+            # --print-config and --check-config collect every problem (``self.problems``)
+            # instead of stopping at the first.
+            actions = self.settings.actions if self.settings is not None else None
+            if actions is None or not (actions.print_config or actions.check_config):
+                raise
+        settings = settings_of(self)
+        if settings.actions.print_config:
+            raise SystemExit(print_config(settings, self.problems))
+        if settings.actions.check_config:  # --check-connect implies it
             from esmtpfa.runtime.checkconfig import run
             raise SystemExit(run(self))
-        super().postOptions()
         parent = getattr(self, "parent", None)
-        if self["log-format"] == "json" and parent is not None and (
+        if settings.logging.format == "json" and parent is not None and (
                 "fileLogObserverFactory" in parent):
             # ``twist``: its runner makes the log observer with this factory (twistd
             # takes it from the application: TwistdRelayService).
             from esmtpfa.common.jsonlog import JSONLinesObserver
             parent["fileLogObserverFactory"] = JSONLinesObserver
         from twisted.internet import reactor
-        self["provider-set"] = load_providers(self, reactor)
-        self["tls-options"] = load_tls_options(self)
-        self["http-tls-options"] = load_tls_options(self, "http-tls", "HTTP TLS")
+        from esmtpfa.common.resources import Resources
+        #: The one bundle (docs/architecture.md, "Resources"): the service takes it over.
+        self.resources = Resources.build(reactor)
+        self.preloaded = Preloaded(
+            providers=load_providers(settings.providers, self.resources),
+            smtp_tls=load_tls_options(settings.smtp.tls),
+            http_tls=load_tls_options(settings.http.tls, "HTTP TLS", "http"))
 
 
-def print_config(options: _options.Options, problems: list[str], out=None,
+def print_config(settings: Settings, problems: list[str], out=None,
                  err=None) -> int:
     """``--print-config [--non-default]``: the effective settings, then any problem on
     standard error; the exit status is 1 when there is one."""
     out, err = out or sys.stdout, err or sys.stderr
-    for line in options.effective(non_default=bool(options.get("non-default"))):
+    for line in settings.effective(non_default=settings.actions.non_default):
         out.write(line + "\n")
     out.flush()
     for problem in problems:
@@ -124,10 +119,10 @@ class TwistdComponents:
         options = self.options  # type: ignore[attr-defined]
         server_options = getattr(options, "parent", None)
         under_twist = server_options is not None and "fileLogObserverFactory" in server_options
-        json = options["log-format"] == "json"
+        json = settings_of(options).logging.format == "json"
         own_file = self.owns_log_file and not logs_to_standard_output(server_options)
         if (json or own_file) and hasattr(parent, "setComponent") and not under_twist:
-            out = twistd_log_file(server_options)
+            out = twistd_log_file(server_options, self.reactor)  # type: ignore[attr-defined]
             parent.setComponent(ILogObserver, JSONLinesObserver(out) if json
                                 else textFileLogObserver(out))
             if own_file:
@@ -149,10 +144,10 @@ class TwistdComponents:
 def cannot_listen(options, error: CannotListenError) -> str:
     """One line naming the listener, its flags, the address and port, and why."""
     what = "listener"
-    for name, (label, addr, port) in LISTENERS.items():
-        if (options.get(name, True) and options[port] == error.port
-                and listen_address(options[addr]) == error.interface):
-            what = f"{label} (--{addr}, --{port})"
+    for listener in settings_of(options).listeners():
+        if (listener.enabled and listener.port == error.port
+                and listen_address(listener.addr) == error.interface):
+            what = f"{listener.label} ({listener.flags})"
             break
     reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
     return f"{what}: cannot listen on [{error.interface}]:{error.port}: {reason}"
@@ -191,14 +186,15 @@ class TwistdSupervisor(TwistdComponents, Supervisor):
 
 
 def makeService(options) -> RelayService | Supervisor:
-    if options.get("check-config"):  # answered while parsing, unless Options was skipped
+    settings = settings_of(options)
+    if settings.actions.check_config:  # answered while parsing, unless Options was skipped
         from esmtpfa.runtime.checkconfig import run
         raise SystemExit(run(options))
     # From here on a listener may be bound before the reload service takes SIGHUP.
     from esmtpfa.config.reload import startup_sighup
     startup_sighup.install()
     try:
-        if options["workers"] > 1:
+        if settings.process.workers > 1:
             _check_worker_logging(getattr(options, "parent", None))
             return TwistdSupervisor(options)
         return TwistdRelayService(options)

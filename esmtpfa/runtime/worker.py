@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.python import usage
 
     from esmtpfa.runtime.tap import Options
+    from esmtpfa.runtime.settings import settings_of
     from esmtpfa.runtime.workers.agent import WorkerAgent
 
     options = Options()
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except usage.UsageError as error:
         print(f"esmtpfa worker {arguments.slot}: {error}", file=sys.stderr)
         return 2
-    start_logging(arguments.slot, options["log-format"])
+    start_logging(arguments.slot, settings_of(options).logging.format)
     agent = WorkerAgent(reactor, options, slot=arguments.slot,
                         control_fd=arguments.control_fd, listeners=arguments.listeners)
     agent.start()

@@ -17,7 +17,8 @@ from esmtpfa.common.replies import Reply, SMTPReplyError
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
 DOT_ATOM = rf"{ATEXT}+(?:\.{ATEXT}+)*"
 QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?"
+_LABEL = (r"[A-Za-z0-9\u0080-\U0010FFFF]"
+          r"(?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?")
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]"
 # \Z, not $: "$" also matches before a final LF, which would let "a@b\n" pass.

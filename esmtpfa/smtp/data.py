@@ -171,8 +171,8 @@ class DataReader(ContentChecker):
         else:
             self._tail = tail
 
-    def _consume(self, block: bytes, at_line_start: bool) -> None:
-        block = self._checked(block)
+    def _consume(self, raw: bytes, at_line_start: bool) -> None:
+        block = self._checked(raw)
         if block is None:
             return
         # Undo transparency (RFC 5321 §4.5.2): a leading dot is removed from every line.
@@ -220,7 +220,7 @@ class ChunkReader(ContentChecker):
             tail, self._tail = self._tail, b""
             self._pass(tail.removesuffix(b"\r") + b"\r\n")
 
-    def _pass(self, block: bytes) -> None:
-        block = self._checked(block)
+    def _pass(self, raw: bytes) -> None:
+        block = self._checked(raw)
         if block is not None:
             self._sink(self._without_nul(block))

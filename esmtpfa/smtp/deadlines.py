@@ -133,7 +133,8 @@ class ClientDeadline:
     def fire(self) -> None:
         """Called by the sweeper, once, when the stage's allowance has run out."""
         self._armed = False
-        self._expired(self._stage)
+        if self._stage is not None:  # armed only by ``_enter``, which sets a stage
+            self._expired(self._stage)
 
 
 class WriteStall:

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
-from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.logsummary import RepeatSummary
 from esmtpfa.common.ids import new_id
 from esmtpfa.smtp.deadlines import client_sweeper
+from esmtpfa.smtp.devices import NETWORK_NOT_ALLOWED, NOT_ALLOWED, Networks
 from esmtpfa.common.replies import Reply
 from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.limits.guard import UNAVAILABLE
 from esmtpfa.limits.interfaces import IConnectionLedger
+from esmtpfa.limits.ledgers import ConnectionLimits
 
 log = logger("esmtpfa.smtp")
 
@@ -26,35 +26,12 @@ log = logger("esmtpfa.smtp")
 #: 15 s wrote 21 MB of log; now the first of each reason, then one line per interval).
 REFUSAL_SUMMARY_INTERVAL = 5.0
 
-
-@implementer(IConnectionLedger)
-class ConnectionLimits:
-    """Total and per-IP connection counts, shared by all listeners of one relay, in this
-    process (the workers' supervisor keeps one for all workers: ``esmtpfa.runtime.workers``)."""
-
-    def __init__(self, total: int, per_ip: int):
-        self.total, self.per_ip = total, per_ip
-        self.active = 0
-        self.by_ip: Counter[str] = Counter()
-
-    def refusal(self, ip: str) -> defer.Deferred:
-        return defer.succeed(self.refusal_now(ip))
-
-    def refusal_now(self, ip: str) -> str | None:
-        """Take a slot for ``ip``; or, without taking one, the limit that refuses it."""
-        if self.active >= self.total:
-            return "total limit"
-        if self.by_ip[ip] >= self.per_ip:
-            return "per-address limit"
-        self.active += 1
-        self.by_ip[ip] += 1
-        return None
-
-    def release(self, ip: str) -> None:
-        self.active -= 1
-        self.by_ip[ip] -= 1
-        if self.by_ip[ip] <= 0:
-            del self.by_ip[ip]
+#: What a client refused by a ledger hears, by the ledger's reason; a limit reached is
+#: temporary (421), an address a legacy listener does not serve is not (554).
+REFUSAL_REPLIES = {NETWORK_NOT_ALLOWED: NOT_ALLOWED}
+#: The log line of a refusal, by reason (the default: a limit reached).
+REFUSAL_LINES = {NETWORK_NOT_ALLOWED:
+                 "{connection_id} refused: [{peer}] is not in this listener's networks"}
 
 
 class SMTPServerFactory(ServerFactory):
@@ -62,7 +39,8 @@ class SMTPServerFactory(ServerFactory):
 
     ``tls_options`` enables STARTTLS on a plain listener; ``implicit_tls`` marks a
     listener whose transport is already TLS (port 465, RFC 8314), where STARTTLS is
-    never offered.
+    never offered.  ``cleartext_auth`` (a legacy listener's, ``esmtpfa.smtp.devices``)
+    names the networks whose clients may log in without TLS.
     """
 
     protocol = ESMTPServer
@@ -72,15 +50,15 @@ class SMTPServerFactory(ServerFactory):
 
     def __init__(self, settings: ServerSettings, portal: Portal, *, name: str = "smtp",
                  tls_options=None, implicit_tls: bool = False,
-                 limits: ConnectionLimits | None = None, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 limits: IConnectionLedger | None = None, reactor: Any,
+                 cleartext_auth: Networks | None = None):
         self.settings = settings
         self.portal = portal
         self.name = name
         self.id = new_id()
         self.tls_options = None if implicit_tls else tls_options
         self.implicit_tls = implicit_tls
+        self.cleartext_auth = cleartext_auth
         self.limits = limits or ConnectionLimits(
             settings.max_connections, settings.max_connections_per_ip)
         self.reactor = reactor
@@ -96,6 +74,14 @@ class SMTPServerFactory(ServerFactory):
     def buildProtocol(self, addr) -> ESMTPServer:
         return self.protocol(self)
 
+    def allows_cleartext_auth(self, host: str) -> bool:
+        """Whether a client at ``host`` may log in without TLS on this listener:
+        ``--allow-insecure-auth`` for everybody, or a legacy listener's
+        ``--legacy-cleartext-auth-networks``."""
+        if self.settings.allow_insecure_auth:
+            return True
+        return self.cleartext_auth is not None and self.cleartext_auth.allows(host)
+
     def admit(self, session: ESMTPServer) -> defer.Deferred:
         """Fires with ``None`` when the session may go on (it then holds a slot), else
         with the reply that refuses it.  A session that left before the count answered
@@ -105,9 +91,10 @@ class SMTPServerFactory(ServerFactory):
         def decided(reason: str | None) -> Reply | None:
             if reason is not None:
                 self.refusals.record(
-                    reason, "{connection_id} refused: {reason} reached for [{peer}]",
+                    reason, REFUSAL_LINES.get(
+                        reason, "{connection_id} refused: {reason} reached for [{peer}]"),
                     connection_id=session.id, reason=reason, peer=host)
-                return TOO_MANY_CONNECTIONS
+                return REFUSAL_REPLIES.get(reason, TOO_MANY_CONNECTIONS)
             if session._closing:
                 self.limits.release(host)
                 return None

@@ -30,21 +30,23 @@ import ipaddress
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from esmtpfa.common import internals
 from esmtpfa.common.logs import logger
 from esmtpfa.common.logsummary import RepeatSummary
+from esmtpfa.common.transport import IStreamTransport
 
 log = logger("esmtpfa.smtp")
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The longest v1 header, CRLF included (the PROXY protocol specification, section 2.1).
 V1_MAX = 107
@@ -196,11 +198,12 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     """One connection from a proxy: reads the header, then runs the wrapped protocol
     with the header's addresses as ``getPeer()`` and ``getHost()``."""
 
-    factory: "ProxyProtocolFactory"
+    factory: ProxyProtocolFactory
+    transport: IStreamTransport
+    wrappedProtocol: Any  # None once a connection without a session is gone
 
     def __init__(self, factory: "ProxyProtocolFactory", wrappedProtocol: Any):
         super().__init__(factory, wrappedProtocol)
-        self.transport = None  # ProtocolWrapper forwards unknown names to the transport
         self._reader: HeaderReader | None = HeaderReader()
         self._header: Header | None = None
         self._timer: Any = None
@@ -254,7 +257,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         if self._header is not None:
             super().connectionLost(reason)
@@ -284,7 +287,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._timer = None
 
 
-class ProxyProtocolFactory(WrappingFactory):
+class ProxyProtocolFactory(WrappingFactory[ProxyProtocolWrapper]):
     """Wraps one SMTP listener's factory (outermost: outside TLS)."""
 
     protocol = ProxyProtocolWrapper

@@ -17,13 +17,14 @@ from __future__ import annotations
 import base64
 import re
 import time
+from typing import Any, cast
 
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,7 +44,7 @@ from esmtpfa.smtp.data import ChunkReader, DataReader
 from esmtpfa.auth.interfaces import IMessageDelivery
 from esmtpfa.smtp.deadlines import ClientDeadline, Stage, WriteStall
 from esmtpfa.common.transport import (
-    connection_of, limit_send_buffer, output_waiting, output_waiting_since)
+    IStreamTransport, connection_of, limit_send_buffer, output_waiting, output_waiting_since)
 
 log = logger("esmtpfa.smtp")
 
@@ -137,6 +138,8 @@ class ESMTPServer(Protocol):
     (``deadlines.WriteStall``) ends the connection, long before its stage would.
     """
 
+    transport: IStreamTransport
+
     def __init__(self, factory):
         self.factory = factory
         self.settings = factory.settings
@@ -161,7 +164,7 @@ class ESMTPServer(Protocol):
         self._auth_failures = 0
         self._sasl: sasl.Mechanism | None = None
         self._sasl_failed = False
-        self._transaction = None
+        self._transaction: Any = None  # the delivery's, from MAIL to the end of the message
         self._mail: PathArgument | None = None
         self._recipients: list[str] = []
         self._reader: DataReader | None = None
@@ -245,7 +248,7 @@ class ESMTPServer(Protocol):
     def stopProducing(self) -> None:
         """The transport is going away; ``connectionLost`` does the cleaning."""
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         in_handshake = self._deadline.stage is Stage.HANDSHAKE  # implicit TLS or STARTTLS
         self._deadline.stop()
         self._stall.stop()
@@ -515,7 +518,7 @@ class ESMTPServer(Protocol):
         # (``_finish``), the message's verdict is no longer awaited.
         self._finishing = False
         if isinstance(result, Failure):
-            if result.check(SMTPReplyError):
+            if isinstance(result.value, SMTPReplyError):
                 result = result.value.reply
             else:
                 log.failure("{connection_id} unexpected error", result,
@@ -558,7 +561,7 @@ class ESMTPServer(Protocol):
                       "ENHANCEDSTATUSCODES"]
         if self.factory.tls_options is not None and not self._tls:
             extensions.append("STARTTLS")
-        if self._tls or settings.allow_insecure_auth:
+        if self._tls or self.factory.allows_cleartext_auth(self._context.peer_host):
             extensions.append("AUTH " + " ".join(sasl.MECHANISMS))
         if settings.smtputf8:
             extensions.append("SMTPUTF8")
@@ -572,7 +575,8 @@ class ESMTPServer(Protocol):
         if not self._tls:
             return None
         try:
-            name = self.transport.getHandle().get_servername()
+            handle: Any = self.transport.getHandle()  # with TLS, the OpenSSL connection
+            name = handle.get_servername()
         except Exception:
             return None
         return name.decode("idna") if name else None
@@ -634,7 +638,8 @@ class ESMTPServer(Protocol):
             return ALREADY_AUTHENTICATED
         if self._mail is not None:
             return AUTH_IN_TRANSACTION
-        if not self._tls and not self.settings.allow_insecure_auth:
+        if not self._tls and not self.factory.allows_cleartext_auth(
+                self._context.peer_host):  # --allow-insecure-auth, or a legacy listener's
             return replies.ENCRYPTION_REQUIRED
         name, _, initial = argument.partition(" ")
         if not name:
@@ -651,6 +656,7 @@ class ESMTPServer(Protocol):
 
     def _sasl_response(self, line: bytes):
         mechanism = self._sasl
+        assert mechanism is not None  # called only during an AUTH exchange
         if self._sasl_failed:  # RFC 7628 §3.2.3: the client acknowledged the error
             self._sasl = None
             return self._auth_failed()
@@ -670,6 +676,7 @@ class ESMTPServer(Protocol):
 
     def _login(self, offer: sasl.Offer) -> defer.Deferred:
         mechanism = self._sasl
+        assert mechanism is not None  # an offer ends an AUTH exchange
         context = self._context
         if offer.oauth_host:
             context = context.evolve(oauth_host=offer.oauth_host)
@@ -703,7 +710,8 @@ class ESMTPServer(Protocol):
         def failed(failure: Failure):
             if failure.check(defer.CancelledError) and self._closing:
                 return None  # the client went away while we asked: nobody to answer
-            log_failed_login(context, mechanism.name, failure.value, offer.username)
+            log_failed_login(context, mechanism.name, cast(BaseException, failure.value),
+                             offer.username)
             if failure.check(UnauthorizedLogin):
                 challenge = mechanism.failure_challenge()
                 if challenge is not None:
@@ -849,6 +857,7 @@ class ESMTPServer(Protocol):
         return START_DATA
 
     def _feed_data(self) -> None:
+        assert self._reader is not None  # called only while a DATA body is read
         data, self._buffer = self._buffer, b""
         after = self._reader.feed(data)
         if after is None:
@@ -898,20 +907,24 @@ class ESMTPServer(Protocol):
 
     def _feed_chunk(self) -> None:
         chunk = self._chunk
+        assert chunk is not None  # called only inside a BDAT chunk
         data = self._buffer[:chunk.remaining]
         self._buffer = self._buffer[len(data):]
         chunk.remaining -= len(data)
         if chunk.error is None:
+            assert self._chunks is not None  # an accepted chunk has its reader
             self._chunks.feed(data)
         if chunk.remaining == 0:
             self._end_chunk()
 
     def _end_chunk(self) -> None:
         chunk, self._chunk = self._chunk, None
+        assert chunk is not None  # called only when a BDAT chunk ends
         if chunk.error is not None:
             self._reply(chunk.error)
             return
         reader = self._chunks
+        assert reader is not None  # an accepted chunk has its reader
         if chunk.last:
             reader.finish()
         if reader.error is not None:

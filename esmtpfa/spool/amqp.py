@@ -114,9 +114,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+import builtins
 import json
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 from urllib.parse import quote, unquote
 import uuid
 import weakref
@@ -126,16 +127,18 @@ from pika import exceptions as amqp_errors
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet import error as error_types
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
+from esmtpfa.common.probe import IProbe
 from esmtpfa.spool.interfaces import (
     IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
     Recipient, RecipientState, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
-    SpoolStats)
+    SpoolStats, probe_counts)
 from esmtpfa.common.urls import query_parameters, split_secret_url
 
 log = logger("esmtpfa.spool.amqp")
@@ -272,7 +275,7 @@ class Topology:
         return self.retry(self.retry_delays[-1])
 
     def declarations(self) -> list[tuple[str, dict[str, Any]]]:
-        quorum = {"x-queue-type": "quorum"}
+        quorum: dict[str, Any] = {"x-queue-type": "quorum"}
         main = dict(quorum)
         if self.max_bytes:
             main.update({"x-max-length-bytes": self.max_bytes,
@@ -436,7 +439,7 @@ class BodyContent:
     """The content of a delivered message: AMQP hands it over whole, in memory."""
 
     def __init__(self, body: bytes):
-        self._body = body
+        self._body: bytes | None = body
         self.size = len(body)
 
     def read_from(self, offset: int = 0, chunk_size: int = 65536) -> Iterator[bytes]:
@@ -543,6 +546,8 @@ class _BrokerProtocol(TwistedProtocolConnection):
     ``connection.blocked`` (publishers stopped for a memory or disk alarm).  The adapter
     keeps pika's ``Connection`` as ``_impl`` and offers no other way to them."""
 
+    transport: ITCPTransport  # TCP or TLS: both can abort
+
     def __init__(self, parameters: pika.ConnectionParameters, reactor: Any):
         super().__init__(parameters, custom_reactor=reactor)
         self.open_error: BaseException | None = None
@@ -552,7 +557,7 @@ class _BrokerProtocol(TwistedProtocolConnection):
         #: The broker's connection.close while opening (a refused login, vhost): the
         #: adapter replaces it with "connection done" once the socket closes.
         self.refusal: BaseException | None = None
-        connection = self._impl
+        connection = self._impl  # type: ignore[attr-defined]  # pika's private Connection
         connection.add_on_connection_blocked_callback(self._blocked)
         connection.add_on_connection_unblocked_callback(self._unblocked)
         connection.callbacks.add(0, pika.spec.Connection.Close, self._broker_closes,
@@ -568,7 +573,7 @@ class _BrokerProtocol(TwistedProtocolConnection):
         # override is what pika calls) fails ``ready`` with a bare "connection error";
         # the reason is kept first.
         self.open_error = error if isinstance(error, BaseException) else None
-        super()._on_connection_failed(connection, error)
+        super()._on_connection_failed(connection, error)  # type: ignore[misc]  # private
 
     def _blocked(self, _connection: Any, frame: Any) -> None:
         self.blocked = getattr(frame.method, "reason", "") or "a resource alarm"
@@ -576,8 +581,9 @@ class _BrokerProtocol(TwistedProtocolConnection):
     def _unblocked(self, _connection: Any, _frame: Any) -> None:
         self.blocked = None
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.lost = reason.value
+    def connectionLost(self, reason: Failure | BaseException = protocol.connectionDone
+                       ) -> None:
+        self.lost = reason.value if isinstance(reason, Failure) else reason
         super().connectionLost(reason)
         if not self.ended.called:
             self.ended.callback(None)
@@ -695,7 +701,9 @@ class _Link:
         self._protocol, self._publisher = built, publisher
         self._consumer = self._consumer_tag = None
         self.state, self.reason, self._failures = self.UP, "", 0
-        built.closed.addCallback(lambda reason: self._lost(generation, reason))
+        closed = built.closed
+        assert isinstance(closed, defer.Deferred)  # pika sets it once the connection is ready
+        closed.addCallback(lambda reason: self._lost(generation, reason))
         self._watch(publisher, generation)
         self._on_up(generation)
 
@@ -767,10 +775,11 @@ class _Link:
     async def channel(self, watched: bool = False) -> Any:
         """A new channel on the current connection; a ``watched`` one that closes drops
         the connection."""
-        if not self.up:
+        protocol = self._protocol
+        if not self.up or protocol is None:
             raise _LinkError(self.reason)
         generation = self.generation
-        opened = await _within(self._protocol.channel(), self._confirm_timeout,
+        opened = await _within(protocol.channel(), self._confirm_timeout,
                                self._reactor, "opening a channel")
         if generation != self.generation:
             raise _LinkError("the connection was lost")
@@ -916,6 +925,13 @@ class _Delivery:
         self.work: defer.Deferred | None = None
 
     @property
+    def stored(self) -> StoredState:
+        """The decoded state: every delivery kept past its arrival has one (one that
+        does not decode is held as foreign at once, ``_received``)."""
+        assert self.state is not None
+        return self.state
+
+    @property
     def key(self) -> object:
         return self.copy_id if self.copy_id is not None else id(self)
 
@@ -982,6 +998,12 @@ def _delivery_count(headers: dict[str, Any] | None) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def _delivery_of(message: QueuedMessage) -> _Delivery:
+    """The delivery this spool handed out as ``message`` (its ``token``, opaque to the
+    runner)."""
+    return cast(_Delivery, message.token)
+
+
 # -- the queue tool's view ----------------------------------------------------------------
 
 @dataclass
@@ -994,7 +1016,7 @@ class _Browsed:
     size: int
     state: StoredState | None
     foreign: str | None
-    body: bytes | None
+    body: bytes
 
     @property
     def id(self) -> str | None:
@@ -1049,7 +1071,7 @@ class _Browser:
 
 # -- the spool ----------------------------------------------------------------------------
 
-@implementer(ISpool, IQueueAdmin)
+@implementer(ISpool, IQueueAdmin, IProbe)
 class AMQPSpool:
     """The spool in RabbitMQ (module docstring).  ``url`` is ``amqp[s]://...``;
     ``reactor`` runs everything; ``threads`` (default: the reactor's pool) reads the
@@ -1329,13 +1351,13 @@ class AMQPSpool:
         for delivery in list(self._buffer):
             if len(taken) >= limit:
                 break
-            if not eligible(delivery.state.entry.identity):
+            if not eligible(delivery.stored.entry.identity):
                 continue
             self._buffer.remove(delivery)
             delivery.phase = _Delivery.CLAIMED
             self._claimed[delivery.key] = delivery
             self._memory.note(delivery.copy_id, _Recollection.CLAIMED)
-            taken.append(delivery.state.queued(token=delivery))
+            taken.append(delivery.stored.queued(token=delivery))
         return taken
 
     def _window_full(self) -> bool:
@@ -1343,7 +1365,7 @@ class AMQPSpool:
         return held_here >= self.prefetch
 
     def content(self, message: QueuedMessage) -> defer.Deferred:
-        return defer.succeed(BodyContent(message.token.body))
+        return defer.succeed(BodyContent(_delivery_of(message).body))
 
     def _live(self, delivery: _Delivery) -> bool:
         return (not self._closing and self._link.up
@@ -1354,7 +1376,7 @@ class AMQPSpool:
         redeliver it if this process dies, and a redelivered message is held.  Refused
         if the claim was lost with the connection: the broker has requeued the message,
         and another consumer may be attempting it."""
-        delivery: _Delivery = message.token
+        delivery = _delivery_of(message)
         if delivery.phase != _Delivery.CLAIMED or not self._live(delivery):
             return defer.fail(SpoolError(
                 SpoolErrorKind.UNAVAILABLE, Phase.START,
@@ -1370,12 +1392,12 @@ class AMQPSpool:
         """Retry: a new copy in the retry queue that fits ``retry_at``; hold: a new copy
         in the held queue; done: nothing.  Each published and confirmed first, then the
         delivery acked, so a crash in between leaves two entries, never none."""
-        delivery: _Delivery = message.token
+        delivery = _delivery_of(message)
         if delivery.phase != _Delivery.CLAIMED:
             return defer.fail(SpoolError(SpoolErrorKind.CONFLICT, Phase.SETTLE,
                                          f"{message.entry.id} is not claimed"))
         try:
-            state = delivery.state.settled(settlement)
+            state = delivery.stored.settled(settlement)
             state.encode()
         except ValueError as error:  # still claimed: close() holds it if it must
             return defer.fail(SpoolError(SpoolErrorKind.UNAVAILABLE, Phase.SETTLE,
@@ -1429,6 +1451,7 @@ class AMQPSpool:
             if disposal.foreign is not None:
                 await self._publish_foreign(disposal.queue, delivery, disposal.foreign)
             else:
+                assert disposal.state is not None  # a disposal to a queue carries one
                 await self._publish(disposal.queue, delivery.body, disposal.state)
             # The new copy is stored: the delivered one is a duplicate from here on.
             self._memory.note(delivery.copy_id, _Recollection.SETTLED)
@@ -1452,6 +1475,13 @@ class AMQPSpool:
 
     # -- stats ------------------------------------------------------------------------
 
+    #: For ``--check-connect`` (``esmtpfa.common.probe``).
+    probe_subject = "spool"
+
+    def probe(self):
+        """Its counts, once started (``probe_counts``)."""
+        return probe_counts(self)
+
     def stats(self) -> defer.Deferred:
         return defer.ensureDeferred(self._stats())
 
@@ -1462,7 +1492,7 @@ class AMQPSpool:
             [d for d in self._disposing if d.phase != _Delivery.DONE])
         return SpoolStats({MessageState.QUEUED: queued,
                            MessageState.HELD: counts[self.topology.held]},
-                          None, None)  # type: ignore[arg-type]  # not known on AMQP
+                          None, None)  # not known on AMQP
 
     def counts(self) -> defer.Deferred:
         """Fires with ``{queue name: ready messages}`` (passive ``queue.declare``)."""
@@ -1516,7 +1546,7 @@ class AMQPSpool:
                 target = delivery.successor or delivery
                 if delivery.started:
                     disposal = _Disposal(self.topology.held,
-                                         delivery.state.held(STOPPED, delivery.started))
+                                         delivery.stored.held(STOPPED, delivery.started))
                 else:
                     disposal = _Disposal(self.topology.main, delivery.state)
                 ending.append(self._end(target, disposal))
@@ -1575,7 +1605,7 @@ class AMQPSpool:
         return self._tool(listing)
 
     async def _find(self, browser: _Browser, message_id: str, queues: tuple[str, ...],
-                    every: bool = False) -> list[_Browsed]:
+                    every: bool = False) -> builtins.list[_Browsed]:
         """The copies of ``message_id`` in ``queues`` (the first one, unless ``every``)."""
         found = []
         for queue in queues:

@@ -18,7 +18,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
+from zope.interface import implementer
+
 from esmtpfa.common.logs import logger
+from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.spool.interfaces import ISpool
 
 log = logger("esmtpfa.spool")
@@ -89,6 +92,36 @@ def open_spool(settings: SpoolSettings, reactor: Any, threads: ThreadPool) -> IS
     # declared, and the broker's own disk and memory alarms (which block publishers:
     # 451 4.3.0) or an operator's max-length-bytes policy bound it (docs/spool.md).
     return AMQPSpool(settings.url, reactor, prefetch=settings.prefetch, threads=threads)
+
+
+@implementer(IProbe)
+class SpoolCheck:
+    """The probe of a spool this process has not opened (``--check-connect``): opens
+    it as the relay does (the file spool's database, or the broker with its queues
+    declared) over a small pool of its own, asks its ``probe()``, and closes it."""
+
+    probe_subject = "spool"
+
+    def __init__(self, url: str, reactor: Any):
+        self.url = url
+        self._reactor = reactor
+
+    def probe(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._probe()).addErrback(ProbeResult.from_failure)
+
+    async def _probe(self) -> ProbeResult:
+        threads = ThreadPool(minthreads=0, maxthreads=2, name="esmtpfa-check-spool")
+        threads.start()
+        try:
+            spool = open_spool(SpoolSettings(self.url, max_bytes=0, min_free_bytes=0),
+                               self._reactor, threads)
+            await spool.start()
+            try:
+                return await spool.probe()
+            finally:
+                await spool.close()
+        finally:
+            threads.stop()
 
 
 class SpoolService(Service):

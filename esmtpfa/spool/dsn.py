@@ -29,7 +29,7 @@ anyway.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 import email.policy
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
@@ -130,7 +130,8 @@ def build_bounce(entry: SpoolEntry, failed: Sequence[Recipient], headers: bytes,
     ]
     report.set_boundary(_boundary(parts, policy))
     for part in parts:
-        report.attach(part)
+        # typeshed wants the container's own class; a part is a MIMEPart (no MIME-Version).
+        report.attach(part)  # type: ignore[arg-type]
     return report.as_bytes(policy=policy)
 
 
@@ -220,7 +221,8 @@ def _status_part(entry: SpoolEntry, failed: Sequence[Recipient], reporter: str,
         block["Last-Attempt-Date"] = _date(now)
         blocks.append(block)
     # The generator writes each block's fields and one empty line between blocks.
-    part.set_payload(blocks)
+    # typeshed's set_payload omits a list of MIMEParts, which is what a multipart holds.
+    part.set_payload(blocks)  # type: ignore[arg-type]
     return part
 
 
@@ -370,7 +372,7 @@ def _remote_name(name: str) -> str:
 
 def _date(when: float) -> str:
     """RFC 5322 §3.3 date-time, in UTC with an explicit +0000."""
-    return format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    return format_datetime(datetime.fromtimestamp(when, UTC))
 
 
 # -- peer text ------------------------------------------------------------------------

@@ -87,10 +87,11 @@ from zope.interface import implementer
 from esmtpfa.common.durable import fsync_directory, publish, unlink_quietly
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
+from esmtpfa.common.probe import IProbe
 from esmtpfa.spool.interfaces import (
     IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
     Recipient, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
-    SpoolStats)
+    SpoolStats, probe_counts)
 
 log = logger("esmtpfa.spool.files")
 
@@ -644,7 +645,7 @@ class GroupCommitter:
     def _finished(self, outcomes: Any, waiters: list[Deferred[Any]]) -> None:
         if isinstance(outcomes, Failure):  # the job itself could not run
             outcomes = [(False, outcomes)] * len(waiters)
-        for (ok, value), waiter in zip(outcomes, waiters):
+        for (ok, value), waiter in zip(outcomes, waiters, strict=True):
             if ok:
                 waiter.callback(value)
             else:
@@ -1200,7 +1201,7 @@ def _when_open(phase: str) -> Callable[[Callable[..., Deferred[Any]]],
     return decorate
 
 
-@implementer(ISpool, IQueueAdmin)
+@implementer(ISpool, IQueueAdmin, IProbe)
 class FileSpool:
     """The queue on the local disk: ``ISpool`` for the relay, ``IQueueAdmin`` for the
     queue tool (which opens it the same way, under an owner of its own).
@@ -1544,10 +1545,17 @@ class FileSpool:
                         durable=False)
         return d.addCallback(self._removed)
 
-    @_when_open(Phase.ADMIN)
     def watch(self, callback: Callable[[], None]) -> None:
         """Nothing to tell: a message stored here is kicked to the runner by the store
-        itself, and the runner's poll finds other processes' within a second."""
+        itself, and the runner's poll finds other processes' within a second.  Open or
+        not, there is nothing to do (nor a Deferred to fail)."""
+
+    #: For ``--check-connect`` (``esmtpfa.common.probe``).
+    probe_subject = "spool"
+
+    def probe(self):
+        """Its counts, once started (``probe_counts``)."""
+        return probe_counts(self)
 
     def stats(self) -> Deferred[SpoolStats]:
         return self._read(Phase.ADMIN, self._with_reader, QueueState.stats)

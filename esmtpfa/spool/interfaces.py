@@ -21,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
+from twisted.internet.defer import Deferred
+
 from zope.interface import Attribute, Interface
 
 from esmtpfa.common.message import Envelope
+from esmtpfa.common.probe import ProbeResult
 from esmtpfa.common.replies import Reply
 
 if TYPE_CHECKING:
@@ -212,6 +215,17 @@ class SpoolStats:
     messages: dict[str, int]
     bytes: int | None
     oldest_received: float | None
+
+
+def probe_counts(spool: "ISpool") -> "Deferred[ProbeResult]":
+    """A started spool's ``probe()``: its counts, read as the metrics read them (the
+    file spool's database, or the broker's queues), in one line."""
+    def counted(stats: SpoolStats) -> ProbeResult:
+        held = stats.messages.get("held", 0)
+        return ProbeResult.passed(
+            f"{spool.description}: {stats.messages.get('queued', 0)} queued, {held} held"
+            + (" (esmtpfa-queue list)" if held else ""))
+    return spool.stats().addCallbacks(counted, ProbeResult.from_failure)
 
 
 class IContent(Interface):

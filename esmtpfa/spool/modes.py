@@ -134,11 +134,12 @@ class Spooler:
         def failed(failure: Failure) -> Failure:
             if reservation is not None:
                 reservation.release()
-            if failure.check(SpoolError):
+            error = failure.value
+            if isinstance(error, SpoolError):
                 log.error("{connection_id} message {message_id} could not be queued: "
                           "{error}", connection_id=message.connection_id,
-                          message_id=message.id, error=str(failure.value))
-                return Failure(_store_error(failure.value))
+                          message_id=message.id, error=str(error))
+                return Failure(_store_error(error))
             return failure
         try:
             d = self.spool.store(entry, message.chunks(), claim=reservation is not None)
@@ -229,14 +230,15 @@ class FallbackTransaction:
         assert self._upstream is not None
 
         def failed(failure: Failure) -> Reply | Failure:
-            if failure.check(RelayError) and fallback_applies(failure.value,
-                                                              at_recipient=True):
+            error = failure.value
+            if isinstance(error, RelayError) and fallback_applies(error, at_recipient=True):
                 refused = self._spooler.refusal()
                 if refused is None:
-                    self._to_spool(failure.value)
+                    self._to_spool(error)
                     return RECIPIENT_QUEUED
             return failure
-        return self._upstream.addRecipient(address, data_follows).addErrback(failed)
+        # Twisted's overloads take an errback returning a value or a Failure, not either.
+        return self._upstream.addRecipient(address, data_follows).addErrback(failed)  # type: ignore[call-overload]
 
     def _to_spool(self, error: RelayError) -> None:
         """The upstream failed before the dot: let it go, queue the message instead."""
@@ -254,14 +256,14 @@ class FallbackTransaction:
         assert self._upstream is not None
 
         def failed(failure: Failure) -> Deferred[Reply] | Failure:
-            if failure.check(RelayError) and fallback_applies(failure.value,
-                                                              at_recipient=False):
+            error = failure.value
+            if isinstance(error, RelayError) and fallback_applies(error, at_recipient=False):
                 if self._spooler.refusal() is None:
                     self._upstream = None
-                    return self._spooler.store(message, Mode.FALLBACK,
-                                               failure.value.describe())
+                    return self._spooler.store(message, Mode.FALLBACK, error.describe())
             return failure
-        return self._upstream.send(message).addErrback(failed)
+        # Twisted's overloads take an errback returning a value or a Failure, not either.
+        return self._upstream.send(message).addErrback(failed)  # type: ignore[call-overload]
 
     def abort(self) -> None:
         self.state = self.DONE
@@ -290,11 +292,10 @@ class FallbackRelay:
             return FallbackTransaction(self._spooler, upstream)
 
         def failed(failure: Failure) -> IRelayTransaction | Failure:
-            if failure.check(RelayError) and fallback_applies(failure.value,
-                                                              at_recipient=False):
+            error = failure.value
+            if isinstance(error, RelayError) and fallback_applies(error, at_recipient=False):
                 if self._spooler.refusal() is None:
-                    return FallbackTransaction(self._spooler, None,
-                                               failure.value.describe())
+                    return FallbackTransaction(self._spooler, None, error.describe())
             return failure
         return self.inner.begin(envelope, message_id, connection_id, client, paced
                                 ).addCallbacks(opened, failed)

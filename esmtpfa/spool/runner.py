@@ -349,10 +349,9 @@ class QueueRunner(Service):
                 self._again = False
                 self._schedule()
             self._maybe_idle()
-        d.addCallback(claimed)
-        d.addErrback(lambda f: log.failure("claiming queued messages failed", f))
-        d.addBoth(done)
-        return d
+        return (d.addCallback(claimed)
+                .addErrback(lambda f: log.failure("claiming queued messages failed", f))
+                .addBoth(done))
 
     async def _claim(self, free: int) -> list[QueuedMessage]:
         """Up to ``free`` due messages, fairly: first of the identities below their

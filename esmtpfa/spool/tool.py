@@ -21,6 +21,7 @@ and never the URL's credentials.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import functools
 import json
 import os
@@ -36,6 +37,16 @@ from esmtpfa.spool.backends import SPOOL_THREADS, SpoolSettings, open_spool, par
 from esmtpfa.spool.interfaces import QueueSummary, SpoolError, SpoolErrorKind
 
 DEFAULT_URL = "file:///var/lib/esmtpfa/spool"
+
+
+@dataclass(frozen=True)
+class QueueRequest:
+    """What the operator asked for, as ``ToolOptions`` parsed it: the commands read
+    these fields, never the options by name."""
+
+    command: str
+    arguments: tuple[str, ...] = ()
+    json: bool = False
 
 
 class ToolOptions(usage.Options):
@@ -58,6 +69,10 @@ class ToolOptions(usage.Options):
             raise usage.UsageError(f"{command} takes "
                                    f"{' or '.join(map(str, counts))} argument(s)")
         self["command"], self["arguments"] = command, arguments
+
+    def postOptions(self) -> None:
+        self.request = QueueRequest(self["command"], tuple(self["arguments"]),
+                                    bool(self["json"]))
 
     def url(self, environ: Any) -> str:
         return environ.get("SPOOL_URL") or self["spool-url"] or DEFAULT_URL
@@ -107,7 +122,7 @@ async def run(reactor: Any, options: ToolOptions, url: str, out: Any) -> int:
                        reactor, threads)
     try:
         await spool.start()
-        return await _command(spool, options, out)
+        return await _command(spool, options.request, out)
     finally:
         try:
             await spool.close()
@@ -115,11 +130,11 @@ async def run(reactor: Any, options: ToolOptions, url: str, out: Any) -> int:
             threads.stop()
 
 
-async def _command(spool: Any, options: ToolOptions, out: Any) -> int:
-    command, arguments = options["command"], options["arguments"]
+async def _command(spool: Any, request: QueueRequest, out: Any) -> int:
+    command, arguments = request.command, request.arguments
     if command == "list":
         summaries = await spool.list()
-        if options["json"]:
+        if request.json:
             out.write(json.dumps([_as_dict(s) for s in summaries], indent=1) + "\n")
         else:
             for summary in summaries:
@@ -134,7 +149,7 @@ async def _command(spool: Any, options: ToolOptions, out: Any) -> int:
         return 0
     if command == "show":
         summary, headers = await spool.show(arguments[0])
-        if options["json"]:
+        if request.json:
             out.write(json.dumps({**_as_dict(summary), "headers": headers.decode(
                 "utf-8", "replace")}, indent=1) + "\n")
         else:
@@ -162,13 +177,13 @@ def main(argv: Sequence[str] | None = None, environ: Any = None) -> None:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as error:
         sys.stderr.write(f"esmtpfa-queue: {error}\n{options}")
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     url = options.url(environ)
     try:
         parse_spool_url(url)
     except ValueError as error:
         sys.stderr.write(f"esmtpfa-queue: SPOOL_URL/--spool-url: {error}\n")
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
     async def main_task(reactor: Any) -> None:
         try:

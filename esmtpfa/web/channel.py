@@ -31,6 +31,7 @@ import tempfile
 from typing import Any
 
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer
@@ -40,7 +41,7 @@ from esmtpfa.common import internals
 from esmtpfa.common.ids import new_id
 from esmtpfa.common.logs import logger
 from esmtpfa.common.timeouts import Deadline
-from esmtpfa.common.transport import limit_send_buffer
+from esmtpfa.common.transport import IStreamTransport, limit_send_buffer
 from esmtpfa.web.errors import HTTPError, raw_response, send_error
 
 log = logger("esmtpfa.web")
@@ -72,6 +73,7 @@ class GuardedChannel(HTTPChannel):
     """An ``HTTPChannel`` with per-phase deadlines, back-pressure and a bounded close."""
 
     site: Any  # GuardedSite (set by Site.buildProtocol)
+    transport: IStreamTransport
     #: How much of a body past the size limit is dropped before the abort.
     over_limit_drain = DRAIN_REFUSED
     _phase = Phase.HEAD
@@ -315,7 +317,7 @@ class GuardedChannel(HTTPChannel):
         """``IHandshakeListener``: TLS is up (called only behind a TLS listener)."""
         self._handshaken = True
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.site.tls and not self._handshaken:
             self.site.request_log.handshake_failed()
         self._phase = Phase.CLOSED
@@ -329,6 +331,8 @@ class BoundedRequest(Request):
     read only once the channel admitted it.  ``spool_past``: a larger body goes to an
     anonymous temporary file; None keeps every body in memory (the limit is small)."""
 
+    channel: GuardedChannel
+    content: Any  # BytesIO, or a SpooledTemporaryFile for a large body
     spool_past: int | None = None
     received = 0
 

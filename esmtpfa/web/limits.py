@@ -32,12 +32,14 @@ from dataclasses import dataclass
 import resource
 from typing import Any
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from esmtpfa.common.logs import logger
-from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.common.transport import IStreamTransport
+from esmtpfa.limits.ledgers import ConnectionLimits
 from esmtpfa.limits.guard import UNAVAILABLE
 from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.web.requestlog import RequestLog
@@ -71,19 +73,6 @@ class HTTPLimits:
     idle_timeout: float = 15.0  # kept alive between requests, or an answer left unread
     close_grace: float = 5.0  # a polite close that has not completed by then is aborted
     busy_timeout: float = 2.0  # TLS handshake and first byte, near the cap
-
-
-    @classmethod
-    def from_options(cls, options: Any) -> "HTTPLimits":
-        return cls(
-            max_connections=options["http-max-connections"],
-            max_connections_per_ip=options["http-max-connections-per-ip"],
-            header_timeout=options["http-header-timeout"],
-            body_timeout=options["http-body-timeout"],
-            min_body_rate=float(options["http-min-body-rate"]),
-            idle_timeout=options["http-idle-timeout"],
-            close_grace=options["http-close-grace"],
-            busy_timeout=options["http-busy-timeout"])
 
     def first_byte_timeout(self, load: float) -> float:
         """Seconds a new connection gets for its TLS handshake and first request byte,
@@ -126,6 +115,8 @@ class CountedConnection(ProtocolWrapper):
     supervisor and answers a moment later: the connection then reaches the HTTP channel
     only once admitted, and nothing is read from it before."""
 
+    factory: CappedFactory
+    transport: IStreamTransport
     host = ""
     admitted = True
     decision: Any = None  # the pending answer of a ledger in another process
@@ -157,7 +148,8 @@ class CountedConnection(ProtocolWrapper):
         self.admitted = True
         self.factory.registerProtocol(self)
         self.transport.resumeProducing()
-        self.wrappedProtocol.makeConnection(self)
+        # A ProtocolWrapper is its protocol's transport (``directlyProvides`` above).
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
 
     def _unknown(self, failure) -> None:
         if failure.check(*UNAVAILABLE):  # an outage: summed up, not a line per connection
@@ -169,7 +161,7 @@ class CountedConnection(ProtocolWrapper):
         if self.connected:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.admitted:
             super().connectionLost(reason)
         else:
@@ -178,7 +170,7 @@ class CountedConnection(ProtocolWrapper):
     def channel(self) -> Any:
         """The HTTP channel under this wrapper (and TLS, if any); None before it has
         one."""
-        protocol = self.wrappedProtocol
+        protocol: Any = self.wrappedProtocol
         while protocol is not None and not hasattr(protocol, "evictable"):
             protocol = getattr(protocol, "wrappedProtocol", None)
         return protocol
@@ -195,7 +187,7 @@ class CountedConnection(ProtocolWrapper):
             self.transport.abortConnection()
 
 
-class CappedFactory(WrappingFactory):
+class CappedFactory(WrappingFactory[CountedConnection]):
     """Admits a connection only under the total and per-address caps; others are closed
     at once (``buildProtocol`` returning ``None`` makes the port close the socket), or,
     when the count is another process's, as soon as it answers."""
@@ -210,7 +202,9 @@ class CappedFactory(WrappingFactory):
         self.requests = requests
         self.name = name
 
-    def buildProtocol(self, addr: Any) -> CountedConnection | None:
+    # IProtocolFactory.buildProtocol may return None; WrappingFactory's annotation omits it.
+    def buildProtocol(  # type: ignore[override]
+            self, addr: Any) -> CountedConnection | None:
         host = getattr(addr, "host", "")
         decision = self.limits.refusal(host)
         if decision.called:

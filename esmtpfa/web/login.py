@@ -11,7 +11,8 @@ AUTH's does, and ``Bearer`` (RFC 6750) for the token providers (jwt, http_header
 bearer token is what XOAUTH2 and OAUTHBEARER carry over SMTP, and it is selected the
 same way: the provider the request names in ``Esmtpfa-Provider`` plays the part of their
 user name; without one, the ``Host``'s unique-domain provider or the ``fallback`` token
-providers get it (docs/design.md, "Provider selection").  A password provider never sees a bearer token.
+providers get it (docs/design.md, "Provider selection").  A password provider never sees a bearer
+token.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class HeaderLogin:
                 log_failed_login(context, mechanism_of(authorization),
                                  LoginRefused(MALFORMED))
                 raise
+        avatar: Any  # the realm's avatar (``SubmissionAvatar``); the Portal says ``object``
         try:
             _, avatar, logout = await self._portal.login(credentials, None, IMessageDelivery)
         except (UnauthorizedLogin, LoginFailed, ProviderUnavailable) as error:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from esmtpfa.common.logs import logger
@@ -106,7 +107,7 @@ class SubmissionChannel(GuardedChannel):
         self._login_in_flight = None
         return result
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         in_flight = self._login_in_flight
         super().connectionLost(reason)
         if in_flight is not None:
@@ -142,12 +143,11 @@ class SubmissionChannel(GuardedChannel):
     def _login_refused(self, failure: Failure, request: SubmissionRequest) -> None:
         if failure.check(defer.CancelledError) and self._phase is Phase.CLOSED:
             return  # the client went away while it was being logged in
-        if failure.check(HTTPError) is None:
+        error = failure.value
+        if not isinstance(error, HTTPError):
             log.failure("{connection_id} HTTP login failed", failure,
                         connection_id=self.connection_id)
             error = HTTPError(500, "internal error")
-        else:
-            error = failure.value
         if self._phase is Phase.LOGIN:
             self.refuse(error, drain=DRAIN_REFUSED)
 

@@ -1,4 +1,5 @@
-"""The relay's Prometheus metrics (docs/design.md §8), one ``CollectorRegistry`` per ``RelayService``.
+"""The relay's Prometheus metrics (docs/design.md, "Metrics"), one ``CollectorRegistry`` per
+``RelayService``.
 
 The original esmtpfa's metric names, types and label names are kept, so its dashboards
 keep working; what they count is defined in ``docs/metrics.md``.  Three things differ on
@@ -31,7 +32,6 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from zope.interface import implementer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -41,7 +41,7 @@ from esmtpfa import __version__
 from esmtpfa.auth.selection import VIA_FALLBACK, ProviderSet
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
-from esmtpfa.limits.interfaces import IConnectionLedger
+from esmtpfa.limits.ledgers import ConnectionLedgerWrapper
 
 log = logger("esmtpfa.metrics")
 
@@ -75,7 +75,8 @@ RELOAD_SOURCES = ("file", "service")
 TOKEN_RESULTS = ("ok", "refused", "unavailable", "malformed")
 #: Why a connection was refused (``connections_refused_total{reason}``): the ledger's
 #: two limits, or ``unavailable`` when the count could not be had (``--workers``).
-REFUSAL_REASONS = {"total limit": "total_limit", "per-address limit": "per_address_limit"}
+REFUSAL_REASONS = {"total limit": "total_limit", "per-address limit": "per_address_limit",
+                   "network not allowed": "network"}  # a legacy listener's networks
 UNAVAILABLE = "unavailable"
 #: Circuit breaker states (``esmtpfa.common.breaker``), one 0/1 series each.
 BREAKER_STATES = ("closed", "half-open", "open")
@@ -258,7 +259,7 @@ class RelayMetrics:
         self.connections_refused = counter(
             "connections_refused_total",
             "Client connections refused by the connection limits, by listener and reason "
-            "(total_limit, per_address_limit, unavailable)", ["listener", "reason"])
+            "(total_limit, per_address_limit, network, unavailable)", ["listener", "reason"])
         self.tls_failures = counter(
             "tls_handshake_failures_total",
             "Connections that ended before their TLS handshake completed (SMTP: implicit "
@@ -320,7 +321,7 @@ class RelayMetrics:
         so the gauge counts down between refreshes instead of freezing."""
         self._token_deadlines[upstream] = time.time() + max(seconds, 0.0)
 
-    # -- esmtpfa.common.certificates.CertificateObserver --------------------------------------------
+    # -- esmtpfa.common.certificates.CertificateObserver -------------------------------------------
 
     def certificates_loaded(self, listener: str, certificates) -> None:
         """The certificates ``listener`` (``smtp``, ``http``) serves now.  Labels are the
@@ -515,30 +516,18 @@ class RelayMetrics:
                                      self.connections_refused, listener, reason))
 
 
-@implementer(IConnectionLedger)
-class CountedAdmissions:
+class CountedAdmissions(ConnectionLedgerWrapper):
     """An ``IConnectionLedger`` that counts each verdict it passes on: a slot taken is a
     connection accepted, a limit named is one refused, a ledger that could not answer
     (the supervisor of ``--workers``, late) is one refused as ``unavailable``."""
 
     def __init__(self, ledger: Any, accepted: Any, refused: Callable[[str], Any]):
-        self._ledger = ledger
+        super().__init__(ledger)
         self._accepted = accepted
         self._refused = refused
 
-    @property
-    def total(self) -> int:
-        return self._ledger.total
-
-    @property
-    def per_ip(self) -> int:
-        return self._ledger.per_ip
-
-    def refusal(self, ip: str):
+    def refusal(self, ip: str) -> Any:
         return self._ledger.refusal(ip).addBoth(self._count)
-
-    def release(self, ip: str) -> None:
-        self._ledger.release(ip)
 
     def _count(self, verdict: Any) -> Any:
         if verdict is None:
@@ -548,9 +537,6 @@ class CountedAdmissions:
         else:  # a Failure: the caller refuses for now; passed on as it came
             self._refused(UNAVAILABLE).inc()
         return verdict
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ledger, name)  # e.g. ConnectionLimits.active, for tests
 
 
 class _LiveCollector:

@@ -2,7 +2,8 @@
 
 * the **submission** listener: ``POST /`` (``web.submission``), on ``--http-port``;
 * the **metrics** listener: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, on
-  ``--metrics-port``, always on (docs/design.md §1), even when no listener accepts mail.
+  ``--metrics-port``, always on (docs/design.md, "Listeners, TLS and health"), even when no listener
+  accepts mail.
 
 Both use ``GuardedChannel`` (``web.channel``): deadlines per phase of a request that a
 trickling client cannot push back, back-pressure, a close that is aborted when it cannot
@@ -23,9 +24,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from esmtpfa.common import internals
+from esmtpfa.common.resources import Resources
 from esmtpfa.web.metrics import CONTENT_TYPE, RelayMetrics
 from esmtpfa.limits.interfaces import IConnectionLedger
-from esmtpfa.web.channel import GuardedChannel, GuardedRequest
+from esmtpfa.web.channel import BoundedRequest, GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
 from esmtpfa.web.health import OkResource, Readiness, ReadyResource
 from esmtpfa.web.limits import CappedFactory, HTTPLimits
@@ -45,8 +47,9 @@ class GuardedSite(Site):
     channel keeps its own deadlines), form bodies are never parsed, and Twisted's access
     log is off (``request_log`` logs each request once)."""
 
-    protocol = GuardedChannel
-    requestFactory = GuardedRequest
+    # Twisted types this as its HTTP/2-negotiating factory; any HTTPChannel class works.
+    protocol = GuardedChannel  # type: ignore[assignment]
+    requestFactory: type[BoundedRequest] = GuardedRequest
     noisy = False
     #: SO_SNDBUF of client sockets (docs/smtp-limits.md, "Clients that do not read");
     #: the submission listener takes ``--client-send-buffer``.
@@ -74,12 +77,6 @@ class GuardedSite(Site):
     def stopFactory(self) -> None:
         self.request_log.stop()
         super().stopFactory()
-
-
-def _reactor(reactor: Any) -> Any:
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
 
 
 def capped(site: GuardedSite, name: str, tls_options: Any = None,
@@ -126,15 +123,17 @@ class ObservedRequestLog(RequestLog):
 
 
 def submission_site(portal, settings, *, allow_anonymous: bool,
-                    limits: HTTPLimits | None = None, reactor: Any = None,
+                    limits: HTTPLimits | None = None, resources: Resources,
                     observer: Any = None) -> SubmissionSite:
+    """The submission site; a large JSON body is parsed in ``resources.threads``."""
     internals.checked()  # fail at startup, not on the first request, if Twisted changed
-    reactor = _reactor(reactor)
+    reactor = resources.reactor
     header_login = HeaderLogin(portal, allow_anonymous=allow_anonymous)
     request_log = RequestLog("HTTP submission", reactor) if observer is None else \
         ObservedRequestLog("HTTP submission", reactor, observer)
     resource = SubmissionResource(settings, header_login=header_login,
-                                  request_log=request_log)
+                                  request_log=request_log,
+                                  defer_to_thread=resources.in_thread)
     site = SubmissionSite(
         resource, header_login=header_login, limits=limits or HTTPLimits(),
         max_body=body_limit(settings), too_large_message=too_large(settings).message,
@@ -144,12 +143,12 @@ def submission_site(portal, settings, *, allow_anonymous: bool,
 
 
 def submission_listener(portal, settings, *, allow_anonymous: bool, limits: HTTPLimits,
-                        tls_options: Any = None, reactor: Any = None,
+                        tls_options: Any = None, resources: Resources,
                         connections: IConnectionLedger | None = None,
                         observer: Any = None) -> CappedFactory:
     """What the submission port listens with: caps, then TLS if configured, then HTTP."""
     site = submission_site(portal, settings, allow_anonymous=allow_anonymous,
-                           limits=limits, reactor=reactor, observer=observer)
+                           limits=limits, resources=resources, observer=observer)
     return capped(site, "http", tls_options, connections)
 
 
@@ -196,8 +195,8 @@ class Endpoints(Resource):
         return NOT_DONE_YET
 
 
-def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatus,
-                 reactor: Any = None, limits: HTTPLimits | None = None) -> MetricsSite:
+def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatus, *,
+                 reactor: Any, limits: HTTPLimits | None = None) -> MetricsSite:
     return health_site({b"metrics": MetricsResource(metrics),
                         b"status": StatusResource(status.document),
                         b"healthz": OkResource(),
@@ -205,11 +204,10 @@ def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatu
                        reactor=reactor, limits=limits)
 
 
-def health_site(endpoints: dict[bytes, Resource], reactor: Any = None,
+def health_site(endpoints: dict[bytes, Resource], *, reactor: Any,
                 limits: HTTPLimits | None = None) -> MetricsSite:
     """The metrics listener's site over ``endpoints`` (a supervisor of workers serves
     its own: ``esmtpfa.runtime.workers.supervisor``)."""
-    reactor = _reactor(reactor)
     return MetricsSite(
         Endpoints(endpoints), limits=limits or HTTPLimits(), max_body=METRICS_MAX_BODY,
         too_large_message=f"request body larger than {METRICS_MAX_BODY} octets",
@@ -217,7 +215,7 @@ def health_site(endpoints: dict[bytes, Resource], reactor: Any = None,
 
 
 def metrics_listener(metrics: RelayMetrics, readiness: Readiness, status: RelayStatus, *,
-                     limits: HTTPLimits, reactor: Any = None) -> CappedFactory:
+                     limits: HTTPLimits, reactor: Any) -> CappedFactory:
     return capped(metrics_site(metrics, readiness, status, reactor=reactor,
                                limits=limits), "metrics")
 

@@ -1,4 +1,5 @@
-"""``POST /``: the HTTP submission API (docs/design.md §6), ``docs/openapi.yaml``.
+"""``POST /``: the HTTP submission API (docs/design.md, "The HTTP submission API"),
+``docs/openapi.yaml``.
 
 A request is an SMTP transaction in another syntax, so it goes the same way: HTTP Basic
 credentials become ``SubmissionCredentials`` for the same Portal (provider selection with
@@ -36,7 +37,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -195,8 +196,8 @@ class SubmissionResource(Resource):
     isLeaf = True
 
     def __init__(self, settings: ServerSettings, *, header_login: HeaderLogin,
-                 request_log: RequestLog, description: OpenAPIDocument | None = None,
-                 defer_to_thread: Callable[..., defer.Deferred] = threads.deferToThread):
+                 request_log: RequestLog, defer_to_thread: Callable[..., defer.Deferred],
+                 description: OpenAPIDocument | None = None):
         super().__init__()
         self._settings = settings
         self._description = description or OpenAPIDocument.load()

@@ -217,7 +217,7 @@ class RedisUnderLoadTests(LimitsCase):
         self.assertEqual(slow, [], "a message waited on the stopped Redis")
         self.assertEqual(Counter(verdicts(during)),
                          Counter({(250, "2.0.0"): 2 * BUDGET, (451, "4.7.1"): 4}), during)
-        for relay, exposition in zip(relays, states):
+        for relay, exposition in zip(relays, states, strict=True):
             self.assertEqual(metric(exposition, "esmtpfa_state_degraded"), 1.0)
             self.assertGreater(metric(exposition, "esmtpfa_state_errors_total",
                                       operation="rate_take", outcome="open"), 0)
@@ -238,7 +238,7 @@ class RedisUnderLoadTests(LimitsCase):
         back += await threads.deferToThread(send_alternately, relays, "back", 4)
         self.assertEqual(set(verdicts(back)), {(451, "4.7.1")})
         states = await threads.deferToThread(lambda: [scrape(r) for r in relays])
-        for old, new in zip(errors, states):
+        for old, new in zip(errors, states, strict=True):
             self.assertEqual(metric(new, "esmtpfa_state_degraded"), 0.0)
             self.assertEqual(metric(new, "esmtpfa_state_errors_total"),
                              metric(old, "esmtpfa_state_errors_total"),
@@ -488,7 +488,7 @@ class SmugglingTests(unittest.TestCase):
             # MAIL, RCPT, DATA, the smuggled message's own end.
             self.assertEqual([client.reply()[0] for _ in range(4)], [250, 250, 354, 250])
         except Closed as closed:
-            raise AssertionError(f"Postfix closed the control session: {closed}")
+            raise AssertionError(f"Postfix closed the control session: {closed}") from closed
         finally:
             client.close()
 

@@ -82,7 +82,8 @@ class OrdinaryTrafficTests(unittest.TestCase):
                  (new_message_id("ordinary", n) for n in range(ORDINARY))]
         large = [(mid, message(mid, size)) for mid, size in
                  ((new_message_id("large", n), size) for n, size in enumerate(LARGE))]
-        mixed = [item for pair in zip(small, large) for item in pair] + small[len(large):]
+        mixed = ([item for pair in zip(small, large, strict=False) for item in pair]
+                 + small[len(large):])
         batches = [mixed[n::WORKERS] for n in range(WORKERS)]
         results = await defer.gatherResults(
             [threads.deferToThread(send_batch, relay.smtp_port, batch) for batch in batches],

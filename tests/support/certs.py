@@ -46,7 +46,7 @@ class CertificateAuthority:
         os.makedirs(directory, exist_ok=True)
         self.key = _key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(subject).issuer_name(subject)
@@ -78,7 +78,7 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(entry)))
             except ValueError:
                 sans.append(x509.DNSName(entry))
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         cert = (
             x509.CertificateBuilder()

@@ -19,7 +19,8 @@ so a test sees exactly what a provider put on the wire.  Typical use in a trial 
 ``fail_status``, ``status`` (forced for every request), ``delay`` (answer later),
 ``hang`` (never answer), ``hang_body`` (headers promise a body that never finishes),
 ``redirect_to`` (a 302), ``set_cookie``.  ``LoopbackHTTPServer(..., tls=(cert_pem,
-key_pem))`` serves https (certificates from ``tests.support.certs``).  It records every request (``requests``: method,
+key_pem))`` serves https (certificates from ``tests.support.certs``).  It records every request
+(``requests``: method,
 path, headers with lower-case names).  ``LoopbackHTTPServer`` counts TCP connections
 (``connections_made``) so tests can prove keep-alive reuse.
 

@@ -86,7 +86,7 @@ class RawSMTP:
             data = self.sock.recv(65536)
         except (ConnectionResetError, ssl.SSLError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         if data:
             self._buffer += data

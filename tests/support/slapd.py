@@ -124,9 +124,9 @@ def apparmor_note() -> str:
         profiles = ""
     for line in profiles.splitlines():
         if "slapd" in line and "enforce" in line:
-            return ("AppArmor enforces a slapd profile (%s): slapd may be denied access to "
-                    "%s; add it to /etc/apparmor.d/local/usr.sbin.slapd or set the profile to "
-                    "complain mode" % (line.strip(), tempfile.gettempdir()))
+            return (f"AppArmor enforces a slapd profile ({line.strip()}): slapd may be denied "
+                    f"access to {tempfile.gettempdir()}; add it to "
+                    "/etc/apparmor.d/local/usr.sbin.slapd or set the profile to complain mode")
     return "AppArmor is active but no slapd profile is enforced"
 
 
@@ -287,8 +287,8 @@ userPassword: {ssha(u.password)}
             gid = grp.getgrnam("openldap").gr_gid
         except KeyError:
             raise SlapdError("running as root but there is no openldap user/group "
-                             "(created by the slapd package); " + INSTALL_HINT)
-        for root, dirs, files in os.walk(self.directory):
+                             "(created by the slapd package); " + INSTALL_HINT) from None
+        for root, _dirs, files in os.walk(self.directory):
             os.chown(root, uid, gid)
             for name in files:
                 os.chown(os.path.join(root, name), uid, gid)

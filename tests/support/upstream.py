@@ -30,7 +30,8 @@ stall (never answer) at a given point; treat a bare-LF dot line as the end of da
 server vulnerable to SMTP smuggling, to prove the client never produces one.  Faults can be
 limited to the first N sessions (``fault_sessions``: "the first connection breaks, the next
 one works"), and ``script(session_index, verb, line)`` can answer any command of any session
-(``"CLOSE"`` drops, ``"STALL"`` never answers, ``"RAW:…"`` writes those octets as they are).  AUTH PLAIN, LOGIN and CRAM-MD5 (RFC 2195)
+(``"CLOSE"`` drops, ``"STALL"`` never answers, ``"RAW:…"`` writes those octets as they are).  AUTH
+PLAIN, LOGIN and CRAM-MD5 (RFC 2195)
 are checked against ``credentials``.
 """
 

@@ -28,8 +28,10 @@ from esmtpfa.config.documents import read_document
 from esmtpfa.common.logs import logger
 from esmtpfa.common.transport import write_through
 from esmtpfa.limits.ledgers import Ledgers
-from esmtpfa.web.limits import HTTPLimits
-from esmtpfa.runtime.workers.control import ControlChannel
+from esmtpfa.runtime.settings import Settings, settings_of
+from esmtpfa.runtime.workers.control import (
+    CERTIFICATES_RELOAD, METRICS, PING, READINESS, RELOAD, RELOAD_FAILED, STARTED, STATUS,
+    ControlChannel)
 from esmtpfa.runtime.workers.limits import (
     HTTP, SMTP, RemoteConnections, RemoteLoginLedger, RemoteRateLedger)
 from esmtpfa.runtime.workers.metrics import snapshot
@@ -37,17 +39,16 @@ from esmtpfa.runtime.workers.metrics import snapshot
 log = logger("esmtpfa.workers")
 
 
-def worker_ledgers(options: Any, channel: ControlChannel) -> Ledgers:
+def worker_ledgers(settings: Settings, channel: ControlChannel) -> Ledgers:
     """The supervisor counts connections, and logins and rates too (with ``--state-url``
     the relay service uses Redis for those instead: shared by every replica)."""
-    http = HTTPLimits.from_options(options)
+    http, server, throttle = settings.http.limits, settings.smtp.server, settings.throttle
     return Ledgers(
-        login=RemoteLoginLedger(channel, options["max-auth-failures-per-ip"],
-                                options["max-auth-failures-per-user"],
-                                options["auth-failure-window"]),
+        login=RemoteLoginLedger(channel, throttle.per_address, throttle.per_identity,
+                                throttle.window),
         rates=RemoteRateLedger(channel),
-        smtp_connections=RemoteConnections(channel, SMTP, options["max-connections"],
-                                           options["max-connections-per-ip"]),
+        smtp_connections=RemoteConnections(channel, SMTP, server.max_connections,
+                                           server.max_connections_per_ip),
         http_connections=RemoteConnections(channel, HTTP, http.max_connections,
                                            http.max_connections_per_ip))
 
@@ -67,10 +68,10 @@ class WorkerAgent:
     def start(self) -> None:
         from esmtpfa.runtime.service import RelayService
         channel = self.channel = ControlChannel({
-            "reload": self.reload, "reload.failed": self.reload_failed,
-            "certificates.reload": self.reload_certificates,
-            "metrics": self.metrics, "readiness": self.readiness, "status": self.status,
-            "ping": lambda: True,
+            RELOAD: self.reload, RELOAD_FAILED: self.reload_failed,
+            CERTIFICATES_RELOAD: self.reload_certificates,
+            METRICS: self.metrics, READINESS: self.readiness, STATUS: self.status,
+            PING: lambda: True,
         }, self.reactor, name=f"worker {self.slot}")
         write_through(self.reactor).adoptStreamConnection(
             self.control_fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
@@ -81,11 +82,11 @@ class WorkerAgent:
         channel.lost.addCallback(self._supervisor_gone)
         service = self.service = RelayService(
             self.options, self.reactor, adopted=self.listeners,
-            ledgers=worker_ledgers(self.options, channel))
+            ledgers=worker_ledgers(settings_of(self.options), channel))
         service.privilegedStartService()
         service.startService()
         self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        channel.notify("started", pid=os.getpid())
+        channel.notify(STARTED, pid=os.getpid())
 
     def _supervisor_gone(self, _: Any) -> None:
         if self.reactor.running and not self.service.draining:

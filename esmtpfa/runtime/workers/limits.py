@@ -20,17 +20,16 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.limits.throttle import LocalLoginLedger
-from esmtpfa.common.logs import logger
-from esmtpfa.limits.rates import Exceeded, RateLimiter
 from esmtpfa.auth.sendingrates import Limit
-from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.common.logs import logger
 from esmtpfa.limits.interfaces import (
-    IConnectionLedger, ILoginLedger, IRateLedger, StateUnavailable)
-from esmtpfa.runtime.workers.control import ControlChannel
+    Exceeded, IConnectionLedger, ILocalConnectionLedger, ILocalLoginLedger,
+    ILocalRateLedger, ILoginLedger, IRateLedger, StateUnavailable)
+from esmtpfa.runtime.workers.control import (
+    CONN_RELEASE, CONN_TAKE, LOGIN_FAILED, LOGIN_REFUSAL, LOGIN_SUCCEEDED, RATE_GIVE,
+    RATE_TAKE, Call, ControlChannel, Handler)
 
 log = logger("esmtpfa.workers")
 
@@ -39,10 +38,11 @@ HTTP = "http"
 
 
 class SharedLimits:
-    """The supervisor's counts, for all workers (in-process ledgers of its own)."""
+    """The supervisor's counts, for all workers: in-process ledgers of its own
+    (``esmtpfa.limits.ledgers``), asked through their synchronous twins."""
 
-    def __init__(self, *, login: LocalLoginLedger, rates: RateLimiter,
-                 connections: dict[str, ConnectionLimits]):
+    def __init__(self, *, login: ILocalLoginLedger, rates: ILocalRateLedger,
+                 connections: dict[str, ILocalConnectionLedger]):
         self.login = login
         self.rates = rates
         self.connections = connections
@@ -60,12 +60,12 @@ class WorkerAccount:
         self.slots: Counter[tuple[str, str]] = Counter()
         self.reserved: Counter[tuple[str, str, int, float]] = Counter()
 
-    def handlers(self) -> dict[str, Any]:
+    def handlers(self) -> dict[Call, Handler]:
         return {
-            "conn.take": self.conn_take, "conn.release": self.conn_release,
-            "login.refusal": self.login_refusal, "login.failed": self.login_failed,
-            "login.succeeded": self.login_succeeded,
-            "rate.take": self.rate_take, "rate.give": self.rate_give,
+            CONN_TAKE: self.conn_take, CONN_RELEASE: self.conn_release,
+            LOGIN_REFUSAL: self.login_refusal, LOGIN_FAILED: self.login_failed,
+            LOGIN_SUCCEEDED: self.login_succeeded,
+            RATE_TAKE: self.rate_take, RATE_GIVE: self.rate_give,
         }
 
     # -- connections ----------------------------------------------------------------------
@@ -101,12 +101,9 @@ class WorkerAccount:
 
     def rate_take(self, key: str, kind: str, count: int, window: float, n: int
                   ) -> dict | None:
-        limit = Limit(count, window)
-        outcome: list = []
-        self.limits.rates.take(key, kind, limit, n).addBoth(outcome.append)
-        if isinstance(outcome[0], Failure):  # the in-process ledger answers at once
-            outcome[0].trap(Exceeded)
-            return {"retry_after": outcome[0].value.retry_after}
+        refused = self.limits.rates.take_now(key, kind, Limit(count, window), n)
+        if refused is not None:
+            return {"retry_after": refused.retry_after}
         self.reserved[(key, kind, count, window)] += n
         return None
 
@@ -120,7 +117,7 @@ class WorkerAccount:
         self.reserved[slot] -= n
         if not self.reserved[slot]:
             del self.reserved[slot]
-        self.limits.rates.give(key, kind, Limit(count, window), n, counted)
+        self.limits.rates.give_now(key, kind, Limit(count, window), n, counted)
 
     # -- the worker went away -----------------------------------------------------------------
 
@@ -132,7 +129,7 @@ class WorkerAccount:
                 self.limits.connections[kind].release(ip)
         reserved, self.reserved = self.reserved, Counter()
         for (key, kind, count, window), n in reserved.items():
-            self.limits.rates.give(key, kind, Limit(count, window), n, False)
+            self.limits.rates.give_now(key, kind, Limit(count, window), n, False)
         if slots or reserved:
             log.info("worker {slot}: gave back {slots} connection slot(s) and {reserved} "
                      "rate reservation(s) it held", slot=self.slot,
@@ -163,10 +160,10 @@ class RemoteConnections:
         def answered(result: Any) -> Any:
             self.waiting -= 1
             return result
-        return self.channel.call("conn.take", kind=self.kind, ip=ip).addBoth(answered)
+        return self.channel.call(CONN_TAKE, kind=self.kind, ip=ip).addBoth(answered)
 
     def release(self, ip: str) -> None:
-        self.channel.notify("conn.release", kind=self.kind, ip=ip)
+        self.channel.notify(CONN_RELEASE, kind=self.kind, ip=ip)
 
 
 @implementer(ILoginLedger)
@@ -179,13 +176,13 @@ class RemoteLoginLedger:
         self.per_address, self.per_identity, self.window = per_address, per_identity, window
 
     def refusal(self, address: str, identities: list[str]) -> defer.Deferred:
-        return self.channel.call("login.refusal", address=address, identities=identities)
+        return self.channel.call(LOGIN_REFUSAL, address=address, identities=identities)
 
     def failed(self, address: str, identities: list[str]) -> defer.Deferred:
-        return self.channel.call("login.failed", address=address, identities=identities)
+        return self.channel.call(LOGIN_FAILED, address=address, identities=identities)
 
     def succeeded(self, address: str, identity: str) -> defer.Deferred:
-        return self.channel.call("login.succeeded", address=address, identity=identity)
+        return self.channel.call(LOGIN_SUCCEEDED, address=address, identity=identity)
 
 
 @implementer(IRateLedger)
@@ -199,11 +196,11 @@ class RemoteRateLedger:
         def answered(refused: dict | None) -> None:
             if refused is not None:
                 raise Exceeded(kind, limit, float(refused["retry_after"]))
-        return self.channel.call("rate.take", key=key, kind=kind, count=limit.count,
+        return self.channel.call(RATE_TAKE, key=key, kind=kind, count=limit.count,
                                  window=limit.window, n=n).addCallback(answered)
 
     def give(self, key: str, kind: str, limit: Limit, n: int, count: bool) -> defer.Deferred:
-        self.channel.notify("rate.give", key=key, kind=kind, count=limit.count,
+        self.channel.notify(RATE_GIVE, key=key, kind=kind, count=limit.count,
                             window=limit.window, n=n, counted=count)
         return defer.succeed(None)
 

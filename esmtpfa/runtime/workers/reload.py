@@ -26,6 +26,7 @@ from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits
 from esmtpfa.common.logs import logger
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.config.reload import APPLIED, FILE, REFUSED, UNCHANGED
+from esmtpfa.runtime.workers.control import CERTIFICATES_RELOAD, RELOAD, RELOAD_FAILED, Call
 
 log = logger("esmtpfa.workers")
 
@@ -71,21 +72,21 @@ class FanOutReloader:
                 path = await threads.deferToThreadPool(
                     self._reactor, self._reactor.getThreadPool(), self._write_snapshot, read)
             except ConfigError as error:
-                await self._tell_all("reload.failed", kind=kind, source=source,
+                await self._tell_all(RELOAD_FAILED, kind=kind, source=source,
                                      reason=str(error))
                 return REFUSED
             previous, self.snapshot = self.snapshot, (path, source)
             if previous is not None:  # only ever read while it was the latest
                 self._reactor.callInThread(_remove, previous[0])
-        outcomes = await self._tell_all("reload", path=path, source=source, kind=kind,
+        outcomes = await self._tell_all(RELOAD, path=path, source=source, kind=kind,
                                         force=force)
         for outcome in (APPLIED, REFUSED):
             if outcome in outcomes:
                 return outcome
         return UNCHANGED
 
-    async def _tell_all(self, method: str, **args: Any) -> list:
-        calls = [channel.call(method, timeout=APPLY_TIMEOUT, **args)
+    async def _tell_all(self, call: Call, **args: Any) -> list:
+        calls = [channel.call(call, timeout=APPLY_TIMEOUT, **args)
                  for channel in self._workers()]
         results = await defer.DeferredList(calls, consumeErrors=True)
         outcomes = []
@@ -110,7 +111,7 @@ class FanOutReloader:
     def reload_certificates(self) -> defer.Deferred:
         """SIGHUP: every worker reads its TLS certificates again (each logs what it
         loaded or refused, as a single process does)."""
-        calls = [channel.call("certificates.reload", timeout=APPLY_TIMEOUT)
+        calls = [channel.call(CERTIFICATES_RELOAD, timeout=APPLY_TIMEOUT)
                  for channel in self._workers()]
 
         def told(results: list) -> None:
@@ -125,7 +126,7 @@ class FanOutReloader:
         if self.snapshot is None:
             return defer.succeed(UNCHANGED)
         path, source = self.snapshot
-        return channel.call("reload", timeout=APPLY_TIMEOUT, path=path, source=source,
+        return channel.call(RELOAD, timeout=APPLY_TIMEOUT, path=path, source=source,
                             kind="service", force=False)
 
     def stop(self) -> defer.Deferred:

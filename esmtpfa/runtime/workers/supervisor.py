@@ -39,16 +39,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa import __version__
-from esmtpfa.limits.throttle import LocalLoginLedger, identity_depth
+from esmtpfa.limits.throttle import identity_depth
 from esmtpfa.common.logs import logger, set_level
 from esmtpfa.web.metrics import CONTENT_TYPE, render
-from esmtpfa.limits.rates import RateLimiter
 from esmtpfa.runtime.sigterm import SigtermStop
-from esmtpfa.smtp.factory import ConnectionLimits
+from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
 from esmtpfa.common.transport import write_through
 from esmtpfa.web.health import SHUTTING_DOWN, json_response
-from esmtpfa.web.limits import HTTPLimits
-from esmtpfa.runtime.workers.control import ControlChannel
+from esmtpfa.runtime.settings import Listener, Settings, settings_of
+from esmtpfa.runtime.workers.control import (
+    METRICS, PING, READINESS, STARTED, STATUS, Call, ControlChannel)
 from esmtpfa.runtime.workers.limits import HTTP, SMTP, SharedLimits
 from esmtpfa.runtime.workers.metrics import (
     CountFiles, RetiredCounts, merge, of_worker, snapshot)
@@ -79,9 +79,16 @@ ASK_TIMEOUT = 5.0
 HEARTBEAT = 1.0
 MISSED_HEARTBEATS = 5
 
-#: The mail listeners, whose sockets the workers adopt: (name, flag, address, port).
-MAIL_LISTENERS = (("plain", "plain", "addr", "port"), ("tls", "tls", "addr", "tls-port"),
-                  ("http", "http", "http-addr", "http-port"))
+#: The listeners every worker accepts from (the supervisor serves metrics itself).  The
+#: legacy listeners' network rule and cleartext rule run in each worker, as in a single
+#: process (esmtpfa.smtp.devices): the supervisor only binds.
+MAIL_LISTENERS = ("plain", "tls", "legacy-plain", "legacy-tls", "http")
+
+
+def mail_listeners(settings: Settings) -> list[Listener]:
+    """The enabled mail listeners, in the order the supervisor binds them."""
+    return [listener for listener in settings.listeners()
+            if listener.name in MAIL_LISTENERS and listener.enabled]
 
 
 class LogLines:
@@ -162,7 +169,7 @@ class WorkerSlot:
         reactor = supervisor.reactor
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.account = supervisor.limits.for_worker(self.number)
-        handlers = dict(self.account.handlers(), started=self._started)
+        handlers = {**self.account.handlers(), STARTED: self._started}
         channel = self.channel = ControlChannel(handlers, reactor, name=self.name)
         write_through(reactor).adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel))
@@ -259,7 +266,7 @@ class WorkerSlot:
                               "s: killing it", slot=self.number, pid=self.pid,
                               seconds=self.missed * HEARTBEAT)
                 _signal(self.process, "KILL")
-        self.channel.call("ping", timeout=HEARTBEAT).addCallbacks(answered, missed)
+        self.channel.call(PING, timeout=HEARTBEAT).addCallbacks(answered, missed)
 
     def kill(self) -> None:
         if self.process is not None:
@@ -299,11 +306,14 @@ class Supervisor(SigtermStop, MultiService):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        #: The parsed options: each worker parses the same arguments again.
         self.options = options
+        #: Every setting, typed (``esmtpfa.runtime.settings``).
+        self.config = config = settings_of(options)
         self.reactor = reactor
-        self.count = options["workers"]
-        self.namespace = options["metrics-namespace"]
-        self.limits = shared_limits(options, reactor)
+        self.count = config.process.workers
+        self.namespace = config.metrics.namespace
+        self.limits = shared_limits(config, reactor)
         self.retired = RetiredCounts()
         self.count_files: CountFiles | None = None  # made when the workers start
         self.registry = CollectorRegistry()
@@ -332,15 +342,13 @@ class Supervisor(SigtermStop, MultiService):
         from esmtpfa.runtime.service import listen_address
         sockets: dict[str, socket.socket] = {}
         try:
-            for name, flag, addr, port in MAIL_LISTENERS:
-                if self.options[flag]:
-                    host = listen_address(self.options[addr])
-                    try:
-                        sockets[name] = bind_listener(host, self.options[port],
-                                                      self.options["listen-backlog"])
-                    except OSError as error:
-                        raise ierror.CannotListenError(host, self.options[port],
-                                                       error) from None
+            for listener in mail_listeners(self.config):
+                host = listen_address(listener.addr)
+                try:
+                    sockets[listener.name] = bind_listener(
+                        host, listener.port, self.config.process.listen_backlog)
+                except OSError as error:
+                    raise ierror.CannotListenError(host, listener.port, error) from None
         except BaseException:
             for sock in sockets.values():
                 sock.close()
@@ -349,18 +357,18 @@ class Supervisor(SigtermStop, MultiService):
 
     def _reload_sources(self) -> FanOutReloader:
         from esmtpfa.config.reload import ConfigServicePoller, FileWatcher, ReloadService
-        options, reactor = self.options, self.reactor
-        path = os.path.abspath(options["config"])
+        providers, reactor = self.config.providers, self.reactor
+        path = os.path.abspath(providers.config)
         reloader = FanOutReloader(self._serving_channels, reactor, path=path)
-        if options["config-svc"]:
+        if providers.service_url:
             poller = ConfigServicePoller(
-                options["config-svc"], reloader, interval=options["config-svc-interval"],
-                timeout=options["config-svc-timeout"], token=options["config-svc-token"],
+                providers.service_url, reloader, interval=providers.service_interval,
+                timeout=providers.service_timeout, token=providers.service_token,
                 reactor=reactor)
             ReloadService(reloader, reactor=reactor, poller=poller,
                           also=[reloader.reload_certificates]).setServiceParent(self)
         else:
-            watcher = FileWatcher(path, reloader, interval=options["config-poll-interval"],
+            watcher = FileWatcher(path, reloader, interval=providers.poll_interval,
                                   reactor=reactor)
             ReloadService(reloader, reactor=reactor, watcher=watcher,
                           also=[reloader.reload_certificates]).setServiceParent(self)
@@ -370,14 +378,14 @@ class Supervisor(SigtermStop, MultiService):
         from esmtpfa.common import internals
         from esmtpfa.runtime.service import server_endpoint
         from esmtpfa.web.site import capped, health_site
-        options = self.options
+        config = self.config
         root = {b"metrics": MergedMetricsResource(self),
                 b"status": WorkersStatusResource(self),
                 b"healthz": WorkersHealthResource(self),
                 b"readyz": WorkersReadyResource(self)}
-        site = health_site(root, reactor=self.reactor, limits=HTTPLimits.from_options(options))
-        endpoint = server_endpoint(self.reactor, options["metrics-addr"],
-                                   options["metrics-port"], options["listen-backlog"])
+        site = health_site(root, reactor=self.reactor, limits=config.http.limits)
+        endpoint = server_endpoint(self.reactor, config.metrics.addr, config.metrics.port,
+                                   config.process.listen_backlog)
         service = internals.listening_service(endpoint, capped(site, "metrics"))
         service.setName("metrics")
         service.setServiceParent(self)
@@ -388,18 +396,18 @@ class Supervisor(SigtermStop, MultiService):
     # -- running ----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        set_level(self.options["log-level"])
+        config = self.config
+        set_level(config.logging.level)
         from esmtpfa.runtime.service import listen_address
-        options = self.options
         log.info("esmtpfa {version} starting {count} workers", version=__version__,
                  count=self.count)
-        for name, flag, addr, port in MAIL_LISTENERS:
-            if options[flag]:
-                log.info("{name} listener on [{addr}]:{port}, served by every worker",
-                         name=name, addr=listen_address(options[addr]), port=options[port])
+        for listener in mail_listeners(config):
+            log.info("{name} listener on [{addr}]:{port}, served by every worker",
+                     name=listener.name, addr=listen_address(listener.addr),
+                     port=listener.port)
         log.info("metrics and health of all workers on http://[{addr}]:{port}/metrics "
-                 "(/status /healthz /readyz)", addr=listen_address(options["metrics-addr"]),
-                 port=options["metrics-port"])
+                 "(/status /healthz /readyz)", addr=listen_address(config.metrics.addr),
+                 port=config.metrics.port)
         super().startService()
         for slot in self.slots:
             slot.spawn()
@@ -413,7 +421,7 @@ class Supervisor(SigtermStop, MultiService):
 
     def sigterm_received(self) -> None:
         log.info("SIGTERM: draining {count} workers for up to {grace:g} s, then "
-                 "exiting", count=self.count, grace=self.options["shutdown-grace"])
+                 "exiting", count=self.count, grace=self.config.process.shutdown_grace)
 
     def stopService(self) -> defer.Deferred:
         """Out of rotation (/readyz 503), no new connections, every worker drains."""
@@ -422,8 +430,8 @@ class Supervisor(SigtermStop, MultiService):
             self._heartbeat.stop()
         for sock in self.sockets.values():
             sock.close()  # the workers' copies keep listening until they drain
-        deadline = (self.options["shutdown-grace"] + self.options["close-grace"]
-                    + EXIT_MARGIN)
+        deadline = (self.config.process.shutdown_grace
+                    + self.config.smtp.server.close_grace + EXIT_MARGIN)
         exits = [slot.terminate() for slot in self.slots]
         timer = self.reactor.callLater(deadline, self._kill_all)
         d = defer.gatherResults(exits)
@@ -470,15 +478,16 @@ class Supervisor(SigtermStop, MultiService):
 
     # -- what the metrics listener asks -------------------------------------------------------
 
-    def ask_all(self, method: str) -> defer.Deferred:
+    def ask_all(self, call: Call) -> defer.Deferred:
         """Fires with [(slot, answer or None)] for every slot, within ``ASK_TIMEOUT``."""
         slots = list(self.slots)
-        calls = [slot.channel.call(method, timeout=ASK_TIMEOUT)
+        calls = [slot.channel.call(call, timeout=ASK_TIMEOUT)
                  if slot.running and slot.channel else defer.fail(Exception("not running"))
                  for slot in slots]
         d = defer.DeferredList(calls, consumeErrors=True)
         return d.addCallback(lambda results: [
-            (slot, answer if ok else None) for slot, (ok, answer) in zip(slots, results)])
+            (slot, answer if ok else None)
+            for slot, (ok, answer) in zip(slots, results, strict=True)])
 
     def metrics(self) -> defer.Deferred:
         """The merged exposition of every worker, the retired, and the supervisor."""
@@ -492,22 +501,21 @@ class Supervisor(SigtermStop, MultiService):
             snapshots.append(self.retired.snapshot())
             snapshots.append(snapshot(self.registry.collect()))
             return render(merge(snapshots, self.namespace))
-        return self.ask_all("metrics").addCallback(merged)
+        return self.ask_all(METRICS).addCallback(merged)
 
 
-def shared_limits(options: Any, reactor: Any) -> SharedLimits:
-    """The supervisor's counts, sized by the same flags as a single process's."""
-    per_identity = options["max-auth-failures-per-user"]
-    http = HTTPLimits.from_options(options)
+def shared_limits(settings: Settings, reactor: Any) -> SharedLimits:
+    """The supervisor's counts, sized by the same settings as a single process's."""
+    throttle, server = settings.throttle, settings.smtp.server
+    http = settings.http.limits
     return SharedLimits(
-        login=LocalLoginLedger(options["max-auth-failures-per-ip"], per_identity,
-                               options["auth-failure-window"], reactor,
-                               depth=identity_depth(
-                                   per_identity, options["auth-failure-max-delay"])),
+        login=LocalLoginLedger(throttle.per_address, throttle.per_identity,
+                               throttle.window, reactor,
+                               depth=identity_depth(throttle.per_identity,
+                                                    throttle.max_delay)),
         rates=RateLimiter(reactor),
         connections={
-            SMTP: ConnectionLimits(options["max-connections"],
-                                   options["max-connections-per-ip"]),
+            SMTP: ConnectionLimits(server.max_connections, server.max_connections_per_ip),
             HTTP: http.connection_limits("http")})
 
 
@@ -607,7 +615,7 @@ class WorkersReadyResource(_Deferred):
                     checks[name] = {"ok": True, "detail": first["detail"]}
             ready = all(check["ok"] for check in checks.values()) and bool(serving)
             return _json(request, 200 if ready else 503, {"ready": ready, "checks": checks})
-        return self.answer(request, supervisor.ask_all("readiness"), write)
+        return self.answer(request, supervisor.ask_all(READINESS), write)
 
 
 class WorkersStatusResource(_Deferred):
@@ -627,7 +635,7 @@ class WorkersStatusResource(_Deferred):
                 "workers": {"configured": len(answers),
                             "serving": sum(answer is not None for _, answer in answers)},
                 "by_worker": {str(slot.number): answer for slot, answer in answers}})
-        return self.answer(request, supervisor.ask_all("status"), write)
+        return self.answer(request, supervisor.ask_all(STATUS), write)
 
 
 __all__ = ["Supervisor", "WorkerSlot", "WorkersStatusResource", "shared_limits"]
