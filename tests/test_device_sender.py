@@ -16,7 +16,6 @@ import base64
 import json
 import os
 
-import ldap3
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -27,7 +26,7 @@ from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
 from tests.support.rawsmtp import RawSMTP
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
+from tests.support.slapd import SharedSlapd, add_people, ldap_provider
 from tests.support.upstream import RecordingUpstream
 from tests.test_policy import JWTFixture, SessionMixin, log_text, message
 
@@ -179,14 +178,7 @@ class LDAPSenderTests(SharedSlapd, SessionMixin, unittest.TestCase):
         yield self.start_relay()
 
     def add_devices(self):
-        server = ldap3.Server("127.0.0.1", port=self.slapd.port)
-        with ldap3.Connection(server, ROOT_DN, ROOT_PW, auto_bind=True) as conn:
-            for uid, mail in DEVICE_ENTRIES:
-                attributes = {"uid": uid, "cn": uid, "sn": uid, "userPassword": f"{uid}-pw"}
-                if mail:
-                    attributes["mail"] = mail
-                assert conn.add(f"uid={uid},{PEOPLE}", ["inetOrgPerson"], attributes), \
-                    conn.result
+        add_people(self.slapd, DEVICE_ENTRIES)
 
     @defer.inlineCallbacks
     def test_the_sender_comes_from_the_mail_attribute(self):

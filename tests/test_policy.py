@@ -17,7 +17,6 @@ import hashlib
 import json
 import time
 
-import ldap3
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -30,7 +29,7 @@ from tests.support.httpservers import (
     standard_claims, until)
 from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
+from tests.support.slapd import SharedSlapd, add_people, ldap_provider
 from tests.support.logcapture import capture_logs
 from tests.support.resources import resources
 
@@ -465,15 +464,8 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
         yield self.start_relay()
 
     def add_users(self):
-        server = ldap3.Server("127.0.0.1", port=self.slapd.port)
-        with ldap3.Connection(server, ROOT_DN, ROOT_PW, auto_bind=True) as conn:
-            for uid, mail in (("multi", ["multi@example.com", "Multi.Alias@Example.ORG"]),
-                              ("nomail", [])):
-                attributes = {"uid": uid, "cn": uid, "sn": uid, "userPassword": f"{uid}-pw"}
-                if mail:
-                    attributes["mail"] = mail
-                assert conn.add(f"uid={uid},{PEOPLE}", ["inetOrgPerson"], attributes), \
-                    conn.result
+        add_people(self.slapd, (("multi", ["multi@example.com", "Multi.Alias@Example.ORG"]),
+                                ("nomail", [])))
 
     @defer.inlineCallbacks
     def test_every_mail_value_is_allowed_and_nothing_else(self):

@@ -522,6 +522,21 @@ class SharedSlapd:
             cls.slapd = None
 
 
+def add_people(slapd: "SlapdServer", entries) -> None:
+    """Add ``(uid, mail addresses)`` people to ``slapd`` as the admin, each with the
+    password ``<uid>-pw`` and a ``mail`` attribute only when addresses are given (blocking:
+    run it in a thread)."""
+    import ldap3
+    server = ldap3.Server("127.0.0.1", port=slapd.port)
+    with ldap3.Connection(server, ROOT_DN, ROOT_PW, auto_bind=True) as conn:
+        for uid, mail in entries:
+            attributes = {"uid": uid, "cn": uid, "sn": uid, "userPassword": f"{uid}-pw"}
+            if mail:
+                attributes["mail"] = mail
+            assert conn.add(f"uid={uid},{PEOPLE}", ["inetOrgPerson"], attributes), \
+                conn.result
+
+
 def ldap_provider(slapd: "SlapdServer", name: str, *, tls: bool = False,
                   policy: dict | None = None) -> dict:
     """A provider entry for ``slapd``'s people, found by ``uid`` through the service
