@@ -45,6 +45,7 @@ from esmtpfa.providers.ldap import LDAPProvider
 from esmtpfa.providers.userpass import UserPassProvider
 from esmtpfa.common.replies import Reply
 from tests.faults.harness import RunningRelay
+from tests.support.builders import OFFICE_AND_LAB
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.logcapture import capture_logs
 from tests.support.processes import PROJECT, run_tool
@@ -251,13 +252,7 @@ class RecipientHashTests(unittest.TestCase):
 
 # -- a real relay: the lines, and fail2ban on them -------------------------------------
 
-PROVIDERS = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-- meta: {name: lab, type: userpass}
-  params: {username: carol, password: "lab secret"}
-"""
+PROVIDERS = OFFICE_AND_LAB
 
 
 def smtp_login(port: int, source: str, user: str, password: str) -> int:

@@ -25,17 +25,14 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.python import log
 from twisted.trial import unittest
 
+from tests.support.builders import providers_document, userpass_provider, write_providers
 from tests.support.ports import free_port
 from tests.support.processes import Twistd
 from tests.support.rawsmtp import RawSMTP
 from tests.support.sink import SmtpSink
 
 USER, PASSWORD = "burst", "many at once"
-PROVIDERS = f"""\
-providers:
-- meta: {{name: office, type: userpass, fallback: true}}
-  params: {{username: {USER}, password: "{PASSWORD}"}}
-"""
+PROVIDERS = providers_document(userpass_provider("office", USER, PASSWORD, fallback=True))
 CLIENTS = 300
 #: What a user still calls "at once"; beyond it a client suspects the relay.
 GREETING_WITHIN = 10.0
@@ -110,9 +107,7 @@ class SingleProcessBurstTests(unittest.TestCase):
         self.sink = SmtpSink(None)
         self.addCleanup(self.sink.close)
         yield self.sink.start()
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(PROVIDERS)
+        config = write_providers(directory, PROVIDERS)
         self.port = free_port()
         self.relay = Twistd([
             "--plain", "--addr", "127.0.0.1", "--port", str(self.port),

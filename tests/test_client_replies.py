@@ -1,4 +1,4 @@
-"""Whose words the client hears (README, "What the client hears").
+"""Whose words the client hears (docs/delivery-guarantee.md, "Configuring the upstreams").
 
 The upstream's code always; the upstream's text where it explains a refusal (after
 ``upstream:``, or ``upstream rejected <address>:`` for a recipient); and for an

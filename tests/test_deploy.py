@@ -454,7 +454,7 @@ class KubeletMountTests(unittest.TestCase):
         key, document = providers_document()
         kubelet_publish(host(mount_of["esmtpfa-providers"]), {key: document.encode()},
                         age=3600)
-        # the certificate as the README says: Secret esmtpfa-tls, tls.crt and tls.key
+        # the certificate as docs/operations.md says: Secret esmtpfa-tls, tls.crt and tls.key
         ca = CertificateAuthority(os.path.join(root, "ca"))
         leaf = ca.issue("localhost", "127.0.0.1")
         tls = mount_of["esmtpfa-tls"]

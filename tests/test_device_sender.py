@@ -22,13 +22,15 @@ from twisted.trial import unittest
 from esmtpfa.auth.policy import parse_policy
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.config.providers import parse_provider_document
+from tests.support.builders import submission, write_providers
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
+from tests.support.policyfixture import JWTFixture, SessionMixin
 from tests.support.ports import free_port
+from tests.support.logcapture import log_text
 from tests.support.processes import Twistd, run_tool
 from tests.support.rawsmtp import RawSMTP
 from tests.support.slapd import SharedSlapd, add_people, ldap_provider
 from tests.support.upstream import RecordingUpstream
-from tests.test_policy import JWTFixture, SessionMixin, log_text, message
 
 PRINTERS = """\
 providers:
@@ -69,9 +71,7 @@ class PrinterTwistdTests(unittest.TestCase):
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(PRINTERS)
+        config = write_providers(directory, PRINTERS)
         self.upstream = RecordingUpstream().start()
         self.addCleanup(self.upstream.stop)
         self.port = free_port()
@@ -183,9 +183,9 @@ class LDAPSenderTests(SharedSlapd, SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_the_sender_comes_from_the_mail_attribute(self):
         [null, made_up, own] = yield self.session(
-            "corp-ldap", "device7:device7-pw", ("", message(None)),
-            ("scanner@localhost", message(None)),
-            ("second@example.com", message(None)))
+            "corp-ldap", "device7:device7-pw", ("", submission(None)),
+            ("scanner@localhost", submission(None)),
+            ("second@example.com", submission(None)))
         for replies in (null, made_up, own):
             self.assertTrue(replies[-1].startswith(b"250 2.0.0"), replies)
         # not_allowed: an allowed sender of the device's own stays as it is
@@ -195,7 +195,7 @@ class LDAPSenderTests(SharedSlapd, SessionMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_missing_attribute_is_refused_at_mail(self):
-        [null] = yield self.session("corp-ldap", "device8:device8-pw", ("", message(None)))
+        [null] = yield self.session("corp-ldap", "device8:device8-pw", ("", submission(None)))
         self.assertEqual(null, [NO_SENDER])
         self.assertEqual(self.delivered(), [])
         self.assertEqual(self.fixture.upstream.sessions, [])  # the upstream heard nothing
@@ -206,7 +206,7 @@ class LDAPSenderTests(SharedSlapd, SessionMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_rules_judge_the_sender_that_was_set(self):
-        [null] = yield self.session("strict-ldap", "device7:device7-pw", ("", message(None)))
+        [null] = yield self.session("strict-ldap", "device7:device7-pw", ("", submission(None)))
         self.assertEqual(null, [b"553 5.7.1 The sender address set for this login is not "
                                 b"allowed by its policy"])
         self.assertEqual(self.fixture.upstream.sessions, [])
@@ -217,26 +217,22 @@ class JWTSenderTests(JWTFixture, unittest.TestCase):
     """``envelope_sender: {claim: email}`` with tokens from a real JWKS endpoint."""
 
     def providers(self):
-        return json.dumps({"providers": [{
-            "meta": {"name": "idp", "type": "jwt"},
-            "params": {"jwks_url": self.server.url("/jwks"), "iss": "https://sso.test",
-                       "aud": "smtp-relay"},
-            "policy": {"sender_claim": "email",
-                       "envelope_sender": {"claim": "email", "when": "empty"}}}]})
+        return self.jwt_providers({"sender_claim": "email",
+                                   "envelope_sender": {"claim": "email", "when": "empty"}})
 
     @defer.inlineCallbacks
     def test_the_claim_sets_the_null_sender_and_a_missing_claim_is_refused(self):
         [null, own] = yield self.session(
             "idp", self.token("copier-3", email="copier3@example.com"),
-            ("", message(None)), ("copier3@example.com", message(None)))
+            ("", submission(None)), ("copier3@example.com", submission(None)))
         self.assertTrue(null[-1].startswith(b"250 2.0.0"), null)
         self.assertTrue(own[-1].startswith(b"250 2.0.0"), own)
-        [missing] = yield self.session("idp", self.token("copier-4"), ("", message(None)))
+        [missing] = yield self.session("idp", self.token("copier-4"), ("", submission(None)))
         self.assertEqual(missing, [NO_SENDER])
         # a claim that would smuggle a command into MAIL FROM is no sender at all
         [smuggled] = yield self.session(
             "idp", self.token("copier-5", email="c5@example.com>\r\nRCPT TO:<x@example.net"),
-            ("", message(None)))
+            ("", submission(None)))
         self.assertEqual(smuggled, [NO_SENDER])
         lines = b"\n".join(line for s in self.fixture.upstream.sessions for line in s.lines())
         self.assertNotIn(b"c5@example.com", lines)
@@ -283,10 +279,10 @@ class HTTPSenderTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_the_sender_comes_from_the_answer(self):
         [null] = yield self.session("sender", "mfp2@relay.example.com:toner",
-                                    ("", message(None)))
+                                    ("", submission(None)))
         self.assertTrue(null[-1].startswith(b"250 2.0.0"), null)
         [missing] = yield self.session("bare", "mfp3@relay.example.com:toner",
-                                       ("", message(None)))
+                                       ("", submission(None)))
         self.assertEqual(missing, [NO_SENDER])
         self.assertEqual([s for s, _ in self.delivered()], ["floor2-mfp@example.com"])
         text = log_text(self.events)
@@ -344,9 +340,7 @@ class ConfigTests(unittest.TestCase):
         """``twistd esmtpfa --check-config`` on ``providers``: its PROBLEM lines."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(providers)
+        config = write_providers(directory, providers)
         process = Twistd(["--check-config", "--config", config,
                           "--maildir", os.path.join(directory, "maildir")])
         process.start()

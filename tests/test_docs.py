@@ -76,6 +76,9 @@ NOT_MODULES = {"esmtpfa.queue": "the file spool's RabbitMQ counterpart, a queue 
 #: tree cites by heading.
 NUMBERED_CITATION = re.compile(r"\.md §\d")
 NUMBERED_CITATION_SCOPE = {"esmtpfa", "tests", "bench", "docs", "README.md"}
+#: A tracker's number where the subject belongs: an issue or a finding, numbered
+#: (``issue`` or ``findings``, a space or a hyphen, an optional ``#``, a digit).
+TRACKER_NUMBER = re.compile(r"\b(?:issue|finding)s?[\s-]+#?\d", re.IGNORECASE)
 #: ``docs/design.md, "Provider selection"`` or ``design.md, "Metrics" and "The SMTP session"``
 #: (a Markdown link's text too); group 1 holds the quoted names.
 DESIGN_CITATION = re.compile(r'design\.md,\s+((?:"[^"\n]+"(?:,\s*|\s+and\s+)?)+)')
@@ -227,6 +230,34 @@ class SelfContainedTests(unittest.TestCase):
                 if NUMBERED_CITATION.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
         self.assertEqual(offenders, [], 'cite a page as docs/design.md, "Provider selection"')
+
+    def test_no_issue_or_finding_numbers(self):
+        """A heading or a sentence says what a change was about, never which ticket it
+        came from: the number means nothing to a reader without the tracker.  Dates stay."""
+        offenders = []
+        for path in repository_files():
+            if path.relative_to(ROOT).parts[0] not in NUMBERED_CITATION_SCOPE:
+                continue
+            text = read_text(path)
+            if text is None:
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                if TRACKER_NUMBER.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+        self.assertEqual(offenders, [], "name the subject, not the issue or finding number")
+
+    def test_the_tracker_check_covers_the_docs_and_the_code(self):
+        """The two checks above read the guides and the README as well as the package,
+        its tests and its benchmarks, and the pattern finds what it is meant to find."""
+        self.assertLessEqual({"esmtpfa", "tests", "bench", "docs", "README.md"},
+                             NUMBERED_CITATION_SCOPE)
+        # Numbers filled in at run time, so this file does not trip its own check.
+        for line in ("## Issue {n}: compare", "### 2026-11-23, issue {n}: work",
+                     "bounded (findings {n}, 7 and 10)", "the issue-{n} target", "issue #{n}"):
+            self.assertTrue(TRACKER_NUMBER.search(line.format(n=13)), line)
+        for line in ("the issue the client sees", "ca.issue(\"relay.test\")",
+                     "docs/twisted-defects.md, \"Per-line cost\""):
+            self.assertFalse(TRACKER_NUMBER.search(line), line)
 
     def test_the_design_headings_cited_exist(self):
         """Each ``docs/design.md, "Metrics"`` names a heading of that page (its number,

@@ -27,6 +27,7 @@ from twisted.trial import unittest
 from tests.faults.harness import (
     CLIENT, RunningRelay, message, new_message_id, smtp_session)
 from tests.support import misbehaving as m
+from tests.support.webclient import read_until
 
 #: A message the relay must accept while it shuts down ("a 30 MB message").
 BIG = 30 * 1024 * 1024
@@ -317,13 +318,7 @@ class DrainTests(unittest.TestCase):
                 halfway.set()
                 resume.wait(30)
                 s.sendall(body[len(body) // 2:])
-                answer = b""
-                while b"\r\n\r\n" not in answer:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-                return answer
+                return read_until(s, b"\r\n\r\n")
 
         sent = threads.deferToThread(client)
         await wait_until(halfway.is_set, 30, "the client sent half of the body")

@@ -20,6 +20,7 @@ import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests.support.builders import write_providers
 from tests.support.httpservers import (
     JWKSEndpoint,
     LoopbackHTTPServer,
@@ -62,9 +63,7 @@ class HTTPAPITests(unittest.TestCase):
         self.jwks = JWKSEndpoint([self.key])
         self.server = LoopbackHTTPServer({"jwks": self.jwks}).start()
         self.addCleanup(self.server.stop)
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as file:
-            file.write(providers(self.server.url("/jwks")))
+        config = write_providers(directory, providers(self.server.url("/jwks")))
         self.maildir = os.path.join(directory, "maildir")
         self.http_port = free_port()
         self.relay = Twistd(["--http", "--http-addr", "127.0.0.1",

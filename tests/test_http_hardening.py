@@ -27,6 +27,7 @@ from twisted.trial import unittest
 
 from esmtpfa.web import submission
 from esmtpfa.web.jsonbody import JSONLimits, JSONRefused, check_structure, parse_json
+from tests.support.builders import write_providers
 from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
@@ -402,9 +403,7 @@ class DescriptorBudgetTests(unittest.TestCase):
     def test_http_flood_leaves_descriptors_for_smtp(self):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(PROVIDERS)
+        config = write_providers(directory, PROVIDERS)
         smtp_port, http_port = free_port(), free_port()
         relay = DescriptorProcess([
             "--plain", "--addr", "127.0.0.1", "--port", str(smtp_port), "--http",

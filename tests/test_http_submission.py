@@ -520,7 +520,7 @@ class HTTPSTests(HTTPFixtureMixin, unittest.TestCase):
 
 
 class ReadmeFlowTests(unittest.TestCase):
-    """README "HTTP submission, metrics and reload", as a user runs it: twistd, curl.
+    """docs/operations.md, "HTTP submission, metrics and reload", as a user runs it: twistd, curl.
 
     Send with curl, see it counted in /metrics, add a provider to the running relay's
     config file and log in with it, without a restart.
@@ -535,7 +535,7 @@ class ReadmeFlowTests(unittest.TestCase):
         self.maildir = os.path.join(directory, "maildir")
         self.config = os.path.join(directory, "providers.yaml")
         with open(self.config, "w") as f:
-            f.write("providers: []\n")  # the README starts from an empty provider list
+            f.write("providers: []\n")  # the guide starts from an empty provider list
         self.smtp_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.relay = Twistd(["--demo", "--http", "--port", str(self.smtp_port),
                              "--http-port", str(self.http_port),

@@ -28,18 +28,15 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from esmtpfa.runtime.tap import Options
+from tests.support.builders import b64, providers_document, userpass_provider, write_providers
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, require
-from tests.support.rawsmtp import RawSMTP, b64
+from tests.support.rawsmtp import RawSMTP
 from tests.support.webclient import get_blocking
 
 USER, PASSWORD = "scanner", "floor2 scan"
-PROVIDERS = f"""\
-providers:
-- meta: {{name: devices, type: userpass, fallback: true}}
-  params: {{username: {USER}, password: "{PASSWORD}"}}
-"""
+PROVIDERS = providers_document(userpass_provider("devices", USER, PASSWORD, fallback=True))
 ALLOWED, OUTSIDE, NO_CLEARTEXT = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 #: What an old device's TLS stack amounts to, for OpenSSL 3's client.
 OLD_CLIENT = "DEFAULT:@SECLEVEL=0"
@@ -66,9 +63,7 @@ class LegacyRelayCase(unittest.TestCase):
         os.makedirs(self.directory)
         ca = CertificateAuthority(os.path.join(self.directory, "ca"))
         leaf = ca.issue("relay.test", "127.0.0.1")
-        config = os.path.join(self.directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(PROVIDERS)
+        config = write_providers(self.directory, PROVIDERS)
         self.maildir = os.path.join(self.directory, "maildir")
         self.plain, self.tls = free_port(), free_port()
         self.legacy_plain, self.legacy_tls = free_port(), free_port()

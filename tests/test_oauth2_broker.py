@@ -520,6 +520,29 @@ class ObservabilityTests(BrokerTestCase):
                       text)
         self.assertNoSecretAnywhere(text)
 
+    async def test_observer_bug_changes_nothing(self):
+        """A metrics observer that raises is logged; the token still arrives, and the
+        upstream's refusal of it is still taken (the SMTP client calls ``invalidate``)."""
+        class Broken(Exception):
+            pass
+
+        class BrokenObserver:
+            def token_refreshed(self, upstream, result):
+                raise Broken("refreshed")
+
+            def token_expires_in(self, upstream, seconds):
+                raise Broken("expires")
+
+        broker = self.broker(observer=BrokenObserver())
+        d = defer.ensureDeferred(broker.token())
+        token = await d.addTimeout(5, reactor)
+        self.assertEqual(broker.readiness(), (True, "token valid for 3600 s"))
+        broker.invalidate(token)
+        self.assertIsNone(broker.readiness()[0])
+        again = await defer.ensureDeferred(broker.token()).addTimeout(5, reactor)
+        self.assertNotEqual(again, token)
+        self.assertEqual(len(self.flushLoggedErrors(Broken)), 5)
+
     def test_no_expiry_series_without_oauth2(self):
         self.assertNotIn(b"oauth2_token_expiry", RelayMetrics().render())
 

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 import esmtpfa
 from esmtpfa.runtime.options import SETTINGS, Options, OptionsProblems
 from esmtpfa.runtime.settings import Settings, Source
+from tests.support.options import parse_options
 
 PACKAGE = os.path.dirname(os.path.abspath(esmtpfa.__file__))
 OPTIONS_MODULE = os.path.join(PACKAGE, "runtime", "options.py")
@@ -45,12 +46,6 @@ def package_sources() -> dict[str, str]:
     return sources
 
 
-def parse(*args: str, **environ: str) -> Options:
-    options = Options(environ=environ)
-    options.parseOptions(list(args))
-    return options
-
-
 class NoLookupByNameTests(unittest.TestCase):
     def test_nothing_outside_the_options_module_reads_options_by_name(self):
         self.assertEqual(string_lookups(package_sources()), [])
@@ -67,8 +62,8 @@ class NoLookupByNameTests(unittest.TestCase):
 
 class SettingsTests(unittest.TestCase):
     def test_built_when_parsed(self):
-        options = parse("--plain", "--port", "2525", "--http-max-connections", "7",
-                        STATE_URL="redis://127.0.0.1:6379/0", SPOOL_RETRY_MIN="2m")
+        options = parse_options("--plain", "--port", "2525", "--http-max-connections", "7",
+                                STATE_URL="redis://127.0.0.1:6379/0", SPOOL_RETRY_MIN="2m")
         settings = options.settings
         self.assertIsInstance(settings, Settings)
         self.assertEqual((settings.smtp.plain, settings.smtp.port), (True, 2525))
@@ -77,7 +72,7 @@ class SettingsTests(unittest.TestCase):
         self.assertEqual(settings.delivery.retry.minimum, 120.0)
 
     def test_frozen_all_the_way_down(self):
-        settings = parse("--plain").settings
+        settings = parse_options("--plain").settings
         with self.assertRaises(dataclasses.FrozenInstanceError):
             settings.smtp = None  # type: ignore[misc]
         with self.assertRaises(dataclasses.FrozenInstanceError):
@@ -94,20 +89,20 @@ class SettingsTests(unittest.TestCase):
                         if dataclasses.is_dataclass(getattr(value, f.name)))
 
     def test_each_value_keeps_its_source(self):
-        settings = parse("--port", "2525", "--tls-port", "4650", "--http",
-                         SMTP_TLS_PORT="4651", HTTP_PORT="8081").settings
+        settings = parse_options("--port", "2525", "--tls-port", "4650", "--http",
+                                 SMTP_TLS_PORT="4651", HTTP_PORT="8081").settings
         self.assertEqual(settings.source("port"), Source("flag", "--port"))
         self.assertEqual(settings.source("tls-port"),
                          Source("environment", "SMTP_TLS_PORT", "--tls-port"))
         self.assertEqual(settings.source("http-port"), Source("environment", "HTTP_PORT"))
         self.assertEqual(settings.source("max-recipients"), Source("default"))
         self.assertEqual(settings.smtp.tls_port, 4651)
-        demo = parse("--demo").settings
+        demo = parse_options("--demo").settings
         self.assertEqual(demo.source("plain"), Source("demo", "--demo"))
 
     def test_effective_is_print_config(self):
-        settings = parse("--port", "2525", RELAY_PASS="s3cret", RELAY_USER="u",
-                         RELAY_ADDR="smtp.example").settings
+        settings = parse_options("--port", "2525", RELAY_PASS="s3cret", RELAY_USER="u",
+                                 RELAY_ADDR="smtp.example").settings
         lines = settings.effective(non_default=True)
         self.assertEqual(lines, ["port = 2525  # --port",
                                  "relay-addr = smtp.example  # env RELAY_ADDR",

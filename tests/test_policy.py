@@ -12,10 +12,8 @@ have delivered it.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import time
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
@@ -24,31 +22,17 @@ from esmtpfa.auth.selection import Identity
 from esmtpfa.config.providers import build_providers, parse_provider_document
 from esmtpfa.auth.policy import HeaderFromScanner, from_addresses, parse_policy
 from esmtpfa.common.errors import ConfigError
-from tests.support.httpservers import (
-    AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, make_key, mint,
-    standard_claims, until)
+from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, until
+from tests.support.policyfixture import NS, JWTFixture, SessionMixin, transaction
 from tests.support.processes import run_tool
-from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import SharedSlapd, add_people, ldap_provider
-from tests.support.logcapture import capture_logs
+from tests.support.slapd import SharedSlapd, add_people, ldap_providers
+from tests.support.builders import b64, submission
+from tests.support.logcapture import capture_logs, log_text
 from tests.support.resources import resources
-
-NS = "esmtpfa"
 
 
 def rules(block: dict, type_: str = "userpass"):
     return parse_policy(block, type_).senders
-
-
-def message(from_header: str | None, extra: bytes = b"") -> bytes:
-    head = f"From: {from_header}\r\n".encode() if from_header is not None else b""
-    return (head + b"To: friend@example.net\r\nSubject: policy\r\n" + extra
-            + b"\r\nHello\r\n")
-
-
-def log_text(events) -> str:
-    from twisted.logger import formatEvent
-    return "\n".join(formatEvent(event) for event in events)
 
 
 # -- the rules, pure ---------------------------------------------------------------------
@@ -130,7 +114,7 @@ class HeaderFromScannerTests(unittest.TestCase):
                              ("ann@example.com", "bob@example.com"), chunk)
 
     def test_a_from_line_in_the_body_is_not_the_header(self):
-        self.assertIsNone(from_addresses(self.scan(message(None) + b"From: a@b.example\r\n")
+        self.assertIsNone(from_addresses(self.scan(submission(None) + b"From: a@b.example\r\n")
                                          .values()))
         # a line that is not a field ends the header block, as MTAs read it
         scanner = self.scan(b"Subject: x\r\nnot a field\r\nFrom: ceo@example.com\r\n\r\n")
@@ -218,24 +202,6 @@ class ConfigTests(unittest.TestCase):
 
 # -- whole sessions ----------------------------------------------------------------------
 
-def wire(client, line: str) -> bytes:
-    """Send a command; the reply's first line exactly as the server wrote it."""
-    client.send(line.encode() + b"\r\n")
-    return client._line()
-
-
-def transaction(client, sender: str, content: bytes,
-                recipient: str = "friend@example.net") -> list[bytes]:
-    replies = [wire(client, f"MAIL FROM:<{sender}>")]
-    if not replies[0].startswith(b"250"):
-        return replies
-    replies.append(wire(client, f"RCPT TO:<{recipient}>"))
-    replies.append(wire(client, "DATA"))
-    client.send(content + b".\r\n")
-    replies.append(client._line())
-    return replies
-
-
 OK_MAIL = b"250 2.1.0 Sender OK"
 
 
@@ -247,42 +213,6 @@ def refused_mail(address: str) -> bytes:
 def refused_header(address: str) -> bytes:
     return (f"550 5.7.1 From: header address <{address}> is not allowed for this login"
             .encode())
-
-
-class SessionMixin:
-    timeout = 60
-    fixture_args: tuple = ()
-
-    def providers(self) -> str:
-        raise NotImplementedError
-
-    @defer.inlineCallbacks
-    def start_relay(self):
-        self.events = capture_logs(self)
-        self.fixture = RelayFixture(self.mktemp(), *self.fixture_args,
-                                    providers=self.providers())
-        self.addCleanup(self.fixture.stop)
-        yield self.fixture.start()
-
-    def session(self, user: str, password: str, *transactions):
-        """Log in, run ``(sender, content)`` transactions; each one's replies."""
-        def script():
-            client = self.fixture.secure_session()
-            try:
-                code, text = client.auth_plain(user, password)
-                assert code == 235, (code, text)
-                return [transaction(client, sender, content)
-                        for sender, content in transactions]
-            finally:
-                client.close()
-        return threads.deferToThread(script)
-
-    def delivered(self) -> list[tuple[str, bytes]]:
-        return [(m.mail_from, m.data) for m in self.fixture.upstream.messages]
-
-    def rejections(self, provider: str, reason: str) -> float:
-        return self.fixture.service.metrics.registry.get_sample_value(
-            f"{NS}_policy_rejections_total", {"provider": provider, "reason": reason}) or 0
 
 
 USERPASS = """\
@@ -309,9 +239,9 @@ class UserPassSessionTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_mail_from_outside_the_policy_is_refused_and_never_relayed(self):
         [ceo, null, own] = yield self.session(
-            "ann", "ann-pw", ("ceo@example.com", message("ann@example.com")),
-            ("", message("ann@example.com")),
-            ("Ann@Example.COM", message("Ann <ann@example.com>")))
+            "ann", "ann-pw", ("ceo@example.com", submission("ann@example.com")),
+            ("", submission("ann@example.com")),
+            ("Ann@Example.COM", submission("Ann <ann@example.com>")))
         self.assertEqual(ceo, [refused_mail("ceo@example.com")])
         self.assertEqual(null, [refused_mail("")])  # <> only when listed
         self.assertEqual(own[0], OK_MAIL)
@@ -328,9 +258,9 @@ class UserPassSessionTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_header_from_outside_the_policy_is_refused_after_data(self):
         [spoof, folded, good] = yield self.session(
-            "ann", "ann-pw", ("ann@example.com", message("The CEO <ceo@example.com>")),
-            ("ann@example.com", message("ann@example.com,\r\n ceo@example.com")),
-            ("ann@example.com", message("Billing <invoices@billing.example.com>")))
+            "ann", "ann-pw", ("ann@example.com", submission("The CEO <ceo@example.com>")),
+            ("ann@example.com", submission("ann@example.com,\r\n ceo@example.com")),
+            ("ann@example.com", submission("Billing <invoices@billing.example.com>")))
         self.assertEqual(spoof[-1], refused_header("ceo@example.com"))
         self.assertEqual(folded[-1], refused_header("ceo@example.com"))
         self.assertTrue(good[-1].startswith(b"250 "), good)
@@ -349,9 +279,9 @@ class UserPassSessionTests(SessionMixin, unittest.TestCase):
                 client.send(b"MAIL FROM:<ann@example.com>\r\n"
                             b"RCPT TO:<friend@example.net>\r\nDATA\r\n")
                 replies = [client._line() for _ in range(3)]
-                client.send(message("ceo@example.com") + b".\r\n")
+                client.send(submission("ceo@example.com") + b".\r\n")
                 replies.append(client._line())
-                replies += transaction(client, "ann@example.com", message("ann@example.com"))
+                replies += transaction(client, "ann@example.com", submission("ann@example.com"))
                 return replies
             finally:
                 client.close()
@@ -368,13 +298,13 @@ class UserPassSessionTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_provider_without_policy_keeps_any_sender(self):
         [spoof] = yield self.session(
-            "open", "bob:bob-pw", ("ceo@example.com", message("ceo@example.com")))
+            "open", "bob:bob-pw", ("ceo@example.com", submission("ceo@example.com")))
         self.assertTrue(spoof[-1].startswith(b"250 "), spoof)
         self.assertEqual([s for s, _ in self.delivered()], ["ceo@example.com"])
         self.assertIn("provider open: no sender rules", log_text(self.events))
 
     def curl(self, sender: str, from_header: str, user="ann", password="ann-pw"):
-        data = base64.b64encode(message(from_header)).decode()
+        data = b64(submission(from_header))
         body = json.dumps({"from": sender, "to": ["friend@example.net"], "data": data})
         d = run_tool("curl", "--silent", "--show-error", "--max-time", "15",
                      "--write-out", "\n%{http_code}", "-H", "Content-Type: application/json",
@@ -417,7 +347,7 @@ class ReloadTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_changed_policy_applies_to_new_sessions_without_restart(self):
         [before] = yield self.session(
-            "ann", "ann-pw", ("ann@partner.example", message("ann@partner.example")))
+            "ann", "ann-pw", ("ann@partner.example", submission("ann@partner.example")))
         self.assertEqual(before, [refused_mail("ann@partner.example")])
         self.fixture.write_providers(USERPASS.replace(
             '"noreply@example.com"]', '"noreply@example.com", "@partner.example"]'))
@@ -426,7 +356,7 @@ class ReloadTests(SessionMixin, unittest.TestCase):
             f"{NS}_config_reloads_total", {"source": "file", "result": "success"}),
             timeout=10)
         [after] = yield self.session(
-            "ann", "ann-pw", ("ann@partner.example", message("ann@partner.example")))
+            "ann", "ann-pw", ("ann@partner.example", submission("ann@partner.example")))
         self.assertTrue(after[-1].startswith(b"250 "), after)
         self.assertEqual([s for s, _ in self.delivered()], ["ann@partner.example"])
 
@@ -440,7 +370,7 @@ class ReloadTests(SessionMixin, unittest.TestCase):
         self.assertIn("'allowed_sender' (did you mean 'allowed_senders'?)",
                       log_text(self.events))
         [still] = yield self.session(
-            "ann", "ann-pw", ("ceo@example.com", message("ceo@example.com")))
+            "ann", "ann-pw", ("ceo@example.com", submission("ceo@example.com")))
         self.assertEqual(still, [refused_mail("ceo@example.com")])
         self.assertEqual(self.delivered(), [])
 
@@ -451,8 +381,7 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
     added = False
 
     def providers(self):
-        return json.dumps({"providers": [ldap_provider(
-            self.slapd, "corp-ldap", policy={"sender_attribute": "mail"})]})
+        return ldap_providers(self.slapd, "corp-ldap", policy={"sender_attribute": "mail"})
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -470,9 +399,9 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_every_mail_value_is_allowed_and_nothing_else(self):
         [first, alias, other] = yield self.session(
-            "corp-ldap", "multi:multi-pw", ("multi@example.com", message("multi@example.com")),
-            ("multi.alias@example.org", message("multi.alias@example.org")),
-            ("alice@example.com", message("alice@example.com")))
+            "corp-ldap", "multi:multi-pw", ("multi@example.com", submission("multi@example.com")),
+            ("multi.alias@example.org", submission("multi.alias@example.org")),
+            ("alice@example.com", submission("alice@example.com")))
         self.assertTrue(first[-1].startswith(b"250 "), first)
         self.assertTrue(alias[-1].startswith(b"250 "), alias)
         self.assertEqual(other, [refused_mail("alice@example.com")])
@@ -483,61 +412,41 @@ class LDAPSessionTests(SharedSlapd, SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_user_without_mail_may_send_as_nobody(self):
         [own] = yield self.session(
-            "corp-ldap", "nomail:nomail-pw", ("nomail@example.com", message(None)))
+            "corp-ldap", "nomail:nomail-pw", ("nomail@example.com", submission(None)))
         self.assertEqual(own, [refused_mail("nomail@example.com")])
         [single] = yield self.session(
-            "corp-ldap", "alice:alice-pw", ("alice@example.com", message(None)))
+            "corp-ldap", "alice:alice-pw", ("alice@example.com", submission(None)))
         self.assertTrue(single[-1].startswith(b"250 "), single)
         self.assertEqual([s for s, _ in self.delivered()], ["alice@example.com"])
         self.assertEqual(self.rejections("corp-ldap", "mail_from"), 1)
-
-
-class JWTFixture(SessionMixin):
-    """A jwt provider ``idp`` on a real JWKS endpoint; ``token`` mints for it."""
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.key = make_key("ES256", kid="signing-1")
-        self.server = LoopbackHTTPServer({"jwks": JWKSEndpoint([self.key])})
-        yield defer.maybeDeferred(self.server.start)
-        self.addCleanup(self.server.stop)
-        yield self.start_relay()
-
-    def token(self, sub: str, **claims) -> str:
-        return mint(self.key, standard_claims(time.time(), iss="https://sso.test",
-                                              aud="smtp-relay", sub=sub, **claims))
 
 
 class JWTSessionTests(JWTFixture, unittest.TestCase):
     """``sender_claim: email`` with tokens from a real JWKS endpoint."""
 
     def providers(self):
-        return json.dumps({"providers": [{
-            "meta": {"name": "idp", "type": "jwt"},
-            "params": {"jwks_url": self.server.url("/jwks"), "iss": "https://sso.test",
-                       "aud": "smtp-relay"},
-            "policy": {"sender_claim": "email",
-                       "allowed_senders": ["{user}@bots.example.com"],
-                       "check_header_from": True}}]})
+        return self.jwt_providers({"sender_claim": "email",
+                                   "allowed_senders": ["{user}@bots.example.com"],
+                                   "check_header_from": True})
 
     @defer.inlineCallbacks
     def test_email_as_a_string_a_list_and_missing(self):
         [one, not_one] = yield self.session(
             "idp", self.token("svc-a", email="a@example.com"),
-            ("a@example.com", message("a@example.com")),
-            ("b@example.com", message("b@example.com")))
+            ("a@example.com", submission("a@example.com")),
+            ("b@example.com", submission("b@example.com")))
         self.assertTrue(one[-1].startswith(b"250 "), one)
         self.assertEqual(not_one, [refused_mail("b@example.com")])
         [second, header] = yield self.session(
             "idp", self.token("svc-b", email=["x@example.com", "y@example.org"]),
-            ("y@example.org", message("Y <y@example.org>")),
-            ("y@example.org", message("X <x@example.com>, Z <z@example.org>")))
+            ("y@example.org", submission("Y <y@example.org>")),
+            ("y@example.org", submission("X <x@example.com>, Z <z@example.org>")))
         self.assertTrue(second[-1].startswith(b"250 "), second)
         self.assertEqual(header[-1], refused_header("z@example.org"))
         [none, by_sub] = yield self.session(
             "idp", self.token("svc-c"),
-            ("c@example.com", message("c@example.com")),
-            ("svc-c@bots.example.com", message("svc-c@bots.example.com")))
+            ("c@example.com", submission("c@example.com")),
+            ("svc-c@bots.example.com", submission("svc-c@bots.example.com")))
         self.assertEqual(none, [refused_mail("c@example.com")])
         self.assertTrue(by_sub[-1].startswith(b"250 "), by_sub)
         self.assertEqual([s for s, _ in self.delivered()],
@@ -591,10 +500,10 @@ class HTTPProviderSessionTests(SessionMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_http_header_identity_from_the_endpoint_or_a_fingerprint(self):
         [named] = yield self.session(
-            "named", self.TOKEN, ("svc-backup@example.com", message(None)))
+            "named", self.TOKEN, ("svc-backup@example.com", submission(None)))
         self.assertTrue(named[-1].startswith(b"250 "), named)
         [anon] = yield self.session(
-            "anon", self.TOKEN, ("svc-backup@example.com", message(None)))
+            "anon", self.TOKEN, ("svc-backup@example.com", submission(None)))
         self.assertEqual(anon, [refused_mail("svc-backup@example.com")])
         self.assertEqual([s for s, _ in self.delivered()], ["svc-backup@example.com"])
         fingerprint = "sha256:" + hashlib.sha256(self.TOKEN.encode()).hexdigest()[:12]
@@ -607,8 +516,8 @@ class HTTPProviderSessionTests(SessionMixin, unittest.TestCase):
     def test_http_basic_user_expands(self):
         [own, other] = yield self.session(
             "printers", "printer7:toner:low",
-            ("printer7@print.example.com", message(None)),
-            ("printer8@print.example.com", message(None)))
+            ("printer7@print.example.com", submission(None)),
+            ("printer8@print.example.com", submission(None)))
         self.assertTrue(own[-1].startswith(b"250 "), own)
         self.assertEqual(other, [refused_mail("printer8@print.example.com")])
         self.assertNotIn("toner:low", log_text(self.events))

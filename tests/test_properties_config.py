@@ -85,6 +85,14 @@ RAW_TEXT = st.one_of(
              max_size=20).map("".join))
 
 
+def texts(documents) -> st.SearchStrategy:
+    """What an operator may hand a parser: ``documents`` written as JSON or YAML, or
+    text that is no document at all."""
+    return st.one_of(documents.flatmap(
+        lambda d: st.sampled_from(["json", "yaml"]).map(lambda form: written(d, form))),
+        RAW_TEXT)
+
+
 class ParseOrConfigError(unittest.TestCase):
     """Nothing but ``ConfigError`` ever leaves a parser."""
 
@@ -97,16 +105,12 @@ class ParseOrConfigError(unittest.TestCase):
             self.assertNotIn("s3cret", message)  # a value from the environment: secret
 
     @PROPERTY
-    @given(st.one_of(PROVIDER_DOCUMENTS.flatmap(
-        lambda d: st.sampled_from(["json", "yaml"]).map(lambda form: written(d, form))),
-        RAW_TEXT))
+    @given(texts(PROVIDER_DOCUMENTS))
     def test_provider_documents(self, text):
         self.parses_or_refuses(lambda t: parse_provider_document(t, "f.yaml", ENV), text)
 
     @PROPERTY
-    @given(st.one_of(RELAY_DOCUMENTS.flatmap(
-        lambda d: st.sampled_from(["json", "yaml"]).map(lambda form: written(d, form))),
-        RAW_TEXT))
+    @given(texts(RELAY_DOCUMENTS))
     def test_relay_documents(self, text):
         self.parses_or_refuses(lambda t: parse_relay_document(t, "f.yaml", ENV), text)
 

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from tests.support.httpservers import (
     AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
-from tests.support.rawsmtp import b64
+from tests.support.builders import b64
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SharedSlapd
 from tests.test_smtp_server import MESSAGE, send_message

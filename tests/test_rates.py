@@ -8,7 +8,6 @@ at the byte level, with what reached the upstream.
 from __future__ import annotations
 
 import base64
-import json
 
 import ldap3
 from twisted.internet import defer, threads
@@ -18,26 +17,22 @@ from esmtpfa.auth.policy import parse_policy
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.sendingrates import Limit, Rates
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
+from tests.support.builders import (
+    OFFICE, providers_document, submission, userpass_provider)
 from tests.support.misbehaving import MisbehavingUpstream
+from tests.support.policyfixture import JWTFixture, SessionMixin
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 from tests.support.webclient import post_json
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_provider
-from tests.test_policy import JWTFixture, SessionMixin, message as policy_message
+from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_providers
 
 CONTENT = b"Subject: rates\r\n\r\nHello.\r\n"
 
 #: Two providers: `office` (fallback, no rate of its own: the relay's defaults) and
 #: `bulk`, whose policy allows more.
-PROVIDERS = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-- meta: {name: bulk, type: userpass}
-  params: {username: robot, password: "robot secret"}
-  policy:
-    rate: {messages: 5/1m, recipients: 10/1m}
-"""
+PROVIDERS = providers_document(OFFICE, userpass_provider(
+    "bulk", "robot", "robot secret",
+    policy="  policy:\n    rate: {messages: 5/1m, recipients: 10/1m}\n"))
 
 
 class PolicyRateTests(unittest.TestCase):
@@ -210,15 +205,11 @@ class IdentityRateTests(JWTFixture, unittest.TestCase):
     over the provider's own (1 per minute here)."""
 
     def providers(self):
-        return json.dumps({"providers": [{
-            "meta": {"name": "idp", "type": "jwt"},
-            "params": {"jwks_url": self.server.url("/jwks"), "iss": "https://sso.test",
-                       "aud": "smtp-relay"},
-            "policy": {"rate": {"messages": "1/1m"}, "rate_claim": "mail_rate"}}]})
+        return self.jwt_providers({"rate": {"messages": "1/1m"}, "rate_claim": "mail_rate"})
 
     @defer.inlineCallbacks
     def test_a_claim_raises_one_identity_s_rate(self):
-        sent = [("svc@example.com", policy_message("svc@example.com"))] * 3
+        sent = [("svc@example.com", submission("svc@example.com"))] * 3
         big = yield self.session("idp", self.token("svc-big", mail_rate="messages=2/1m"),
                                  *sent)
         small = yield self.session("idp", self.token("svc-small"), *sent)
@@ -239,8 +230,8 @@ class LDAPRateTests(SharedSlapd, SessionMixin, unittest.TestCase):
     """Item 5 with a real slapd: ``rate_attribute`` gives one user its own rate."""
 
     def providers(self):
-        return json.dumps({"providers": [ldap_provider(self.slapd, "corp-ldap", policy={
-            "rate": {"messages": "1/1m"}, "rate_attribute": "description"})]})
+        return ldap_providers(self.slapd, "corp-ldap", policy={
+            "rate": {"messages": "1/1m"}, "rate_attribute": "description"})
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -257,7 +248,7 @@ class LDAPRateTests(SharedSlapd, SessionMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_an_attribute_raises_one_user_s_rate(self):
-        sent = [("x@example.com", policy_message("x@example.com"))] * 3
+        sent = [("x@example.com", submission("x@example.com"))] * 3
         batch = yield self.session("corp-ldap", "batch:batch-pw", *sent)
         alice = yield self.session("corp-ldap", "alice:alice-pw", *sent)
         self.assertEqual([r[-1][:9] for r in batch],

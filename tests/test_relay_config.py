@@ -15,7 +15,7 @@ from esmtpfa.runtime.service import build_relay
 from tests.support.resources import resources
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
-from tests.test_relay_options import parse
+from tests.support.options import parse_options
 
 EXAMPLE = """\
 relays:
@@ -111,9 +111,9 @@ class OptionTests(unittest.TestCase):
 
     def test_entries_override_the_flags(self):
         path = self.write(EXAMPLE)
-        options = parse("--relay-config", path, "--relay-timeout", "12",
-                        "--relay-user", "flag-user", "--relay-pass", "flag-pass",
-                        "--relay-tls-server-name", "smtp.example.com", **ENV)
+        options = parse_options("--relay-config", path, "--relay-timeout", "12",
+                                "--relay-user", "flag-user", "--relay-pass", "flag-pass",
+                                "--relay-tls-server-name", "smtp.example.com", **ENV)
         relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         first, second, third = [u.settings for u in relay.upstreams]
@@ -134,7 +134,7 @@ class OptionTests(unittest.TestCase):
     def test_starttls_entry_under_implicit_tls_flag(self):
         path = self.write("relays:\n- {addr: a.example, starttls: required}\n"
                           "- {addr: b.example}\n")
-        relay = build_relay(parse("--relay-config", path, "--relay-tls"), resources(),
+        relay = build_relay(parse_options("--relay-config", path, "--relay-tls"), resources(),
                             "relay.test")
         self.addCleanup(relay.close)
         a, b = [u.settings for u in relay.upstreams]
@@ -143,20 +143,20 @@ class OptionTests(unittest.TestCase):
 
     def test_environment_variable_and_port_default(self):
         path = self.write("relays:\n- {addr: a.example}\n")
-        options = parse(RELAY_CONFIG=path, RELAY_PORT="2525")
+        options = parse_options(RELAY_CONFIG=path, RELAY_PORT="2525")
         self.assertEqual(options["relay-upstreams"], [UpstreamEntry("a.example", 2525, {})])
 
     def test_startup_errors(self):
         path = self.write("relays:\n- {addr: a.example}\n")
         with self.assertRaises(usage.UsageError) as caught:
-            parse("--relay-config", path, "--relay-addr", "b.example")
+            parse_options("--relay-config", path, "--relay-addr", "b.example")
         self.assertIn("--relay-addr and --relay-config", str(caught.exception))
         with self.assertRaises(usage.UsageError) as caught:
-            parse("--relay-config", self.write("relays:\n- {adr: a.example}\n"))
+            parse_options("--relay-config", self.write("relays:\n- {adr: a.example}\n"))
         self.assertIn("--relay-config:", str(caught.exception))
         self.assertIn("did you mean 'addr'?", str(caught.exception))
         with self.assertRaises(usage.UsageError) as caught:
-            parse("--relay-config", "/nonexistent/relays.yaml")
+            parse_options("--relay-config", "/nonexistent/relays.yaml")
         self.assertIn("/nonexistent/relays.yaml: cannot read", str(caught.exception))
 
 
@@ -308,8 +308,8 @@ class OAuth2ConfigTests(unittest.TestCase):
         path = self.mktemp()
         with open(path, "w") as file:
             file.write(OAUTH2_EXAMPLE)
-        options = parse("--relay-config", path, "--relay-user", "flag-user",
-                        "--relay-pass", "flag-pass", **OAUTH2_ENV)
+        options = parse_options("--relay-config", path, "--relay-user", "flag-user",
+                                "--relay-pass", "flag-pass", **OAUTH2_ENV)
         relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         m365, gmail, backup = [u.settings for u in relay.upstreams]
@@ -321,13 +321,13 @@ class OAuth2ConfigTests(unittest.TestCase):
         self.assertNotIn("s3cret", repr(m365))
 
     def test_flags(self):
-        options = parse("--relay-addr", "smtp.office365.com:587",
-                        "--relay-user", "printer@contoso.example",
-                        "--relay-oauth2-token-url", "https://login.example/token",
-                        "--relay-oauth2-client-id", "app",
-                        "--relay-oauth2-scope", "https://outlook.office365.com/.default",
-                        "--relay-auth-mech", "OAUTHBEARER",
-                        RELAY_OAUTH2_CLIENT_SECRET="flag-s3cret")
+        options = parse_options("--relay-addr", "smtp.office365.com:587",
+                                "--relay-user", "printer@contoso.example",
+                                "--relay-oauth2-token-url", "https://login.example/token",
+                                "--relay-oauth2-client-id", "app",
+                                "--relay-oauth2-scope", "https://outlook.office365.com/.default",
+                                "--relay-auth-mech", "OAUTHBEARER",
+                                RELAY_OAUTH2_CLIENT_SECRET="flag-s3cret")
         entry, = options["relay-upstreams"]
         oauth2 = entry.overrides["oauth2"]
         self.assertEqual((oauth2.client_id, oauth2.client_secret, oauth2.scope),
@@ -342,10 +342,10 @@ class OAuth2ConfigTests(unittest.TestCase):
         path = self.mktemp()
         with open(path, "w") as file:
             file.write("relays:\n- {addr: a.example}\n- {addr: b.example, user: u, pass: p}\n")
-        options = parse("--relay-config", path, "--relay-user", "mailbox@example.com",
-                        RELAY_OAUTH2_TOKEN_URL="https://t.example/token",
-                        RELAY_OAUTH2_CLIENT_ID="app",
-                        RELAY_OAUTH2_REFRESH_TOKEN="r3fresh", RELAY_OAUTH2_CLIENT_SECRET="x")
+        options = parse_options("--relay-config", path, "--relay-user", "mailbox@example.com",
+                                RELAY_OAUTH2_TOKEN_URL="https://t.example/token",
+                                RELAY_OAUTH2_CLIENT_ID="app", RELAY_OAUTH2_REFRESH_TOKEN="r3fresh",
+                                RELAY_OAUTH2_CLIENT_SECRET="x")
         a, b = options["relay-upstreams"]
         self.assertEqual(a.overrides["oauth2"].grant, "refresh_token")
         self.assertNotIn("oauth2", b.overrides)
@@ -365,13 +365,13 @@ class OAuth2ConfigTests(unittest.TestCase):
                   "--relay-oauth2-client-id", "app"), {}, "no such file: /nonexistent/k.pem"),
                 (("--relay-oauth2-auth-method", "magic"), {}, "--relay-oauth2-auth-method")):
             with self.assertRaises(usage.UsageError) as caught:
-                parse("--relay-addr", "a.example", *args, **env)
+                parse_options("--relay-addr", "a.example", *args, **env)
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("s3cret", str(caught.exception))
 
     def test_token_mechanism_without_oauth2_is_refused_at_startup(self):
-        options = parse("--relay-addr", "a.example", "--relay-user", "u", "--relay-pass", "p",
-                        "--relay-auth-mech", "xoauth2")
+        options = parse_options("--relay-addr", "a.example", "--relay-user", "u",
+                                "--relay-pass", "p", "--relay-auth-mech", "xoauth2")
         with self.assertRaises(ValueError) as caught:
             build_relay(options, resources(), "relay.test")
         self.assertIn("XOAUTH2 needs an oauth2 block", str(caught.exception))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope
 from esmtpfa.relay.errors import permanent, policy, unavailable
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, Kind, Phase, RelayError
 from esmtpfa.relay.settings import PoolSettings
 from esmtpfa.relay.upstream import (
     _MOVES, IllegalMove, SMTPRelay, State, UpstreamSettings, UpstreamTransaction)
 from esmtpfa.common.replies import Reply
+from tests.support.builders import outbound
 from tests.support.upstream import RecordingUpstream
 from tests.support.resources import resources
 
@@ -132,9 +133,7 @@ class StateTests(unittest.TestCase):
         self.assertIn(transaction.state, (State.OPENING, State.OPEN))
         await adding
         self.assertIs(transaction.state, State.OPEN)
-        spool = MessageSpool()
-        spool.write(CONTENT)
-        message = OutboundMessage(Envelope("alice@example.com", ("bob@example.com",)), spool)
+        message = outbound(CONTENT)
         sending = transaction.send(message)
         self.assertIs(transaction.state, State.SENDING)
         self.assertEqual((await sending).code, 250)

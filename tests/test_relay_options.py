@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa.runtime.options import Options
 from esmtpfa.relay.rewrite import RelayFromRewriter
 from esmtpfa.relay.upstream import SMTPRelay
 from esmtpfa.runtime.service import build_relay
+from tests.support.options import parse_options
 from tests.support.resources import resources
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
@@ -16,26 +16,20 @@ from tests.support.sink import SmtpSink
 from tests.test_end_to_end import swaks_args
 
 
-def parse(*args: str, **env: str) -> Options:
-    options = Options(environ=env)
-    options.parseOptions(list(args))
-    return options
-
-
 class OptionTests(unittest.TestCase):
 
     def test_defaults(self):
-        options = parse("--relay-addr", "smtp.example.com")
+        options = parse_options("--relay-addr", "smtp.example.com")
         self.assertEqual((options["relay-pool-size"], options["relay-pool-idle-timeout"],
                           options["relay-breaker-failures"], options["relay-breaker-cooldown"],
                           options["relay-auth-mech"], options["relay-data-timeout"]),
                          (20, 30.0, 3, 30.0, None, 600.0))
 
     def test_several_upstreams(self):
-        options = parse("--relay-addr", "a.example, b.example:2525,[::1]:587,192.0.2.9",
-                        "--relay-port", "587",
-                        "--relay-user", "u", "--relay-pass", "p", "--relay-auth-mech",
-                        "SCRAM-SHA-1", "--relay-pool-size", "4")
+        options = parse_options("--relay-addr", "a.example, b.example:2525,[::1]:587,192.0.2.9",
+                                "--relay-port", "587",
+                                "--relay-user", "u", "--relay-pass", "p", "--relay-auth-mech",
+                                "SCRAM-SHA-1", "--relay-pool-size", "4")
         relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         self.assertIsInstance(relay, SMTPRelay)
@@ -51,10 +45,11 @@ class OptionTests(unittest.TestCase):
         self.assertIn("failover", relay.description)
 
     def test_environment(self):
-        options = parse(RELAY_ADDR="a.example,b.example:26", RELAY_AUTH_MECH="cram-md5",
-                        RELAY_POOL_SIZE="7", RELAY_POOL_IDLE_TIMEOUT="2.5",
-                        RELAY_BREAKER_FAILURES="5", RELAY_BREAKER_COOLDOWN="9",
-                        RELAY_TLS_SERVER_NAME="smtp.example.com", RELAY_FROM="r@example.com")
+        options = parse_options(RELAY_ADDR="a.example,b.example:26", RELAY_AUTH_MECH="cram-md5",
+                                RELAY_POOL_SIZE="7", RELAY_POOL_IDLE_TIMEOUT="2.5",
+                                RELAY_BREAKER_FAILURES="5", RELAY_BREAKER_COOLDOWN="9",
+                                RELAY_TLS_SERVER_NAME="smtp.example.com",
+                                RELAY_FROM="r@example.com")
         relay = build_relay(options, resources(), "relay.test")
         self.addCleanup(relay.close)
         self.assertIsInstance(relay, RelayFromRewriter)
@@ -75,7 +70,7 @@ class OptionTests(unittest.TestCase):
                 ((), {"RELAY_POOL_SIZE": "0"}, "RELAY_POOL_SIZE"),
                 ((), {"RELAY_BREAKER_COOLDOWN": "-1"}, "RELAY_BREAKER_COOLDOWN")):
             with self.assertRaises(usage.UsageError) as caught:
-                parse(*args, **env)
+                parse_options(*args, **env)
             self.assertIn(expected, str(caught.exception))
 
 

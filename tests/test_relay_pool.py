@@ -13,13 +13,14 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import Envelope
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
 from esmtpfa.common.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from esmtpfa.common.replies import Reply
+from tests.support.builders import outbound
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
@@ -32,14 +33,6 @@ NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
 #: the connection.  (A message that fits in them has had its final dot handed to the
 #: kernel: then a lost connection means "maybe delivered", never replayed.)
 BIG = (b"x" * 78 + b"\r\n") * 100_000
-
-
-def message(rcpts=("bob@example.com",), content=CONTENT, mail_from="alice@example.com",
-            **envelope) -> OutboundMessage:
-    spool = MessageSpool()
-    spool.write(content)
-    return OutboundMessage(Envelope(mail_from, tuple(rcpts), **envelope), spool,
-                           connection_id="urn:uuid:test-connection")
 
 
 @dataclass
@@ -93,7 +86,7 @@ class PoolTestCase(unittest.TestCase):
             transaction.abort()
             return Outcome(verdicts, None)
         try:
-            reply = await transaction.send(message(accepted, content, **envelope))
+            reply = await transaction.send(outbound(content, rcpts=tuple(accepted), **envelope))
         except RelayError as error:
             return Outcome(verdicts, error.reply, error)
         return Outcome(verdicts, reply)
@@ -592,7 +585,7 @@ class FailoverTests(PoolTestCase):
     async def test_every_recipient_fails_over_too(self):
         second = self.upstream()
         relay = self.relay(free_port(), second)
-        reply = await send_whole(relay, message(("a@example.com", "b@example.com")))
+        reply = await send_whole(relay, outbound(CONTENT, rcpts=("a@example.com", "b@example.com")))
         self.assertEqual(reply.code, 250)
         self.assertEqual(second.accepted[0].rcpts, ["a@example.com", "b@example.com"])
 

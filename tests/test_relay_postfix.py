@@ -10,11 +10,11 @@ from twisted.trial import unittest
 from esmtpfa.common.message import Envelope
 from esmtpfa.relay.interfaces import REJECTED, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+from tests.support.builders import CONTENT, outbound
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.postfix import PostfixSubmission
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
-from tests.test_relay_upstream import CONTENT, outbound
 from tests.support.resources import resources
 
 PASSWORD_UPSTREAM = "s3cret pencil"
@@ -102,12 +102,19 @@ class MechanismTests(PostfixTestCase):
 
 class TLSTests(PostfixTestCase):
 
-    async def test_starttls_then_scram_with_auth_only_over_tls(self):
+    async def tls_pair(self, certificate_name: str
+                       ) -> tuple[PostfixSubmission, SMTPRelay]:
+        """Postfix offering AUTH only after STARTTLS, with a certificate for
+        ``certificate_name``; our relay requiring TLS and expecting ``postfix.test``."""
         ca = CertificateAuthority(self.mktemp())
-        leaf = ca.issue("postfix.test", filename="postfix")
+        leaf = ca.issue(certificate_name, filename="postfix")
         server = await self.postfix(tls=leaf, tls_auth_only=True)
         relay = self.relay(server, starttls="required", allow_insecure_auth=False,
                            server_name="postfix.test", ca_cert=ca.cert_path)
+        return server, relay
+
+    async def test_starttls_then_scram_with_auth_only_over_tls(self):
+        server, relay = await self.tls_pair("postfix.test")
         await self.delivered(server, relay)
         self.assertIn("sasl_method=SCRAM-SHA-256", server.log())
         await relay.close()  # the session ends: Postfix logs its summary
@@ -116,11 +123,7 @@ class TLSTests(PostfixTestCase):
         self.assertIn("auth=1", summary)
 
     async def test_wrong_certificate_name_is_refused_before_auth(self):
-        ca = CertificateAuthority(self.mktemp())
-        leaf = ca.issue("someone-else.test", filename="postfix")
-        server = await self.postfix(tls=leaf, tls_auth_only=True)
-        relay = self.relay(server, starttls="required", allow_insecure_auth=False,
-                           server_name="postfix.test", ca_cert=ca.cert_path)
+        server, relay = await self.tls_pair("someone-else.test")
         with self.assertRaises(RelayError) as caught:
             await send_whole(relay, outbound())
         self.assertEqual((caught.exception.reply.code, caught.exception.reply.enhanced),

@@ -13,16 +13,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
-from esmtpfa.relay.interfaces import IRelay, WholeMessageTransaction
 from esmtpfa.relay.rewrite import RelayFromRewriter
-from esmtpfa.common.replies import Reply
 from tests.support.relayfixture import RelayFixture
-from tests.support.relaying import send_whole
+from tests.support.builders import outbound
+from tests.support.relaying import CapturingRelay, send_whole
 from tests.support.resources import resources
 from tests.support.upstream import END_OF_DATA, RAW, RecordingUpstream
 from tests.test_relay_faults import CONTENT, Client, FaultTestCase
-from zope.interface import implementer
 
 #: Ways an upstream can answer the final dot that are neither "accepted" nor "refused".
 GARBAGE_AFTER_THE_DOT = {
@@ -196,23 +193,6 @@ class FirstRecipientTests(PromiseTestCase):
         self.assertEqual(upstream.accepted[0].rcpts, ["bob@example.net"])
 
 
-@implementer(IRelay)
-class _Capture:
-    description = "capture"
-
-    def __init__(self):
-        self.messages = []
-
-    def begin(self, envelope, message_id="", connection_id="", client=(), paced=False):
-        from twisted.internet.defer import succeed
-        return succeed(WholeMessageTransaction(self))
-
-    def deliver(self, message):
-        from twisted.internet.defer import succeed
-        self.messages.append(message)
-        return succeed(Reply(250, "2.0.0", "captured"))
-
-
 class _WhereRewritten(RelayFromRewriter):
     def rewrite(self, message):
         self.threads = getattr(self, "threads", []) + [threading.current_thread()]
@@ -227,13 +207,11 @@ class RewriteOffTheReactorTests(unittest.TestCase):
     timeout = 30
 
     async def test_big_header_is_parsed_in_a_thread_and_kept_whole(self):
-        inner = _Capture()
+        inner = CapturingRelay()
         rewriter = _WhereRewritten(inner, "relay@smarthost.example", resources=resources())
         folded = b"X-Long: start\r\n" + b" continued\r\n" * 80_000
         content = b"From: Alice <alice@client.example>\r\n" + folded + b"\r\nbody\r\n"
-        spool = MessageSpool()
-        spool.write(content)
-        message = OutboundMessage(Envelope("a@client.example", ("b@example.net",)), spool)
+        message = outbound(content, "a@client.example", ("b@example.net",))
         ticks = []
         ticker = reactor.callLater(0, ticks.append, 1)
         reply = await send_whole(rewriter, message)

@@ -19,20 +19,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from esmtpfa.common.message import READ_CHUNK, Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import READ_CHUNK, OutboundMessage
 from esmtpfa.relay.interfaces import Kind, Phase, RelayError
 from esmtpfa.relay.protocol import (
     MAX_REPLY_LINE, DotStuffer, Extensions, SMTPClientFactory, SMTPClientProtocol)
 from esmtpfa.common.replies import Reply
+from tests.support.builders import outbound
 from tests.support.upstream import RecordingUpstream
-
-
-def outbound(content: bytes, mail_from: str = "alice@example.com",
-             rcpts: tuple[str, ...] = ("bob@example.com",), **envelope) -> OutboundMessage:
-    spool = MessageSpool()
-    for start in range(0, len(content), 1 << 20):
-        spool.write(content[start:start + (1 << 20)])
-    return OutboundMessage(Envelope(mail_from, rcpts, **envelope), spool)
 
 
 def reference_stuffing(content: bytes) -> bytes:

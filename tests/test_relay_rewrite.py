@@ -6,46 +6,20 @@ import os
 import threading
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
-from zope.interface import implementer
 
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
-from esmtpfa.relay.interfaces import REJECTED, IRelay, RelayError, WholeMessageTransaction
+from esmtpfa.common.message import OutboundMessage
+from esmtpfa.relay.interfaces import REJECTED, RelayError
 from esmtpfa.relay.maildir import MaildirRelay
 from esmtpfa.relay.rewrite import HEADER_LIMIT, RelayFromRewriter, display_name, unfold
-from esmtpfa.common.replies import Reply
-from tests.support.relaying import send_whole
+from tests.support.builders import outbound
+from tests.support.relaying import CapturingRelay, send_whole
 from tests.support.resources import resources
 
 RELAY_FROM = "relay@smarthost.example"
 BODY = b"\r\nHello.\r\nFrom: a line in the body, not a header\r\n\xff\xfe binary-ish\r\n"
-
-
-@implementer(IRelay)
-class CapturingRelay:
-    description = "capture"
-
-    def __init__(self):
-        self.messages: list[OutboundMessage] = []
-
-    def begin(self, envelope, message_id="", connection_id="", client=(), paced=False):
-        return succeed(WholeMessageTransaction(self))
-
-    def deliver(self, message):
-        self.messages.append(message)
-        return succeed(Reply(250, "2.0.0", "captured"))
-
-    def close(self):
-        return succeed(None)
-
-
-def outbound(content: bytes, prefix: bytes = b"", offset: int = 0, **envelope) -> OutboundMessage:
-    spool = MessageSpool()
-    spool.write(content)
-    return OutboundMessage(Envelope("client@example.com", ("bob@example.com",), **envelope),
-                           spool, prefix=prefix, content_offset=offset)
 
 
 def wire(message: OutboundMessage) -> bytes:

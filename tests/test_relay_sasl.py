@@ -23,13 +23,9 @@ from esmtpfa.relay.sasl import (
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
+from tests.support.builders import b64, outbound
 from tests.support.upstream import RecordingUpstream
-from tests.test_relay_upstream import outbound
 from tests.support.resources import resources
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 class ScramVectorTests(unittest.TestCase):
@@ -59,14 +55,15 @@ class ScramVectorTests(unittest.TestCase):
 
     def server_first(self, scram: Scram, extra: bytes = b"", iterations: int = 4096) -> bytes:
         nonce = scram.initial().split(b"r=")[1]
-        return b"r=" + nonce + b"srv,s=" + b64(b"salt") + b",i=" + str(iterations).encode() + extra
+        return (b"r=" + nonce + b"srv,s=" + b64(b"salt", wire=True) + b",i="
+                + str(iterations).encode() + extra)
 
     def test_wrong_server_signature_is_refused(self):
         # A server that does not know the password (a man in the middle) cannot fake "v=".
         scram = Scram("sha256", "user", "pencil")
         scram.respond(self.server_first(scram))
         with self.assertRaises(SASLError):
-            scram.respond(b"v=" + b64(b"\0" * 32))
+            scram.respond(b"v=" + b64(b"\0" * 32, wire=True))
         self.assertFalse(scram.complete)
 
     def test_server_error_attribute(self):
@@ -163,19 +160,22 @@ class SimpleMechanismTests(unittest.TestCase):
 class AuthOutcomes:
     """How the protocol states an AUTH that did not succeed: a ``RelayError`` (451)."""
 
-    def refused(self, d) -> RelayError:
-        """The server refused: the only AUTH failure with the upstream's reply."""
+    def failed(self, d) -> RelayError:
+        """Either way, the message waits: AUTH failed, 451, try later."""
         error = self.failureResultOf(d, RelayError).value
         self.assertEqual((error.kind, error.command, error.reply.code),
                          (Kind.UNAVAILABLE, "AUTH", 451))
+        return error
+
+    def refused(self, d) -> RelayError:
+        """The server refused: the only AUTH failure with the upstream's reply."""
+        error = self.failed(d)
         self.assertIsNotNone(error.upstream_reply)
         return error
 
     def cancelled(self, d) -> RelayError:
         """We cancelled: no reply of the upstream's is the verdict."""
-        error = self.failureResultOf(d, RelayError).value
-        self.assertEqual((error.kind, error.command, error.reply.code),
-                         (Kind.UNAVAILABLE, "AUTH", 451))
+        error = self.failed(d)
         self.assertIsNone(error.upstream_reply)
         return error
 
@@ -196,40 +196,45 @@ class ExchangeTests(AuthOutcomes, unittest.TestCase):
         self.transport.clear()
         return value.split(b"\r\n")[:-1]
 
+    def challenged(self, scram: Scram):
+        """AUTH begun and the client's first message answered by a server-first message
+        that extends its nonce (RFC 5802 §3): the exchange waits for the server's final
+        message, or for its verdict."""
+        d = self.protocol.authenticate(scram)
+        nonce = base64.b64decode(self.sent()[0].split()[-1]).split(b"r=")[1]
+        self.protocol.dataReceived(
+            b"334 " + b64(b"r=" + nonce + b"x,s=c2FsdA==,i=4096", wire=True) + b"\r\n")
+        return d
+
     def test_scram_exchange(self):
         scram = Scram("sha256", "user", "pencil", nonce="rOprNGfwEbeRWgbNEkqO")
         d = self.protocol.authenticate(scram)
         self.assertEqual(self.sent(), [b"AUTH SCRAM-SHA-256 " + b64(
-            b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")])
+            b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO", wire=True)])
         self.protocol.dataReceived(b"334 " + b64(
             b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-            b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096") + b"\r\n")
+            b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", wire=True) + b"\r\n")
         [final] = self.sent()
         self.assertTrue(base64.b64decode(final).endswith(
             b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="))
         self.protocol.dataReceived(b"334 " + b64(
-            b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=") + b"\r\n")
+            b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=", wire=True) + b"\r\n")
         self.assertEqual(self.sent(), [b""])  # the empty response to the server's final
         self.protocol.dataReceived(b"235 2.7.0 Authentication successful\r\n")
         self.assertEqual(self.successResultOf(d).code, 235)
 
     def test_forged_server_signature_cancels(self):
-        scram = Scram("sha256", "user", "pencil")
-        d = self.protocol.authenticate(scram)
-        nonce = base64.b64decode(self.sent()[0].split()[-1]).split(b"r=")[1]
-        self.protocol.dataReceived(b"334 " + b64(b"r=" + nonce + b"x,s=c2FsdA==,i=4096") + b"\r\n")
+        d = self.challenged(Scram("sha256", "user", "pencil"))
         self.sent()
-        self.protocol.dataReceived(b"334 " + b64(b"v=" + b64(b"forged" * 5)) + b"\r\n")
+        self.protocol.dataReceived(
+            b"334 " + b64(b"v=" + b64(b"forged" * 5, wire=True), wire=True) + b"\r\n")
         self.assertEqual(self.sent(), [b"*"])  # RFC 4954 §4: cancel
         self.protocol.dataReceived(b"501 5.7.0 Authentication cancelled\r\n")
         error = self.cancelled(d)
         self.assertIn("signature", error.detail)
 
     def test_success_before_the_server_proved_itself_is_not_trusted(self):
-        scram = Scram("sha1", "user", "pencil")
-        d = self.protocol.authenticate(scram)
-        nonce = base64.b64decode(self.sent()[0].split()[-1]).split(b"r=")[1]
-        self.protocol.dataReceived(b"334 " + b64(b"r=" + nonce + b"x,s=c2FsdA==,i=4096") + b"\r\n")
+        d = self.challenged(Scram("sha1", "user", "pencil"))
         self.protocol.dataReceived(b"235 2.7.0 ok\r\n")  # no "v=": skipped mutual auth
         self.cancelled(d)
         self.assertTrue(self.transport.disconnecting or not self.protocol.usable)
@@ -244,7 +249,7 @@ class ExchangeTests(AuthOutcomes, unittest.TestCase):
 
     def test_refusal(self):
         d = self.protocol.authenticate(CramMD5("u", "p"))
-        self.protocol.dataReceived(b"334 " + b64(b"<1.2@x>") + b"\r\n")
+        self.protocol.dataReceived(b"334 " + b64(b"<1.2@x>", wire=True) + b"\r\n")
         self.protocol.dataReceived(b"535 5.7.8 Authentication credentials invalid\r\n")
         self.assertEqual(self.refused(d).upstream_reply.code, 535)
 
@@ -442,8 +447,8 @@ class TokenExchangeTests(AuthOutcomes, unittest.TestCase):
         mechanism = OAuthBearer(self.TOKEN, "smtp.example", 587)
         d = self.protocol.authenticate(mechanism)
         self.sent()
-        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR) + b"\r\n")
-        self.assertEqual(self.sent(), [b64(b"\x01")])  # "AQ==", not "*"
+        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR, wire=True) + b"\r\n")
+        self.assertEqual(self.sent(), [b64(b"\x01", wire=True)])  # "AQ==", not "*"
         self.protocol.dataReceived(b"535 5.7.8 Authentication credentials invalid\r\n")
         self.refused(d)
         self.assertTrue(mechanism.token_refused)
@@ -452,7 +457,7 @@ class TokenExchangeTests(AuthOutcomes, unittest.TestCase):
         mechanism = XOAuth2("u@example.com", self.TOKEN)
         d = self.protocol.authenticate(mechanism)
         self.sent()
-        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR) + b"\r\n")
+        self.protocol.dataReceived(b"334 " + b64(TokenMechanismTests.ERROR, wire=True) + b"\r\n")
         self.assertEqual(self.sent(), [b""])
         self.protocol.dataReceived(b"535 5.7.3 Authentication unsuccessful\r\n")
         self.refused(d)

@@ -14,10 +14,11 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
 
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.message import OutboundMessage
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, IRelay, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from esmtpfa.common.replies import Reply
+from tests.support.builders import CONTENT, outbound
 from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
@@ -25,16 +26,7 @@ from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstre
 from tests.support.logcapture import observe_logs
 from tests.support.resources import resources
 
-CONTENT = b"From: alice@example.com\r\nSubject: hello\r\n\r\nHello, Bob.\r\n"
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
-
-
-def outbound(content: bytes = CONTENT, mail_from: str = "alice@example.com",
-             rcpts: tuple[str, ...] = ("bob@example.com",), **envelope) -> OutboundMessage:
-    spool = MessageSpool()
-    spool.write(content)
-    return OutboundMessage(Envelope(mail_from, rcpts, **envelope), spool,
-                           connection_id="urn:uuid:test-connection")
 
 
 class RelayTestCase(unittest.TestCase):

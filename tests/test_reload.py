@@ -15,14 +15,13 @@ import signal
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.logger import formatEvent
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.config.reload import REMIND_SECONDS, redact_url
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, until
-from tests.support.logcapture import capture_logs
+from tests.support.logcapture import capture_logs, log_text
 from tests.support.relayfixture import PASSWORD, PROVIDERS, USER, RelayFixture
 from tests.support.webclient import metrics, request
 from tests.test_config import billion_laughs
@@ -43,10 +42,6 @@ def auth(fixture, user: str, password: str):
         finally:
             client.close()
     return fixture.run(script, fixture)
-
-
-def log_text(events) -> str:
-    return "\n".join(formatEvent(event) for event in events)
 
 
 def large_document(size: int = 3_900_000) -> str:

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.auth.provider import Provider, ProviderMeta
-from tests.support.rawsmtp import b64
+from tests.support.builders import b64
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"

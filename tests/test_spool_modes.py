@@ -23,7 +23,8 @@ from twisted.trial import unittest
 
 from tests.support.ports import free_port
 from tests.support.rabbitmq import SharedRabbitMQ
-from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.builders import providers_document, userpass_provider
+from tests.support.relayfixture import PASSWORD, PRINTERS, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 
 MESSAGE = (b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: spooled\r\n"
@@ -437,14 +438,9 @@ class PolicyModeTests(SpoolCase):
 
     mode = "passthrough"
     async def test_per_provider_mode(self):
-        providers = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-  policy: {delivery: spool}
-- meta: {name: printers, type: userpass}
-  params: {username: printer1, password: "p:with:colons"}
-"""
+        providers = providers_document(
+            userpass_provider("office", USER, PASSWORD, fallback=True,
+                              policy="  policy: {delivery: spool}\n"), PRINTERS)
         fixture = self.relay(start_upstream=False)
         fixture.providers = providers
         await fixture.start()

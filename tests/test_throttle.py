@@ -30,8 +30,9 @@ from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, ThrottlingChec
 from esmtpfa.common.context import ConnectionContext, normalize_domain
 from esmtpfa.auth.provider import Provider, ProviderMeta
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import SharedSlapd, ldap_provider
+from tests.support.slapd import SharedSlapd, ldap_providers
 from tests.support.logcapture import observe_logs
+from tests.support.webclient import read_until
 from tests.test_smtp_server import send_message
 
 WINDOW = 600.0
@@ -424,10 +425,6 @@ DOCUMENT = json.dumps({"from": "alice@example.com", "to": ["bob@example.net"],
                        "data": base64.b64encode(b"Subject: hi\r\n\r\nHello\r\n").decode()})
 
 
-def ldap_providers(slapd) -> str:
-    return json.dumps({"providers": [ldap_provider(slapd, LDAP, tls=True)]})
-
-
 def http_post(port: int, source: str, user: str, password: str) -> int:
     """One submission over a raw socket from ``source``; the status code (blocking)."""
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -438,12 +435,7 @@ def http_post(port: int, source: str, user: str, password: str) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=20,
                                   source_address=(source, 0)) as s:
         s.sendall(head + body)
-        received = b""
-        while b"\r\n" not in received:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            received += chunk
+        received = read_until(s, b"\r\n")
     return int(received.split(b" ", 2)[1])
 
 
@@ -457,7 +449,7 @@ class OverTheWireTests(SharedSlapd, unittest.TestCase):
     @defer.inlineCallbacks
     def relay(self, *args):
         fixture = RelayFixture(self.mktemp(), "--max-auth-failures-per-user", "3", *args,
-                               providers=ldap_providers(self.slapd))
+                               providers=ldap_providers(self.slapd, LDAP, tls=True))
         self.addCleanup(fixture.stop)
         yield fixture.start()
         return fixture

@@ -35,8 +35,9 @@ from twisted.trial import unittest
 from tests.support.httpservers import (
     JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
 from tests.support.processes import run_tool
+from tests.support.builders import b64
 from tests.support.relayfixture import RelayFixture
-from tests.support.slapd import SharedSlapd, ldap_provider
+from tests.support.slapd import SharedSlapd, ldap_providers
 
 #: Every blocking socket operation of a client gives up after this long.
 CLIENT_TIMEOUT = 15.0
@@ -48,6 +49,13 @@ LDAP = "corp-ldap"
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 12)]   # 10 addresses
 CLEAN_BOB, CLEAN_ALICE = "127.0.0.12", "127.0.0.13"
 ROUNDS = 5                                           # 5 × 10 = 50 attempts
+#: Who logs in once the attack is over, from where, with the right password: the owner
+#: and another user, each from an attacking and from a clean address.
+AFTER_THE_ATTACK = (
+    ("bob from an attacking address", ATTACKERS[0], "bob:bob-pw"),
+    ("bob from a clean address", CLEAN_BOB, "bob:bob-pw"),
+    ("alice from a clean address", CLEAN_ALICE, "alice:alice-pw"),
+    ("alice from an attacking address", ATTACKERS[1], "alice:alice-pw"))
 
 #: ``--max-auth-failures``, left at its default: the 3rd 535 on a connection is
 #: followed by 421 and the server closes it.
@@ -62,10 +70,6 @@ MAIL_OK, RCPT_OK, DATA_GO = b"250 2.1.0 ", b"250 2.1.5 ", b"354 "
 DELIVERED = [b"250 2.1.0", b"250 2.1.5", b"354", b"250 2.0.0"]
 
 CONTENT = b"Subject: throttle e2e\r\n\r\nHello.\r\n"
-
-
-def b64(data: str | bytes) -> str:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
 class Session:
@@ -166,10 +170,6 @@ def timed(call, *args):
     return result, time.monotonic() - started
 
 
-def ldap_providers(slapd) -> str:
-    return json.dumps({"providers": [ldap_provider(slapd, LDAP, tls=True)]})
-
-
 @dataclass(frozen=True)
 class HTTPAnswer:
     """What curl received: the status (protocol and code, as on the wire; the reason
@@ -219,7 +219,8 @@ class LDAPAttackTests(SharedSlapd, unittest.TestCase):
 
     @defer.inlineCallbacks
     def relay(self, *args: str):
-        fixture = RelayFixture(self.mktemp(), *args, providers=ldap_providers(self.slapd))
+        fixture = RelayFixture(self.mktemp(), *args,
+                               providers=ldap_providers(self.slapd, LDAP, tls=True))
         self.addCleanup(fixture.stop)
         yield fixture.start()
         return fixture
@@ -245,11 +246,7 @@ class LDAPAttackTests(SharedSlapd, unittest.TestCase):
                     attacks.append([verdict(session(a).auth_plain(LDAP, f"alice:wrong{round_}"))
                                     for a in ATTACKERS])
                 results = {}
-                for name, source, password in (
-                        ("bob from an attacking address", ATTACKERS[0], "bob:bob-pw"),
-                        ("bob from a clean address", CLEAN_BOB, "bob:bob-pw"),
-                        ("alice from a clean address", CLEAN_ALICE, "alice:alice-pw"),
-                        ("alice from an attacking address", ATTACKERS[1], "alice:alice-pw")):
+                for name, source, password in AFTER_THE_ATTACK:
                     client = Session(fixture, source)
                     sessions[name] = client
                     auth, elapsed = timed(client.auth_plain, LDAP, password)
@@ -299,11 +296,7 @@ class LDAPAttackTests(SharedSlapd, unittest.TestCase):
         self.assertEqual(attacks, [[UNAUTHORIZED] * 10] + [[TOO_MANY] * 10] * (ROUNDS - 1))
 
         results = {}
-        for name, source, password in (
-                ("bob from an attacking address", ATTACKERS[0], "bob:bob-pw"),
-                ("bob from a clean address", CLEAN_BOB, "bob:bob-pw"),
-                ("alice from a clean address", CLEAN_ALICE, "alice:alice-pw"),
-                ("alice from an attacking address", ATTACKERS[1], "alice:alice-pw")):
+        for name, source, password in AFTER_THE_ATTACK:
             user = password.partition(":")[0]
             answer = yield curl_post(port, source, LDAP, password, f"{user}@example.com",
                                      f"{user}-rcpt@example.net")

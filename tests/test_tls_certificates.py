@@ -27,6 +27,7 @@ from twisted.trial import unittest
 from esmtpfa.common.certificates import (
     CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
 from esmtpfa.common.servertls import TLSPolicy
+from tests.support.builders import OFFICE, providers_document, write_providers
 from tests.support.certs import CertificateAuthority, Leaf
 from tests.support.logcapture import observe_logs
 from tests.support.ports import free_port
@@ -34,11 +35,7 @@ from tests.support.processes import Twistd, require
 from tests.support.rawsmtp import RawSMTP
 from tests.support.webclient import metrics
 
-PROVIDERS = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-"""
+PROVIDERS = providers_document(OFFICE)
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: kept\r\n\r\nstill here\r\n"
 
@@ -113,9 +110,7 @@ class Relay(Twistd):
 
     def __init__(self, directory: str, cert: str, key: str, *args: str):
         self.port, self.tls_port = free_port(), free_port()
-        config = os.path.join(directory, "providers.yaml")
-        with open(config, "w") as f:
-            f.write(PROVIDERS)
+        config = write_providers(directory, PROVIDERS)
         super().__init__([
             "--plain", "--tls", "--addr", "127.0.0.1", "--port", str(self.port),
             "--tls-port", str(self.tls_port), "--tls-cert", cert, "--tls-key", key,

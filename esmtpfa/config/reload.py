@@ -119,8 +119,9 @@ def examine(read: Callable[[], bytes], source: str, env: dict[str, str] | None,
     A ``read`` that fails (no file, a body over the cap) gives its reason instead of a
     digest, so the same failure is recognised, and counted, once.
     """
+    data: bytes | None
     try:
-        data: bytes | None = read()
+        data = read()
     except ConfigError as error:
         data, reason = None, str(error)
         digest = _UNREADABLE + reason
@@ -235,6 +236,8 @@ class ProviderReloader:
         return self._apply(examined, source, kind)
 
     def _apply(self, examined: Examined, source: str, kind: str) -> str:
+        # Only a document that parsed reaches here (no error, not seen): it has configs.
+        assert examined.configs is not None
         try:
             result = build_providers([*examined.configs, *self._extra],
                                      previous=self._directory.current,

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
+from esmtpfa.common.observers import notify
 from esmtpfa.auth.selection import Identity
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.ids import new_id
@@ -184,13 +185,8 @@ def relay_message(send: Callable[[OutboundMessage], defer.Deferred], message: Ou
     started = time.monotonic()
 
     def outcome(name: str) -> None:
-        if report is None:
-            return
-        try:
-            report(name)
-        except Exception:  # an observer bug must not change what the client is told
-            log.failure("{message_id}: reporting the relay outcome failed",
-                        message_id=message.id)
+        if report is not None:
+            notify(report, name)
 
     def accepted(upstream: Reply) -> Reply:
         try:
@@ -329,11 +325,7 @@ class RelayTransaction:
                      connection_id=self._context.connection_id, message_id=self.id,
                      identity=delivery.identity, kind=exceeded.kind,
                      limit=str(exceeded.limit), seconds=exceeded.retry_after)
-            try:
-                delivery.policy.observer.rate_limited(delivery.identity, exceeded.kind)
-            except Exception:  # an observer bug must not change what the client is told
-                log.failure("{message_id}: reporting the rate limit failed",
-                            message_id=self.id)
+            notify(delivery.policy.observer.rate_limited, delivery.identity, exceeded.kind)
             raise RateLimited(exceeded) from None
         return what(reservation).addErrback(exceeded)
 
@@ -372,14 +364,9 @@ class RelayTransaction:
         delivery = self._delivery
         error = failure.value
         outcome = error.reason if isinstance(error, RelayError) else ERROR
-        try:
-            delivery.policy.observer.relayed(
-                delivery.identity, envelope_from_params(self._mail_from, recipients,
-                                                        self._params),
-                0, outcome, time.monotonic() - started)
-        except Exception:  # an observer bug must not change what the client is told
-            log.failure("{message_id}: reporting the relay outcome failed",
-                        message_id=self.id)
+        notify(delivery.policy.observer.relayed, delivery.identity,
+               envelope_from_params(self._mail_from, recipients, self._params),
+               0, outcome, time.monotonic() - started)
         if isinstance(error, RelayError):
             log.info("{connection_id} message {message_id} for {identity}: {command} "
                      "{what} refused ({reason}): {reply}",
@@ -584,9 +571,5 @@ class RelayDelivery:
                  what=f"message {message_id}" if message_id else "MAIL FROM",
                  message_id=message_id, identity=self.identity, reason=reason,
                  reply=str(reply))
-        try:
-            self.policy.observer.policy_rejected(self.identity, reason)
-        except Exception:  # an observer bug must not change what the client is told
-            log.failure("{connection_id}: reporting the policy refusal failed",
-                        connection_id=connection_id)
+        notify(self.policy.observer.policy_rejected, self.identity, reason)
         return PolicyRefusal(reply, reason)

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.common.logs import logger
+from esmtpfa.common.observers import notify
 from esmtpfa.common.logsummary import RepeatSummary
 from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
 from esmtpfa.common.replies import Reply, SMTPReplyError
@@ -143,10 +144,7 @@ class FailurePolicy:
     def _count(self, operation: str) -> None:
         self.without += 1
         if self.observer is not None:
-            try:
-                self.observer.state_error(operation, self.policy)
-            except Exception:
-                log.failure("counting a shared state error failed")
+            notify(self.observer.state_error, operation, self.policy)
 
     def _log_blip(self, operation: str, failure: Failure) -> None:
         """A failure that did not (yet) make the store degraded: one line per operation
@@ -175,10 +173,7 @@ class FailurePolicy:
                      "decisions were made without it)", store=self.store,
                      without=self.without)
         if self.observer is not None:
-            try:
-                self.observer.state_degraded(degraded)
-            except Exception:
-                log.failure("reporting the shared state's degradation failed")
+            notify(self.observer.state_degraded, degraded)
 
     def stop(self) -> None:
         self._summary.stop()

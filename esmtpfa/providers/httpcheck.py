@@ -294,8 +294,7 @@ class HTTPCheckProvider(Provider):
         """One request without credentials: a "yes" or a "no" both mean the endpoint
         is there and answering; only "cannot tell" (``ProviderUnavailable``) fails."""
         answered = ProbeResult.passed(f"endpoint {redact_url(self.checker.url)} answered")
-        d = self.checker.check({})
-        d.addCallback(lambda _: answered)
+        d: Deferred[ProbeResult] = self.checker.check({}).addCallback(lambda _: answered)
         d.addErrback(lambda failure: failure.trap(UnauthorizedLogin) and answered)
         d.addErrback(ProbeResult.from_failure)
         return d

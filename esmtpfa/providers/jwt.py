@@ -631,9 +631,8 @@ class JWTProvider(Provider):
     def probe(self) -> Deferred[ProbeResult]:
         """One JWKS fetch, as a login with an unknown kid makes it."""
         where = redact_url(str(self.cache.url))
-        d = self.cache.refreshed()
-        d.addCallback(lambda keys: ProbeResult.passed(
-            f"JWKS fetched from {where}: {len(keys)} key(s)"))
+        d: Deferred[ProbeResult] = self.cache.refreshed().addCallback(
+            lambda keys: ProbeResult.passed(f"JWKS fetched from {where}: {len(keys)} key(s)"))
         d.addErrback(ProbeResult.from_failure)
         return d
 

@@ -48,7 +48,7 @@ import math
 import socket
 import ssl
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, overload
 
 import ldap3
 from ldap3.core.exceptions import LDAPException, LDAPResponseTimeoutError, LDAPStartTLSError
@@ -186,9 +186,9 @@ class _WorkerConnections:
     __slots__ = ("service", "service_uses", "user", "user_uses")
 
     def __init__(self) -> None:
-        self.service = None
+        self.service: ldap3.Connection | None = None
         self.service_uses = 0
-        self.user = None
+        self.user: ldap3.Connection | None = None
         self.user_uses = 0
 
     def close(self) -> None:
@@ -383,8 +383,12 @@ class LDAPProvider(Provider):
         worker finishes a request (bounded by ``timeout``).
         """
         if self._stopping is not None:
-            d = Deferred()
-            self._stopping.addBoth(lambda r: (d.callback(None), r)[1])
+            d: Deferred[None] = Deferred()
+
+            def stopped(result: Any) -> Any:
+                d.callback(None)
+                return result
+            self._stopping.addBoth(stopped)
             return d
         self._stopped = True
         if self._shutdown_trigger is not None:
@@ -532,7 +536,7 @@ class LDAPProvider(Provider):
         worker.user_uses += 1
         if bound:
             if self.group_dn is not None:
-                self._check_group(worker, dn, uids, connection_id)
+                self._check_group(worker, self.group_dn, dn, uids, connection_id)
             return dn, attributes
         result = conn.result or {}
         code = result.get("result")
@@ -541,8 +545,8 @@ class LDAPProvider(Provider):
         raise _Rejected(f"bind refused: {result.get('description')} ({code})",
                         BAD_PASSWORD if code == _INVALID_CREDENTIALS else REJECTED)
 
-    def _check_group(self, worker: _WorkerConnections, dn: str, uids: tuple[str, ...],
-                     connection_id: str) -> None:
+    def _check_group(self, worker: _WorkerConnections, group_dn: str, dn: str,
+                     uids: tuple[str, ...], connection_id: str) -> None:
         """After the bind: is the user in ``group_dn``?  Raises ``_NotInGroup`` if not.
 
         Asked on the service connection, like the search: a user's own rights often do
@@ -563,8 +567,9 @@ class LDAPProvider(Provider):
         terms = "".join(f"({attribute}={escape_filter_chars(v)})" for v in values)
         group_filter = terms if len(values) == 1 else f"(|{terms})"
         conn = worker.service
+        assert conn is not None  # the search before the bind opened it, in this thread
         try:
-            conn.search(self.group_dn, group_filter, search_scope=ldap3.BASE,
+            conn.search(group_dn, group_filter, search_scope=ldap3.BASE,
                         dereference_aliases=ldap3.DEREF_NEVER,
                         attributes=[ldap3.NO_ATTRIBUTES], size_limit=1,
                         time_limit=self._receive_timeout)
@@ -584,21 +589,20 @@ class LDAPProvider(Provider):
         if not found:
             raise _NotInGroup(f"not a member of group_dn ({attribute})")
 
-    def _open(self, *, service: bool):
+    def _open(self, *, service: bool) -> ldap3.Connection:
         """A new connected (and TLS-protected) connection; service ones are bound."""
         server = ldap3.Server(self.server, port=self.port, use_ssl=self.ldaps, tls=self._tls,
                               get_info=ldap3.NONE, connect_timeout=self.timeout,
                               mode=ldap3.IP_SYSTEM_DEFAULT, allowed_referral_hosts=[])
-        if service and self.bind_user:
-            auth = dict(user=self.bind_user, password=self._bind_pass,
-                        authentication=ldap3.SIMPLE)
-        else:
-            auth = dict(authentication=ldap3.ANONYMOUS)
-        conn = ldap3.Connection(server, client_strategy=ldap3.SYNC,
+        bind = bool(service and self.bind_user)  # else an anonymous connection
+        conn = ldap3.Connection(server, user=self.bind_user if bind else None,
+                                password=self._bind_pass if bind else None,
+                                authentication=ldap3.SIMPLE if bind else ldap3.ANONYMOUS,
+                                client_strategy=ldap3.SYNC,
                                 auto_bind=ldap3.AUTO_BIND_NONE, read_only=True,
                                 receive_timeout=self._receive_timeout,
                                 raise_exceptions=False, auto_referrals=False,
-                                check_names=False, **auth)
+                                check_names=False)
         try:
             conn.open(read_server_info=False)
             if self.starttls and not conn.start_tls(read_server_info=False):
@@ -660,6 +664,11 @@ def _optional_bool(where: str, params: Mapping[str, Any], key: str) -> bool | No
     raise ConfigError(f"{where}: param {key!r} must be true or false, not {value!r}")
 
 
+@overload
+def _optional_int(where: str, params: Mapping[str, Any], key: str, default: int) -> int: ...
+@overload
+def _optional_int(where: str, params: Mapping[str, Any], key: str,
+                  default: None = None) -> int | None: ...
 def _optional_int(where: str, params: Mapping[str, Any], key: str,
                   default: int | None = None) -> int | None:
     value = params.get(key)

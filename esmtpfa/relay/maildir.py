@@ -99,7 +99,7 @@ class MaildirRelay:
         if self._closed:
             return fail(_error(Reply(451, "4.3.2", "Relay shutting down, try again later"),
                                "relay closed"))
-        self._startPool()
+        self._start_pool()
         self._pending += 1
         d = deferToThreadPool(self._reactor, self._pool, self._write, message)
 
@@ -127,7 +127,7 @@ class MaildirRelay:
 
     def _write(self, message: OutboundMessage) -> Reply:
         """Runs in the pool: tmp/ → fsync → link into new/ → fsync new/."""
-        self._ensureDirectories()
+        self._ensure_directories()
         name = self._names.next()
         tmp = os.path.join(self.path, "tmp", name)
         new = os.path.join(self.path, "new", name)
@@ -149,7 +149,7 @@ class MaildirRelay:
         fsync_directory(os.path.join(self.path, "new"))
         return Reply(250, "2.0.0", f"Delivered to Maildir as {name}")
 
-    def _ensureDirectories(self) -> None:
+    def _ensure_directories(self) -> None:
         created = False
         for sub in SUBDIRECTORIES:
             directory = os.path.join(self.path, sub)
@@ -159,13 +159,13 @@ class MaildirRelay:
         if created:
             fsync_directory(self.path)
 
-    def _startPool(self) -> None:
+    def _start_pool(self) -> None:
         if not self._pool.started:
             self._pool.start()
             self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-                "during", "shutdown", self._stopPool)
+                "during", "shutdown", self._stop_pool)
 
-    def _stopPool(self) -> None:
+    def _stop_pool(self) -> None:
         if self._pool.started:
             self._pool.stop()
 
@@ -179,7 +179,7 @@ class MaildirRelay:
                 self._shutdown_trigger = None
             # Joining the workers blocks, but only for the file work already queued (none
             # left: every pending delivery has finished by now).
-            self._stopPool()
+            self._stop_pool()
 
         idle: Deferred[None] = Deferred()
         if self._pending:

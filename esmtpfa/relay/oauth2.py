@@ -40,7 +40,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from esmtpfa.common.logs import logger
-from esmtpfa.common.httpclient import loopback_host
+from esmtpfa.common.observers import notify
+from esmtpfa.common.httpclient import loopback_host, timed_out
 from esmtpfa.common.resources import Resources
 
 log = logger("esmtpfa.relay.oauth2")
@@ -191,6 +192,8 @@ class ClientAssertion:
         self._client_id = settings.client_id
         self._audience = settings.audience or settings.token_url
         self._wall = wall
+        if settings.private_key is None:  # OAuth2Settings gives private_key_jwt one
+            raise ValueError("private_key_jwt needs private_key")
         try:
             with open(settings.private_key, "rb") as file:
                 data = file.read()
@@ -337,7 +340,7 @@ class TokenBroker:
             log.info("oauth2 {upstream}: the upstream refused the access token; it is "
                      "dropped", upstream=self.upstream)
             if self._observer is not None:
-                self._observer.token_expires_in(self.upstream, 0.0)
+                notify(self._observer.token_expires_in, self.upstream, 0.0)
 
     def readiness(self) -> tuple[bool | None, str]:
         """For ``/readyz``: (None, …) before the first attempt, (True, …) while a token is
@@ -413,7 +416,7 @@ class TokenBroker:
             unbuffered=True, reactor=self._reactor)
         # Set before the callbacks: ``_done`` clears it, even if d has already fired.
         d.addCallback(self._read)
-        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
         d.addCallback(self._parse)
         d.addErrback(self._describe)
         d.addCallback(lambda result: self._done(*result))
@@ -565,8 +568,8 @@ class TokenBroker:
     def _observe(self, result: str, expires_in: float) -> None:
         if self._observer is None:
             return
-        self._observer.token_refreshed(self.upstream, result)
-        self._observer.token_expires_in(self.upstream, max(expires_in, 0.0))
+        notify(self._observer.token_refreshed, self.upstream, result)
+        notify(self._observer.token_expires_in, self.upstream, max(expires_in, 0.0))
 
 
 #: RFC 6750 §2.1 b64token: an access token we can put in an AUTH exchange.
@@ -579,11 +582,6 @@ def _safe(text: str) -> str:
     """Printable ASCII only, and short: server text going into a log line."""
     cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
     return cleaned[:MAX_DESCRIPTION] + ("…" if len(cleaned) > MAX_DESCRIPTION else "")
-
-
-def _timed_out(result: object, timeout: float) -> None:
-    from twisted.internet.defer import TimeoutError as DeferredTimeout
-    raise DeferredTimeout(f"timed out after {timeout:g} s")
 
 
 class TokenBrokers:

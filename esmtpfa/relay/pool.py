@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, ensureDeferred, fail, succeed)
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.breaker import CLOSED, OPEN, CircuitBreaker
@@ -210,6 +211,8 @@ class SessionPool:
             if isinstance(error, RelayError):
                 raise error from None
             raise local_error(error, "session", self.address) from None  # a bug
+        # The loop above ends only at its break, with the protocol of an open session.
+        assert protocol is not None
         self._opening -= 1
         self.opened += 1
         self.known_max_size = session.max_size or 0
@@ -433,8 +436,9 @@ class ShareTicket:
             shares._give_back(self._keys, self.borrowed)
 
 
-def _probe_failed(failure: Any) -> ProbeResult:
-    """A relay error in its own words (stage and reply, never a credential)."""
+def _probe_failed(failure: Any) -> ProbeResult | Failure:
+    """A relay error in its own words (stage and reply, never a credential); a
+    cancellation stays a failure, as ``ProbeResult.from_failure`` leaves it."""
     if failure.check(RelayError):
         return ProbeResult.failed(failure.value.describe())
     return ProbeResult.from_failure(failure)

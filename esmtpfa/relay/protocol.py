@@ -64,7 +64,7 @@ DEFAULT_DATA_TIMEOUT = 600.0
 #: user-space buffer stays bounded, and a small message is one write.
 BATCH = 64 * 1024
 
-#: One-line upstream replies kept parsed (``_lineReceived``); past this many distinct
+#: One-line upstream replies kept parsed (``_line_received``); past this many distinct
 #: lines (queue ids make many) the cache starts over.
 ONE_LINE_REPLIES = 256
 _ONE_LINE_REPLIES: dict[bytes, Reply] = {}
@@ -320,12 +320,12 @@ class _DataStreamer:
                 chunk = next(self._chunks, None)
             except Exception as error:  # a spool read error: nothing sane left to send
                 self._done = True
-                self._protocol._streamFailed(error)
+                self._protocol._stream_failed(error)
                 return
             if chunk is None:
                 self._done = True
                 pending.append(self._stuffer.finish())
-                self._protocol._streamFinished(b"".join(pending), self._stuffer.normalized)
+                self._protocol._stream_finished(b"".join(pending), self._stuffer.normalized)
                 return
             data = self._stuffer.feed(chunk)
             if data:
@@ -334,7 +334,7 @@ class _DataStreamer:
                 if size >= BATCH:
                     # Only return after a write: a pull producer that writes nothing is
                     # never asked again, and the transfer would hang.
-                    self._protocol._streamWrite(b"".join(pending))
+                    self._protocol._stream_write(b"".join(pending))
                     return
 
     def stopProducing(self) -> None:
@@ -364,13 +364,13 @@ class SMTPClientProtocol(Protocol):
         self._lines: list[bytes] = []
         self._code: int | None = None
         self._waiters: deque[_Waiter] = deque()
-        self._timer = Deadline(reactor, self._timedOut)  # for the head waiter's reply
+        self._timer = Deadline(reactor, self._timed_out)  # for the head waiter's reply
         self._error: RelayError | None = None  # once set, the connection is unusable
         self._fault: tuple[_Fault, str, str | None] | None = None  # how _error was stated
         self._streamer: _DataStreamer | None = None
         # The upstream answered 354: it reads everything we send as message content until
         # CRLF.CRLF, so no command (RSET, QUIT) may go out; only ``sendData`` or a drop.
-        self._awaitingContent = False
+        self._awaiting_content = False
         self._handshake: Deferred[None] | None = None
         self._disconnected: list[Deferred[None]] = []
         self._connected = False
@@ -396,22 +396,22 @@ class SMTPClientProtocol(Protocol):
                 set_no_delay(True)
             except OSError:  # not a TCP socket (tests over pipes)
                 pass
-        self._armTimer()
+        self._arm_timer()
 
     def handshakeCompleted(self) -> None:
         self.secure = True
         if self._handshake is not None:
             handshake, self._handshake = self._handshake, None
-            self._cancelTimer()
+            self._cancel_timer()
             handshake.callback(None)
-            self._armTimer()
+            self._arm_timer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
         self._timer.stop()
         if self._error is None:
             self._lost(reason)
-        self._failAll()
+        self._fail_all()
         waiters, self._disconnected = self._disconnected, []
         for waiter in waiters:
             waiter.callback(None)
@@ -421,12 +421,12 @@ class SMTPClientProtocol(Protocol):
         command = "STARTTLS handshake" if self._handshake is not None else (
             head.command if head else None)
         if reason.check(SSL.Error, VerificationError):
-            self._setError(tls_failed, f"TLS failure: {_describe(reason)}", command)
+            self._set_error(tls_failed, f"TLS failure: {_describe(reason)}", command)
             return
         detail = f"connection lost: {_describe(reason)}"
         if head and head.after_dot:
             detail += " (after the message was sent: the upstream may have accepted it)"
-        self._setError(connection_failed, detail, command)
+        self._set_error(connection_failed, detail, command)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -447,9 +447,9 @@ class SMTPClientProtocol(Protocol):
             self._buffer = self._buffer[end + 1:]
             if line.endswith(b"\r"):
                 line = line[:-1]
-            self._lineReceived(line)
+            self._line_received(line)
 
-    def _lineReceived(self, line: bytes) -> None:
+    def _line_received(self, line: bytes) -> None:
         # RFC 5321 §4.2: "NNN-text" continues, "NNN text" or a bare "NNN" ends the reply.
         if len(line) < 3 or not line[:3].isdigit() or line[:1] not in b"2345" or (
                 len(line) > 3 and line[3:4] not in b" -"):
@@ -463,7 +463,7 @@ class SMTPClientProtocol(Protocol):
                 if len(_ONE_LINE_REPLIES) >= ONE_LINE_REPLIES:
                     _ONE_LINE_REPLIES.clear()
                 reply = _ONE_LINE_REPLIES[line] = Reply.parse(int(line[:3]), [line[4:]])
-            self._replyReceived(reply)
+            self._reply_received(reply)
             return
         code = int(line[:3])
         if self._code is not None and code != self._code:
@@ -478,9 +478,9 @@ class SMTPClientProtocol(Protocol):
             return
         reply = Reply.parse(code, self._lines)
         self._code, self._lines = None, []
-        self._replyReceived(reply)
+        self._reply_received(reply)
 
-    def _replyReceived(self, reply: Reply) -> None:
+    def _reply_received(self, reply: Reply) -> None:
         if not self._waiters:
             # A reply nobody asked for; typically "421 shutting down" (RFC 5321 §3.8).
             self._violation(f"unsolicited reply: {reply}")
@@ -489,26 +489,26 @@ class SMTPClientProtocol(Protocol):
         if self._streamer is not None and not waiter.after_dot:
             # The upstream answered before our final dot: it gave up on the message.
             # Whatever it said, the DATA state is now unknowable: stop and drop the link.
-            self._stopStreaming()
+            self._stop_streaming()
             if reply.is_positive:
                 self._violation(f"positive reply before the end of data: {reply}")
                 return
             self._waiters.popleft()
-            self._cancelTimer()
-            self._setError(protocol_violation, f"upstream replied during DATA: {reply}",
+            self._cancel_timer()
+            self._set_error(protocol_violation, f"upstream replied during DATA: {reply}",
                            waiter.command)
             waiter.complete(reply)
             self._abort()
             return
         waiters = self._waiters
         waiters.popleft()
-        # The next reply's timeout starts now (``_restartTimer``, inlined: every reply).
+        # The next reply's timeout starts now (``_restart_timer``, inlined: every reply).
         if waiters and self._connected:
             self._timer.set(waiters[0].timeout)
         else:
             self._timer.clear()
         if reply.code == 354 and waiter.command == "DATA":
-            self._awaitingContent = True
+            self._awaiting_content = True
         waiter.complete(reply)
 
     # -- commands -----------------------------------------------------------------------
@@ -531,7 +531,7 @@ class SMTPClientProtocol(Protocol):
     def command(self, line: bytes, name: str | None = None,
                 timeout: float | None = None) -> Deferred[Reply]:
         """Send one command line (without CRLF); fires with its reply, whatever the code."""
-        self._checkCommands([line])
+        self._check_commands([line])
         if name is None:
             name = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
         if self._error is not None:
@@ -545,7 +545,7 @@ class SMTPClientProtocol(Protocol):
         """Send several commands in one write (RFC 2920); one Deferred for the group fires
         with every reply once the last one arrived, or fails once with the connection's
         error.  Each reply still has its own timeout, counted from the previous one."""
-        self._checkCommands(lines)
+        self._check_commands(lines)
         if self._error is not None:
             return fail(self._error)
         group = _Group(len(lines))
@@ -554,18 +554,18 @@ class SMTPClientProtocol(Protocol):
         idle = not waiters
         waiters.extend([_Waiter(name, timeout, group) for name in names])
         if idle and self._connected and self._handshake is None:
-            self._armTimer()  # as ``_enqueue`` does for the first of a queue
+            self._arm_timer()  # as ``_enqueue`` does for the first of a queue
         self.transport.write(b"\r\n".join(lines) + b"\r\n")
         return group.deferred
 
-    def _checkCommands(self, lines: list[bytes]) -> None:
+    def _check_commands(self, lines: list[bytes]) -> None:
         for line in lines:
             if _FORBIDDEN_IN_COMMAND.search(line):
                 # Never let data become a second command line (command injection).
                 raise ValueError("CR, LF or NUL in an SMTP command")
         if self._streamer is not None:
             raise RuntimeError("command sent while message data is being streamed")
-        if self._awaitingContent:
+        if self._awaiting_content:
             # After a 354 a command line would become message content (and a later
             # CRLF.CRLF would end it): a message we never meant to send.
             raise RuntimeError("command sent while the upstream awaits message content")
@@ -677,7 +677,7 @@ class SMTPClientProtocol(Protocol):
         if self._error is not None:
             return fail(self._error)
         deferred = self._enqueue(waiter)
-        self._awaitingContent = False
+        self._awaiting_content = False
         streamer = self._streamer = _DataStreamer(self, iter(chunks))
         # The first batch goes now: a message that fits in it (most do) is then written
         # whole, final dot included, without the producer's trip through the reactor.
@@ -685,32 +685,32 @@ class SMTPClientProtocol(Protocol):
         if self._streamer is streamer:
             # Marked before registering: registering a pull producer on a plain TCP
             # transport calls ``resumeProducing`` at once, and the message may end inside
-            # that call; ``_stopStreaming`` must then see it registered and unregister it,
+            # that call; ``_stop_streaming`` must then see it registered and unregister it,
             # or the next message on this connection cannot register its own.
             streamer.registered = True
             self.transport.registerProducer(streamer, False)
         return deferred
 
-    def _streamWrite(self, data: bytes) -> None:
+    def _stream_write(self, data: bytes) -> None:
         self.transport.write(data)
-        self._restartTimer()  # progress: the upstream is reading
+        self._restart_timer()  # progress: the upstream is reading
 
-    def _streamFinished(self, tail: bytes, normalized: int) -> None:
+    def _stream_finished(self, tail: bytes, normalized: int) -> None:
         if normalized:
             self.log.warn("repaired bare CR/LF in {count} chunk(s) of message content",
                           count=normalized)
         self._waiters[0].after_dot = True
         self.transport.write(tail)
-        self._stopStreaming()
-        self._restartTimer()
+        self._stop_streaming()
+        self._restart_timer()
 
-    def _streamFailed(self, error: Exception) -> None:
-        self._stopStreaming()
-        self._setError(abandoned, f"reading the message failed: {error}", "DATA")
-        self._failAll()
+    def _stream_failed(self, error: Exception) -> None:
+        self._stop_streaming()
+        self._set_error(abandoned, f"reading the message failed: {error}", "DATA")
+        self._fail_all()
         self._abort()
 
-    def _stopStreaming(self) -> None:
+    def _stop_streaming(self) -> None:
         if self._streamer is not None:
             streamer, self._streamer = self._streamer, None
             streamer.stopProducing()
@@ -723,7 +723,7 @@ class SMTPClientProtocol(Protocol):
     def usable(self) -> bool:
         """Connected, in sync, nothing in flight: another command may be sent."""
         return (self._connected and self._error is None and self._streamer is None
-                and not self._awaitingContent)
+                and not self._awaiting_content)
 
     @property
     def outcomePending(self) -> bool:
@@ -769,7 +769,7 @@ class SMTPClientProtocol(Protocol):
     def abort(self) -> None:
         """Drop the connection now, e.g. when message content must not be sent."""
         if self._error is None:
-            self._setError(abandoned, "connection aborted by us", None)
+            self._set_error(abandoned, "connection aborted by us", None)
         self._abort()
 
     def _abort(self) -> None:
@@ -781,22 +781,22 @@ class SMTPClientProtocol(Protocol):
     def _enqueue(self, waiter: _Waiter) -> Deferred[Reply]:
         self._waiters.append(waiter)
         if len(self._waiters) == 1 and self._connected and self._handshake is None:
-            self._armTimer()
+            self._arm_timer()
         assert waiter.deferred is not None  # a lone command, not one of a group
         return waiter.deferred
 
-    def _armTimer(self) -> None:
+    def _arm_timer(self) -> None:
         if not self._timer.armed and self._waiters and self._connected:
             self._timer.set(self._waiters[0].timeout)
 
-    def _restartTimer(self) -> None:
-        self._cancelTimer()
-        self._armTimer()
+    def _restart_timer(self) -> None:
+        self._cancel_timer()
+        self._arm_timer()
 
-    def _cancelTimer(self) -> None:
+    def _cancel_timer(self) -> None:
         self._timer.clear()
 
-    def _timedOut(self) -> None:
+    def _timed_out(self) -> None:
         if self._handshake is not None or not self._waiters:
             command, timeout = "STARTTLS handshake", self.command_timeout
         else:
@@ -806,28 +806,28 @@ class SMTPClientProtocol(Protocol):
             detail = f"upstream stopped reading message data for {timeout:g} s"
         if self.outcomePending:
             detail += " (after the message was sent: the upstream may have accepted it)"
-        self._setError(connection_failed, detail, command)
-        self._stopStreaming()
-        self._failAll()
+        self._set_error(connection_failed, detail, command)
+        self._stop_streaming()
+        self._fail_all()
         self._abort()
 
     def _violation(self, detail: str) -> None:
         command = self._waiters[0].command if self._waiters else None
-        self._setError(protocol_violation, detail, command)
-        self._stopStreaming()
-        self._failAll()
+        self._set_error(protocol_violation, detail, command)
+        self._stop_streaming()
+        self._fail_all()
         self._abort()
 
-    def _setError(self, fault: _Fault, detail: str, command: str | None) -> None:
+    def _set_error(self, fault: _Fault, detail: str, command: str | None) -> None:
         """The connection is finished: ``fault`` (an ``errors`` constructor) states why,
         in the phase the message is in now.  Every later command fails with it."""
         self._fault = (fault, detail, command)
         self._error = fault(detail, command, self.upstream, after_dot=self.outcomePending)
 
-    def _failAll(self) -> None:
-        self._cancelTimer()
+    def _fail_all(self) -> None:
+        self._cancel_timer()
         error = self._error
-        assert error is not None  # _setError came first
+        assert error is not None  # _set_error came first
         fault, detail, command = self._fault  # type: ignore[misc]  # set with _error
         if self.outcomePending and not error.outcome_unknown:
             # The final dot left after the failure was stated (our abort came while the

@@ -69,6 +69,7 @@ from zope.interface import implementer
 
 from esmtpfa.common.breaker import OPEN
 from esmtpfa.common.logs import logger
+from esmtpfa.common.observers import notify
 from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.common.probe import IProbeGroup
 from esmtpfa.common.resources import Resources
@@ -357,10 +358,7 @@ class Failover:
                  kind=error.kind, phase=error.phase, permanent=error.permanent,
                  upstream_reply=str(error.upstream_reply) if error.upstream_reply else None)
         for observer in list(self.observers):
-            try:
-                observer(error)
-            except Exception:
-                log.failure("relay failure observer failed")
+            notify(observer, error)
 
 
 def _log_outcome(message_id: str, connection_id: str, outcome: str, reply: Reply,

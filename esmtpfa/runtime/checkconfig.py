@@ -269,7 +269,7 @@ def check_connect(loaded: Loaded, reactor, report: Report) -> Deferred:
                 report.problem(line)
         d = loaded.stop()
         for close in closing:
-            d.addBoth(lambda _, close=close: close())
+            d.addBoth(lambda _, close: close(), close)
         return d
 
     return gatherResults([bounded(component) for component in components]).addCallback(done)

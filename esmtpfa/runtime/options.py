@@ -530,7 +530,10 @@ class Options(usage.Options):
             self.sources[setting.flag] = DEFAULT
             return setting.default
         self.sources[setting.flag] = Source("flag", flag)
-        return True if setting.parse is None else self._parse(setting, given, flag)
+        if setting.parse is None:
+            return True
+        assert given is not None  # on_command_line, for a flag that takes a value
+        return self._parse(setting, given, flag)
 
     @staticmethod
     def _parse(setting: Setting, raw: str, where: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -59,7 +59,8 @@ from esmtpfa.common.servertls import MIN_VERSIONS, TLSConfigError, TLSPolicy, re
 from esmtpfa.common.servertls import legacy_policy
 from esmtpfa.common.transport import write_through
 from esmtpfa.web.health import (
-    SHUTTING_DOWN, Check, ListenersCheck, MaildirCheck, Readiness, SpoolCheck, TokensCheck)
+    SHUTTING_DOWN, Check, ListenersCheck, MaildirCheck, NamedCheck, Readiness, SpoolCheck,
+    TokensCheck)
 from esmtpfa.web.status import RelayStatus
 from esmtpfa.web.site import metrics_listener, submission_listener
 
@@ -107,6 +108,7 @@ def build_relay(settings, resources: Resources, hostname: str, observer=None) ->
     from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 
     config = settings_of(settings).relay
+    relay: IRelay
     if config.upstreams:
         defaults = {**config.defaults, "helo_name": hostname}
         upstreams = [UpstreamSettings(host=entry.host, port=entry.port,
@@ -146,7 +148,7 @@ class Preloaded:
     http_tls: CertificateStore | None = None
 
 
-def unwrap(relay: IRelay):
+def unwrap(relay: IRelay | None):
     """The relay and those it wraps (``RelayFromRewriter`` keeps its inner as ``inner``)."""
     while relay is not None:
         yield relay
@@ -300,10 +302,10 @@ class RelayService(SigtermStop, MultiService):
             if hasattr(relay, "observers"):  # the SMTP relay reports failed attempts
                 relay.observers.append(self.metrics.attempt_failed)
         self.metrics.initialise()  # the upstreams' series, now that they exist
-        self.spool_service = self._spool()
+        self.spool_service = spool = self._spool()
         self.modes = DeliveryModes(
-            self.relay, self.spool_service and self.spool_service.spool,
-            self.spool_service and self.spool_service.runner,
+            self.relay, spool.spool if spool is not None else None,
+            spool.runner if spool is not None else None,
             mode=config.delivery.mode, ending=config.delivery.undeliverable,
             observer=self.metrics)
         self.portal = self._portal()
@@ -348,10 +350,10 @@ class RelayService(SigtermStop, MultiService):
                 # operator's --state-failure decides, as for Redis (esmtpfa.limits.guard).
                 from esmtpfa.limits.guard import (
                     FailurePolicy, GuardedLoginLedger, GuardedRateLedger)
-                policy = FailurePolicy(config.state.failure, self.reactor,
-                                       observer=self.metrics)
-                login = login and GuardedLoginLedger(login, policy)
-                rates = rates and GuardedRateLedger(rates, policy)
+                failure = FailurePolicy(config.state.failure, self.reactor,
+                                        observer=self.metrics)
+                login = login and GuardedLoginLedger(login, failure)
+                rates = rates and GuardedRateLedger(rates, failure)
         policy = DeliveryPolicy(self.settings.hostname, self.settings.hide_client_in_received,
                                 observer=self.metrics,
                                 rates=rates or RateLimiter(self.reactor),
@@ -366,7 +368,7 @@ class RelayService(SigtermStop, MultiService):
             window=config.throttle.window, clock=self.reactor,
             max_delay=config.throttle.max_delay,
             ledger=login)
-        checkers = [ThrottlingChecker(
+        checkers: list[ICredentialsChecker] = [ThrottlingChecker(
             ProviderSelector(self.directory, observer=self.metrics), self.throttle)]
         if self.anonymous_allowed:
             # Each front end still enforces its own flag before an anonymous login.
@@ -423,11 +425,12 @@ class RelayService(SigtermStop, MultiService):
         self.certificates.setServiceParent(self)
         for store in self.certificates.stores:
             store.observe(self.metrics.certificates_loaded)
-        tls_options = smtp_tls and smtp_tls.tls
+        tls_options = smtp_tls.tls if smtp_tls is not None else None
         if smtp.plain:
             factory = self._factory("plain", tls_options=tls_options)
             self._listen("plain", smtp.addr, smtp.port, self._proxied("plain", factory))
         if smtp.tls_enabled:
+            assert tls_options is not None  # the options refuse --tls without --tls-cert
             factory = self._factory("tls", tls_options=tls_options, implicit_tls=True)
             self._listen("tls", smtp.addr, smtp.tls_port, self._proxied(
                 "tls", TLSMemoryBIOFactory(tls_options, False, factory)))
@@ -489,6 +492,7 @@ class RelayService(SigtermStop, MultiService):
         """/readyz: this replica's own state, never the upstream's (docs/metrics.md,
         "Health"): every replica shares the upstream, so following it would take them
         all out of the load balancer at once."""
+        checks: list[NamedCheck]
         checks = [("config", self.providers_ready),
                   ("listeners", ListenersCheck(lambda: [
                       s for s in self if s.name in SERVING_LISTENERS]))]
@@ -657,8 +661,9 @@ class RelayService(SigtermStop, MultiService):
         d.addBoth(lambda _: gatherResults([
             drain_listeners(self.smtp_factories, grace, self.reactor),
             http_requests_done(self._http_channels, deadline, self.reactor)]))
-        if self.spool_service is not None:  # no new delivery attempts from the spool
-            d.addBoth(lambda _: self.spool_service.pause())
+        spool = self.spool_service
+        if spool is not None:  # no new delivery attempts from the spool
+            d.addBoth(lambda _: spool.pause())
         d.addBoth(lambda _: self._close_relay(deadline))
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: stop_providers(self.directory.current.providers))

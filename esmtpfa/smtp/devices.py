@@ -99,6 +99,15 @@ def _public(network: Network) -> bool:
     return not network.is_private
 
 
+def _inside(inner: Network, outer: Network) -> bool:
+    """``inner.subnet_of(outer)``, false across address families."""
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
 @dataclass(frozen=True)
 class LegacyProfile:
     """The legacy listeners' settings, checked together (``problem``)."""
@@ -142,8 +151,7 @@ class LegacyProfile:
                 return (f"--legacy-cleartext-auth-networks: {network} is not private "
                         "address space; cleartext passwords only from a network you "
                         "control (docs/devices.md)")
-            if not any(network.version == outer.version and network.subnet_of(outer)
-                       for outer in self.networks):
+            if not any(_inside(network, outer) for outer in self.networks):
                 return (f"--legacy-cleartext-auth-networks: {network} is not inside "
                         f"--legacy-networks {allowed}")
         if self.tls and not certificate:

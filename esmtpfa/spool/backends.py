@@ -117,7 +117,7 @@ class SpoolCheck:
                                self._reactor, threads)
             await spool.start()
             try:
-                return await spool.probe()
+                return await IProbe(spool).probe()  # every backend provides IProbe
             finally:
                 await spool.close()
         finally:

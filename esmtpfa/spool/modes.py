@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
+from esmtpfa.common.observers import notify
 from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, RelayError
 from esmtpfa.common.replies import Reply
@@ -125,10 +126,7 @@ class Spooler:
                 reservation.use(claimed)
             else:
                 self._runner.kick()
-            try:
-                self._observer.spool_accepted(mode)
-            except Exception:  # an observer bug must not change what the client is told
-                log.failure("reporting a spooled message failed")
+            notify(self._observer.spool_accepted, mode)
             return QueuedReply(250, "2.0.0", text)
 
         def failed(failure: Failure) -> Failure:

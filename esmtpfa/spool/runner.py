@@ -56,6 +56,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from esmtpfa.common.ids import new_id
 from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
+from esmtpfa.common.observers import notify
 from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
 from esmtpfa.common.replies import Reply
@@ -573,10 +574,7 @@ class QueueRunner(Service):
                  count=len(failed))
 
     def _ended(self, how: str) -> None:
-        try:
-            self._observer.spool_ended(how)
-        except Exception:
-            log.failure("reporting a message's end failed")
+        notify(self._observer.spool_ended, how)
 
     def _log(self, attempt: Attempt, settlement: Settlement, now: float) -> None:
         """One line per attempt, which says what follows it: the next attempt, or the
@@ -585,10 +583,7 @@ class QueueRunner(Service):
         two; a hold adds a warning of its own, for the operator who must act on it."""
         entry = attempt.message.entry
         result = attempt.result
-        try:
-            self._observer.spool_attempt(result)
-        except Exception:
-            log.failure("reporting a delivery attempt failed")
+        notify(self._observer.spool_attempt, result)
         replies = sorted({r.reply for r in attempt.changes.values() if r.reply})
         number = attempt.message.attempts + 1
         if settlement.hold is not None:
@@ -614,7 +609,7 @@ class QueueRunner(Service):
 
     def _read_stats(self) -> defer.Deferred[None]:
         d = self.spool.stats()
-        d.addCallback(self._observer.spool_stats)
+        d.addCallback(lambda stats: notify(self._observer.spool_stats, stats))
         d.addErrback(lambda f: log.debug("reading the spool's counts failed: {error}",
                                          error=f.getErrorMessage()))
         return d

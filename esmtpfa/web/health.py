@@ -14,6 +14,11 @@ in ``/status`` and the metrics (``upstream_breaker_state``, ``upstream_pool_*``)
 
 Every check reads state this process keeps (at most a ``stat``), so a probe costs
 nothing, and the answer changes the moment the state does: no cache.
+
+The two resources here are the only ``/healthz`` and ``/readyz`` there are.  A single
+process hands them its own checks; a supervisor of workers hands them checks that ask
+its workers (``esmtpfa.runtime.workers.supervisor``), which may answer later: a readiness
+answering a ``Deferred`` is written when it fires.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.common import internals
 from esmtpfa.common.logs import logger
@@ -42,12 +49,22 @@ class Check:
     decisive: bool = False
 
 
+#: What a process that answers at all says of itself.
+ALIVE = Check(True, "ok")
+
 #: What the configuration check says from SIGTERM on (docs/smtp-limits.md, "Shutdown").
 SHUTTING_DOWN = Check(False, "shutting down: finishing the sessions in progress, "
                              "accepting no new ones", decisive=True)
 
 #: A named check of this replica: a callable answering a ``Check`` at once.
 NamedCheck = tuple[str, Callable[[], Check]]
+
+
+class ReadinessSource(Protocol):
+    """What ``/readyz`` asks: ``{"ready": …, "checks": {name: {"ok", "detail"}}}``, now
+    or (a supervisor asking its workers) when the ``Deferred`` fires."""
+
+    def as_json(self) -> dict[str, Any] | Deferred[dict[str, Any]]: ...
 
 
 class Readiness:
@@ -150,31 +167,60 @@ def _text(request, code: int, body: str) -> bytes:
     return body.encode("utf-8")
 
 
-class OkResource(Resource):
-    """``/healthz``: the process is alive."""
+class LaterLeaf(Resource):
+    """A leaf whose answer may come later: ``answer`` writes it when the ``Deferred``
+    fires, and not at all if the client has left by then."""
 
     isLeaf = True
 
+    def answer(self, request, d: Deferred, write: Callable[[Any, Any], bytes]) -> Any:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def done(result: Any) -> None:
+            if not gone:
+                request.write(write(request, result))
+                request.finish()
+        d.addCallback(done).addErrback(
+            lambda failure: log.failure("{path} failed", failure, path=request.path))
+        return NOT_DONE_YET
+
+
+class HealthResource(Resource):
+    """``/healthz``: ``200 ok`` while ``alive()`` says so, else 503 with what it says.
+    A single process is alive when it answers (``ALIVE``, the default)."""
+
+    isLeaf = True
+
+    def __init__(self, alive: Callable[[], Check] = lambda: ALIVE):
+        super().__init__()
+        self._alive = alive
+
     def render_GET(self, request) -> bytes:
-        return _text(request, 200, "ok")
+        check = self._alive()
+        return _text(request, 200, "ok") if check.ok else _text(request, 503, check.detail)
 
     render_HEAD = render_GET
 
 
-class ReadyResource(Resource):
+class ReadyResource(LaterLeaf):
     """``/readyz``: 200 when this replica can take mail, 503 with the failing checks."""
 
-    isLeaf = True
-
-    def __init__(self, readiness: Readiness):
+    def __init__(self, readiness: ReadinessSource):
         super().__init__()
         self._readiness = readiness
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request) -> Any:
         body = self._readiness.as_json()
-        return json_response(request, 200 if body["ready"] else 503, body)
+        if isinstance(body, Deferred):
+            return self.answer(request, body, _ready)
+        return _ready(request, body)
 
     render_HEAD = render_GET
+
+
+def _ready(request, body: dict[str, Any]) -> bytes:
+    return json_response(request, 200 if body["ready"] else 503, body)
 
 
 def json_response(request, code: int, body: Any) -> bytes:
@@ -185,12 +231,15 @@ def json_response(request, code: int, body: Any) -> bytes:
 
 
 __all__ = [
+    "ALIVE",
     "SHUTTING_DOWN",
     "Check",
+    "HealthResource",
+    "LaterLeaf",
     "ListenersCheck",
     "MaildirCheck",
-    "OkResource",
     "Readiness",
+    "ReadinessSource",
     "ReadyResource",
     "SpoolCheck",
     "TokensCheck",

@@ -29,7 +29,7 @@ from esmtpfa.web.metrics import CONTENT_TYPE, RelayMetrics
 from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.web.channel import BoundedRequest, GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
-from esmtpfa.web.health import OkResource, Readiness, ReadyResource
+from esmtpfa.web.health import HealthResource, Readiness, ReadyResource
 from esmtpfa.web.limits import CappedFactory, HTTPLimits
 from esmtpfa.web.login import HeaderLogin
 from esmtpfa.web.loginfirst import SubmissionChannel, SubmissionRequest
@@ -199,7 +199,7 @@ def metrics_site(metrics: RelayMetrics, readiness: Readiness, status: RelayStatu
                  reactor: Any, limits: HTTPLimits | None = None) -> MetricsSite:
     return health_site({b"metrics": MetricsResource(metrics),
                         b"status": StatusResource(status.document),
-                        b"healthz": OkResource(),
+                        b"healthz": HealthResource(),
                         b"readyz": ReadyResource(readiness)},
                        reactor=reactor, limits=limits)
 

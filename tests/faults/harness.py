@@ -22,19 +22,14 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from tests.support import hostile
+from tests.support.builders import OFFICE_AND_LAB, write_providers
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.support.processes import Twistd
 
 #: The well-behaved users log in through a named provider; the attackers (tricklers)
 #: through the fallback one: two identities, as in production.
-PROVIDERS = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-- meta: {name: lab, type: userpass}
-  params: {username: carol, password: "lab secret"}
-"""
+PROVIDERS = OFFICE_AND_LAB
 ATTACKER = ("alice", "correct horse")
 CLIENT = ("lab", "carol:lab secret")
 GOOD_SOURCE = "127.0.0.1"
@@ -59,9 +54,7 @@ class RunningRelay:
         os.makedirs(self.tmpdir, exist_ok=True)
         self.ca = CertificateAuthority(os.path.join(self.directory, "ca"))
         self.leaf = self.ca.issue("relay.test", "localhost", "127.0.0.1")
-        self.config = os.path.join(self.directory, "providers.yaml")
-        with open(self.config, "w") as f:
-            f.write(PROVIDERS)
+        self.config = write_providers(self.directory, PROVIDERS)
         self.smtp_port, self.tls_port, self.metrics_port = free_port(), free_port(), free_port()
         self.http_port = free_port() if http else None
         self.upstream_port = upstream_port

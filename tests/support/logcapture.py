@@ -3,7 +3,7 @@ log: one observer on Twisted's global publisher, removed when the test ends."""
 
 from __future__ import annotations
 
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 
 def observe_logs(case) -> list[dict]:
@@ -23,4 +23,10 @@ def capture_logs(case) -> list[dict]:
     return observe_logs(case)
 
 
-__all__ = ["capture_logs", "observe_logs"]
+def log_text(events: list[dict]) -> str:
+    """The captured ``events`` as the log file would show them, one line each: what an
+    operator reads, and what a test searches for a message (or for a secret)."""
+    return "\n".join(formatEvent(event) for event in events)
+
+
+__all__ = ["capture_logs", "log_text", "observe_logs"]

@@ -100,10 +100,6 @@ class RawSMTP:
             pass
 
 
-def b64(text: str | bytes) -> str:
-    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
-
-
 def greeting_times(port: int, count: int, patience: float,
                    source: str | None = None) -> list[float | None]:
     """Seconds each of ``count`` new connections, opened at once (from ``source``, a

@@ -19,19 +19,16 @@ from twisted.internet import defer, threads
 
 from esmtpfa.runtime.service import RelayService
 from esmtpfa.runtime.tap import Options, makeService
+from tests.support.builders import (
+    OFFICE, OFFICE_PASSWORD, OFFICE_USER, providers_document, userpass_provider)
 from tests.support.certs import CertificateAuthority
 from tests.support.rawsmtp import RawSMTP
 from tests.support.upstream import RecordingUpstream
 
-USER, PASSWORD = "alice", "correct horse"
-
-PROVIDERS = """\
-providers:
-- meta: {name: office, type: userpass, fallback: true}
-  params: {username: alice, password: "correct horse"}
-- meta: {name: printers, type: userpass}
-  params: {username: printer1, password: "p:with:colons"}
-"""
+USER, PASSWORD = OFFICE_USER, OFFICE_PASSWORD
+#: A device whose password has colons: the PLAIN and Basic parsers must not split on them.
+PRINTERS = userpass_provider("printers", "printer1", "p:with:colons")
+PROVIDERS = providers_document(OFFICE, PRINTERS)
 
 
 class RelayFixture:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from esmtpfa.common.message import OutboundMessage
-from esmtpfa.relay.interfaces import RelayError
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from esmtpfa.common.message import Envelope, OutboundMessage
+from esmtpfa.relay.interfaces import IRelay, RelayError, WholeMessageTransaction
 from esmtpfa.common.replies import Reply
 
 
@@ -41,3 +44,26 @@ async def send_whole(relay: Any, message: OutboundMessage, client: tuple[str, ..
         transaction.abort()
         raise next((e for e in refused if e.transient), refused[0])
     return await transaction.send(message)
+
+
+@implementer(IRelay)
+class CapturingRelay:
+    """The relay behind a wrapper under test (the ``-relay-from`` rewriter): it accepts
+    every message at once and keeps it, so a test reads what the wrapper handed on."""
+
+    description = "capture"
+
+    def __init__(self) -> None:
+        self.messages: list[OutboundMessage] = []
+
+    def begin(self, envelope: Envelope, message_id: str = "", connection_id: str = "",
+              client: tuple[str, ...] = (), paced: bool = False
+              ) -> Deferred[WholeMessageTransaction]:
+        return succeed(WholeMessageTransaction(self))
+
+    def deliver(self, message: OutboundMessage) -> Deferred[Reply]:
+        self.messages.append(message)
+        return succeed(Reply(250, "2.0.0", "captured"))
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -550,3 +551,10 @@ def ldap_provider(slapd: "SlapdServer", name: str, *, tls: bool = False,
     if policy is not None:
         entry["policy"] = policy
     return entry
+
+
+def ldap_providers(slapd: "SlapdServer", name: str = "corp-ldap", *, tls: bool = False,
+                   policy: dict | None = None) -> str:
+    """A provider document with ``ldap_provider`` as its only entry, for a relay
+    fixture's ``providers`` (JSON is YAML: the document goes to the file as built)."""
+    return json.dumps({"providers": [ldap_provider(slapd, name, tls=tls, policy=policy)]})

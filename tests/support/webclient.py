@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
+import socket
 from typing import Any
 
 import treq
@@ -111,6 +112,19 @@ def metrics(port: int, host: str = "127.0.0.1"):
     response = yield request("GET", f"http://{host}:{port}/metrics")
     assert response.code == 200, response
     return Scrape(response.body.decode("utf-8"))
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What blocking ``sock`` received until ``marker`` arrived or the peer closed: the
+    head of an answer read over a raw socket (each read bounded by the socket's
+    timeout)."""
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
 
 
 def get_blocking(port: int, path: str, timeout: float = 10.0) -> tuple[int, str]:

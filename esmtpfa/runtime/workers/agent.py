@@ -19,7 +19,7 @@ from __future__ import annotations
 from functools import partial
 import os
 import socket
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
@@ -35,6 +35,9 @@ from esmtpfa.runtime.workers.control import (
 from esmtpfa.runtime.workers.limits import (
     HTTP, SMTP, RemoteConnections, RemoteLoginLedger, RemoteRateLedger)
 from esmtpfa.runtime.workers.metrics import snapshot
+
+if TYPE_CHECKING:
+    from esmtpfa.runtime.service import RelayService
 
 log = logger("esmtpfa.workers")
 
@@ -61,7 +64,7 @@ class WorkerAgent:
         self.slot = slot
         self.control_fd = control_fd
         self.listeners = dict(listeners)
-        self.service = None
+        self.service: RelayService | None = None
         self.channel: ControlChannel | None = None
         self.exit_code = 0
 
@@ -88,8 +91,15 @@ class WorkerAgent:
         self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         channel.notify(STARTED, pid=os.getpid())
 
+    @property
+    def _relay(self) -> RelayService:
+        """The relay service ``start()`` made: the channel it opened first delivers
+        nothing before ``start()`` returns."""
+        assert self.service is not None
+        return self.service
+
     def _supervisor_gone(self, _: Any) -> None:
-        if self.reactor.running and not self.service.draining:
+        if self.reactor.running and not self._relay.draining:
             log.warn("worker {slot}: the supervisor is gone; draining and exiting",
                      slot=self.slot)
             self.reactor.stop()
@@ -98,29 +108,29 @@ class WorkerAgent:
 
     def reload(self, path: str, source: str, kind: str, force: bool = False
                ) -> defer.Deferred:
-        reloader = self.service.reloader
+        reloader = self._relay.reloader
         return reloader.load(partial(read_document, path, reloader.limits), source, kind,
                              force=force)
 
     def reload_certificates(self) -> None:
         """SIGHUP reached the supervisor: the worker reads its certificates again (it
         also watches their files itself, as a single process does)."""
-        self.service.reload_certificates()
+        self._relay.reload_certificates()
 
     def reload_failed(self, kind: str, source: str, reason: str) -> None:
         """The supervisor could not even read the document (over the size bound): the
         worker counts and logs the failed reload as a single process would."""
-        self.service.reloader.failed(kind, source, reason)
+        self._relay.reloader.failed(kind, source, reason)
 
     def metrics(self) -> list:
-        return snapshot(self.service.metrics.registry.collect())
+        return snapshot(self._relay.metrics.registry.collect())
 
     def readiness(self) -> dict:
-        return {"checks": self.service.readiness.as_json()["checks"],
-                "draining": self.service.draining}
+        return {"checks": self._relay.readiness.as_json()["checks"],
+                "draining": self._relay.draining}
 
     def status(self) -> dict:
-        return self.service.status.document()
+        return self._relay.status.document()
 
 
 __all__ = ["WorkerAgent", "worker_ledgers"]

@@ -17,7 +17,7 @@ clients' slots at once, and its unsettled reservations cost nobody anything.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -175,11 +175,13 @@ class RemoteLoginLedger:
         self.channel = channel
         self.per_address, self.per_identity, self.window = per_address, per_identity, window
 
-    def refusal(self, address: str, identities: list[str]) -> defer.Deferred:
-        return self.channel.call(LOGIN_REFUSAL, address=address, identities=identities)
+    # ``ILoginLedger`` takes any sequence of identities; the channel carries a list.
 
-    def failed(self, address: str, identities: list[str]) -> defer.Deferred:
-        return self.channel.call(LOGIN_FAILED, address=address, identities=identities)
+    def refusal(self, address: str, identities: Sequence[str]) -> defer.Deferred:
+        return self.channel.call(LOGIN_REFUSAL, address=address, identities=list(identities))
+
+    def failed(self, address: str, identities: Sequence[str]) -> defer.Deferred:
+        return self.channel.call(LOGIN_FAILED, address=address, identities=list(identities))
 
     def succeeded(self, address: str, identity: str) -> defer.Deferred:
         return self.channel.call(LOGIN_SUCCEEDED, address=address, identity=identity)

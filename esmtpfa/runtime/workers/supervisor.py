@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -35,8 +34,6 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, error as ierror
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa import __version__
 from esmtpfa.limits.throttle import identity_depth
@@ -45,7 +42,8 @@ from esmtpfa.web.metrics import CONTENT_TYPE, render
 from esmtpfa.runtime.sigterm import SigtermStop
 from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
 from esmtpfa.common.transport import write_through
-from esmtpfa.web.health import SHUTTING_DOWN, json_response
+from esmtpfa.web.health import (
+    ALIVE, SHUTTING_DOWN, Check, HealthResource, LaterLeaf, ReadyResource, json_response)
 from esmtpfa.runtime.settings import Listener, Settings, settings_of
 from esmtpfa.runtime.workers.control import (
     METRICS, PING, READINESS, STARTED, STATUS, Call, ControlChannel)
@@ -379,10 +377,11 @@ class Supervisor(SigtermStop, MultiService):
         from esmtpfa.runtime.service import server_endpoint
         from esmtpfa.web.site import capped, health_site
         config = self.config
+        health = WorkersHealth(self)
         root = {b"metrics": MergedMetricsResource(self),
                 b"status": WorkersStatusResource(self),
-                b"healthz": WorkersHealthResource(self),
-                b"readyz": WorkersReadyResource(self)}
+                b"healthz": HealthResource(health.alive),
+                b"readyz": ReadyResource(health)}
         site = health_site(root, reactor=self.reactor, limits=config.http.limits)
         endpoint = server_endpoint(self.reactor, config.metrics.addr, config.metrics.port,
                                    config.process.listen_backlog)
@@ -521,32 +520,7 @@ def shared_limits(settings: Settings, reactor: Any) -> SharedLimits:
 
 # -- the metrics listener's resources ---------------------------------------------------------
 
-def _json(request, code: int, body: dict) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode() + b"\n"
-
-
-class _Deferred(Resource):
-    """A leaf answered when a Deferred fires (and not at all if the client left)."""
-
-    isLeaf = True
-
-    def answer(self, request, d: defer.Deferred, write) -> Any:
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def done(result) -> None:
-            if not gone:
-                request.write(write(request, result))
-                request.finish()
-        d.addCallback(done).addErrback(
-            lambda failure: log.failure("{path} failed", failure, path=request.path))
-        return NOT_DONE_YET
-
-
-class MergedMetricsResource(_Deferred):
+class MergedMetricsResource(LaterLeaf):
     def __init__(self, supervisor: Supervisor):
         super().__init__()
         self.supervisor = supervisor
@@ -558,67 +532,56 @@ class MergedMetricsResource(_Deferred):
         return self.answer(request, self.supervisor.metrics(), write)
 
 
-class WorkersHealthResource(Resource):
-    """``/healthz``: alive when every worker slot has a worker serving; 503 naming the
-    slots without one (a restart takes about a second; a worker that keeps dying keeps
-    its slot empty, and the orchestrator should replace the whole relay)."""
-
-    isLeaf = True
+class WorkersHealth:
+    """What the supervisor tells ``/healthz`` and ``/readyz`` (``esmtpfa.web.health``,
+    which writes the answers): the state of its workers."""
 
     def __init__(self, supervisor: Supervisor):
-        super().__init__()
         self.supervisor = supervisor
 
-    def render_GET(self, request) -> bytes:
+    def alive(self) -> Check:
+        """Alive when every worker slot has a worker serving; not, naming the slots
+        without one (a restart takes about a second; a worker that keeps dying keeps its
+        slot empty, and the orchestrator should replace the whole relay).  Draining,
+        the slots empty one by one and the relay is still alive."""
         down = [slot.name for slot in self.supervisor.slots if not slot.running]
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
         if down and not self.supervisor.stopping:
-            request.setResponseCode(503)
-            return f"not serving: {', '.join(down)}".encode()
-        return b"ok"
+            return Check(False, f"not serving: {', '.join(down)}")
+        return ALIVE
 
-    render_HEAD = render_GET
-
-
-class WorkersReadyResource(_Deferred):
-    """``/readyz``: ready when every worker is serving and ready (providers, upstream)."""
-
-    def __init__(self, supervisor: Supervisor):
-        super().__init__()
-        self.supervisor = supervisor
-
-    def render_GET(self, request):
-        supervisor = self.supervisor
-        if supervisor.stopping:
-            return _json(request, 503, {"ready": False, "checks": {"shutdown": {
-                "ok": False, "detail": SHUTTING_DOWN.detail}}})
-
-        def write(request, answers) -> bytes:
-            checks: dict[str, dict] = {}
-            serving = [slot for slot, answer in answers if answer is not None]
-            checks["workers"] = {
-                "ok": len(serving) == len(answers),
-                "detail": f"{len(serving)} of {len(answers)} workers serving"}
-            names = [name for _, answer in answers if answer is not None
-                     for name in answer["checks"]]
-            for name in dict.fromkeys(names):  # each worker's checks, in their order
-                failing = [(slot, answer["checks"][name]) for slot, answer in answers
-                           if answer is not None and name in answer["checks"]
-                           and not answer["checks"][name]["ok"]]
-                if failing:
-                    slot, check = failing[0]
-                    checks[name] = {"ok": False, "detail": f"{slot.name}: {check['detail']}"}
-                else:
-                    first = next(answer["checks"][name] for _, answer in answers
-                                 if answer is not None and name in answer["checks"])
-                    checks[name] = {"ok": True, "detail": first["detail"]}
-            ready = all(check["ok"] for check in checks.values()) and bool(serving)
-            return _json(request, 200 if ready else 503, {"ready": ready, "checks": checks})
-        return self.answer(request, supervisor.ask_all(READINESS), write)
+    def as_json(self) -> dict[str, Any] | defer.Deferred[dict[str, Any]]:
+        """Ready when every worker is serving and ready (its own checks, which name the
+        first worker failing each); not ready, at once, from SIGTERM on."""
+        if self.supervisor.stopping:
+            return {"ready": False, "checks": {"shutdown": {
+                "ok": False, "detail": SHUTTING_DOWN.detail}}}
+        return self.supervisor.ask_all(READINESS).addCallback(_merged_readiness)
 
 
-class WorkersStatusResource(_Deferred):
+def _merged_readiness(answers: list[tuple[WorkerSlot, dict | None]]) -> dict[str, Any]:
+    checks: dict[str, dict] = {}
+    serving = [slot for slot, answer in answers if answer is not None]
+    checks["workers"] = {
+        "ok": len(serving) == len(answers),
+        "detail": f"{len(serving)} of {len(answers)} workers serving"}
+    names = [name for _, answer in answers if answer is not None
+             for name in answer["checks"]]
+    for name in dict.fromkeys(names):  # each worker's checks, in their order
+        failing = [(slot, answer["checks"][name]) for slot, answer in answers
+                   if answer is not None and name in answer["checks"]
+                   and not answer["checks"][name]["ok"]]
+        if failing:
+            slot, check = failing[0]
+            checks[name] = {"ok": False, "detail": f"{slot.name}: {check['detail']}"}
+        else:
+            first = next(answer["checks"][name] for _, answer in answers
+                         if answer is not None and name in answer["checks"])
+            checks[name] = {"ok": True, "detail": first["detail"]}
+    ready = all(check["ok"] for check in checks.values()) and bool(serving)
+    return {"ready": ready, "checks": checks}
+
+
+class WorkersStatusResource(LaterLeaf):
     """``/status``: the supervisor's view (workers serving, draining) and each worker's
     own document (``web.status``), ``null`` for a worker that did not answer in time."""
 
