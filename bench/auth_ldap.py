@@ -38,12 +38,11 @@ from twisted.internet.threads import deferToThreadPool  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from esmtpfa.auth.credentials import UserPassword  # noqa: E402
-from esmtpfa.common.context import ConnectionContext  # noqa: E402
 from esmtpfa.auth.provider import ProviderMeta  # noqa: E402
+from esmtpfa.common.context import ConnectionContext  # noqa: E402
 from esmtpfa.common.resources import Resources  # noqa: E402
 from esmtpfa.providers.ldap import LDAPProvider  # noqa: E402
-from tests.support.slapd import (  # noqa: E402
-    PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer, generated_user)
+from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer, generated_user  # noqa: E402
 
 CTX = ConnectionContext(connection_id="urn:uuid:00000000-0000-0000-0000-000000000001",
                         protocol="smtp")

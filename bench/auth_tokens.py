@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted.internet import defer, task  # noqa: E402
 
 from esmtpfa.auth.credentials import BearerToken, UserPassword  # noqa: E402
-from esmtpfa.common.context import ConnectionContext  # noqa: E402
 from esmtpfa.auth.provider import ProviderMeta  # noqa: E402
+from esmtpfa.common.context import ConnectionContext  # noqa: E402
+from esmtpfa.common.resources import Resources  # noqa: E402
 from esmtpfa.providers.http_basic import HTTPBasicProvider  # noqa: E402
 from esmtpfa.providers.http_header import HTTPHeaderProvider  # noqa: E402
-from esmtpfa.common.resources import Resources  # noqa: E402
 from esmtpfa.providers.jwt import JWTProvider  # noqa: E402
 from tests.support.httpservers import (  # noqa: E402
     JWKSEndpoint,

@@ -127,10 +127,29 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402
-    CLK_TCK, PASSWORD, PROJECT, USER, CpuMeter, SinkDump, child_environment,
-    esmtpfa_arguments, free_port, greeting, insecure_tls_client, listen_overflows,
-    load_in_processes, machine_share, machine_ticks, percentile, raise_nofile, start_sink, stop,
-    tree_cpu_seconds, twistd_command, wait_for_spool)
+    CLK_TCK,
+    PASSWORD,
+    PROJECT,
+    USER,
+    CpuMeter,
+    SinkDump,
+    child_environment,
+    esmtpfa_arguments,
+    free_port,
+    greeting,
+    insecure_tls_client,
+    listen_overflows,
+    load_in_processes,
+    machine_share,
+    machine_ticks,
+    percentile,
+    raise_nofile,
+    start_sink,
+    stop,
+    tree_cpu_seconds,
+    twistd_command,
+    wait_for_spool,
+)
 
 sys.path.insert(0, PROJECT)
 from tests.support.postfix import main_cf, settle, write_cyrus_sasl  # noqa: E402

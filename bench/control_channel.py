@@ -28,12 +28,16 @@ from twisted.internet import defer, reactor  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
 
 from esmtpfa.auth.sendingrates import Limit  # noqa: E402
-from esmtpfa.limits.ledgers import (  # noqa: E402
-    ConnectionLimits, LocalLoginLedger, RateLimiter)
 from esmtpfa.common.transport import write_through  # noqa: E402
+from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter  # noqa: E402
 from esmtpfa.runtime.workers.control import ControlChannel  # noqa: E402
-from esmtpfa.runtime.workers.limits import (  # noqa: E402
-    HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
+from esmtpfa.runtime.workers.counts import (  # noqa: E402
+    HTTP,
+    SMTP,
+    RemoteConnections,
+    RemoteRateLedger,
+    SharedLimits,
+)
 
 
 def cpu() -> float:

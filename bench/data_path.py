@@ -26,8 +26,8 @@ from twisted.mail import smtp  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from esmtpfa.auth.realm import SubmissionRealm  # noqa: E402
-from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery  # noqa: E402
 from esmtpfa.common.replies import Reply  # noqa: E402
+from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery  # noqa: E402
 from esmtpfa.smtp.factory import SMTPServerFactory  # noqa: E402
 from esmtpfa.smtp.settings import ServerSettings  # noqa: E402
 

@@ -40,14 +40,14 @@ from twisted.logger import globalLogPublisher
 
 with atheris.instrument_imports(include=["esmtpfa"]):
     from esmtpfa.auth.realm import SubmissionRealm
+    from esmtpfa.common.errors import ConfigError
+    from esmtpfa.common.replies import Reply, SMTPReplyError
     from esmtpfa.config.providers import parse_provider_document
     from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery
-    from esmtpfa.common.errors import ConfigError
     from esmtpfa.relay.config import parse_relay_document
     from esmtpfa.relay.interfaces import WholeMessageTransaction
     from esmtpfa.relay.protocol import DotStuffer, Extensions, parse_limits
-    from esmtpfa.common.replies import Reply, SMTPReplyError
-    from esmtpfa.smtp import sasl
+    from esmtpfa.smtp import server_sasl as sasl
     from esmtpfa.smtp.address import parse_path_argument, valid_mailbox
     from esmtpfa.smtp.data import (
         NORMALIZE,

@@ -34,12 +34,10 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(PROJECT, "bench"))
 sys.path.insert(0, PROJECT)
 
+from relay_throughput import PASSWORD, USER, esmtpfa_arguments, message_of  # noqa: E402  (the loopback benchmark's account and message)
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock  # noqa: E402
 from twisted.logger import globalLogPublisher, textFileLogObserver  # noqa: E402
-
-from relay_throughput import (  # noqa: E402  (the loopback benchmark's account and message)
-    PASSWORD, USER, esmtpfa_arguments, message_of)
 
 MAIL = b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n"
 
@@ -164,9 +162,9 @@ class Client:
 
 
 def relay_under_test(upstream_port: int, workdir: str, reactor):
+    from esmtpfa.common.logs import set_level
     from esmtpfa.runtime.options import Options
     from esmtpfa.runtime.service import RelayService
-    from esmtpfa.common.logs import set_level
 
     options = Options()
     options.parseOptions(esmtpfa_arguments(0, upstream_port, workdir, "info"))
@@ -247,11 +245,11 @@ def necessary_pieces(size: int) -> dict[str, float]:
     from esmtpfa.common.context import ConnectionContext
     from esmtpfa.common.ids import new_id
     from esmtpfa.common.logs import logger
-    from esmtpfa.relay.protocol import DotStuffer
     from esmtpfa.common.replies import Reply
+    from esmtpfa.delivery.received import received_header
+    from esmtpfa.relay.protocol import DotStuffer
     from esmtpfa.smtp.address import parse_path_argument
     from esmtpfa.smtp.data import DataReader
-    from esmtpfa.delivery.received import received_header
 
     log = logger("esmtpfa.bench")
     context = ConnectionContext(connection_id="c", protocol="smtp", peer_host="127.0.0.1",

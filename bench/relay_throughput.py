@@ -37,8 +37,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The load generator, the sink and the account are shared with the other benchmarks
 # (bench/loadgen.py); the names stay importable from here for hot_path and twisted_floor.
 from loadgen import (  # noqa: E402,F401
-    PASSWORD, PROJECT, USER, Client, esmtpfa_arguments, free_port, load, message_of,
-    start_sink, wait_for_port, write_providers)
+    PASSWORD,
+    PROJECT,
+    USER,
+    Client,
+    esmtpfa_arguments,
+    free_port,
+    load,
+    message_of,
+    start_sink,
+    wait_for_port,
+    write_providers,
+)
 
 __all__ = ["PASSWORD", "USER", "esmtpfa_arguments", "message_of", "write_providers"]
 

@@ -62,9 +62,25 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
 from loadgen import (  # noqa: E402
-    PASSWORD, PROJECT, USER, CpuMeter, SinkDump, child_environment, cpu_seconds,
-    esmtpfa_arguments, free_port, greeting, load, percentile, raise_nofile, rss_kib,
-    start_sink, stop, tree_cpu_seconds, twistd_command)
+    PASSWORD,
+    PROJECT,
+    USER,
+    CpuMeter,
+    SinkDump,
+    child_environment,
+    cpu_seconds,
+    esmtpfa_arguments,
+    free_port,
+    greeting,
+    load,
+    percentile,
+    raise_nofile,
+    rss_kib,
+    start_sink,
+    stop,
+    tree_cpu_seconds,
+    twistd_command,
+)
 
 sys.path.insert(0, PROJECT)
 

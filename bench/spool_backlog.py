@@ -58,9 +58,21 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402
-    PROJECT, CpuMeter, Messages, SinkDump, child_environment, esmtpfa_arguments,
-    free_port, load, machine_share, machine_ticks, start_sink, stop, twistd_command,
-    wait_for_port)
+    PROJECT,
+    CpuMeter,
+    Messages,
+    SinkDump,
+    child_environment,
+    esmtpfa_arguments,
+    free_port,
+    load,
+    machine_share,
+    machine_ticks,
+    start_sink,
+    stop,
+    twistd_command,
+    wait_for_port,
+)
 
 sys.path.insert(0, PROJECT)
 from esmtpfa.common.message import Envelope  # noqa: E402

@@ -31,8 +31,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402
-    CLK_TCK, SinkDump, child_environment, esmtpfa_arguments, free_port, load, start_sink, stop,
-    tree_cpu_seconds, twistd_command, wait_for_port, wait_for_spool)
+    CLK_TCK,
+    SinkDump,
+    child_environment,
+    esmtpfa_arguments,
+    free_port,
+    load,
+    start_sink,
+    stop,
+    tree_cpu_seconds,
+    twistd_command,
+    wait_for_port,
+    wait_for_spool,
+)
 
 
 def attach(pid: int, py_spy: str, profile: str, out: str, args

@@ -31,7 +31,14 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))
 
 from loadgen import (  # noqa: E402
-    child_environment, free_port, stop, twistd_command, wait_for_port, write_providers)
+    child_environment,
+    free_port,
+    stop,
+    twistd_command,
+    wait_for_port,
+    write_providers,
+)
+
 from tests.support.rawsmtp import greeting_times  # noqa: E402
 
 #: The longest a greeting is waited for.

@@ -53,9 +53,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loadgen import (  # noqa: E402  (the bench directory is not a package)
-    PASSWORD, USER, child_environment, esmtpfa_arguments, free_port, message_of,
-    start_sink, stop,
-    tree_pids, twistd_command,
+    PASSWORD,
+    USER,
+    child_environment,
+    esmtpfa_arguments,
+    free_port,
+    message_of,
+    start_sink,
+    stop,
+    tree_pids,
+    twistd_command,
 )
 
 DEFAULTS = {"cert": "rsa", "curve": "", "tls": "1.3", "resume": "no",

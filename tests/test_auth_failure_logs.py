@@ -26,32 +26,40 @@ from twisted.logger import formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
-from esmtpfa.common import logs
 from esmtpfa.auth.credentials import BearerToken, SubmissionCredentials, UserPassword
 from esmtpfa.auth.errors import (
-    BAD_PASSWORD, MALFORMED, POLICY, REASONS, THROTTLED, UNKNOWN_USER, LoginRefused,
-    ProviderUnavailable, reason_of)
+    BAD_PASSWORD,
+    MALFORMED,
+    POLICY,
+    REASONS,
+    THROTTLED,
+    UNKNOWN_USER,
+    LoginRefused,
+    ProviderUnavailable,
+    reason_of,
+)
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.auth.selection import Identity, ProviderDirectory, ProviderSelector, ProviderSet
-from esmtpfa.limits.throttle import LoginThrottled
+from esmtpfa.common import logs
 from esmtpfa.common.context import ConnectionContext
-from esmtpfa.delivery.transaction import MAIL_FROM, DeliveryPolicy, RelayDelivery
 from esmtpfa.common.jsonlog import record
 from esmtpfa.common.logs import RecipientLog
-from esmtpfa.runtime.options import Options
-from esmtpfa.auth.provider import ProviderMeta
+from esmtpfa.common.replies import Reply
+from esmtpfa.delivery.transaction import MAIL_FROM, DeliveryPolicy, RelayDelivery
+from esmtpfa.limits.throttle import LoginThrottled
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.jwt import JWTProvider
 from esmtpfa.providers.ldap import LDAPProvider
 from esmtpfa.providers.userpass import UserPassProvider
-from esmtpfa.common.replies import Reply
+from esmtpfa.runtime.options import Options
 from tests.faults.harness import RunningRelay
 from tests.support.builders import OFFICE_AND_LAB
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
 from tests.support.logcapture import capture_logs
 from tests.support.processes import PROJECT, run_tool
+from tests.support.resources import resources
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
 from tests.support.upstream import RecordingUpstream
-from tests.support.resources import resources
 
 FILTER = os.path.join(PROJECT, "deploy", "fail2ban", "filter.d", "esmtpfa.conf")
 SESSION = "urn:uuid:00000000-0000-0000-0000-0000000000f1"
@@ -412,8 +420,8 @@ class LevelTests(unittest.TestCase):
 
     def test_failed_login_line_at_warn(self):
         self.addCleanup(setattr, logs, "_threshold", logs._threshold)
-        from tests.support.logcapture import observe_logs
         from esmtpfa.auth.failures import log_failed_login
+        from tests.support.logcapture import observe_logs
         logs.set_level("warn")
         events = observe_logs(self)
         log_failed_login(CONTEXT, "LOGIN", LoginRefused(BAD_PASSWORD))

@@ -368,6 +368,7 @@ class EveryOptionTests(CheckConfigCase):
         """In process, one option at a time (a twistd each would take minutes): the
         problem names it, and every check after the options runs on typed values."""
         import io
+
         from esmtpfa.runtime import checkconfig
         from esmtpfa.runtime.options import Options, OptionsProblems
         maildir = os.path.join(self.directory, "maildir")
@@ -401,7 +402,9 @@ class EveryOptionTests(CheckConfigCase):
 def _spawn(argv: list[str], cwd: str, env: dict | None = None):
     """``twistd ARGV`` in ``cwd``, exactly as written (no -n or --pidfile added)."""
     import sys
+
     from twisted.internet import reactor
+
     from tests.support.processes import Collector, child_environment
     collector = Collector()
     process = reactor.spawnProcess(
@@ -418,6 +421,7 @@ class BesideARunningRelayTests(CheckConfigCase):
 
     async def test_check_and_print_beside_a_relay_with_a_pidfile(self):
         from twisted.internet import reactor
+
         from tests.support.processes import terminate, until_serving
         port, metrics = free_port(), free_port()
         common = ["--demo", "--port", str(port), "--metrics-port", str(metrics),
@@ -516,6 +520,7 @@ class PrintConfigTests(CheckConfigCase):
 class VersionTests(CheckConfigCase):
     async def test_esmtpfa_version_from_the_package_metadata(self):
         from importlib import metadata
+
         import twisted
         process = Twistd(["--version"])
         process.start()

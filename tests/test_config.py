@@ -11,15 +11,22 @@ from twisted.internet import defer
 from twisted.internet.defer import succeed
 from twisted.trial import unittest
 
-from esmtpfa.config import documents, providers as config
 from esmtpfa import providers
-from esmtpfa.auth.selection import ProviderSet
-from esmtpfa.config.providers import (
-    BuildResult, ConfiguredProviderSet, ProviderConfig, build_providers, expand_env,
-    load_provider_file, parse_provider_document)
-from esmtpfa.providers import PROVIDER_TYPES, provider_class
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import ProviderMeta
+from esmtpfa.auth.selection import ProviderSet
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.config import documents
+from esmtpfa.config import providers as config
+from esmtpfa.config.providers import (
+    BuildResult,
+    ConfiguredProviderSet,
+    ProviderConfig,
+    build_providers,
+    expand_env,
+    load_provider_file,
+    parse_provider_document,
+)
+from esmtpfa.providers import PROVIDER_TYPES, provider_class
 from esmtpfa.providers.userpass import UserPassProvider
 from tests.support.ports import free_port
 from tests.support.processes import Twistd

@@ -14,8 +14,8 @@ import os
 import yaml
 from twisted.trial import unittest
 
-from esmtpfa.spool import amqp
 from esmtpfa.limits import resp
+from esmtpfa.spool import amqp
 from tests.test_deploy import DEPLOY, objects, the
 
 #: The oldest release the README supports: the pods' preStop sleep action is on by

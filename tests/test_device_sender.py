@@ -24,9 +24,9 @@ from esmtpfa.common.errors import ConfigError
 from esmtpfa.config.providers import parse_provider_document
 from tests.support.builders import submission, write_providers
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
+from tests.support.logcapture import log_text
 from tests.support.policyfixture import JWTFixture, SessionMixin
 from tests.support.ports import free_port
-from tests.support.logcapture import log_text
 from tests.support.processes import Twistd, run_tool
 from tests.support.rawsmtp import RawSMTP
 from tests.support.slapd import SharedSlapd, add_people, ldap_provider

@@ -100,6 +100,22 @@ def repository_files() -> list[Path]:
             if name and (ROOT / name).is_file()]
 
 
+def lines_matching(pattern) -> list[str]:
+    """``path:line: text`` for each line of the guides, the README, the package, its
+    tests and its benchmarks (``NUMBERED_CITATION_SCOPE``) that ``pattern`` finds."""
+    found = []
+    for path in repository_files():
+        if path.relative_to(ROOT).parts[0] not in NUMBERED_CITATION_SCOPE:
+            continue
+        text = read_text(path)
+        if text is None:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    return found
+
+
 def read_text(path: Path) -> str | None:
     try:
         return path.read_text("utf-8")
@@ -219,32 +235,14 @@ class SelfContainedTests(unittest.TestCase):
         """A page is cited by heading name: a number would point at another section as
         soon as one is inserted or moved.  RFC sections (``RFC 5321 §4.5.5``) are fixed
         and stay numbered."""
-        offenders = []
-        for path in repository_files():
-            if path.relative_to(ROOT).parts[0] not in NUMBERED_CITATION_SCOPE:
-                continue
-            text = read_text(path)
-            if text is None:
-                continue
-            for number, line in enumerate(text.splitlines(), 1):
-                if NUMBERED_CITATION.search(line):
-                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-        self.assertEqual(offenders, [], 'cite a page as docs/design.md, "Provider selection"')
+        self.assertEqual(lines_matching(NUMBERED_CITATION), [],
+                         'cite a page as docs/design.md, "Provider selection"')
 
     def test_no_issue_or_finding_numbers(self):
         """A heading or a sentence says what a change was about, never which ticket it
         came from: the number means nothing to a reader without the tracker.  Dates stay."""
-        offenders = []
-        for path in repository_files():
-            if path.relative_to(ROOT).parts[0] not in NUMBERED_CITATION_SCOPE:
-                continue
-            text = read_text(path)
-            if text is None:
-                continue
-            for number, line in enumerate(text.splitlines(), 1):
-                if TRACKER_NUMBER.search(line):
-                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-        self.assertEqual(offenders, [], "name the subject, not the issue or finding number")
+        self.assertEqual(lines_matching(TRACKER_NUMBER), [],
+                         "name the subject, not the issue or finding number")
 
     def test_the_tracker_check_covers_the_docs_and_the_code(self):
         """The two checks above read the guides and the README as well as the package,

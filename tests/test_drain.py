@@ -24,8 +24,7 @@ import urllib.request
 from twisted.internet import reactor, task, threads
 from twisted.trial import unittest
 
-from tests.faults.harness import (
-    CLIENT, RunningRelay, message, new_message_id, smtp_session)
+from tests.faults.harness import CLIENT, RunningRelay, message, new_message_id, smtp_session
 from tests.support import misbehaving as m
 from tests.support.webclient import read_until
 

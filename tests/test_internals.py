@@ -13,13 +13,13 @@ import os
 import re
 from pathlib import Path
 
-import twisted
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import base, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.trial import unittest
 from twisted.web.http import HTTPChannel, Request
 
+import twisted
 from esmtpfa.common import internals
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -23,9 +23,9 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from esmtpfa.common.timeouts import Sweeper
 from esmtpfa.smtp.deadlines import RESOLUTION, WriteStall
 from esmtpfa.smtp.settings import ServerSettings
-from esmtpfa.common.timeouts import Sweeper
 from tests.support import hostile
 from tests.support.logcapture import observe_logs
 from tests.support.relayfixture import RelayFixture

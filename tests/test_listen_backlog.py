@@ -16,10 +16,10 @@ import subprocess
 from twisted.internet import reactor, task, threads
 from twisted.trial import unittest
 
+from esmtpfa.runtime.sockets import bind_listener
 from tests.faults.harness import RunningRelay
 from tests.support.ports import free_port
 from tests.support.rawsmtp import greeting_times
-from esmtpfa.runtime.sockets import bind_listener
 
 #: Connections of the burst: more than Twisted's default backlog of 50, fewer than ours.
 BURST = 200

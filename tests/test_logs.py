@@ -18,20 +18,20 @@ from twisted.internet import threads
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
-from esmtpfa.common import logs
 from esmtpfa.auth.credentials import UserPassword
 from esmtpfa.auth.errors import REASONS, UnauthorizedLogin
+from esmtpfa.auth.provider import ProviderMeta
+from esmtpfa.common import logs
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.jsonlog import JSONLinesObserver
-from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.ldap import LDAPProvider
 from tests.faults.harness import CLIENT, RunningRelay, message, new_message_id, send_fresh
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer
-from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
-from tests.support.upstream import RecordingUpstream
 from tests.support.logcapture import observe_logs
 from tests.support.resources import resources
+from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SlapdServer
+from tests.support.upstream import RecordingUpstream
 
 PASSWORD = "SECRET-pw-9f3b"
 TOKEN = "SECRET-token-c71e.eyJzdWIiOiJ4In0.sig"

@@ -18,16 +18,28 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.relay.oauth2 import (
-    FAILURE_HOLD, MAX_DESCRIPTION, MAX_RESPONSE_BYTES, ClientAssertion, OAuth2Settings, TokenBroker,
-    TokenUnavailable, refresh_delay)
+    FAILURE_HOLD,
+    MAX_DESCRIPTION,
+    MAX_RESPONSE_BYTES,
+    ClientAssertion,
+    OAuth2Settings,
+    TokenBroker,
+    TokenUnavailable,
+    refresh_delay,
+)
+from esmtpfa.web.metrics import RelayMetrics
 from tests.support.httpservers import LoopbackHTTPServer
 from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
-from tests.support.tokenserver import (
-    ClientRegistration, StalledServer, TokenServer, client_key_files, thumbprint)
 from tests.support.resources import resources
+from tests.support.tokenserver import (
+    ClientRegistration,
+    StalledServer,
+    TokenServer,
+    client_key_files,
+    thumbprint,
+)
 
 SECRET = "s3cret-Client-Value"
 WRONG = "wr0ng-Client-Value"
@@ -600,7 +612,7 @@ class SettingsTests(unittest.TestCase):
 
 
 class RealUpstreamTests(BrokerTestCase):
-    """The broker's tokens through the client mechanisms (``relay.sasl``) against a real
+    """The broker's tokens through the client mechanisms (``relay.client_sasl``) against a real
     upstream that verifies them: esmtpfa "B" in-process, with a ``jwt`` provider reading
     the token server's JWKS, relaying to a recording SMTP server.
 
@@ -615,6 +627,7 @@ class RealUpstreamTests(BrokerTestCase):
 
     async def upstream_b(self):
         import json
+
         from tests.support.relayfixture import RelayFixture
         providers = json.dumps({"providers": [{
             "meta": {"name": self.PROVIDER, "type": "jwt"},
@@ -627,8 +640,9 @@ class RealUpstreamTests(BrokerTestCase):
 
     def login(self, fixture, mechanism, message: bytes | None = None):
         """One connection to B over implicit TLS: AUTH with ``mechanism`` (a
-        ``relay.sasl`` client), then a message if accepted.  Runs in a thread."""
+        ``relay.client_sasl`` client), then a message if accepted.  Runs in a thread."""
         import base64
+
         from tests.support.rawsmtp import RawSMTP
         client = RawSMTP("127.0.0.1", fixture.tls_port, tls=fixture.client_context(),
                          server_hostname="relay.test")
@@ -649,8 +663,9 @@ class RealUpstreamTests(BrokerTestCase):
             client.close()
 
     async def test_xoauth2_and_oauthbearer_through_a_verifying_upstream(self):
-        from esmtpfa.relay.sasl import OAuthBearer, XOAuth2
         from twisted.internet import threads
+
+        from esmtpfa.relay.client_sasl import OAuthBearer, XOAuth2
         fixture = await self.upstream_b()
         broker = self.broker()
         revoked = await broker.token()

@@ -139,9 +139,11 @@ class MechanismTests(ChainCase):
 
     async def test_check_connect_logs_in_with_a_token(self):
         await self.start()
-        from tests.support.processes import Collector, PROJECT, child_environment
         import sys
+
         from twisted.internet import reactor
+
+        from tests.support.processes import PROJECT, Collector, child_environment
         collector = Collector()
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "esmtpfa", "--check-connect",

@@ -18,17 +18,17 @@ import json
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from esmtpfa.auth.selection import Identity
-from esmtpfa.config.providers import build_providers, parse_provider_document
 from esmtpfa.auth.policy import HeaderFromScanner, from_addresses, parse_policy
+from esmtpfa.auth.selection import Identity
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.config.providers import build_providers, parse_provider_document
+from tests.support.builders import b64, submission
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, until
+from tests.support.logcapture import capture_logs, log_text
 from tests.support.policyfixture import NS, JWTFixture, SessionMixin, transaction
 from tests.support.processes import run_tool
-from tests.support.slapd import SharedSlapd, add_people, ldap_providers
-from tests.support.builders import b64, submission
-from tests.support.logcapture import capture_logs, log_text
 from tests.support.resources import resources
+from tests.support.slapd import SharedSlapd, add_people, ldap_providers
 
 
 def rules(block: dict, type_: str = "userpass"):

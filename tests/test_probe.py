@@ -14,9 +14,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.common.probe import IProbe, IProbeGroup, ProbeResult, probes_of
 from esmtpfa.providers.userpass import UserPassProvider
-from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.runtime import checkconfig
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 
 import yaml
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from esmtpfa.config.providers import parse_provider_document
-from esmtpfa.config.documents import DEPTH, VALUES, DocumentLimits, DocumentRefused, load_document
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.config.documents import DEPTH, VALUES, DocumentLimits, DocumentRefused, load_document
+from esmtpfa.config.providers import parse_provider_document
 from esmtpfa.relay.config import parse_relay_document
 from tests.test_properties_smtp import PROPERTY
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial import unittest
 

@@ -10,16 +10,17 @@ and within their grammar.
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from esmtpfa.common.replies import Reply
 from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import MAX_REPLY_LINE, Extensions, SMTPClientProtocol, parse_limits
-from esmtpfa.common.replies import Reply
 from tests.test_properties_smtp import HOSTILE_BYTES, NUMBERS, PROPERTY, in_pieces
 
 LINE_TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30)

@@ -1,7 +1,7 @@
-"""Generated input for SMTP AUTH: the server's SASL decoding (``esmtpfa.smtp.sasl``).
+"""Generated input for SMTP AUTH: the server's SASL decoding (``esmtpfa.smtp.server_sasl``).
 
 Three properties.  What our own relay client sends for any username and secret (the
-mechanisms of ``esmtpfa.relay.sasl``, which speak to real servers) is decoded by our
+mechanisms of ``esmtpfa.relay.client_sasl``, which speak to real servers) is decoded by our
 server into exactly that username and secret: the two sides agree on the RFC 4616,
 RFC 7628 and XOAUTH2 encodings, escapes included.  Any other bytes either decode or are
 refused with ``SMTPReplyError`` carrying a 5xx reply with its enhanced code, never
@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from esmtpfa.relay import sasl as client
 from esmtpfa.common.replies import AUTH_CANCELLED, AUTH_MALFORMED, SMTPReplyError
-from esmtpfa.smtp import sasl
+from esmtpfa.relay import client_sasl as client
+from esmtpfa.smtp import server_sasl as sasl
 from tests.test_properties_smtp import (
-    ENHANCED, HOSTILE_BYTES, PASSWORD, PROPERTY, USER, Session, assert_enhanced, in_pieces)
+    ENHANCED,
+    HOSTILE_BYTES,
+    PASSWORD,
+    PROPERTY,
+    USER,
+    Session,
+    assert_enhanced,
+    in_pieces,
+)
 
 #: What a person may type as a user name or a password: any text without NUL (the
 #: PLAIN separator, RFC 4616 §2) and the rest of C0, which no mechanism carries.

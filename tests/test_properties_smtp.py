@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -31,10 +32,16 @@ from zope.interface import implementer
 from esmtpfa.auth.credentials import ISubmissionCredentials
 from esmtpfa.auth.realm import SubmissionRealm
 from esmtpfa.auth.selection import Identity
-from esmtpfa.relay.protocol import DotStuffer
 from esmtpfa.common.replies import Reply, SMTPReplyError
+from esmtpfa.relay.protocol import DotStuffer
 from esmtpfa.smtp.address import (
-    MAX_DOMAIN, MAX_LOCAL, MAX_PATH, SYNTAX, parse_path_argument, valid_mailbox)
+    MAX_DOMAIN,
+    MAX_LOCAL,
+    MAX_PATH,
+    SYNTAX,
+    parse_path_argument,
+    valid_mailbox,
+)
 from esmtpfa.smtp.data import NORMALIZE, REJECT, ChunkReader, DataReader, normalize_line_ends
 from esmtpfa.smtp.factory import SMTPServerFactory
 from esmtpfa.smtp.server import BAD_RECIPIENT, BAD_SENDER, LOCAL_ERROR

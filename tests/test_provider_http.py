@@ -25,20 +25,20 @@ from esmtpfa.auth.credentials import (
     UserPassword,
 )
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
+from esmtpfa.auth.provider import IProvider, ProviderMeta
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.errors import ConfigError
-from esmtpfa.auth.provider import IProvider, ProviderMeta
 from esmtpfa.providers.http_basic import HTTPBasicProvider
 from esmtpfa.providers.http_header import HTTPHeaderProvider
+from tests.support.certs import CertificateAuthority
 from tests.support.httpservers import (
     AuthEndpoint,
     CountingResource,
     LoopbackHTTPServer,
     until,
 )
-from tests.support.certs import CertificateAuthority
-from tests.support.ports import free_port
 from tests.support.logcapture import capture_logs
+from tests.support.ports import free_port
 from tests.support.resources import resources
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000b1", "smtp")

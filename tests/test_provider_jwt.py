@@ -8,9 +8,9 @@ and the fetch deadline run on the real reactor.
 
 from __future__ import annotations
 
-from dataclasses import replace
 import random
 import string
+from dataclasses import replace
 
 from cryptography.hazmat.primitives import serialization
 from twisted.cred.checkers import ICredentialsChecker
@@ -22,14 +22,14 @@ from zope.interface.verify import verifyObject
 
 from esmtpfa.auth.credentials import BearerToken, IBearerTokenCredentials
 from esmtpfa.auth.errors import ProviderUnavailable, UnauthorizedLogin
-from esmtpfa.common.context import ConnectionContext
-from esmtpfa.common.resources import LastGood
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.resources import LastGood
 from esmtpfa.providers.jwt import (
+    MAX_TOKEN_LENGTH,
     JWTProvider,
     KeySet,
-    MAX_TOKEN_LENGTH,
     same_value,
 )
 from tests.support.httpservers import (
@@ -42,9 +42,9 @@ from tests.support.httpservers import (
     standard_claims,
     until,
 )
+from tests.support.logcapture import capture_logs
 from tests.support.ports import free_port
 from tests.support.resources import resources
-from tests.support.logcapture import capture_logs
 
 CONTEXT = ConnectionContext("urn:uuid:00000000-0000-0000-0000-0000000000j1", "smtp")
 META = ProviderMeta(name="idp-jwt", type="jwt")

@@ -22,19 +22,28 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import UserPassword
-from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.errors import BAD_PASSWORD, POLICY, LoginRefused, ProviderUnavailable
+from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.errors import ConfigError
-from esmtpfa.auth.provider import ProviderMeta
 from esmtpfa.providers.ldap import LDAPProvider
 from tests.support.certs import CertificateAuthority
-from tests.support.ports import free_port
-from tests.support.slapd import (
-    MAIL_GROUP, PEOPLE, POSIX_GROUP, SERVICE_DN, SERVICE_PW, SHARED_MAIL, SHARED_PASSWORD,
-    SharedSlapd, SlapdServer, ldap_provider, open_servers)
-from esmtpfa.auth.errors import BAD_PASSWORD, POLICY, LoginRefused
 from tests.support.logcapture import observe_logs
+from tests.support.ports import free_port
 from tests.support.resources import resources
+from tests.support.slapd import (
+    MAIL_GROUP,
+    PEOPLE,
+    POSIX_GROUP,
+    SERVICE_DN,
+    SERVICE_PW,
+    SHARED_MAIL,
+    SHARED_PASSWORD,
+    SharedSlapd,
+    SlapdServer,
+    ldap_provider,
+    open_servers,
+)
 
 CTX = ConnectionContext(connection_id="urn:uuid:00000000-0000-0000-0000-000000000000",
                         protocol="smtp", peer_host="127.0.0.1")
@@ -559,7 +568,9 @@ class GroupTests(SharedSlapd, ProviderHelpers, unittest.TestCase):
 
     async def test_through_the_relay_a_member_relays_and_carol_gets_535(self):
         import json
+
         from twisted.internet import threads
+
         from tests.support.relayfixture import RelayFixture
         entry = ldap_provider(self.slapd, "corp-ldap")
         entry["meta"]["fallback"] = True  # log in as plain "alice"

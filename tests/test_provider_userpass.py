@@ -11,10 +11,10 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials, UserPassword
-from esmtpfa.common.context import ConnectionContext
-from esmtpfa.providers import userpass
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, ProviderMeta
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.providers import userpass
 from esmtpfa.providers.userpass import UserPassProvider
 
 META = ProviderMeta(name="my-userpass-provider", type="userpass")

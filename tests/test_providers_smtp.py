@@ -15,9 +15,15 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.support.httpservers import (
-    AuthEndpoint, JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
 from tests.support.builders import b64
+from tests.support.httpservers import (
+    AuthEndpoint,
+    JWKSEndpoint,
+    LoopbackHTTPServer,
+    make_key,
+    mint,
+    standard_claims,
+)
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import PEOPLE, SERVICE_DN, SERVICE_PW, SharedSlapd
 from tests.test_smtp_server import MESSAGE, send_message

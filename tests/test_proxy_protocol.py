@@ -21,9 +21,9 @@ from twisted.trial import unittest
 
 from esmtpfa.runtime.tap import Options
 from tests.support.haproxy import PROBE_SOURCE, HAProxy
+from tests.support.logcapture import observe_logs
 from tests.support.rawsmtp import RawSMTP
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
-from tests.support.logcapture import observe_logs
 
 #: The twelve octets a PROXY v2 header starts with (the protocol's specification, 2.2).
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

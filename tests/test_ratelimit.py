@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from esmtpfa.auth.sendingrates import Limit, Rates, RateSyntaxError
 from esmtpfa.limits.ledgers import RateLimiter
 from esmtpfa.limits.rates import Exceeded, Reservation
-from esmtpfa.auth.sendingrates import Limit, Rates, RateSyntaxError
 
 
 class ParseTests(unittest.TestCase):
@@ -154,7 +154,10 @@ class SynchronousTwinTests(unittest.TestCase):
         from zope.interface.verify import verifyObject
 
         from esmtpfa.limits.interfaces import (
-            ILocalConnectionLedger, ILocalLoginLedger, ILocalRateLedger)
+            ILocalConnectionLedger,
+            ILocalLoginLedger,
+            ILocalRateLedger,
+        )
         from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger
         self.assertTrue(verifyObject(ILocalRateLedger, self.limiter))
         self.assertTrue(verifyObject(ILocalLoginLedger,
@@ -188,7 +191,7 @@ class SynchronousTwinTests(unittest.TestCase):
         """A worker's ``rate.take`` is answered from ``take_now``: the supervisor never
         digs the answer out of a Deferred (one that has not fired would be lost)."""
         from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger
-        from esmtpfa.runtime.workers.limits import SharedLimits
+        from esmtpfa.runtime.workers.counts import SharedLimits
 
         class TwinsOnly(RateLimiter):
             def take(self, *args):

@@ -14,17 +14,16 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from esmtpfa.auth.policy import parse_policy
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.sendingrates import Limit, Rates
+from esmtpfa.common.errors import ConfigError
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
-from tests.support.builders import (
-    OFFICE, providers_document, submission, userpass_provider)
+from tests.support.builders import OFFICE, providers_document, submission, userpass_provider
 from tests.support.misbehaving import MisbehavingUpstream
 from tests.support.policyfixture import JWTFixture, SessionMixin
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_providers
 from tests.support.upstream import RecordingUpstream
 from tests.support.webclient import post_json
-from tests.support.slapd import PEOPLE, ROOT_DN, ROOT_PW, SharedSlapd, ldap_providers
 
 CONTENT = b"Subject: rates\r\n\r\nHello.\r\n"
 

@@ -12,10 +12,10 @@ from twisted.trial import unittest
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.relay.config import UpstreamEntry, parse_relay_document
 from esmtpfa.runtime.service import build_relay
-from tests.support.resources import resources
-from tests.support.relayfixture import PASSWORD, USER, RelayFixture
-from tests.support.upstream import RecordingUpstream
 from tests.support.options import parse_options
+from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.resources import resources
+from tests.support.upstream import RecordingUpstream
 
 EXAMPLE = """\
 relays:

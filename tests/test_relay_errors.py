@@ -11,15 +11,21 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from esmtpfa.common.message import Envelope
+from esmtpfa.common.replies import Reply
 from esmtpfa.relay.errors import permanent, policy, unavailable
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, Kind, Phase, RelayError
 from esmtpfa.relay.settings import PoolSettings
 from esmtpfa.relay.upstream import (
-    _MOVES, IllegalMove, SMTPRelay, State, UpstreamSettings, UpstreamTransaction)
-from esmtpfa.common.replies import Reply
+    _MOVES,
+    IllegalMove,
+    SMTPRelay,
+    State,
+    UpstreamSettings,
+    UpstreamTransaction,
+)
 from tests.support.builders import outbound
-from tests.support.upstream import RecordingUpstream
 from tests.support.resources import resources
+from tests.support.upstream import RecordingUpstream
 
 KINDS = (Kind.REJECTED, Kind.POLICY, Kind.UNAVAILABLE, Kind.PROTOCOL, Kind.BUSY,
          Kind.CLOSING, Kind.EXPIRED, Kind.CREDENTIALS)

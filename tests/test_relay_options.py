@@ -9,9 +9,9 @@ from esmtpfa.relay.rewrite import RelayFromRewriter
 from esmtpfa.relay.upstream import SMTPRelay
 from esmtpfa.runtime.service import build_relay
 from tests.support.options import parse_options
-from tests.support.resources import resources
 from tests.support.ports import free_port
 from tests.support.processes import Twistd, run_tool
+from tests.support.resources import resources
 from tests.support.sink import SmtpSink
 from tests.test_end_to_end import swaks_args
 

@@ -13,19 +13,19 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from esmtpfa.common.message import Envelope
-from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
 from esmtpfa.common.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from esmtpfa.common.message import Envelope
+from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
 from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
-from esmtpfa.common.replies import Reply
 from tests.support.builders import outbound
-from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
-from tests.support.upstream import CLOSE, END_OF_DATA, STALL, RecordingUpstream
+from tests.support.relaying import send_whole
 from tests.support.resources import resources
+from tests.support.upstream import CLOSE, END_OF_DATA, STALL, RecordingUpstream
 
 CONTENT = b"From: alice@example.com\r\nSubject: pooled\r\n\r\nHello.\r\n"
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")

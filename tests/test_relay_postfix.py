@@ -11,10 +11,10 @@ from esmtpfa.common.message import Envelope
 from esmtpfa.relay.interfaces import REJECTED, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
 from tests.support.builders import CONTENT, outbound
-from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
 from tests.support.postfix import PostfixSubmission
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
+from tests.support.relaying import send_whole
 from tests.support.resources import resources
 
 PASSWORD_UPSTREAM = "s3cret pencil"

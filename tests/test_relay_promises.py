@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from esmtpfa.relay.rewrite import RelayFromRewriter
-from tests.support.relayfixture import RelayFixture
 from tests.support.builders import outbound
+from tests.support.relayfixture import RelayFixture
 from tests.support.relaying import CapturingRelay, send_whole
 from tests.support.resources import resources
 from tests.support.upstream import END_OF_DATA, RAW, RecordingUpstream

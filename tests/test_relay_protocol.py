@@ -20,10 +20,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from esmtpfa.common.message import READ_CHUNK, OutboundMessage
+from esmtpfa.common.replies import Reply
 from esmtpfa.relay.interfaces import Kind, Phase, RelayError
 from esmtpfa.relay.protocol import (
-    MAX_REPLY_LINE, DotStuffer, Extensions, SMTPClientFactory, SMTPClientProtocol)
-from esmtpfa.common.replies import Reply
+    MAX_REPLY_LINE,
+    DotStuffer,
+    Extensions,
+    SMTPClientFactory,
+    SMTPClientProtocol,
+)
 from tests.support.builders import outbound
 from tests.support.upstream import RecordingUpstream
 

@@ -14,18 +14,32 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from esmtpfa.relay.client_sasl import (
+    MAX_SCRAM_ITERATIONS,
+    MECHANISMS,
+    PREFERENCE,
+    CramMD5,
+    Login,
+    OAuthBearer,
+    Plain,
+    SASLError,
+    Scram,
+    TokenRefused,
+    XOAuth2,
+    choose_mechanism,
+    choose_token_mechanism,
+    client_for,
+    saslprep,
+    token_client_for,
+)
 from esmtpfa.relay.interfaces import UNAVAILABLE, Kind, RelayError
 from esmtpfa.relay.protocol import SMTPClientProtocol
-from esmtpfa.relay.sasl import (
-    MAX_SCRAM_ITERATIONS, MECHANISMS, PREFERENCE, CramMD5, Login, OAuthBearer, Plain,
-    SASLError, Scram, TokenRefused, XOAuth2, choose_mechanism, choose_token_mechanism,
-    client_for, saslprep, token_client_for)
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
-from tests.support.relaying import send_whole
-from tests.support.certs import CertificateAuthority
 from tests.support.builders import b64, outbound
-from tests.support.upstream import RecordingUpstream
+from tests.support.certs import CertificateAuthority
+from tests.support.relaying import send_whole
 from tests.support.resources import resources
+from tests.support.upstream import RecordingUpstream
 
 
 class ScramVectorTests(unittest.TestCase):

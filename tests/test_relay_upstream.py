@@ -15,16 +15,16 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from esmtpfa.common.message import OutboundMessage
+from esmtpfa.common.replies import Reply
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, IRelay, RelayError
 from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
-from esmtpfa.common.replies import Reply
 from tests.support.builders import CONTENT, outbound
-from tests.support.relaying import send_whole
 from tests.support.certs import CertificateAuthority
-from tests.support.ports import free_port
-from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstream
 from tests.support.logcapture import observe_logs
+from tests.support.ports import free_port
+from tests.support.relaying import send_whole
 from tests.support.resources import resources
+from tests.support.upstream import CLOSE, END_OF_DATA, GREETING, RecordingUpstream
 
 NO_PIPELINING = ("SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES")
 

@@ -13,14 +13,24 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import (
-    IBearerTokenCredentials, IUserPasswordCredentials, SubmissionCredentials)
+    IBearerTokenCredentials,
+    IUserPasswordCredentials,
+    SubmissionCredentials,
+)
 from esmtpfa.auth.errors import ProviderUnavailable
+from esmtpfa.auth.provider import Provider, ProviderMeta
 from esmtpfa.auth.selection import (
-    VIA_FALLBACK, VIA_UNIQUE_DOMAIN, VIA_USERNAME, Claim, Identity, ProviderDirectory,
-    ProviderSelector, ProviderSet)
+    VIA_FALLBACK,
+    VIA_UNIQUE_DOMAIN,
+    VIA_USERNAME,
+    Claim,
+    Identity,
+    ProviderDirectory,
+    ProviderSelector,
+    ProviderSet,
+)
 from esmtpfa.common.context import ConnectionContext, normalize_domain
 from esmtpfa.common.errors import ConfigError
-from esmtpfa.auth.provider import Provider, ProviderMeta
 from esmtpfa.providers.userpass import UserPassProvider
 
 

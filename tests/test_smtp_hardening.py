@@ -14,8 +14,8 @@ from twisted.trial import unittest
 
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.delivery.received import received_header
-from tests.support.relayfixture import RelayFixture
 from tests.support.logcapture import observe_logs
+from tests.support.relayfixture import RelayFixture
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -296,6 +296,7 @@ class RepeatSummaryTests(unittest.TestCase):
     def setUp(self):
         from twisted.internet.task import Clock
         from twisted.logger import Logger
+
         from esmtpfa.common.logsummary import RepeatSummary
         self.events: list[dict] = []
         self.clock = Clock()
@@ -373,12 +374,12 @@ class LoginGoneTests(unittest.TestCase):
     def test_disconnect_cancels_the_pending_login(self):
         import base64
 
+        from twisted.cred.checkers import ICredentialsChecker
         from twisted.cred.portal import Portal
         from twisted.internet import task
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
         from zope.interface import implementer
-        from twisted.cred.checkers import ICredentialsChecker
 
         from esmtpfa.auth.credentials import ISubmissionCredentials
         from esmtpfa.auth.realm import SubmissionRealm

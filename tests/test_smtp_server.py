@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 
-from twisted.internet import defer, task
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.auth.provider import Provider, ProviderMeta
+from esmtpfa.auth.selection import ProviderSet
 from tests.support.builders import b64
 from tests.support.relayfixture import PASSWORD, USER, RelayFixture
 
@@ -645,6 +645,7 @@ class IdleTimeoutTests(unittest.TestCase):
         from twisted.cred.portal import Portal
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
+
         from esmtpfa.auth.realm import SubmissionRealm
         from esmtpfa.smtp.factory import SMTPServerFactory
         from esmtpfa.smtp.settings import ServerSettings

@@ -38,10 +38,27 @@ from twisted.trial import unittest
 
 from esmtpfa.common.message import Envelope
 from esmtpfa.spool.amqp import (
-    DUE_SLACK, REDELIVERED, STOPPED, AMQPSpool, AMQPURL, StoredState, Topology)
+    AMQPURL,
+    DUE_SLACK,
+    REDELIVERED,
+    STOPPED,
+    AMQPSpool,
+    StoredState,
+    Topology,
+)
 from esmtpfa.spool.interfaces import (
-    IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, Recipient,
-    RecipientState as R, Settlement, SpoolEntry, SpoolError, SpoolErrorKind)
+    IQueueAdmin,
+    ISpool,
+    MessageState,
+    Phase,
+    QueuedMessage,
+    Recipient,
+    Settlement,
+    SpoolEntry,
+    SpoolError,
+    SpoolErrorKind,
+)
+from esmtpfa.spool.interfaces import RecipientState as R
 from tests.support.certs import CertificateAuthority
 from tests.support.logcapture import capture_logs
 from tests.support.processes import PROJECT, Collector, child_environment

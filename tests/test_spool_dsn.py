@@ -11,12 +11,13 @@ from __future__ import annotations
 import email
 import email.policy
 import functools
-from email.utils import parsedate_to_datetime
 import os
 import re
 import subprocess
+from email.utils import parsedate_to_datetime
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from esmtpfa.common.message import Envelope

@@ -26,8 +26,19 @@ from esmtpfa.common.message import Envelope
 from esmtpfa.spool import files
 from esmtpfa.spool.files import FileSpool
 from esmtpfa.spool.interfaces import (
-    IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, Recipient,
-    RecipientState, Settlement, SpoolEntry, SpoolError, SpoolErrorKind)
+    IContent,
+    IQueueAdmin,
+    ISpool,
+    MessageState,
+    Phase,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    Settlement,
+    SpoolEntry,
+    SpoolError,
+    SpoolErrorKind,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,9 +21,9 @@ import urllib.request
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from tests.support.builders import providers_document, userpass_provider
 from tests.support.ports import free_port
 from tests.support.rabbitmq import SharedRabbitMQ
-from tests.support.builders import providers_document, userpass_provider
 from tests.support.relayfixture import PASSWORD, PRINTERS, USER, RelayFixture
 from tests.support.upstream import RecordingUpstream
 

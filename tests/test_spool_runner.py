@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog
 from esmtpfa.common.message import Envelope
-from esmtpfa.relay.interfaces import IRelay, IRelayTransaction
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import IRelay, IRelayTransaction
 from esmtpfa.spool.files import FileSpool
 from esmtpfa.spool.interfaces import SpoolEntry
 from esmtpfa.spool.modes import Spooler
@@ -171,8 +171,9 @@ class HandOverTests(unittest.TestCase):
     async def test_the_attempt_line_shows_recipients_as_the_operator_chose(self) -> None:
         """docs/logging.md, "Recipients: a privacy choice": the spool's attempt line
         follows ``--log-recipients`` as the message line does."""
-        from tests.support.logcapture import capture_logs, observe_logs
         from twisted.logger import formatEvent
+
+        from tests.support.logcapture import capture_logs, observe_logs
         capture_logs(self)  # info lines reach the observers
         for style, key, shown, hidden in (
                 ("hash", b"k", RecipientLog("hash", b"k").hashed("b@example.org"),

@@ -32,20 +32,31 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from esmtpfa.auth.selection import Claim
-from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
-from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, identity_depth
-from esmtpfa.web.metrics import RelayMetrics
-from esmtpfa.runtime.options import Options
-from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Limit, Rates
 from esmtpfa.limits.guard import (
-    FailurePolicy, GuardedLoginLedger, GuardedRateLedger, StateRefusedLogin, StateRefusedRate)
+    FailurePolicy,
+    GuardedLoginLedger,
+    GuardedRateLedger,
+    StateRefusedLogin,
+    StateRefusedRate,
+)
 from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
-from esmtpfa.limits.resp import (
-    Incomplete, ProtocolError, RedisClient, RedisError, RedisURL, parse)
+from esmtpfa.limits.resp import Incomplete, ProtocolError, RedisClient, RedisError, RedisURL, parse
+from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, identity_depth
+from esmtpfa.runtime.options import Options
+from esmtpfa.web.metrics import RelayMetrics
 from tests.faults.harness import (
-    CLIENT, RunningRelay, message, new_message_id, send_fresh, send_one, smtp_session)
+    CLIENT,
+    RunningRelay,
+    message,
+    new_message_id,
+    send_fresh,
+    send_one,
+    smtp_session,
+)
 from tests.support.certs import CertificateAuthority
 from tests.support.logcapture import capture_logs, observe_logs
 from tests.support.misbehaving import MisbehavingUpstream

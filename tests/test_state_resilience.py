@@ -18,16 +18,20 @@ import time
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
-from esmtpfa.web.metrics import RelayMetrics
-from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.auth.sendingrates import Limit, Rates
-from esmtpfa.limits.breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker
 from esmtpfa.limits.guard import (
-    FailurePolicy, GuardedLoginLedger, GuardedRateLedger, StateRefusedRate)
+    FailurePolicy,
+    GuardedLoginLedger,
+    GuardedRateLedger,
+    StateRefusedRate,
+)
 from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
+from esmtpfa.limits.rates import Exceeded, Reservation
 from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
 from esmtpfa.limits.resp import RedisClient, RedisURL
+from esmtpfa.limits.state_breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker
+from esmtpfa.web.metrics import RelayMetrics
 from tests.faults.harness import RunningRelay, message, new_message_id, send_fresh
 from tests.support.logcapture import observe_logs
 from tests.support.misbehaving import MisbehavingUpstream

@@ -21,17 +21,19 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from esmtpfa.auth.credentials import (
-    IBearerTokenCredentials, IUserPasswordCredentials, SubmissionCredentials)
+    IBearerTokenCredentials,
+    IUserPasswordCredentials,
+    SubmissionCredentials,
+)
 from esmtpfa.auth.errors import ProviderUnavailable
-from esmtpfa.auth.selection import (
-    ProviderDirectory, ProviderSelector, ProviderSet)
+from esmtpfa.auth.provider import Provider, ProviderMeta
+from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
+from esmtpfa.common.context import ConnectionContext, normalize_domain
 from esmtpfa.limits.ledgers import FailureWindow
 from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, ThrottlingChecker
-from esmtpfa.common.context import ConnectionContext, normalize_domain
-from esmtpfa.auth.provider import Provider, ProviderMeta
+from tests.support.logcapture import observe_logs
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import SharedSlapd, ldap_providers
-from tests.support.logcapture import observe_logs
 from tests.support.webclient import read_until
 from tests.test_smtp_server import send_message
 

@@ -32,10 +32,15 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.support.httpservers import (
-    JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
-from tests.support.processes import run_tool
 from tests.support.builders import b64
+from tests.support.httpservers import (
+    JWKSEndpoint,
+    LoopbackHTTPServer,
+    make_key,
+    mint,
+    standard_claims,
+)
+from tests.support.processes import run_tool
 from tests.support.relayfixture import RelayFixture
 from tests.support.slapd import SharedSlapd, ldap_providers
 

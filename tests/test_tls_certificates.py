@@ -25,7 +25,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from esmtpfa.common.certificates import (
-    CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
+    CertificatePair,
+    CertificateSources,
+    CertificateStore,
+    CertificateWatcher,
+)
 from esmtpfa.common.servertls import TLSPolicy
 from tests.support.builders import OFFICE, providers_document, write_providers
 from tests.support.certs import CertificateAuthority, Leaf

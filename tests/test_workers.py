@@ -27,7 +27,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.faults.harness import (
-    CLIENT, RunningRelay, message, new_message_id, send_fresh, send_one, smtp_session)
+    CLIENT,
+    RunningRelay,
+    message,
+    new_message_id,
+    send_fresh,
+    send_one,
+    smtp_session,
+)
 from tests.support.rawsmtp import greeting_times
 from tests.support.webclient import get_blocking
 
@@ -550,8 +557,9 @@ class RefusalTests(unittest.TestCase):
     def test_workers_need_a_log_they_can_write_lines_to(self):
         """Standard output or twistd's --logfile (tests/test_startup_errors.py), not
         --syslog."""
-        from tests.support.processes import Collector, PROJECT, child_environment
         import sys
+
+        from tests.support.processes import PROJECT, Collector, child_environment
         collector = Collector()
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--syslog", "esmtpfa", "--demo",

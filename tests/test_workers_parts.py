@@ -12,17 +12,38 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from esmtpfa.web.metrics import render
-from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
-from esmtpfa.limits.rates import Exceeded
 from esmtpfa.auth.sendingrates import Limit
 from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
+from esmtpfa.limits.rates import Exceeded
 from esmtpfa.runtime.workers.control import (
-    CALL_TIMEOUT, CALLS, CONN_RELEASE, CONN_TAKE, INT, MAX_FRAME, NONE, PING, RATE_TAKE, STR,
-    BadCall, Call, ControlChannel, ControlLost, ControlTimeout, RemoteError, table)
-from esmtpfa.runtime.workers.limits import (
-    HTTP, SMTP, RemoteConnections, RemoteRateLedger, SharedLimits)
-from esmtpfa.runtime.workers.metrics import RetiredCounts, merge, snapshot
+    CALL_TIMEOUT,
+    CALLS,
+    CONN_RELEASE,
+    CONN_TAKE,
+    INT,
+    MAX_FRAME,
+    NONE,
+    PING,
+    RATE_TAKE,
+    STR,
+    BadCall,
+    Call,
+    ControlChannel,
+    ControlLost,
+    ControlTimeout,
+    RemoteError,
+    table,
+)
+from esmtpfa.runtime.workers.counts import (
+    HTTP,
+    SMTP,
+    RemoteConnections,
+    RemoteRateLedger,
+    SharedLimits,
+)
+from esmtpfa.runtime.workers.merged_metrics import RetiredCounts, merge, snapshot
+from esmtpfa.web.metrics import render
 from tests.support.logcapture import observe_logs
 
 
@@ -366,6 +387,7 @@ class WorkersOptionTests(unittest.TestCase):
 
     def test_a_number_auto_or_a_clear_refusal(self):
         import os
+
         from twisted.python.usage import UsageError
         self.assertEqual(self.parse()["workers"], 1)
         self.assertEqual(self.parse("--workers", "3")["workers"], 3)
@@ -379,6 +401,7 @@ class WorkersOptionTests(unittest.TestCase):
 
     def test_auto_keeps_to_the_containers_cpu_quota(self):
         import os
+
         from esmtpfa.runtime.options import usable_cpus
         cpus = len(os.sched_getaffinity(0))
         v2 = self.mktemp()
@@ -476,8 +499,8 @@ class CountFilesTests(unittest.TestCase):
         import subprocess
         import sys
 
+        from esmtpfa.runtime.workers.merged_metrics import CountFiles
         from esmtpfa.web.metrics import RelayMetrics
-        from esmtpfa.runtime.workers.metrics import CountFiles
         files = CountFiles.create()
         self.addCleanup(files.remove)
         self.assertEqual(os.stat(files.path).st_mode & 0o777, 0o700)
@@ -512,6 +535,7 @@ class WorkerLogLinesTests(unittest.TestCase):
 
     def setUp(self) -> None:
         from io import BytesIO
+
         from esmtpfa.runtime.workers.supervisor import LogLines
         self.sink = BytesIO()
         self.lines = LogLines(self.sink)

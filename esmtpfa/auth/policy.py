@@ -25,13 +25,14 @@ stripped, a quoted local part is compared as written, IDNA forms are not convert
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dataclass_field
-from email.utils import getaddresses
 import re
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from email.utils import getaddresses
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.sendingrates import Rates, RateSyntaxError
+from esmtpfa.common.errors import ConfigError
 
 #: The keys of a policy block: sender authorization, then sending rates.
 POLICY_KEYS = ("allowed_senders", "sender_attribute", "sender_claim", "check_header_from",

@@ -33,8 +33,8 @@ from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.common.context import domain_key
 
 if TYPE_CHECKING:
-    from esmtpfa.common.resources import Resources
     from esmtpfa.auth.policy import Policy
+    from esmtpfa.common.resources import Resources
 
 
 @dataclass(frozen=True)

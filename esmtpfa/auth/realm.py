@@ -8,8 +8,8 @@ from twisted.cred.checkers import ANONYMOUS as ANONYMOUS_AVATAR_ID
 from twisted.cred.portal import IRealm
 from zope.interface import implementer
 
-from esmtpfa.auth.selection import ANONYMOUS, Identity
 from esmtpfa.auth.interfaces import IMessageDelivery
+from esmtpfa.auth.selection import ANONYMOUS, Identity
 
 
 @implementer(IRealm)

@@ -26,8 +26,8 @@ from one snapshot of the providers, which providers will be asked and with what
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -35,7 +35,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from zope.interface import implementer
 
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.credentials import (
     BearerToken,
     IBearerTokenCredentials,
@@ -44,10 +43,19 @@ from esmtpfa.auth.credentials import (
     UserPassword,
 )
 from esmtpfa.auth.errors import (
-    BAD_PASSWORD, MALFORMED, POLICY, UNKNOWN_USER, Attempted, LoginRefused,
-    ProviderUnavailable, most_telling, reason_of)
-from esmtpfa.common.errors import ConfigError
+    BAD_PASSWORD,
+    MALFORMED,
+    POLICY,
+    UNKNOWN_USER,
+    Attempted,
+    LoginRefused,
+    ProviderUnavailable,
+    most_telling,
+    reason_of,
+)
 from esmtpfa.auth.provider import Principal, Provider
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.logs import logger
 
 log = logger("esmtpfa.auth")
 

@@ -9,8 +9,8 @@ every counter needs to read one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

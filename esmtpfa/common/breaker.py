@@ -4,7 +4,7 @@
 Closed (ask), open (do not, until the cool-down has passed), half-open (one trial under
 way; the others do not ask).  Shared by what may fail in the same way: an upstream's
 connections (``esmtpfa.relay.pool``) and the shared state's requests
-(``esmtpfa.limits.breaker``); it depends on nothing of either, only on a clock.
+(``esmtpfa.limits.state_breaker``); it depends on nothing of either, only on a clock.
 """
 
 from __future__ import annotations

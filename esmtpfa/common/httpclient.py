@@ -10,12 +10,13 @@ one), and a failure described without the URL or any header (both may hold secre
 
 from __future__ import annotations
 
-from http.cookiejar import DefaultCookiePolicy
 import ipaddress
+from http.cookiejar import DefaultCookiePolicy
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone

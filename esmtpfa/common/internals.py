@@ -58,22 +58,22 @@ from contextlib import contextmanager
 from functools import cache, partial
 from typing import Any, Callable, Iterator
 
-import twisted
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import directlyProvides, providedBy
 from zope.interface.declarations import Provides
 
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
+import twisted
 
 try:  # STARTTLS on a TCP transport; check() reports it if it moved
     from twisted.internet._newtls import startTLS as _start_tls

@@ -13,9 +13,9 @@ of defence any field whose name looks like a credential is left out here.
 
 from __future__ import annotations
 
-from datetime import datetime, UTC
 import json
 import sys
+from datetime import UTC, datetime
 from typing import IO, Any, Mapping
 
 from twisted.logger import ILogObserver, formatEvent

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from time import time
 from typing import Any
 
-from twisted.logger import LogLevel, Logger, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 _ORDER = {level: i for i, level in enumerate(LogLevel.iterconstants())}
 _threshold = _ORDER[LogLevel.info]

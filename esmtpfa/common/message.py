@@ -9,8 +9,8 @@ transparency dots, the upstream client adds them again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import tempfile
+from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from esmtpfa.common.ids import new_id

@@ -25,8 +25,7 @@ import socket
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import (
-    IConsumer, IPushProducer, ISystemHandle, ITLSTransport)
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISystemHandle, ITLSTransport
 from twisted.internet.posixbase import PosixReactorBase
 
 from esmtpfa.common import internals

@@ -27,16 +27,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 
+from esmtpfa.auth.credentials import IUserPasswordCredentials
+from esmtpfa.auth.policy import POLICY_KEYS, Policy, parse_policy
+from esmtpfa.auth.provider import Provider, ProviderMeta
 from esmtpfa.auth.selection import ProviderSet
 from esmtpfa.common.context import domain_key, normalize_domain
-from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits, load_document, read_document
-from esmtpfa.common.logs import logger
-from esmtpfa.auth.policy import POLICY_KEYS, Policy, parse_policy
-from esmtpfa.providers import PROVIDER_TYPES, known_types, provider_class
 from esmtpfa.common.errors import ConfigError
-from esmtpfa.auth.credentials import IUserPasswordCredentials
-from esmtpfa.auth.provider import Provider, ProviderMeta
+from esmtpfa.common.logs import logger
 from esmtpfa.common.resources import Resources
+from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits, load_document, read_document
+from esmtpfa.providers import PROVIDER_TYPES, known_types, provider_class
 
 log = logger("esmtpfa.config")
 

@@ -43,16 +43,21 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from esmtpfa.auth.provider import Provider
 from esmtpfa.auth.selection import ProviderDirectory
-from esmtpfa.config.providers import ProviderConfig, build_providers, parse_provider_document
-from esmtpfa.config.documents import (
-    BYTES, DEFAULT_LIMITS, DocumentLimits, DocumentRefused, read_document)
-from esmtpfa.common.logs import logger
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.common.httpclient import new_http_client
+from esmtpfa.common.logs import logger
 from esmtpfa.common.resources import HTTPClientFactory, Resources
 from esmtpfa.common.urls import redact_url
-from esmtpfa.auth.provider import Provider
+from esmtpfa.config.documents import (
+    BYTES,
+    DEFAULT_LIMITS,
+    DocumentLimits,
+    DocumentRefused,
+    read_document,
+)
+from esmtpfa.config.providers import ProviderConfig, build_providers, parse_provider_document
 
 log = logger("esmtpfa.reload")
 
@@ -474,8 +479,7 @@ class ConfigServicePoller:
         return headers
 
     async def _poll(self) -> None:
-        from esmtpfa.common.httpclient import (
-            BodyTooLarge, describe_failure, read_body, timed_out)
+        from esmtpfa.common.httpclient import BodyTooLarge, describe_failure, read_body, timed_out
         limit = self._reloader.limits.max_bytes
 
         def body_of(response):

@@ -9,8 +9,8 @@ can be matched to our logs; with ``hide_client`` the client's address is left ou
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import email.utils
+import ipaddress
 import re
 import time
 

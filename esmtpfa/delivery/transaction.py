@@ -26,31 +26,36 @@ retries; both raise ``RateLimited``, which the HTTP API answers with 429.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 import time
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
-from esmtpfa.common.observers import notify
+from esmtpfa.auth.interfaces import IMessageDelivery, ITransaction
+from esmtpfa.auth.policy import (
+    EnvelopeSender,
+    HeaderFromScanner,
+    SenderRules,
+    first_refused,
+    from_addresses,
+)
 from esmtpfa.auth.selection import Identity
+from esmtpfa.auth.sendingrates import Rates
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.ids import new_id
-from esmtpfa.common.message import Envelope, MessageSpool, OutboundMessage, SPOOL_MEMORY_LIMIT
-from esmtpfa.auth.policy import (
-    EnvelopeSender, HeaderFromScanner, SenderRules, first_refused, from_addresses)
+from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
+from esmtpfa.common.message import SPOOL_MEMORY_LIMIT, Envelope, MessageSpool, OutboundMessage
+from esmtpfa.common.observers import notify
+from esmtpfa.common.replies import Reply, SMTPReplyError
+from esmtpfa.delivery.received import received_header
 from esmtpfa.limits.ledgers import RateLimiter
 from esmtpfa.limits.rates import Exceeded, Reservation
-from esmtpfa.auth.sendingrates import Rates
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.relay.session import eight_bit_unsupported
-from esmtpfa.common.replies import Reply, SMTPReplyError
-from esmtpfa.auth.interfaces import IMessageDelivery, ITransaction
 from esmtpfa.spool.interfaces import QueuedReply
-from esmtpfa.delivery.received import received_header
 
 log = logger("esmtpfa.delivery")
 

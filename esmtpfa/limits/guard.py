@@ -32,12 +32,12 @@ from zope.interface import implementer
 
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.common.logs import logger
-from esmtpfa.common.observers import notify
 from esmtpfa.common.logsummary import RepeatSummary
-from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
+from esmtpfa.common.observers import notify
 from esmtpfa.common.replies import Reply, SMTPReplyError
-from esmtpfa.limits.breaker import COOLDOWN, FAILURES, StateBreaker
 from esmtpfa.limits.interfaces import ILoginLedger, IRateLedger, StateUnavailable
+from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
+from esmtpfa.limits.state_breaker import COOLDOWN, FAILURES, StateBreaker
 
 log = logger("esmtpfa.state")
 
@@ -79,7 +79,7 @@ class FailurePolicy:
 
     ``timeout``, when set, bounds every ledger call, all its round trips included: the
     most one decision waits for the shared state.  ``failures`` and ``cooldown`` are the
-    breaker's (``esmtpfa.limits.breaker``)."""
+    breaker's (``esmtpfa.limits.state_breaker``)."""
 
     def __init__(self, policy: str, reactor: IReactorTime, *,
                  observer: StateErrorObserver | None = None, timeout: float | None = None,

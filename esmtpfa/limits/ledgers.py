@@ -19,7 +19,7 @@ connections    ``refusal``, ``release``      ``refusal_now`` → limit or None
 =============  ============================  =========================================
 
 A refusal is a value in every twin, never an exception; the Deferred method is the twin
-wrapped in a fired Deferred.  The workers' supervisor (``esmtpfa.runtime.workers.limits``)
+wrapped in a fired Deferred.  The workers' supervisor (``esmtpfa.runtime.workers.counts``)
 calls the twins for all its workers, so its limits are exactly these.
 
 Rules implemented twice
@@ -66,13 +66,13 @@ with ``--state-url`` the login throttle and the sending rates use Redis instead
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 from array import array
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-import hashlib
-import math
-import os
 from typing import Hashable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -81,9 +81,14 @@ from zope.interface import implementer
 
 from esmtpfa.auth.sendingrates import Limit
 from esmtpfa.limits.interfaces import (
-    Exceeded, IConnectionLedger, ILocalConnectionLedger, ILocalLoginLedger,
-    ILocalRateLedger, ILoginLedger, IRateLedger)
-
+    Exceeded,
+    IConnectionLedger,
+    ILocalConnectionLedger,
+    ILocalLoginLedger,
+    ILocalRateLedger,
+    ILoginLedger,
+    IRateLedger,
+)
 
 # -- login --------------------------------------------------------------------------------
 
@@ -336,7 +341,7 @@ class RateLimiter:
 class ConnectionLimits:
     """Open connections in total and per client address, in this process: the SMTP
     listeners of one relay share one, the HTTP API has its own, and the workers'
-    supervisor keeps one of each for all workers (``esmtpfa.runtime.workers.limits``).
+    supervisor keeps one of each for all workers (``esmtpfa.runtime.workers.counts``).
 
     Only this ledger has no Redis twin: open connections are this host's resources."""
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, succeed
 
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.sendingrates import Limit, Rates
+from esmtpfa.common.logs import logger
 from esmtpfa.limits.interfaces import Exceeded, IRateLedger
 
 log = logger("esmtpfa.ratelimit")

@@ -39,14 +39,14 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.limits.ledgers import IdentityDigest
-from esmtpfa.limits.throttle import identity_depth
 from esmtpfa.common.logs import logger
 from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.limits.guard import FailurePolicy, GuardedLoginLedger, GuardedRateLedger
 from esmtpfa.limits.interfaces import Exceeded, ILoginLedger, IRateLedger, StateUnavailable
+from esmtpfa.limits.ledgers import IdentityDigest
 from esmtpfa.limits.resp import RedisClient, RedisError, RedisURL, Script
 from esmtpfa.limits.settings import StateSettings, ThrottleSettings
+from esmtpfa.limits.throttle import identity_depth
 
 log = logger("esmtpfa.state")
 

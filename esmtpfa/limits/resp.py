@@ -24,10 +24,10 @@ shows it, and log lines use ``RedisURL.redacted``.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
 import hashlib
 import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Sequence, cast
 from urllib.parse import unquote
 
@@ -37,8 +37,8 @@ from twisted.python.failure import Failure
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.transport import IStreamTransport
-from esmtpfa.limits.interfaces import StateUnavailable
 from esmtpfa.common.urls import query_parameters, split_secret_url
+from esmtpfa.limits.interfaces import StateUnavailable
 
 log = logger("esmtpfa.state")
 

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import ISubmissionCredentials
 from esmtpfa.auth.errors import THROTTLED, ProviderUnavailable
-from esmtpfa.auth.selection import Claim, IProviderSelection, Identity
+from esmtpfa.auth.selection import Claim, Identity, IProviderSelection
 from esmtpfa.common.logs import logger
 from esmtpfa.limits.interfaces import ILoginLedger
 from esmtpfa.limits.ledgers import LocalLoginLedger

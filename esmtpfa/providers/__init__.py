@@ -10,8 +10,8 @@ import importlib
 from types import MappingProxyType
 from typing import Mapping
 
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import Provider
+from esmtpfa.common.errors import ConfigError
 
 PROVIDER_TYPES: Mapping[str, str] = MappingProxyType({
     "http_basic": "esmtpfa.providers.http_basic.HTTPBasicProvider",

@@ -22,12 +22,11 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import MALFORMED
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.provider import IProvider, Principal, ProviderMeta
+from esmtpfa.common.logs import logger
 from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, session_of
 from esmtpfa.providers.httpcheck import HTTPAuthChecker, HTTPCheckProvider, has_control_chars
-
 
 log = logger("esmtpfa.providers.http_basic")
 

@@ -34,10 +34,10 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import MALFORMED
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, Principal, ProviderMeta
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.logs import logger
 from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, require_string, session_of
 from esmtpfa.providers.httpcheck import (

@@ -29,27 +29,28 @@ API keys in their query, headers carry the credential.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from hyperlink import URL
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import REJECTED, LoginRefused, ProviderUnavailable
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import Provider, ProviderMeta
-from esmtpfa.providers.base import require_string
+from esmtpfa.common.errors import ConfigError
 from esmtpfa.common.httpclient import describe_failure, read_body, timed_out
+from esmtpfa.common.logs import logger
 from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.common.resources import Resources
 from esmtpfa.common.urls import redact_url
+from esmtpfa.providers.base import require_string
 
 log = logger("esmtpfa.providers.httpcheck")
 

@@ -42,10 +42,10 @@ Logs carry kid, alg, iss and the reason of a rejection — never the token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import binascii
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from hyperlink import URL
@@ -58,20 +58,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IBearerTokenCredentials
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import (
-    BAD_TOKEN, EXPIRED_TOKEN, MALFORMED, LoginRefused, ProviderUnavailable)
-from esmtpfa.auth.policy import string_values
-from esmtpfa.common.errors import ConfigError
-from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
-from esmtpfa.providers.base import session_of
-from esmtpfa.providers.httpcheck import DEFAULT_TIMEOUT, parse_seconds, parse_url
-from esmtpfa.common.httpclient import (
-    describe_failure, loopback_host, read_body, timed_out,
+    BAD_TOKEN,
+    EXPIRED_TOKEN,
+    MALFORMED,
+    LoginRefused,
+    ProviderUnavailable,
 )
+from esmtpfa.auth.policy import string_values
+from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.httpclient import (
+    describe_failure,
+    loopback_host,
+    read_body,
+    timed_out,
+)
+from esmtpfa.common.logs import logger
 from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.common.resources import LastGood, Resources
 from esmtpfa.common.urls import redact_url
+from esmtpfa.providers.base import session_of
+from esmtpfa.providers.httpcheck import DEFAULT_TIMEOUT, parse_seconds, parse_url
 
 log = logger("esmtpfa.providers.jwt")
 

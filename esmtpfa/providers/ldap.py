@@ -59,13 +59,19 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
-from esmtpfa.common.logs import logger
 from esmtpfa.auth.errors import (
-    BAD_PASSWORD, MALFORMED, POLICY, REJECTED, UNKNOWN_USER, LoginRefused,
-    ProviderUnavailable)
+    BAD_PASSWORD,
+    MALFORMED,
+    POLICY,
+    REJECTED,
+    UNKNOWN_USER,
+    LoginRefused,
+    ProviderUnavailable,
+)
 from esmtpfa.auth.policy import string_values
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.logs import logger
 from esmtpfa.common.probe import IProbe, ProbeResult
 from esmtpfa.common.resources import Resources
 from esmtpfa.providers.base import refused, require_string, session_of

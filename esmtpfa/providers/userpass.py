@@ -16,9 +16,9 @@ from zope.interface import implementer
 
 from esmtpfa.auth.credentials import IUserPasswordCredentials
 from esmtpfa.auth.errors import BAD_PASSWORD, UNKNOWN_USER
-from esmtpfa.common.logs import logger
-from esmtpfa.common.errors import ConfigError
 from esmtpfa.auth.provider import IProvider, Principal, Provider, ProviderMeta
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.logs import logger
 from esmtpfa.providers.base import refused, require_string
 
 log = logger("esmtpfa.providers.userpass")

@@ -36,14 +36,14 @@ what reloads).  Errors name the file, the entry and the key, never a value: ``pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from esmtpfa.config.providers import expand_env, unknown_keys
-from esmtpfa.config.documents import load_document, read_document
 from esmtpfa.common.errors import ConfigError
-from esmtpfa.relay.sasl import MECHANISMS, TOKEN_MECHANISMS
+from esmtpfa.config.documents import load_document, read_document
+from esmtpfa.config.providers import expand_env, unknown_keys
+from esmtpfa.relay.client_sasl import MECHANISMS, TOKEN_MECHANISMS
 from esmtpfa.relay.settings import STARTTLS_MODES, parse_upstream_addresses, redacted
 
 

@@ -22,8 +22,8 @@ keeps the code the refusal needs (``permanent``, ``policy``).
 
 from __future__ import annotations
 
-from esmtpfa.relay.interfaces import REJECTED, Kind, Phase, RelayError
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import REJECTED, Kind, Phase, RelayError
 
 #: The reply for every failure after the final dot: the client keeps the message and
 #: retries, knowing the upstream may already have it (docs/delivery-guarantee.md).

@@ -32,9 +32,8 @@ from zope.interface import implementer
 from esmtpfa.common.durable import fsync_directory, publish, unlink_quietly
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import OutboundMessage
-from esmtpfa.relay.interfaces import (
-    UNAVAILABLE, IRelay, RelayError, WholeMessageTransaction)
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import UNAVAILABLE, IRelay, RelayError, WholeMessageTransaction
 
 log = logger("esmtpfa.relay.maildir")
 

@@ -28,20 +28,20 @@ docs/oauth2.md says how an operator persists one.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from esmtpfa.common.httpclient import loopback_host, timed_out
 from esmtpfa.common.logs import logger
 from esmtpfa.common.observers import notify
-from esmtpfa.common.httpclient import loopback_host, timed_out
 from esmtpfa.common.resources import Resources
 
 log = logger("esmtpfa.relay.oauth2")

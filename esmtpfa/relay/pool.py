@@ -23,19 +23,26 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import (
-    CancelledError, Deferred, DeferredList, TimeoutError, ensureDeferred, fail, succeed)
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    ensureDeferred,
+    fail,
+    succeed,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.breaker import CLOSED, OPEN, CircuitBreaker
 from esmtpfa.common.logs import logger
 from esmtpfa.common.probe import IProbe, ProbeResult
+from esmtpfa.common.timeouts import Deadline
 from esmtpfa.relay.errors import local_error, unavailable
 from esmtpfa.relay.interfaces import Kind, RelayError
 from esmtpfa.relay.protocol import SMTPClientFactory, SMTPClientProtocol
 from esmtpfa.relay.session import UpstreamSession, dial
 from esmtpfa.relay.settings import PoolSettings, UpstreamSettings
-from esmtpfa.common.timeouts import Deadline
 
 log = logger("esmtpfa.relay.pool")
 

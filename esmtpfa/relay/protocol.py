@@ -24,30 +24,36 @@ hand").
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
-import re
 from typing import Any, Callable, Iterator
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import (
-    IHandshakeListener, IPullProducer, IReactorTime)
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
-from esmtpfa.relay.errors import (
-    abandoned, auth_cancelled, auth_refused, connection_failed, protocol_violation,
-    session_refused, starttls_refused, tls_failed)
-from esmtpfa.relay.interfaces import RelayError
-from esmtpfa.relay.sasl import Mechanism, SASLError, client_for
 from esmtpfa.common.replies import Reply
 from esmtpfa.common.timeouts import Deadline
 from esmtpfa.common.transport import IStreamTransport
+from esmtpfa.relay.client_sasl import Mechanism, SASLError, client_for
+from esmtpfa.relay.errors import (
+    abandoned,
+    auth_cancelled,
+    auth_refused,
+    connection_failed,
+    protocol_violation,
+    session_refused,
+    starttls_refused,
+    tls_failed,
+)
+from esmtpfa.relay.interfaces import RelayError
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers stay well below.
 #: We accept more (long EHLO AUTH lines, verbose texts) but never an unbounded line.

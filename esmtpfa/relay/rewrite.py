@@ -17,18 +17,18 @@ not the reactor: above ``INLINE_LIMIT`` octets of content the rewrite runs in on
 
 from __future__ import annotations
 
-from dataclasses import replace
 import re
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
-from esmtpfa.common.probe import IProbeGroup, probes_of
-from esmtpfa.common.resources import Resources
 from esmtpfa.common.message import Envelope, OutboundMessage
-from esmtpfa.relay.interfaces import REJECTED, IRelay, IRelayTransaction, RelayError
+from esmtpfa.common.probe import IProbeGroup, probes_of
 from esmtpfa.common.replies import Reply
+from esmtpfa.common.resources import Resources
+from esmtpfa.relay.interfaces import REJECTED, IRelay, IRelayTransaction, RelayError
 
 #: The most header we read from the spool for one message.
 HEADER_LIMIT = 1024 * 1024

@@ -22,21 +22,36 @@ from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
-from esmtpfa.relay.errors import (
-    TOKEN_UNAVAILABLE, closing, local_error, permanent, session_refused, token_refused,
-    unavailable, unreachable)
-from esmtpfa.relay.interfaces import Kind, RelayError
-from esmtpfa.relay.protocol import Extensions, SMTPClientProtocol
-from esmtpfa.relay.oauth2 import TokenUnavailable
-from esmtpfa.relay.sasl import (
-    choose_mechanism, choose_token_mechanism, client_for, token_client_for)
-from esmtpfa.relay.settings import UpstreamSettings
 from esmtpfa.common.replies import Reply
 from esmtpfa.common.transport import write_through
+from esmtpfa.relay.client_sasl import (
+    choose_mechanism,
+    choose_token_mechanism,
+    client_for,
+    token_client_for,
+)
+from esmtpfa.relay.errors import (
+    TOKEN_UNAVAILABLE,
+    closing,
+    local_error,
+    permanent,
+    session_refused,
+    token_refused,
+    unavailable,
+    unreachable,
+)
+from esmtpfa.relay.interfaces import Kind, RelayError
+from esmtpfa.relay.oauth2 import TokenUnavailable
+from esmtpfa.relay.protocol import Extensions, SMTPClientProtocol
+from esmtpfa.relay.settings import UpstreamSettings
 
 log = logger("esmtpfa.relay.session")
 

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import ipaddress
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from esmtpfa.relay.sasl import MECHANISMS, TOKEN_MECHANISMS
+from esmtpfa.relay.client_sasl import MECHANISMS, TOKEN_MECHANISMS
 
 if TYPE_CHECKING:
     from esmtpfa.relay.oauth2 import OAuth2Settings

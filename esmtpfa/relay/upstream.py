@@ -58,33 +58,41 @@ the upstream connections").
 
 from __future__ import annotations
 
-from dataclasses import replace
 import enum
+from dataclasses import replace
 from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar, cast
 
 from twisted.internet.defer import (
-    CancelledError, Deferred, DeferredList, TimeoutError, fail, succeed)
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    fail,
+    succeed,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.breaker import OPEN
 from esmtpfa.common.logs import logger
+from esmtpfa.common.message import Envelope, OutboundMessage, has_bare_line_ends
 from esmtpfa.common.observers import notify
-from esmtpfa.common.message import Envelope, OutboundMessage
 from esmtpfa.common.probe import IProbeGroup
+from esmtpfa.common.replies import Reply
 from esmtpfa.common.resources import Resources
-from esmtpfa.relay.errors import (
-    permanent, policy, protocol_violation, rejected, unavailable)
+from esmtpfa.common.timeouts import Sweeper
+from esmtpfa.relay.errors import permanent, policy, protocol_violation, rejected, unavailable
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, Phase, RelayError
 from esmtpfa.relay.oauth2 import TokenBrokers
 from esmtpfa.relay.pool import ClientShares, Lease, ShareTicket, Upstream
 from esmtpfa.relay.session import QUIT_TIMEOUT, UpstreamSession, eight_bit_unsupported
 from esmtpfa.relay.settings import (
-    STARTTLS_MODES, PoolSettings, UpstreamSettings, parse_upstream_addresses)
+    STARTTLS_MODES,
+    PoolSettings,
+    UpstreamSettings,
+    parse_upstream_addresses,
+)
 from esmtpfa.relay.tls import client_tls_options
-from esmtpfa.common.message import has_bare_line_ends
-from esmtpfa.common.replies import Reply
-from esmtpfa.common.timeouts import Sweeper
 
 __all__ = ["SMTPRelay", "UpstreamTransaction", "State", "Failover", "UpstreamSettings",
            "PoolSettings", "STARTTLS_MODES", "QUIT_TIMEOUT", "parse_upstream_addresses",

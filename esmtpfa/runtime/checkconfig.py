@@ -277,6 +277,7 @@ def check_connect(loaded: Loaded, reactor, report: Report) -> Deferred:
 
 def _no_answer(failure) -> Any:
     from twisted.internet.defer import TimeoutError as DeferredTimeout
+
     from esmtpfa.common.probe import ProbeResult
     failure.trap(DeferredTimeout)
     return ProbeResult.failed(f"no answer within {CONNECT_TIMEOUT:g} s")

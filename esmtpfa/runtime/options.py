@@ -8,22 +8,26 @@ the variable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from twisted.python import usage
 
 from esmtpfa.auth.sendingrates import Limit
+from esmtpfa.common.servertls import (
+    LEGACY_CIPHERS,
+    legacy_cipher_string,
+    parse_cipher_string,
+    parse_min_version,
+)
+from esmtpfa.runtime.settings import DEFAULT, Settings, Source
+from esmtpfa.smtp.devices import LegacyProfile, parse_listen_address
 from esmtpfa.smtp.proxy import parse_networks
 from esmtpfa.spool.backends import parse_spool_url
-from esmtpfa.common.servertls import parse_cipher_string, parse_min_version
-from esmtpfa.common.servertls import LEGACY_CIPHERS, legacy_cipher_string
-from esmtpfa.smtp.devices import LegacyProfile, parse_listen_address
-from esmtpfa.runtime.settings import DEFAULT, Source, Settings
 
 TRUE = {"1", "true", "yes", "on", "t", "y"}
 FALSE = {"0", "false", "no", "off", "f", "n", ""}
@@ -398,6 +402,7 @@ def versions() -> str:
     """esmtpfa's version from the installed package's metadata (the source tree's
     ``__version__`` when it is not installed), then Twisted's."""
     from importlib import metadata
+
     import twisted
     try:
         mine = metadata.version("esmtpfa")
@@ -599,6 +604,7 @@ class Options(usage.Options):
         """The typed settings (``esmtpfa.runtime.settings``): the only place that reads
         the table's values by flag name."""
         import socket
+
         from esmtpfa.auth.sendingrates import Rates
         from esmtpfa.limits.settings import StateSettings, ThrottleSettings
         from esmtpfa.relay.settings import PoolSettings
@@ -606,7 +612,7 @@ class Options(usage.Options):
         from esmtpfa.smtp.settings import ServerSettings
         from esmtpfa.spool.backends import SpoolSettings
         from esmtpfa.spool.runner import RetryPolicy
-        from esmtpfa.web.limits import HTTPLimits
+        from esmtpfa.web.bounds import HTTPLimits
         server = ServerSettings(
             hostname=self["hostname"] or socket.getfqdn(),
             max_message_size=self["max-message-size"],

@@ -8,9 +8,9 @@ This is the only module that knows every part; each part knows only its seam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
 import socket
+from dataclasses import dataclass
 from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -22,47 +22,66 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from esmtpfa.common.logs import RecipientLog, logger, set_level
 from esmtpfa import __version__
-from esmtpfa.auth.realm import SubmissionRealm
-from esmtpfa.limits.throttle import AuthThrottle, ThrottlingChecker
-from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
-from esmtpfa.config.providers import ProviderConfig, build_providers, parse_provider_document
-from esmtpfa.config.documents import read_document
-from esmtpfa.common import internals
-from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery
-from esmtpfa.limits.ledgers import RateLimiter
-from esmtpfa.common.ids import new_id
-from esmtpfa.web.metrics import RelayMetrics
-from esmtpfa.common.errors import ConfigError
-from esmtpfa.common.resources import Resources
 from esmtpfa.auth.provider import ProviderMeta
-from esmtpfa.relay.interfaces import IRelay
+from esmtpfa.auth.realm import SubmissionRealm
+from esmtpfa.auth.selection import ProviderDirectory, ProviderSelector, ProviderSet
+from esmtpfa.common import internals
+from esmtpfa.common.certificates import (
+    CertificatePair,
+    CertificateSources,
+    CertificateStore,
+    CertificateWatcher,
+)
+from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.ids import new_id
+from esmtpfa.common.logs import RecipientLog, logger, set_level
+from esmtpfa.common.resources import Resources
+from esmtpfa.common.servertls import (
+    MIN_VERSIONS,
+    TLSConfigError,
+    TLSPolicy,
+    legacy_policy,
+    read_ca_certificates,
+)
+from esmtpfa.common.transport import write_through
+from esmtpfa.config.documents import read_document
+from esmtpfa.config.providers import ProviderConfig, build_providers, parse_provider_document
 from esmtpfa.config.reload import (
-    ConfigServicePoller, FileWatcher, ProviderReloader, ReloadService, redact_url,
-    stop_providers)
+    ConfigServicePoller,
+    FileWatcher,
+    ProviderReloader,
+    ReloadService,
+    redact_url,
+    stop_providers,
+)
+from esmtpfa.delivery.transaction import DeliveryPolicy, RelayDelivery
+from esmtpfa.limits.ledgers import Ledgers, RateLimiter
+from esmtpfa.limits.redis import ledgers_from_settings
+from esmtpfa.limits.throttle import AuthThrottle, ThrottlingChecker
+from esmtpfa.relay.interfaces import IRelay
+from esmtpfa.runtime.settings import ProviderSettings, RelaySettings, TLSSettings, settings_of
+from esmtpfa.runtime.sigterm import SigtermStop
 from esmtpfa.smtp.devices import LegacyProfile, NetworkGate, Networks
 from esmtpfa.smtp.factory import ConnectionLimits, SMTPServerFactory, drain_listeners
 from esmtpfa.smtp.proxy import ProxyProtocolFactory, TrustedProxies
-from esmtpfa.runtime.sigterm import SigtermStop
-from esmtpfa.runtime.settings import (
-    ProviderSettings, RelaySettings, TLSSettings, settings_of)
 from esmtpfa.spool.backends import SPOOL_THREADS, SpoolService, open_spool
 from esmtpfa.spool.interfaces import Mode
 from esmtpfa.spool.modes import DeliveryModes
 from esmtpfa.spool.runner import QueueRunner
-from esmtpfa.limits.ledgers import Ledgers
-from esmtpfa.limits.redis import ledgers_from_settings
-from esmtpfa.common.certificates import (
-    CertificatePair, CertificateSources, CertificateStore, CertificateWatcher)
-from esmtpfa.common.servertls import MIN_VERSIONS, TLSConfigError, TLSPolicy, read_ca_certificates
-from esmtpfa.common.servertls import legacy_policy
-from esmtpfa.common.transport import write_through
 from esmtpfa.web.health import (
-    SHUTTING_DOWN, Check, ListenersCheck, MaildirCheck, NamedCheck, Readiness, SpoolCheck,
-    TokensCheck)
-from esmtpfa.web.status import RelayStatus
+    SHUTTING_DOWN,
+    Check,
+    ListenersCheck,
+    MaildirCheck,
+    NamedCheck,
+    Readiness,
+    SpoolCheck,
+    TokensCheck,
+)
+from esmtpfa.web.metrics import RelayMetrics
 from esmtpfa.web.site import metrics_listener, submission_listener
+from esmtpfa.web.status import RelayStatus
 
 log = logger("esmtpfa")
 
@@ -237,6 +256,7 @@ def http_requests_done(channels, deadline: float, clock, every: float = 0.1):
     between requests are closed (their next request would find the relay closing).
     Channels have no completion event to wait on, so this looks every ``every`` s."""
     from twisted.internet.task import LoopingCall
+
     from esmtpfa.web.channel import Phase
     busy = (Phase.HEAD, Phase.LOGIN, Phase.BODY, Phase.HANDLING, Phase.UNREAD)
 
@@ -349,7 +369,10 @@ class RelayService(SigtermStop, MultiService):
                 # Another process keeps the counts: when it cannot answer in time, the
                 # operator's --state-failure decides, as for Redis (esmtpfa.limits.guard).
                 from esmtpfa.limits.guard import (
-                    FailurePolicy, GuardedLoginLedger, GuardedRateLedger)
+                    FailurePolicy,
+                    GuardedLoginLedger,
+                    GuardedRateLedger,
+                )
                 failure = FailurePolicy(config.state.failure, self.reactor,
                                         observer=self.metrics)
                 login = login and GuardedLoginLedger(login, failure)

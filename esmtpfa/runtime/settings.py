@@ -26,7 +26,7 @@ from esmtpfa.smtp.devices import LegacyProfile
 from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.spool.backends import SpoolSettings
 from esmtpfa.spool.runner import RetryPolicy
-from esmtpfa.web.limits import HTTPLimits
+from esmtpfa.web.bounds import HTTPLimits
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ shut down an adopted socket), which would stop the listening socket for every pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service

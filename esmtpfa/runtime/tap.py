@@ -23,8 +23,8 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, textFileLogObserver
 from twisted.python import usage
 
-from esmtpfa.runtime import options as _options
 from esmtpfa.common.logs import logger
+from esmtpfa.runtime import options as _options
 from esmtpfa.runtime.service import (
     Preloaded,
     RelayService,
@@ -73,6 +73,7 @@ class Options(_options.Options):
             from esmtpfa.common.jsonlog import JSONLinesObserver
             parent["fileLogObserverFactory"] = JSONLinesObserver
         from twisted.internet import reactor
+
         from esmtpfa.common.resources import Resources
         #: The one bundle (docs/architecture.md, "Resources"): the service takes it over.
         self.resources = Resources.build(reactor)

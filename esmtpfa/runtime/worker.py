@@ -22,8 +22,12 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, LogLevelFilterPredicate, globalLogBeginner,
-    textFileLogObserver)
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
@@ -89,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet import reactor
     from twisted.python import usage
 
-    from esmtpfa.runtime.tap import Options
     from esmtpfa.runtime.settings import settings_of
+    from esmtpfa.runtime.tap import Options
     from esmtpfa.runtime.workers.agent import WorkerAgent
 
     options = Options()

@@ -7,8 +7,8 @@ after the colon, a missing pair of angle brackets).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 
 from esmtpfa.common.replies import Reply, SMTPReplyError
 

@@ -8,17 +8,17 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
+from esmtpfa.common.ids import new_id
 from esmtpfa.common.logs import logger
 from esmtpfa.common.logsummary import RepeatSummary
-from esmtpfa.common.ids import new_id
-from esmtpfa.smtp.deadlines import client_sweeper
-from esmtpfa.smtp.devices import NETWORK_NOT_ALLOWED, NOT_ALLOWED, Networks
 from esmtpfa.common.replies import Reply
-from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
-from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.limits.guard import UNAVAILABLE
 from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.limits.ledgers import ConnectionLimits
+from esmtpfa.smtp.deadlines import client_sweeper
+from esmtpfa.smtp.devices import NETWORK_NOT_ALLOWED, NOT_ALLOWED, Networks
+from esmtpfa.smtp.server import COUNT_UNAVAILABLE, TOO_MANY_CONNECTIONS, ESMTPServer
+from esmtpfa.smtp.settings import ServerSettings
 
 log = logger("esmtpfa.smtp")
 

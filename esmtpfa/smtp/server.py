@@ -28,23 +28,28 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esmtpfa.common.logs import NO_TLS, logger, tls_session
-from esmtpfa.common import replies
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import ProviderUnavailable
 from esmtpfa.auth.failures import log_failed_login
-from esmtpfa.limits.throttle import LoginThrottled
+from esmtpfa.auth.interfaces import IMessageDelivery
 from esmtpfa.auth.selection import ANONYMOUS
+from esmtpfa.common import replies
 from esmtpfa.common.context import ConnectionContext
 from esmtpfa.common.ids import new_id
+from esmtpfa.common.logs import NO_TLS, logger, tls_session
 from esmtpfa.common.replies import Reply, SMTPReplyError
-from esmtpfa.smtp import sasl
+from esmtpfa.common.transport import (
+    IStreamTransport,
+    connection_of,
+    limit_send_buffer,
+    output_waiting,
+    output_waiting_since,
+)
+from esmtpfa.limits.throttle import LoginThrottled
+from esmtpfa.smtp import server_sasl as sasl
 from esmtpfa.smtp.address import PathArgument, parse_path_argument
 from esmtpfa.smtp.data import ChunkReader, DataReader
-from esmtpfa.auth.interfaces import IMessageDelivery
 from esmtpfa.smtp.deadlines import ClientDeadline, Stage, WriteStall
-from esmtpfa.common.transport import (
-    IStreamTransport, connection_of, limit_send_buffer, output_waiting, output_waiting_since)
 
 log = logger("esmtpfa.smtp")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import socket
+from dataclasses import dataclass
 
 from esmtpfa.smtp.data import NORMALIZE
 

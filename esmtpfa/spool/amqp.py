@@ -112,15 +112,15 @@ lines and error texts use ``AMQPURL.redacted``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
 import builtins
 import json
 import time
-from typing import Any, Callable, Iterator, cast
-from urllib.parse import quote, unquote
 import uuid
 import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, cast
+from urllib.parse import quote, unquote
 
 import pika
 from pika import exceptions as amqp_errors
@@ -135,11 +135,24 @@ from zope.interface import implementer
 from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
 from esmtpfa.common.probe import IProbe
-from esmtpfa.spool.interfaces import (
-    IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
-    Recipient, RecipientState, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
-    SpoolStats, probe_counts)
 from esmtpfa.common.urls import query_parameters, split_secret_url
+from esmtpfa.spool.interfaces import (
+    IContent,
+    IQueueAdmin,
+    ISpool,
+    MessageState,
+    Phase,
+    QueuedMessage,
+    QueueSummary,
+    Recipient,
+    RecipientState,
+    Settlement,
+    SpoolEntry,
+    SpoolError,
+    SpoolErrorKind,
+    SpoolStats,
+    probe_counts,
+)
 
 log = logger("esmtpfa.spool.amqp")
 

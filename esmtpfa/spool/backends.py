@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
-
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger

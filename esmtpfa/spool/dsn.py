@@ -29,13 +29,13 @@ anyway.
 
 from __future__ import annotations
 
-from datetime import datetime, UTC
 import email.policy
+import re
+import secrets
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
-import re
-import secrets
 from typing import Iterable, Sequence
 
 from esmtpfa.smtp.address import DOT_ATOM, QUOTED_STRING

@@ -64,8 +64,8 @@ import errno
 import fcntl
 import functools
 import gc
-import operator
 import math
+import operator
 import os
 import re
 import secrets
@@ -89,9 +89,21 @@ from esmtpfa.common.logs import logger
 from esmtpfa.common.message import Envelope
 from esmtpfa.common.probe import IProbe
 from esmtpfa.spool.interfaces import (
-    IContent, IQueueAdmin, ISpool, MessageState, Phase, QueuedMessage, QueueSummary,
-    Recipient, Settlement, SpoolEntry, SpoolError, SpoolErrorKind,
-    SpoolStats, probe_counts)
+    IContent,
+    IQueueAdmin,
+    ISpool,
+    MessageState,
+    Phase,
+    QueuedMessage,
+    QueueSummary,
+    Recipient,
+    Settlement,
+    SpoolEntry,
+    SpoolError,
+    SpoolErrorKind,
+    SpoolStats,
+    probe_counts,
+)
 
 log = logger("esmtpfa.spool.files")
 

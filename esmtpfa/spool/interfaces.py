@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from twisted.internet.defer import Deferred
-
 from zope.interface import Attribute, Interface
 
 from esmtpfa.common.message import Envelope

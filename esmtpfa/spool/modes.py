@@ -27,13 +27,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esmtpfa.common.logs import logger
-from esmtpfa.common.observers import notify
 from esmtpfa.common.message import Envelope, OutboundMessage
-from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, RelayError
+from esmtpfa.common.observers import notify
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, Kind, RelayError
 from esmtpfa.spool.interfaces import (
-    Ending, ISpool, Mode, QueuedMessage, QueuedReply, SpoolEntry, SpoolError,
-    SpoolErrorKind)
+    Ending,
+    ISpool,
+    Mode,
+    QueuedMessage,
+    QueuedReply,
+    SpoolEntry,
+    SpoolError,
+    SpoolErrorKind,
+)
 
 log = logger("esmtpfa.spool")
 

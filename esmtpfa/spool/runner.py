@@ -44,9 +44,9 @@ until a claim comes back short, so fresh mail never overtakes what waits.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
-import time
 from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
@@ -56,13 +56,20 @@ from twisted.internet.threads import deferToThreadPool
 
 from esmtpfa.common.ids import new_id
 from esmtpfa.common.logs import PLAIN_RECIPIENTS, RecipientLog, logger
-from esmtpfa.common.observers import notify
 from esmtpfa.common.message import Envelope, OutboundMessage
-from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
+from esmtpfa.common.observers import notify
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import IRelay, Kind, RelayError
 from esmtpfa.spool.interfaces import (
-    Ending, ISpool, QueuedMessage, Recipient, RecipientState as R, Settlement,
-    SpoolEntry, SpoolStats)
+    Ending,
+    ISpool,
+    QueuedMessage,
+    Recipient,
+    Settlement,
+    SpoolEntry,
+    SpoolStats,
+)
+from esmtpfa.spool.interfaces import RecipientState as R
 
 log = logger("esmtpfa.spool.runner")
 

@@ -21,12 +21,12 @@ and never the URL's credentials.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from twisted.internet import defer, task

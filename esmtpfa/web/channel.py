@@ -9,7 +9,7 @@ instead, set when the phase starts and never moved by incoming data:
 * the request head must be complete ``header_timeout`` seconds after the connection
   opened (TLS handshake included) or, on a kept-alive connection, after its first byte;
   near the listener's cap, a new connection's TLS handshake and first byte must come
-  within ``busy_timeout`` (``web/limits.py``);
+  within ``busy_timeout`` (``web/bounds.py``);
 * the body must keep up with ``min_body_rate`` after a ``body_timeout`` allowance;
 * a kept-alive connection may stay silent ``idle_timeout`` seconds between requests, and
   a client that does not read an answer gets as long before the connection ends;
@@ -26,16 +26,16 @@ request from its head alone (``web/loginfirst.py`` logs the client in first).
 from __future__ import annotations
 
 import enum
-from io import BytesIO
 import tempfile
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from zope.interface import implementer
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from esmtpfa.common import internals
 from esmtpfa.common.ids import new_id
@@ -130,7 +130,7 @@ class GuardedChannel(HTTPChannel):
     @property
     def evictable(self) -> bool:
         """Waiting for a request, and no request of it ever logged in: what a listener
-        at its cap may close for a new connection (``web/limits.py``)."""
+        at its cap may close for a new connection (``web/bounds.py``)."""
         return self._phase in (Phase.HEAD, Phase.IDLE) and not self.logged_in
 
     def evicted(self) -> None:

@@ -18,9 +18,9 @@ any thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 #: One token after optional whitespace: a string (escapes included), an opening or

@@ -30,9 +30,9 @@ from twisted.cred.portal import Portal
 from esmtpfa.auth.credentials import SubmissionCredentials
 from esmtpfa.auth.errors import MALFORMED, LoginRefused, ProviderUnavailable
 from esmtpfa.auth.failures import log_failed_login
-from esmtpfa.limits.throttle import LoginThrottled
-from esmtpfa.common.context import ConnectionContext
 from esmtpfa.auth.interfaces import IMessageDelivery
+from esmtpfa.common.context import ConnectionContext
+from esmtpfa.limits.throttle import LoginThrottled
 from esmtpfa.web.errors import HTTPError
 
 CHALLENGE = b'Basic realm="esmtpfa", charset="UTF-8"'

@@ -32,7 +32,6 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -633,7 +632,7 @@ class _SpoolCollector:
     """The spool's gauges from the counts the queue runner last read (every few
     seconds): messages by state, octets, and the age of the oldest message.  Absent
     without a spool.  Every worker reads the same spool, so the supervisor keeps the
-    highest of their values (``esmtpfa.runtime.workers.metrics``)."""
+    highest of their values (``esmtpfa.runtime.workers.merged_metrics``)."""
 
     def __init__(self, name: Callable[[str], str], latest: list):
         self._name = name

@@ -10,7 +10,7 @@ trickling client cannot push back, back-pressure, a close that is aborted when i
 complete, and bodies counted against a limit as they arrive, never written to a file
 before they are admitted.  The submission channel logs the client in from its headers
 before it reads the body (``web.loginfirst``).  Each listener's outermost factory is a
-``CappedFactory`` (``web.limits``) that closes connections over the total and
+``CappedFactory`` (``web.bounds``) that closes connections over the total and
 per-address caps before TLS or HTTP sees them.  Every error is a JSON body.
 ``docs/http-limits.md`` has the whole design.
 """
@@ -25,17 +25,17 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from esmtpfa.common import internals
 from esmtpfa.common.resources import Resources
-from esmtpfa.web.metrics import CONTENT_TYPE, RelayMetrics
 from esmtpfa.limits.interfaces import IConnectionLedger
+from esmtpfa.smtp.settings import ServerSettings
+from esmtpfa.web.bounds import CappedFactory, HTTPLimits
 from esmtpfa.web.channel import BoundedRequest, GuardedChannel, GuardedRequest
 from esmtpfa.web.errors import HTTPError, send_error
 from esmtpfa.web.health import HealthResource, Readiness, ReadyResource
-from esmtpfa.web.limits import CappedFactory, HTTPLimits
 from esmtpfa.web.login import HeaderLogin
 from esmtpfa.web.loginfirst import SubmissionChannel, SubmissionRequest
+from esmtpfa.web.metrics import CONTENT_TYPE, RelayMetrics
 from esmtpfa.web.requestlog import RequestLog
 from esmtpfa.web.status import RelayStatus, StatusResource
-from esmtpfa.smtp.settings import ServerSettings
 from esmtpfa.web.submission import SubmissionResource, body_limit, too_large
 
 #: The metrics listener serves GETs: a body beyond this is refused unread.

@@ -24,8 +24,8 @@ from typing import Any
 from twisted.web.resource import Resource
 
 from esmtpfa import __version__
-from esmtpfa.web.metrics import RelayMetrics, breaker_state
 from esmtpfa.web.health import json_response
+from esmtpfa.web.metrics import RelayMetrics, breaker_state
 
 #: Hex digits of the configuration's SHA-256 shown (as the reload log lines do).
 DIGEST_PREFIX = 16

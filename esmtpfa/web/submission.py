@@ -43,9 +43,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from esmtpfa.common.context import ConnectionContext
-from esmtpfa.delivery.transaction import PolicyRefusal, RateLimited
 from esmtpfa.common.logs import logger
 from esmtpfa.common.replies import SMTPReplyError
+from esmtpfa.delivery.transaction import PolicyRefusal, RateLimited
 from esmtpfa.smtp.address import valid_mailbox
 from esmtpfa.smtp.data import REJECT, normalize_line_ends
 from esmtpfa.smtp.settings import ServerSettings

@@ -11,11 +11,11 @@ the process's resident memory (``/proc/<pid>/status``), the files it holds open
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import email.utils
 import os
 import smtplib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from twisted.internet import task

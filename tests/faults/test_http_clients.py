@@ -28,8 +28,16 @@ import json
 
 from twisted.internet import reactor, task, threads
 
-from tests.faults.harness import (ATTACKER, CLIENT, GOOD_SOURCE, Attempt, RunningRelay,
-                                  ScenarioCase, keep_doing, message)
+from tests.faults.harness import (
+    ATTACKER,
+    CLIENT,
+    GOOD_SOURCE,
+    Attempt,
+    RunningRelay,
+    ScenarioCase,
+    keep_doing,
+    message,
+)
 from tests.support import hostile
 from tests.support.misbehaving import MisbehavingUpstream
 from tests.support.webclient import request

@@ -9,15 +9,14 @@ relay costs one pool wait, not one per message.
 
 from __future__ import annotations
 
-from collections import Counter
 import os
 import re
+from collections import Counter
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from tests.faults.harness import (CLIENT, RunningRelay, message, new_message_id,
-                                  send_batch)
+from tests.faults.harness import CLIENT, RunningRelay, message, new_message_id, send_batch
 from tests.support.processes import run_tool
 from tests.support.sink import SmtpSink
 

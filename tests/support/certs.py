@@ -5,10 +5,10 @@ Real TLS in every test, never a certificate checked into the repository.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import datetime
 import ipaddress
 import os
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-from dataclasses import dataclass, field
 import json
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from jwt.algorithms import get_default_algorithms
@@ -51,7 +51,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.support.ports import free_port
-
 
 # --- a server that counts its connections ---------------------------------------------
 

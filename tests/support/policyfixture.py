@@ -14,7 +14,12 @@ import time
 from twisted.internet import defer, threads
 
 from tests.support.httpservers import (
-    JWKSEndpoint, LoopbackHTTPServer, make_key, mint, standard_claims)
+    JWKSEndpoint,
+    LoopbackHTTPServer,
+    make_key,
+    mint,
+    standard_claims,
+)
 from tests.support.logcapture import capture_logs
 from tests.support.relayfixture import RelayFixture
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import sys
-
 from typing import Callable
 
 from twisted.internet import defer, protocol, reactor, task, utils

@@ -20,7 +20,12 @@ from twisted.internet import defer, threads
 from esmtpfa.runtime.service import RelayService
 from esmtpfa.runtime.tap import Options, makeService
 from tests.support.builders import (
-    OFFICE, OFFICE_PASSWORD, OFFICE_USER, providers_document, userpass_provider)
+    OFFICE,
+    OFFICE_PASSWORD,
+    OFFICE_USER,
+    providers_document,
+    userpass_provider,
+)
 from tests.support.certs import CertificateAuthority
 from tests.support.rawsmtp import RawSMTP
 from tests.support.upstream import RecordingUpstream

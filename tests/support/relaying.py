@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from esmtpfa.common.message import Envelope, OutboundMessage
-from esmtpfa.relay.interfaces import IRelay, RelayError, WholeMessageTransaction
 from esmtpfa.common.replies import Reply
+from esmtpfa.relay.interfaces import IRelay, RelayError, WholeMessageTransaction
 
 
 async def send_whole(relay: Any, message: OutboundMessage, client: tuple[str, ...] = ()

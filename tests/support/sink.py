@@ -10,12 +10,12 @@ DATA), ``-n``/``-M`` (exit after N sessions/messages).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import glob
 import os
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 
 from twisted.internet import defer, reactor
 

@@ -35,11 +35,11 @@ Use::
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 import itertools
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -47,8 +47,7 @@ import jwt
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import NOT_DONE_YET
 
-from tests.support.httpservers import (
-    JWKSEndpoint, LoopbackHTTPServer, TestKey, _Scripted, make_key)
+from tests.support.httpservers import JWKSEndpoint, LoopbackHTTPServer, TestKey, _Scripted, make_key
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -369,6 +368,7 @@ def client_key_files(directory: str, name: str = "client", alg: str = "RS256",
     an Entra app registration is given), written as PEM into ``directory``."""
     import datetime
     import os
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa

@@ -38,11 +38,11 @@ are checked against ``credentials``.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
 import hashlib
 import hmac
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import ssl

@@ -12,9 +12,9 @@ prometheus_client's own text parser, so a test sees what Prometheus would::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import json
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import treq
@@ -69,10 +69,11 @@ def request(method: str, url: str, *, body: bytes | None = None,
 
 def _agent_request(method: str, url: str, body: bytes | None,
                    auth: tuple[str, str] | None, headers: dict[str, str]):
+    import io
     from base64 import b64encode
+
     from twisted.web.client import FileBodyProducer
     from twisted.web.http_headers import Headers
-    import io
     if auth is not None:
         headers["Authorization"] = "Basic " + b64encode(":".join(auth).encode()).decode()
     producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None

@@ -6,7 +6,7 @@ supervisor or Redis), and answers the supervisor's calls:
 
 * ``reload``: apply the document the supervisor read (a private snapshot file), through
   the worker's own ``ProviderReloader``, off the reactor thread as always;
-* ``metrics``: a snapshot of the worker's registry (``esmtpfa.runtime.workers.metrics``);
+* ``metrics``: a snapshot of the worker's registry (``esmtpfa.runtime.workers.merged_metrics``);
 * ``readiness``: the worker's own ``/readyz`` checks (``web.health.Readiness``);
 * ``status``: the worker's ``/status`` document (``web.status``).
 
@@ -16,25 +16,38 @@ exits, so no worker outlives its supervisor.
 
 from __future__ import annotations
 
-from functools import partial
 import os
 import socket
+from functools import partial
 from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 
-from esmtpfa.config.documents import read_document
 from esmtpfa.common.logs import logger
 from esmtpfa.common.transport import write_through
+from esmtpfa.config.documents import read_document
 from esmtpfa.limits.ledgers import Ledgers
 from esmtpfa.runtime.settings import Settings, settings_of
 from esmtpfa.runtime.workers.control import (
-    CERTIFICATES_RELOAD, METRICS, PING, READINESS, RELOAD, RELOAD_FAILED, STARTED, STATUS,
-    ControlChannel)
-from esmtpfa.runtime.workers.limits import (
-    HTTP, SMTP, RemoteConnections, RemoteLoginLedger, RemoteRateLedger)
-from esmtpfa.runtime.workers.metrics import snapshot
+    CERTIFICATES_RELOAD,
+    METRICS,
+    PING,
+    READINESS,
+    RELOAD,
+    RELOAD_FAILED,
+    STARTED,
+    STATUS,
+    ControlChannel,
+)
+from esmtpfa.runtime.workers.counts import (
+    HTTP,
+    SMTP,
+    RemoteConnections,
+    RemoteLoginLedger,
+    RemoteRateLedger,
+)
+from esmtpfa.runtime.workers.merged_metrics import snapshot
 
 if TYPE_CHECKING:
     from esmtpfa.runtime.service import RelayService

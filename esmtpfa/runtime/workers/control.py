@@ -32,8 +32,8 @@ every call still waiting fails with ``ControlLost``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import json
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from twisted.internet import defer, threads
@@ -139,7 +139,7 @@ class Call:
                 f"not {type(result).__name__}")
 
 
-# Asked by a worker, answered by the supervisor (``esmtpfa.runtime.workers.limits``,
+# Asked by a worker, answered by the supervisor (``esmtpfa.runtime.workers.counts``,
 # ``esmtpfa.runtime.workers.supervisor``).
 CONN_TAKE = Call("conn.take", (("kind", STR), ("ip", STR)), answer=STR + NONE)
 CONN_RELEASE = Call("conn.release", (("kind", STR), ("ip", STR)), notice=True)

@@ -6,11 +6,11 @@
 * binds every mail listener once (``esmtpfa.runtime.sockets``) and starts N workers
   (``esmtpfa.runtime.worker``) with the operator's own arguments, every one adopting
   and accepting from the same sockets;
-* keeps the relay's limits for all of them (``esmtpfa.runtime.workers.limits``): connection
+* keeps the relay's limits for all of them (``esmtpfa.runtime.workers.counts``): connection
   caps, login throttle, sending rates;
-* runs the reload sources once, for all (``esmtpfa.runtime.workers.reload``);
-* serves ``/metrics`` (merged: ``esmtpfa.runtime.workers.metrics``), ``/healthz``, ``/readyz``
-  and ``/status`` for all workers on the metrics listener;
+* runs the reload sources once, for all (``esmtpfa.runtime.workers.fanout_reload``);
+* serves ``/metrics`` (merged: ``esmtpfa.runtime.workers.merged_metrics``), ``/healthz``,
+  ``/readyz`` and ``/status`` for all workers on the metrics listener;
 * restarts a worker that dies, after a delay that grows while it keeps dying, and logs
   why it died; meanwhile the other workers accept every new connection;
 * kills a worker that stopped answering (its reactor does not run) within seconds, so
@@ -31,27 +31,47 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from twisted.application.service import MultiService
-from twisted.internet import defer, error as ierror
+from twisted.internet import defer
+from twisted.internet import error as ierror
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 
 from esmtpfa import __version__
-from esmtpfa.limits.throttle import identity_depth
 from esmtpfa.common.logs import logger, set_level
-from esmtpfa.web.metrics import CONTENT_TYPE, render
-from esmtpfa.runtime.sigterm import SigtermStop
-from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
 from esmtpfa.common.transport import write_through
-from esmtpfa.web.health import (
-    ALIVE, SHUTTING_DOWN, Check, HealthResource, LaterLeaf, ReadyResource, json_response)
+from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
+from esmtpfa.limits.throttle import identity_depth
 from esmtpfa.runtime.settings import Listener, Settings, settings_of
-from esmtpfa.runtime.workers.control import (
-    METRICS, PING, READINESS, STARTED, STATUS, Call, ControlChannel)
-from esmtpfa.runtime.workers.limits import HTTP, SMTP, SharedLimits
-from esmtpfa.runtime.workers.metrics import (
-    CountFiles, RetiredCounts, merge, of_worker, snapshot)
-from esmtpfa.runtime.workers.reload import FanOutReloader
+from esmtpfa.runtime.sigterm import SigtermStop
 from esmtpfa.runtime.sockets import bind_listener
+from esmtpfa.runtime.workers.control import (
+    METRICS,
+    PING,
+    READINESS,
+    STARTED,
+    STATUS,
+    Call,
+    ControlChannel,
+)
+from esmtpfa.runtime.workers.counts import HTTP, SMTP, SharedLimits
+from esmtpfa.runtime.workers.fanout_reload import FanOutReloader
+from esmtpfa.runtime.workers.merged_metrics import (
+    CountFiles,
+    RetiredCounts,
+    merge,
+    of_worker,
+    snapshot,
+)
+from esmtpfa.web.health import (
+    ALIVE,
+    SHUTTING_DOWN,
+    Check,
+    HealthResource,
+    LaterLeaf,
+    ReadyResource,
+    json_response,
+)
+from esmtpfa.web.metrics import CONTENT_TYPE, render
 
 log = logger("esmtpfa.workers")
 
@@ -324,7 +344,7 @@ class Supervisor(SigtermStop, MultiService):
                               namespace=self.namespace, registry=self.registry)
         self._running.set_function(lambda: sum(s.running for s in self.slots))
         # The supervisor's own process_* (unlabelled); the workers' come labelled by
-        # worker (``workers.metrics.of_worker``).
+        # worker (``workers.merged_metrics.of_worker``).
         ProcessCollector(registry=self.registry)
         self.sockets = self._bind()
         self.slots = [WorkerSlot(self, number + 1) for number in range(self.count)]

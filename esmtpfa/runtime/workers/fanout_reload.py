@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 from twisted.internet import defer, threads
 
-from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits
-from esmtpfa.common.logs import logger
 from esmtpfa.common.errors import ConfigError
+from esmtpfa.common.logs import logger
+from esmtpfa.config.documents import DEFAULT_LIMITS, DocumentLimits
 from esmtpfa.config.reload import APPLIED, FILE, REFUSED, UNCHANGED
 from esmtpfa.runtime.workers.control import CERTIFICATES_RELOAD, RELOAD, RELOAD_FAILED, Call
 

@@ -28,8 +28,8 @@ Two rules, both on the count of this process's own connections on the listener:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import resource
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.protocol import Protocol, connectionDone
@@ -39,9 +39,9 @@ from zope.interface import directlyProvides, providedBy
 
 from esmtpfa.common.logs import logger
 from esmtpfa.common.transport import IStreamTransport
-from esmtpfa.limits.ledgers import ConnectionLimits
 from esmtpfa.limits.guard import UNAVAILABLE
 from esmtpfa.limits.interfaces import IConnectionLedger
+from esmtpfa.limits.ledgers import ConnectionLimits
 from esmtpfa.web.requestlog import RequestLog
 
 log = logger("esmtpfa.web")

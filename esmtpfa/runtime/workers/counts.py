@@ -25,11 +25,27 @@ from zope.interface import implementer
 from esmtpfa.auth.sendingrates import Limit
 from esmtpfa.common.logs import logger
 from esmtpfa.limits.interfaces import (
-    Exceeded, IConnectionLedger, ILocalConnectionLedger, ILocalLoginLedger,
-    ILocalRateLedger, ILoginLedger, IRateLedger, StateUnavailable)
+    Exceeded,
+    IConnectionLedger,
+    ILocalConnectionLedger,
+    ILocalLoginLedger,
+    ILocalRateLedger,
+    ILoginLedger,
+    IRateLedger,
+    StateUnavailable,
+)
 from esmtpfa.runtime.workers.control import (
-    CONN_RELEASE, CONN_TAKE, LOGIN_FAILED, LOGIN_REFUSAL, LOGIN_SUCCEEDED, RATE_GIVE,
-    RATE_TAKE, Call, ControlChannel, Handler)
+    CONN_RELEASE,
+    CONN_TAKE,
+    LOGIN_FAILED,
+    LOGIN_REFUSAL,
+    LOGIN_SUCCEEDED,
+    RATE_GIVE,
+    RATE_TAKE,
+    Call,
+    ControlChannel,
+    Handler,
+)
 
 log = logger("esmtpfa.workers")
 

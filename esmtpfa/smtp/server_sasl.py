@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 import json
+from dataclasses import dataclass
 
 from esmtpfa.common.replies import (
-    AUTH_CANCELLED, AUTH_INVALID, AUTH_MALFORMED, Reply, SMTPReplyError,
+    AUTH_CANCELLED,
+    AUTH_INVALID,
+    AUTH_MALFORMED,
+    Reply,
+    SMTPReplyError,
 )
 
 #: RFC 4954 §4: a SASL response line may be long (JWTs); we allow 12288 octets.
