@@ -61,7 +61,8 @@ REACTOR_OWNERS = ("esmtpfa/runtime/", "esmtpfa/spool/tool.py")
 
 def global_resources_used(source: str) -> list[str]:
     """What a module takes from the process instead of being passed it: the global
-    reactor, or the global reactor's thread pool through ``deferToThread``."""
+    reactor, or the global reactor's thread pool (through ``deferToThread``, or asked of
+    a reactor with ``getThreadPool``)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module == "twisted.internet":
@@ -73,7 +74,8 @@ def global_resources_used(source: str) -> list[str]:
         if isinstance(node, ast.ImportFrom):
             found += [f"line {node.lineno}: imports deferToThread"
                       for alias in node.names if alias.name == "deferToThread"]
-        if isinstance(node, ast.Attribute) and node.attr == "deferToThread":
+        if isinstance(node, ast.Attribute) and node.attr in ("deferToThread",
+                                                              "getThreadPool"):
             found.append(f"line {node.lineno}: uses {node.attr}")
     return found
 
@@ -98,7 +100,8 @@ class ResourcesTests(unittest.TestCase):
                        "def f():\n    from twisted.internet import reactor as r",
                        "import twisted.internet.reactor",
                        "from twisted.internet.threads import deferToThread",
-                       "from twisted.internet import threads\nthreads.deferToThread(f)"):
+                       "from twisted.internet import threads\nthreads.deferToThread(f)",
+                       "threads = self._reactor.getThreadPool()"):
             self.assertEqual(len(global_resources_used(source)), 1, source)
         self.assertEqual(global_resources_used(
             "from twisted.internet.threads import deferToThreadPool\n"

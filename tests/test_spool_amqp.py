@@ -63,6 +63,7 @@ from tests.support.certs import CertificateAuthority
 from tests.support.logcapture import capture_logs
 from tests.support.processes import PROJECT, Collector, child_environment
 from tests.support.rabbitmq import SharedRabbitMQ
+from tests.support.resources import test_threads
 
 PASSWORD = "pw-amqp-7d1e9c-never-logged"
 HEADERS = b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: spooled\r\n\r\n"
@@ -92,6 +93,7 @@ class SpoolCase(SharedRabbitMQ, unittest.TestCase):
         kwargs.setdefault("retry_delays", (1, 2))
         kwargs.setdefault("reconnect_delay", (0.2, 1.0))
         kwargs.setdefault("confirm_timeout", 5.0)
+        kwargs.setdefault("threads", test_threads())
         spool = AMQPSpool(url or self.rabbitmq.url, reactor, **kwargs)
         self.addCleanup(spool.close)
         return spool
@@ -185,15 +187,16 @@ class URLTests(unittest.TestCase):
                 AMQPURL.parse(bad)
             self.assertNotIn(PASSWORD, str(raised.exception))
         with self.assertRaises(SpoolError) as raised:
-            AMQPSpool(f"amqp://u:{PASSWORD}@h:99999/", reactor)
+            AMQPSpool(f"amqp://u:{PASSWORD}@h:99999/", reactor, threads=test_threads())
         self.assertNotIn(PASSWORD, str(raised.exception))
-        spool = AMQPSpool(f"amqp://u:{PASSWORD}@broker.example/", reactor, prefix="p")
+        spool = AMQPSpool(f"amqp://u:{PASSWORD}@broker.example/", reactor, prefix="p",
+                          threads=test_threads())
         for text in (spool.description, repr(spool)):
             self.assertNotIn(PASSWORD, text)
         self.assertIn("amqp://broker.example:5672/%2F", spool.description)
 
     def test_interfaces(self):
-        spool = AMQPSpool("amqp://broker.example/", reactor)
+        spool = AMQPSpool("amqp://broker.example/", reactor, threads=test_threads())
         self.assertTrue(ISpool.providedBy(spool))
         self.assertTrue(IQueueAdmin.providedBy(spool))
 

@@ -1087,18 +1087,19 @@ class _Browser:
 @implementer(ISpool, IQueueAdmin, IProbe)
 class AMQPSpool:
     """The spool in RabbitMQ (module docstring).  ``url`` is ``amqp[s]://...``;
-    ``reactor`` runs everything; ``threads`` (default: the reactor's pool) reads the
-    chunks ``store`` is given.  ``max_bytes`` caps the main queue's content (FULL past
-    it); ``retry_delays`` are the retry queues' delays in whole seconds."""
+    ``reactor`` runs everything; ``threads`` (the relay's pool for blocking work, passed
+    in like every resource) reads the chunks ``store`` is given.  ``max_bytes`` caps the
+    main queue's content (FULL past it); ``retry_delays`` are the retry queues' delays in
+    whole seconds."""
 
-    def __init__(self, url: str, reactor: Any, *, prefix: str = "esmtpfa",
+    def __init__(self, url: str, reactor: Any, *, threads: Any, prefix: str = "esmtpfa",
                  prefetch: int = 20, confirm_timeout: float = 10.0,
                  tls_ca: str | None = None,
                  retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS,
                  max_bytes: int | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  connect_timeout: float = 10.0, heartbeat: int = 30,
                  reconnect_delay: tuple[float, float] = (0.5, 30.0),
-                 full_pause: float = 5.0, remember: int = 10000, threads: Any = None,
+                 full_pause: float = 5.0, remember: int = 10000,
                  now: Callable[[], float] = time.time):
         try:
             self.url = AMQPURL.parse(url)
@@ -1209,8 +1210,7 @@ class AMQPSpool:
     async def _store(self, entry: SpoolEntry, chunks: Iterator[bytes]) -> None:
         if self._closing:
             raise SpoolError(SpoolErrorKind.UNAVAILABLE, Phase.STORE, "the spool is closed")
-        threads = self._threads or self._reactor.getThreadPool()
-        body = await deferToThreadPool(self._reactor, threads, _read_all, chunks,
+        body = await deferToThreadPool(self._reactor, self._threads, _read_all, chunks,
                                        self.max_message_bytes)
         if body is None:
             raise SpoolError(SpoolErrorKind.FULL, Phase.STORE,

@@ -392,9 +392,10 @@ class SharedRabbitMQ:
 
 def _consumer_main(mode: str, prefix: str) -> None:  # pragma: no cover - a child process
     from esmtpfa.spool.amqp import AMQPSpool
+    from tests.support.resources import test_threads
 
     spool = AMQPSpool(os.environ["SPOOL_TEST_URL"], reactor, prefix=prefix, prefetch=1,
-                      retry_delays=(1, 2))
+                      retry_delays=(1, 2), threads=test_threads())
 
     async def run() -> None:
         await spool.start()
