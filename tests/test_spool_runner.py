@@ -194,6 +194,26 @@ class HandOverTests(unittest.TestCase):
             self.assertNotIn(hidden, lines[0])
             globalLogPublisher_remove(events)
 
+    async def test_no_upstream_session_waits_for_the_started_record(self) -> None:
+        """The recipients are recorded as started before the upstream is asked: the
+        commit's fsync never runs while a pooled upstream session sits idle between RCPT
+        and DATA (docs/spool.md, "The duplicate window")."""
+        await self.runner(concurrency=1)
+        commit: defer.Deferred[None] = defer.Deferred()
+        real_started = self.spool.started
+
+        def started(message: Any, recipients: tuple[str, ...]) -> defer.Deferred:
+            recorded = real_started(message, recipients)
+            return recorded.addCallback(lambda _: commit)  # the disk takes its time
+        self.spool.started = started  # type: ignore[method-assign]
+        message_id = await self.store()
+        await self.spool.committer.idle()
+        await pause(0.1)
+        self.assertEqual(self.relay.begun, [])  # no session taken while it commits
+        commit.callback(None)
+        await eventually(lambda: self.relay.sent)
+        self.assertEqual(self.relay.begun, [message_id])
+
     async def test_never_more_attempts_than_the_concurrency(self) -> None:
         runner = await self.runner(concurrency=2)
         stored = [await self.store(identity) for identity in ("p/a", "p/b", "p/c", "p/d")]
@@ -234,8 +254,12 @@ class HandOverTests(unittest.TestCase):
         await eventually(lambda: len(self.relay.sent) == 2)
         self.assertEqual(len(runner._ready), 1)  # the third, claimed ahead
         claims_at: dict[str, int] = {}
-        self.relay.on_begin = lambda message_id: claims_at.setdefault(message_id,
-                                                                      self.claims)
+        real_started = self.spool.started
+
+        def started(message: Any, recipients: tuple[str, ...]) -> defer.Deferred:
+            claims_at.setdefault(message.entry.id, self.claims)  # the attempt begins
+            return real_started(message, recipients)
+        self.spool.started = started  # type: ignore[method-assign]
         claims = self.claims
         self.relay.sent[0].finish()
         await eventually(lambda: len(self.relay.sent) == 3)

@@ -6,8 +6,8 @@ pending: MAIL, a RCPT each, then, for those the upstream took, the content.  Wha
 upstream answered is recorded per recipient, so a recipient it accepted is never sent
 again (docs/spool.md, "States").
 
-The guarantee, in order: before the content goes (and so before the final dot can
-leave) the spool records the accepted recipients as started, durably.  A crash from then
+The guarantee, in order: before the upstream is asked (and so before the final dot can
+leave) the spool records the pending recipients as started, durably.  A crash from then
 until their verdict is recorded leaves them in an unknown state, held for an operator:
 the relay never sends a message again by its own hand once its dot may have left
 (docs/delivery-guarantee.md; docs/spool.md, "The duplicate window").
@@ -420,6 +420,15 @@ class QueueRunner(Service):
         envelope = Envelope(entry.envelope.mail_from, pending, entry.envelope.body,
                             entry.envelope.smtputf8, entry.envelope.requiretls,
                             entry.size)
+        # Recorded before the upstream is asked, so that no upstream session waits
+        # idle for the disk: the commit's fsync is most of an attempt on a near
+        # upstream, and while it ran between RCPT and DATA it held a pooled session.
+        # From here a crash leaves them unknown (held), as it did from RCPT on: each
+        # attempt in flight, at most ``concurrency`` (docs/spool.md, "The duplicate
+        # window").  Those the upstream then refuses, or never reaches, are settled
+        # with what it said.
+        await self.spool.started(message, pending)
+        attempt.all(pending, R.STARTED, "")
         try:
             transaction = await self.relay.begin(
                 envelope, entry.id, entry.connection_id or "spool",
@@ -445,12 +454,6 @@ class QueueRunner(Service):
         if not accepted:
             transaction.abort()
             return
-        try:
-            await self.spool.started(message, tuple(accepted))
-        except Exception:
-            transaction.abort()
-            raise
-        attempt.all(accepted, R.STARTED, "")  # from here a crash leaves them unknown
         try:
             content = await self.spool.content(message)
         except Exception:
