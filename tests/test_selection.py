@@ -496,6 +496,24 @@ class ObserverTests(unittest.TestCase):
                                   ("unmatched", "unavailable")])
 
 
+    def test_an_observer_bug_changes_no_login(self):
+        """The metrics listen; they never decide: an observer that raises leaves the
+        login's verdict as it was, and its failure is logged."""
+        class Broken:
+            def checked(self, *args):
+                raise RuntimeError("observer bug")
+
+            def unmatched(self, *args):
+                raise RuntimeError("observer bug")
+        provider = UserPass(meta("a", fallback=True), "alice", "pw")
+        selector = ProviderSelector(ProviderDirectory(ProviderSet([provider])), Broken())
+        accepted = self.successResultOf(selector.requestAvatarId(credentials("alice", "pw")))
+        self.assertTrue(accepted)
+        refused = self.failureResultOf(selector.requestAvatarId(credentials("alice", "no")))
+        self.assertFalse(refused.check(RuntimeError))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)  # one per verdict told
+
+
 class PlanTests(unittest.TestCase):
     """``plan`` says, before anyone is asked, which providers a login goes to and the user
     each is asked about: the identities the login throttle counts (docs/design.md,

@@ -56,6 +56,7 @@ from esmtpfa.auth.errors import (
 from esmtpfa.auth.provider import Principal, Provider
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.common.logs import logger
+from esmtpfa.common.observers import notify
 
 log = logger("esmtpfa.auth")
 
@@ -354,7 +355,7 @@ class ProviderSelector:
             return await self._try_fallbacks(plan)
         [candidate] = plan.candidates
         if not candidate.on_domain:
-            self._observer.checked(candidate.name, candidate.via, "rejected", 0.0)
+            notify(self._observer.checked, candidate.name, candidate.via, "rejected", 0.0)
             raise LoginRefused(POLICY, "provider not available on this domain",
                                attempted=candidate.attempted(plan.username))
         return await self._check(candidate, plan.username)
@@ -370,9 +371,9 @@ class ProviderSelector:
             except ProviderUnavailable as error:
                 unavailable = error
         if unavailable is not None:
-            self._observer.unmatched("unavailable")
+            notify(self._observer.unmatched, "unavailable")
             raise unavailable  # some fallback could not answer: let the client retry
-        self._observer.unmatched()
+        notify(self._observer.unmatched)
         telling = most_telling(refusals)
         if telling is None:  # no fallback takes this name: nobody knows the user
             raise LoginRefused(UNKNOWN_USER, "no provider for this user",
@@ -386,29 +387,29 @@ class ProviderSelector:
         name, via = provider.meta.name, candidate.via
         attempted = candidate.attempted(typed_user)
         if credentials is None:
-            self._observer.checked(name, via, "rejected", 0.0)
+            notify(self._observer.checked, name, via, "rejected", 0.0)
             raise LoginRefused(MALFORMED, "credentials do not fit the provider type",
                                attempted=attempted)
         started = self._clock()
         try:
             vouched = await provider.requestAvatarId(credentials)
         except UnauthorizedLogin as error:
-            self._observer.checked(name, via, "rejected", self._clock() - started)
+            notify(self._observer.checked, name, via, "rejected", self._clock() - started)
             reason = reason_of(error)
             if reason == BAD_PASSWORD:  # the provider knows the user: it may be named
                 attempted = candidate.attempted(typed_user, confirmed=True)
             raise LoginRefused(reason, str(error), attempted=attempted) from None
         except ProviderUnavailable as error:
-            self._observer.checked(name, via, "unavailable", self._clock() - started)
+            notify(self._observer.checked, name, via, "unavailable", self._clock() - started)
             raise error.about(attempted) from None
         except CancelledError:
             raise  # the client went away: the login is abandoned, no fallback is asked
         except Exception as error:  # a provider bug must not look like a wrong password
             log.failure("provider {provider} failed unexpectedly", provider=name)
-            self._observer.checked(name, via, "unavailable", self._clock() - started)
+            notify(self._observer.checked, name, via, "unavailable", self._clock() - started)
             raise ProviderUnavailable(f"provider {name} failed",
                                       attempted=attempted) from error
-        self._observer.checked(name, via, "accepted", self._clock() - started)
+        notify(self._observer.checked, name, via, "accepted", self._clock() - started)
         if not isinstance(vouched, Principal):  # a provider that names only the user
             if isinstance(vouched, bytes):
                 vouched = vouched.decode("utf-8", "replace")

@@ -48,6 +48,7 @@ from esmtpfa.auth.selection import ProviderDirectory
 from esmtpfa.common.errors import ConfigError
 from esmtpfa.common.httpclient import new_http_client
 from esmtpfa.common.logs import logger
+from esmtpfa.common.observers import notify
 from esmtpfa.common.resources import HTTPClientFactory, Resources
 from esmtpfa.common.urls import redact_url
 from esmtpfa.config.documents import (
@@ -231,7 +232,7 @@ class ProviderReloader:
                 self._last_failure = None
                 log.info("provider configuration from {source} is the one in use again",
                          source=source)
-                self._observer.config_reloaded(kind, True)
+                notify(self._observer.config_reloaded, kind, True)
             return UNCHANGED
         if examined.seen == REFUSED:
             self.remind(source)
@@ -261,7 +262,7 @@ class ProviderReloader:
         self._last_failure = None
         self._retire(result.removed)
         self._log_changes(source, previous, result)
-        self._observer.config_reloaded(kind, True)
+        notify(self._observer.config_reloaded, kind, True)
         return APPLIED
 
     def _refuse(self, digest: str, kind: str, source: str, reason: str) -> str:
@@ -282,7 +283,7 @@ class ProviderReloader:
             log.warn("provider configuration from {source} NOT loaded, keeping the last "
                      "good one: {reason}", source=source, reason=reason)
             self._last_failure, self._last_failure_logged = (source, reason), now
-        self._observer.config_reloaded(kind, False)
+        notify(self._observer.config_reloaded, kind, False)
 
     def remind(self, source: str) -> None:
         """The source still offers the document refused before (not parsed again): a

@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from esmtpfa.common import internals
+from esmtpfa.common.observers import notify
 from esmtpfa.common.resources import Resources
 from esmtpfa.limits.interfaces import IConnectionLedger
 from esmtpfa.smtp.settings import ServerSettings
@@ -115,11 +116,11 @@ class ObservedRequestLog(RequestLog):
     def refused(self, connection_id: str, peer: str, status: int, reason: str,
                 identity: str | None = None) -> None:
         if status == 413:
-            self._observer.size_refused("http")
+            notify(self._observer.size_refused, "http")
         super().refused(connection_id, peer, status, reason, identity)
 
     def handshake_failed(self) -> None:
-        self._observer.tls_handshake_failed("http")
+        notify(self._observer.tls_handshake_failed, "http")
 
 
 def submission_site(portal, settings, *, allow_anonymous: bool,
