@@ -5,12 +5,13 @@ Run on demand (not a test):  python3 bench/control_channel.py [--calls N]
 
 Both ends of a real UNIX socket pair run in this process, one ``ControlChannel`` each,
 the "supervisor" end with a real ``WorkerAccount`` over the relay's own in-process
-counts.  The "worker" asks what a worker asks for every SMTP connection (``conn.take``,
-then the ``conn.release`` notice) and for every message of an identity with a rate
-(``rate.take``, then ``rate.give``), one round trip at a time as a session does.  The
-CPU time of the process over the calls is what both processes together spend per
-question (system calls included); the wall time per question is the latency a client's
-greeting or MAIL waits for it.
+counts.  The "worker" asks what a worker asks for an SMTP connection (``conn.take``,
+then the ``conn.release`` notice: once for every connection at a limit of one per
+address, and as a relay far from its limits runs, with slots lent ahead) and for every
+message of an identity with a rate (``rate.take``, then ``rate.give``), one round trip
+at a time as a session does.  The CPU time of the process over the calls is what both
+processes together spend per question (system calls included); the wall time per
+question is the latency a client's greeting or MAIL waits for it.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def cpu() -> float:
 
 
 async def measure(calls: int) -> None:
+    # SMTP far from its limits (slots lent ahead, as a relay at its defaults runs), HTTP
+    # at one connection per address (never lent ahead: every connection asks).
     limits = SharedLimits(
         login=LocalLoginLedger(30, 10, 600.0, reactor), rates=RateLimiter(reactor),
         connections={SMTP: ConnectionLimits(10**9, 10**9),
-                     HTTP: ConnectionLimits(10**9, 10**9)})
+                     HTTP: ConnectionLimits(10**9, 1)})
     worker = ControlChannel({}, reactor, name="worker")
     supervisor = ControlChannel(limits.for_worker(1).handlers(), reactor,
                                 name="supervisor")
@@ -58,12 +61,16 @@ async def measure(calls: int) -> None:
         write_through(reactor).adoptStreamConnection(
             sock.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda c=channel: c))
         sock.close()
-    connections = RemoteConnections(worker, SMTP, 10**9, 10**9)
+    lent = RemoteConnections(worker, SMTP, 10**9, 10**9, reactor)
+    asked = RemoteConnections(worker, HTTP, 10**9, 1, reactor)
     rates = RemoteRateLedger(worker)
     limit = Limit(10**9, 3600.0)
     for name, ask in (
-            ("connection: conn.take + conn.release", lambda n: connections.refusal(
-                "192.0.2.1").addCallback(lambda _: connections.release("192.0.2.1"))),
+            ("connection, every one asked: conn.take + conn.release",
+             lambda n: asked.refusal("192.0.2.1").addCallback(
+                 lambda _: asked.release("192.0.2.1"))),
+            ("connection, slots lent ahead: mostly none", lambda n: lent.refusal(
+                "192.0.2.1").addCallback(lambda _: lent.release("192.0.2.1"))),
             ("rate: rate.take + rate.give", lambda n: rates.take(
                 "corp\0alice", "messages", limit, 1).addCallback(
                 lambda _: rates.give("corp\0alice", "messages", limit, 1, True)))):

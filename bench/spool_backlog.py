@@ -9,7 +9,7 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
                                    [--connections 20] [--live-messages 10000]
                                    [--spool-concurrency N] [--relay-pool-size N]
                                    [--relay-pool-client-share F]
-                                   [--json F]
+                                   [--workers N] [--profile F] [--json F]
 
 1. **Fill.** A fresh file spool is created by the queue tool itself (``esmtpfa-queue
    list`` on an empty directory creates the database and directories as a relay would),
@@ -36,6 +36,14 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
    status 2 without figures.  The relay's CPU is counted over its cgroup (or /proc),
    as ``bench/compare.py`` does.
 
+With ``--profile F`` ``py-spy record`` (the venv's, beside this Python) watches the
+draining relay, every thread, from its start to the empty index, and writes collapsed
+stacks to ``F`` (py-spy's interruptions slow the drain: its rate is then not a result).
+
+With ``--workers N`` both the live relay and the draining one run as N worker processes
+(a queue runner in each, on the one file spool), so the drain is compared with the live
+rate of the same process count.
+
 The esmtpfa processes run with ``bench/loadgen.py``'s arguments (those of
 ``compare.py``'s targets) and log at ``info`` to a file.
 """
@@ -48,6 +56,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -162,11 +171,17 @@ def queued(spool: str) -> int:
         connection.close()
 
 
+#: ``--workers`` for the live relays too (set once from the command line).
+WORKERS = 0
+
+
 def start_relay(name: str, workdir: str, sink_port: int, extra: list[str]):
     port = free_port()
     meter = CpuMeter(name)
     arguments = esmtpfa_arguments(port, sink_port, workdir, "info")
     arguments += ["--max-connections", "1000", "--max-connections-per-ip", "1000", *extra]
+    if WORKERS:
+        arguments += ["--workers", str(WORKERS)]
     with open(os.path.join(workdir, f"{name}.out"), "wb") as out:
         process = subprocess.Popen(twistd_command(arguments), env=child_environment(),
                                    cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
@@ -207,8 +222,13 @@ def main() -> int:
                              "esmtpfa's, 0.5; 1 lets the runner, one client of the pool, "
                              "use all of it)")
     parser.add_argument("--drain-timeout", type=float, default=1800)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="run both relays with --workers N (default: one process)")
+    parser.add_argument("--profile", help="collapsed py-spy stacks of the drain, to F")
     parser.add_argument("--json")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     print(f"command: python3 {os.path.relpath(sys.argv[0], PROJECT)} "
           f"{' '.join(sys.argv[1:])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; CPUs: "
@@ -278,6 +298,8 @@ def main() -> int:
             started = time.monotonic()
             arguments = esmtpfa_arguments(free_port(), sink_port, workdir, "info") + [
                 "--delivery-mode", "spool", "--spool-url", f"file://{spool}"]
+            if args.workers:
+                arguments += ["--workers", str(args.workers)]
             if args.spool_concurrency:
                 arguments += ["--spool-concurrency", str(args.spool_concurrency)]
             if args.relay_pool_size:
@@ -289,6 +311,13 @@ def main() -> int:
                                          env=child_environment(), cwd=workdir, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=meter.preexec)
             meter.adopt(relay.pid)
+            profiler = None
+            if args.profile:
+                profiler = subprocess.Popen(
+                    [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                     "--pid", str(relay.pid), "--threads", "--rate", "250",
+                     "--format", "raw", "-o", args.profile],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             first_at_sink = None
             progress = time.monotonic()
             while True:
@@ -309,6 +338,9 @@ def main() -> int:
                 time.sleep(0.5)
             drained = time.monotonic()
             cpu = meter.seconds()
+            if profiler is not None:  # py-spy writes its profile on SIGINT
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
             report["drain_machine_pct"] = machine_share(machine, machine_ticks())
             counts_wait = dump.wait_for(ids, 60)  # the last writes of the sink
             duplicates = sum(1 for i in ids if dump.counts.get(i, 0) > 1)

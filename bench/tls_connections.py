@@ -27,7 +27,8 @@ Variant keys (default first):
   older ``esmtpfa`` package, to compare code before and after a change).
 
 With ``--profile DIR`` ``py-spy record`` watches each relay once it listens (collapsed
-stacks, ``DIR/NAME.txt``, written when the relay stops; the CPU figures then include
+stacks, ``DIR/NAME.txt``, written when the relay stops; with ``workers=N`` every process
+of the relay, each stack under its process; the CPU figures then include
 py-spy's interruptions, so compare them only with each other).  ``--hold`` prints the
 relays' pids and waits before the rounds, for ``strace -c -p`` or ``perf record -p``:
 py-spy samples time spent in a system call as busy, ``perf`` counts CPU.
@@ -149,6 +150,7 @@ class Relay:
             self.profiler = subprocess.Popen(
                 [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
                  "--pid", str(self.process.pid), "--rate", "1000",
+                 *(["--subprocesses"] if self.settings["workers"] else []),
                  "--format", "raw", "-o", os.path.join(profile, f"{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)

@@ -7,8 +7,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from esmtpfa.auth.sendingrates import Limit, Rates, RateSyntaxError
+from esmtpfa.limits.interfaces import Exceeded
 from esmtpfa.limits.ledgers import RateLimiter
-from esmtpfa.limits.rates import Exceeded, Reservation
+from esmtpfa.limits.rates import Reservation
 
 
 class ParseTests(unittest.TestCase):

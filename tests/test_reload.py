@@ -19,7 +19,8 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from esmtpfa.config.reload import REMIND_SECONDS, redact_url
+from esmtpfa.common.urls import redact_url
+from esmtpfa.config.reload import REMIND_SECONDS
 from tests.support.httpservers import AuthEndpoint, LoopbackHTTPServer, until
 from tests.support.logcapture import capture_logs, log_text
 from tests.support.relayfixture import PASSWORD, PROVIDERS, USER, RelayFixture

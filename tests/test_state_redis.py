@@ -40,9 +40,9 @@ from esmtpfa.limits.guard import (
     StateRefusedLogin,
     StateRefusedRate,
 )
-from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.interfaces import Exceeded, StateUnavailable
 from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
-from esmtpfa.limits.rates import Exceeded, Reservation
+from esmtpfa.limits.rates import Reservation
 from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
 from esmtpfa.limits.resp import Incomplete, ProtocolError, RedisClient, RedisError, RedisURL, parse
 from esmtpfa.limits.throttle import AuthThrottle, LoginThrottled, identity_depth

@@ -25,9 +25,9 @@ from esmtpfa.limits.guard import (
     GuardedRateLedger,
     StateRefusedRate,
 )
-from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.interfaces import Exceeded, StateUnavailable
 from esmtpfa.limits.ledgers import LocalLoginLedger, RateLimiter
-from esmtpfa.limits.rates import Exceeded, Reservation
+from esmtpfa.limits.rates import Reservation
 from esmtpfa.limits.redis import RedisLoginLedger, RedisRateLedger, RedisState
 from esmtpfa.limits.resp import RedisClient, RedisURL
 from esmtpfa.limits.state_breaker import CLOSED, HALF_OPEN, OPEN, StateBreaker

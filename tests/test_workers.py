@@ -26,6 +26,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from esmtpfa.runtime.workers.counts import LEASE_IDLE
 from tests.faults.harness import (
     CLIENT,
     RunningRelay,
@@ -165,6 +166,30 @@ class ConnectionCapTests(WorkersCase):
         greetings = yield self.in_thread(open_many)
         self.assertEqual(greetings.count(b"220"), 3, greetings)
         self.assertEqual(greetings.count(b"421"), 5, greetings)
+
+
+class LentSlotsCapTests(WorkersCase):
+    """At 8 per address, slots are lent ahead up to 4: whichever worker takes a
+    connection, the relay admits exactly 8, before and after they close (the slots a
+    worker keeps are called back before anyone is refused)."""
+
+    args = ("--max-connections-per-ip", "8")
+
+    @defer.inlineCallbacks
+    def test_the_cap_is_exact_with_slots_lent_ahead(self):
+        def open_many():
+            held, greetings = [], []
+            for _ in range(10):
+                sock, line = greeting(self.relay.smtp_port)
+                held.append(sock)
+                greetings.append(line[:3])
+            for sock in held:
+                sock.close()
+            return greetings
+        for _ in range(3):
+            greetings = yield self.in_thread(open_many)
+            self.assertEqual(greetings, [b"220"] * 8 + [b"421"] * 2)
+            yield self.in_thread(time.sleep, 0.5)  # the workers see the closes
 
 
 class HTTPCapTests(WorkersCase):
@@ -386,6 +411,10 @@ class StalledSupervisorTests(WorkersCase):
         def open_session():
             return smtp_session(self.relay.smtp_port)
         held = yield self.in_thread(open_session)
+        # Slots lent ahead (the readiness checks' HTTP connections, the session's
+        # spares) serve without a question until they go back unused: let them, so
+        # that the connections below must ask the stopped supervisor.
+        yield self.in_thread(time.sleep, 2 * LEASE_IDLE + 0.5)
         os.kill(self.relay.pid, signal.SIGSTOP)
         self.addCleanup(lambda: alive(self.relay.pid) and os.kill(self.relay.pid, signal.SIGCONT))
 

@@ -13,12 +13,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from esmtpfa.auth.sendingrates import Limit
-from esmtpfa.limits.interfaces import StateUnavailable
+from esmtpfa.limits.interfaces import Exceeded, StateUnavailable
 from esmtpfa.limits.ledgers import ConnectionLimits, LocalLoginLedger, RateLimiter
-from esmtpfa.limits.rates import Exceeded
 from esmtpfa.runtime.workers.control import (
     CALL_TIMEOUT,
     CALLS,
+    CONN_RECALL,
     CONN_RELEASE,
     CONN_TAKE,
     INT,
@@ -37,6 +37,8 @@ from esmtpfa.runtime.workers.control import (
 )
 from esmtpfa.runtime.workers.counts import (
     HTTP,
+    LEASE_BATCH,
+    LEASE_IDLE,
     SMTP,
     RemoteConnections,
     RemoteRateLedger,
@@ -219,20 +221,20 @@ class DeadWorkerTests(unittest.TestCase):
 
     def test_its_connection_slots_and_reservations_are_given_back(self):
         account = self.limits.for_worker(1)
-        self.assertIsNone(account.conn_take(SMTP, "192.0.2.1"))
-        self.assertIsNone(account.conn_take(SMTP, "192.0.2.1"))
+        self.assertEqual(account.conn_take(SMTP, "192.0.2.1"), 1)
+        self.assertEqual(account.conn_take(SMTP, "192.0.2.1"), 1)
         self.assertEqual(account.conn_take(SMTP, "192.0.2.1"), "per-address limit")
         self.assertIsNone(account.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
         self.assertIsNotNone(account.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
         account.close()
         other = self.limits.for_worker(2)
-        self.assertIsNone(other.conn_take(SMTP, "192.0.2.1"))
+        self.assertEqual(other.conn_take(SMTP, "192.0.2.1"), 1)
         self.assertIsNone(other.rate_take("corp\0alice", "messages", 1, 3600.0, 1))
 
     def test_a_release_it_never_took_frees_nothing(self):
         one, two = self.limits.for_worker(1), self.limits.for_worker(2)
-        self.assertIsNone(one.conn_take(SMTP, "192.0.2.1"))
-        self.assertIsNone(one.conn_take(SMTP, "192.0.2.1"))
+        self.assertEqual(one.conn_take(SMTP, "192.0.2.1"), 1)
+        self.assertEqual(one.conn_take(SMTP, "192.0.2.1"), 1)
         two.conn_release(SMTP, "192.0.2.1")  # a bug in a worker must not free a slot
         self.assertEqual(two.conn_take(SMTP, "192.0.2.1"), "per-address limit")
 
@@ -246,7 +248,7 @@ class DeadWorkerTests(unittest.TestCase):
         pump()
         self.successResultOf(first)
         self.assertEqual(self.failureResultOf(second, Exceeded).value.kind, "messages")
-        connections = RemoteConnections(left, SMTP, 10, 2)
+        connections = RemoteConnections(left, SMTP, 10, 2, Clock())
         taken = [connections.refusal("192.0.2.9") for _ in range(3)]
         pump()
         self.assertEqual([self.successResultOf(d) for d in taken],
@@ -254,6 +256,110 @@ class DeadWorkerTests(unittest.TestCase):
         connections.release("192.0.2.9")
         pump()
         self.assertEqual(self.limits.connections[SMTP].active, 1)
+
+
+class LentSlotsTests(unittest.TestCase):
+    """Connection slots are lent to a worker ahead of its connections while the relay is
+    far from its limits, so most connections and closes ask the supervisor nothing; the
+    limits stay exact: never exceeded, and never refused while another worker keeps
+    an unused slot (docs/workers.md, "Connection slots lent ahead")."""
+
+    IP = "192.0.2.7"
+
+    def setUp(self):
+        self.clock = ClockReactor()
+        self.ledger = ConnectionLimits(100, 8)
+        self.limits = SharedLimits(
+            login=LocalLoginLedger(5, 3, 600.0, self.clock), rates=RateLimiter(self.clock),
+            connections={SMTP: self.ledger, HTTP: ConnectionLimits(10, 2)})
+        self.pumps = []
+        self.asked = 0
+
+    def worker(self, slot):
+        """A worker's ledger, talking to its own account at the supervisor."""
+        account = self.limits.for_worker(slot)
+        handlers = account.handlers()
+        take = handlers[CONN_TAKE]
+
+        def counted(**args):
+            self.asked += 1
+            return take(**args)
+        handlers[CONN_TAKE] = counted
+        left, right, pump, _ = pair(right_handlers=handlers, clock=self.clock)
+        account.attach(right)
+        connections = RemoteConnections(left, SMTP, 100, 8, self.clock)
+        left.handlers[CONN_RECALL] = lambda kind, ip: connections.recall(ip)
+        self.pumps.append(pump)
+        return connections
+
+    def pump(self):
+        for _ in range(5):
+            for pump in self.pumps:
+                pump()
+
+    def connect(self, connections, n):
+        verdicts = []
+        for _ in range(n):
+            d = connections.refusal(self.IP)
+            self.pump()
+            verdicts.append(self.successResultOf(d))
+        return verdicts
+
+    def test_one_question_for_several_connections_and_none_for_their_closes(self):
+        worker = self.worker(1)
+        self.assertEqual(self.connect(worker, 4), [None] * 4)
+        self.assertEqual(self.asked, 1)
+        self.assertEqual(self.ledger.by_ip[self.IP], 4)  # lent up to half the limit
+        for _ in range(4):
+            worker.release(self.IP)
+        self.pump()
+        self.assertEqual(self.ledger.by_ip[self.IP], 4, "freed slots are kept")
+        self.assertEqual(self.connect(worker, 4), [None] * 4)
+        self.assertEqual(self.asked, 1)
+
+    def test_kept_slots_go_back_once_unused(self):
+        worker = self.worker(1)
+        self.connect(worker, 1)
+        worker.release(self.IP)
+        self.clock.advance(LEASE_IDLE)
+        self.pump()
+        self.assertEqual(self.ledger.by_ip[self.IP], 4, "used in this interval: kept")
+        self.clock.advance(LEASE_IDLE)
+        self.pump()
+        self.assertEqual(self.ledger.active, 0)
+        self.assertEqual(self.ledger.by_ip[self.IP], 0)
+
+    def test_a_slot_kept_by_another_worker_never_refuses_a_client(self):
+        one, two = self.worker(1), self.worker(2)
+        self.assertEqual(self.connect(one, 1), [None])  # lent 4: 1 used, 3 kept
+        # Past half the limit nothing more is lent; at the limit the supervisor first
+        # asks worker 1 for the 3 it keeps, so worker 2 gets 7 in all, not 4.
+        self.assertEqual(self.connect(two, 8), [None] * 7 + ["per-address limit"])
+        self.assertEqual(self.ledger.by_ip[self.IP], 8, "never more than the limit")
+        self.assertEqual(one.spare[self.IP], 0)
+        one.release(self.IP)  # no longer lent ahead: the slot goes back at once
+        self.pump()
+        self.assertEqual(self.connect(two, 1), [None])
+
+    def test_the_total_limit_recalls_every_address(self):
+        self.ledger.total, self.ledger.per_ip = 8, 8
+        one, two = self.worker(1), self.worker(2)
+        self.connect(one, 1)
+        self.assertEqual(self.ledger.active, 4)
+        self.IP = "192.0.2.8"
+        self.assertEqual(self.connect(two, 8), [None] * 7 + ["total limit"])
+
+    def test_a_batch_is_bounded(self):
+        self.ledger.total, self.ledger.per_ip = 1000, 1000
+        worker = self.worker(1)
+        self.connect(worker, 1)
+        self.assertEqual(self.ledger.by_ip[self.IP], LEASE_BATCH)
+        for _ in range(LEASE_BATCH + 3):
+            self.connect(worker, 1)
+        for _ in range(LEASE_BATCH * 3):
+            worker.release(self.IP)
+        self.pump()
+        self.assertLessEqual(worker.spare[self.IP], LEASE_BATCH)
 
 
 class ControlTableTests(unittest.TestCase):
@@ -336,7 +442,7 @@ class ControlTableTests(unittest.TestCase):
         worker.notify(worker.calls["conn.forget"])
         taken = worker.call(CONN_TAKE, kind=SMTP, ip="192.0.2.1")
         pump()
-        self.assertIsNone(self.successResultOf(taken))
+        self.assertEqual(self.successResultOf(taken), 1)
         self.assertEqual(self.limits.connections[SMTP].active, 1)
         self.assertIn("supervisor: no such call: 'conn.forget'",
                       [event.get("why") for event in self.events])
@@ -362,7 +468,7 @@ class StalledCountTests(unittest.TestCase):
 
     def test_no_more_connections_wait_than_the_cap_lets_in(self):
         left, right, pump, clock = pair()  # the other side never answers
-        connections = RemoteConnections(left, SMTP, 3, 3)
+        connections = RemoteConnections(left, SMTP, 3, 3, clock)
         waiting = [connections.refusal("192.0.2.1") for _ in range(3)]
         over = connections.refusal("192.0.2.2")
         self.assertIn("3 smtp connections already wait",

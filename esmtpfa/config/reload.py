@@ -661,5 +661,5 @@ class ReloadService(Service):
 
 
 __all__ = ["APPLIED", "REFUSED", "UNCHANGED", "ConfigServicePoller", "FileWatcher",
-           "ProviderReloader", "ReloadService", "SighupReload",
-           "redact_url", "startup_sighup", "stop_providers"]
+           "ProviderReloader", "ReloadService", "SighupReload", "startup_sighup",
+           "stop_providers"]

@@ -51,8 +51,9 @@ from esmtpfa.common.message import SPOOL_MEMORY_LIMIT, Envelope, MessageSpool, O
 from esmtpfa.common.observers import notify
 from esmtpfa.common.replies import Reply, SMTPReplyError
 from esmtpfa.delivery.received import received_header
+from esmtpfa.limits.interfaces import Exceeded
 from esmtpfa.limits.ledgers import RateLimiter
-from esmtpfa.limits.rates import Exceeded, Reservation
+from esmtpfa.limits.rates import Reservation
 from esmtpfa.relay.interfaces import IRelay, IRelayTransaction, RelayError
 from esmtpfa.relay.session import eight_bit_unsupported
 from esmtpfa.spool.interfaces import QueuedReply

@@ -120,6 +120,11 @@ class ILocalConnectionLedger(IConnectionLedger):
     def refusal_now(ip: str) -> str | None:
         """What ``refusal`` fires with (taking the slot when None)."""
 
+    def take_spare(ip: str, wanted: int) -> int:
+        """Take up to ``wanted`` more slots for ``ip`` while both counts stay at most
+        half their limits (slots a worker may keep ahead of its connections); how many
+        were taken."""
+
 
 __all__ = ["Exceeded", "IConnectionLedger", "ILocalConnectionLedger", "ILocalLoginLedger",
            "ILocalRateLedger", "ILoginLedger", "IRateLedger", "StateUnavailable"]

@@ -337,6 +337,11 @@ class RateLimiter:
 # -- connections --------------------------------------------------------------------------
 
 
+#: The reasons ``ConnectionLimits`` refuses a connection with.
+TOTAL_LIMIT = "total limit"
+PER_ADDRESS_LIMIT = "per-address limit"
+
+
 @implementer(ILocalConnectionLedger)
 class ConnectionLimits:
     """Open connections in total and per client address, in this process: the SMTP
@@ -356,12 +361,26 @@ class ConnectionLimits:
     def refusal_now(self, ip: str) -> str | None:
         """Take a slot for ``ip``; or, without taking one, the limit that refuses it."""
         if self.active >= self.total:
-            return "total limit"
+            return TOTAL_LIMIT
         if self.by_ip[ip] >= self.per_ip:
-            return "per-address limit"
+            return PER_ADDRESS_LIMIT
         self.active += 1
         self.by_ip[ip] += 1
         return None
+
+    def take_spare(self, ip: str, wanted: int) -> int:
+        """Slots taken ahead of need only while there is room for all: up to half of
+        each limit, so what one worker keeps in hand never refuses another's client
+        while the relay is far from its limits (``esmtpfa.runtime.workers.counts``)."""
+        taken = 0
+        while (taken < wanted and 2 * (self.active + 1) <= self.total
+               and 2 * (self.by_ip[ip] + 1) <= self.per_ip):
+            self.active += 1
+            self.by_ip[ip] += 1
+            taken += 1
+        if not self.by_ip[ip]:
+            del self.by_ip[ip]
+        return taken
 
     def release(self, ip: str) -> None:
         self.active -= 1
@@ -412,4 +431,4 @@ class ConnectionLedgerWrapper:
 
 
 __all__ = ["ConnectionLedgerWrapper", "ConnectionLimits", "FailureWindow", "IdentityDigest",
-           "Ledgers", "LocalLoginLedger", "RateLimiter"]
+           "Ledgers", "LocalLoginLedger", "PER_ADDRESS_LIMIT", "RateLimiter", "TOTAL_LIMIT"]

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from esmtpfa.auth.sendingrates import Limit, Rates
 from esmtpfa.common.logs import logger
-from esmtpfa.limits.interfaces import Exceeded, IRateLedger
+from esmtpfa.limits.interfaces import IRateLedger
 
 log = logger("esmtpfa.ratelimit")
 
@@ -111,4 +111,4 @@ class Reservation:
                                         failure, kind=kind))
 
 
-__all__ = ["Exceeded", "Reservation"]
+__all__ = ["Reservation"]

@@ -135,7 +135,7 @@ def check_static(options, resources, report: Report) -> Loaded:
     loaded = Loaded()
 
     if settings.providers.service_url:
-        from esmtpfa.config.reload import redact_url
+        from esmtpfa.common.urls import redact_url
         report.note("providers come from the config service "
                     f"{redact_url(settings.providers.service_url)} "
                     "(not fetched by --check-config)")

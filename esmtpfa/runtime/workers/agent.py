@@ -31,6 +31,7 @@ from esmtpfa.limits.ledgers import Ledgers
 from esmtpfa.runtime.settings import Settings, settings_of
 from esmtpfa.runtime.workers.control import (
     CERTIFICATES_RELOAD,
+    CONN_RECALL,
     METRICS,
     PING,
     READINESS,
@@ -64,9 +65,9 @@ def worker_ledgers(settings: Settings, channel: ControlChannel) -> Ledgers:
                                 throttle.window),
         rates=RemoteRateLedger(channel),
         smtp_connections=RemoteConnections(channel, SMTP, server.max_connections,
-                                           server.max_connections_per_ip),
+                                           server.max_connections_per_ip, channel.reactor),
         http_connections=RemoteConnections(channel, HTTP, http.max_connections,
-                                           http.max_connections_per_ip))
+                                           http.max_connections_per_ip, channel.reactor))
 
 
 class WorkerAgent:
@@ -79,6 +80,7 @@ class WorkerAgent:
         self.listeners = dict(listeners)
         self.service: RelayService | None = None
         self.channel: ControlChannel | None = None
+        self.ledgers: Ledgers | None = None
         self.exit_code = 0
 
     def start(self) -> None:
@@ -87,7 +89,7 @@ class WorkerAgent:
             RELOAD: self.reload, RELOAD_FAILED: self.reload_failed,
             CERTIFICATES_RELOAD: self.reload_certificates,
             METRICS: self.metrics, READINESS: self.readiness, STATUS: self.status,
-            PING: lambda: True,
+            PING: lambda: True, CONN_RECALL: self.recall_connections,
         }, self.reactor, name=f"worker {self.slot}")
         write_through(self.reactor).adoptStreamConnection(
             self.control_fd, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
@@ -96,9 +98,9 @@ class WorkerAgent:
         except OSError:
             pass
         channel.lost.addCallback(self._supervisor_gone)
+        ledgers = self.ledgers = worker_ledgers(settings_of(self.options), channel)
         service = self.service = RelayService(
-            self.options, self.reactor, adopted=self.listeners,
-            ledgers=worker_ledgers(settings_of(self.options), channel))
+            self.options, self.reactor, adopted=self.listeners, ledgers=ledgers)
         service.privilegedStartService()
         service.startService()
         self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
@@ -134,6 +136,14 @@ class WorkerAgent:
         """The supervisor could not even read the document (over the size bound): the
         worker counts and logs the failed reload as a single process would."""
         self._relay.reloader.failed(kind, source, reason)
+
+    def recall_connections(self, kind: str, ip: str) -> int:
+        """The supervisor is about to refuse a connection: give back the slots kept
+        toward that limit (``esmtpfa.runtime.workers.counts``)."""
+        ledgers = self.ledgers
+        ledger = None if ledgers is None else (
+            ledgers.smtp_connections if kind == SMTP else ledgers.http_connections)
+        return ledger.recall(ip) if isinstance(ledger, RemoteConnections) else 0
 
     def metrics(self) -> list:
         return snapshot(self._relay.metrics.registry.collect())

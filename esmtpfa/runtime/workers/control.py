@@ -141,12 +141,15 @@ class Call:
 
 # Asked by a worker, answered by the supervisor (``esmtpfa.runtime.workers.counts``,
 # ``esmtpfa.runtime.workers.supervisor``).
-CONN_TAKE = Call("conn.take", (("kind", STR), ("ip", STR)), answer=STR + NONE)
-CONN_RELEASE = Call("conn.release", (("kind", STR), ("ip", STR)), notice=True)
+CONN_TAKE = Call("conn.take", (("kind", STR), ("ip", STR)), optional=(("want", INT),),
+                 answer=INT + STR)
+CONN_RELEASE = Call("conn.release", (("kind", STR), ("ip", STR)), optional=(("n", INT),),
+                    notice=True)
 LOGIN_REFUSAL = Call("login.refusal", (("address", STR), ("identities", LIST)),
                      answer=STR + NONE)
 LOGIN_FAILED = Call("login.failed", (("address", STR), ("identities", LIST)), answer=LIST)
-LOGIN_SUCCEEDED = Call("login.succeeded", (("address", STR), ("identity", STR)))
+LOGIN_SUCCEEDED = Call("login.succeeded", (("address", STR), ("identity", STR)),
+                       notice=True)
 RATE_TAKE = Call("rate.take", (("key", STR), ("kind", STR), ("count", INT),
                                ("window", NUMBER), ("n", INT)), answer=DICT + NONE)
 RATE_GIVE = Call("rate.give", (("key", STR), ("kind", STR), ("count", INT),
@@ -155,6 +158,7 @@ RATE_GIVE = Call("rate.give", (("key", STR), ("kind", STR), ("count", INT),
 STARTED = Call("started", (("pid", INT),), notice=True)
 
 # Asked by the supervisor, answered by a worker (``esmtpfa.runtime.workers.agent``).
+CONN_RECALL = Call("conn.recall", (("kind", STR), ("ip", STR)), answer=INT)
 PING = Call("ping", answer=BOOL)
 RELOAD = Call("reload", (("path", STR), ("source", STR), ("kind", STR)),
               optional=(("force", BOOL),), answer=STR)
@@ -177,8 +181,8 @@ def table(calls: Iterable[Call]) -> dict[str, Call]:
 
 #: Every call and notice of the supervisor–worker channel.
 CALLS: Mapping[str, Call] = table([
-    CONN_TAKE, CONN_RELEASE, LOGIN_REFUSAL, LOGIN_FAILED, LOGIN_SUCCEEDED, RATE_TAKE,
-    RATE_GIVE, STARTED, PING, RELOAD, RELOAD_FAILED, CERTIFICATES_RELOAD, METRICS,
+    CONN_TAKE, CONN_RELEASE, CONN_RECALL, LOGIN_REFUSAL, LOGIN_FAILED, LOGIN_SUCCEEDED,
+    RATE_TAKE, RATE_GIVE, STARTED, PING, RELOAD, RELOAD_FAILED, CERTIFICATES_RELOAD, METRICS,
     READINESS, STATUS])
 
 
@@ -409,7 +413,8 @@ def _decode(frame: bytes) -> Any:
         return None
 
 
-__all__ = ["BadCall", "CALLS", "CALL_TIMEOUT", "CERTIFICATES_RELOAD", "CONN_RELEASE",
+__all__ = ["BadCall", "CALLS", "CALL_TIMEOUT", "CERTIFICATES_RELOAD", "CONN_RECALL",
+           "CONN_RELEASE",
            "CONN_TAKE", "Call", "ControlChannel", "ControlLost", "ControlTimeout",
            "LOGIN_FAILED", "LOGIN_REFUSAL", "LOGIN_SUCCEEDED", "MAX_FRAME", "METRICS", "PING",
            "RATE_GIVE", "RATE_TAKE", "READINESS", "RELOAD", "RELOAD_FAILED", "RemoteError",

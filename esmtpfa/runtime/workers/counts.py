@@ -12,12 +12,23 @@ connection caps stay here: they guard this host's resources.
 The supervisor remembers what each worker holds (connection slots, rate reservations)
 and gives it all back when that worker's channel closes: a worker that dies frees its
 clients' slots at once, and its unsettled reservations cost nobody anything.
+
+Connection slots are lent ahead (docs/workers.md, "Connection slots lent ahead").  While
+the counts are far from the limits (both at most half of theirs) a worker that asks for
+one slot gets up to ``LEASE_BATCH``, and keeps a slot its connection freed, so that most
+new connections and every close cost no round trip.  The limits stay exact both ways:
+
+* never exceeded: every slot a worker keeps counts at the supervisor, used or not;
+* never refused early: before the supervisor refuses, it asks every worker that was
+  lent slots for that limit (``conn.recall``) to give back those it does not use, and
+  then decides again.  A worker keeps slots only while its last answer said there was
+  room, and gives back a slot unused for ``LEASE_IDLE`` seconds.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -34,7 +45,9 @@ from esmtpfa.limits.interfaces import (
     IRateLedger,
     StateUnavailable,
 )
+from esmtpfa.limits.ledgers import PER_ADDRESS_LIMIT
 from esmtpfa.runtime.workers.control import (
+    CONN_RECALL,
     CONN_RELEASE,
     CONN_TAKE,
     LOGIN_FAILED,
@@ -52,6 +65,12 @@ log = logger("esmtpfa.workers")
 SMTP = "smtp"
 HTTP = "http"
 
+#: The most connection slots a worker asks for at once (one for the connection that
+#: asks, the rest kept for the next ones), and the most it keeps per address.
+LEASE_BATCH = 8
+#: Seconds after which slots a worker kept and did not use go back to the supervisor.
+LEASE_IDLE = 1.0
+
 
 class SharedLimits:
     """The supervisor's counts, for all workers: in-process ledgers of its own
@@ -62,9 +81,20 @@ class SharedLimits:
         self.login = login
         self.rates = rates
         self.connections = connections
+        self.accounts: set[WorkerAccount] = set()
 
     def for_worker(self, slot: int) -> "WorkerAccount":
-        return WorkerAccount(self, slot)
+        account = WorkerAccount(self, slot)
+        self.accounts.add(account)
+        return account
+
+    def recall(self, kind: str, ip: str | None) -> defer.Deferred:
+        """Ask every worker that may keep unused slots toward the limit that is about to
+        refuse (``ip``'s, or with None the total) to give them back; fires when all
+        have answered (or failed to: their slots then stay theirs)."""
+        asked = [account.recall(kind, ip) for account in list(self.accounts)
+                 if account.may_keep(kind, ip)]
+        return defer.DeferredList(asked, consumeErrors=True)
 
 
 class WorkerAccount:
@@ -75,6 +105,14 @@ class WorkerAccount:
         self.slot = slot
         self.slots: Counter[tuple[str, str]] = Counter()
         self.reserved: Counter[tuple[str, str, int, float]] = Counter()
+        #: (kind, ip) for which the worker was lent slots ahead and may keep some.
+        self.lent: set[tuple[str, str]] = set()
+        #: Asks the worker to give back what it keeps (``attach``).
+        self._recall: Callable[..., defer.Deferred] | None = None
+
+    def attach(self, channel: ControlChannel) -> None:
+        """The worker's channel, for ``conn.recall``."""
+        self._recall = lambda **args: channel.call(CONN_RECALL, **args)
 
     def handlers(self) -> dict[Call, Handler]:
         return {
@@ -86,21 +124,58 @@ class WorkerAccount:
 
     # -- connections ----------------------------------------------------------------------
 
-    def conn_take(self, kind: str, ip: str) -> str | None:
-        reason = self.limits.connections[kind].refusal_now(ip)
+    def conn_take(self, kind: str, ip: str, want: int = 1) -> int | str | defer.Deferred:
+        """How many slots the worker now holds more (at least the one it asked for, up
+        to ``want`` while there is room); or the limit that refuses, once no other
+        worker keeps an unused slot toward it."""
+        ledger = self.limits.connections[kind]
+        reason = ledger.refusal_now(ip)
         if reason is None:
-            self.slots[(kind, ip)] += 1
-        return reason
+            return self._lend(kind, ip, 1 + ledger.take_spare(ip, max(want - 1, 0)))
+        limit = ip if reason == PER_ADDRESS_LIMIT else None
+        if not any(account.may_keep(kind, limit) for account in self.limits.accounts):
+            return reason
 
-    def conn_release(self, kind: str, ip: str) -> None:
+        def again(_: Any) -> int | str:
+            reason = ledger.refusal_now(ip)
+            return reason if reason is not None else self._lend(kind, ip, 1)
+        return self.limits.recall(kind, limit).addCallback(again)
+
+    def _lend(self, kind: str, ip: str, granted: int) -> int:
+        self.slots[(kind, ip)] += granted
+        if granted > 1:
+            self.lent.add((kind, ip))
+        return granted
+
+    def conn_release(self, kind: str, ip: str, n: int = 1) -> None:
         slot = (kind, ip)
-        if self.slots[slot] <= 0:
+        n = min(n, self.slots[slot])  # never more than it holds: not another's slot
+        if n <= 0:
             self.slots.pop(slot, None)
-            return  # nothing held: a second release must not free another's slot
-        self.slots[slot] -= 1
+            return
+        self.slots[slot] -= n
         if not self.slots[slot]:
             del self.slots[slot]
-        self.limits.connections[kind].release(ip)
+        ledger = self.limits.connections[kind]
+        for _ in range(n):
+            ledger.release(ip)
+
+    def may_keep(self, kind: str, ip: str | None) -> bool:
+        """Whether the worker may keep unused slots toward ``ip``'s limit (None: the
+        total)."""
+        if ip is not None:
+            return (kind, ip) in self.lent
+        return any(lent_kind == kind for lent_kind, _ in self.lent)
+
+    def recall(self, kind: str, ip: str | None) -> defer.Deferred:
+        """Ask the worker to give back the slots it keeps toward that limit: it sends
+        them back as ``conn.release`` notices before it answers, so they are counted
+        back when the answer comes."""
+        self.lent -= {key for key in self.lent
+                      if key[0] == kind and (ip is None or key[1] == ip)}
+        if self._recall is None:
+            return defer.succeed(0)
+        return self._recall(kind=kind, ip=ip or "")
 
     # -- login throttle ---------------------------------------------------------------------
 
@@ -139,6 +214,9 @@ class WorkerAccount:
 
     def close(self) -> None:
         """Give back everything the worker held (its process is gone)."""
+        self.limits.accounts.discard(self)
+        self.lent.clear()
+        self._recall = None
         slots, self.slots = self.slots, Counter()
         for (kind, ip), held in slots.items():
             for _ in range(held):
@@ -157,17 +235,33 @@ class WorkerAccount:
 
 @implementer(IConnectionLedger)
 class RemoteConnections:
-    """A worker's connection caps: the supervisor counts for all workers."""
+    """A worker's connection caps: the supervisor counts for all workers, and lends
+    slots ahead while there is room (the module's docstring says how that stays exact).
+    """
 
-    def __init__(self, channel: ControlChannel, kind: str, total: int, per_ip: int):
-        self.channel, self.kind = channel, kind
+    def __init__(self, channel: ControlChannel, kind: str, total: int, per_ip: int,
+                 clock: Any):
+        self.channel, self.kind, self.clock = channel, kind, clock
         self.total, self.per_ip = total, per_ip
         #: Connections waiting for their count.  Each holds a descriptor for up to the
         #: call deadline; when the supervisor stalls, a flood must not pile them up
         #: beyond what the cap would let in anyway.
         self.waiting = 0
+        #: Slots held for an address and not in use.
+        self.spare: Counter[str] = Counter()
+        #: Addresses whose last answer lent ahead: a slot freed there is kept.
+        self._keep: set[str] = set()
+        #: Addresses whose kept slots were used since the last sweep.
+        self._used: set[str] = set()
+        self._sweep: Any = None
 
     def refusal(self, ip: str) -> defer.Deferred:
+        if self.spare[ip] > 0:
+            self.spare[ip] -= 1
+            if not self.spare[ip]:
+                del self.spare[ip]
+            self._used.add(ip)
+            return defer.succeed(None)
         if self.waiting >= self.total:
             return defer.fail(StateUnavailable(
                 f"{self.waiting} {self.kind} connections already wait for their count"))
@@ -175,11 +269,58 @@ class RemoteConnections:
 
         def answered(result: Any) -> Any:
             self.waiting -= 1
-            return result
-        return self.channel.call(CONN_TAKE, kind=self.kind, ip=ip).addBoth(answered)
+            if isinstance(result, str):
+                return result  # the limit that refuses
+            if result > 1:
+                self._keep.add(ip)
+                self._hold(ip, result - 1)
+            else:
+                self._keep.discard(ip)
+            return None
+
+        def failed(failure: Any) -> Any:
+            self.waiting -= 1
+            return failure
+        return self.channel.call(CONN_TAKE, kind=self.kind, ip=ip,
+                                 want=LEASE_BATCH).addCallbacks(answered, failed)
 
     def release(self, ip: str) -> None:
-        self.channel.notify(CONN_RELEASE, kind=self.kind, ip=ip)
+        if ip in self._keep and self.spare[ip] < LEASE_BATCH:
+            self._hold(ip, 1)
+        else:
+            self.channel.notify(CONN_RELEASE, kind=self.kind, ip=ip)
+
+    def recall(self, ip: str) -> int:
+        """The supervisor is about to refuse a connection at a limit (``ip``'s; the
+        total when empty): give back what is kept toward it, and keep no more until
+        an answer lends ahead again.  The notices leave before the answer."""
+        addresses = [ip] if ip else list(self.spare)
+        if ip:
+            self._keep.discard(ip)
+        else:
+            self._keep.clear()
+        return sum(self._give_back(address) for address in addresses)
+
+    def _hold(self, ip: str, n: int) -> None:
+        self.spare[ip] += n
+        self._used.add(ip)
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(LEASE_IDLE, self._swept)
+
+    def _swept(self) -> None:
+        """Give back what was kept and not used since the last sweep."""
+        self._sweep = None
+        for ip in [ip for ip in self.spare if ip not in self._used]:
+            self._give_back(ip)
+        self._used.clear()
+        if self.spare:
+            self._sweep = self.clock.callLater(LEASE_IDLE, self._swept)
+
+    def _give_back(self, ip: str) -> int:
+        n = self.spare.pop(ip, 0)
+        if n:
+            self.channel.notify(CONN_RELEASE, kind=self.kind, ip=ip, n=n)
+        return n
 
 
 @implementer(ILoginLedger)
@@ -200,7 +341,10 @@ class RemoteLoginLedger:
         return self.channel.call(LOGIN_FAILED, address=address, identities=list(identities))
 
     def succeeded(self, address: str, identity: str) -> defer.Deferred:
-        return self.channel.call(LOGIN_SUCCEEDED, address=address, identity=identity)
+        """A notice: the login is answered without waiting for it (it only takes
+        failures back), and the channel keeps it in order with later calls."""
+        self.channel.notify(LOGIN_SUCCEEDED, address=address, identity=identity)
+        return defer.succeed(None)
 
 
 @implementer(IRateLedger)
@@ -223,5 +367,5 @@ class RemoteRateLedger:
         return defer.succeed(None)
 
 
-__all__ = ["HTTP", "RemoteConnections", "RemoteLoginLedger", "RemoteRateLedger", "SMTP",
-           "SharedLimits", "WorkerAccount"]
+__all__ = ["HTTP", "LEASE_BATCH", "LEASE_IDLE", "RemoteConnections", "RemoteLoginLedger",
+           "RemoteRateLedger", "SMTP", "SharedLimits", "WorkerAccount"]

@@ -189,6 +189,7 @@ class WorkerSlot:
         self.account = supervisor.limits.for_worker(self.number)
         handlers = {**self.account.handlers(), STARTED: self._started}
         channel = self.channel = ControlChannel(handlers, reactor, name=self.name)
+        self.account.attach(channel)
         write_through(reactor).adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel))
         ours.close()
