@@ -149,21 +149,24 @@ class ServingTests(WorkersCase):
         self.assertEqual(codes, [250] * 6)
 
 
+def greetings_of(port: int, n: int) -> list[bytes]:
+    """The reply codes of ``n`` connections held open together, then closed."""
+    held, greetings = [], []
+    for _ in range(n):
+        sock, line = greeting(port)
+        held.append(sock)
+        greetings.append(line[:3])
+    for sock in held:
+        sock.close()
+    return greetings
+
+
 class ConnectionCapTests(WorkersCase):
     args = ("--max-connections-per-ip", "3")
 
     @defer.inlineCallbacks
     def test_the_per_address_cap_holds_for_the_relay(self):
-        def open_many():
-            held, greetings = [], []
-            for _ in range(8):
-                sock, line = greeting(self.relay.smtp_port)
-                held.append(sock)
-                greetings.append(line[:3])
-            for sock in held:
-                sock.close()
-            return greetings
-        greetings = yield self.in_thread(open_many)
+        greetings = yield self.in_thread(greetings_of, self.relay.smtp_port, 8)
         self.assertEqual(greetings.count(b"220"), 3, greetings)
         self.assertEqual(greetings.count(b"421"), 5, greetings)
 
@@ -177,17 +180,8 @@ class LentSlotsCapTests(WorkersCase):
 
     @defer.inlineCallbacks
     def test_the_cap_is_exact_with_slots_lent_ahead(self):
-        def open_many():
-            held, greetings = [], []
-            for _ in range(10):
-                sock, line = greeting(self.relay.smtp_port)
-                held.append(sock)
-                greetings.append(line[:3])
-            for sock in held:
-                sock.close()
-            return greetings
         for _ in range(3):
-            greetings = yield self.in_thread(open_many)
+            greetings = yield self.in_thread(greetings_of, self.relay.smtp_port, 10)
             self.assertEqual(greetings, [b"220"] * 8 + [b"421"] * 2)
             yield self.in_thread(time.sleep, 0.5)  # the workers see the closes
 
