@@ -171,17 +171,11 @@ def queued(spool: str) -> int:
         connection.close()
 
 
-#: ``--workers`` for the live relays too (set once from the command line).
-WORKERS = 0
-
-
 def start_relay(name: str, workdir: str, sink_port: int, extra: list[str]):
     port = free_port()
     meter = CpuMeter(name)
     arguments = esmtpfa_arguments(port, sink_port, workdir, "info")
     arguments += ["--max-connections", "1000", "--max-connections-per-ip", "1000", *extra]
-    if WORKERS:
-        arguments += ["--workers", str(WORKERS)]
     with open(os.path.join(workdir, f"{name}.out"), "wb") as out:
         process = subprocess.Popen(twistd_command(arguments), env=child_environment(),
                                    cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
@@ -227,8 +221,7 @@ def main() -> int:
     parser.add_argument("--profile", help="collapsed py-spy stacks of the drain, to F")
     parser.add_argument("--json")
     args = parser.parse_args()
-    global WORKERS
-    WORKERS = args.workers
+    workers = ["--workers", str(args.workers)] if args.workers else []
     print(f"command: python3 {os.path.relpath(sys.argv[0], PROJECT)} "
           f"{' '.join(sys.argv[1:])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; CPUs: "
@@ -267,7 +260,7 @@ def main() -> int:
         sink = start_sink(sink_port, dump=dump.path)
 
         # 3. live rate, before
-        port, relay, meter = start_relay("passthrough", workdir, sink_port, [])
+        port, relay, meter = start_relay("passthrough", workdir, sink_port, workers)
         meters.append(meter)
         wait_for_port(port, relay, timeout=60)
         asyncio.run(load(port, args.connections, args.connections * 10, args.size,
@@ -275,7 +268,7 @@ def main() -> int:
         report["live"] = {}
         for when in ("before", "after"):
             if when == "after":
-                port, relay, meter = start_relay("passthrough-2", workdir, sink_port, [])
+                port, relay, meter = start_relay("passthrough-2", workdir, sink_port, workers)
                 meters.append(meter)
                 wait_for_port(port, relay, timeout=60)
                 asyncio.run(load(port, args.connections, args.connections * 10,
@@ -298,8 +291,7 @@ def main() -> int:
             started = time.monotonic()
             arguments = esmtpfa_arguments(free_port(), sink_port, workdir, "info") + [
                 "--delivery-mode", "spool", "--spool-url", f"file://{spool}"]
-            if args.workers:
-                arguments += ["--workers", str(args.workers)]
+            arguments += workers
             if args.spool_concurrency:
                 arguments += ["--spool-concurrency", str(args.spool_concurrency)]
             if args.relay_pool_size:

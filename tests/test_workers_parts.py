@@ -329,6 +329,23 @@ class LentSlotsTests(unittest.TestCase):
         self.assertEqual(self.ledger.active, 0)
         self.assertEqual(self.ledger.by_ip[self.IP], 0)
 
+    def test_an_address_idle_for_a_sweep_is_forgotten_at_both_ends(self):
+        """What the lending remembers per address stays bounded by recent clients: once
+        an address's kept slots went back, neither end remembers it, and a slot its
+        last connection frees goes back at once."""
+        worker = self.worker(1)
+        self.connect(worker, 2)  # lent 4: 2 used, 2 kept
+        for _ in range(2):
+            self.clock.advance(LEASE_IDLE)
+            self.pump()
+        self.assertEqual(self.ledger.by_ip[self.IP], 2)
+        worker.release(self.IP)
+        worker.release(self.IP)
+        self.pump()
+        self.assertEqual(self.ledger.active, 0)
+        [account] = self.limits.accounts
+        self.assertEqual((account.lent, account.slots), (set(), {}))
+
     def test_a_slot_kept_by_another_worker_never_refuses_a_client(self):
         one, two = self.worker(1), self.worker(2)
         self.assertEqual(self.connect(one, 1), [None])  # lent 4: 1 used, 3 kept

@@ -88,13 +88,29 @@ class SharedLimits:
         self.accounts.add(account)
         return account
 
-    def recall(self, kind: str, ip: str | None) -> defer.Deferred:
+    def recall(self, kind: str, ip: str | None) -> defer.Deferred | None:
         """Ask every worker that may keep unused slots toward the limit that is about to
         refuse (``ip``'s, or with None the total) to give them back; fires when all
-        have answered (or failed to: their slots then stay theirs)."""
+        have answered (or failed to: their slots then stay theirs).  None when no
+        worker may keep any: the refusal stands at once."""
         asked = [account.recall(kind, ip) for account in list(self.accounts)
                  if account.may_keep(kind, ip)]
+        if not asked:
+            return None
         return defer.DeferredList(asked, consumeErrors=True)
+
+
+def take_back(held: Counter[Any], key: Any, n: int) -> int:
+    """Lower what a worker holds under ``key`` by ``n``, never below nothing (a release
+    it never took must not free another's share); how much it really gave back."""
+    n = min(n, held[key])
+    if n <= 0:
+        held.pop(key, None)
+        return 0
+    held[key] -= n
+    if not held[key]:
+        del held[key]
+    return n
 
 
 class WorkerAccount:
@@ -132,14 +148,14 @@ class WorkerAccount:
         reason = ledger.refusal_now(ip)
         if reason is None:
             return self._lend(kind, ip, 1 + ledger.take_spare(ip, max(want - 1, 0)))
-        limit = ip if reason == PER_ADDRESS_LIMIT else None
-        if not any(account.may_keep(kind, limit) for account in self.limits.accounts):
+        recalled = self.limits.recall(kind, ip if reason == PER_ADDRESS_LIMIT else None)
+        if recalled is None:
             return reason
 
         def again(_: Any) -> int | str:
             reason = ledger.refusal_now(ip)
             return reason if reason is not None else self._lend(kind, ip, 1)
-        return self.limits.recall(kind, limit).addCallback(again)
+        return recalled.addCallback(again)
 
     def _lend(self, kind: str, ip: str, granted: int) -> int:
         self.slots[(kind, ip)] += granted
@@ -149,13 +165,9 @@ class WorkerAccount:
 
     def conn_release(self, kind: str, ip: str, n: int = 1) -> None:
         slot = (kind, ip)
-        n = min(n, self.slots[slot])  # never more than it holds: not another's slot
-        if n <= 0:
-            self.slots.pop(slot, None)
-            return
-        self.slots[slot] -= n
-        if not self.slots[slot]:
-            del self.slots[slot]
+        n = take_back(self.slots, slot, n)
+        if slot not in self.slots:
+            self.lent.discard(slot)  # it holds none there: none kept (and no memory)
         ledger = self.limits.connections[kind]
         for _ in range(n):
             ledger.release(ip)
@@ -200,15 +212,9 @@ class WorkerAccount:
 
     def rate_give(self, key: str, kind: str, count: int, window: float, n: int,
                   counted: bool) -> None:
-        slot = (key, kind, count, window)
-        n = min(n, self.reserved[slot])
-        if n <= 0:
-            self.reserved.pop(slot, None)
-            return
-        self.reserved[slot] -= n
-        if not self.reserved[slot]:
-            del self.reserved[slot]
-        self.limits.rates.give_now(key, kind, Limit(count, window), n, counted)
+        n = take_back(self.reserved, (key, kind, count, window), n)
+        if n:
+            self.limits.rates.give_now(key, kind, Limit(count, window), n, counted)
 
     # -- the worker went away -----------------------------------------------------------------
 
@@ -308,10 +314,13 @@ class RemoteConnections:
             self._sweep = self.clock.callLater(LEASE_IDLE, self._swept)
 
     def _swept(self) -> None:
-        """Give back what was kept and not used since the last sweep."""
+        """Give back what was kept and not used since the last sweep, and forget those
+        addresses: what is remembered stays bounded by recent clients, and a slot
+        freed there later goes back at once."""
         self._sweep = None
         for ip in [ip for ip in self.spare if ip not in self._used]:
             self._give_back(ip)
+            self._keep.discard(ip)
         self._used.clear()
         if self.spare:
             self._sweep = self.clock.callLater(LEASE_IDLE, self._swept)
