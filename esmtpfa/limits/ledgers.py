@@ -378,8 +378,6 @@ class ConnectionLimits:
             self.active += 1
             self.by_ip[ip] += 1
             taken += 1
-        if not self.by_ip[ip]:
-            del self.by_ip[ip]
         return taken
 
     def release(self, ip: str) -> None:
