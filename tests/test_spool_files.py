@@ -14,11 +14,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -553,6 +555,70 @@ class DurabilityTests(SpoolTestCase):
         self.assertEqual(len(self.content_files()), 3)  # the duplicate's file is gone
 
 
+class CommitterTests(SpoolTestCase):
+    """GroupCommitter: a batch's statements in the reactor's thread, its COMMIT in the
+    pool, and another process's write lock waited for without blocking the reactor."""
+
+    def hold_the_write_lock(self) -> sqlite3.Connection:
+        """Another writer (as a worker or the queue tool would be) in a transaction."""
+        other = sqlite3.connect(os.path.join(self.path, files.DATABASE),
+                                isolation_level=None, timeout=0)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        return other
+
+    async def test_statements_in_the_reactor_thread_the_commit_in_the_pool(self) -> None:
+        spool = await self.open()
+        threads_seen: dict[str, str] = {}
+        real_commit = spool.committer.commit
+
+        def commit(connection: sqlite3.Connection) -> None:
+            threads_seen["commit"] = threading.current_thread().name
+            real_commit(connection)
+        self.patch(spool.committer, "commit", commit)
+
+        def unit(tx: files.Transaction) -> int:
+            threads_seen["unit"] = threading.current_thread().name
+            return tx.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self.assertEqual(await spool.committer.submit(unit), 0)
+        self.assertEqual(threads_seen["unit"], threading.main_thread().name)
+        self.assertNotEqual(threads_seen["commit"], threading.main_thread().name)
+
+    async def test_units_submitted_in_one_turn_share_a_batch(self) -> None:
+        spool = await self.open()
+        before = spool.committer.commits
+        await gatherResults([spool.committer.submit(lambda tx: None) for _ in range(6)])
+        self.assertEqual(spool.committer.commits - before, 1)
+
+    async def test_a_locked_database_is_waited_for_while_the_reactor_runs(self) -> None:
+        spool = await self.open()
+        other = self.hold_the_write_lock()
+        outcome: list[Any] = []
+        stored = spool.store(entry(), iter([CONTENT]))
+        stored.addBoth(lambda result: outcome.append(result) or result)
+        turns = 0
+        for _ in range(20):  # 20 turns of the reactor, 10 ms apart, while locked
+            await deferLater(reactor, 0.01, lambda: None)
+            turns += 1
+        self.assertEqual(turns, 20)
+        self.assertEqual(outcome, [])  # waiting for the lock, neither stored nor failed
+        other.execute("COMMIT")
+        await stored
+        self.assertEqual(len(await spool.list()), 1)
+
+    async def test_a_lock_held_past_the_busy_timeout_fails_the_batch(self) -> None:
+        spool = await self.open()
+        spool.committer.busy_timeout = 0.2
+        other = self.hold_the_write_lock()
+        started = time.monotonic()
+        await self.failure(spool.store(entry(), iter([CONTENT])),
+                           SpoolErrorKind.UNAVAILABLE, Phase.STORE)
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        other.execute("ROLLBACK")
+        await spool.store(entry(), iter([CONTENT]))  # the next batch takes the lock
+        self.assertEqual(len(await spool.list()), 1)
+
+
 class CapacityAndFailureTests(SpoolTestCase):
 
     async def test_full_by_max_bytes(self) -> None:
@@ -757,6 +823,11 @@ class OwnerTests(SpoolTestCase):
         # The stuck attempt lost its claim: the dot must not leave now.
         await self.failure(stuck.started(messages[plain.id], messages[plain.id].pending),
                            SpoolErrorKind.CONFLICT, Phase.START)
+        # Nor may its verdict remove what is now another attempt's.
+        await self.failure(stuck.settle(messages[plain.id], Settlement(
+            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),))),
+            SpoolErrorKind.CONFLICT, Phase.SETTLE)
+        self.assertEqual((await self.summary(other, plain.id)).state, MessageState.QUEUED)
         summary = await self.summary(other, started.id)
         self.assertEqual(summary.state, MessageState.HELD)
         self.assertIn("lease", summary.hold_reason)

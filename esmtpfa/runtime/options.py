@@ -392,7 +392,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool-retry-min", parse_duration, 300.0, "SPOOL_RETRY_MIN", "First retry of a deferred spooled message (then doubling, Postfix's minimal_backoff_time)"),
     Setting("spool-retry-max", parse_duration, 4000.0, "SPOOL_RETRY_MAX", "Longest wait between retries (Postfix's maximal_backoff_time)"),
     Setting("spool-lifetime", parse_duration, 5 * 86400.0, "SPOOL_LIFETIME", "How long a spooled message is retried before it is bounced or held (e.g. 5d; Postfix's maximal_queue_lifetime)"),
-    Setting("spool-concurrency", parse_positive_int, 20, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (one identity gets at most half of them while others have mail waiting); beyond the client share they use only the relay connections no live client wants"),
+    Setting("spool-concurrency", parse_positive_int, 40, "SPOOL_CONCURRENCY", "Spooled messages each process delivers at once (one identity gets at most half of them while others have mail waiting); twice the default pool size, because an attempt records its start before it asks for a connection; beyond the client share they use only the relay connections no live client wants"),
 )
 
 DEMO_PORT = 12525

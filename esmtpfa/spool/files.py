@@ -76,6 +76,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -574,15 +575,37 @@ class Transaction:
 Work = Callable[[Transaction], Any]
 
 
+class _Committer(Enum):
+    """What the committer is doing (``GroupCommitter._phase``)."""
+
+    IDLE = "idle"              # nothing queued
+    SCHEDULED = "scheduled"    # a batch runs at the reactor's next turn
+    OPENING = "opening"        # the connection is being opened in the pool
+    LOCKED = "locked"          # another process writes: the batch is tried again later
+    COMMITTING = "committing"  # a batch's COMMIT runs in the pool
+
+
 class GroupCommitter:
     """Every write of one FileSpool, serialized through one SQLite connection, the writes
-    that arrive while a transaction runs committed together in the next one.
+    that arrive while a commit runs committed together in the next one.
 
-    Driven from the reactor thread: ``submit`` queues a unit of work (a function of a
-    ``Transaction``) and returns a Deferred fired after the commit.  At most one batch
-    runs at a time, as a job in the thread pool; it takes up to ``max_batch`` units, runs
-    each in a SAVEPOINT (a failing unit is rolled back and fails alone) and commits
-    them with one ``COMMIT``: one fsync of the WAL for the whole batch.
+    ``submit`` queues a unit of work (a function of a ``Transaction``) and returns a
+    Deferred fired after the commit.  At most one batch is in progress at a time: it
+    takes up to ``max_batch`` units, runs each in a SAVEPOINT (a failing unit is rolled
+    back and fails alone) and commits them with one ``COMMIT``: one fsync of the WAL for
+    the whole batch.
+
+    A batch's statements run in the reactor's thread, its ``COMMIT`` in the thread pool.
+    The ``COMMIT`` is the one call that waits for the disk (the WAL's fsync, and the
+    checkpoints SQLite runs when the WAL has grown); every other statement is a few
+    microseconds of work on pages in memory.  Run from a pool thread, each of those
+    statements, and each row read, handed the GIL to the busy reactor and waited to get
+    it back, so that a claim of 15 messages took 3 ms where it needs 0.5 ms, and every
+    start waited behind it (docs/performance.md, "The committer's statements in the
+    reactor's thread").  The reactor never waits for another process's write lock: the
+    connection's busy timeout is zero, and a batch whose ``BEGIN`` finds the database
+    locked is tried again after a pause that doubles, for ``busy_timeout`` seconds in
+    all, as SQLite's own busy handler would (``--workers``, the queue tool).
 
     Only a batch with a *durable* unit pays that fsync (``synchronous=FULL``); one of
     bookkeeping units alone commits with ``synchronous=NORMAL``, which in WAL mode writes
@@ -593,17 +616,25 @@ class GroupCommitter:
     costs").
     """
 
+    #: The first pause after a locked ``BEGIN``, and the longest (seconds).
+    LOCKED_FIRST_PAUSE = 0.001
+    LOCKED_LONGEST_PAUSE = 0.1
+
     def __init__(self, reactor: Any, threadpool: ThreadPool,
-                 connect: Callable[[], sqlite3.Connection], max_batch: int = MAX_BATCH):
+                 connect: Callable[[], sqlite3.Connection], max_batch: int = MAX_BATCH,
+                 busy_timeout: float = BUSY_TIMEOUT_MS / 1000):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._reactor = reactor
         self._pool = threadpool
         self._connect = connect
         self.max_batch = max_batch
+        self.busy_timeout = busy_timeout
         self._connection: sqlite3.Connection | None = None
         self._queue: deque[tuple[Work, Deferred[Any], bool]] = deque()
-        self._running = False
+        self._phase = _Committer.IDLE
+        self._locked_since: float | None = None  # the first locked BEGIN of this batch
+        self._pause = self.LOCKED_FIRST_PAUSE
         self._synchronous = "FULL"  # what the connection is set to (FileSpool._connect)
         self._idle: list[Deferred[None]] = []
         #: Transactions committed, the units of work in them, and the most in one
@@ -614,15 +645,19 @@ class GroupCommitter:
 
     def submit(self, work: Work, durable: bool = True) -> Deferred[Any]:
         """``work`` committed, fsync'd unless ``durable`` is false (bookkeeping that a
-        crash of the machine may lose: see the class)."""
+        crash of the machine may lose: see the class).  It runs at the reactor's next
+        turn at the earliest, never inside this call: the units submitted in one turn
+        share a batch."""
         d: Deferred[Any] = Deferred()
         self._queue.append((work, d, durable))
-        self._next()
+        if self._phase is _Committer.IDLE:
+            self._phase = _Committer.SCHEDULED
+            self._reactor.callLater(0, self._next)
         return d
 
     def idle(self) -> Deferred[None]:
         """Fires once nothing is queued or running."""
-        if not self._running and not self._queue:
+        if self._phase is _Committer.IDLE:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
@@ -638,74 +673,115 @@ class GroupCommitter:
         """The one durable step of a batch (its own method: the tests watch it)."""
         connection.execute("COMMIT")
 
+    # -- one batch: its statements here, its COMMIT in the pool -----------------------
+
     def _next(self) -> None:
-        if self._running:
-            return
+        """The next batch: its statements now, its COMMIT in the pool."""
         if not self._queue:
+            self._phase = _Committer.IDLE
             waiters, self._idle = self._idle, []
             for waiter in waiters:
                 waiter.callback(None)
             return
+        if self._connection is None:
+            self._phase = _Committer.OPENING
+            opening = deferToThreadPool(self._reactor, self._pool, self._open)
+            opening.addCallbacks(self._opened, self._not_opened)
+            return
         count = min(len(self._queue), self.max_batch)
         batch = [self._queue.popleft() for _ in range(count)]
-        self._running = True
-        d = deferToThreadPool(self._reactor, self._pool, self._run,
-                              [work for work, _, _ in batch],
-                              any(durable for _, _, durable in batch))
-        d.addBoth(self._finished, [waiter for _, waiter, _ in batch])
+        works = [work for work, _, _ in batch]
+        waiters = [waiter for _, waiter, _ in batch]
+        durable = any(durable for _, _, durable in batch)
+        try:
+            began = self._begin(durable)
+        except Exception:
+            self._finished([(False, Failure())] * count, waiters)
+            return
+        if not began:  # another process holds the write lock: try again
+            self._queue.extendleft(reversed(batch))
+            self._wait_for_the_lock()
+            return
+        self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
+        transaction = Transaction(self._connection)
+        outcomes = self._run(transaction, works)
+        if not self._connection.in_transaction:  # rolled back already: nothing to commit
+            self._finished(outcomes, waiters)
+            return
+        self._phase = _Committer.COMMITTING
+        committed = deferToThreadPool(self._reactor, self._pool, self._commit, transaction,
+                                      outcomes)
+        committed.addBoth(self._finished, waiters)
 
-    def _finished(self, outcomes: Any, waiters: list[Deferred[Any]]) -> None:
-        if isinstance(outcomes, Failure):  # the job itself could not run
-            outcomes = [(False, outcomes)] * len(waiters)
-        for (ok, value), waiter in zip(outcomes, waiters, strict=True):
-            if ok:
-                waiter.callback(value)
-            else:
-                waiter.errback(value)
-        self._running = False
+    def _open(self) -> sqlite3.Connection:
+        """In the pool: opening may wait for locks (the schema, WAL recovery)."""
+        connection = self._connect()
+        try:
+            connection.execute("PRAGMA busy_timeout = 0")  # see the class
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _opened(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self._synchronous = "FULL"
         self._next()
 
-    def _run(self, works: list[Work], durable: bool = True) -> list[tuple[bool, Any]]:
-        """In the pool: one transaction for the batch."""
+    def _not_opened(self, failure: Failure) -> None:
+        """The batch that needed the connection fails with it; the next one tries
+        again."""
+        count = min(len(self._queue), self.max_batch)
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._finished([(False, failure)] * count, [waiter for _, waiter, _ in batch])
+
+    def _begin(self, durable: bool) -> bool:
+        """BEGIN IMMEDIATE (the write lock), or False while another process holds it."""
+        connection = self._connection
+        assert connection is not None
+        synchronous = "FULL" if durable else "NORMAL"
+        if synchronous != self._synchronous:  # only between transactions
+            connection.execute(f"PRAGMA synchronous = {synchronous}")
+            self._synchronous = synchronous
         try:
-            if self._connection is None:
-                self._connection = self._connect()
-                self._synchronous = "FULL"
-            connection = self._connection
-            synchronous = "FULL" if durable else "NORMAL"
-            if synchronous != self._synchronous:  # only between transactions
-                connection.execute(f"PRAGMA synchronous = {synchronous}")
-                self._synchronous = synchronous
             connection.execute("BEGIN IMMEDIATE")
-        except Exception:
-            return [(False, Failure())] * len(works)
-        transaction = Transaction(connection)
-        outcomes: list[tuple[bool, Any]] = []
+        except sqlite3.OperationalError as error:
+            if (getattr(error, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_BUSY:
+                raise
+            now = self._reactor.seconds()
+            if self._locked_since is None:
+                self._locked_since = now
+            elif now - self._locked_since >= self.busy_timeout:
+                self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
+                raise
+            return False
+        return True
+
+    def _wait_for_the_lock(self) -> None:
+        self._phase = _Committer.LOCKED
+        self._reactor.callLater(self._pause, self._next)
+        self._pause = min(self._pause * 2, self.LOCKED_LONGEST_PAUSE)
+
+    def _run(self, transaction: Transaction, works: list[Work]) -> list[tuple[bool, Any]]:
+        """Every unit, each in its SAVEPOINT.  A failure that a SAVEPOINT cannot contain
+        (SQLite rolled the whole transaction back) fails them all."""
         try:
             if len(works) == 1:
                 # Alone, a unit needs no SAVEPOINT: if it fails, rolling the whole
                 # transaction back undoes that unit and nothing else.
                 try:
-                    outcomes.append((True, works[0](transaction)))
+                    return [(True, works[0](transaction))]
                 except Exception:
                     failure = Failure()
-                    _rollback_quietly(connection)
+                    _rollback_quietly(transaction.connection)
                     transaction.finish(committed=False)
                     return [(False, failure)]
-            else:
-                for work in works:
-                    outcomes.append(self._unit(transaction, work))
-            self.commit(connection)
+            return [self._unit(transaction, work) for work in works]
         except Exception:
             failure = Failure()
-            _rollback_quietly(connection)
+            _rollback_quietly(transaction.connection)
             transaction.finish(committed=False)
             return [(False, failure)] * len(works)
-        self.commits += 1
-        self.units += len(works)
-        self.largest_batch = max(self.largest_batch, len(works))
-        transaction.finish(committed=True)
-        return outcomes
 
     def _unit(self, transaction: Transaction, work: Work) -> tuple[bool, Any]:
         connection = transaction.connection
@@ -723,6 +799,35 @@ class GroupCommitter:
             return False, failure
         connection.execute("RELEASE unit")
         return True, result
+
+    def _commit(self, transaction: Transaction, outcomes: list[tuple[bool, Any]]
+                ) -> list[tuple[bool, Any]]:
+        """In the pool: the batch's COMMIT, then what its units asked for after it."""
+        connection = transaction.connection
+        try:
+            self.commit(connection)
+        except Exception:
+            failure = Failure()
+            _rollback_quietly(connection)
+            transaction.finish(committed=False)
+            return [(False, failure)] * len(outcomes)
+        self.commits += 1
+        self.units += len(outcomes)
+        self.largest_batch = max(self.largest_batch, len(outcomes))
+        transaction.finish(committed=True)
+        return outcomes
+
+    def _finished(self, outcomes: Any, waiters: list[Deferred[Any]]) -> None:
+        if isinstance(outcomes, Failure):  # the COMMIT's job itself could not run
+            outcomes = [(False, outcomes)] * len(waiters)
+            if self._connection is not None and self._connection.in_transaction:
+                _rollback_quietly(self._connection)  # else no batch could BEGIN again
+        for (ok, value), waiter in zip(outcomes, waiters, strict=True):
+            if ok:
+                waiter.callback(value)
+            else:
+                waiter.errback(value)
+        self._next()
 
 
 class ReaderConnections:
