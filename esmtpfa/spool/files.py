@@ -688,21 +688,19 @@ class GroupCommitter:
             opening = deferToThreadPool(self._reactor, self._pool, self._open)
             opening.addCallbacks(self._opened, self._not_opened)
             return
-        count = min(len(self._queue), self.max_batch)
-        batch = [self._queue.popleft() for _ in range(count)]
+        batch = self._take_batch()
         works = [work for work, _, _ in batch]
         waiters = [waiter for _, waiter, _ in batch]
         durable = any(durable for _, _, durable in batch)
         try:
             began = self._begin(durable)
         except Exception:
-            self._finished([(False, Failure())] * count, waiters)
+            self._finished([(False, Failure())] * len(batch), waiters)
             return
         if not began:  # another process holds the write lock: try again
             self._queue.extendleft(reversed(batch))
             self._wait_for_the_lock()
             return
-        self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
         transaction = Transaction(self._connection)
         outcomes = self._run(transaction, works)
         if not self._connection.in_transaction:  # rolled back already: nothing to commit
@@ -712,6 +710,10 @@ class GroupCommitter:
         committed = deferToThreadPool(self._reactor, self._pool, self._commit, transaction,
                                       outcomes)
         committed.addBoth(self._finished, waiters)
+
+    def _take_batch(self) -> list[tuple[Work, Deferred[Any], bool]]:
+        count = min(len(self._queue), self.max_batch)
+        return [self._queue.popleft() for _ in range(count)]
 
     def _open(self) -> sqlite3.Connection:
         """In the pool: opening may wait for locks (the schema, WAL recovery)."""
@@ -731,9 +733,8 @@ class GroupCommitter:
     def _not_opened(self, failure: Failure) -> None:
         """The batch that needed the connection fails with it; the next one tries
         again."""
-        count = min(len(self._queue), self.max_batch)
-        batch = [self._queue.popleft() for _ in range(count)]
-        self._finished([(False, failure)] * count, [waiter for _, waiter, _ in batch])
+        batch = self._take_batch()
+        self._finished([(False, failure)] * len(batch), [waiter for _, waiter, _ in batch])
 
     def _begin(self, durable: bool) -> bool:
         """BEGIN IMMEDIATE (the write lock), or False while another process holds it."""
@@ -751,10 +752,11 @@ class GroupCommitter:
             now = self._reactor.seconds()
             if self._locked_since is None:
                 self._locked_since = now
-            elif now - self._locked_since >= self.busy_timeout:
-                self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
-                raise
-            return False
+            if now - self._locked_since < self.busy_timeout:
+                return False
+            self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
+            raise  # locked for the whole busy timeout: this batch fails
+        self._locked_since, self._pause = None, self.LOCKED_FIRST_PAUSE
         return True
 
     def _wait_for_the_lock(self) -> None:

@@ -101,8 +101,9 @@ class SharedLimits:
 
 
 def take_back(held: Counter[Any], key: Any, n: int) -> int:
-    """Lower what a worker holds under ``key`` by ``n``, never below nothing (a release
-    it never took must not free another's share); how much it really gave back."""
+    """Lower what is held under ``key`` by ``n``, never below nothing (a release never
+    taken must not free another's share); how much was really given back.  The
+    supervisor's account of a worker and a worker's slots kept ahead both count so."""
     n = min(n, held[key])
     if n <= 0:
         held.pop(key, None)
@@ -262,10 +263,7 @@ class RemoteConnections:
         self._sweep: Any = None
 
     def refusal(self, ip: str) -> defer.Deferred:
-        if self.spare[ip] > 0:
-            self.spare[ip] -= 1
-            if not self.spare[ip]:
-                del self.spare[ip]
+        if take_back(self.spare, ip, 1):
             self._used.add(ip)
             return defer.succeed(None)
         if self.waiting >= self.total:
