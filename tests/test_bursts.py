@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.python import log
 from twisted.trial import unittest
 
@@ -127,14 +127,9 @@ class SingleProcessBurstTests(unittest.TestCase):
     def all_workers_serve(self, timeout: float = 20.0):
         """With workers, until each has said it serves (the supervisor's socket accepts
         before any worker does)."""
-        deadline = reactor.seconds() + timeout
-        while self.workers > 1 and not all(
-                f"worker {slot} serving" in self.relay.output
-                for slot in range(1, self.workers + 1)):
-            if reactor.seconds() > deadline:
-                self.fail(f"the workers did not all serve within {timeout:g} s:\n"
-                          f"{self.relay.output}")
-            yield task.deferLater(reactor, 0.1, lambda: None)
+        if self.workers > 1:
+            for slot in range(1, self.workers + 1):
+                yield self.relay.wait_for_lines(rf"worker {slot} serving", timeout=timeout)
 
     @defer.inlineCallbacks
     def test_every_client_of_a_burst_is_greeted_and_relayed(self):

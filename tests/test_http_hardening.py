@@ -448,7 +448,7 @@ class DescriptorBudgetTests(unittest.TestCase):
         greeting, ehlo = yield threads.deferToThread(flood_then_smtp)
         self.assertTrue(greeting.startswith(b"220 "), (greeting, relay.output[-2000:]))
         self.assertTrue(ehlo.startswith(b"250"), ehlo)
-        self.assertIn("--http-max-connections 200 lowered to 32", relay.output)
+        yield relay.wait_for_lines("--http-max-connections 200 lowered to 32")
 
 
 # -- 3. deadlines ---------------------------------------------------------------------------

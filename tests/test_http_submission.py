@@ -12,7 +12,6 @@ import base64
 import glob
 import json
 import os
-import re
 import socket
 
 from twisted.internet import defer, threads
@@ -605,7 +604,7 @@ class ReadmeFlowTests(unittest.TestCase):
             output, _ = yield self.curl_send("ops", "op:pw")
             return output.endswith("202")
         yield poll_until(loaded, 20)
-        self.assertRegex(self.relay.output, re.compile(r"SIGHUP: reloading"))
+        yield self.relay.wait_for_lines(r"SIGHUP: reloading")
 
 
 @defer.inlineCallbacks

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 
 from twisted.internet import defer, threads
@@ -134,14 +135,14 @@ class NetworkTests(LegacyRelayCase):
                       'reason="network"} 1.0', scrape)
         self.assertIn('esmtpfa_connections_refused_total{listener="plain",'
                       'reason="network"} 0.0', scrape)
-        self.assertIn(f"[{OUTSIDE}] is not in this listener's networks", self.relay.output)
+        yield self.relay.wait_for_lines(
+            re.escape(f"[{OUTSIDE}] is not in this listener's networks"))
 
+    @defer.inlineCallbacks
     def test_the_start_warns_naming_each_listener_and_its_networks(self):
-        lines = [line for line in self.relay.output.splitlines()
-                 if "legacy" in line and "#warn" in line]
         for name, port in (("legacy-plain", self.legacy_plain),
                            ("legacy-tls", self.legacy_tls)):
-            [line] = [line for line in lines if f"{name} listener" in line]
+            [line] = yield self.relay.wait_for_lines(rf"#warn.*\b{name} listener")
             self.assertIn(f"[127.0.0.1]:{port}", line)
             self.assertIn("TLS 1.0 and 1.1 allowed", line)
             self.assertIn(f"{ALLOWED}/32,{NO_CLEARTEXT}/32", line)

@@ -57,17 +57,6 @@ class StartupCase(unittest.TestCase):
         code = await process.exited()
         return code, process.output
 
-    async def output_has(self, process: Twistd, pattern: str, timeout: float = 10.0) -> str:
-        """Wait (bounded) for a line of the process's output to match ``pattern``."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            found = [line for line in process.output.splitlines() if re.search(pattern, line)]
-            if found:
-                return found[0]
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"no line matching {pattern!r}:\n{process.output}")
-            await task.deferLater(reactor, 0.1, lambda: None)
-
 
 class OneLineTests(StartupCase):
     """A value that does not parse: one line naming it, exit status 1."""
@@ -168,10 +157,10 @@ class OverrideWarningTests(StartupCase):
             "--relay-user", "mailer", "--relay-pass", RELAY_SECRET_FLAG,
             env={"SMTP_PORT": str(env_port), "RELAY_PASS": RELAY_SECRET_ENV})
         await process.wait_for_port(env_port)
-        port_line = await self.output_has(process, r"SMTP_PORT.*overrides --port")
+        port_line = (await process.wait_for_lines(r"SMTP_PORT.*overrides --port"))[0]
         self.assertIn(f"SMTP_PORT={env_port} overrides --port {flag_port}", port_line)
         self.assertIn("#warn]", port_line)
-        pass_line = await self.output_has(process, r"RELAY_PASS.*overrides --relay-pass")
+        pass_line = (await process.wait_for_lines(r"RELAY_PASS.*overrides --relay-pass"))[0]
         self.assertIn("#warn]", pass_line)
         self.assertEqual(len([line for line in process.output.splitlines()
                               if "overrides --" in line]), 2, process.output)

@@ -199,7 +199,7 @@ class ProcessTests(unittest.TestCase):
         code, text = yield threads.deferToThread(
             session.send_message, MESSAGE, "a@example.com", ["b@example.net"])
         self.assertEqual(code, 250, text)
-        reloaded = relay.lines("certificate reloaded from")
+        reloaded = yield relay.wait_for_lines(re.escape("certificate reloaded from"))
         self.assertEqual(len(reloaded), 1, relay.output)
         self.assertIn(self.cert, reloaded[0])
         self.assertRegex(reloaded[0], r"names relay\.test, localhost, ecdsa key, "
@@ -232,7 +232,8 @@ class ProcessTests(unittest.TestCase):
         publish(self.new, "..2026_02_01")
         took = yield self.until_served(relay.tls_port, self.new, within=interval + 1.5)
         self.assertLess(took, interval + 1.5)
-        self.assertEqual(len(relay.lines("certificate reloaded from")), 1, relay.output)
+        reloaded = yield relay.wait_for_lines(re.escape("certificate reloaded from"))
+        self.assertEqual(len(reloaded), 1, relay.output)
 
     @defer.inlineCallbacks
     def test_a_broken_renewal_keeps_the_certificate_in_use(self):
@@ -242,7 +243,7 @@ class ProcessTests(unittest.TestCase):
         write(self.cert, b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n"
                          b"-----END CERTIFICATE-----\n")
         relay.hangup()
-        yield self.until_logged(relay, "NOT reloaded")
+        yield relay.wait_for_lines(re.escape("NOT reloaded"))
         self.assertEqual((yield self.served(relay.tls_port))[0], pem(self.old))
         warnings = relay.lines("NOT reloaded")
         self.assertEqual(len(warnings), 1, relay.output)
@@ -250,21 +251,13 @@ class ProcessTests(unittest.TestCase):
 
         write(self.cert, self.new.cert_pem)  # the new certificate, the old key
         relay.hangup()
-        yield self.until_logged(relay, "NOT reloaded", count=2)
+        yield relay.wait_for_lines(re.escape("NOT reloaded"), count=2)
         self.assertEqual((yield self.served(relay.tls_port))[0], pem(self.old))
         warnings = relay.lines("NOT reloaded")
         self.assertEqual(len(warnings), 2, relay.output)
         self.assertIn(f"key file {self.key}: does not match the certificate", warnings[1])
         self.assertEqual(relay.lines("certificate reloaded from"), [])
         self.assertNotIn("Traceback", relay.output)
-
-    @defer.inlineCallbacks
-    def until_logged(self, relay: Relay, text: str, count: int = 1, within: float = 10):
-        deadline = time.monotonic() + within
-        while len(relay.lines(text)) < count:
-            if time.monotonic() > deadline:
-                self.fail(f"{text!r} not logged {count} time(s):\n{relay.output}")
-            yield task.deferLater(reactor, 0.05, lambda: None)
 
     @defer.inlineCallbacks
     def test_sni_chooses_the_certificate(self):
@@ -314,7 +307,7 @@ class ProcessTests(unittest.TestCase):
         renewed = issue_rsa(self.ca, "relay.test", "localhost", filename="renewed", days=60)
         self.install(renewed)
         relay.hangup()
-        yield self.until_logged(relay, "certificate reloaded from")
+        yield relay.wait_for_lines(re.escape("certificate reloaded from"))
         scrape = yield metrics(relay.metrics_port)
         self.assertNear(expiry(scrape, "relay.test", "cert.pem", "rsa"), 60 * 86400)
         self.assertEqual(len(scrape.labelsets(name)), 2, scrape.text)
@@ -365,11 +358,11 @@ class ProcessTests(unittest.TestCase):
     def test_every_worker_reloads_on_sighup(self):
         """``--workers 2``: the supervisor takes SIGHUP and every worker reloads."""
         relay = yield self.start("--workers", "2", "--tls-poll-interval", "600")
-        yield self.until_logged(relay, "serving (pid", count=2)
+        yield relay.wait_for_lines(re.escape("serving (pid"), count=2)
         self.assertEqual((yield self.served(relay.tls_port))[0], pem(self.old))
         self.install(self.new)
         relay.hangup()
-        yield self.until_logged(relay, "certificate reloaded from", count=2)
+        yield relay.wait_for_lines(re.escape("certificate reloaded from"), count=2)
         for _ in range(8):  # the kernel spreads them over both workers
             served, output, _ = yield self.served(relay.tls_port)
             self.assertEqual(served, pem(self.new), output)

@@ -8,6 +8,7 @@ stopped by the test that started it, and every wait is bounded.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -83,6 +84,28 @@ def until_serving(name: str, port: int, collector: Collector, *, timeout: float 
         yield task.deferLater(reactor, interval, lambda: None)
 
 
+@defer.inlineCallbacks
+def until_logged(name: str, collector: Collector, pattern: str, *, count: int = 1,
+                 timeout: float = 10.0):
+    """Fires with the child's lines matching ``pattern`` (a regular expression) once
+    there are at least ``count``; fails loudly, with the output, when ``timeout`` passes
+    or the child ends without them.
+
+    A test that looks for what the child logged waits here rather than reading the
+    output once: a line the child wrote before an event the test saw (a port that
+    listens, a reply) may still be in the pipe, unread by this reactor.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        found = [line for line in collector.text.splitlines() if re.search(pattern, line)]
+        if len(found) >= count:
+            return found
+        if reactor.seconds() > deadline or collector.ended.called:
+            raise AssertionError(f"{name}: {count} line(s) matching {pattern!r} expected, "
+                                 f"{len(found)} logged:\n{collector.text}")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
 class Twistd:
     """``twistd -n esmtpfa ARGS`` as a child process.
 
@@ -114,6 +137,11 @@ class Twistd:
     def wait_for_port(self, port: int, timeout: float = 20.0) -> defer.Deferred:
         """Poll until something accepts on 127.0.0.1:port, or fail with the log."""
         return until_serving("twistd", port, self._collector, timeout=timeout, interval=0.1)
+
+    def wait_for_lines(self, pattern: str, count: int = 1,
+                       timeout: float = 10.0) -> defer.Deferred:
+        """The output's lines matching ``pattern``, once ``count`` are there (bounded)."""
+        return until_logged("twistd", self._collector, pattern, count=count, timeout=timeout)
 
     def exited(self) -> defer.Deferred:
         """Fires with the exit code when the process ends by itself (bounded)."""
