@@ -17,9 +17,10 @@ from esmtpfa.common.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from esmtpfa.common.message import Envelope
 from esmtpfa.common.replies import Reply
 from esmtpfa.relay.interfaces import REJECTED, UNAVAILABLE, RelayError
+from esmtpfa.relay.pool import ClientShares, ShareTicket
 from esmtpfa.relay.protocol import Extensions, parse_limits
 from esmtpfa.relay.settings import PoolSettings, parse_upstream_addresses
-from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings
+from esmtpfa.relay.upstream import SMTPRelay, UpstreamSettings, UpstreamTransaction
 from tests.support.builders import outbound
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
@@ -588,6 +589,46 @@ class FailoverTests(PoolTestCase):
         reply = await send_whole(relay, outbound(CONTENT, rcpts=("a@example.com", "b@example.com")))
         self.assertEqual(reply.code, 250)
         self.assertEqual(second.accepted[0].rcpts, ["a@example.com", "b@example.com"])
+
+
+class CleanUpFailureTests(PoolTestCase):
+
+    async def test_the_caller_is_answered_when_ending_the_transaction_fails(self):
+        """A bug in the clean-up after the final reply (here: giving the session back)
+        is logged, and the caller still hears the upstream's reply: it waited for it
+        with its deadline already cleared, so nothing else would ever answer it."""
+        upstream = self.upstream()
+        relay = self.relay(upstream)
+
+        def broken(self: object, reusable: bool) -> None:
+            raise RuntimeError("clean-up bug")
+        self.patch(UpstreamTransaction, "_end", broken)
+        outcome = await self.transact(relay)
+        self.assertEqual(outcome.codes, [250, 250])
+        self.assertEqual(len(upstream.accepted), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ClientSharesTests(unittest.TestCase):
+    """The fair share's queue, as transactions use it: a waiter served runs on at once,
+    and may give its ticket back before the one who served it has finished."""
+
+    def test_waiters_that_give_back_at_once_are_each_served_once(self):
+        shares = ClientShares(cap=1)
+        holder = shares.try_acquire(("identity a",))
+        assert holder is not None
+        served: list[str] = []
+
+        def refused_at_once(ticket: ShareTicket, name: str) -> None:
+            served.append(name)  # e.g. every upstream's breaker is open: no session
+            ticket.release()
+        for name in ("first", "second", "third"):
+            shares.acquire(("identity a",), paced=True).addCallback(refused_at_once, name)
+        holder.release()  # raised ValueError when a nested give-back served the queue
+        self.assertEqual(served, ["first", "second", "third"])
+        self.assertEqual((shares.held("identity a"), shares.borrowed), (0, 0))
+        again = shares.try_acquire(("identity a",))
+        self.assertIsNotNone(again)  # nothing leaked: the share is whole again
 
 
 class BreakerTests(unittest.TestCase):

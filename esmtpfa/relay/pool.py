@@ -416,15 +416,27 @@ class ClientShares:
                 else:
                     self._held.pop(key, None)
         # Serve waiters in order; one that still does not fit lets later ones (other
-        # clients) pass, so a client over its share never blocks anybody else.
+        # clients) pass, so a client over its share never blocks anybody else.  Every
+        # grant is decided and counted before any waiter hears of it: a waiter's
+        # callback runs its transaction on at once, and one refused at once (every
+        # upstream's breaker open) gives its ticket back inside this loop, which then
+        # serves the queue again from its state as it is by then.
+        granted: list[tuple[Deferred[ShareTicket], ShareTicket]] = []
         for entry in list(self._waiting):
             waiting_keys, paced, waiter = entry
             if self._fits(waiting_keys):
-                self._waiting.remove(entry)
-                waiter.callback(self._take(waiting_keys))
+                ticket = self._take(waiting_keys)
             elif paced and self._has_room():
-                self._waiting.remove(entry)
-                waiter.callback(self._borrow(waiting_keys))
+                ticket = self._borrow(waiting_keys)
+            else:
+                continue
+            self._waiting.remove(entry)
+            granted.append((waiter, ticket))
+        for waiter, ticket in granted:
+            if waiter.called:  # cancelled by an earlier waiter's callback: not needed
+                ticket.release()
+            else:
+                waiter.callback(ticket)
 
 
 class ShareTicket:

@@ -1058,16 +1058,25 @@ class UpstreamTransaction:
         in_flight = self._relay.in_flight
 
         def done(result: Any) -> None:
-            if last:
-                self._over()
-            self._busy = self._answer = None
-            deadlines.clear(self)
-            self._after(result)
-            in_flight.settled(answer)
-            if not answer.called:
-                answer.callback(result) if not isinstance(result, Failure) \
-                    else answer.errback(result)
-            # else: already answered at the deadline; this late outcome was logged
+            try:
+                if last:
+                    self._over()
+                self._busy = self._answer = None
+                deadlines.clear(self)
+                self._after(result)
+            except Exception:  # a bug in the clean-up: said loudly, the caller answered
+                self._busy = self._answer = None
+                deadlines.clear(self)
+                log.failure("relay transaction {message_id}: ending it failed",
+                            message_id=self.message_id)
+            finally:
+                # The caller is answered whatever the clean-up did: its deadline was
+                # just cleared, so nothing else would ever answer it.
+                in_flight.settled(answer)
+                if not answer.called:
+                    answer.callback(result) if not isinstance(result, Failure) \
+                        else answer.errback(result)
+                # else: already answered at the deadline; this late outcome was logged
         in_flight.track(answer)
         inner.addBoth(done)
         return answer
@@ -1094,19 +1103,21 @@ class UpstreamTransaction:
             f"no outcome within the {deadline:g} s deadline", "end of data" if unknown
             else None, upstream=self.upstream, kind=Kind.EXPIRED,
             phase=Phase.OUTCOME_UNKNOWN if unknown else Phase.BEFORE_DOT)
-        self._relay.failover.report(error, self.message_id)
-        self._verdict = error
-        if self._state is not State.ABORTED:
-            self._move(State.ABORTED)
-        for held in (lease, self._trying):
-            if held is not None:
-                held.session.protocol.abort()  # the operation in flight fails and ends
-        answer = self._answer
-        if answer is not None and not answer.called:
-            _log_outcome(self.message_id, self.connection_id, "failed", error.reply,
-                         error, self.upstream)
-            self._relay.in_flight.settled(answer)
-            answer.errback(error)
+        try:
+            self._relay.failover.report(error, self.message_id)
+            self._verdict = error
+            if self._state is not State.ABORTED:
+                self._move(State.ABORTED)
+            for held in (lease, self._trying):
+                if held is not None:
+                    held.session.protocol.abort()  # the operation in flight fails, ends
+        finally:  # the caller is answered, whatever the clean-up did (as in _serialize)
+            answer = self._answer
+            if answer is not None and not answer.called:
+                _log_outcome(self.message_id, self.connection_id, "failed", error.reply,
+                             error, self.upstream)
+                self._relay.in_flight.settled(answer)
+                answer.errback(error)
 
     def _try_on(self, lease: Lease | None) -> None:
         self._trying = lease

@@ -198,7 +198,8 @@ async def drained(relay: RunningRelay, url: str, seconds: float = 60.0) -> list[
         await queue_tool("flush", spool_url=url)
         await pause(0.5)
     else:
-        raise AssertionError(f"the queue did not drain: {queued} still queued")
+        raise AssertionError(f"the queue did not drain: {queued} still queued; the "
+                             f"relay's log ends with:\n{relay.log[-6000:]}")
     out, code = await queue_tool("--json", "list", spool_url=url)
     assert code == 0, out
     listed = json.loads(out)
