@@ -1061,6 +1061,37 @@ class LargeQueueTests(SpoolTestCase):
         self.assertEqual(stats.oldest_received, now - 200_000)
 
 
+class WALTests(SpoolTestCase):
+    """The WAL's disk: a checkpoint every ``CHECKPOINT_FRAMES`` frames, and a file cut
+    back to ``WAL_SIZE_LIMIT`` once it may start over (both scaled down here)."""
+
+    inline_limit = files.INLINE_LIMIT
+
+    async def test_a_wal_grown_behind_a_long_reader_is_cut_back(self) -> None:
+        self.patch(files, "CHECKPOINT_FRAMES", 20)
+        self.patch(files, "WAL_SIZE_LIMIT", 256 * 1024)
+        spool = await self.open()
+        wal = os.path.join(self.path, files.DATABASE + "-wal")
+        content = CONTENT + b"x" * 8000  # a few pages each
+
+        async def store(count: int) -> None:
+            for _ in range(count):  # a commit each
+                await spool.store(entry(content=content), iter([content]))
+
+        # A reader that holds its snapshot (a long listing): no checkpoint gets past it.
+        reader = sqlite3.connect(os.path.join(self.path, files.DATABASE),
+                                 isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchone()
+        await store(60)
+        self.assertGreater(os.path.getsize(wal), 256 * 1024)
+        reader.execute("COMMIT")
+        await store(30)
+        self.assertLessEqual(os.path.getsize(wal), 256 * 1024)
+        self.assertEqual((await spool.stats()).messages[MessageState.QUEUED], 90)
+
+
 class AdminTests(SpoolTestCase):
     """IQueueAdmin: the queue tool's commands and their errors."""
 

@@ -126,6 +126,18 @@ INLINE_LIMIT = 64 * 1024
 INLINE = ""
 #: Units of work committed in one transaction at most (stores, starts, settlements...).
 MAX_BATCH = 256
+#: WAL frames (pages written) between two checkpoints, which SQLite runs inside the
+#: commit that crosses the mark, in the committer's ``COMMIT``.  Every claim, start and
+#: settlement rewrites the same few pages (the index's B-trees), so a checkpoint copies
+#: what the WAL holds of them once, however often they changed since the last one: at
+#: SQLite's default of 1,000 a busy queue copied them and fsync'd the database ten times
+#: as often, and its draining commits waited behind that (docs/performance.md,
+#: "Checkpoints, ten times fewer").  At 4 KiB a page, the WAL holds about 40 MiB.
+CHECKPOINT_FRAMES = 10_000
+#: Once a checkpoint lets the WAL start over, a file grown past this is cut back to it:
+#: a reader that held an old snapshot (a long ``esmtpfa-queue list``) may have made it
+#: grow past ``CHECKPOINT_FRAMES``, and the disk it took is given back.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: How long a writer waits for another process's transaction (milliseconds).
 BUSY_TIMEOUT_MS = 10_000
 #: How often ``claim`` looks for claims of dead owners (seconds).
@@ -1462,6 +1474,8 @@ class FileSpool:
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             connection.execute("PRAGMA synchronous = FULL")
+            connection.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_FRAMES}")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         except BaseException:
             connection.close()
             raise
