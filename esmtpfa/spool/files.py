@@ -786,16 +786,10 @@ class GroupCommitter:
                 try:
                     return [(True, works[0](transaction))]
                 except Exception:
-                    failure = Failure()
-                    _rollback_quietly(transaction.connection)
-                    transaction.finish(committed=False)
-                    return [(False, failure)]
+                    return _abandon(transaction, 1)
             return [self._unit(transaction, work) for work in works]
         except Exception:
-            failure = Failure()
-            _rollback_quietly(transaction.connection)
-            transaction.finish(committed=False)
-            return [(False, failure)] * len(works)
+            return _abandon(transaction, len(works))
 
     def _unit(self, transaction: Transaction, work: Work) -> tuple[bool, Any]:
         connection = transaction.connection
@@ -817,14 +811,10 @@ class GroupCommitter:
     def _commit(self, transaction: Transaction, outcomes: list[tuple[bool, Any]]
                 ) -> list[tuple[bool, Any]]:
         """In the pool: the batch's COMMIT, then what its units asked for after it."""
-        connection = transaction.connection
         try:
-            self.commit(connection)
+            self.commit(transaction.connection)
         except Exception:
-            failure = Failure()
-            _rollback_quietly(connection)
-            transaction.finish(committed=False)
-            return [(False, failure)] * len(outcomes)
+            return _abandon(transaction, len(outcomes))
         self.commits += 1
         self.units += len(outcomes)
         self.largest_batch = max(self.largest_batch, len(outcomes))
@@ -1845,6 +1835,15 @@ def _make_directory(path: str) -> None:
     except FileExistsError:
         return
     fsync_directory(parent or ".")
+
+
+def _abandon(transaction: Transaction, units: int) -> list[tuple[bool, Any]]:
+    """Inside an ``except``: the batch is rolled back, and each of its ``units`` fails
+    with the error being handled."""
+    failure = Failure()
+    _rollback_quietly(transaction.connection)
+    transaction.finish(committed=False)
+    return [(False, failure)] * units
 
 
 def _rollback_quietly(connection: sqlite3.Connection) -> None:
