@@ -4,7 +4,7 @@
 Run on demand from the repository root (Debian's postfix package for ``smtp-sink``;
 ``twistd`` and ``esmtpfa-queue`` on PATH, e.g. the venv's ``bin`` first)::
 
-    python3 bench/spool_drain.py [--messages 20000] [--rounds 3]
+    python3 bench/spool_drain.py [--messages 20000] [--rounds 3] [--fsync-delay MS]
                                  [--variant NAME:TREE[:ARGUMENTS]]...
 
 ``bench/spool_backlog.py`` measures the target (the drain against the live rate, in
@@ -22,6 +22,12 @@ take turns, round after round, and the medians are compared.
    the reactor's thread and the others (the spool's pool), from ``/proc``.  Then the
    median of each variant.
 
+``--fsync-delay MS`` runs each relay under ``strace`` (Debian's package), which makes
+every ``fsync`` and ``fdatasync`` of the relay return MS milliseconds late
+(``--seccomp-bpf``: no other system call stops), as on a network disk (a cloud volume,
+Ceph, NFS) where a commit's flush takes milliseconds, not the local disk's fraction of
+one.
+
 A variant is ``NAME:TREE[:ARGUMENTS]``: ``TREE`` is a directory holding an ``esmtpfa``
 package (e.g. ``git archive HEAD esmtpfa | tar -x -C /tmp/head``), put first on the
 relay's PYTHONPATH, or ``.`` for this repository; ``ARGUMENTS`` are more esmtpfa
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -85,8 +92,36 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, others
 
 
+def slow_fsync(command: list[str], delay_ms: float) -> list[str]:
+    """``command`` under strace, every fsync and fdatasync ``delay_ms`` late."""
+    if shutil.which("strace") is None:
+        raise SystemExit("--fsync-delay needs strace (apt-get install strace)")
+    return ["strace", "-f", "--seccomp-bpf", "-o", "/dev/null",
+            "-e", "trace=fsync,fdatasync",
+            "-e", f"inject=fsync,fdatasync:delay_exit={round(delay_ms * 1000)}", *command]
+
+
+def traced_child(pid: int, timeout: float = 10.0) -> int:
+    """The process strace (``pid``) started: the relay (strace first forks
+    short-lived copies of itself, to probe what the kernel supports)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if b"twistd" in command and not command.startswith(b"strace"):
+                return int(child)
+        time.sleep(0.05)
+    raise SystemExit("strace started no relay")
+
+
 def drain(workdir: str, template: str, ids: list[str], tree: str,
-          arguments: list[str]) -> dict:
+          arguments: list[str], fsync_delay_ms: float = 0.0) -> dict:
     spool = os.path.join(workdir, "spool")
     shutil.rmtree(spool, ignore_errors=True)
     shutil.copytree(template, spool)
@@ -102,11 +137,14 @@ def drain(workdir: str, template: str, ids: list[str], tree: str,
         command = twistd_command(
             esmtpfa_arguments(free_port(), sink_port, workdir, "info")
             + ["--delivery-mode", "spool", "--spool-url", f"file://{spool}", *arguments])
+        if fsync_delay_ms:
+            command = slow_fsync(command, fsync_delay_ms)
         started = time.monotonic()
         with open(os.path.join(workdir, "drain.out"), "wb") as out:
             relay = subprocess.Popen(command, env=environment, cwd=workdir, stdout=out,
                                      stderr=subprocess.STDOUT, preexec_fn=meter.preexec)
         meter.adopt(relay.pid)
+        relay_pid = traced_child(relay.pid) if fsync_delay_ms else relay.pid
         while queued(spool) != 0:
             if relay.poll() is not None:
                 raise SystemExit("the draining relay exited; see drain.out")
@@ -115,7 +153,7 @@ def drain(workdir: str, template: str, ids: list[str], tree: str,
             time.sleep(0.2)
         seconds = time.monotonic() - started
         cpu = meter.seconds()
-        main, others = thread_cpu(relay.pid)
+        main, others = thread_cpu(relay_pid)
         missing = dump.wait_for(ids, 60)
         twice = sum(1 for i in ids if dump.counts.get(i, 0) > 1)
         if missing or twice:
@@ -125,6 +163,11 @@ def drain(workdir: str, template: str, ids: list[str], tree: str,
         return {"msg_per_s": count / seconds, "cpu_us": cpu / count * 1e6,
                 "main_us": main / count * 1e6, "others_us": others / count * 1e6}
     finally:
+        if relay is not None and fsync_delay_ms and relay.poll() is None:
+            try:  # the relay first: strace would leave it running
+                os.kill(traced_child(relay.pid, 1.0), signal.SIGTERM)
+            except (OSError, SystemExit):
+                pass
         stop(relay, grace=30)
         stop(sink)
 
@@ -133,6 +176,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fsync-delay", type=float, default=0.0, metavar="MS",
+                        help="every fsync of the relay MS milliseconds late (strace)")
     parser.add_argument("--variant", type=variant, action="append", dest="variants")
     args = parser.parse_args()
     variants = args.variants or [("tree", PROJECT, [])]
@@ -149,7 +194,7 @@ def main() -> int:
         ids = fill(template, args.messages, 2048, 1)
         for round_ in range(1, args.rounds + 1):
             for name, tree, arguments in variants:
-                r = drain(workdir, template, ids, tree, arguments)
+                r = drain(workdir, template, ids, tree, arguments, args.fsync_delay)
                 results[name].append(r)
                 print(f"round {round_} {name}: {r['msg_per_s']:,.0f} msg/s, "
                       f"{r['cpu_us']:.0f} µs CPU/msg (reactor's thread "

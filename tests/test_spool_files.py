@@ -833,6 +833,95 @@ class OwnerTests(SpoolTestCase):
         self.assertIn("lease", summary.hold_reason)
 
 
+class ClaimStartTests(SpoolTestCase):
+    """``claim(start=True)``: the queue runner's claim records the start of what it
+    claims, in its one commit (docs/spool.md, "The duplicate window")."""
+
+    def commits(self, spool: FileSpool) -> list[str]:
+        """The synchronous mode of each commit from now on."""
+        modes: list[str] = []
+        real_commit = spool.committer.commit
+        names = {0: "OFF", 1: "NORMAL", 2: "FULL"}
+
+        def commit(connection: sqlite3.Connection) -> None:
+            modes.append(names[connection.execute("PRAGMA synchronous").fetchone()[0]])
+            real_commit(connection)
+        self.patch(spool.committer, "commit", commit)
+        return modes
+
+    async def test_the_claim_records_the_start_durably_and_started_writes_nothing(
+            self) -> None:
+        spool = await self.open()
+        stored = entry(("bob@example.org", "carol@example.org"))
+        await spool.store(stored, iter([CONTENT]))
+        modes = self.commits(spool)
+        [message] = await spool.claim(1, start=True)
+        self.assertEqual(modes, ["FULL"])  # fsync'd: the dot may follow it
+        self.assertEqual(message.pending, ("bob@example.org", "carol@example.org"))
+        summary = await self.summary(spool, stored.id)
+        self.assertEqual([r.state for r in summary.recipients], [RecipientState.STARTED] * 2)
+        await spool.started(message, message.pending)
+        self.assertEqual(modes, ["FULL"])  # no commit of its own
+        await spool.settle(message, Settlement(
+            (Recipient("bob@example.org", RecipientState.DELIVERED, "250 ok"),
+             Recipient("carol@example.org", RecipientState.PENDING, "451 later")),
+            retry_at=time.time() + 60))
+        summary = await self.summary(spool, stored.id)
+        self.assertEqual([r.state for r in summary.recipients],
+                         [RecipientState.DELIVERED, RecipientState.PENDING])
+
+    async def test_a_crash_holds_what_was_claimed_with_its_start(self) -> None:
+        """Whether the attempt began is not on disk: after a crash each is held."""
+        crashed = await self.open(owner="crashed")
+        stored = entry()
+        await crashed.store(stored, iter([CONTENT]))
+        await crashed.claim(1, start=True)
+        assert crashed._lock is not None
+        crashed._lock.release()  # as the kernel does for a dead process
+        crashed._status = "closed"  # ...which never closed its spool
+        survivor = await self.open(owner="survivor")
+        summary = await self.summary(survivor, stored.id)
+        self.assertEqual(summary.state, MessageState.HELD)
+        self.assertEqual([r.state for r in summary.recipients], [RecipientState.UNKNOWN])
+
+    async def test_a_stop_makes_the_unbegun_due_and_holds_the_begun(self) -> None:
+        first = await self.open(owner="closing")
+        waiting, begun = entry(), entry()
+        await first.store(waiting, iter([CONTENT]))
+        await first.store(begun, iter([CONTENT]))
+        messages = {m.entry.id: m for m in await first.claim(2, start=True)}
+        await first.started(messages[begun.id], messages[begun.id].pending)
+        await first.close()
+        second = await self.open(owner="after")
+        [again] = await second.claim(5)
+        self.assertEqual(again.entry.id, waiting.id)
+        self.assertEqual(again.pending, waiting.envelope.recipients)
+        held = await self.summary(second, begun.id)
+        self.assertEqual(held.state, MessageState.HELD)
+        self.assertEqual([r.state for r in held.recipients], [RecipientState.UNKNOWN])
+
+    async def test_a_claim_past_half_its_lease_is_checked_at_the_start(self) -> None:
+        """The claim may have been lost to the lease by then: the start is written and
+        the claim checked, as without ``start``, so the dot never leaves for a message
+        another process may be attempting."""
+        now = [1_000_000.0]
+        stuck = await self.open(owner="stuck", claim_lease=60, clock=lambda: now[0])
+        other = await self.open(owner="other", claim_lease=60, clock=lambda: now[0])
+        young, old = entry(), entry()
+        await stuck.store(young, iter([CONTENT]))
+        await stuck.store(old, iter([CONTENT]))
+        messages = {m.entry.id: m for m in await stuck.claim(2, start=True)}
+        modes = self.commits(stuck)
+        now[0] += 29
+        await stuck.started(messages[young.id], messages[young.id].pending)
+        self.assertEqual(modes, [])  # younger than half the lease: ours for sure
+        now[0] += 32
+        self.assertEqual(await other.recover(), 2)  # past the lease: both held
+        await self.failure(stuck.started(messages[old.id], messages[old.id].pending),
+                           SpoolErrorKind.CONFLICT, Phase.START)
+        self.assertEqual((await self.summary(other, old.id)).state, MessageState.HELD)
+
+
 CHILD = textwrap.dedent("""
     import sys
     from twisted.internet import defer, task, threads

@@ -267,6 +267,27 @@ class HandOverTests(unittest.TestCase):
         await eventually(lambda: len(runner._ready) == 1)  # and the next claimed ahead
         self.assertEqual([t.message_id for t in self.relay.sent], waiting[:3])
 
+    async def test_an_attempt_claimed_ahead_reaches_the_upstream_without_a_commit(
+            self) -> None:
+        """Its claim recorded its start: when an attempt ends, the one claimed ahead
+        asks the upstream in the same turn, without waiting for a commit of its own (on
+        a disk whose fsync takes milliseconds that wait bounded a drain)."""
+        waiting = []
+        for _ in range(4):
+            message = Outbound("p/alice")
+            entry = SpoolEntry(message.id, message.envelope, "p/alice", "bounce",
+                               time.time(), message.size, message.connection_id)
+            await self.spool.store(entry, message.chunks())
+            waiting.append(message.id)
+        runner = await self.runner(concurrency=1)
+        await eventually(lambda: len(self.relay.sent) == 1 and len(runner._ready) == 1)
+        await self.spool.committer.idle()
+        commits = self.spool.committer.commits
+        self.relay.sent[0].finish()
+        self.assertEqual(self.relay.begun, waiting[:2])  # at once, in this turn
+        self.assertEqual(self.spool.committer.commits, commits)
+        await eventually(lambda: len(self.relay.sent) == 2)
+
     async def test_no_hand_over_while_the_queue_may_hold_due_mail(self) -> None:
         """Once a message went into the queue without an attempt (or a poll found due
         work), a free attempt goes to the queue's next claim, not to the next message

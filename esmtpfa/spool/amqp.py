@@ -1338,12 +1338,13 @@ class AMQPSpool:
         claimed at once (the runner's own poll would find it up to a second later)."""
         self._watchers.append(callback)
 
-    def claim(self, limit: int, busy: frozenset = frozenset(),
-              fill: bool = False) -> defer.Deferred:
+    def claim(self, limit: int, busy: frozenset = frozenset(), fill: bool = False,
+              start: bool = False) -> defer.Deferred:
         """What the consumer has received, up to ``limit``, in arrival order, skipping
         ``busy`` identities (module docstring, "Fairness"), then with ``fill`` taking
         theirs for what is left.  While the broker is unreachable there is nothing to
-        claim (``accepting`` says why)."""
+        claim (``accepting`` says why).  ``start`` changes nothing: ``started`` writes
+        nothing here."""
         if self._closing:
             return defer.succeed([])
         if not self._consuming:

@@ -281,6 +281,8 @@ class ClaimToken:
     claimed_at: float
     content: str
     data: bytes | None = field(default=None, repr=False)
+    #: The claim recorded the start of the recipients then pending (``claim(start=...)``).
+    started: bool = False
 
 
 # -- content files ------------------------------------------------------------------------
@@ -930,7 +932,7 @@ class QueueState:
     # claim
 
     def claim(self, tx: Transaction, limit: int, busy: frozenset[str],
-              fill: bool = False) -> list[QueuedMessage]:
+              fill: bool = False, start: bool = False) -> list[QueuedMessage]:
         now = self.clock()
         if now - self.last_recovery >= self.recovery_interval:
             self.recover(tx)
@@ -942,7 +944,11 @@ class QueueState:
         marks = ", ".join("?" * len(picked))
         tx.execute(f"UPDATE messages SET claimed_by = ?, claimed_at = ? "
                    f"WHERE id IN ({marks})", (self.owner, now, *picked))
-        return self._queued(tx, picked)
+        queued = self._queued(tx, picked, start)
+        if start:  # what ``started`` would write, for every one of them at once
+            tx.execute(f"UPDATE recipients SET state = 'started' "
+                       f"WHERE message_id IN ({marks}) AND state = 'pending'", picked)
+        return queued
 
     def _pick_fairly(self, tx: Transaction, limit: int, now: float,
                      eligible: Callable[[str], bool]) -> list[str]:
@@ -970,7 +976,8 @@ class QueueState:
             cursors = still
         return picked
 
-    def _queued(self, tx: Transaction, message_ids: list[str]) -> list[QueuedMessage]:
+    def _queued(self, tx: Transaction, message_ids: list[str],
+                started: bool = False) -> list[QueuedMessage]:
         """The claimed messages, in the order of ``message_ids``: two queries for all
         of them (rows with their inline content, and the recipients), not three each."""
         marks = ", ".join("?" * len(message_ids))
@@ -996,7 +1003,7 @@ class QueueState:
             data = row[20] if row[12] == INLINE else None
             queued.append(QueuedMessage(
                 entry, held, attempts=row[13], lifetime_start=row[15],
-                token=ClaimToken(row[18], row[19], row[12], data)))
+                token=ClaimToken(row[18], row[19], row[12], data, started)))
         return queued
 
     # started, settle
@@ -1133,8 +1140,18 @@ class QueueState:
                               f"WHERE {where}", parameters).rowcount
         return len(held) + released
 
-    def release_own(self, tx: Transaction) -> int:
-        """At close: our claims end (as a dead owner's would, at once)."""
+    def release_own(self, tx: Transaction, unbegun: Iterable[tuple[str, float]] = ()
+                    ) -> int:
+        """At close: our claims end (as a dead owner's would, at once).  Those in
+        ``unbegun`` (id, claimed at) were claimed with their start recorded, but no
+        attempt began: nothing was sent, so their recipients are pending again first,
+        and they are due rather than held."""
+        tx.connection.executemany(
+            "UPDATE recipients SET state = 'pending' WHERE message_id = ? "
+            "AND state = 'started' AND EXISTS (SELECT 1 FROM messages "
+            "WHERE id = ? AND claimed_by = ? AND claimed_at = ?)",
+            [(message_id, message_id, self.owner, claimed_at)
+             for message_id, claimed_at in unbegun])
         return self._recover_claims(tx, "claimed_by = ?", (self.owner,), CLOSED_REASON)
 
     # admin
@@ -1370,6 +1387,8 @@ class FileSpool:
         self._in_flight = 0
         self._idle: list[Deferred[None]] = []
         self._opening: list[Deferred[None]] = []  # calls made while it opens
+        #: Claimed with their start recorded, no attempt begun yet: id → claimed at.
+        self._unbegun: dict[str, float] = {}
         # Accounting for ``accepting``: bytes as last read from SQLite plus our own
         # changes since, stores in flight, and the free disk as last seen.
         self._bytes = 0
@@ -1432,7 +1451,8 @@ class FileSpool:
         self._status = "closing"
         d = self._wait_idle()
         if was_open:
-            d.addCallback(lambda _: self.committer.submit(self._state.release_own))
+            d.addCallback(lambda _: self.committer.submit(
+                lambda tx: self._state.release_own(tx, list(self._unbegun.items()))))
             d.addErrback(lambda f: log.failure("ending this owner's claims failed", f))
         d.addCallback(lambda _: self.committer.idle())
         d.addCallback(lambda _: deferToThreadPool(self._reactor, self._pool,
@@ -1635,15 +1655,22 @@ class FileSpool:
         return d.addCallbacks(self._stored, not_stored)
 
     @_when_open(Phase.CLAIM)
-    def claim(self, limit: int, busy: frozenset = frozenset(),
-              fill: bool = False) -> Deferred[list[QueuedMessage]]:
+    def claim(self, limit: int, busy: frozenset = frozenset(), fill: bool = False,
+              start: bool = False) -> Deferred[list[QueuedMessage]]:
         if limit <= 0:
             return succeed([])
         busy = frozenset(busy)
-        # Not fsync'd: a claim lost with the machine only leaves its messages due.
-        return self._write(Phase.CLAIM,
-                           lambda tx: self._state.claim(tx, limit, busy, fill),
-                           durable=False)
+        # Not fsync'd without ``start``: a claim lost with the machine only leaves its
+        # messages due.  With it, the claim holds the starts, durable as ``started``'s.
+        d = self._write(Phase.CLAIM,
+                        lambda tx: self._state.claim(tx, limit, busy, fill, start),
+                        durable=start)
+        return d.addCallback(self._note_unbegun) if start else d
+
+    def _note_unbegun(self, messages: list[QueuedMessage]) -> list[QueuedMessage]:
+        for message in messages:
+            self._unbegun[message.entry.id] = _token(message).claimed_at
+        return messages
 
     @_when_open(Phase.CLAIM)
     def content(self, message: QueuedMessage) -> Deferred[IContent]:
@@ -1656,6 +1683,8 @@ class FileSpool:
     def started(self, message: QueuedMessage,
                 recipients: tuple[str, ...]) -> Deferred[None]:
         recipients = tuple(recipients)
+        if self._started_by_claim(message, recipients):
+            return succeed(None)
         return self._write(Phase.START,
                            lambda tx: self._state.started(tx, message, recipients))
 
@@ -1663,10 +1692,27 @@ class FileSpool:
     def settle(self, message: QueuedMessage, settlement: Settlement) -> Deferred[None]:
         # Not fsync'd: a settlement lost with the machine leaves its message started, so
         # it is held, never sent again (docs/spool.md, "What a power loss costs").
+        self._unbegun.pop(message.entry.id, None)
         d = self._write(Phase.SETTLE,
                         lambda tx: self._state.settle(tx, message, settlement),
                         durable=False)
         return d.addCallback(self._removed)
+
+    def _started_by_claim(self, message: QueuedMessage, recipients: tuple[str, ...]
+                          ) -> bool:
+        """Whether the claim recorded this start already, and the claim is still ours:
+        it is younger than half the claim lease, and no process recovers a claim before
+        the lease has passed (``QueueState.recover``).  An older one is written and
+        checked as any other start, so that a claim lost meanwhile is never sent."""
+        claimed_at = self._unbegun.pop(message.entry.id, None)
+        token = message.token
+        if not isinstance(token, ClaimToken) or not token.started \
+                or claimed_at != token.claimed_at:
+            return False
+        lease = self._state.claim_lease
+        if lease > 0 and self._clock() - claimed_at >= lease / 2:
+            return False
+        return set(recipients) <= set(message.pending)
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Nothing to tell: a message stored here is kicked to the runner by the store

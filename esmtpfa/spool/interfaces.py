@@ -266,12 +266,21 @@ class ISpool(Interface):
         ``UNAVAILABLE``: closed, or the broker is not connected).  Cheap and
         synchronous: readiness asks it, and MAIL is refused with its reply."""
 
-    def claim(limit: int, busy: frozenset = frozenset(), fill: bool = False) -> "Deferred":
+    def claim(limit: int, busy: frozenset = frozenset(), fill: bool = False,
+              start: bool = False) -> "Deferred":
         """Up to ``limit`` queued messages whose next attempt is due, oldest due first,
         none of an identity in ``busy`` (with ``fill``, what no other identity takes
         then goes to theirs, in the same claim); fires with a list of
         ``QueuedMessage``.  A claimed message is attempted by no other process until it
-        is settled or its owner dies."""
+        is settled or its owner dies.
+
+        With ``start`` the claim also records, durably and before it fires, what
+        ``started`` would for each message's pending recipients: for a caller that
+        attempts what it claims, so that no attempt waits for the disk between its
+        claim and the upstream, and its ``started`` then writes nothing.  A crash before
+        the attempt leaves those recipients ``UNKNOWN`` (held) as a crash after
+        ``started`` would; ``close`` makes the claims whose ``started`` never came due
+        again.  A backend whose ``started`` writes nothing ignores it."""
 
     def watch(callback) -> None:
         """Call ``callback()`` (no arguments) when messages may have become claimable

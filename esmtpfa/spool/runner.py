@@ -30,7 +30,12 @@ Claiming ahead: besides the messages it is delivering, the runner holds up to
 ``prefetch`` more claimed and waiting, so that when an attempt ends the next one starts
 at once, and the claim that makes up for it commits while attempts run (a backlog
 drains at the rate of the attempts, not of the claims in between).  They count toward
-their identity's share like attempts; a crash or a stop leaves them due again.
+their identity's share like attempts.  The claim also records their start
+(``ISpool.claim``'s ``start``), in its one commit: an attempt taken from what was
+claimed ahead goes to the upstream without waiting for the disk, which on a disk whose
+fsync takes milliseconds is what bounds a drain.  A stop leaves them due again; a crash
+leaves them held, as it leaves every attempt in flight (docs/spool.md, "The duplicate
+window").
 
 Hand-over: a message stored by this process while the runner has a free attempt and
 the queue has nothing due waiting for it is stored already claimed (``ISpool.store``'s
@@ -365,7 +370,7 @@ class QueueRunner(Service):
         """Up to ``free`` due messages, fairly: first of the identities below their
         share; the slots nobody else wants then go to those at it (the share makes
         room for others, it never leaves attempts unused while one identity waits)."""
-        return await self.spool.claim(free, self._busy(), fill=True)
+        return await self.spool.claim(free, self._busy(), fill=True, start=True)
 
     def _busy(self) -> frozenset[str]:
         return frozenset(i for i, n in self._held().items() if n >= self.per_identity)
@@ -423,8 +428,9 @@ class QueueRunner(Service):
         # Recorded before the upstream is asked, so that no upstream session waits
         # idle for the disk: the commit's fsync is most of an attempt on a near
         # upstream, and while it ran between RCPT and DATA it held a pooled session.
-        # From here a crash leaves them unknown (held), as it did from RCPT on: each
-        # attempt in flight, at most ``concurrency`` (docs/spool.md, "The duplicate
+        # A message claimed from the queue had it recorded by its claim already (then
+        # this writes nothing); one handed over at its store records it here.  From
+        # then a crash leaves them unknown (held) (docs/spool.md, "The duplicate
         # window").  Those the upstream then refuses, or never reaches, are settled
         # with what it said.
         await self.spool.started(message, pending)
