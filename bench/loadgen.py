@@ -764,6 +764,36 @@ def esmtpfa_arguments(port: int, sink_port: int, workdir: str, log_level: str) -
             "--hostname", "bench.test", "--metrics-port", "0"]
 
 
+def slow_fsync(command: list[str], delay_ms: float) -> list[str]:
+    """``command`` under strace, every fsync and fdatasync ``delay_ms`` late: a disk
+    whose flush takes milliseconds (a network volume), on a machine whose disk does
+    not (``--seccomp-bpf``: no other system call stops)."""
+    if shutil.which("strace") is None:
+        raise SystemExit("--fsync-delay needs strace (apt-get install strace)")
+    return ["strace", "-f", "--seccomp-bpf", "-o", "/dev/null",
+            "-e", "trace=fsync,fdatasync",
+            "-e", f"inject=fsync,fdatasync:delay_exit={round(delay_ms * 1000)}", *command]
+
+
+def traced_child(pid: int, timeout: float = 10.0) -> int:
+    """The process strace (``pid``) started: the relay (strace first forks
+    short-lived copies of itself, to probe what the kernel supports)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if b"twistd" in command and not command.startswith(b"strace"):
+                return int(child)
+        time.sleep(0.05)
+    raise SystemExit("strace started no relay")
+
+
 def twistd_command(arguments: list[str]) -> list[str]:
     """``twistd -n esmtpfa ARGUMENTS`` with this interpreter, logging to standard output
     (the caller sends it to a file): with ``--workers`` esmtpfa requires that, and the

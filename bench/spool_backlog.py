@@ -9,7 +9,8 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
                                    [--connections 20] [--live-messages 10000]
                                    [--spool-concurrency N] [--relay-pool-size N]
                                    [--relay-pool-client-share F]
-                                   [--workers N] [--profile F] [--json F]
+                                   [--workers N] [--fsync-delay MS] [--profile F]
+                                   [--json F]
 
 1. **Fill.** A fresh file spool is created by the queue tool itself (``esmtpfa-queue
    list`` on an empty directory creates the database and directories as a relay would),
@@ -35,6 +36,10 @@ Run on demand from the repository root (Debian's postfix package for ``smtp-sink
    sink's dump exactly once, else the script prints what is wrong and exits with
    status 2 without figures.  The relay's CPU is counted over its cgroup (or /proc),
    as ``bench/compare.py`` does.
+
+With ``--fsync-delay MS`` the draining relay runs under ``strace``, every ``fsync`` and
+``fdatasync`` MS milliseconds late (``bench/loadgen.py``'s ``slow_fsync``): the drain as
+on a network disk, against the same live rate (passthrough writes no spool).
 
 With ``--profile F`` ``py-spy record`` (the venv's, beside this Python) watches the
 draining relay, every thread, from its start to the empty index, and writes collapsed
@@ -77,8 +82,10 @@ from loadgen import (  # noqa: E402
     load,
     machine_share,
     machine_ticks,
+    slow_fsync,
     start_sink,
     stop,
+    traced_child,
     twistd_command,
     wait_for_port,
 )
@@ -218,6 +225,8 @@ def main() -> int:
     parser.add_argument("--drain-timeout", type=float, default=1800)
     parser.add_argument("--workers", type=int, default=0,
                         help="run both relays with --workers N (default: one process)")
+    parser.add_argument("--fsync-delay", type=float, default=0.0, metavar="MS",
+                        help="every fsync of the draining relay MS milliseconds late")
     parser.add_argument("--profile", help="collapsed py-spy stacks of the drain, to F")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -231,7 +240,7 @@ def main() -> int:
     os.chmod(workdir, 0o777)  # smtp-sink (nobody) appends its dump here
     spool = os.path.join(workdir, "spool")
     report: dict = {"messages": args.messages, "size": args.size,
-                    "identities": args.identities}
+                    "identities": args.identities, "fsync_delay_ms": args.fsync_delay}
     sink = relay = None
     meters: list[CpuMeter] = []
     try:
@@ -298,16 +307,20 @@ def main() -> int:
                 arguments += ["--relay-pool-size", str(args.relay_pool_size)]
             if args.relay_pool_client_share:
                 arguments += ["--relay-pool-client-share", str(args.relay_pool_client_share)]
+            command = twistd_command(arguments)
+            if args.fsync_delay:
+                command = slow_fsync(command, args.fsync_delay)
             with open(os.path.join(workdir, "drain.out"), "wb") as out:
-                relay = subprocess.Popen(twistd_command(arguments),
+                relay = subprocess.Popen(command,
                                          env=child_environment(), cwd=workdir, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=meter.preexec)
             meter.adopt(relay.pid)
+            relay_pid = traced_child(relay.pid) if args.fsync_delay else relay.pid
             profiler = None
             if args.profile:
                 profiler = subprocess.Popen(
                     [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
-                     "--pid", str(relay.pid), "--threads", "--rate", "250",
+                     "--pid", str(relay_pid), "--threads", "--rate", "250",
                      "--format", "raw", "-o", args.profile],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             first_at_sink = None
@@ -359,7 +372,11 @@ def main() -> int:
                   f"({d['msg_per_s_from_first_at_sink']} msg/s from the first at the sink,"
                   f" {d['start_to_first_at_sink_s']} s after the start); "
                   f"{d['cpu_us_per_msg']} µs CPU/msg; every message at the sink exactly "
-                  f"once; machine {report['drain_machine_pct']}", flush=True)
+                  f"once; machine {report['drain_machine_pct']}"
+                  + (f"; every fsync {args.fsync_delay} ms late" if args.fsync_delay else ""),
+                  flush=True)
+            if args.fsync_delay:  # the relay first: strace would leave it running
+                os.kill(relay_pid, signal.SIGTERM)
             stop(relay, grace=30)
             relay = None
     finally:

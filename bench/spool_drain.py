@@ -56,8 +56,10 @@ from loadgen import (  # noqa: E402
     child_environment,
     esmtpfa_arguments,
     free_port,
+    slow_fsync,
     start_sink,
     stop,
+    traced_child,
     twistd_command,
 )
 from spool_backlog import fill, queue_tool, queued  # noqa: E402
@@ -90,34 +92,6 @@ def thread_cpu(pid: int) -> tuple[float, float]:
         else:
             others += seconds
     return main, others
-
-
-def slow_fsync(command: list[str], delay_ms: float) -> list[str]:
-    """``command`` under strace, every fsync and fdatasync ``delay_ms`` late."""
-    if shutil.which("strace") is None:
-        raise SystemExit("--fsync-delay needs strace (apt-get install strace)")
-    return ["strace", "-f", "--seccomp-bpf", "-o", "/dev/null",
-            "-e", "trace=fsync,fdatasync",
-            "-e", f"inject=fsync,fdatasync:delay_exit={round(delay_ms * 1000)}", *command]
-
-
-def traced_child(pid: int, timeout: float = 10.0) -> int:
-    """The process strace (``pid``) started: the relay (strace first forks
-    short-lived copies of itself, to probe what the kernel supports)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = f.read().split()
-        for child in children:
-            try:
-                with open(f"/proc/{child}/cmdline", "rb") as f:
-                    command = f.read()
-            except OSError:
-                continue
-            if b"twistd" in command and not command.startswith(b"strace"):
-                return int(child)
-        time.sleep(0.05)
-    raise SystemExit("strace started no relay")
 
 
 def drain(workdir: str, template: str, ids: list[str], tree: str,

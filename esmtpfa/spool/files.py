@@ -25,8 +25,9 @@ be between its rename and its commit).
 (``journal_mode=WAL``, ``synchronous=FULL``: the commit is an fsync of the WAL).  A crash
 between the rename and the commit leaves an orphan file, removed by the next ``start``.
 Finishing a message deletes the rows first and the file after the commit, for the same
-reason.  ``started`` and ``settle`` fire only after their commit (claims and settlements
-commit without the fsync: docs/spool.md, "What a power loss costs").
+reason.  ``started`` and ``settle`` fire only after their commit (settlements, and claims
+that record no start, commit without the fsync: docs/spool.md, "What a power loss
+costs").
 
 **One writer connection, batches in the given thread pool.**  SQLite lets one writer at a
 time into a database (WAL: readers never block it, writers take turns), so several writer
