@@ -155,6 +155,18 @@ class SpoolTestCase(unittest.TestCase):
     async def summary(self, spool: FileSpool, message_id: str) -> Any:
         return (await spool.show(message_id))[0]
 
+    async def held_after_a_crash(self, crashed: FileSpool, message_id: str) -> FileSpool:
+        """``crashed`` dies without closing its spool; the next owner to open it finds
+        ``message_id`` held, its recipient's outcome unknown."""
+        assert crashed._lock is not None
+        crashed._lock.release()  # as the kernel does for a dead process
+        crashed._status = "closed"  # ...which never closed its spool
+        survivor = await self.open(owner="survivor")
+        summary = await self.summary(survivor, message_id)
+        self.assertEqual(summary.state, MessageState.HELD)
+        self.assertEqual([r.state for r in summary.recipients], [RecipientState.UNKNOWN])
+        return survivor
+
 
 class RoundTripTests(SpoolTestCase):
     """store → claim → started → settle, for each outcome."""
@@ -797,13 +809,7 @@ class OwnerTests(SpoolTestCase):
         await crashed.store(stored, iter([CONTENT]))
         [message] = await crashed.claim(1)
         await crashed.started(message, message.pending)
-        assert crashed._lock is not None
-        crashed._lock.release()  # as the kernel does for a dead process
-        crashed._status = "closed"  # ...which never closed its spool
-        survivor = await self.open(owner="survivor")
-        summary = await self.summary(survivor, stored.id)
-        self.assertEqual(summary.state, MessageState.HELD)
-        self.assertEqual([r.state for r in summary.recipients], [RecipientState.UNKNOWN])
+        await self.held_after_a_crash(crashed, stored.id)
         self.assertFalse(os.path.exists(os.path.join(self.path, "owners", "crashed.lock")))
 
     async def test_the_lease_ends_a_claim_that_never_settles(self) -> None:
@@ -876,13 +882,7 @@ class ClaimStartTests(SpoolTestCase):
         stored = entry()
         await crashed.store(stored, iter([CONTENT]))
         await crashed.claim(1, start=True)
-        assert crashed._lock is not None
-        crashed._lock.release()  # as the kernel does for a dead process
-        crashed._status = "closed"  # ...which never closed its spool
-        survivor = await self.open(owner="survivor")
-        summary = await self.summary(survivor, stored.id)
-        self.assertEqual(summary.state, MessageState.HELD)
-        self.assertEqual([r.state for r in summary.recipients], [RecipientState.UNKNOWN])
+        await self.held_after_a_crash(crashed, stored.id)
 
     async def test_a_stop_makes_the_unbegun_due_and_holds_the_begun(self) -> None:
         first = await self.open(owner="closing")

@@ -131,6 +131,17 @@ class HandOverTests(unittest.TestCase):
             return real_claim(*args, **kwargs)
         self.spool.claim = counting_claim  # type: ignore[method-assign]
 
+    async def backlog(self, count: int) -> list[str]:
+        """``count`` of alice's messages queued, due, before any runner starts."""
+        waiting = []
+        for _ in range(count):
+            message = Outbound("p/alice")
+            entry = SpoolEntry(message.id, message.envelope, "p/alice", "bounce",
+                               time.time(), message.size, message.connection_id)
+            await self.spool.store(entry, message.chunks())
+            waiting.append(message.id)
+        return waiting
+
     async def runner(self, concurrency: int = 2,
                      log_recipients: RecipientLog = PLAIN_RECIPIENTS) -> QueueRunner:
         runner = QueueRunner(self.spool, self.relay, clock=reactor, threads=self.pool,
@@ -242,13 +253,7 @@ class HandOverTests(unittest.TestCase):
     async def test_an_ended_attempt_is_followed_without_a_claim_between(self) -> None:
         """A backlog: the runner holds ``prefetch`` messages claimed ahead, so the next
         attempt starts the moment one ends, not after a claim's commit."""
-        waiting = []
-        for _ in range(6):  # due before the runner starts (a backlog)
-            message = Outbound("p/alice")
-            entry = SpoolEntry(message.id, message.envelope, "p/alice", "bounce",
-                               time.time(), message.size, message.connection_id)
-            await self.spool.store(entry, message.chunks())
-            waiting.append(message.id)
+        waiting = await self.backlog(6)
         runner = await self.runner(concurrency=2)
         self.assertEqual(runner.prefetch, 1)
         await eventually(lambda: len(self.relay.sent) == 2)
@@ -272,13 +277,7 @@ class HandOverTests(unittest.TestCase):
         """Its claim recorded its start: when an attempt ends, the one claimed ahead
         asks the upstream in the same turn, without waiting for a commit of its own (on
         a disk whose fsync takes milliseconds that wait bounded a drain)."""
-        waiting = []
-        for _ in range(4):
-            message = Outbound("p/alice")
-            entry = SpoolEntry(message.id, message.envelope, "p/alice", "bounce",
-                               time.time(), message.size, message.connection_id)
-            await self.spool.store(entry, message.chunks())
-            waiting.append(message.id)
+        waiting = await self.backlog(4)
         runner = await self.runner(concurrency=1)
         await eventually(lambda: len(self.relay.sent) == 1 and len(runner._ready) == 1)
         await self.spool.committer.idle()
