@@ -282,8 +282,6 @@ class ClaimToken:
     claimed_at: float
     content: str
     data: bytes | None = field(default=None, repr=False)
-    #: The claim recorded the start of the recipients then pending (``claim(start=...)``).
-    started: bool = False
 
 
 # -- content files ------------------------------------------------------------------------
@@ -945,7 +943,7 @@ class QueueState:
         marks = ", ".join("?" * len(picked))
         tx.execute(f"UPDATE messages SET claimed_by = ?, claimed_at = ? "
                    f"WHERE id IN ({marks})", (self.owner, now, *picked))
-        queued = self._queued(tx, picked, start)
+        queued = self._queued(tx, picked)
         if start:  # what ``started`` would write, for every one of them at once
             tx.execute(f"UPDATE recipients SET state = 'started' "
                        f"WHERE message_id IN ({marks}) AND state = 'pending'", picked)
@@ -977,8 +975,7 @@ class QueueState:
             cursors = still
         return picked
 
-    def _queued(self, tx: Transaction, message_ids: list[str],
-                started: bool = False) -> list[QueuedMessage]:
+    def _queued(self, tx: Transaction, message_ids: list[str]) -> list[QueuedMessage]:
         """The claimed messages, in the order of ``message_ids``: two queries for all
         of them (rows with their inline content, and the recipients), not three each."""
         marks = ", ".join("?" * len(message_ids))
@@ -1004,7 +1001,7 @@ class QueueState:
             data = row[20] if row[12] == INLINE else None
             queued.append(QueuedMessage(
                 entry, held, attempts=row[13], lifetime_start=row[15],
-                token=ClaimToken(row[18], row[19], row[12], data, started)))
+                token=ClaimToken(row[18], row[19], row[12], data)))
         return queued
 
     # started, settle
@@ -1707,8 +1704,8 @@ class FileSpool:
         checked as any other start, so that a claim lost meanwhile is never sent."""
         claimed_at = self._unbegun.pop(message.entry.id, None)
         token = message.token
-        if not isinstance(token, ClaimToken) or not token.started \
-                or claimed_at != token.claimed_at:
+        if claimed_at is None or not isinstance(token, ClaimToken) \
+                or claimed_at != token.claimed_at:  # not this claim's start
             return False
         lease = self._state.claim_lease
         if lease > 0 and self._clock() - claimed_at >= lease / 2:
