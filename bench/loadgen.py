@@ -41,6 +41,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -792,6 +793,17 @@ def traced_child(pid: int, timeout: float = 10.0) -> int:
                 return int(child)
         time.sleep(0.05)
     raise SystemExit("strace started no relay")
+
+
+def stop_relay(process: subprocess.Popen | None, grace: float = 15.0) -> None:
+    """``stop`` for a relay that may run under ``slow_fsync``: the relay itself first,
+    since strace, stopped, would leave it running."""
+    if process is not None and process.poll() is None and process.args[0] == "strace":
+        try:
+            os.kill(traced_child(process.pid, 1.0), signal.SIGTERM)
+        except (OSError, SystemExit):
+            pass
+    stop(process, grace)
 
 
 def twistd_command(arguments: list[str]) -> list[str]:

@@ -85,6 +85,7 @@ from loadgen import (  # noqa: E402
     slow_fsync,
     start_sink,
     stop,
+    stop_relay,
     traced_child,
     twistd_command,
     wait_for_port,
@@ -375,12 +376,10 @@ def main() -> int:
                   f"once; machine {report['drain_machine_pct']}"
                   + (f"; every fsync {args.fsync_delay} ms late" if args.fsync_delay else ""),
                   flush=True)
-            if args.fsync_delay:  # the relay first: strace would leave it running
-                os.kill(relay_pid, signal.SIGTERM)
-            stop(relay, grace=30)
+            stop_relay(relay, grace=30)
             relay = None
     finally:
-        stop(relay, grace=30)
+        stop_relay(relay, grace=30)
         stop(sink)
         for meter in meters:
             meter.close()

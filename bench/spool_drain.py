@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from loadgen import (  # noqa: E402
     slow_fsync,
     start_sink,
     stop,
+    stop_relay,
     traced_child,
     twistd_command,
 )
@@ -137,12 +137,7 @@ def drain(workdir: str, template: str, ids: list[str], tree: str,
         return {"msg_per_s": count / seconds, "cpu_us": cpu / count * 1e6,
                 "main_us": main / count * 1e6, "others_us": others / count * 1e6}
     finally:
-        if relay is not None and fsync_delay_ms and relay.poll() is None:
-            try:  # the relay first: strace would leave it running
-                os.kill(traced_child(relay.pid, 1.0), signal.SIGTERM)
-            except (OSError, SystemExit):
-                pass
-        stop(relay, grace=30)
+        stop_relay(relay, grace=30)
         stop(sink)
 
 
